@@ -1,0 +1,322 @@
+"""Command-line interface: ``hybridreg register | apply | demo``.
+
+The CLI is the application layer: it reads files, runs a solver, writes results. The
+model modules (:mod:`hybridreg.spatial`, ``objective`` ...) never import a solver; the
+CLI looks its solver up by name in :data:`SOLVERS` and imports it only when it runs.
+
+Every input is validated before anything is written; outputs are written into a staging
+folder next to ``--out`` and moved into place at the end, so a failed run leaves no
+partial output in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import atomic_write_text, from_dict, load_yaml, to_dict
+from .io import (
+    Geometry,
+    check_same_grid,
+    read_displacement,
+    read_image,
+    read_labels,
+    resample_with_field,
+    write_displacement,
+    write_image,
+)
+from .metrics import common_labels, dice, hd95, jacobian_stats
+from .spatial import jacobian_determinant, warp
+
+__all__ = ["main", "register_files", "SOLVERS", "normalize_intensity"]
+
+SOLVERS = {"instance": "instance_opt"}
+"""Solver name → module providing ``register_pair`` and ``InstanceOptConfig``."""
+
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
+
+
+class CLIError(Exception):
+    """An error the CLI reports in one line (bad input, bad config)."""
+
+
+def normalize_intensity(x: np.ndarray) -> np.ndarray:
+    """Map intensities to about [0, 1]: ``(x − min) / (P99.5 − min)`` with the percentile
+    taken over voxels above the minimum (the brain, for skull-stripped images)."""
+    lo = float(x.min())
+    fg = x[x > lo]
+    hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
+    return ((x - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+
+
+def _solver(name: str):
+    if name not in SOLVERS:
+        raise CLIError(f"`--solver` must be one of {sorted(SOLVERS)}, got {name!r}")
+    return importlib.import_module(SOLVERS[name])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _eval_label_set(spec: str | None, fixed_labels: np.ndarray, moving_labels: np.ndarray) -> tuple[int, ...]:
+    common = common_labels(fixed_labels, moving_labels)
+    if not common:
+        raise CLIError("`--fixed-labels` and `--moving-labels` share no non-zero label: nothing to score")
+    if spec in (None, "auto"):
+        from .data import evaluation_labels
+
+        standard = [lab for lab in evaluation_labels() if lab in common]
+        return tuple(standard) if len(standard) >= 20 else common
+    if spec == "all":
+        return common
+    try:
+        chosen = tuple(int(t) for t in spec.split(","))
+    except ValueError:
+        raise CLIError(f"`--eval-labels` must be 'auto', 'all' or comma-separated ints, got {spec!r}") from None
+    missing = [lab for lab in chosen if lab not in common]
+    if missing:
+        raise CLIError(f"`--eval-labels`: labels {missing} are not present in both label maps")
+    return chosen
+
+
+def _summary(d: dict[int, float]) -> dict:
+    vals = [v for v in d.values() if np.isfinite(v)]
+    return {"mean": float(np.mean(vals)) if vals else float("nan"), "per_label": {str(k): v for k, v in d.items()}}
+
+
+def register_files(
+    fixed: str | os.PathLike,
+    moving: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fixed_labels: str | os.PathLike | None = None,
+    moving_labels: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    device: str | None = None,
+    solver: str = "instance",
+    eval_labels: str | None = None,
+    progress: bool = True,
+    hd95_metric: bool = True,
+) -> dict:
+    """Register two image files and write every output into ``out``.
+
+    Writes ``warped.nii.gz`` (moving resampled onto the fixed grid), ``displacement.nii.gz``
+    (ITK displacement field, mm, LPS, on the fixed grid), ``lambda.nii.gz``,
+    ``jacobian.nii.gz`` (det J of φ), ``metrics.json``, ``figure.png`` and ``config.yaml``.
+
+    Returns:
+        The metrics dictionary written to ``metrics.json``.
+
+    Raises:
+        FileNotFoundError, ValueError, CLIError: missing/corrupt files, mismatched grids,
+        NaNs, labels with nothing in common, invalid configs. Nothing is written then.
+    """
+    t_total = time.perf_counter()
+    mod = _solver(solver)
+    cfg = load_yaml(config, mod.InstanceOptConfig, arg="--config") if config else mod.InstanceOptConfig()
+    cfg = replace(cfg, progress=progress)
+    try:
+        dev = torch.device(device) if device else torch.device("cpu")
+    except RuntimeError:
+        raise CLIError(f"`--device`: invalid device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("`--device`: CUDA was requested but torch.cuda.is_available() is False")
+
+    f_arr, f_geo = read_image(fixed, arg="FIXED")
+    m_arr, m_geo = read_image(moving, arg="MOVING")
+    check_same_grid(f_geo, m_geo, ("FIXED", "MOVING"))
+    if (fixed_labels is None) != (moving_labels is None):
+        raise CLIError("`--fixed-labels` and `--moving-labels` must be given together")
+    fl = ml = None
+    labels_to_score: tuple[int, ...] = ()
+    if fixed_labels is not None:
+        fl, fl_geo = read_labels(fixed_labels, arg="--fixed-labels")
+        ml, ml_geo = read_labels(moving_labels, arg="--moving-labels")
+        check_same_grid(f_geo, fl_geo, ("FIXED", "--fixed-labels"))
+        check_same_grid(f_geo, ml_geo, ("FIXED", "--moving-labels"))
+        labels_to_score = _eval_label_set(eval_labels, fl, ml)
+    for name, arr in (("FIXED", f_arr), ("MOVING", m_arr)):
+        if float(arr.max()) == float(arr.min()):
+            raise CLIError(f"`{name}` is constant: there is nothing to register")
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"`--out` exists and is not a folder: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        spacing = f_geo.array_spacing
+        f_t = torch.from_numpy(normalize_intensity(f_arr))[None, None]
+        m_t = torch.from_numpy(normalize_intensity(m_arr))[None, None]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        result = mod.register_pair(f_t, m_t, cfg, spacing=spacing, device=dev)
+        seconds = time.perf_counter() - t0
+        peak = _peak_memory_mb(dev)
+
+        disp = result.displacement.detach()
+        disp_np = disp[0].cpu().numpy()
+        warped_t = warp(torch.from_numpy(m_arr)[None, None].to(dev), disp)[0, 0].cpu().numpy()
+        lam_np = result.lambda_on_image_grid()[0, 0].cpu().numpy()
+        jac_np = jacobian_determinant(disp)[0].cpu().numpy()
+        metrics: dict = {
+            "hybridreg_version": __version__,
+            "solver": solver,
+            "device": str(dev),
+            "inputs": {"fixed": str(fixed), "moving": str(moving), "fixed_labels": str(fixed_labels) if fixed_labels else None,
+                       "moving_labels": str(moving_labels) if moving_labels else None, "grid": f_geo.to_dict()},
+            **jacobian_stats(disp),
+            "jacobian_method": "central differences (torch.gradient), whole image grid",
+            "lambda": {"mean": float(lam_np.mean()), "std": float(lam_np.std()), "min": float(lam_np.min()), "max": float(lam_np.max())},
+            "seconds": {"registration": seconds},
+            "peak_memory_mb": peak,
+            "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
+            "levels": [
+                {"scale": h.scale, "shape": list(h.shape), "control_shape": list(h.control_shape), "iterations": h.iterations,
+                 "status": h.status, "seconds": h.seconds, "final_total": h.terms["total"][-1] if h.terms["total"] else None}
+                for h in result.history
+            ],
+            "final_terms": result.final_terms,
+            "config": to_dict(cfg),
+        }
+        if fl is not None:
+            wl = warp(torch.from_numpy(ml)[None, None].to(dev), disp, mode="nearest")[0, 0].cpu().numpy()
+            metrics["labels_scored"] = list(labels_to_score)
+            metrics["dice_before"] = _summary(dice(fl, ml, labels_to_score))
+            metrics["dice_after"] = _summary(dice(fl, wl, labels_to_score))
+            if hd95_metric:
+                metrics["hd95_mm_before"] = _summary(hd95(fl, ml, labels_to_score, spacing))
+                metrics["hd95_mm_after"] = _summary(hd95(fl, wl, labels_to_score, spacing))
+        write_image(stage / "warped.nii.gz", warped_t, f_geo)
+        write_displacement(stage / "displacement.nii.gz", disp_np, f_geo)
+        write_image(stage / "lambda.nii.gz", lam_np, f_geo)
+        write_image(stage / "jacobian.nii.gz", jac_np, f_geo)
+        from .figures import registration_figure
+
+        title = f"{Path(moving).name} → {Path(fixed).name}"
+        if fl is not None:
+            title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
+        registration_figure(stage / "figure.png", normalize_intensity(f_arr), normalize_intensity(m_arr),
+                            normalize_intensity(warped_t), lam_np, disp_np, jac_np, spacing, title=title)
+        from .config import dump_yaml
+
+        dump_yaml(cfg, stage / "config.yaml")
+        metrics["seconds"]["total"] = time.perf_counter() - t_total
+        atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return metrics
+
+
+def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False) -> None:
+    """Warp ``image`` with an ITK displacement field written by ``register`` (SimpleITK
+    resampling onto the field's grid; nearest neighbour for label maps)."""
+    import SimpleITK as sitk
+
+    field = read_displacement(displacement, arg="DISPLACEMENT")
+    if labels:
+        arr, geo = read_labels(image, arg="IMAGE")
+        img = geo.apply(sitk.GetImageFromArray(arr))
+    else:
+        arr, geo = read_image(image, arg="IMAGE")
+        img = geo.apply(sitk.GetImageFromArray(arr))
+    res = resample_with_field(img, field, labels=labels)
+    out = Path(out)
+    if not out.parent.exists():
+        raise CLIError(f"`--out`: folder does not exist: {out.parent}")
+    write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)
+
+
+def _print_summary(m: dict, out: Path) -> None:
+    print(f"wrote {out}/: " + ", ".join(OUTPUT_FILES))
+    if "dice_after" in m:
+        print(f"mean Dice over {len(m['labels_scored'])} structures: {m['dice_before']['mean']:.3f} -> {m['dice_after']['mean']:.3f}")
+    if "hd95_mm_after" in m:
+        print(f"mean HD95: {m['hd95_mm_before']['mean']:.2f} mm -> {m['hd95_mm_after']['mean']:.2f} mm")
+    print(f"%|J|<=0: {m['folding_percent']:.4f} %   SDlogJ: {m['sdlogj']:.3f}   λ mean {m['lambda']['mean']:.3f} (std {m['lambda']['std']:.3f})")
+    print(f"time: {m['seconds']['registration']:.1f} s registration, {m['seconds']['total']:.1f} s total;"
+          f" peak memory {m['peak_memory_mb']:.0f} MB ({m['device']})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybridreg", description="Diffeomorphic registration with spatially varying regularization.")
+    p.add_argument("--version", action="version", version=f"hybridreg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register MOVING to FIXED (same grid) and write all outputs to --out")
+    r.add_argument("fixed", metavar="FIXED")
+    r.add_argument("moving", metavar="MOVING")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--fixed-labels")
+    r.add_argument("--moving-labels")
+    r.add_argument("--config", help="YAML with `objective:` and solver keys (see README)")
+    r.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    r.add_argument("--solver", default="instance", help="solver (instance)")
+    r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
+    r.add_argument("--no-progress", action="store_true")
+
+    a = sub.add_parser("apply", help="warp IMAGE with a displacement written by register")
+    a.add_argument("displacement", metavar="DISPLACEMENT")
+    a.add_argument("image", metavar="IMAGE")
+    a.add_argument("--out", required=True, help="output image file (.nii.gz, .mha, .nrrd)")
+    a.add_argument("--labels", action="store_true", help="IMAGE is a label map: nearest-neighbour interpolation")
+
+    d = sub.add_parser("demo", help="register the bundled default pair (real T1 + another subject) with labels")
+    d.add_argument("--out", default="hybridreg-demo", help="output folder (default ./hybridreg-demo)")
+    d.add_argument("--resolution", type=int, default=2, choices=(1, 2), help="2 mm (default) or 1 mm")
+    d.add_argument("--config")
+    d.add_argument("--device")
+    d.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "register":
+            m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
+                               moving_labels=args.moving_labels, config=args.config, device=args.device,
+                               solver=args.solver, eval_labels=args.eval_labels, progress=not args.no_progress)
+            _print_summary(m, Path(args.out))
+        elif args.command == "apply":
+            apply_file(args.displacement, args.image, args.out, labels=args.labels)
+            print(f"wrote {args.out}")
+        elif args.command == "demo":
+            from . import data
+
+            fid, mid = data.demo_pair()
+            fs, ms = data.load_subject(fid, args.resolution), data.load_subject(mid, args.resolution)
+            print(f"hybridreg demo: registering bundled subject {mid} (moving) to {fid} (fixed, real T1) at {args.resolution} mm")
+            m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
+                               moving_labels=ms.labels_path, config=args.config, device=args.device,
+                               eval_labels="auto", progress=not args.no_progress)
+            _print_summary(m, Path(args.out))
+    except (CLIError, FileNotFoundError, ValueError) as e:
+        print(f"hybridreg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Typed configs: strict conversion between nested dataclasses and YAML/dicts.
+
+Unknown keys, wrong types and invalid values raise ``ValueError`` naming the offending
+key path (e.g. ``config.objective.w_reg``), so a typo in a YAML file is never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Type, TypeVar
+
+import yaml
+
+__all__ = ["from_dict", "to_dict", "load_yaml", "dump_yaml", "atomic_write_text"]
+
+T = TypeVar("T")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{where} must have {len(args)} items, got {value!r}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: Type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a (nested) mapping; missing keys keep defaults.
+
+    Raises:
+        ValueError: ``data`` is not a mapping, has unknown keys, or a value has the wrong
+            type or is rejected by the dataclass's own validation. The message names the
+            key path starting at ``where``.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (nested) → plain dict/list structure suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> T:
+    """Read YAML file ``path`` into dataclass ``cls``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message names ``arg``).
+        ValueError: the file is not valid YAML or does not fit ``cls``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"`{arg}`: {p} is not valid YAML: {e}") from None
+    return from_dict(cls, data, where=arg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
+    """Write a dataclass (or plain structure) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -1,0 +1,241 @@
+"""Image I/O through SimpleITK, keeping physical space, and ITK displacement fields.
+
+Arrays are in ``SimpleITK.GetArrayFromImage`` order: array axis ``k`` is ITK index axis
+``d - 1 - k`` (so a 3D array is ``(z, y, x)``). :class:`Geometry` keeps ITK's spacing,
+origin and direction (ITK order, LPS physical frame, mm).
+
+Displacement fields are written in ITK's convention: a vector image on the fixed grid whose
+value at physical point ``p`` is the physical displacement ``D(p)`` in mm, so that
+``sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field))`` samples the
+moving image at ``p + D(p)``, exactly what :func:`hybridreg.spatial.warp` does with the
+voxel-unit displacement ``u``: ``D = Direction · diag(spacing) · reverse(u)``.
+
+All writes are atomic (temporary file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "Geometry",
+    "read_image",
+    "read_labels",
+    "write_image",
+    "displacement_to_itk",
+    "displacement_from_itk",
+    "write_displacement",
+    "read_displacement",
+    "check_same_grid",
+    "resample_with_field",
+]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical grid of an image, in ITK order and units.
+
+    Attributes:
+        size: voxels per ITK axis (x, y[, z]).
+        spacing: mm per ITK axis. origin: physical position (mm, LPS) of voxel 0.
+        direction: row-major d×d direction cosines (column k = direction of ITK axis k).
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(s) for s in image.GetOrigin()),
+            tuple(float(s) for s in image.GetDirection()),
+        )
+
+    @property
+    def dim(self) -> int:
+        return len(self.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape (reversed ITK size)."""
+        return self.size[::-1]
+
+    @property
+    def array_spacing(self) -> tuple[float, ...]:
+        """Spacing in mm per *array* axis (what the core's ``spacing`` arguments expect)."""
+        return self.spacing[::-1]
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def reference(self) -> sitk.Image:
+        """An empty image on this grid (for ``sitk.Resample``)."""
+        return self.apply(sitk.Image([int(s) for s in self.size], sitk.sitkUInt8))
+
+    def matches(self, other: "Geometry", tol: float = 1e-3) -> bool:
+        """Same size, and spacing/origin/direction equal within ``tol`` (mm / cosine)."""
+        return self.size == other.size and all(
+            np.allclose(getattr(self, k), getattr(other, k), atol=tol, rtol=0)
+            for k in ("spacing", "origin", "direction")
+        )
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+
+def _read(path: str | os.PathLike, arg: str) -> sitk.Image:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"`{arg}`: not a file: {p}")
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise ValueError(f"`{arg}`: cannot read {p} as an image (corrupt or unsupported format): {msg}") from None
+
+
+def read_image(path: str | os.PathLike, *, arg: str = "image") -> tuple[np.ndarray, Geometry]:
+    """Read a scalar 2D/3D image as float32.
+
+    Returns:
+        ``(array, geometry)``, array in ``GetArrayFromImage`` order.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: corrupt file, vector image, wrong
+        dimension, or NaN/Inf values. Messages name ``arg``.
+    """
+    img = _read(path, arg)
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"`{arg}`: expected a scalar image, {path} has {img.GetNumberOfComponentsPerPixel()} components")
+    if img.GetDimension() not in (2, 3):
+        raise ValueError(f"`{arg}`: expected a 2D or 3D image, {path} is {img.GetDimension()}D")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
+    return arr, Geometry.of(img)
+
+
+def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.ndarray, Geometry]:
+    """Read an integer label map (int32 array).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_image`, plus non-integer values.
+    """
+    img = _read(path, arg)
+    if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() not in (2, 3):
+        raise ValueError(f"`{arg}`: expected a scalar 2D or 3D label map: {path}")
+    arr = sitk.GetArrayFromImage(img)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"`{arg}`: {path} has non-integer values; a label map must hold integer labels")
+    return arr.astype(np.int32), Geometry.of(img)
+
+
+def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float = 1e-3) -> None:
+    """Raise ``ValueError`` naming both arguments if the two grids differ."""
+    if not a.matches(b, tol):
+        raise ValueError(
+            f"`{names[0]}` and `{names[1]}` are on different grids (size {a.size} vs {b.size},"
+            f" spacing {a.spacing} vs {b.spacing}, origin {a.origin} vs {b.origin}); resample one"
+            " onto the other's grid first"
+        )
+
+
+def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    p = Path(path)
+    suffix = "".join(p.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix=suffix)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> None:
+    """Write an array on ``geometry`` (atomically). Format from the suffix (.nii.gz, .mha, .nrrd)."""
+    arr = np.asarray(array)
+    if tuple(arr.shape) != geometry.shape:
+        raise ValueError(f"write_image(): `array` shape {arr.shape} does not match the grid {geometry.shape}")
+    img = geometry.apply(sitk.GetImageFromArray(arr.astype(dtype)))
+    _atomic_write(img, path)
+
+
+def displacement_to_itk(disp: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Voxel-unit displacement ``(d, *shape)`` (core convention) → ITK displacement field.
+
+    Returns a float64 vector image on ``geometry`` holding ``D = Direction · diag(spacing) ·
+    reverse(u)`` in mm (LPS), ready for ``sitk.DisplacementFieldTransform``.
+    """
+    u = np.asarray(disp, dtype=np.float64)
+    d = geometry.dim
+    if u.shape != (d, *geometry.shape):
+        raise ValueError(f"displacement_to_itk(): `disp` must be {(d, *geometry.shape)}, got {u.shape}")
+    m = np.asarray(geometry.direction).reshape(d, d) @ np.diag(geometry.spacing)
+    u_itk = u[::-1]  # component order of ITK index axes (x first)
+    phys = np.tensordot(m, u_itk, axes=([1], [0]))  # (d, *shape)
+    img = sitk.GetImageFromArray(np.moveaxis(phys, 0, -1), isVector=True)
+    return geometry.apply(img)
+
+
+def displacement_from_itk(field: sitk.Image) -> tuple[np.ndarray, Geometry]:
+    """ITK displacement field (mm) → voxel-unit displacement ``(d, *shape)`` on its grid."""
+    g = Geometry.of(field)
+    d = g.dim
+    if field.GetNumberOfComponentsPerPixel() != d:
+        raise ValueError(f"displacement_from_itk(): `field` must have {d} components per voxel")
+    phys = np.moveaxis(sitk.GetArrayFromImage(field).astype(np.float64), -1, 0)
+    m = np.asarray(g.direction).reshape(d, d) @ np.diag(g.spacing)
+    u_itk = np.tensordot(np.linalg.inv(m), phys, axes=([1], [0]))
+    return u_itk[::-1].copy(), g
+
+
+def write_displacement(path: str | os.PathLike, disp: np.ndarray, geometry: Geometry) -> None:
+    """Write a voxel-unit displacement as an ITK displacement field in mm (atomically)."""
+    img = sitk.Cast(displacement_to_itk(disp, geometry), sitk.sitkVectorFloat32)
+    _atomic_write(img, path)
+
+
+def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> sitk.Image:
+    """Read an ITK displacement field (vector image, mm) as float64, ready for
+    ``sitk.DisplacementFieldTransform``.
+
+    Raises:
+        FileNotFoundError, ValueError: missing/corrupt file or not a d-component field.
+    """
+    img = _read(path, arg)
+    if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
+        raise ValueError(
+            f"`{arg}`: {path} is not a displacement field ({img.GetNumberOfComponentsPerPixel()} components"
+            f" for a {img.GetDimension()}D image)"
+        )
+    return sitk.Cast(img, sitk.sitkVectorFloat64)
+
+
+def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:
+    """Apply an ITK displacement field to ``image`` with SimpleITK (linear or nearest),
+    on ``reference`` (default: the field's grid)."""
+    tx = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes ownership of its copy
+    ref = reference.reference() if reference is not None else Geometry.of(field).reference()
+    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.Resample(image, ref, tx, interp, 0.0, image.GetPixelID())

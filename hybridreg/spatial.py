@@ -1,0 +1,318 @@
+"""Spatial transforms: warping, SVF integration by scaling and squaring, composition,
+resampling of fields between grids, and the Jacobian determinant.
+
+Frame and units (used by every function here and in the rest of the core):
+
+* Images are ``(B, C, *spatial)`` tensors; ``spatial`` is ``(H, W)`` in 2D and
+  ``(D, H, W)`` in 3D, in the array order that ``SimpleITK.GetArrayFromImage`` returns.
+* Fields (velocity ``v``, displacement ``u``) are ``(B, d, *spatial)`` with ``d = 2`` or
+  ``3``, in **voxel units** of their own grid: component ``k`` is a displacement along
+  tensor axis ``k + 2``. The transformation is ``phi(x) = x + u(x)`` in voxel index
+  coordinates. Physical units (mm, ITK's LPS frame) appear only at the I/O edge
+  (:mod:`hybridreg.io`).
+
+Source: ``docs/method.md`` §1.1 (SVF, scaling and squaring, inverse ``exp(-v)``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ALIGN_CORNERS",
+    "check_field",
+    "to_sampling_grid",
+    "warp",
+    "compose",
+    "scaling_and_squaring",
+    "svf_exp",
+    "resize_field",
+    "resize_image",
+    "jacobian_determinant",
+    "gaussian_smooth",
+]
+
+ALIGN_CORNERS = True
+"""``align_corners`` used by every ``grid_sample`` call of the toolkit.
+
+With ``True`` the normalised coordinates -1 and +1 are the *centres* of the first and last
+voxels, so voxel index ``i`` of an axis of size ``n`` sits at ``2 i / (n - 1) - 1`` and a
+displacement of ``t`` voxels is ``2 t / (n - 1)`` normalised units, exactly, on every grid.
+Resampling *between* grids of a pyramid (:func:`resize_field`, :func:`resize_image`) is a
+different question and uses the cell-centred convention (``align_corners=False`` in
+``F.interpolate``), because the coarse grids are made by averaging blocks of fine voxels.
+"""
+
+
+def _spatial_dims(x: torch.Tensor) -> int:
+    return x.dim() - 2
+
+
+def check_field(field: torch.Tensor, name: str, *, fn: str) -> int:
+    """Validate a ``(B, d, *spatial)`` field and return ``d``.
+
+    Raises:
+        TypeError: ``field`` is not a floating-point tensor.
+        ValueError: wrong number of dimensions, ``d`` not matching the spatial rank, or
+            non-finite values. The message names ``fn`` and ``name``.
+    """
+    if not isinstance(field, torch.Tensor) or not field.is_floating_point():
+        raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
+    if field.dim() not in (4, 5):
+        raise ValueError(
+            f"{fn}(): `{name}` must have shape (B, d, *spatial) with d = 2 or 3 spatial dims,"
+            f" got shape {tuple(field.shape)}"
+        )
+    d = field.dim() - 2
+    if field.shape[1] != d:
+        raise ValueError(
+            f"{fn}(): `{name}` has {field.shape[1]} channels but {d} spatial dims; a field"
+            f" needs one channel per spatial dimension, got shape {tuple(field.shape)}"
+        )
+    return d
+
+
+def to_sampling_grid(disp: torch.Tensor) -> torch.Tensor:
+    """Convert a voxel-unit displacement to a ``grid_sample`` sampling grid.
+
+    This is the only place where the toolkit converts between its channels-first,
+    voxel-unit, axis-ordered fields and ``grid_sample``'s normalised, channels-last grid
+    whose last dimension lists coordinates in *reversed* axis order (x = last tensor axis
+    first). The reversal is ``flip(-1)`` below.
+
+    Args:
+        disp: ``(B, d, *spatial)`` displacement in voxels (see module docstring).
+
+    Returns:
+        ``(B, *spatial, d)`` grid of normalised coordinates of ``x + disp(x)`` under
+        :data:`ALIGN_CORNERS`.
+    """
+    spatial = tuple(disp.shape[2:])
+    identity, scale = _identity_grid(spatial, disp.dtype, disp.device)
+    # channels-last and reversed axis order (x first) is what grid_sample reads
+    return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+
+
+_GRID_CACHE: dict = {}
+
+
+def _identity_grid(spatial: tuple, dtype: torch.dtype, device: torch.device):
+    """Normalised identity grid ``(1, *spatial, d)`` (reversed axis order) and the
+    per-coordinate scale from voxels to normalised units, cached per grid/dtype/device."""
+    key = (spatial, dtype, str(device))
+    hit = _GRID_CACHE.get(key)
+    if hit is None:
+        axes = [
+            torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device) if n > 1
+            else torch.zeros(1, dtype=dtype, device=device)
+            for n in spatial
+        ]
+        identity = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+        scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]], dtype=dtype, device=device)
+        if len(_GRID_CACHE) >= 16:
+            _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
+        hit = _GRID_CACHE[key] = (identity, scale)
+    return hit
+
+
+def warp(
+    image: torch.Tensor,
+    disp: torch.Tensor,
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Resample ``image`` at ``x + disp(x)``: returns ``image ∘ (id + disp)``.
+
+    Args:
+        image: ``(B, C, *spatial_in)`` tensor on the grid whose voxel units ``disp`` uses.
+            ``B`` must equal ``disp``'s batch size or be 1 (broadcast).
+        disp: ``(B, d, *spatial)`` displacement in voxels of ``image``'s grid; the output
+            lives on this grid. Usually ``spatial == spatial_in``.
+        mode: ``"bilinear"`` (linear / trilinear) for images and fields, ``"nearest"`` for
+            label maps.
+        padding_mode: ``"zeros"`` for images with a zero background, ``"border"`` for
+            fields (used by scaling and squaring and :func:`compose`).
+
+    Returns:
+        ``(B, C, *spatial)`` warped image, same dtype and device as ``image``.
+
+    Raises:
+        ValueError: mismatched dimensions or batch sizes, or an unknown ``mode``.
+    """
+    d = check_field(disp, "disp", fn="warp")
+    if image.dim() != d + 2:
+        raise ValueError(
+            f"warp(): `image` must have shape (B, C, *spatial) with {d} spatial dims to match"
+            f" `disp`, got {tuple(image.shape)}"
+        )
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"warp(): `mode` must be 'bilinear' or 'nearest', got {mode!r}")
+    if image.shape[0] != disp.shape[0]:
+        if image.shape[0] != 1:
+            raise ValueError(
+                f"warp(): batch sizes of `image` ({image.shape[0]}) and `disp`"
+                f" ({disp.shape[0]}) differ"
+            )
+        image = image.expand(disp.shape[0], *image.shape[1:])
+    grid = to_sampling_grid(disp)
+    is_int = not image.is_floating_point()
+    src = image.to(disp.dtype) if is_int else image
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    return out.round().to(image.dtype) if is_int else out
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``(id + outer) ∘ (id + inner)``, i.e. ``inner + outer ∘ (id + inner)``.
+
+    Both are ``(B, d, *spatial)`` voxel-unit displacements on the same grid. Outside the
+    grid ``outer`` is extended by its border values.
+    """
+    check_field(outer, "outer", fn="compose")
+    check_field(inner, "inner", fn="compose")
+    if outer.shape != inner.shape:
+        raise ValueError(
+            f"compose(): `outer` {tuple(outer.shape)} and `inner` {tuple(inner.shape)} must"
+            " have the same shape"
+        )
+    return inner + warp(outer, inner, padding_mode="border")
+
+
+def scaling_and_squaring(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponential of a stationary velocity field by scaling and squaring.
+
+    ``u_0 = v / 2^K``, ``u_{k+1} = u_k + u_k ∘ (id + u_k)``; returns ``u_K`` so that
+    ``exp(v) = id + u_K``. The inverse transformation is ``scaling_and_squaring(-v)``.
+
+    Args:
+        velocity: ``(B, d, *spatial)`` SVF in voxels.
+        steps: number of squarings ``K >= 0`` (method §1.1, reference 7).
+
+    Returns:
+        ``(B, d, *spatial)`` displacement in voxels, differentiable in ``velocity``.
+
+    Raises:
+        ValueError: bad field shape or ``steps`` negative / not an integer.
+    """
+    check_field(velocity, "velocity", fn="scaling_and_squaring")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"scaling_and_squaring(): `steps` must be an integer >= 0, got {steps!r}")
+    disp = velocity / (2**steps)
+    for _ in range(steps):
+        disp = disp + warp(disp, disp, padding_mode="border")
+    return disp
+
+
+svf_exp = scaling_and_squaring
+
+
+def _check_size(size: Sequence[int], d: int, fn: str) -> tuple[int, ...]:
+    size = tuple(int(s) for s in size)
+    if len(size) != d or any(s < 1 for s in size):
+        raise ValueError(f"{fn}(): `size` must list {d} positive ints, got {size}")
+    return size
+
+
+def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample a voxel-unit field to another grid covering the same physical extent.
+
+    The grids are cell-centred (a coarse voxel is a block of fine voxels), so linear
+    interpolation uses ``align_corners=False`` and component ``k`` is multiplied by
+    ``size[k] / field.shape[k + 2]`` to stay in voxel units of the new grid.
+
+    Args:
+        field: ``(B, d, *spatial)`` displacement or velocity in voxels.
+        size: target spatial size (``d`` ints).
+
+    Returns:
+        ``(B, d, *size)`` field in voxels of the target grid.
+    """
+    d = check_field(field, "field", fn="resize_field")
+    size = _check_size(size, d, "resize_field")
+    if tuple(field.shape[2:]) == size:
+        return field
+    mode = "bilinear" if d == 2 else "trilinear"
+    out = F.interpolate(field, size=size, mode=mode, align_corners=False)
+    scale = torch.tensor(
+        [size[k] / field.shape[k + 2] for k in range(d)], dtype=field.dtype, device=field.device
+    ).view(1, d, *([1] * d))
+    return out * scale
+
+
+def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample an image (or λ map) to ``size`` over the same physical extent.
+
+    Down-sampling averages blocks (``mode="area"``, which anti-aliases); up-sampling is
+    linear with cell-centred grids (``align_corners=False``). Values are not rescaled.
+
+    Args:
+        image: ``(B, C, *spatial)`` floating-point tensor.
+        size: target spatial size.
+    """
+    d = image.dim() - 2
+    if d not in (2, 3):
+        raise ValueError(f"resize_image(): `image` must be (B, C, *spatial) in 2D or 3D, got {tuple(image.shape)}")
+    size = _check_size(size, d, "resize_image")
+    if tuple(image.shape[2:]) == size:
+        return image
+    if all(s <= n for s, n in zip(size, image.shape[2:])):
+        return F.interpolate(image, size=size, mode="area")
+    mode = "bilinear" if d == 2 else "trilinear"
+    return F.interpolate(image, size=size, mode=mode, align_corners=False)
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant of ``phi = id + disp``, by central finite differences.
+
+    Derivatives use ``torch.gradient`` (second-order central differences inside, one-sided
+    at the border). Because ``disp`` is in voxel units the determinant needs no spacing:
+    for spacing matrix ``S`` the physical Jacobian is ``S (I + ∇u) S^{-1}``, which has the
+    same determinant. Source: method §4 (central differences).
+
+    Args:
+        disp: ``(B, d, *spatial)`` displacement in voxels.
+
+    Returns:
+        ``(B, *spatial)`` determinant map (dimensionless; ``<= 0`` marks folding).
+    """
+    d = check_field(disp, "disp", fn="jacobian_determinant")
+    grads = torch.gradient(disp, dim=tuple(range(2, 2 + d)))  # grads[j][:, i] = d u_i / d x_j
+    jac = torch.stack([torch.stack([g[:, i] for g in grads], dim=-1) for i in range(d)], dim=-2)
+    eye = torch.eye(d, dtype=disp.dtype, device=disp.device)
+    return torch.linalg.det(jac + eye)
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 2.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel (border values replicated).
+
+    Args:
+        x: ``(B, C, *spatial)`` tensor (2D or 3D).
+        sigma: standard deviation in voxels, one value or one per axis (0 skips an axis).
+        truncate: kernel half-width in standard deviations.
+
+    Returns:
+        Tensor of the same shape; linear in ``x`` (differentiable).
+    """
+    d = x.dim() - 2
+    sig = [float(sigma)] * d if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    if len(sig) != d or any(s < 0 for s in sig):
+        raise ValueError(f"gaussian_smooth(): `sigma` must be >= 0, one value or {d} values, got {sigma!r}")
+    c = x.shape[1]
+    conv = F.conv2d if d == 2 else F.conv3d
+    out = x
+    for k, s in enumerate(sig):
+        if s == 0:
+            continue
+        r = max(1, int(truncate * s + 0.5))
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        kern = torch.exp(-0.5 * (t / s) ** 2)
+        kern = kern / kern.sum()
+        shape = [1, 1] + [1] * d
+        shape[2 + k] = 2 * r + 1
+        pad = [0] * (2 * d)
+        pad[2 * (d - 1 - k)] = pad[2 * (d - 1 - k) + 1] = r
+        out = conv(F.pad(out, pad, mode="replicate"), kern.view(shape).expand(c, *shape[1:]), groups=c)
+    return out

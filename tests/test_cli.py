@@ -1,0 +1,148 @@
+"""The CLI end to end on bundled data, and its bad-input contract."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hybridreg import data
+from hybridreg.cli import OUTPUT_FILES, main
+from hybridreg.io import Geometry, read_image, write_image
+
+QUICK = "scales: [4, 2]\niterations: [30, 20]\ncontrol_factor: [1]\n"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    fid, mid = data.demo_pair()
+    return data.load_subject(fid, 2), data.load_subject(mid, 2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, bundled):
+    f, m = bundled
+    root = tmp_path_factory.mktemp("cli")
+    cfg = root / "quick.yaml"
+    cfg.write_text(QUICK)
+    out = root / "out"
+    rc = main(["register", str(f.image_path), str(m.image_path), "--out", str(out), "--fixed-labels", str(f.labels_path),
+               "--moving-labels", str(m.labels_path), "--config", str(cfg), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_register_writes_every_output(run_dir):
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(OUTPUT_FILES)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("dice_before", "dice_after", "hd95_mm_after", "folding_percent", "sdlogj", "seconds", "peak_memory_mb", "config"):
+        assert key in m
+    # "auto": the standard FreeSurfer structures present in both maps (the synthetic subjects
+    # have no 24, 31, 63 — see hybridreg/data/bundled/README.md)
+    assert m["labels_scored"] == [lab for lab in data.evaluation_labels() if lab not in (24, 31, 63)]
+    assert m["dice_after"]["mean"] > m["dice_before"]["mean"]
+    assert m["config"]["iterations"] == [30, 20]
+
+
+def test_exported_displacement_reproduces_warped_in_simpleitk(run_dir, bundled):
+    _, mv = bundled
+    field = sitk.ReadImage(str(run_dir / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    moving = sitk.ReadImage(str(mv.image_path), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(run_dir / "warped.nii.gz"))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field)))
+    ours = sitk.GetArrayFromImage(fixed)
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.99
+
+
+def test_outputs_keep_physical_space(run_dir, bundled):
+    f, _ = bundled
+    ref = sitk.ReadImage(str(f.image_path))
+    for name in ("warped.nii.gz", "displacement.nii.gz", "lambda.nii.gz", "jacobian.nii.gz"):
+        img = sitk.ReadImage(str(run_dir / name))
+        assert Geometry.of(img).matches(Geometry.of(ref), 1e-4), name
+
+
+def test_apply_warps_labels_like_register(run_dir, bundled, tmp_path):
+    f, m = bundled
+    out = tmp_path / "warped_labels.nii.gz"
+    assert main(["apply", str(run_dir / "displacement.nii.gz"), str(m.labels_path), "--out", str(out), "--labels"]) == 0
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert set(np.unique(warped)) <= set(np.unique(m.labels))
+    from hybridreg.metrics import dice
+
+    after = np.nanmean(list(dice(f.labels, warped, data.evaluation_labels()).values()))
+    reported = json.loads((run_dir / "metrics.json").read_text())["dice_after"]["mean"]
+    assert after == pytest.approx(reported, abs=0.02)  # SimpleITK resampling vs our nearest warp
+
+
+def test_console_script_entry_point():
+    res = subprocess.run([sys.executable, "-m", "hybridreg.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "register" in res.stdout
+
+
+def _fail(args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    return err
+
+
+@pytest.fixture()
+def files(tmp_path, bundled):
+    f, m = bundled
+    geo = Geometry.of(sitk.ReadImage(str(f.image_path)))
+    d = {"fixed": str(f.image_path), "moving": str(m.image_path), "fl": str(f.labels_path), "ml": str(m.labels_path)}
+    nan = f.image.copy()
+    nan[10, 10, 10] = np.nan
+    write_image(tmp_path / "nan.mha", nan, geo)
+    d["nan"] = str(tmp_path / "nan.mha")
+    small = Geometry(tuple(n - 2 for n in geo.size), geo.spacing, geo.origin, geo.direction)
+    write_image(tmp_path / "small.nii.gz", f.image[1:-1, 1:-1, 1:-1], small)
+    d["small"] = str(tmp_path / "small.nii.gz")
+    write_image(tmp_path / "img2d.nii.gz", f.image[40], Geometry(geo.size[:2], geo.spacing[:2], geo.origin[:2], (1.0, 0.0, 0.0, 1.0)))
+    d["2d"] = str(tmp_path / "img2d.nii.gz")
+    write_image(tmp_path / "frac.nii.gz", f.labels + 0.5, geo)
+    d["frac"] = str(tmp_path / "frac.nii.gz")
+    write_image(tmp_path / "other.nii.gz", (f.labels > 0) * 999, geo, dtype=np.int32)
+    d["other"] = str(tmp_path / "other.nii.gz")
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    d["corrupt"] = str(tmp_path / "corrupt.nii.gz")
+    (tmp_path / "bad.yaml").write_text("objective:\n  w_reg: -3\n")
+    d["badcfg"] = str(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("iteratons: [3]\n")
+    d["typo"] = str(tmp_path / "typo.yaml")
+    return d
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (lambda d: [d["fixed"], d["small"]], "different grids"),
+        (lambda d: [d["fixed"], d["2d"]], "different grids"),
+        (lambda d: [d["fixed"], d["nan"]], "MOVING.*NaN"),
+        (lambda d: [d["fixed"], d["fixed"] + ".missing"], "MOVING.*not found"),
+        (lambda d: [d["corrupt"], d["moving"]], "FIXED.*cannot read"),
+        (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["frac"], "--moving-labels", d["ml"]], "--fixed-labels.*non-integer"),
+        (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["fl"], "--moving-labels", d["other"]], "share no"),
+        (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["fl"]], "together"),
+        (lambda d: [d["fixed"], d["moving"], "--config", d["badcfg"]], "w_reg"),
+        (lambda d: [d["fixed"], d["moving"], "--config", d["typo"]], "iteratons"),
+        (lambda d: [d["fixed"], d["moving"], "--config", d["fixed"] + ".yaml"], "--config.*not found"),
+        (lambda d: [d["fixed"], d["moving"], "--device", "tpu:7"], "--device"),
+    ],
+)
+def test_bad_input_clear_error_and_no_output(files, tmp_path, capsys, argv, needle):
+    out = tmp_path / "never"
+    err = _fail(["register", *argv(files), "--out", str(out), "--no-progress"], capsys)
+    import re
+
+    assert re.search(needle, err), err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]  # no staging left behind
+
+
+def test_apply_bad_field(files, tmp_path, capsys):
+    err = _fail(["apply", files["fixed"], files["moving"], "--out", str(tmp_path / "x.nii.gz")], capsys)
+    assert "DISPLACEMENT" in err and "not a displacement field" in err

@@ -1,0 +1,151 @@
+"""Metrics against SimpleITK and brute force; I/O round trips; exported fields in SimpleITK."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.spatial import cKDTree
+
+from hybridreg.io import (
+    Geometry,
+    check_same_grid,
+    displacement_from_itk,
+    displacement_to_itk,
+    read_displacement,
+    read_image,
+    read_labels,
+    resample_with_field,
+    write_displacement,
+    write_image,
+)
+from hybridreg.metrics import dice, hausdorff, hd95, jacobian_stats
+from hybridreg.spatial import scaling_and_squaring, warp
+
+
+def balls(shape=(30, 32, 34), spacing=(1.0, 1.5, 2.0)):
+    grid = np.stack(np.meshgrid(*[np.arange(n) * h for n, h in zip(shape, spacing)], indexing="ij"))
+    c = np.array([15.0, 24.0, 33.0]).reshape(3, 1, 1, 1)
+    a = np.zeros(shape, np.int32)
+    b = np.zeros(shape, np.int32)
+    a[np.linalg.norm(grid - c, axis=0) < 9.0] = 1
+    b[np.linalg.norm(grid - c - np.array([3.0, 0.0, 2.0]).reshape(3, 1, 1, 1), axis=0) < 8.0] = 1
+    a[np.linalg.norm(grid - c - np.array([-7.0, 10.0, 0.0]).reshape(3, 1, 1, 1), axis=0) < 4.0] = 2
+    b[np.linalg.norm(grid - c - np.array([-6.0, 11.0, 2.0]).reshape(3, 1, 1, 1), axis=0) < 4.0] = 2
+    return a, b, spacing
+
+
+def to_sitk(arr, spacing):
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.SetSpacing(spacing[::-1])
+    return img
+
+
+def test_dice_matches_simpleitk():
+    a, b, spacing = balls()
+    ours = dice(a, b, [1, 2])
+    for lab in (1, 2):
+        f = sitk.LabelOverlapMeasuresImageFilter()
+        f.Execute(to_sitk(a == lab, spacing), to_sitk(b == lab, spacing))
+        assert ours[lab] == pytest.approx(f.GetDiceCoefficient(), abs=1e-12)
+
+
+def test_hausdorff_max_matches_simpleitk():
+    a, b, spacing = balls()
+    ours = hausdorff(a, b, [1, 2], spacing, percentile=100)
+    for lab in (1, 2):
+        f = sitk.HausdorffDistanceImageFilter()
+        f.Execute(to_sitk(a == lab, spacing), to_sitk(b == lab, spacing))
+        assert ours[lab] == pytest.approx(f.GetHausdorffDistance(), abs=1e-4)
+
+
+def test_hd95_matches_brute_force_surface_distances():
+    a, b, spacing = balls()
+    ours = hd95(a, b, [1, 2], spacing)
+    for lab in (1, 2):
+        pts = []
+        for m in (a == lab, b == lab):
+            contour = sitk.GetArrayFromImage(sitk.LabelContour(to_sitk(m, spacing), fullyConnected=False)) > 0
+            pts.append(np.argwhere(contour) * np.array(spacing))
+        dab = cKDTree(pts[1]).query(pts[0])[0]
+        dba = cKDTree(pts[0]).query(pts[1])[0]
+        expected = max(np.percentile(dab, 95), np.percentile(dba, 95))
+        assert ours[lab] == pytest.approx(expected, abs=1e-4)
+
+
+def test_metrics_bad_input():
+    a, b, _ = balls()
+    with pytest.raises(ValueError, match="same shape"):
+        dice(a, b[:-1])
+    with pytest.raises(ValueError, match="non-integer"):
+        dice(a + 0.5, b)
+    with pytest.raises(ValueError, match="labels"):
+        dice(a * 0, b)  # nothing in common
+
+
+def test_jacobian_stats_of_known_maps():
+    u = torch.zeros(1, 3, 10, 11, 12, dtype=torch.float64)
+    s = jacobian_stats(u)
+    assert s["folding_percent"] == 0.0 and s["sdlogj"] == pytest.approx(0.0, abs=1e-12)
+    grid = torch.arange(10, dtype=torch.float64).view(10, 1, 1).expand(10, 11, 12)
+    u[0, 0] = -2.0 * grid  # x -> -x: det = -1 everywhere
+    assert jacobian_stats(u)["folding_percent"] == 100.0
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd"])
+def test_io_round_trip_keeps_metadata(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    arr = rng.random((6, 7, 8)).astype(np.float32)
+    geo = Geometry((8, 7, 6), (1.5, 2.0, 2.5), (10.0, -20.0, 30.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    write_image(tmp_path / f"x{suffix}", arr, geo)
+    back, geo2 = read_image(tmp_path / f"x{suffix}")
+    assert np.array_equal(back, arr)
+    assert geo2.matches(geo, tol=1e-6)
+    assert geo2.array_spacing == (2.5, 2.0, 1.5)
+    assert [p.name for p in tmp_path.iterdir()] == [f"x{suffix}"]  # no temporary files left
+
+
+def test_exported_displacement_reproduces_our_warp_in_simpleitk(tmp_path):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    shape = (24, 26, 28)
+    img = np.zeros(shape, np.float32)
+    img[4:-4, 4:-4, 4:-4] = gaussian_filter(rng.random((16, 18, 20)), 1.5).astype(np.float32)
+    geo = Geometry(shape[::-1], (1.2, 0.9, 2.0), (5.0, -3.0, 7.0), (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    v = torch.tensor(np.stack([gaussian_filter(rng.standard_normal(shape), 3) for _ in range(3)]) * 6.0, dtype=torch.float32)[None]
+    u = scaling_and_squaring(v, 7)
+    ours = warp(torch.from_numpy(img)[None, None], u)[0, 0].numpy()
+    write_displacement(tmp_path / "disp.nii.gz", u[0].numpy(), geo)
+    field = read_displacement(tmp_path / "disp.nii.gz")
+    moving = geo.apply(sitk.GetImageFromArray(img))
+    theirs = sitk.GetArrayFromImage(resample_with_field(moving, field))
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.999
+    assert np.abs(ours - theirs).max() < 1e-3
+    back, g = displacement_from_itk(field)
+    assert g.matches(geo, 1e-6)
+    assert np.allclose(back, u[0].numpy(), atol=1e-4)
+    # the physical displacement is direction · spacing · (voxel displacement, ITK order)
+    itk = sitk.GetArrayFromImage(displacement_to_itk(u[0].numpy(), geo))
+    M = np.array(geo.direction).reshape(3, 3) @ np.diag(geo.spacing)
+    assert np.allclose(itk[3, 4, 5], M @ u[0, :, 3, 4, 5].numpy()[::-1], atol=1e-5)
+
+
+def test_io_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FIXED"):
+        read_image(tmp_path / "nope.nii.gz", arg="FIXED")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="MOVING"):
+        read_image(bad, arg="MOVING")
+    geo = Geometry((4, 4, 4), (1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    nan = np.zeros((4, 4, 4), np.float32)
+    nan[1, 1, 1] = np.nan
+    write_image(tmp_path / "nan.mha", nan, geo)  # NIfTI writers may zero NaNs; MetaImage keeps them
+    with pytest.raises(ValueError, match="NaN"):
+        read_image(tmp_path / "nan.mha", arg="FIXED")
+    write_image(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 0.5, np.float32), geo)
+    with pytest.raises(ValueError, match="non-integer"):
+        read_labels(tmp_path / "frac.nii.gz", arg="--fixed-labels")
+    other = Geometry((4, 4, 4), (2.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(ValueError, match="different grids"):
+        check_same_grid(geo, other, ("FIXED", "MOVING"))

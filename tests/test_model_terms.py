@@ -1,0 +1,202 @@
+"""Similarity, regularizer and priors: gradchecks and independent cross-checks."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.stats as st
+import torch
+
+from hybridreg.objective import ObjectiveConfig, evaluate
+from hybridreg.priors import (
+    beta_hyperprior,
+    edge_weights,
+    grid_smoothness,
+    lambda_from_param,
+    nonlocal_smoothness,
+    normal_hyperprior,
+    param_from_lambda,
+)
+from hybridreg.regularization import diffusion_energy, reference_scale
+from hybridreg.similarity import box_mean, lncc, mse
+
+
+def grid_laplacian(shape, spacing, edge_weight):
+    """Explicit weighted graph Laplacian of the face-neighbour grid graph (scipy.sparse).
+
+    `edge_weight(k, i, j)` gives the weight of the edge between flat voxels i and j along
+    axis k (j = i + stride_k); the edge length is spacing[k]."""
+    n = int(np.prod(shape))
+    idx = np.arange(n).reshape(shape)
+    rows, cols, vals = [], [], []
+    for k in range(len(shape)):
+        a = np.take(idx, np.arange(shape[k] - 1), axis=k).ravel()
+        b = np.take(idx, np.arange(1, shape[k]), axis=k).ravel()
+        w = edge_weight(k, a, b) / spacing[k] ** 2
+        rows += [a, b, a, b]
+        cols += [a, b, b, a]
+        vals += [w, w, -w, -w]
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+
+
+@pytest.mark.parametrize("shape,spacing", [((5, 6), (1.0, 2.0)), ((4, 5, 6), (1.5, 1.0, 2.5))])
+def test_diffusion_energy_equals_sparse_laplacian_quadratic_form(shape, spacing):
+    rng = np.random.default_rng(0)
+    d = len(shape)
+    u = rng.standard_normal((d, *shape))
+    lam = rng.random(shape) + 0.1
+    flat_lam = lam.ravel()
+    L = grid_laplacian(shape, spacing, lambda k, a, b: flat_lam[b])  # λ at the edge's second voxel
+    u_mm = u * np.array(spacing).reshape(d, *([1] * d))
+    expected = 0.5 * sum(float(c @ (L @ c)) for c in u_mm.reshape(d, -1))
+    got = diffusion_energy(torch.tensor(u)[None], torch.tensor(lam)[None, None], spacing, reduction="sum")
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_uniform_lambda_is_the_special_case():
+    rng = np.random.default_rng(1)
+    u = torch.tensor(rng.standard_normal((1, 3, 4, 5, 6)))
+    full = diffusion_energy(u, torch.full((1, 1, 4, 5, 6), 0.7, dtype=torch.float64), reduction="sum")
+    uni = diffusion_energy(u, torch.full((1, 1, 1, 1, 1), 0.7, dtype=torch.float64), reduction="sum")
+    assert float(full) == pytest.approx(float(uni), rel=1e-12)
+    assert float(uni) == pytest.approx(0.7 * float(diffusion_energy(u, None, reduction="sum")), rel=1e-12)
+
+
+def test_reference_normalisation():
+    # authors' code: (1/d) Σ_axes mean over (components, voxels) of λ (forward difference)²
+    rng = np.random.default_rng(2)
+    u = torch.tensor(rng.standard_normal((1, 3, 6, 7, 8)))
+    lam = torch.ones(1, 1, 6, 7, 8, dtype=torch.float64)
+    ref = sum(float(((u.narrow(k + 2, 1, u.shape[k + 2] - 1) - u.narrow(k + 2, 0, u.shape[k + 2] - 1)) ** 2).sum()) for k in range(3))
+    ref_mean_style = ref / (3 * u[0, 0].numel()) / 3  # averaged over all N voxels, components and axes
+    ours = reference_scale(3) * float(diffusion_energy(u, lam, reduction="mean"))
+    assert ours == pytest.approx(ref_mean_style, rel=1e-12)
+
+
+def test_grid_smoothness_equals_sparse_laplacian():
+    rng = np.random.default_rng(3)
+    shape, spacing = (5, 4, 6), (1.0, 2.0, 1.5)
+    lam = rng.random(shape)
+    img = rng.random(shape)
+    w = edge_weights(torch.tensor(img)[None, None], 0.3)
+    flat = img.ravel()
+    L = grid_laplacian(shape, spacing, lambda k, a, b: np.exp(-((flat[a] - flat[b]) ** 2) / (2 * 0.3**2)))
+    expected = 0.5 * lam.ravel() @ (L @ lam.ravel())
+    got = grid_smoothness(torch.tensor(lam)[None, None], w, spacing, reduction="sum")
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_nonlocal_keops_matches_dense_torch():
+    torch.manual_seed(0)
+    shape, spacing = (5, 6, 4), (2.0, 2.0, 3.0)
+    lam = torch.rand(2, 1, *shape, dtype=torch.float64)
+    guide = torch.rand(2, 1, *shape, dtype=torch.float64)
+    got = nonlocal_smoothness(lam, guide, spacing, sigma_space=4.0, sigma_intensity=0.2, reduction="none")
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * h for n, h in zip(shape, spacing)], indexing="ij"), -1).reshape(-1, 3)
+    for b in range(2):
+        f = guide[b].reshape(-1)
+        lv = lam[b].reshape(-1)
+        K = torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * 16.0) - (f[:, None] - f[None]) ** 2 / (2 * 0.04))
+        dense = 0.5 * (K * (lv[:, None] - lv[None]) ** 2).sum(1)
+        assert torch.allclose(got[b].reshape(-1), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_nonlocal_keops_gradient_matches_dense():
+    torch.manual_seed(1)
+    lam = torch.rand(1, 1, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    guide = torch.rand(1, 1, 4, 5, 3, dtype=torch.float64)
+    nonlocal_smoothness(lam, guide, (1.0, 1.0, 1.0), sigma_space=2.0, sigma_intensity=0.5, reduction="sum").backward()
+    g_keops = lam.grad.clone()
+    lam2 = lam.detach().clone().requires_grad_()
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (4, 5, 3)], indexing="ij"), -1).reshape(-1, 3)
+    f = guide.reshape(-1)
+    K = torch.exp(-torch.cdist(pos, pos) ** 2 / 8.0 - (f[:, None] - f[None]) ** 2 / 0.5)
+    lv = lam2.reshape(-1)
+    (0.5 * (K * (lv[:, None] - lv[None]) ** 2).sum()).backward()
+    assert torch.allclose(g_keops, lam2.grad, rtol=1e-9)
+
+
+def test_box_mean_matches_brute_force():
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 7, 8, 9, dtype=torch.float64)
+    got = box_mean(x, 5)
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2, 2, 2))
+    ones = torch.nn.functional.pad(torch.ones_like(x), (2, 2, 2, 2, 2, 2))
+    k = torch.ones(2, 1, 5, 5, 5, dtype=torch.float64)
+    s = torch.nn.functional.conv3d(xp, k, groups=2)
+    c = torch.nn.functional.conv3d(ones, k, groups=2)
+    assert torch.allclose(got, s / c, atol=1e-12)
+
+
+def test_lncc_properties():
+    torch.manual_seed(0)
+    f = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64)
+    assert float(lncc(f, f, 5)) < -0.99
+    assert float(lncc(f, 3.0 * f + 2.0, 5)) < -0.99  # invariant to affine intensity change
+    other = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64)
+    assert -0.2 < float(lncc(f, other, 5)) <= 0.0
+    assert lncc(f, other, 5, reduction="none").shape == f.shape
+
+
+def test_lncc_and_mse_gradcheck():
+    torch.manual_seed(0)
+    f = torch.rand(1, 1, 6, 5, 7, dtype=torch.float64)
+    w = torch.rand(1, 1, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lncc(f, x, 3, eps=1e-3, reduction="sum"), (w,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda x: mse(f, x, sigma=0.5, reduction="sum"), (w,))
+
+
+def test_regularizer_and_priors_gradcheck():
+    torch.manual_seed(0)
+    u = torch.randn(1, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    lam = (torch.rand(1, 1, 4, 5, 3, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: diffusion_energy(a, b, (1.0, 2.0, 1.5), reduction="sum"), (u, lam))
+    assert torch.autograd.gradcheck(lambda b: beta_hyperprior(b, 1.3, 2.0, reduction="sum"), (lam,))
+    assert torch.autograd.gradcheck(lambda b: normal_hyperprior(b, 1.0, 0.7, reduction="sum"), (lam,))
+    w = edge_weights(torch.rand(1, 1, 4, 5, 3, dtype=torch.float64), 0.2)
+    assert torch.autograd.gradcheck(lambda b: grid_smoothness(b, w, (1.0, 1.0, 2.0), reduction="sum"), (lam,))
+    theta = torch.randn(1, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: lambda_from_param(t, "beta"), (theta,))
+    assert torch.autograd.gradcheck(lambda t: lambda_from_param(t, "normal"), (theta,))
+
+
+def test_hyperpriors_match_scipy_log_densities_up_to_constants():
+    lam = np.linspace(0.05, 0.95, 17)
+    t = torch.tensor(lam)
+    ours_beta = beta_hyperprior(t, 2.3, 1.7, reduction="none").numpy()
+    ref_beta = -st.beta(2.3, 1.7).logpdf(lam)
+    assert np.allclose(ours_beta - ref_beta, (ours_beta - ref_beta)[0], atol=1e-10)
+    ours_norm = normal_hyperprior(t, 1.0, 0.4, reduction="none").numpy()
+    ref_norm = -st.norm(1.0, 0.4).logpdf(lam)
+    assert np.allclose(ours_norm - ref_norm, (ours_norm - ref_norm)[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["beta", "normal"])
+def test_lambda_parametrisation_round_trip(kind):
+    lam = torch.tensor([0.01, 0.3, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(lambda_from_param(param_from_lambda(lam, kind), kind), lam, atol=1e-9)
+
+
+def test_objective_terms_and_grids():
+    torch.manual_seed(0)
+    f = torch.rand(1, 1, 16, 18, 20)
+    m = torch.rand(1, 1, 16, 18, 20)
+    v = torch.zeros(1, 3, 8, 9, 10, requires_grad=True)
+    cfg = ObjectiveConfig(w_reg=2.0, hyperprior="beta", hyper_strength=0.2, lambda_smoothness="grid", w_smooth=0.1)
+    for lam in (torch.full((1, 1, 8, 9, 10), 0.5), torch.full((1, 1, 16, 18, 20), 0.5), torch.full((1, 1, 1, 1, 1), 0.5)):
+        ev = evaluate(f, m, v, lam, cfg, (2.0, 2.0, 2.0))
+        t = ev.terms
+        assert torch.allclose(t.total, t.similarity + t.regularization + t.hyperprior + t.lambda_smoothness)
+        assert float(t.hyperprior) == pytest.approx(-0.2 * np.log(0.5), rel=1e-5)
+        assert ev.displacement.shape == (1, 3, 16, 18, 20)
+    with pytest.raises(ValueError, match="lam"):
+        evaluate(f, m, v, torch.ones(1, 1, 5, 5, 5), cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"w_reg": -1.0}, "w_reg"), ({"lncc_window": 4}, "lncc_window"), ({"hyperprior": "gamma"}, "hyperprior"),
+     ({"lambda_smoothness": "tv"}, "lambda_smoothness"), ({"svf_steps": -2}, "svf_steps"), ({"mse_sigma": 0.0}, "mse_sigma")],
+)
+def test_objective_config_rejects_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ObjectiveConfig(**kwargs)

@@ -1,0 +1,132 @@
+"""Analytic truths and gradchecks for warping and SVF integration."""
+
+import numpy as np
+import pytest
+import torch
+
+from hybridreg.spatial import (
+    compose,
+    jacobian_determinant,
+    resize_field,
+    scaling_and_squaring,
+    to_sampling_grid,
+    warp,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def smooth_field(shape, d, amplitude, seed, dtype=torch.float32, device="cpu"):
+    """Random smooth field: Gaussian-filtered noise scaled to a max of `amplitude` voxels."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    f = np.stack([gaussian_filter(rng.standard_normal(shape), 3.0) for _ in range(d)])
+    f = f / np.abs(f).max() * amplitude
+    return torch.tensor(f[None], dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(12, 14), (8, 10, 12)])
+def test_exp_zero_is_identity(device, shape):
+    v = torch.zeros(1, len(shape), *shape, device=device)
+    u = scaling_and_squaring(v, 7)
+    assert torch.equal(u, torch.zeros_like(u))
+    img = torch.rand(1, 1, *shape, device=device)
+    assert torch.allclose(warp(img, u), img, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 18), (10, 12, 14)])
+def test_constant_velocity_is_translation(shape):
+    d = len(shape)
+    t = torch.tensor([0.75, -1.25, 0.5][:d])
+    v = t.view(1, d, *([1] * d)).expand(1, d, *shape).clone()
+    u = scaling_and_squaring(v, 7)
+    # border padding keeps a constant field constant everywhere
+    assert torch.allclose(u, v, atol=1e-5)
+
+
+def test_translation_warp_moves_content():
+    img = torch.zeros(1, 1, 9, 10, 11)
+    img[0, 0, 4, 5, 5] = 1.0
+    u = torch.zeros(1, 3, 9, 10, 11)
+    u[:, 2] = 2.0  # sample 2 voxels further along the last axis
+    out = warp(img, u)
+    assert out[0, 0, 4, 5, 3] == pytest.approx(1.0)
+    assert out.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("d,shape", [(2, (48, 52)), (3, (28, 30, 32))])
+def test_exp_v_composed_with_exp_minus_v_is_identity(d, shape):
+    v = smooth_field(shape, d, 3.0, seed=1)
+    fwd = scaling_and_squaring(v, 7)
+    inv = scaling_and_squaring(-v, 7)
+    err = compose(fwd, inv).norm(dim=1)  # voxels
+    interior = err[(slice(None),) + tuple(slice(6, -6) for _ in range(d))]
+    # tolerances in voxels for a field of max 3 voxels: mean and max inside (6 voxels from
+    # the border), and max anywhere (near the border the inverse samples outside the grid)
+    assert interior.mean() < 0.02
+    assert interior.max() < 0.1
+    assert err.max() < 0.5  # near the border the field leaves the grid
+
+
+def test_sampling_grid_axis_order():
+    u = torch.zeros(1, 3, 5, 6, 7)
+    u[:, 0] = 1.0  # one voxel along tensor axis 2 (depth) = grid_sample's z (last coord)
+    g = to_sampling_grid(u)
+    assert g.shape == (1, 5, 6, 7, 3)
+    assert torch.allclose(g[..., 2] - to_sampling_grid(torch.zeros_like(u))[..., 2], torch.full((1, 5, 6, 7), 2 / 4))
+
+
+def test_resize_field_keeps_voxel_units():
+    shape = (8, 10, 12)
+    v = torch.zeros(1, 3, *shape)
+    v[:, 1] = 1.5  # 1.5 coarse voxels
+    up = resize_field(v, (16, 20, 24))
+    assert torch.allclose(up[:, 1], torch.full((1, 16, 20, 24), 3.0))
+
+
+def test_jacobian_of_affine_map():
+    shape = (12, 13, 14)
+    A = torch.tensor([[1.1, 0.2, 0.0], [0.05, 0.9, 0.1], [0.0, -0.1, 1.2]], dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    u = torch.einsum("ij,j...->i...", A - torch.eye(3, dtype=torch.float64), grid)[None]
+    j = jacobian_determinant(u)
+    assert torch.allclose(j, torch.full_like(j, float(torch.linalg.det(A))), atol=1e-10)
+
+
+def test_warp_gradcheck():
+    torch.manual_seed(0)
+    img = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    u = (torch.rand(1, 3, 5, 6, 4, dtype=torch.float64) * 0.6 + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: warp(a, b), (img, u), eps=1e-6, atol=1e-5)
+
+
+def test_svf_gradcheck():
+    torch.manual_seed(0)
+    v = (torch.rand(1, 2, 6, 7, dtype=torch.float64) - 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: scaling_and_squaring(x, 3), (v,), eps=1e-6, atol=1e-5)
+
+
+def test_nearest_warp_keeps_labels():
+    lab = torch.randint(0, 5, (1, 1, 8, 9, 10))
+    u = smooth_field((8, 9, 10), 3, 1.5, seed=3)
+    out = warp(lab, u, mode="nearest")
+    assert out.dtype == lab.dtype
+    assert set(out.unique().tolist()) <= set(lab.unique().tolist())
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: scaling_and_squaring(torch.zeros(1, 2, 4, 4, 4)), "velocity"),
+        (lambda: scaling_and_squaring(torch.zeros(4, 4)), "velocity"),
+        (lambda: scaling_and_squaring(torch.zeros(1, 3, 4, 4, 4), steps=-1), "steps"),
+        (lambda: warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4, 4)), "image"),
+        (lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), mode="cubic"), "mode"),
+        (lambda: compose(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 5, 4, 4)), "outer"),
+    ],
+)
+def test_bad_input_names_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
