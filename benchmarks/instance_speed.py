@@ -38,6 +38,7 @@ from hybridreg.regularization import diffusion_energy, reference_scale
 from hybridreg.similarity import lncc
 from hybridreg.spatial import gaussian_smooth, resize_field, resize_image, scaling_and_squaring, warp
 from instance_opt import InstanceOptConfig, register_pair
+from instance_opt.solver import level_shape
 
 STEPS = ("integration", "warp", "lncc", "regularizer", "backward", "adam")
 
@@ -49,8 +50,8 @@ def _tensor(x):
 def time_level(f, m, spacing, cfg: InstanceOptConfig, level: int, uniform: bool, repeats: int) -> dict:
     """Median seconds of each step of one Adam iteration on pyramid level ``level``."""
     obj = cfg.objective
-    scale, cf = cfg.scales[level], cfg.control_factors()[level]
-    shape = tuple(max(4, round(n / scale)) for n in f.shape[2:])
+    cf = cfg.control_factors()[level]
+    shape = level_shape(f.shape[2:], spacing, cfg.level_spacing[level])
     control = tuple(max(4, round(n / cf)) for n in shape)
     h = tuple(hh * n / s for hh, n, s in zip(spacing, f.shape[2:], shape))
     fl, ml = resize_image(f, shape), resize_image(m, shape)
@@ -100,12 +101,12 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     res = register_pair(f, m, cfg, spacing=fs.spacing)
     total = time.perf_counter() - t0
     levels = [
-        {"scale": h.scale, "shape": list(h.shape), "control": list(h.control_shape), "iterations": h.iterations,
+        {"spacing_mm": h.spacing[0], "shape": list(h.shape), "control": list(h.control_shape), "iterations": h.iterations,
          "seconds": h.seconds, "seconds_per_iteration": h.seconds_per_iteration}
         for h in res.history
     ]
     steps = []
-    for lev in range(len(cfg.scales)):
+    for lev in range(len(cfg.level_spacing)):
         vox = time_level(f, m, fs.spacing, cfg, lev, uniform=False, repeats=repeats)
         uni = time_level(f, m, fs.spacing, cfg, lev, uniform=True, repeats=repeats)
         steps.append({"voxelwise": vox, "uniform": uni})
@@ -130,7 +131,7 @@ def to_markdown(results: list[dict]) -> str:
                   f"Whole registration: **{r['registration_seconds']:.1f} s**, peak RSS **{r['peak_rss_mb']:.0f} MB**.", "",
                   "| level | grid | control grid | iterations | level s | s / iteration |", "|---|---|---|---|---|---|"]
         for i, lv in enumerate(r["levels"]):
-            lines.append(f"| {i + 1} (÷{lv['scale']}) | {'×'.join(map(str, lv['shape']))} | {'×'.join(map(str, lv['control']))} | "
+            lines.append(f"| {i + 1} ({lv['spacing_mm']:g} mm) | {'×'.join(map(str, lv['shape']))} | {'×'.join(map(str, lv['control']))} | "
                          f"{lv['iterations']} | {lv['seconds']:.2f} | {lv['seconds_per_iteration']:.3f} |")
         lines += ["", "Median seconds per iteration by step (share of the iteration), voxelwise λ; last column: "
                   "voxelwise / uniform-λ baseline total, measured in the same process.", "",

@@ -165,7 +165,7 @@ def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = T
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix=suffix)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
+        sitk.WriteImage(image, tmp, compress, 1)  # fast zlib level: outputs are written once per run
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -143,7 +143,13 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
         if not ma.any() or not mb.any():
             out[lab] = float("inf")
             continue
-        dab, dba = _surface_distances(ma, mb, sp)
+        # crop to the pair's bounding box (+1 voxel): every surface voxel and nearest
+        # surface point lies inside it, and the distance maps cost far less
+        box = np.argwhere(ma | mb)
+        lo = np.maximum(box.min(0) - 1, 0)
+        hi = box.max(0) + 2
+        crop = tuple(slice(a_, b_) for a_, b_ in zip(lo, hi))
+        dab, dba = _surface_distances(ma[crop], mb[crop], sp)
         out[lab] = float(max(np.percentile(dab, percentile), np.percentile(dba, percentile)))
     return out
 

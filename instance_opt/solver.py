@@ -31,9 +31,15 @@ class InstanceOptConfig:
     """Settings of the instance optimizer (method §2.1).
 
     Attributes:
-        objective: the energy's hyperparameters.
-        scales: down-sampling factor of each pyramid level, coarse to fine (e.g. 4, 2, 1).
-        iterations: maximum Adam iterations per level (same length as ``scales``).
+        objective: the energy's hyperparameters. The solver's default uses ``w_reg = 4`` and
+            5 squarings: on the bundled 1 mm pair 5 and 7 squarings gave the same Dice and
+            SDlogJ (velocities on the 2 mm grid stay small), 5 is 20% faster.
+        level_spacing: voxel size (mm) of each pyramid level, coarse to fine. A level finer
+            than the image runs on the image grid, so the same schedule serves 1 mm and
+            2 mm inputs (the default ends at 2 mm: a 1 mm image is registered with the
+            velocity on a 2 mm grid and the displacement up-sampled; add a ``1.0`` level
+            for full resolution at about 3 s per iteration on 2 CPU cores).
+        iterations: maximum Adam iterations per level (same length as ``level_spacing``).
         control_factor: velocity/λ grid = level grid / this factor, per level (1 = the
             level's own grid). A single value applies to every level.
         lr: Adam learning rate of the velocity (voxels of the control grid per step).
@@ -52,15 +58,15 @@ class InstanceOptConfig:
         progress: show tqdm progress bars.
     """
 
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    scales: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (150, 100, 50)
-    control_factor: tuple[int, ...] = (1, 1, 2)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(w_reg=4.0, svf_steps=5))
+    level_spacing: tuple[float, ...] = (8.0, 4.0, 2.0)
+    iterations: tuple[int, ...] = (200, 150, 30)
+    control_factor: tuple[int, ...] = (1,)
     lr: float = 0.5
     lr_lambda: float = 0.05
     lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
     lambda_init: float = 0.5
-    velocity_smoothing: float = 1.0
+    velocity_smoothing: float = 1.5
     tol: float = 1e-4
     window: int = 10
     min_iterations: int = 20
@@ -71,14 +77,13 @@ class InstanceOptConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"InstanceOptConfig: `{name}` {why}, got {getattr(self, name)!r}")
 
-        if not self.scales or any(not isinstance(s, int) or s < 1 for s in self.scales):
-            raise bad("scales", "must be a non-empty list of ints >= 1")
-        if len(self.iterations) != len(self.scales) or any(not isinstance(i, int) or i < 0 for i in self.iterations):
-            raise bad("iterations", f"must list {len(self.scales)} ints >= 0 (one per scale)")
-        if len(self.control_factor) not in (1, len(self.scales)) or any(
-            not isinstance(c, int) or c < 1 for c in self.control_factor
-        ):
-            raise bad("control_factor", f"must list 1 or {len(self.scales)} ints >= 1")
+        n = len(self.level_spacing)
+        if not n or any(not (s > 0) or math.isinf(s) for s in self.level_spacing):
+            raise bad("level_spacing", "must be a non-empty list of positive voxel sizes (mm)")
+        if len(self.iterations) != n or any(not isinstance(i, int) or i < 0 for i in self.iterations):
+            raise bad("iterations", f"must list {n} ints >= 0 (one per level)")
+        if len(self.control_factor) not in (1, n) or any(not isinstance(c, int) or c < 1 for c in self.control_factor):
+            raise bad("control_factor", f"must list 1 or {n} ints >= 1")
         if not (self.velocity_smoothing >= 0) or math.isinf(self.velocity_smoothing):
             raise bad("velocity_smoothing", "must be a finite number >= 0")
         for name in ("lr", "lr_lambda", "lambda_init"):
@@ -96,7 +101,7 @@ class InstanceOptConfig:
 
     def control_factors(self) -> tuple[int, ...]:
         cf = self.control_factor
-        return cf * len(self.scales) if len(cf) == 1 else cf
+        return cf * len(self.level_spacing) if len(cf) == 1 else cf
 
 
 @dataclass
@@ -122,13 +127,14 @@ class LevelHistory:
     """Loss history of one pyramid level.
 
     Attributes:
-        scale: down-sampling factor. shape: level image grid. control_shape: velocity grid.
+        spacing: voxel size of the level (mm per axis). shape: level image grid.
+        control_shape: velocity grid.
         terms: per-iteration values of every :class:`EnergyTerms` field.
         iterations: iterations run. status: ``"converged"`` or ``"max_iterations"``.
         seconds: wall time of the level. seconds_per_iteration: its mean per iteration.
     """
 
-    scale: int
+    spacing: tuple[float, ...]
     shape: tuple[int, ...]
     control_shape: tuple[int, ...]
     terms: dict[str, list[float]]
@@ -191,8 +197,10 @@ def _check_images(fixed: torch.Tensor, moving: torch.Tensor) -> None:
         )
 
 
-def _level_shape(spatial: Sequence[int], factor: int) -> tuple[int, ...]:
-    return tuple(max(4, int(round(n / factor))) for n in spatial)
+def level_shape(spatial: Sequence[int], spacing: Sequence[float], level_spacing: float) -> tuple[int, ...]:
+    """Grid of a pyramid level with voxels of ``level_spacing`` mm (never finer than the
+    image), covering the image's extent."""
+    return tuple(max(4, int(round(n * h / max(level_spacing, h)))) for n, h in zip(spatial, spacing))
 
 
 def register_pair(
@@ -254,8 +262,9 @@ def register_pair(
     history: list[LevelHistory] = []
     t_start = time.perf_counter()
     names = EnergyTerms._fields
-    for level, (scale, n_iter, cf) in enumerate(zip(cfg.scales, cfg.iterations, cfg.control_factors())):
-        shape = _level_shape(spatial, scale)
+    n_levels = len(cfg.level_spacing)
+    for level, (lev_mm, n_iter, cf) in enumerate(zip(cfg.level_spacing, cfg.iterations, cfg.control_factors())):
+        shape = level_shape(spatial, h, lev_mm)
         control = tuple(max(4, int(round(n / cf))) for n in shape)
         level_h = tuple(hh * n / m for hh, n, m in zip(h, spatial, shape))
         f_l = resize_image(fixed, shape)
@@ -284,7 +293,7 @@ def register_pair(
         t_level = time.perf_counter()
         bar = tqdm(
             range(n_iter),
-            desc=f"level {level + 1}/{len(cfg.scales)} {'x'.join(map(str, shape))}",
+            desc=f"level {level + 1}/{n_levels} {'x'.join(map(str, shape))}",
             disable=not cfg.progress,
             leave=False,
             dynamic_ncols=True,
@@ -311,7 +320,7 @@ def register_pair(
         bar.close()
         history.append(
             LevelHistory(
-                scale=scale,
+                spacing=level_h,
                 shape=shape,
                 control_shape=control,
                 terms={k: torch.stack(log[k]).tolist() if log[k] else [] for k in names},

@@ -27,7 +27,7 @@ def pair():
 @pytest.fixture(scope="module")
 def quick_result(pair):
     f, m = pair
-    cfg = InstanceOptConfig(scales=(4, 2), iterations=(60, 40), control_factor=(1,), progress=False)
+    cfg = InstanceOptConfig(level_spacing=(8.0, 4.0), iterations=(60, 40), progress=False)
     return register_pair(tensor(f.image), tensor(m.image), cfg, spacing=f.spacing)
 
 
@@ -60,7 +60,7 @@ def test_final_terms_are_the_shared_objective(pair, quick_result):
 
 def test_uniform_lambda_baseline_same_code_path(pair):
     f, m = pair
-    cfg = InstanceOptConfig(scales=(4,), iterations=(15,), lambda_mode="uniform", lambda_init=1.0, progress=False)
+    cfg = InstanceOptConfig(level_spacing=(8.0,), iterations=(15,), lambda_mode="uniform", lambda_init=1.0, progress=False)
     r = register_pair(tensor(f.image), tensor(m.image), cfg, spacing=f.spacing)
     assert r.lam.shape == (1, 1, 1, 1, 1) and float(r.lam) == 1.0
     assert r.final_terms["hyperprior"] == 0.0
@@ -71,7 +71,7 @@ def test_device_and_dtype_follow_request(device):
     torch.manual_seed(0)
     f = torch.rand(1, 1, 16, 16, 16, dtype=torch.float64)
     m = torch.roll(f, 1, dims=2)
-    cfg = InstanceOptConfig(scales=(2, 1), iterations=(3, 3), progress=False)
+    cfg = InstanceOptConfig(level_spacing=(2.0, 1.0), iterations=(3, 3), progress=False)
     r = register_pair(f, m, cfg, device=device)
     assert r.displacement.device.type == device and r.displacement.dtype == torch.float64
 
@@ -80,7 +80,7 @@ def test_2d_registration_recovers_a_shift():
     y, x = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
     f = torch.exp(-((y - 24) ** 2 + (x - 24) ** 2) / 60.0)[None, None]
     m = torch.exp(-((y - 26) ** 2 + (x - 23) ** 2) / 60.0)[None, None]
-    cfg = InstanceOptConfig(scales=(2, 1), iterations=(80, 40), objective=ObjectiveConfig(similarity="mse", w_reg=0.01), progress=False)
+    cfg = InstanceOptConfig(level_spacing=(2.0, 1.0), iterations=(80, 40), objective=ObjectiveConfig(similarity="mse", w_reg=0.01), progress=False)
     r = register_pair(f, m, cfg)
     u = r.displacement[0, :, 20:28, 20:28].mean(dim=(1, 2))
     assert torch.allclose(u, torch.tensor([2.0, -1.0]), atol=0.3)
@@ -89,7 +89,7 @@ def test_2d_registration_recovers_a_shift():
 def test_init_velocity_is_used():
     f = torch.rand(1, 1, 12, 12, 12)
     v0 = torch.full((1, 3, 6, 6, 6), 0.5)
-    cfg = InstanceOptConfig(scales=(1,), iterations=(0,), velocity_smoothing=0.0, progress=False)
+    cfg = InstanceOptConfig(level_spacing=(1.0,), iterations=(0,), velocity_smoothing=0.0, progress=False)
     r = register_pair(f, f, cfg, init_velocity=v0)
     assert torch.allclose(r.displacement, torch.full_like(r.displacement, 1.0), atol=1e-5)  # 0.5 coarse voxels = 1 fine voxel
 
@@ -103,8 +103,8 @@ def test_relative_change_stopping():
 
 @pytest.mark.parametrize(
     "data_,name",
-    [({"scales": [4, 2], "iterations": [10]}, "iterations"), ({"lr": -1}, "lr"), ({"lambda_mode": "patchwise"}, "lambda_mode"),
-     ({"objective": {"w_reg": "a lot"}}, "w_reg"), ({"objective": {"typo": 1}}, "typo"), ({"scales": [0]}, "scales"),
+    [({"level_spacing": [4, 2], "iterations": [10]}, "iterations"), ({"lr": -1}, "lr"), ({"lambda_mode": "patchwise"}, "lambda_mode"),
+     ({"objective": {"w_reg": "a lot"}}, "w_reg"), ({"objective": {"typo": 1}}, "typo"), ({"level_spacing": [0]}, "level_spacing"),
      ({"lambda_init": 1.5}, "lambda_init"), ({"velocity_smoothing": -1.0}, "velocity_smoothing")],
 )
 def test_config_errors_name_the_key(data_, name):
