@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .regularization import check_spacing
+from .regularization import check_spacing, edge_density
 from .similarity import reduce_map
 
 __all__ = [
@@ -156,20 +156,9 @@ def grid_smoothness(
     h = check_spacing(spacing, d, fn="grid_smoothness")
     if weights is not None and len(weights) != d:
         raise ValueError(f"grid_smoothness(): `weights` must hold {d} tensors, got {len(weights)}")
-    density = torch.zeros_like(lam)
-    for k in range(d):
-        dim = k + 2
-        n = lam.shape[dim]
-        if n < 2:
-            continue
-        diff = lam.narrow(dim, 1, n - 1) - lam.narrow(dim, 0, n - 1)
-        sq = diff * diff / (h[k] * h[k])
-        if weights is not None:
-            sq = sq * weights[k]
-        pad_shape = list(sq.shape)
-        pad_shape[dim] = 1
-        density = density + torch.cat([sq.new_zeros(pad_shape), sq], dim=dim)
-    return reduce_map(0.5 * density, reduction, fn="grid_smoothness")
+    if lam.shape[1] != 1:
+        raise ValueError(f"grid_smoothness(): `lam` must be (B, 1, *spatial), got {tuple(lam.shape)}")
+    return reduce_map(edge_density(lam, h, weights), reduction, fn="grid_smoothness")
 
 
 def keops_build_folder() -> Path:

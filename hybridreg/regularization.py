@@ -15,7 +15,7 @@ import torch
 from .similarity import reduce_map
 from .spatial import check_field
 
-__all__ = ["diffusion_energy", "reference_scale", "check_spacing"]
+__all__ = ["diffusion_energy", "reference_scale", "check_spacing", "edge_density"]
 
 
 def check_spacing(spacing: Sequence[float] | None, d: int, *, fn: str) -> tuple[float, ...]:
@@ -45,6 +45,38 @@ def _check_lambda(lam: torch.Tensor, like: torch.Tensor, fn: str) -> None:
                 f"{fn}(): `lam` spatial shape {tuple(lam.shape[2:])} does not match the field's"
                 f" {tuple(like.shape[2:])} (use a full map or size-1 axes for a uniform λ)"
             )
+
+
+def edge_density(x: torch.Tensor, spacing: Sequence[float], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """``½ Σ_k w_k(x) ‖x(p) − x(p − e_k)‖² / h_k²`` per voxel, summed over channels.
+
+    The backward-edge energy density of a graph Laplacian on the face-neighbour grid: the
+    edge between ``p − e_k`` and ``p`` is charged to ``p`` (the first slice of each axis has
+    no backward edge and gets 0). Its sum is ``½ xᵀ L_w x`` per channel.
+
+    Args:
+        x: ``(B, C, *spatial)``. spacing: ``h`` per axis (mm).
+        weights: optional per-axis edge weights, each ``(B, 1, *spatial)`` with size
+            ``n_k − 1`` along axis ``k`` (see :func:`hybridreg.priors.edge_weights`).
+
+    Returns:
+        ``(B, 1, *spatial)`` density.
+    """
+    d = x.dim() - 2
+    density = x.new_zeros((x.shape[0], 1, *x.shape[2:]))
+    for k in range(d):
+        dim = k + 2
+        n = x.shape[dim]
+        if n < 2:
+            continue
+        diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
+        sq = (diff * diff).sum(dim=1, keepdim=True) / (spacing[k] * spacing[k])
+        if weights is not None:
+            sq = sq * weights[k]
+        pad_shape = list(sq.shape)
+        pad_shape[dim] = 1
+        density = density + torch.cat([sq.new_zeros(pad_shape), sq], dim=dim)
+    return 0.5 * density
 
 
 def diffusion_energy(
@@ -79,19 +111,7 @@ def diffusion_energy(
     if lam is not None:
         _check_lambda(lam, disp, "diffusion_energy")
     hc = torch.tensor(h, dtype=disp.dtype, device=disp.device).view(1, d, *([1] * d))
-    u_mm = disp * hc
-    density = disp.new_zeros((disp.shape[0], 1, *disp.shape[2:]))
-    for k in range(d):
-        dim = k + 2
-        n = disp.shape[dim]
-        if n < 2:
-            continue
-        diff = u_mm.narrow(dim, 1, n - 1) - u_mm.narrow(dim, 0, n - 1)
-        sq = (diff * diff).sum(dim=1, keepdim=True) / (h[k] * h[k])
-        pad_shape = list(sq.shape)
-        pad_shape[dim] = 1
-        density = density + torch.cat([sq.new_zeros(pad_shape), sq], dim=dim)
-    density = 0.5 * density
+    density = edge_density(disp * hc, h)
     if lam is not None:
         density = density * lam
     return reduce_map(density, reduction, fn="diffusion_energy")
