@@ -15,6 +15,7 @@ from hybridreg.priors import (
     nonlocal_smoothness,
     normal_hyperprior,
     param_from_lambda,
+    paint_regions,
 )
 from hybridreg.regularization import diffusion_energy, reference_scale
 from hybridreg.similarity import box_mean, lncc, mse
@@ -200,3 +201,32 @@ def test_objective_terms_and_grids():
 def test_objective_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ObjectiveConfig(**kwargs)
+
+
+def test_nonlocal_smoothness_inside_the_objective():
+    torch.manual_seed(0)
+    f = torch.rand(1, 1, 16, 16, 16, dtype=torch.float64)
+    v = torch.zeros(1, 3, 16, 16, 16, dtype=torch.float64)
+    lam = (torch.rand(1, 1, 16, 16, 16, dtype=torch.float64) * 0.5 + 0.25).requires_grad_()
+    cfg = ObjectiveConfig(lambda_smoothness="nonlocal", w_smooth=1.0, smooth_node_factor=4, smooth_sigma_space=8.0)
+    t = evaluate(f, f, v, lam, cfg, (1.0, 1.0, 1.0)).terms
+    assert float(t.lambda_smoothness.detach()) > 0
+    t.total.backward()
+    assert lam.grad is not None and float(lam.grad.abs().sum()) > 0
+    # a constant λ has zero smoothness energy
+    const = torch.full_like(lam, 0.5)
+    assert float(evaluate(f, f, v, const, cfg, (1.0, 1.0, 1.0)).terms.lambda_smoothness) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paint_regions():
+    labels = torch.zeros(1, 1, 6, 6, 6, dtype=torch.int64)
+    labels[..., :3] = 2
+    labels[..., 3:] = 41
+    lam = paint_regions(labels, {2: 0.2, 41: 0.8})
+    assert float(lam[..., 0].mean()) == pytest.approx(0.2) and float(lam[..., 5].mean()) == pytest.approx(0.8)
+    smooth = paint_regions(labels, {2: 0.2, 41: 0.8}, smooth_sigma=0.8)
+    assert 0.2 < float(smooth[0, 0, 3, 3, 2]) < float(smooth[0, 0, 3, 3, 3]) < 0.8
+    with pytest.raises(ValueError, match="labels"):
+        paint_regions(labels.float(), {2: 0.2})
+    with pytest.raises(ValueError, match="values"):
+        paint_regions(labels, {2: -1.0})
