@@ -60,7 +60,7 @@ class InstanceOptConfig:
 
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(w_reg=4.0, svf_steps=5))
     level_spacing: tuple[float, ...] = (8.0, 4.0, 2.0)
-    iterations: tuple[int, ...] = (200, 150, 30)
+    iterations: tuple[int, ...] = (200, 120, 30)
     control_factor: tuple[int, ...] = (1,)
     lr: float = 0.5
     lr_lambda: float = 0.05

@@ -1,0 +1,182 @@
+"""Registration network with a λ head: ``g(fixed, moving) → (velocity, λ)`` (method §2.2).
+
+The backbone is pluggable (:data:`BACKBONES`); the default is a VoxelMorph-like 3D/2D U-Net.
+Two heads read the decoder's last features: a velocity head (a convolution initialised
+near zero, so training starts at the identity) and the λ head of the reference
+(conv3 16→48, conv3 48→48 with instance norm and LeakyReLU, conv3 48→1, then sigmoid
+under the beta hyperprior or softplus under the normal one, clamped as in
+:data:`hybridreg.priors.LAMBDA_BOUNDS`).
+
+The network may run on a down-sampled grid (``resolution_factor = 2`` halves every axis, as
+TM-SPR does). Its outputs are then on that grid: the velocity in voxels of that grid, which
+:func:`hybridreg.objective.evaluate` integrates there (the control grid) and up-samples,
+exactly like the instance optimizer's control grid; λ likewise. The training loss is
+:func:`hybridreg.objective.evaluate` and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridreg.priors import LAMBDA_BOUNDS, lambda_from_param
+from hybridreg.spatial import resize_image
+
+__all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "LambdaHead", "RegistrationNetwork", "BACKBONES"]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of :class:`RegistrationNetwork`.
+
+    Attributes:
+        ndim: 2 or 3 spatial dimensions.
+        backbone: key of :data:`BACKBONES`.
+        encoder: channels of the encoder stages (each halves the grid).
+        decoder: channels of the decoder stages (the last is the feature width the heads read).
+        lambda_prior: ``"beta"`` (sigmoid) or ``"normal"`` (softplus) λ head.
+        lambda_channels: hidden width of the λ head (48 in the reference).
+        resolution_factor: the network runs on the image grid divided by this (1 or 2).
+    """
+
+    ndim: int = 3
+    backbone: str = "unet"
+    encoder: tuple[int, ...] = (16, 32, 32, 32)
+    decoder: tuple[int, ...] = (32, 32, 32, 16)
+    lambda_prior: Literal["beta", "normal"] = "beta"
+    lambda_channels: int = 48
+    resolution_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.ndim not in (2, 3):
+            raise ValueError(f"NetworkConfig: `ndim` must be 2 or 3, got {self.ndim!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"NetworkConfig: `backbone` must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
+        if not self.encoder or len(self.decoder) != len(self.encoder) or any(c < 1 for c in self.encoder + self.decoder):
+            raise ValueError("NetworkConfig: `encoder` and `decoder` must be non-empty lists of positive ints of equal length")
+        if self.lambda_prior not in LAMBDA_BOUNDS:
+            raise ValueError(f"NetworkConfig: `lambda_prior` must be 'beta' or 'normal', got {self.lambda_prior!r}")
+        if self.resolution_factor not in (1, 2):
+            raise ValueError(f"NetworkConfig: `resolution_factor` must be 1 or 2, got {self.resolution_factor!r}")
+
+
+class NetOutput(NamedTuple):
+    """Network outputs on the network's grid (the control grid of the objective).
+
+    velocity: ``(B, d, *grid)`` SVF in voxels of that grid. lam: ``(B, 1, *grid)`` λ.
+    """
+
+    velocity: torch.Tensor
+    lam: torch.Tensor
+
+
+def _conv(ndim: int):
+    return nn.Conv3d if ndim == 3 else nn.Conv2d
+
+
+def _norm(ndim: int):
+    return nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
+
+
+class _Block(nn.Sequential):
+    def __init__(self, ndim: int, cin: int, cout: int, stride: int = 1):
+        super().__init__(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+class UNetBackbone(nn.Module):
+    """VoxelMorph-like U-Net: strided-conv encoder, up-sampling decoder with skip
+    connections, full-resolution output features of ``decoder[-1]`` channels."""
+
+    def __init__(self, cfg: NetworkConfig, in_channels: int = 2):
+        super().__init__()
+        nd = cfg.ndim
+        self.inc = _Block(nd, in_channels, cfg.encoder[0])
+        self.down = nn.ModuleList(
+            _Block(nd, cfg.encoder[i], cfg.encoder[i + 1], stride=2) for i in range(len(cfg.encoder) - 1)
+        )
+        self.up = nn.ModuleList()
+        ch = cfg.encoder[-1]
+        for i in range(len(cfg.encoder) - 1):
+            skip = cfg.encoder[-2 - i]
+            self.up.append(_Block(nd, ch + skip, cfg.decoder[i]))
+            ch = cfg.decoder[i]
+        self.out = _Block(nd, ch, cfg.decoder[-1])
+        self.out_channels = cfg.decoder[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for layer in self.down:
+            skips.append(layer(skips[-1]))
+        h = skips.pop()
+        mode = "trilinear" if h.dim() == 5 else "bilinear"
+        for layer in self.up:
+            s = skips.pop()
+            h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
+            h = layer(torch.cat([h, s], dim=1))
+        return self.out(h)
+
+
+BACKBONES = {"unet": UNetBackbone}
+"""Backbone name → class taking ``(NetworkConfig, in_channels)`` and exposing ``out_channels``."""
+
+
+class LambdaHead(nn.Module):
+    """λ head of the reference (method §2.2): conv3 C→48, conv3 48→48 + norm + LeakyReLU,
+    conv3 48→1, then sigmoid (beta) or softplus (normal), clamped."""
+
+    def __init__(self, ndim: int, cin: int, hidden: int, prior: str):
+        super().__init__()
+        conv = _conv(ndim)
+        self.body = nn.Sequential(
+            conv(cin, hidden, 3, padding=1),
+            conv(hidden, hidden, 3, padding=1),
+            _norm(ndim)(hidden),
+            nn.LeakyReLU(0.2),
+            conv(hidden, 1, 3, padding=1),
+        )
+        self.prior = prior
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return lambda_from_param(self.body(h), self.prior)
+
+
+class RegistrationNetwork(nn.Module):
+    """``g(fixed, moving) → NetOutput(velocity, λ)`` on the network grid (module docstring).
+
+    Args (forward):
+        fixed, moving: ``(B, 1, *spatial)`` images, intensities about [0, 1].
+
+    Returns:
+        :class:`NetOutput` on ``spatial / resolution_factor``.
+
+    Raises:
+        ValueError: images of different shapes or the wrong number of dimensions.
+    """
+
+    def __init__(self, config: NetworkConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or NetworkConfig()
+        self.backbone = BACKBONES[cfg.backbone](cfg, in_channels=2)
+        c = self.backbone.out_channels
+        self.velocity_head = _conv(cfg.ndim)(c, cfg.ndim, 3, padding=1)
+        nn.init.normal_(self.velocity_head.weight, std=1e-5)
+        nn.init.zeros_(self.velocity_head.bias)
+        self.lambda_head = LambdaHead(cfg.ndim, c, cfg.lambda_channels, cfg.lambda_prior)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> NetOutput:
+        nd = self.config.ndim
+        for name, t in (("fixed", fixed), ("moving", moving)):
+            if t.dim() != nd + 2 or t.shape[1] != 1:
+                raise ValueError(f"RegistrationNetwork: `{name}` must be (B, 1, *spatial) with {nd} spatial dims, got {tuple(t.shape)}")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"RegistrationNetwork: `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ")
+        x = torch.cat([fixed, moving], dim=1)
+        f = self.config.resolution_factor
+        if f > 1:
+            x = resize_image(x, [max(4, n // f) for n in x.shape[2:]])
+        h = self.backbone(x)
+        return NetOutput(self.velocity_head(h), self.lambda_head(h))
