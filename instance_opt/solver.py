@@ -54,7 +54,6 @@ class InstanceOptConfig:
             ``window`` iterations, against the ``window`` before, is below ``tol``.
         window: iterations per window of the stopping rule (also the logging period).
         min_iterations: never stop a level before this many iterations.
-        seed: torch seed (used for nothing random today; kept for reproducible configs).
         progress: show tqdm progress bars.
     """
 
@@ -70,7 +69,6 @@ class InstanceOptConfig:
     tol: float = 1e-4
     window: int = 10
     min_iterations: int = 20
-    seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
