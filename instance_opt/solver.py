@@ -50,6 +50,8 @@ class InstanceOptConfig:
             velocity, ``v = G_σ * w``, with Adam on ``w``. This is a preconditioner (as the
             gradient smoothing of FireANTs): the energy minimised is unchanged, but Adam's
             per-voxel steps no longer inject high frequencies. 0 disables it.
+        lr_final_fraction: both learning rates decay linearly within each level to this
+            fraction of their value at the level's last iteration (1 = constant).
         tol: stop a level when the relative decrease of the mean loss over the last
             ``window`` iterations, against the ``window`` before, is below ``tol``.
         window: iterations per window of the stopping rule (also the logging period).
@@ -66,6 +68,7 @@ class InstanceOptConfig:
     lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
     lambda_init: float = 0.5
     velocity_smoothing: float = 1.5
+    lr_final_fraction: float = 1.0
     tol: float = 1e-4
     window: int = 10
     min_iterations: int = 20
@@ -90,6 +93,8 @@ class InstanceOptConfig:
                 raise bad(name, "must be a finite number > 0")
         if self.lambda_mode not in ("voxelwise", "uniform"):
             raise bad("lambda_mode", "must be 'voxelwise' or 'uniform'")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise bad("lr_final_fraction", "must be in (0, 1]")
         if not (self.tol >= 0):
             raise bad("tol", "must be >= 0")
         if not isinstance(self.window, int) or self.window < 1:
@@ -285,6 +290,8 @@ def register_pair(
             th.requires_grad_(True)
             params.append({"params": [th], "lr": cfg.lr_lambda})
         opt = torch.optim.Adam(params)
+        frac = cfg.lr_final_fraction
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - frac) * i / max(n_iter - 1, 1))
         log: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         totals: list[float] = []
         status = "max_iterations"
@@ -303,6 +310,7 @@ def register_pair(
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             opt.step()
+            sched.step()
             for k in names:
                 log[k].append(getattr(terms, k).detach())
             if (it + 1) % cfg.window == 0:

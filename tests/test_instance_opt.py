@@ -105,7 +105,8 @@ def test_relative_change_stopping():
     "data_,name",
     [({"level_spacing": [4, 2], "iterations": [10]}, "iterations"), ({"lr": -1}, "lr"), ({"lambda_mode": "patchwise"}, "lambda_mode"),
      ({"objective": {"w_reg": "a lot"}}, "w_reg"), ({"objective": {"typo": 1}}, "typo"), ({"level_spacing": [0]}, "level_spacing"),
-     ({"lambda_init": 1.5}, "lambda_init"), ({"velocity_smoothing": -1.0}, "velocity_smoothing")],
+     ({"lambda_init": 1.5}, "lambda_init"), ({"velocity_smoothing": -1.0}, "velocity_smoothing"),
+     ({"lr_final_fraction": 0.0}, "lr_final_fraction")],
 )
 def test_config_errors_name_the_key(data_, name):
     with pytest.raises(ValueError, match=name):
