@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import atomic_write_text, from_dict, load_yaml, to_dict
+from .config import atomic_write_text, dump_yaml, load_yaml, to_dict
 from .io import (
     Geometry,
     check_same_grid,
@@ -218,7 +218,6 @@ def register_files(
             title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
         registration_figure(stage / "figure.png", normalize_intensity(f_arr), normalize_intensity(m_arr),
                             normalize_intensity(warped_t), lam_np, disp_np, jac_np, spacing, title=title)
-        from .config import dump_yaml
 
         dump_yaml(cfg, stage / "config.yaml")
         metrics["seconds"]["writing"] = time.perf_counter() - t_write

@@ -16,7 +16,7 @@ exactly like the instance optimizer's control grid; λ likewise. The training lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch

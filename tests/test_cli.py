@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from hybridreg import data
 from hybridreg.cli import OUTPUT_FILES, main
-from hybridreg.io import Geometry, read_image, write_image
+from hybridreg.io import Geometry, write_image
 
 QUICK = "level_spacing: [8, 4]\niterations: [30, 20]\n"
 
