@@ -38,7 +38,7 @@ from hybridreg.regularization import diffusion_energy, reference_scale
 from hybridreg.similarity import lncc
 from hybridreg.spatial import gaussian_smooth, resize_field, resize_image, scaling_and_squaring, warp
 from instance_opt import InstanceOptConfig, register_pair
-from instance_opt.solver import level_shape
+from instance_opt.solver import level_grids
 
 STEPS = ("integration", "warp", "lncc", "regularizer", "backward", "adam")
 
@@ -50,10 +50,7 @@ def _tensor(x):
 def time_level(f, m, spacing, cfg: InstanceOptConfig, level: int, uniform: bool, repeats: int) -> dict:
     """Median seconds of each step of one Adam iteration on pyramid level ``level``."""
     obj = cfg.objective
-    cf = cfg.control_factors()[level]
-    shape = level_shape(f.shape[2:], spacing, cfg.level_spacing[level])
-    control = tuple(max(4, round(n / cf)) for n in shape)
-    h = tuple(hh * n / s for hh, n, s in zip(spacing, f.shape[2:], shape))
+    shape, control, h = level_grids(f.shape[2:], spacing, cfg.level_spacing[level], cfg.control_factors()[level])
     fl, ml = resize_image(f, shape), resize_image(m, shape)
     gen = torch.Generator().manual_seed(0)
     w = (gaussian_smooth(torch.randn((1, 3) + control, generator=gen), 3.0) * 3.0).requires_grad_()

@@ -6,16 +6,17 @@ key path (e.g. ``config.objective.w_reg``), so a typo in a YAML file is never ig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any, Type, TypeVar
+from typing import Any, Iterator, Type, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "dump_yaml", "atomic_write_text"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "dump_yaml", "atomic_output", "atomic_write_text"]
 
 T = TypeVar("T")
 
@@ -118,17 +119,27 @@ def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> 
     return from_dict(cls, data, where=arg)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffixes, so writers that pick the
+    format from the name still work); on success it is renamed onto ``path``, on any error
+    it is removed. Every file the toolkit writes goes through here, so a failed or killed
+    run never leaves a half-written file under the final name."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix="".join(p.suffixes) or ".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        yield Path(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def dump_yaml(obj: Any, path: str | os.PathLike) -> None:

@@ -16,12 +16,13 @@ All writes are atomic (temporary file in the same folder, then rename).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .config import atomic_output
 
 __all__ = [
     "Geometry",
@@ -159,16 +160,8 @@ def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float
 
 
 def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    p = Path(path)
-    suffix = "".join(p.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix=suffix)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress, 1)  # fast zlib level: outputs are written once per run
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress, 1)  # fast zlib level: outputs are written once per run
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .regularization import check_spacing, edge_density
 from .similarity import reduce_map
+from .spatial import gaussian_smooth
 
 __all__ = [
     "LAMBDA_BOUNDS",
@@ -241,7 +242,6 @@ def nonlocal_smoothness(
     return reduce_map(torch.cat(out, dim=0), reduction, fn="nonlocal_smoothness")
 
 
-
 def paint_regions(
     labels: torch.Tensor,
     values: dict[int, float],
@@ -272,7 +272,5 @@ def paint_regions(
     for k, v in values.items():
         lam = torch.where(labels == int(k), torch.as_tensor(float(v), dtype=dtype, device=labels.device), lam)
     if smooth_sigma > 0:
-        from .spatial import gaussian_smooth
-
         lam = gaussian_smooth(lam, smooth_sigma)
     return lam

@@ -200,10 +200,19 @@ def _check_images(fixed: torch.Tensor, moving: torch.Tensor) -> None:
         )
 
 
-def level_shape(spatial: Sequence[int], spacing: Sequence[float], level_spacing: float) -> tuple[int, ...]:
-    """Grid of a pyramid level with voxels of ``level_spacing`` mm (never finer than the
-    image), covering the image's extent."""
-    return tuple(max(4, int(round(n * h / max(level_spacing, h)))) for n, h in zip(spatial, spacing))
+def level_grids(
+    spatial: Sequence[int], spacing: Sequence[float], level_spacing: float, control_factor: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+    """Grids of one pyramid level: ``(shape, control_shape, level_voxel_size_mm)``.
+
+    The level grid has voxels of ``level_spacing`` mm (never finer than the image) over the
+    image's extent; the control grid (velocity and λ) is that grid divided by
+    ``control_factor``.
+    """
+    shape = tuple(max(4, int(round(n * h / max(level_spacing, h)))) for n, h in zip(spatial, spacing))
+    control = tuple(max(4, int(round(n / control_factor))) for n in shape)
+    level_h = tuple(h * n / m for h, n, m in zip(spacing, spatial, shape))
+    return shape, control, level_h
 
 
 def register_pair(
@@ -267,9 +276,7 @@ def register_pair(
     names = EnergyTerms._fields
     n_levels = len(cfg.level_spacing)
     for level, (lev_mm, n_iter, cf) in enumerate(zip(cfg.level_spacing, cfg.iterations, cfg.control_factors())):
-        shape = level_shape(spatial, h, lev_mm)
-        control = tuple(max(4, int(round(n / cf))) for n in shape)
-        level_h = tuple(hh * n / m for hh, n, m in zip(h, spatial, shape))
+        shape, control, level_h = level_grids(spatial, h, lev_mm, cf)
         f_l = resize_image(fixed, shape)
         m_l = resize_image(moving, shape)
         v = (

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from hybridreg.config import dump_yaml, to_dict
+from hybridreg.config import atomic_output, dump_yaml, to_dict
 from hybridreg.objective import ObjectiveConfig
 
 from .loss import network_energy
@@ -84,21 +83,15 @@ def _sample_pair(images: Sequence[torch.Tensor], atlas: torch.Tensor | None, cfg
     return fixed, moving
 
 
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
     cks = sorted(Path(run_dir).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     return cks[-1] if cks else None
-
-
-def _save(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train(
@@ -175,7 +168,7 @@ def train(
         with open(run / "log.csv", "a", newline="") as fh:
             csv.writer(fh).writerow([step + 1, sched.get_last_lr()[0], *(float(t.detach()) for t in terms)])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save(run / f"checkpoint_{step + 1}.pt", {
+            _save_checkpoint(run / f"checkpoint_{step + 1}.pt", {
                 "step": step + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "config": to_dict(cfg),
