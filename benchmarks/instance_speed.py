@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hybridreg import data
-from hybridreg.cli import normalize_intensity
+from hybridreg.io import normalize_intensity
 from hybridreg.objective import control_spacing
 from hybridreg.priors import lambda_from_param
 from hybridreg.regularization import diffusion_energy, reference_scale

@@ -32,6 +32,7 @@ from .config import atomic_write_text, dump_yaml, load_yaml, to_dict
 from .io import (
     Geometry,
     check_same_grid,
+    normalize_intensity,
     read_displacement,
     read_image,
     read_labels,
@@ -44,8 +45,12 @@ from .spatial import jacobian_determinant, warp
 
 __all__ = ["main", "register_files", "SOLVERS", "normalize_intensity"]
 
-SOLVERS = {"instance": "instance_opt"}
-"""Solver name → module providing ``register_pair`` and ``InstanceOptConfig``."""
+SOLVERS = {
+    "instance": ("instance_opt", "InstanceOptConfig", {}),
+    "learned": ("learned.solver", "LearnedConfig", {"refine": False}),
+    "learned+refine": ("learned.solver", "LearnedConfig", {"refine": True}),
+}
+"""Solver name → (module providing ``register_pair``, its config class, fixed config fields)."""
 
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
 
@@ -54,19 +59,31 @@ class CLIError(Exception):
     """An error the CLI reports in one line (bad input, bad config)."""
 
 
-def normalize_intensity(x: np.ndarray) -> np.ndarray:
-    """Map intensities to about [0, 1]: ``(x − min) / (P99.5 − min)`` with the percentile
-    taken over voxels above the minimum (the brain, for skull-stripped images)."""
-    lo = float(x.min())
-    fg = x[x > lo]
-    hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
-    return ((x - lo) / max(hi - lo, 1e-12)).astype(np.float32)
-
-
-def _solver(name: str):
+def _solver(name: str, config: str | os.PathLike | None, weights: str | None, progress: bool):
+    """Import solver ``name`` and build its config (from ``--config`` YAML if given)."""
     if name not in SOLVERS:
         raise CLIError(f"`--solver` must be one of {sorted(SOLVERS)}, got {name!r}")
-    return importlib.import_module(SOLVERS[name])
+    module, cls_name, fixed = SOLVERS[name]
+    mod = importlib.import_module(module)
+    cls = getattr(mod, cls_name)
+    cfg = load_yaml(config, cls, arg="--config") if config else cls()
+    if weights is not None:
+        if not hasattr(cfg, "weights"):
+            raise CLIError(f"`--weights` applies to the learned solvers, not to --solver {name}")
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"`--weights`: file not found: {weights}")
+        fixed = {**fixed, "weights": str(weights)}
+    return mod, replace(cfg, progress=progress, **fixed)
+
+
+def _device(device: str | None) -> torch.device:
+    try:
+        dev = torch.device(device) if device else torch.device("cpu")
+    except RuntimeError:
+        raise CLIError(f"`--device`: invalid device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("`--device`: CUDA was requested but torch.cuda.is_available() is False")
+    return dev
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -111,6 +128,7 @@ def register_files(
     config: str | os.PathLike | None = None,
     device: str | None = None,
     solver: str = "instance",
+    weights: str | None = None,
     eval_labels: str | None = None,
     progress: bool = True,
     hd95_metric: bool = True,
@@ -129,15 +147,8 @@ def register_files(
         NaNs, labels with nothing in common, invalid configs. Nothing is written then.
     """
     t_total = time.perf_counter()
-    mod = _solver(solver)
-    cfg = load_yaml(config, mod.InstanceOptConfig, arg="--config") if config else mod.InstanceOptConfig()
-    cfg = replace(cfg, progress=progress)
-    try:
-        dev = torch.device(device) if device else torch.device("cpu")
-    except RuntimeError:
-        raise CLIError(f"`--device`: invalid device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("`--device`: CUDA was requested but torch.cuda.is_available() is False")
+    mod, cfg = _solver(solver, config, weights, progress)
+    dev = _device(device)
 
     f_arr, f_geo = read_image(fixed, arg="FIXED")
     m_arr, m_geo = read_image(moving, arg="MOVING")
@@ -191,7 +202,7 @@ def register_files(
             "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
             "levels": [
                 {"spacing_mm": list(h.spacing), "shape": list(h.shape), "control_shape": list(h.control_shape), "iterations": h.iterations,
-                 "status": h.status, "seconds": h.seconds, "final_total": h.terms["total"][-1] if h.terms["total"] else None}
+                 "status": h.status, "seconds": h.seconds, "final_total": h.terms["total"][-1] if h.terms.get("total") else None}
                 for h in result.history
             ],
             "final_terms": result.final_terms,
@@ -250,6 +261,29 @@ def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: s
     write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)
 
 
+def train_command(args: argparse.Namespace) -> None:
+    """``hybridreg train``: load the data source and the config, then :func:`learned.train.train`.
+    With ``--resume`` and no ``--config`` the run's own ``config.yaml`` is used."""
+    train_mod = importlib.import_module("learned.train")
+    from .data.sources import load_dataset
+
+    out = Path(args.out)
+    cfg_path = args.config or (out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else None)
+    cfg = load_yaml(cfg_path, train_mod.TrainConfig, arg="--config") if cfg_path else train_mod.TrainConfig()
+    if args.resume and train_mod.latest_checkpoint(out) is None:
+        raise CLIError(f"`--resume`: {out} holds no checkpoint to resume from")
+    dev = _device(args.device)
+    data = load_dataset(args.data, args.spacing)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"hybridreg train: {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test subjects,"
+              f" grid {'x'.join(map(str, data.shape))} at {'x'.join(f'{s:g}' for s in data.spacing)} mm,"
+              f" atlas {'yes' if data.atlas is not None else 'no'}; {cfg.steps} steps -> {out}")
+    train_mod.train(cfg, data, out, resume=args.resume, device=dev, progress=not args.no_progress)
+    if rank == 0:
+        print(f"wrote {out}/: model_best.pt, model_final.pt, log.csv, validation.csv, history.json, training.png")
+
+
 def _print_summary(m: dict, out: Path) -> None:
     print(f"wrote {out}/: " + ", ".join(OUTPUT_FILES))
     if "dice_after" in m:
@@ -274,7 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-labels")
     r.add_argument("--config", help="YAML with `objective:` and solver keys (see README)")
     r.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    r.add_argument("--solver", default="instance", help="solver (instance)")
+    r.add_argument("--solver", default="instance", choices=sorted(SOLVERS),
+                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
+    r.add_argument("--weights", help="weight file for the learned solvers (default: the shipped bundled-data weights)")
     r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
     r.add_argument("--no-progress", action="store_true")
 
@@ -284,11 +320,22 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output image file (.nii.gz, .mha, .nrrd)")
     a.add_argument("--labels", action="store_true", help="IMAGE is a label map: nearest-neighbour interpolation")
 
+    t = sub.add_parser("train", help="train the learned solver (unsupervised) on a data source; torchrun-aware")
+    t.add_argument("--data", required=True, help="bundled, a .csv/.json manifest, or an OASIS / IXI (TransMorph) folder")
+    t.add_argument("--config", help="training YAML (learned.train.TrainConfig); defaults if omitted")
+    t.add_argument("--out", required=True, help="run folder (logs, checkpoints, weights)")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    t.add_argument("--spacing", type=float, nargs="+", help="resample the data to this voxel size in mm (one value or one per axis)")
+    t.add_argument("--device", help="cpu (default) or cuda")
+    t.add_argument("--no-progress", action="store_true")
+
     d = sub.add_parser("demo", help="register the bundled default pair (real T1 + another subject) with labels")
     d.add_argument("--out", default="hybridreg-demo", help="output folder (default ./hybridreg-demo)")
     d.add_argument("--resolution", type=int, default=2, choices=(1, 2), help="2 mm (default) or 1 mm")
     d.add_argument("--config")
     d.add_argument("--device")
+    d.add_argument("--solver", default="instance", choices=sorted(SOLVERS))
+    d.add_argument("--weights")
     d.add_argument("--no-progress", action="store_true")
     return p
 
@@ -299,11 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
                                moving_labels=args.moving_labels, config=args.config, device=args.device,
-                               solver=args.solver, eval_labels=args.eval_labels, progress=not args.no_progress)
+                               solver=args.solver, weights=args.weights, eval_labels=args.eval_labels, progress=not args.no_progress)
             _print_summary(m, Path(args.out))
         elif args.command == "apply":
             apply_file(args.displacement, args.image, args.out, labels=args.labels)
             print(f"wrote {args.out}")
+        elif args.command == "train":
+            train_command(args)
         elif args.command == "demo":
             from . import data
 
@@ -312,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hybridreg demo: registering bundled subject {mid} (moving) to {fid} (fixed, real T1) at {args.resolution} mm")
             m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
                                moving_labels=ms.labels_path, config=args.config, device=args.device,
-                               eval_labels="auto", progress=not args.no_progress)
+                               solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress)
             _print_summary(m, Path(args.out))
     except (CLIError, FileNotFoundError, ValueError) as e:
         print(f"hybridreg {args.command}: error: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ __all__ = [
     "read_displacement",
     "check_same_grid",
     "resample_with_field",
+    "normalize_intensity",
 ]
 
 
@@ -231,3 +232,12 @@ def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = 
     ref = reference.reference() if reference is not None else Geometry.of(field).reference()
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     return sitk.Resample(image, ref, tx, interp, 0.0, image.GetPixelID())
+
+
+def normalize_intensity(x: np.ndarray) -> np.ndarray:
+    """Map intensities to about [0, 1]: ``(x − min) / (P99.5 − min)`` with the percentile
+    taken over voxels above the minimum (the brain, for skull-stripped images)."""
+    lo = float(x.min())
+    fg = x[x > lo]
+    hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
+    return ((x - lo) / max(hi - lo, 1e-12)).astype(np.float32)

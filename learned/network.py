@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from hybridreg.priors import LAMBDA_BOUNDS, lambda_from_param
 from hybridreg.spatial import resize_image
 
-__all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "LambdaHead", "RegistrationNetwork", "BACKBONES"]
+__all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "SwinBackbone", "LambdaHead", "RegistrationNetwork", "BACKBONES"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class NetworkConfig:
         lambda_prior: ``"beta"`` (sigmoid) or ``"normal"`` (softplus) λ head.
         lambda_channels: hidden width of the λ head (48 in the reference).
         resolution_factor: the network runs on the image grid divided by this (1 or 2).
+        swin_embed_dim, swin_depths, swin_heads, swin_window: the ``"swin"`` backbone's
+            Swin-transformer encoder (MONAI ``SwinTransformer``: patch size 2, four stages,
+            so ``swin_depths`` and ``swin_heads`` have 4 entries and ``decoder`` 5).
     """
 
     ndim: int = 3
@@ -50,14 +53,26 @@ class NetworkConfig:
     lambda_prior: Literal["beta", "normal"] = "beta"
     lambda_channels: int = 48
     resolution_factor: int = 2
+    swin_embed_dim: int = 24
+    swin_depths: tuple[int, ...] = (2, 2, 2, 2)
+    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
+    swin_window: int = 5
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
             raise ValueError(f"NetworkConfig: `ndim` must be 2 or 3, got {self.ndim!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"NetworkConfig: `backbone` must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        if not self.encoder or len(self.decoder) != len(self.encoder) or any(c < 1 for c in self.encoder + self.decoder):
-            raise ValueError("NetworkConfig: `encoder` and `decoder` must be non-empty lists of positive ints of equal length")
+        if any(c < 1 for c in self.encoder + self.decoder):
+            raise ValueError("NetworkConfig: `encoder` and `decoder` channels must be positive ints")
+        if self.backbone == "unet" and (not self.encoder or len(self.decoder) != len(self.encoder)):
+            raise ValueError("NetworkConfig: `encoder` and `decoder` must be non-empty lists of equal length for the unet backbone")
+        if self.backbone == "swin":
+            if len(self.swin_depths) != 4 or len(self.swin_heads) != 4 or len(self.decoder) != 5:
+                raise ValueError("NetworkConfig: the swin backbone (MONAI SwinTransformer) has 4 stages: "
+                                 "`swin_depths` and `swin_heads` need 4 entries and `decoder` 5")
+            if any(self.swin_embed_dim * 2**i % h for i, h in enumerate(self.swin_heads)):
+                raise ValueError("NetworkConfig: `swin_heads[i]` must divide the stage width swin_embed_dim * 2**i")
         if self.lambda_prior not in LAMBDA_BOUNDS:
             raise ValueError(f"NetworkConfig: `lambda_prior` must be 'beta' or 'normal', got {self.lambda_prior!r}")
         if self.resolution_factor not in (1, 2):
@@ -87,6 +102,17 @@ class _Block(nn.Sequential):
         super().__init__(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
+def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out: nn.Module) -> torch.Tensor:
+    """U-Net decoder: up-sample ``h`` to the next skip (popped from the end), concatenate,
+    convolve; repeat for every layer of ``ups``; then ``out``."""
+    mode = "trilinear" if h.dim() == 5 else "bilinear"
+    for layer in ups:
+        s = skips.pop()
+        h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
+        h = layer(torch.cat([h, s], dim=1))
+    return out(h)
+
+
 class UNetBackbone(nn.Module):
     """VoxelMorph-like U-Net: strided-conv encoder, up-sampling decoder with skip
     connections, full-resolution output features of ``decoder[-1]`` channels."""
@@ -111,16 +137,48 @@ class UNetBackbone(nn.Module):
         skips = [self.inc(x)]
         for layer in self.down:
             skips.append(layer(skips[-1]))
-        h = skips.pop()
-        mode = "trilinear" if h.dim() == 5 else "bilinear"
-        for layer in self.up:
-            s = skips.pop()
-            h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
-            h = layer(torch.cat([h, s], dim=1))
-        return self.out(h)
+        return _decode(skips.pop(), skips, self.up, self.out)
 
 
-BACKBONES = {"unet": UNetBackbone}
+class SwinBackbone(nn.Module):
+    """TransMorph-style backbone (Chen et al., MedIA 2022): a Swin-transformer encoder
+    (MONAI's ``SwinTransformer``, patch size 2: the patch embedding and its four stages give
+    features at 1/2 … 1/32 of the input with ``swin_embed_dim · 2^i`` channels) and a
+    convolutional decoder with skip connections from every stage plus a full-resolution
+    convolutional skip, ending in ``decoder[-1]`` features on the input grid. Needs the optional dependency MONAI (``pip install
+    hybridreg[swin]``)."""
+
+    def __init__(self, cfg: NetworkConfig, in_channels: int = 2):
+        super().__init__()
+        try:
+            from monai.networks.nets.swin_unetr import SwinTransformer
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the 'swin' backbone needs MONAI and einops: pip install 'hybridreg[swin]'") from e
+        nd = cfg.ndim
+        self.encoder = SwinTransformer(
+            in_chans=in_channels, embed_dim=cfg.swin_embed_dim, window_size=(cfg.swin_window,) * nd,
+            patch_size=(2,) * nd, depths=tuple(cfg.swin_depths), num_heads=tuple(cfg.swin_heads), spatial_dims=nd,
+        )
+        n = len(cfg.swin_depths) + 1  # patch embedding + 4 stages, each output is used
+        widths = [cfg.swin_embed_dim * 2**i for i in range(n)]
+        self.full_skip = _Block(nd, in_channels, cfg.decoder[-1])
+        self.up = nn.ModuleList()
+        ch = widths[-1]
+        skips = widths[-2::-1] + [cfg.decoder[-1]]
+        for i, skip in enumerate(skips):
+            self.up.append(_Block(nd, ch + skip, cfg.decoder[i]))
+            ch = cfg.decoder[i]
+        self.out = _Block(nd, ch, cfg.decoder[-1])
+        self.out_channels = cfg.decoder[-1]
+        self.n_stages = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x, normalize=True)[: self.n_stages]
+        skips = [self.full_skip(x)] + list(feats[:-1])
+        return _decode(feats[-1], skips, self.up, self.out)
+
+
+BACKBONES = {"unet": UNetBackbone, "swin": SwinBackbone}
 """Backbone name → class taking ``(NetworkConfig, in_channels)`` and exposing ``out_channels``."""
 
 

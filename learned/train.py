@@ -1,92 +1,220 @@
-"""Unsupervised training of :class:`RegistrationNetwork` on the shared energy (method §2.2),
-with checkpoints that resume exactly.
+"""Unsupervised training of :class:`RegistrationNetwork` on the shared energy (method §2.2).
 
-Groundwork of the learned-solver issue: the loop, pair sampling, flip augmentation, AdamW
-with polynomial decay, CSV logging and exact resume are here; validation Dice, smooth
-random deformations, torchrun/DDP and the CLI are not yet.
+The loss is :func:`hybridreg.objective.evaluate` on the network's output and nothing else;
+labels are read only to report validation Dice.
 
-Exact resume: a checkpoint holds the model, optimizer, scheduler, the step, the config and
-every random state the loop uses (one ``torch.Generator`` for sampling and augmentation,
-plus torch's global CPU state). On CPU with fixed seeds, a run interrupted at a checkpoint
-and resumed ends with the same weights as an uninterrupted one (tested).
+Per step: draw a pair (atlas-to-subject, subject-to-subject, or a mix), augment it (random
+flips of both images, a random smooth diffeomorphic deformation of each subject, a random
+gamma of each image's intensities), take one AdamW step; the learning rate follows a
+polynomial decay ``lr · (1 − step/steps)^power``. Every ``epoch_steps`` steps the network
+registers the validation pairs and their Dice is logged; the best network (by validation
+Dice) and the final one are written as weight files (:func:`save_weights`) that
+``hybridreg register --solver learned`` reads.
+
+Outputs in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per step: learning rate and
+every energy term), ``validation.csv`` and ``history.json`` (one row per epoch: mean
+training loss, validation Dice), ``training.png`` (loss and validation Dice),
+``checkpoint_<step>.pt`` (the newest ``keep_checkpoints``), ``model_best.pt``,
+``model_final.pt``. Every file is written atomically.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, step, config, the best
+validation score and every random state the loop uses (each process's ``torch.Generator``
+for sampling and augmentation and torch's CPU state). On CPU with fixed seeds a run
+interrupted at a checkpoint and resumed ends with the same weights as an uninterrupted one
+(tested, also the log files).
+
+Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the network is wrapped in
+``DistributedDataParallel`` (gloo on CPU, nccl on CUDA); each process draws its own pairs
+(seed + rank), gradients are averaged, rank 0 validates and writes. The effective batch
+is the number of processes.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from hybridreg.config import atomic_output, dump_yaml, to_dict
+from hybridreg.config import atomic_output, atomic_write_text, dump_yaml, to_dict
+from hybridreg.data.sources import RegistrationDataset, Volume
+from hybridreg.metrics import common_labels, dice
 from hybridreg.objective import ObjectiveConfig
+from hybridreg.spatial import resize_image, scaling_and_squaring, warp
 
 from .loss import network_energy
 from .network import NetworkConfig, RegistrationNetwork
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "save_weights", "load_weights", "predict", "WEIGHTS_FORMAT"]
+
+WEIGHTS_FORMAT = "hybridreg-learned-v1"
+LOG_COLUMNS = ["step", "lr", "total", "similarity", "regularization", "hyperprior", "lambda_smoothness"]
+VAL_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "seconds"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings.
+    """Training settings (``hybridreg train --config`` reads this from YAML).
 
     Attributes:
-        network, objective: the architecture and the energy.
-        steps: optimizer steps in total. lr, weight_decay: AdamW. poly_power: exponent of
-        the polynomial decay ``lr · (1 − step/steps)^power``.
-        checkpoint_every: steps between checkpoints. seed: seeds the sampling generator
-        and torch. flip_prob: probability of flipping a pair along each axis (both images).
-        pairing: ``"atlas"`` (fixed = the atlas, moving = a subject) or ``"subject"``
-        (two different subjects).
+        network, objective: the architecture and the energy (the instance solver's
+            defaults: ``w_reg`` 4, 5 squarings, so both solvers minimise one energy).
+        steps: optimizer steps in total; epoch_steps: steps between validations.
+        lr, weight_decay: AdamW; poly_power: exponent of the polynomial decay.
+        checkpoint_every: steps between checkpoints; keep_checkpoints: how many are kept.
+        seed: seeds the sampling generator (plus the rank) and torch.
+        pairing: ``"atlas"`` (fixed = the atlas), ``"subject"`` (two different subjects,
+            the atlas included) or ``"mixed"`` (atlas pairs with probability
+            ``atlas_fraction``, else subject pairs).
+        flip_prob: probability of flipping a pair along each axis (both images alike).
+        deform_prob: probability of deforming each subject image by a random smooth
+            diffeomorphism (never the atlas); deform_std_mm: standard deviation of its
+            velocity control points in mm; deform_control: control points per axis.
+        gamma_std: standard deviation of log γ for a random intensity gamma ``x^γ`` per
+            image (0 disables).
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(w_reg=4.0, svf_steps=5))
     steps: int = 1000
+    epoch_steps: int = 100
     lr: float = 1e-4
     weight_decay: float = 1e-5
     poly_power: float = 0.9
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2
     seed: int = 0
+    pairing: Literal["atlas", "subject", "mixed"] = "atlas"
+    atlas_fraction: float = 0.5
     flip_prob: float = 0.5
-    pairing: str = "atlas"
+    deform_prob: float = 0.0
+    deform_std_mm: float = 4.0
+    deform_control: int = 5
+    gamma_std: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"TrainConfig: `steps` must be an int >= 1, got {self.steps!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
-            raise ValueError(f"TrainConfig: `checkpoint_every` must be an int >= 1, got {self.checkpoint_every!r}")
+        for name in ("steps", "epoch_steps", "checkpoint_every", "keep_checkpoints", "deform_control"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TrainConfig: `{name}` must be an int >= 1, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: `lr` must be > 0, got {self.lr!r}")
-        if not 0 <= self.flip_prob <= 1:
-            raise ValueError(f"TrainConfig: `flip_prob` must be in [0, 1], got {self.flip_prob!r}")
-        if self.pairing not in ("atlas", "subject"):
-            raise ValueError(f"TrainConfig: `pairing` must be 'atlas' or 'subject', got {self.pairing!r}")
+        for name in ("flip_prob", "deform_prob", "atlas_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"TrainConfig: `{name}` must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("deform_std_mm", "gamma_std", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig: `{name}` must be >= 0, got {getattr(self, name)!r}")
+        if self.pairing not in ("atlas", "subject", "mixed"):
+            raise ValueError(f"TrainConfig: `pairing` must be 'atlas', 'subject' or 'mixed', got {self.pairing!r}")
 
 
-def _sample_pair(images: Sequence[torch.Tensor], atlas: torch.Tensor | None, cfg: TrainConfig, gen: torch.Generator):
+# ----------------------------------------------------------------------------- augmentation
+
+def _uniform(gen: torch.Generator) -> float:
+    return float(torch.rand((), generator=gen))
+
+
+def random_deformation(image: torch.Tensor, std_mm: float, control: int, spacing: Sequence[float],
+                       gen: torch.Generator) -> torch.Tensor:
+    """Warp ``image`` ``(1, 1, *spatial)`` by ``exp(v)``, ``v`` Gaussian noise (std ``std_mm``
+    mm per component) on a ``control``-per-axis grid, up-sampled linearly (smooth and
+    diffeomorphic by construction: scaling and squaring of a smooth SVF)."""
+    d = image.dim() - 2
+    v = torch.randn((1, d) + (control,) * d, generator=gen).to(image)
+    v = v * torch.tensor([std_mm / s for s in spacing], dtype=image.dtype, device=image.device).view(1, d, *(1,) * d)
+    v = resize_image(v, image.shape[2:])  # already in voxels of the image grid: interpolate only
+    return warp(image, scaling_and_squaring(v, 6))
+
+
+def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: torch.Generator) -> torch.Tensor:
+    if not is_atlas and cfg.deform_prob > 0 and _uniform(gen) < cfg.deform_prob:
+        img = random_deformation(img, cfg.deform_std_mm, cfg.deform_control, spacing, gen)
+    if cfg.gamma_std > 0:
+        g = float(torch.randn((), generator=gen)) * cfg.gamma_std
+        img = img.clamp_min(0) ** float(np.exp(g))
+    return img
+
+
+def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: torch.Tensor | None,
+                 cfg: TrainConfig, gen: torch.Generator):
     n = len(images)
-    i = int(torch.randint(n, (1,), generator=gen))
-    if cfg.pairing == "atlas":
-        fixed, moving = atlas, images[i]
+    use_atlas = atlas is not None and (cfg.pairing == "atlas" or (cfg.pairing == "mixed" and _uniform(gen) < cfg.atlas_fraction))
+    if use_atlas:
+        i = int(torch.randint(n, (1,), generator=gen))
+        fixed, moving, f_atlas = atlas, images[i], True
     else:
-        j = int(torch.randint(n - 1, (1,), generator=gen))
+        pool = images + ([atlas] if atlas is not None else [])
+        i = int(torch.randint(len(pool), (1,), generator=gen))
+        j = int(torch.randint(len(pool) - 1, (1,), generator=gen))
         j = j + 1 if j >= i else j
-        fixed, moving = images[j], images[i]
-    dims = [k + 2 for k in range(fixed.dim() - 2) if float(torch.rand((), generator=gen)) < cfg.flip_prob]
+        fixed, moving, f_atlas = pool[j], pool[i], (atlas is not None and j == len(pool) - 1)
+    m_atlas = atlas is not None and moving is atlas
+    fixed = _augment(fixed, f_atlas, cfg, data.spacing, gen)
+    moving = _augment(moving, m_atlas, cfg, data.spacing, gen)
+    dims = [k + 2 for k in range(fixed.dim() - 2) if _uniform(gen) < cfg.flip_prob]
     if dims:
         fixed, moving = fixed.flip(dims), moving.flip(dims)
     return fixed, moving
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+# ----------------------------------------------------------------------------- weights
 
+def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: ObjectiveConfig,
+                 spacing: Sequence[float], info: dict | None = None) -> None:
+    """Write a weight file (atomically): the state dict in float32 plus everything inference
+    needs (network config, the energy's config, the training voxel size in mm)."""
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in net.state_dict().items()}
+    payload = {"format": WEIGHTS_FORMAT, "network": to_dict(net.config), "objective": to_dict(objective),
+               "spacing": [float(s) for s in spacing], "info": info or {}, "state_dict": state}
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_weights(path: str | os.PathLike, device: torch.device | str | None = None):
+    """Read a weight file written by :func:`save_weights`.
+
+    Returns:
+        ``(network in eval mode, ObjectiveConfig, training spacing, info dict)``.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not a hybridreg weight file.
+    """
+    from hybridreg.config import from_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`--weights`: file not found: {p}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt files
+        raise ValueError(f"`--weights`: cannot read {p} as a hybridreg weight file: {type(e).__name__}: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"`--weights`: {p} is not a {WEIGHTS_FORMAT} weight file")
+    net = RegistrationNetwork(from_dict(NetworkConfig, payload["network"], where="weights network"))
+    net.load_state_dict(payload["state_dict"])
+    net.eval().to(device or "cpu")
+    return net, from_dict(ObjectiveConfig, payload["objective"], where="weights objective"), tuple(payload["spacing"]), payload["info"]
+
+
+def predict(net: RegistrationNetwork, fixed: torch.Tensor, moving: torch.Tensor, objective: ObjectiveConfig,
+            spacing: Sequence[float]):
+    """Network output and its :class:`hybridreg.objective.Evaluation` (displacement on the
+    image grid, warped image, energy terms), without gradients."""
+    with torch.no_grad():
+        out = net(fixed, moving)
+        return out, network_energy(out, fixed, moving, objective, spacing)
+
+
+# ----------------------------------------------------------------------------- helpers
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
@@ -94,83 +222,215 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return cks[-1] if cks else None
 
 
+def _tensor(v: Volume, dev) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(v.image))[None, None].to(dev)
+
+
+def validation_dice(net: RegistrationNetwork, data: RegistrationDataset, objective: ObjectiveConfig,
+                    device: torch.device | str = "cpu") -> float:
+    """Mean over :meth:`RegistrationDataset.validation_pairs` of the mean Dice over the labels
+    the pair shares (moving labels warped by nearest neighbour); NaN without pairs."""
+    scores = []
+    for f, m in data.validation_pairs():
+        _, ev = predict(net, _tensor(f, device), _tensor(m, device), objective, data.spacing)
+        wl = warp(torch.from_numpy(m.labels)[None, None].to(device), ev.displacement, mode="nearest")[0, 0].cpu().numpy()
+        labs = common_labels(f.labels, m.labels)
+        if labs:
+            scores.append(float(np.nanmean(list(dice(f.labels, wl, labs).values()))))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def training_figure(run_dir: str | os.PathLike) -> Path:
+    """Plot ``log.csv`` (total loss, moving average) and ``validation.csv`` (Dice) into
+    ``training.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    with open(run / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(run / "validation.csv", newline="") as fh:
+        val = list(csv.DictReader(fh))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    if rows:
+        steps = np.array([int(r["step"]) for r in rows])
+        loss = np.array([float(r["total"]) for r in rows])
+        k = max(1, min(50, len(loss) // 10))
+        ax[0].plot(steps, loss, color="0.8", lw=0.5, label="per step")
+        ax[0].plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="C0", label=f"mean of {k}")
+        ax[0].legend()
+    ax[0].set(xlabel="step", ylabel="energy (total)", title="training loss")
+    if val:
+        ax[1].plot([int(r["step"]) for r in val], [float(r["val_dice"]) for r in val], "o-", color="C1")
+    ax[1].set(xlabel="step", ylabel="mean Dice", title="validation Dice")
+    fig.tight_layout()
+    out = run / "training.png"
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _append_row(path: Path, row: Sequence) -> None:
+    with open(path, "a", newline="") as fh:
+        csv.writer(fh).writerow(row)
+
+
+def _truncate_csv(path: Path, step: int, key: str) -> None:
+    """Drop rows beyond ``step`` (written after the checkpoint a resume starts from)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    head, body = rows[0], rows[1:]
+    i = head.index(key)
+    keep = [head] + [r for r in body if int(r[i]) <= step]
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+
+
+def _dist_info() -> tuple[int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), ws) if ws > 1 else (0, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
 def train(
     cfg: TrainConfig,
-    images: Sequence[torch.Tensor],
+    data: RegistrationDataset,
     run_dir: str | os.PathLike,
     *,
-    atlas: torch.Tensor | None = None,
-    spacing: Sequence[float] | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
 ) -> RegistrationNetwork:
-    """Train a network on pairs drawn from ``images`` (and ``atlas``); labels are never used.
+    """Train a network on ``data`` (labels are never used in the loss).
 
     Args:
         cfg: :class:`TrainConfig`.
-        images: ``(1, 1, *spatial)`` training images, all on one grid, intensities ~[0, 1].
-        run_dir: folder for ``config.yaml``, ``log.csv`` and ``checkpoint_<step>.pt``.
-        atlas: the fixed image for ``pairing="atlas"``.
-        spacing: image voxel size in mm.
-        resume: continue from the newest checkpoint in ``run_dir``.
-        stop_after: stop after this global step (simulates an interruption; for tests).
+        data: a :class:`hybridreg.data.sources.RegistrationDataset` (one grid; ``data.train``
+            images, optional ``data.atlas``; ``data.val`` with labels for validation Dice).
+        run_dir: output folder (module docstring lists its files).
+        resume: continue from the newest checkpoint in ``run_dir``, exactly.
+        stop_after: stop after this global step (an interruption, for tests).
+        device: ``cpu`` (default) or ``cuda``; under torchrun each process uses
+            ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
+        progress: show a tqdm bar (rank 0).
 
     Returns:
-        The trained network (on CPU).
+        The trained network (unwrapped, on ``device``).
 
     Raises:
-        ValueError: no images, images on different grids, a missing atlas, or ``resume``
-            without a checkpoint.
+        ValueError: a network/data dimension mismatch, atlas pairing without an atlas,
+            subject pairing with one subject, ``resume`` without a checkpoint, or a fresh
+            run into a folder that already holds a run.
     """
-    if not images:
-        raise ValueError("train(): `images` is empty")
-    shape = images[0].shape
-    if any(im.shape != shape for im in images) or (atlas is not None and atlas.shape != shape):
-        raise ValueError("train(): `images` (and `atlas`) must all have the same shape")
-    if cfg.pairing == "atlas" and atlas is None:
-        raise ValueError("train(): `atlas` is required with pairing='atlas'")
-    if cfg.pairing == "subject" and len(images) < 2:
-        raise ValueError("train(): pairing='subject' needs at least two `images`")
+    d = len(data.shape)
+    if cfg.network.ndim != d:
+        raise ValueError(f"train(): `network.ndim` is {cfg.network.ndim} but the data are {d}D")
+    if cfg.pairing == "atlas" and data.atlas is None:
+        raise ValueError("train(): pairing='atlas' needs a data source with an atlas")
+    if cfg.pairing != "atlas" and len(data.train) + (data.atlas is not None) < 2:
+        raise ValueError(f"train(): pairing={cfg.pairing!r} needs at least two subjects")
+    rank, world = _dist_info()
+    dev = torch.device(device or "cpu")
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume and (run / "log.csv").exists():
+            raise ValueError(f"train(): {run} already holds a run; pass resume=True (`--resume`) or choose a new `--out`")
 
     torch.manual_seed(cfg.seed)
-    net = RegistrationNetwork(cfg.network)
+    net = RegistrationNetwork(cfg.network).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    start, best, epoch_losses = 0, -1.0, []
     if resume:
         ck = latest_checkpoint(run)
         if ck is None:
             raise ValueError(f"train(): `resume` was requested but {run} holds no checkpoint")
-        state = torch.load(ck, weights_only=False)
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"train(): checkpoint {ck.name} was written by {state.get('world_size', 1)} processes, now {world}")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
-    else:
+        gen.set_state(state["generators"][rank])
+        torch.set_rng_state(state["torch_rng"][rank])
+        start, best, epoch_losses = state["step"], state["best_val_dice"], list(state["epoch_losses"])
+        if rank == 0:
+            _truncate_csv(run / "log.csv", start, "step")
+            _truncate_csv(run / "validation.csv", start, "step")
+    elif rank == 0:
         dump_yaml(cfg, run / "config.yaml")
-        with open(run / "log.csv", "w", newline="") as fh:
-            csv.writer(fh).writerow(["step", "lr", "total", "similarity", "regularization", "hyperprior", "lambda_smoothness"])
+        for name, cols in (("log.csv", LOG_COLUMNS), ("validation.csv", VAL_COLUMNS)):
+            with atomic_output(run / name) as tmp, open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerow(cols)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
-    net.train()
+    images = [_tensor(v, dev) for v in data.train]
+    atlas = _tensor(data.atlas, dev) if data.atlas is not None else None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    for step in range(start, end):
-        fixed, moving = _sample_pair(images, atlas, cfg, gen)
-        terms = network_energy(net(fixed, moving), fixed, moving, cfg.objective, spacing).terms
+    info = {"data": data.name, "world_size": world, "steps": cfg.steps}
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    t_epoch = time.perf_counter()
+    net.train()
+    for step in bar:
+        fixed, moving = _sample_pair(data, images, atlas, cfg, gen)
+        terms = network_energy(model(fixed, moving), fixed, moving, cfg.objective, data.spacing).terms
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
         opt.step()
         sched.step()
-        with open(run / "log.csv", "a", newline="") as fh:
-            csv.writer(fh).writerow([step + 1, sched.get_last_lr()[0], *(float(t.detach()) for t in terms)])
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(run / f"checkpoint_{step + 1}.pt", {
-                "step": step + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "config": to_dict(cfg),
-            })
+        vals = [float(t.detach()) for t in terms]
+        epoch_losses.append(vals[0])
+        if rank == 0:
+            _append_row(run / "log.csv", [step + 1, sched.get_last_lr()[0], *vals])
+            bar.set_postfix(loss=f"{vals[0]:.4f}", refresh=False)
+        done = step + 1
+        if done % cfg.epoch_steps == 0 or done == cfg.steps:
+            if rank == 0:
+                net.eval()
+                vd = validation_dice(net, data, cfg.objective, dev)
+                net.train()
+                _append_row(run / "validation.csv", [-(-done // cfg.epoch_steps), done, float(np.mean(epoch_losses)), vd,
+                                                     time.perf_counter() - t_epoch])
+                if np.isfinite(vd) and vd > best:
+                    best = vd
+                    save_weights(run / "model_best.pt", net, cfg.objective, data.spacing, {**info, "step": done, "val_dice": vd})
+                training_figure(run)
+                bar.write(f"step {done}: train loss {np.mean(epoch_losses):.4f}  validation Dice {vd:.4f}")
+            epoch_losses, t_epoch = [], time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            gens = [gen.get_state()]
+            rngs = [torch.get_rng_state()]
+            if world > 1:
+                gens, rngs = [None] * world, [None] * world
+                dist.all_gather_object(gens, gen.get_state())
+                dist.all_gather_object(rngs, torch.get_rng_state())
+            if rank == 0:
+                with atomic_output(run / f"checkpoint_{done}.pt") as tmp:
+                    torch.save({"step": done, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "generators": gens, "torch_rng": rngs,
+                                "world_size": world, "best_val_dice": best, "epoch_losses": epoch_losses, "config": to_dict(cfg)}, tmp)
+                for old in sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+        if done == cfg.steps and rank == 0:
+            save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
+            with open(run / "validation.csv", newline="") as fh:
+                hist = list(csv.DictReader(fh))
+            atomic_write_text(run / "history.json", json.dumps({"best_val_dice": best, "epochs": hist, **info}, indent=2))
+    bar.close()
+    if world > 1:
+        dist.barrier()
     return net

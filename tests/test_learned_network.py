@@ -1,5 +1,6 @@
 """The λ-head network and its loss (groundwork of the learned solver)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,24 @@ def test_network_shapes_and_lambda_range(ndim, shape, prior):
     hi = 1.0 if prior == "beta" else 5.0
     assert float(out.lam.min()) >= 1e-6 and float(out.lam.max()) <= hi
     assert float(out.velocity.abs().max()) < 1e-2  # starts near the identity
+
+
+@pytest.mark.parametrize("ndim,shape", [(3, (16, 20, 24)), (2, (32, 36))])
+def test_swin_backbone_shapes_and_gradients(ndim, shape):
+    """TransMorph-style backbone (MONAI SwinTransformer encoder) behind the same heads."""
+    torch.manual_seed(0)
+    cfg = NetworkConfig(ndim=ndim, backbone="swin", decoder=(8, 8, 8, 8, 4), lambda_channels=4, swin_embed_dim=6,
+                        swin_depths=(1, 1, 1, 1), swin_heads=(1, 2, 2, 2), swin_window=3)
+    net = RegistrationNetwork(cfg)
+    f, m = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    out = net(f, m)
+    grid = tuple(n // 2 for n in shape)
+    assert out.velocity.shape == (1, ndim, *grid) and out.lam.shape == (1, 1, *grid)
+    loss = network_energy(out, f, m, ObjectiveConfig(lncc_window=3, svf_steps=3), (2.0,) * ndim).terms.total
+    loss.backward()
+    assert all(p.grad is not None for p in net.backbone.encoder.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="swin"):
+        NetworkConfig(backbone="swin", decoder=(8, 8))
 
 
 def test_training_loss_equals_instance_optimizer_loss():
@@ -51,54 +70,98 @@ def test_network_rejects_bad_input():
         NetworkConfig(backbone="resnet")
 
 
-def _tiny_images(n=4, shape=(12, 14, 16)):
+def _tiny_data(n=4, shape=(12, 14, 16)):
+    from hybridreg.data.sources import RegistrationDataset, Volume
     from hybridreg.spatial import gaussian_smooth
 
     g = torch.Generator().manual_seed(123)
-    return [gaussian_smooth(torch.rand(1, 1, *shape, generator=g), 1.5) for _ in range(n)]
+    vols = []
+    for k in range(n + 2):
+        img = gaussian_smooth(torch.rand(1, 1, *shape, generator=g), 1.5)[0, 0].numpy()
+        vols.append(Volume(f"s{k}", img, (img > np.median(img)).astype(np.int32) + (img > np.percentile(img, 80))))
+    return RegistrationDataset("tiny", (2.0, 2.0, 2.0), vols[:n], vols[n:], [], None)
 
 
 def _tiny_cfg(**kw):
     from learned.train import TrainConfig
 
     net = NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4)
-    return TrainConfig(network=net, objective=ObjectiveConfig(lncc_window=3, svf_steps=3), steps=6, lr=1e-3,
-                       checkpoint_every=3, seed=7, pairing="subject", **kw)
+    base = dict(network=net, objective=ObjectiveConfig(lncc_window=3, svf_steps=3), steps=6, lr=1e-3,
+                checkpoint_every=3, epoch_steps=2, seed=7, pairing="subject", deform_prob=0.5, gamma_std=0.1)
+    return TrainConfig(**{**base, **kw})
 
 
 def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
     from learned.train import latest_checkpoint, train
 
-    images = _tiny_images()
-    full = train(_tiny_cfg(), images, tmp_path / "full")
-    train(_tiny_cfg(), images, tmp_path / "cut", stop_after=3)
+    data = _tiny_data()
+    full = train(_tiny_cfg(), data, tmp_path / "full", progress=False)
+    train(_tiny_cfg(), data, tmp_path / "cut", stop_after=4, progress=False)  # killed after step 4, checkpoint at 3
     assert latest_checkpoint(tmp_path / "cut").name == "checkpoint_3.pt"
-    resumed = train(_tiny_cfg(), images, tmp_path / "cut", resume=True)
+    resumed = train(_tiny_cfg(), data, tmp_path / "cut", resume=True, progress=False)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
-    rows = (tmp_path / "cut" / "log.csv").read_text().strip().splitlines()
-    assert rows == (tmp_path / "full" / "log.csv").read_text().strip().splitlines()  # same losses, every step once
+    for name in ("log.csv", "validation.csv"):
+        cut = [r.split(",")[:4] for r in (tmp_path / "cut" / name).read_text().strip().splitlines()]
+        ref = [r.split(",")[:4] for r in (tmp_path / "full" / name).read_text().strip().splitlines()]
+        assert cut == ref, name  # same losses and validation Dice, every step once
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint_*.pt")) == ["checkpoint_3.pt", "checkpoint_6.pt"]
+    for f in ("model_best.pt", "model_final.pt", "training.png", "history.json", "config.yaml"):
+        assert (tmp_path / "cut" / f).is_file(), f
 
 
-def test_training_reduces_the_energy(tmp_path):
-    from learned.train import train
-
-    images = _tiny_images(3)
-    cfg = _tiny_cfg()
+def test_training_reduces_the_energy_and_logs_validation_dice(tmp_path):
+    import csv
     from dataclasses import replace
 
-    cfg = replace(cfg, steps=40, checkpoint_every=40, lr=3e-3, flip_prob=0.0)
-    train(cfg, images, tmp_path / "r")
+    from learned.train import load_weights, train
+
+    data = _tiny_data(3)
+    cfg = replace(_tiny_cfg(), steps=40, checkpoint_every=40, epoch_steps=10, lr=3e-3, flip_prob=0.0, deform_prob=0.0,
+                  gamma_std=0.0)
+    train(cfg, data, tmp_path / "r", progress=False)
     totals = [float(r.split(",")[2]) for r in (tmp_path / "r" / "log.csv").read_text().strip().splitlines()[1:]]
-    assert sum(totals[-10:]) / 10 < sum(totals[:10]) / 10
+    assert len(totals) == 40 and sum(totals[-10:]) / 10 < sum(totals[:10]) / 10
+    with open(tmp_path / "r" / "validation.csv") as fh:
+        val = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in val] == [10, 20, 30, 40]
+    assert all(0 < float(r["val_dice"]) <= 1 for r in val)
+    net, obj, spacing, info = load_weights(tmp_path / "r" / "model_best.pt")
+    assert spacing == (2.0, 2.0, 2.0) and obj == cfg.objective and info["val_dice"] == max(float(r["val_dice"]) for r in val)
+
+
+def test_random_deformation_is_smooth_and_diffeomorphic():
+    from learned.train import random_deformation
+    from hybridreg.spatial import jacobian_determinant, scaling_and_squaring
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(0, 1, 20)
+    img = (x[:, None, None] + 0 * x[None, :, None] + 0 * x[None, None, :])[None, None].expand(1, 1, 20, 20, 20).contiguous()
+    out = random_deformation(img, 4.0, 5, (2.0, 2.0, 2.0), g)
+    assert out.shape == img.shape and not torch.equal(out, img)
+    # the same draw as a displacement: positive Jacobian everywhere, amplitude of the order of std
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn((1, 3, 5, 5, 5), generator=g) * 2.0
+    from hybridreg.spatial import resize_image
+
+    u = scaling_and_squaring(resize_image(v, (20, 20, 20)), 6)
+    assert float(jacobian_determinant(u).min()) > 0
+    assert 0.5 < float(u.std()) < 4.0
 
 
 def test_train_bad_input(tmp_path):
     from learned.train import TrainConfig, train
 
     with pytest.raises(ValueError, match="resume"):
-        train(_tiny_cfg(), _tiny_images(), tmp_path / "none", resume=True)
+        train(_tiny_cfg(), _tiny_data(), tmp_path / "none", resume=True)
     with pytest.raises(ValueError, match="atlas"):
-        train(TrainConfig(network=NetworkConfig(encoder=(4, 8), decoder=(8, 4))), _tiny_images(), tmp_path / "a")
+        train(_tiny_cfg(pairing="atlas"), _tiny_data(), tmp_path / "a")
+    with pytest.raises(ValueError, match="ndim"):
+        train(_tiny_cfg(network=NetworkConfig(ndim=2, encoder=(4, 8), decoder=(8, 4))), _tiny_data(), tmp_path / "b")
     with pytest.raises(ValueError, match="pairing"):
         TrainConfig(pairing="random")
+    with pytest.raises(ValueError, match="deform_prob"):
+        TrainConfig(deform_prob=1.5)
+    train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)

@@ -1,0 +1,146 @@
+"""Amortized registration with a trained λ-head network, optionally refined per case by
+instance optimization (method §2.2–2.3).
+
+``register_pair(fixed, moving, LearnedConfig(...))`` has the instance solver's signature and
+returns its :class:`instance_opt.InstanceResult`, so the CLI, the benchmarks and user code
+treat both solvers alike:
+
+* ``refine=False`` (``--solver learned``): one network pass. The network runs at the voxel
+  size it was trained at: inputs on another grid are resampled to it (cell-centred linear
+  interpolation over the same extent), and the predicted SVF and λ are used as a control grid
+  of the input grid -- :func:`hybridreg.objective.evaluate` integrates the SVF there by scaling
+  and squaring and up-samples the displacement to the input grid.
+* ``refine=True`` (``--solver learned+refine``): the instance optimizer starts from the
+  network's velocity and λ and runs the short schedule ``refine_config`` (same energy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from hybridreg.objective import ObjectiveConfig, evaluate
+from hybridreg.regularization import check_spacing
+from hybridreg.spatial import resize_image
+from instance_opt import InstanceOptConfig, InstanceResult, LevelHistory
+from instance_opt import register_pair as instance_register_pair
+
+__all__ = ["DEFAULT_WEIGHTS", "LearnedConfig", "register_pair"]
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
+"""Weights shipped with the package: trained on the bundled training split at 2 mm with
+``configs/learned_bundled_2mm.yaml`` (log and figure next to the file)."""
+
+
+def _refine_default() -> InstanceOptConfig:
+    return InstanceOptConfig(level_spacing=(4.0, 2.0), iterations=(40, 8), tol=0.0, min_iterations=1, window=5)
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """Settings of the learned solver.
+
+    Attributes:
+        weights: weight file written by ``hybridreg train`` (``model_best.pt``); empty
+            means the shipped :data:`DEFAULT_WEIGHTS`.
+        refine: refine the network's output by instance optimization.
+        refine_config: the instance optimizer's schedule for refinement (its
+            ``objective`` is replaced by the network's training energy unless
+            ``refine_objective_from_weights`` is False).
+        refine_objective_from_weights: refine the energy the network was trained on.
+        progress: tqdm bars during refinement.
+    """
+
+    weights: str = ""
+    refine: bool = False
+    refine_config: InstanceOptConfig = field(default_factory=_refine_default)
+    refine_objective_from_weights: bool = True
+    progress: bool = True
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, device: str):
+    from .train import load_weights
+
+    return load_weights(path, device)
+
+
+def register_pair(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    config: LearnedConfig | None = None,
+    *,
+    spacing: Sequence[float] | None = None,
+    device: torch.device | str | None = None,
+) -> InstanceResult:
+    """Register ``moving`` to ``fixed`` with the network (and optional refinement).
+
+    Args:
+        fixed, moving: ``(B, 1, *spatial)`` images on one grid, intensities about [0, 1]
+            (:func:`hybridreg.io.normalize_intensity`), 2D or 3D matching the network.
+        config: :class:`LearnedConfig`.
+        spacing: voxel size in mm (array-axis order); default 1 mm.
+        device: where to run (default: the inputs' device).
+
+    Returns:
+        :class:`instance_opt.InstanceResult`: displacement (voxels, image grid), velocity
+        and λ on the network's grid (or the refinement's finest control grid), warped
+        image, history (empty without refinement), seconds (network + refinement),
+        final energy terms on the image grid.
+
+    Raises:
+        FileNotFoundError: missing weights. ValueError: a corrupt weight file, images of
+            the wrong dimension for the network, mismatched shapes, NaNs.
+    """
+    cfg = config or LearnedConfig()
+    dev = torch.device(device) if device is not None else fixed.device
+    for name, t in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"register_pair(): `{name}` must be a floating-point torch.Tensor")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"register_pair(): `{name}` contains NaN or Inf values")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"register_pair(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ")
+    net, objective, train_spacing, _ = _load(str(cfg.weights or DEFAULT_WEIGHTS), str(dev))
+    d = net.config.ndim
+    if fixed.dim() != d + 2:
+        raise ValueError(f"register_pair(): the network is {d}D; `fixed` must be (B, 1, *{d} dims), got {tuple(fixed.shape)}")
+    spatial = tuple(fixed.shape[2:])
+    h = check_spacing(spacing, d, fn="register_pair")
+    fixed, moving = fixed.to(dev), moving.to(dev)
+
+    t0 = time.perf_counter()
+    net_shape = tuple(max(4, int(round(n * hk / tk))) for n, hk, tk in zip(spatial, h, train_spacing))
+    with torch.no_grad():
+        f_in = resize_image(fixed, net_shape) if net_shape != spatial else fixed
+        m_in = resize_image(moving, net_shape) if net_shape != spatial else moving
+        out = net(f_in, m_in)
+    velocity, lam = out.velocity.to(fixed.dtype), out.lam.to(fixed.dtype)
+    if not cfg.refine:
+        with torch.no_grad():
+            ev = evaluate(fixed, moving, velocity, lam, objective, h)
+        return InstanceResult(
+            displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped, history=[],
+            seconds=time.perf_counter() - t0, config=cfg.refine_config,
+            final_terms={k: float(v) for k, v in ev.terms._asdict().items()},
+        )
+    rcfg = cfg.refine_config
+    if cfg.refine_objective_from_weights:
+        rcfg = replace(rcfg, objective=objective)
+    rcfg = replace(rcfg, progress=cfg.progress)
+    net_seconds = time.perf_counter() - t0
+    res = instance_register_pair(fixed, moving, rcfg, spacing=h, device=dev, init_velocity=velocity, init_lambda=lam)
+    res.history.insert(0, LevelHistory(spacing=tuple(train_spacing), shape=net_shape, control_shape=tuple(velocity.shape[2:]),
+                                       terms={}, iterations=1, status="network", seconds=net_seconds))
+    res.seconds += net_seconds
+    return res
+
+
+def objective_of(weights: str | None = None) -> ObjectiveConfig:
+    """The energy a weight file was trained on (``None``: the shipped weights)."""
+    return _load(str(weights or DEFAULT_WEIGHTS), "cpu")[1]

@@ -1,0 +1,168 @@
+"""The learned solver end to end: `hybridreg train` (one and two processes), inference and
+refinement through the Python API and the CLI, and the shipped weights on bundled data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hybridreg import data
+from hybridreg.cli import main
+from hybridreg.io import Geometry, write_image
+
+SHAPE = (12, 14, 16)
+GEO = Geometry(size=(16, 14, 12), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+TINY = """network: {encoder: [4, 8], decoder: [8, 4], lambda_channels: 4}
+objective: {lncc_window: 3, svf_steps: 3}
+steps: 6
+epoch_steps: 3
+checkpoint_every: 3
+lr: 0.002
+seed: 3
+pairing: mixed
+deform_prob: 0.5
+"""
+
+
+def _blob_volume(k):
+    from hybridreg.spatial import gaussian_smooth
+
+    g = torch.Generator().manual_seed(k)
+    img = gaussian_smooth(torch.rand(1, 1, *SHAPE, generator=g), 1.5)[0, 0].numpy() * 100
+    return img, (img > np.median(img)).astype(np.int32) + (img > np.percentile(img, 80))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinydata")
+    lines = ["image,labels,split"]
+    for k, split in enumerate(["atlas", "train", "train", "train", "val", "val", "test"]):
+        img, lab = _blob_volume(k)
+        write_image(root / f"s{k}.nii.gz", img, GEO)
+        write_image(root / f"s{k}_seg.nii.gz", lab, GEO, dtype=np.int32)
+        lines.append(f"s{k}.nii.gz,s{k}_seg.nii.gz,{split}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (root / "tiny.yaml").write_text(TINY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    rc = main(["train", "--data", str(manifest / "manifest.csv"), "--config", str(manifest / "tiny.yaml"), "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_cli_train_writes_logs_checkpoints_and_weights(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.yaml", "log.csv", "validation.csv", "history.json", "training.png", "model_best.pt", "model_final.pt",
+            "checkpoint_6.pt"} <= names
+    hist = json.loads((trained / "history.json").read_text())
+    assert len(hist["epochs"]) == 2 and 0 < hist["best_val_dice"] <= 1
+
+
+def test_cli_train_resume_and_errors(trained, manifest, tmp_path, capsys):
+    # a finished run resumes to the same end (nothing left to do) using its own config.yaml
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(trained), "--resume", "--no-progress"]) == 0
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--data", "nowhere.csv", "--out", str(tmp_path / "x")]) == 2
+    assert "--data" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 0\n")
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--config", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_torchrun_two_cpu_processes(manifest, trained, tmp_path):
+    """DistributedDataParallel over gloo with two CPU processes on tiny data."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridreg",
+           "train", "--data", str(manifest / "manifest.csv"), "--config", str(manifest / "tiny.yaml"), "--out", str(out),
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = torch.load(out / "checkpoint_6.pt", weights_only=False)
+    assert ck["world_size"] == 2 and len(ck["generators"]) == 2
+    assert not torch.equal(ck["generators"][0], ck["generators"][1])  # each rank draws its own pairs
+    # gradients were averaged over two different pairs per step: not the single-process run
+    single = torch.load(trained / "checkpoint_6.pt", weights_only=False)["model"]
+    assert any(not torch.equal(a, single[k]) for k, a in ck["model"].items())
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 6
+
+
+def test_learned_register_pair_api_and_refinement(trained, manifest):
+    from learned.solver import LearnedConfig, register_pair
+
+    f, _ = _blob_volume(4)
+    m, _ = _blob_volume(5)
+    ft, mt = torch.from_numpy(f / 100)[None, None].float(), torch.from_numpy(m / 100)[None, None].float()
+    res = register_pair(ft, mt, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
+    assert res.displacement.shape == (1, 3, *SHAPE) and res.lam.shape == (1, 1, 6, 7, 8) and res.history == []
+    # on a 1 mm grid the network runs on its 2 mm training grid; outputs come back on the 1 mm grid
+    big = torch.nn.functional.interpolate(ft, scale_factor=2, mode="trilinear")
+    res1 = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(1.0, 1.0, 1.0))
+    assert res1.displacement.shape == (1, 3, 24, 28, 32) and res1.lam.shape == (1, 1, 6, 7, 8)
+    from instance_opt import InstanceOptConfig
+
+    cfg = LearnedConfig(weights=str(trained / "model_final.pt"), refine=True, progress=False,
+                        refine_config=InstanceOptConfig(level_spacing=(2.0,), iterations=(15,), min_iterations=15))
+    ref = register_pair(ft, mt, cfg, spacing=(2.0, 2.0, 2.0))
+    assert [h.status for h in ref.history][0] == "network" and ref.history[1].iterations == 15
+    assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the same energy
+    with pytest.raises(ValueError, match="network is 3D"):
+        register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
+
+
+def test_cli_learned_bad_weights(manifest, tmp_path, capsys):
+    img = str(manifest / "s4.nii.gz")
+    assert main(["register", img, img, "--out", str(tmp_path / "o"), "--solver", "learned", "--weights", str(tmp_path / "no.pt")]) == 2
+    assert "--weights" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["register", img, img, "--out", str(tmp_path / "o"), "--solver", "learned", "--weights", str(junk)]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(["register", img, img, "--out", str(tmp_path / "o"), "--solver", "instance", "--weights", str(junk)]) == 2
+    assert "learned solvers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped_run(tmp_path_factory):
+    from learned.solver import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.fail(f"shipped weights missing: {DEFAULT_WEIGHTS}")
+    fid, mid = data.demo_pair()
+    f, m = data.load_subject(fid, 2), data.load_subject(mid, 2)
+    out = tmp_path_factory.mktemp("shipped") / "out"
+    rc = main(["register", str(f.image_path), str(m.image_path), "--out", str(out), "--fixed-labels", str(f.labels_path),
+               "--moving-labels", str(m.labels_path), "--solver", "learned", "--no-progress"])
+    assert rc == 0
+    return out, f
+
+
+def test_shipped_weights_register_the_bundled_pair(shipped_run):
+    out, f = shipped_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["solver"] == "learned"
+    assert m["dice_after"]["mean"] > m["dice_before"]["mean"] + 0.1
+    assert m["folding_percent"] < 0.1
+
+
+def test_shipped_weights_predict_spatially_varying_lambda(shipped_run):
+    import SimpleITK as sitk
+
+    out, f = shipped_run
+    lam = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lambda.nii.gz")))
+    inside = lam[f.labels > 0]
+    assert float(inside.std()) > 0.05 and 0 < float(inside.min()) and float(inside.max()) < 1
