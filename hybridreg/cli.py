@@ -279,7 +279,9 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"hybridreg train: {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test subjects,"
               f" grid {'x'.join(map(str, data.shape))} at {'x'.join(f'{s:g}' for s in data.spacing)} mm,"
               f" atlas {'yes' if data.atlas is not None else 'no'}; {cfg.steps} steps -> {out}")
-    train_mod.train(cfg, data, out, resume=args.resume, device=dev, progress=not args.no_progress)
+    if args.init is not None and not Path(args.init).is_file():
+        raise FileNotFoundError(f"`--init`: weight file not found: {args.init}")
+    train_mod.train(cfg, data, out, resume=args.resume, device=dev, progress=not args.no_progress, init_weights=args.init)
     if rank == 0:
         print(f"wrote {out}/: model_best.pt, model_final.pt, log.csv, validation.csv, history.json, training.png")
 
@@ -325,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="training YAML (learned.train.TrainConfig); defaults if omitted")
     t.add_argument("--out", required=True, help="run folder (logs, checkpoints, weights)")
     t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    t.add_argument("--init", help="fine-tune: start from this weight file (e.g. the shipped weights) instead of random weights")
     t.add_argument("--spacing", type=float, nargs="+", help="resample the data to this voxel size in mm (one value or one per axis)")
     t.add_argument("--device", help="cpu (default) or cuda")
     t.add_argument("--no-progress", action="store_true")

@@ -305,6 +305,7 @@ def train(
     stop_after: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    init_weights: str | os.PathLike | None = None,
 ) -> RegistrationNetwork:
     """Train a network on ``data`` (labels are never used in the loss).
 
@@ -318,6 +319,8 @@ def train(
         device: ``cpu`` (default) or ``cuda``; under torchrun each process uses
             ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
         progress: show a tqdm bar (rank 0).
+        init_weights: start a fresh run from this weight file (fine-tuning; the network
+            configs must match). Ignored on resume (the checkpoint holds the weights).
 
     Returns:
         The trained network (unwrapped, on ``device``).
@@ -350,6 +353,11 @@ def train(
 
     torch.manual_seed(cfg.seed)
     net = RegistrationNetwork(cfg.network).to(dev)
+    if init_weights is not None and not resume:
+        init_net = load_weights(init_weights)[0]
+        if init_net.config != cfg.network:
+            raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`")
+        net.load_state_dict(init_net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)

@@ -82,6 +82,23 @@ def test_cli_train_resume_and_errors(trained, manifest, tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_cli_train_fine_tunes_from_weights(trained, manifest, tmp_path):
+    out = tmp_path / "ft"
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(TINY.replace("steps: 6", "steps: 1"))
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--config", str(cfg), "--out", str(out), "--init",
+                 str(trained / "model_final.pt"), "--no-progress"]) == 0
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--config", str(cfg), "--out", str(tmp_path / "scratch"),
+                 "--no-progress"]) == 0
+    from learned.train import load_weights
+
+    start = load_weights(trained / "model_final.pt")[0].state_dict()
+    tuned = load_weights(out / "model_final.pt")[0].state_dict()
+    scratch = load_weights(tmp_path / "scratch" / "model_final.pt")[0].state_dict()
+    dist = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert dist(tuned, start) <= 2 * 0.002 < dist(scratch, start)  # one AdamW step (lr 0.002) from the given weights
+
+
 def test_torchrun_two_cpu_processes(manifest, trained, tmp_path):
     """DistributedDataParallel over gloo with two CPU processes on tiny data."""
     out = tmp_path / "ddp"
