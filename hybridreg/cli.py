@@ -286,6 +286,28 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"wrote {out}/: model_best.pt, model_final.pt, log.csv, validation.csv, history.json, training.png")
 
 
+def tune_command(args: argparse.Namespace) -> None:
+    """``hybridreg tune``: :func:`hybridreg.tuning.run_tuning` with the solver's validation
+    objective, then the outputs of :func:`hybridreg.tuning.write_outputs`."""
+    from dataclasses import replace as _replace
+
+    from . import tuning
+
+    space = tuning.load_space(args.space)
+    if space.solver != args.solver:
+        space = _replace(space, solver=args.solver)
+        tuning.apply_params(space, {p.key: p.from_unit(0.5) for p in space.parameters})
+    result = tuning.run_tuning(space, tuning.OBJECTIVES[args.solver], args.trials, args.out, method=args.method,
+                               resume=args.resume, progress=not args.no_progress)
+    summary = tuning.write_outputs(space, result, args.out)
+    print(f"wrote {args.out}/: trials.json, summary.json, pareto.json, best_config.yaml, best_so_far.png, pareto.png, partial_dependence.png")
+    if result.best:
+        print(f"best of {summary['finished']} trials: validation Dice {result.best['dice']:.4f} (folding {result.best['folding']:.4f}%,"
+              f" SDlogJ {result.best['sdlogj']:.3f}) with {result.best['params']}")
+    else:
+        print(f"no feasible trial among {summary['finished']} (folding > {space.folding_max}% everywhere)")
+
+
 def _print_summary(m: dict, out: Path) -> None:
     print(f"wrote {out}/: " + ", ".join(OUTPUT_FILES))
     if "dice_after" in m:
@@ -332,6 +354,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu (default) or cuda")
     t.add_argument("--no-progress", action="store_true")
 
+    u = sub.add_parser("tune", help="tune hyperparameters by Bayesian optimization (BoTorch) on the bundled validation pairs")
+    u.add_argument("--solver", default="instance", choices=("instance", "learned"))
+    u.add_argument("--space", required=True, help="search-space YAML (see configs/tune_instance.yaml)")
+    u.add_argument("--trials", type=int, required=True, help="number of finished trials to reach")
+    u.add_argument("--out", required=True, help="output folder (trials.json, best_config.yaml, figures)")
+    u.add_argument("--method", default="botorch", choices=("botorch", "random", "tpe"), help="botorch (default), random search, or Optuna TPE")
+    u.add_argument("--resume", action="store_true", help="continue the run in --out (finished trials are kept)")
+    u.add_argument("--no-progress", action="store_true")
+
     d = sub.add_parser("demo", help="register the bundled default pair (real T1 + another subject) with labels")
     d.add_argument("--out", default="hybridreg-demo", help="output folder (default ./hybridreg-demo)")
     d.add_argument("--resolution", type=int, default=2, choices=(1, 2), help="2 mm (default) or 1 mm")
@@ -356,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.out}")
         elif args.command == "train":
             train_command(args)
+        elif args.command == "tune":
+            tune_command(args)
         elif args.command == "demo":
             from . import data
 

@@ -1,0 +1,172 @@
+"""Bayesian tuning: the loop on analytic objectives (no registrations), the folding
+constraint, Pareto handling, resume, bad search spaces, and one tiny real tuning run."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from hybridreg import tuning
+from hybridreg.cli import main
+from hybridreg.config import load_yaml
+
+SPACE = {
+    "solver": "instance",
+    "parameters": {
+        "objective.w_reg": {"low": 0.25, "high": 16.0, "log": True},
+        "objective.hyper_strength": {"low": 0.01, "high": 1.0, "log": True},
+    },
+    "folding_max": 0.1,
+    "initial_trials": 5,
+    "batch_size": 1,
+    "seed": 1,
+}
+
+
+def bowl(space, params):
+    """Dice peaks at w_reg = 2, hyper_strength = 0.1 (0.8); folding for w_reg < 1."""
+    w, a = params["objective.w_reg"], params["objective.hyper_strength"]
+    dice = 0.8 - 0.05 * math.log(w / 2.0) ** 2 - 0.02 * math.log(a / 0.1) ** 2
+    return {"dice": dice, "folding": 0.5 if w < 1.0 else 0.0, "sdlogj": 0.4 / math.sqrt(w)}
+
+
+def tempting(space, params):
+    """Dice keeps rising as w_reg falls, but w_reg < 1 folds: the constrained optimum is w_reg = 1."""
+    w = params["objective.w_reg"]
+    return {"dice": 0.9 - 0.05 * math.log(w), "folding": 1.0 if w < 1.0 else 0.0, "sdlogj": 0.4 / math.sqrt(w)}
+
+
+def failing(space, params):
+    if params["objective.w_reg"] > 4:
+        raise RuntimeError("diverged")
+    return bowl(space, params)
+
+
+def space(**kw):
+    return tuning.space_from_dict({**SPACE, **kw})
+
+
+def test_parameter_scaling_round_trip():
+    p = tuning.Parameter("objective.w_reg", 0.25, 16.0, log=True)
+    assert p.from_unit(0.5) == pytest.approx(2.0) and p.to_unit(2.0) == pytest.approx(0.5)
+    q = tuning.Parameter("iterations", 10, 50, integer=True)
+    assert q.from_unit(0.51) == 30.0 and q.from_unit(2.0) == 50.0
+
+
+def test_apply_params_sets_nested_keys_and_scales_schedules():
+    sp = tuning.space_from_dict({**SPACE, "parameters": {**SPACE["parameters"], "iterations": {"low": 50, "high": 400}}})
+    cfg = tuning.apply_params(sp, {"objective.w_reg": 3.0, "objective.hyper_strength": 0.2, "iterations": 100})
+    assert cfg.objective.w_reg == 3.0 and cfg.objective.hyper_strength == 0.2
+    assert cfg.iterations == (100, 60, 15)  # default (200, 120, 30) scaled by 100/200
+
+
+def test_botorch_finds_the_optimum_of_an_analytic_objective(tmp_path):
+    res = tuning.run_tuning(space(), bowl, 14, tmp_path, progress=False)
+    assert len(res.trials) == 14 and all(t["status"] == "done" for t in res.trials)
+    sobol_best = max(t["dice"] for t in res.trials[:5] if t["folding"] <= 0.1)
+    assert res.best["dice"] > 0.79 and res.best["dice"] >= sobol_best
+    assert res.best["params"]["objective.w_reg"] == pytest.approx(2.0, rel=0.35)
+
+
+def test_folding_constraint_is_respected(tmp_path):
+    res = tuning.run_tuning(space(), tempting, 12, tmp_path, progress=False)
+    assert any(t["folding"] > 0.1 and t["dice"] > res.best["dice"] for t in res.trials)  # better but infeasible trials exist
+    assert res.best["folding"] <= 0.1 and 1.0 <= res.best["params"]["objective.w_reg"] <= 2.0  # near the boundary
+    assert all(t["folding"] <= 0.1 for t in res.pareto)
+
+
+def test_pareto_mode_returns_the_non_dominated_trials(tmp_path):
+    res = tuning.run_tuning(space(mode="pareto", batch_size=2), bowl, 8, tmp_path, progress=False)
+    ok = [t for t in res.trials if t["folding"] <= 0.1]
+    front_ids = {t["id"] for t in res.pareto}
+    for t in ok:  # brute force: on the front iff no other feasible trial is at least as good in both and better in one
+        dominated = any(o["dice"] >= t["dice"] and o["sdlogj"] <= t["sdlogj"] and (o["dice"], o["sdlogj"]) != (t["dice"], t["sdlogj"])
+                        for o in ok)
+        assert (t["id"] in front_ids) == (not dominated), t
+    assert len(res.pareto) >= 2
+
+
+@pytest.mark.parametrize("method", ["random", "tpe"])
+def test_baseline_methods(tmp_path, method):
+    res = tuning.run_tuning(space(), bowl, 8, tmp_path, method=method, progress=False)
+    assert len(res.trials) == 8 and res.best is not None
+    assert json.loads((tmp_path / "trials.json").read_text())["method"] == method
+
+
+def test_failed_trials_are_recorded_and_the_run_goes_on(tmp_path):
+    res = tuning.run_tuning(space(), failing, 8, tmp_path, progress=False)
+    failed = [t for t in res.trials if t["status"] == "failed"]
+    assert failed and all("diverged" in t["error"] for t in failed)
+    assert len(res.trials) == 8 and res.best["params"]["objective.w_reg"] <= 4
+
+
+def test_killed_run_resumes_without_losing_trials(tmp_path):
+    sp = space(batch_size=2)
+    full = tuning.run_tuning(sp, bowl, 9, tmp_path / "full", progress=False)
+    tuning.run_tuning(sp, bowl, 9, tmp_path / "cut", progress=False, stop_after=6)  # stops inside a batch of 2
+    saved = json.loads((tmp_path / "cut" / "trials.json").read_text())["trials"]
+    assert sum(t["status"] == "done" for t in saved) == 6 and [t["status"] for t in saved].count("pending") == 1
+    res = tuning.run_tuning(sp, bowl, 9, tmp_path / "cut", progress=False, resume=True)
+    assert [t["params"] for t in res.trials[:7]] == [t["params"] for t in saved]  # kept, pending one evaluated as proposed
+    assert [t["params"] for t in res.trials[:7]] == [t["params"] for t in full.trials[:7]]
+    assert len(res.trials) == 9 and all(t["status"] == "done" for t in res.trials)
+    with pytest.raises(ValueError, match="another method or search space"):
+        tuning.run_tuning(space(seed=5), bowl, 10, tmp_path / "cut", progress=False, resume=True)
+    with pytest.raises(ValueError, match="--resume"):
+        tuning.run_tuning(sp, bowl, 9, tmp_path / "cut", progress=False)
+
+
+def test_parallel_workers_evaluate_a_batch(tmp_path):
+    res = tuning.run_tuning(space(batch_size=2, workers=2, initial_trials=2), bowl, 4, tmp_path, progress=False)
+    assert len(res.trials) == 4 and all(t["status"] == "done" for t in res.trials)
+
+
+def test_outputs_and_best_config_is_accepted_by_register(tmp_path):
+    sp = space()
+    res = tuning.run_tuning(sp, bowl, 8, tmp_path, progress=False)
+    summary = tuning.write_outputs(sp, res, tmp_path)
+    for name in ("best_config.yaml", "pareto.json", "summary.json", "best_so_far.png", "pareto.png", "partial_dependence.png"):
+        assert (tmp_path / name).is_file(), name
+    from instance_opt import InstanceOptConfig
+
+    cfg = load_yaml(tmp_path / "best_config.yaml", InstanceOptConfig)
+    assert cfg.objective.w_reg == pytest.approx(res.best["params"]["objective.w_reg"])
+    assert summary["best_so_far"][-1] == res.best["dice"]
+    pd = tuning.partial_dependence(sp, res.trials)
+    xs, mean, _ = pd["objective.w_reg"]
+    assert xs[0] == pytest.approx(0.25) and xs[-1] == pytest.approx(16.0) and len(mean) == len(xs)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("solver: instance\n", "parameters"),
+    ("parameters: {objective.w_reg: {low: 4, high: 1}}\n", "below"),
+    ("parameters: {objective.w_reg: {low: 0, high: 1, log: true}}\n", "low > 0"),
+    ("parameters: {objective.w_regg: {low: 1, high: 2}}\n", "w_regg"),
+    ("parameters: {objective.w_reg: {low: 1, high: 2}}\nbatchsize: 2\n", "batchsize"),
+    ("parameters: {objective.w_reg: {low: 1, high: 2, scale: 3}}\n", "scale"),
+    ("parameters: [w_reg]\n", "parameters"),
+    ("parameters: {objective.w_reg: {low: 1, high: 2}}\nbatch_size: 0\n", "batch_size"),
+    ("parameters: {a: [1,\n", "not valid YAML"),
+])
+def test_bad_search_space_files(tmp_path, content, match):
+    p = tmp_path / "space.yaml"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        tuning.load_space(p)
+    assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+
+
+def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
+    sp = {**SPACE, "initial_trials": 2, "max_pairs": 1,
+          "base_config": {"level_spacing": [8.0], "iterations": [25], "velocity_smoothing": 1.0}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(sp))
+    out = tmp_path / "tune"
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--out", str(out), "--no-progress"]) == 0
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
+    assert all(0.5 < t["dice"] < 0.9 and t["sdlogj"] > 0 for t in trials)  # real registrations of a bundled pair
+    assert "best of 3 trials" in capsys.readouterr().out
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--out", str(out), "--resume",
+                 "--no-progress"]) == 0
+    assert len(json.loads((out / "trials.json").read_text())["trials"]) == 4
