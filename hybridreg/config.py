@@ -16,7 +16,7 @@ from typing import Any, Iterator, Type, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "dump_yaml", "atomic_output", "atomic_write_text"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text"]
 
 T = TypeVar("T")
 
@@ -109,14 +109,23 @@ def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> 
         FileNotFoundError: the file does not exist (message names ``arg``).
         ValueError: the file is not valid YAML or does not fit ``cls``.
     """
+    return from_dict(cls, read_yaml(path, arg=arg), where=arg)
+
+
+def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
+    """Parse YAML file ``path``.
+
+    Raises:
+        FileNotFoundError: the file does not exist. ValueError: not valid YAML. Messages
+            name ``arg``.
+    """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: config file not found: {p}")
+        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"`{arg}`: {p} is not valid YAML: {e}") from None
-    return from_dict(cls, data, where=arg)
 
 
 @contextlib.contextmanager

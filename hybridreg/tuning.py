@@ -38,9 +38,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import yaml
-
-from .config import atomic_output, atomic_write_text, dump_yaml, from_dict, to_dict
+from .config import atomic_output, atomic_write_text, dump_yaml, from_dict, read_yaml, to_dict
 
 __all__ = ["Parameter", "SearchSpace", "load_space", "space_from_dict", "run_tuning", "TuningResult", "apply_params",
            "best_trial", "pareto_front", "METHODS"]
@@ -58,9 +56,9 @@ SOLVER_CONFIGS = {
 @dataclass(frozen=True)
 class Parameter:
     """One tuned value: ``key`` a dotted path into the solver config; ``low``/``high``
-    bounds; ``log`` search on a log scale (for values spanning decades); ``integer`` round;
-    for a tuple-valued key (``iterations``) every entry is scaled by the value relative to
-    the base (``scale: true``)."""
+    bounds; ``log`` search on a log scale (for values spanning decades); ``integer`` round.
+    For a list-valued key (``iterations``) the value sets the first entry and every other
+    entry is scaled by the same factor (:func:`apply_params`)."""
 
     key: str
     low: float
@@ -222,14 +220,7 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
         FileNotFoundError: missing file (names ``--space``). ValueError: invalid YAML or
             content.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`--space`: file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"`--space`: {p} is not valid YAML: {e}") from None
-    return space_from_dict(data, where="--space")
+    return space_from_dict(read_yaml(path, arg="--space"), where="--space")
 
 
 # ----------------------------------------------------------------------------- results
