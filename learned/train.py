@@ -15,7 +15,8 @@ Outputs in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per step: learning
 every energy term), ``validation.csv`` and ``history.json`` (one row per epoch: mean
 training loss, validation Dice), ``training.png`` (loss and validation Dice),
 ``checkpoint_<step>.pt`` (the newest ``keep_checkpoints``), ``model_best.pt``,
-``model_final.pt``. Every file is written atomically.
+``model_final.pt``. Checkpoints, weights, figures, YAML and JSON are written atomically;
+the CSV logs grow by one row at a time and are cut back to the checkpoint on resume.
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, step, config, the best
 validation score and every random state the loop uses (each process's ``torch.Generator``
