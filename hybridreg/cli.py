@@ -211,6 +211,8 @@ def register_files(
         t_metrics = time.perf_counter()
         if fl is not None:
             wl = warp(torch.from_numpy(ml)[None, None].to(dev), disp, mode="nearest")[0, 0].cpu().numpy()
+            inside = lam_np[fl > 0]
+            metrics["lambda"].update({"mean_inside_fixed_labels": float(inside.mean()), "std_inside_fixed_labels": float(inside.std())})
             metrics["labels_scored"] = list(labels_to_score)
             metrics["dice_before"] = _summary(dice(fl, ml, labels_to_score))
             metrics["dice_after"] = _summary(dice(fl, wl, labels_to_score))
