@@ -87,7 +87,8 @@ def _tiny_cfg(**kw):
 
     net = NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4)
     base = dict(network=net, objective=ObjectiveConfig(lncc_window=3, svf_steps=3), steps=6, lr=1e-3,
-                checkpoint_every=3, epoch_steps=2, seed=7, pairing="subject", deform_prob=0.5, gamma_std=0.1)
+                checkpoint_every=3, epoch_steps=2, seed=7, pairing="subject", deform_prob=0.5, gamma_std=0.1,
+                lambda_warmup_steps=2, lambda_lr_factor=0.5)
     return TrainConfig(**{**base, **kw})
 
 

@@ -26,6 +26,8 @@ lr: 0.002
 seed: 3
 pairing: mixed
 deform_prob: 0.5
+lambda_warmup_steps: 2
+lambda_lr_factor: 0.5
 """
 
 
