@@ -38,7 +38,7 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
 
 
 def _refine_default() -> InstanceOptConfig:
-    return InstanceOptConfig(level_spacing=(4.0, 2.0), iterations=(40, 8), tol=0.0, min_iterations=1, window=5)
+    return InstanceOptConfig(level_spacing=(4.0, 2.0), iterations=(20, 12), tol=0.0, min_iterations=1, window=5)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,10 @@ class LearnedConfig:
         refine: refine the network's output by instance optimization.
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy unless
-            ``refine_objective_from_weights`` is False).
+            ``refine_objective_from_weights`` is False). Default: 20 iterations on the
+            4 mm level and 12 on the 2 mm level, no early stop; chosen on the bundled
+            validation pairs (2 mm), where it reached 0.764 mean Dice against 0.771 for the
+            full instance schedule, in 11 s against 40 s.
         refine_objective_from_weights: refine the energy the network was trained on.
         progress: tqdm bars during refinement.
     """

@@ -26,3 +26,20 @@ def test_config_loads(path):
         assert cfg.objective.w_reg == 4.0  # the instance solver's energy: both solvers minimise one model
     else:
         load_space(path)
+
+
+def test_atomic_output_replaces_whole_files_with_normal_permissions(tmp_path):
+    import os
+
+    from hybridreg.config import atomic_output, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("killed")
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
