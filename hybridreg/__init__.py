@@ -3,7 +3,7 @@
 The model (``docs/method.md`` §1): stationary velocity fields integrated by scaling and
 squaring, an image match (LNCC, MSE), a λ-weighted graph-Laplacian prior on the
 displacement, a normal or beta hyperprior on λ and an optional smoothness prior on λ.
-Solvers live in separate packages (``instance_opt``) and import this one, never the
+Solvers live in separate packages (``instance_opt``, ``learned``) and import this one, never the
 reverse.
 """
 
