@@ -285,7 +285,7 @@ def training_figure(run_dir: str | os.PathLike) -> Path:
     ax[0].set(xlabel="step", ylabel="energy (total)", title="training loss")
     if val:
         ax[1].plot([int(r["step"]) for r in val], [float(r["val_dice"]) for r in val], "o-", color="C1")
-    ax[1].set(xlabel="step", ylabel="mean Dice", title="validation Dice")
+    ax[1].set(xlabel="step", ylabel="mean Dice (labels shared by each pair)", title="validation Dice")
     fig.tight_layout()
     out = run / "training.png"
     with atomic_output(out) as tmp:
