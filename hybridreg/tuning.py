@@ -535,7 +535,6 @@ def learned_objective(space: SearchSpace, params: dict) -> dict:
 
     train_mod = importlib.import_module("learned.train")
     from .data.sources import load_dataset
-    from .objective import evaluate
 
     cfg = apply_params(space, params)
     data = load_dataset(space.train_data)
@@ -546,9 +545,7 @@ def learned_objective(space: SearchSpace, params: dict) -> dict:
 
     def reg(f, m):
         ft, mt = (torch.from_numpy(v.image)[None, None] for v in (f, m))
-        with torch.no_grad():
-            out = net(ft, mt)
-            return evaluate(ft, mt, out.velocity, out.lam, cfg.objective, ds.spacing).displacement
+        return train_mod.predict(net, ft, mt, cfg.objective, ds.spacing)[1].displacement
 
     return _score_pairs(reg, pairs, ds.spacing)
 

@@ -24,11 +24,12 @@ from typing import Sequence
 
 import torch
 
-from hybridreg.objective import ObjectiveConfig, evaluate
+from hybridreg.objective import evaluate
 from hybridreg.regularization import check_spacing
 from hybridreg.spatial import resize_image
 from instance_opt import InstanceOptConfig, InstanceResult, LevelHistory
 from instance_opt import register_pair as instance_register_pair
+from instance_opt.solver import _check_images as check_images
 
 __all__ = ["DEFAULT_WEIGHTS", "LearnedConfig", "register_pair"]
 
@@ -102,13 +103,7 @@ def register_pair(
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
-    for name, t in (("fixed", fixed), ("moving", moving)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"register_pair(): `{name}` must be a floating-point torch.Tensor")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"register_pair(): `{name}` contains NaN or Inf values")
-    if fixed.shape != moving.shape:
-        raise ValueError(f"register_pair(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ")
+    check_images(fixed, moving)
     net, objective, train_spacing, _ = _load(str(cfg.weights or DEFAULT_WEIGHTS), str(dev))
     d = net.config.ndim
     if fixed.dim() != d + 2:
@@ -143,7 +138,3 @@ def register_pair(
     res.seconds += net_seconds
     return res
 
-
-def objective_of(weights: str | None = None) -> ObjectiveConfig:
-    """The energy a weight file was trained on (``None``: the shipped weights)."""
-    return _load(str(weights or DEFAULT_WEIGHTS), "cpu")[1]
