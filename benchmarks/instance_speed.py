@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -30,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import rss_mb, run_python
 from hybridreg import data
+from hybridreg.config import atomic_write_text
 from hybridreg.io import normalize_intensity
 from hybridreg.objective import control_spacing
 from hybridreg.priors import lambda_from_param
@@ -120,7 +120,7 @@ def run_resolution(resolution: int, repeats: int) -> dict:
         "registration_seconds": total,
         "levels": levels,
         "steps": steps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": rss_mb(),
         "threads": torch.get_num_threads(),
     }
 
@@ -160,15 +160,14 @@ def main(argv=None) -> int:
         return 0
     results = []
     for res in (int(x) for x in a.resolutions.split(",")):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.instance_speed", "--child", str(res), "--repeats", str(a.repeats)],
-                             capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        out = run_python(["-m", "benchmarks.instance_speed", "--child", str(res), "--repeats", str(a.repeats)])
+        results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{res} mm done: {results[-1]['registration_seconds']:.1f} s", file=sys.stderr)
     md = to_markdown(results)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out, md)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=2))
     print(md)
     return 0
 

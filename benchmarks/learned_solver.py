@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +31,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import rss_mb, run_python
+
 SOLVERS = ("instance", "learned", "learned+refine")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def child_register(solver: str, fid: str, moving: str, resolution: int) -> dict:
@@ -64,14 +60,14 @@ def child_inference(resolution: int, repeats: int) -> dict:
     f, m = data.load_subject(fid, resolution), data.load_subject(mid, resolution)
     ft = torch.from_numpy(normalize_intensity(f.image))[None, None]
     mt = torch.from_numpy(normalize_intensity(m.image))[None, None]
-    base = _rss_mb()
+    base = rss_mb()
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
         register_pair(ft, mt, LearnedConfig(), spacing=f.spacing)
         times.append(time.perf_counter() - t)
     return {"resolution_mm": resolution, "seconds_median": statistics.median(times[1:]), "seconds_first": times[0],
-            "peak_rss_mb": _rss_mb(), "rss_before_mb": base, "threads": torch.get_num_threads()}
+            "peak_rss_mb": rss_mb(), "rss_before_mb": base, "threads": torch.get_num_threads()}
 
 
 def child_train_step(repeats: int) -> dict:
@@ -97,16 +93,12 @@ def child_train_step(repeats: int) -> dict:
         opt.step()
         times.append(time.perf_counter() - t)
     n_params = sum(p.numel() for p in net.parameters())
-    return {"seconds_per_step_median": statistics.median(times[2:]), "parameters": n_params, "peak_rss_mb": _rss_mb(),
+    return {"seconds_per_step_median": statistics.median(times[2:]), "parameters": n_params, "peak_rss_mb": rss_mb(),
             "grid": list(ds.shape), "threads": torch.get_num_threads()}
 
 
 def _run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.learned_solver", "--child", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_python(["-m", "benchmarks.learned_solver", "--child", *args], cwd=str(ROOT)).strip().splitlines()[-1])
 
 
 def _mean_sd(xs):

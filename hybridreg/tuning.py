@@ -41,7 +41,7 @@ import torch
 from .config import atomic_output, atomic_write_text, dump_yaml, from_dict, read_yaml, to_dict
 
 __all__ = ["Parameter", "SearchSpace", "load_space", "space_from_dict", "run_tuning", "TuningResult", "apply_params",
-           "best_trial", "pareto_front", "METHODS"]
+           "best_trial", "pareto_front", "METHODS", "base_params"]
 
 METHODS = ("botorch", "random", "tpe")
 
@@ -56,7 +56,8 @@ SOLVER_CONFIGS = {
 @dataclass(frozen=True)
 class Parameter:
     """One tuned value: ``key`` a dotted path into the solver config; ``low``/``high``
-    bounds; ``log`` search on a log scale (for values spanning decades); ``integer`` round.
+    bounds; ``log`` search on a log scale (for values spanning decades); ``integer`` round;
+    ``step`` > 0 keeps only ``low + k·step`` (e.g. odd LNCC windows: low 5, step 2).
     For a list-valued key (``iterations``) the value sets the first entry and every other
     entry is scaled by the same factor (:func:`apply_params`)."""
 
@@ -65,6 +66,7 @@ class Parameter:
     high: float
     log: bool = False
     integer: bool = False
+    step: float = 0.0
 
     def to_unit(self, value: float) -> float:
         if self.log:
@@ -75,6 +77,9 @@ class Parameter:
         u = min(max(float(u), 0.0), 1.0)
         v = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))) if self.log else \
             self.low + u * (self.high - self.low)
+        if self.step > 0:
+            k = min(round((v - self.low) / self.step), math.floor((self.high - self.low) / self.step + 1e-9))
+            v = self.low + k * self.step
         return float(round(v)) if self.integer else v
 
 
@@ -169,9 +174,21 @@ def apply_params(space: SearchSpace, params: dict[str, float]):
     return from_dict(cls, full, where="config")
 
 
+def base_params(space: SearchSpace) -> dict[str, float]:
+    """The tuned keys' values in the base config (the solver's defaults unless the space
+    sets ``base_config``; the first entry of a list key): the "default" trial, for which
+    ``apply_params(space, base_params(space))`` is the base config itself."""
+    full = to_dict(from_dict(_config_class(space.solver), space.base_config, where="base_config"))
+    out = {}
+    for p in space.parameters:
+        v = _get_dotted(full, p.key)
+        out[p.key] = float(v[0] if isinstance(v, list) else v)
+    return out
+
+
 def space_from_dict(data: Any, where: str = "space") -> SearchSpace:
     """Build a :class:`SearchSpace` from its YAML mapping; ``parameters`` is a mapping
-    ``key: {low, high[, log, integer]}``.
+    ``key: {low, high[, log, integer, step]}``.
 
     Raises:
         ValueError: anything malformed, naming the key (bounds not ``0 < low < high`` on a
@@ -188,6 +205,8 @@ def space_from_dict(data: Any, where: str = "space") -> SearchSpace:
         p = from_dict(Parameter, {"key": key, **(spec if isinstance(spec, dict) else {"low": spec})}, where=f"{where}.parameters.{key}")
         if not p.low < p.high:
             raise ValueError(f"{where}.parameters.{key}: `low` must be below `high`, got {p.low} and {p.high}")
+        if p.step < 0 or p.step > p.high - p.low:
+            raise ValueError(f"{where}.parameters.{key}: `step` must be in [0, high - low], got {p.step}")
         if p.log and p.low <= 0:
             raise ValueError(f"{where}.parameters.{key}: a log-scale parameter needs low > 0, got {p.low}")
         params.append(p)
@@ -421,7 +440,8 @@ def run_tuning(
     trials: list[dict] = []
     if resume and state.is_file():
         saved = json.loads(state.read_text())
-        if saved["method"] != method or saved["space"] != to_dict(space):
+        # compare as dataclasses, so that fields added later with defaults do not break a resume
+        if saved["method"] != method or from_dict(SearchSpace, saved["space"], where=str(state)) != space:
             raise ValueError(f"`--resume`: {state} was written with another method or search space")
         trials = saved["trials"]
     elif resume:
@@ -504,21 +524,22 @@ def _score_pairs(register: Callable, pairs: list, spacing) -> dict:
     return {"dice": float(np.mean(dices)), "folding": float(np.max(folds)), "sdlogj": float(np.mean(sds))}
 
 
-def _validation_pairs(space: SearchSpace):
+def _pairs(space: SearchSpace, split: str):
     from .data.sources import bundled
 
     ds = bundled(space.resolution)
-    pairs = ds.validation_pairs()
+    pairs = ds.pairs(split)
     return (pairs[: space.max_pairs] if space.max_pairs else pairs), ds
 
 
-def instance_objective(space: SearchSpace, params: dict) -> dict:
-    """Trial of the instance solver: register every bundled validation pair (atlas ← val
-    subject, ``space.resolution`` mm) with the trial's config; returns mean Dice, max
-    %|J|≤0 and mean SDlogJ."""
+def instance_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+    """Trial of the instance solver: register every bundled pair of ``split`` (atlas ←
+    subject, ``space.resolution`` mm; ``"val"`` while tuning, ``"test"`` to check the
+    chosen configuration) with the trial's config; returns mean Dice, max %|J|≤0 and mean
+    SDlogJ."""
     register_pair = importlib.import_module("instance_opt").register_pair
     cfg = replace(apply_params(space, params), progress=False)
-    pairs, ds = _validation_pairs(space)
+    pairs, ds = _pairs(space, split)
 
     def reg(f, m):
         ft, mt = (torch.from_numpy(v.image)[None, None] for v in (f, m))
@@ -527,10 +548,10 @@ def instance_objective(space: SearchSpace, params: dict) -> dict:
     return _score_pairs(reg, pairs, ds.spacing)
 
 
-def learned_objective(space: SearchSpace, params: dict) -> dict:
+def learned_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
     """Trial of the learned solver: train with the trial's config (its ``steps`` is the
     per-trial training budget) on ``space.train_data``, then score the network on the
-    bundled validation pairs."""
+    bundled pairs of ``split``."""
     import tempfile
 
     train_mod = importlib.import_module("learned.train")
@@ -538,7 +559,7 @@ def learned_objective(space: SearchSpace, params: dict) -> dict:
 
     cfg = apply_params(space, params)
     data = load_dataset(space.train_data)
-    pairs, ds = _validation_pairs(space)
+    pairs, ds = _pairs(space, split)
     with tempfile.TemporaryDirectory() as tmp:
         net = train_mod.train(cfg, data, Path(tmp) / "run", progress=False)
     net.eval()

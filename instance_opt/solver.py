@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -224,6 +224,7 @@ def register_pair(
     device: str | torch.device | None = None,
     init_velocity: torch.Tensor | None = None,
     init_lambda: torch.Tensor | None = None,
+    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> InstanceResult:
     """Register ``moving`` to ``fixed`` by instance optimization (method §2.1).
 
@@ -237,6 +238,11 @@ def register_pair(
         init_velocity: optional ``(B, d, *any)`` SVF in voxels of its own grid (e.g. a
             network's output) to start from; resampled to the first level's control grid.
         init_lambda: optional ``(B, 1, *any)`` λ map to start from (voxelwise mode).
+        callback: optional ``callback(level, iteration, velocity, lam)``, called every
+            ``config.window`` iterations (and after a level's last one) with the current
+            detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
+            preconditioner) and λ; for time-to-accuracy curves (its run time counts in
+            ``seconds``).
 
     Returns:
         :class:`InstanceResult`.
@@ -326,10 +332,16 @@ def register_pair(
                 bar.set_postfix(
                     {k[:5]: f"{float(log[k][-1]):.4f}" for k in names}, refresh=False
                 )
+                if callback is not None:
+                    with torch.no_grad():
+                        callback(level, it + 1, smooth(v), lambda_from_param(th, kind) if th is not None else uniform_lam)
                 if stopping(totals):
                     status = "converged"
                     break
         n_done = it + 1 if n_iter > 0 else 0
+        if callback is not None and n_iter > 0 and n_done % cfg.window != 0:
+            with torch.no_grad():
+                callback(level, n_done, smooth(v), lambda_from_param(th, kind) if th is not None else uniform_lam)
         bar.close()
         history.append(
             LevelHistory(

@@ -86,6 +86,21 @@ def test_2d_registration_recovers_a_shift():
     assert torch.allclose(u, torch.tensor([2.0, -1.0]), atol=0.3)
 
 
+def test_callback_sees_the_optimised_velocity():
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    f = torch.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 40.0)[None, None]
+    m = torch.exp(-((y - 17) ** 2 + (x - 15) ** 2) / 40.0)[None, None]
+    cfg = InstanceOptConfig(level_spacing=(2.0, 1.0), iterations=(25, 20), tol=0.0, window=10,
+                            objective=ObjectiveConfig(similarity="mse", w_reg=0.01), progress=False)
+    calls = []
+    r = register_pair(f, m, cfg, callback=lambda lev, it, v, lam: calls.append((lev, it, v.clone(), lam.clone())))
+    # every window, plus a level's last iteration when it is not a multiple of the window
+    assert [(lev, it) for lev, it, _, _ in calls] == [(0, 10), (0, 20), (0, 25), (1, 10), (1, 20)]
+    assert calls[0][2].shape == (1, 2, 16, 16) and calls[-1][2].shape == (1, 2, 32, 32)
+    assert not calls[-1][2].requires_grad
+    assert torch.equal(calls[-1][2], r.velocity) and torch.equal(calls[-1][3], r.lam)
+
+
 def test_init_velocity_is_used():
     f = torch.rand(1, 1, 12, 12, 12)
     v0 = torch.full((1, 3, 6, 6, 6), 0.5)

@@ -38,6 +38,9 @@ def test_bundled_source_has_the_documented_splits():
     assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 3, 5)
     assert ds.atlas.subject_id == "vxm" and ds.spacing == (2.0, 2.0, 2.0) and ds.shape == (112, 96, 80)
     assert [m.subject_id for _, m in ds.validation_pairs()] == ["synthseg_13", "synthseg_14", "synthseg_15"]
+    assert [(f.subject_id, m.subject_id) for f, m in ds.pairs("test")] == [("vxm", f"synthseg_{i}") for i in range(16, 21)]
+    with pytest.raises(ValueError, match="split"):
+        ds.pairs("train")
     assert 0.9 < float(np.percentile(ds.train[0].image[ds.train[0].image > 0], 99.5)) < 1.1  # normalised
 
 

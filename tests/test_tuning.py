@@ -52,6 +52,8 @@ def test_parameter_scaling_round_trip():
     assert p.from_unit(0.5) == pytest.approx(2.0) and p.to_unit(2.0) == pytest.approx(0.5)
     q = tuning.Parameter("iterations", 10, 50, integer=True)
     assert q.from_unit(0.51) == 30.0 and q.from_unit(2.0) == 50.0
+    w = tuning.Parameter("objective.lncc_window", 5, 14, integer=True, step=2)  # odd windows 5..13
+    assert [w.from_unit(u) for u in (0.0, 0.2, 0.5, 0.9, 1.0)] == [5.0, 7.0, 9.0, 13.0, 13.0]
 
 
 def test_apply_params_sets_nested_keys_and_scales_schedules():
@@ -59,6 +61,14 @@ def test_apply_params_sets_nested_keys_and_scales_schedules():
     cfg = tuning.apply_params(sp, {"objective.w_reg": 3.0, "objective.hyper_strength": 0.2, "iterations": 100})
     assert cfg.objective.w_reg == 3.0 and cfg.objective.hyper_strength == 0.2
     assert cfg.iterations == (100, 60, 15)  # default (200, 120, 30) scaled by 100/200
+
+
+def test_base_params_are_the_base_configs_values():
+    sp = tuning.space_from_dict({**SPACE, "parameters": {**SPACE["parameters"], "iterations": {"low": 50, "high": 400}},
+                                 "base_config": {"objective": {"w_reg": 2.5}}})
+    base = tuning.base_params(sp)
+    assert base == {"objective.w_reg": 2.5, "objective.hyper_strength": 0.175, "iterations": 200.0}
+    assert tuning.apply_params(sp, base) == tuning.apply_params(sp, {**base, "iterations": 200})
 
 
 def test_botorch_finds_the_optimum_of_an_analytic_objective(tmp_path):
@@ -117,6 +127,18 @@ def test_killed_run_resumes_without_losing_trials(tmp_path):
         tuning.run_tuning(sp, bowl, 9, tmp_path / "cut", progress=False)
 
 
+def test_resume_accepts_a_state_file_written_before_a_field_was_added(tmp_path):
+    sp = space()
+    tuning.run_tuning(sp, bowl, 3, tmp_path, progress=False)
+    state = json.loads((tmp_path / "trials.json").read_text())
+    for p in state["space"]["parameters"]:
+        del p["step"]  # as written by an older hybridreg
+    (tmp_path / "trials.json").write_text(json.dumps(state))
+    assert len(tuning.run_tuning(sp, bowl, 4, tmp_path, progress=False, resume=True).trials) == 4
+    with pytest.raises(ValueError, match="another method or search space"):
+        tuning.run_tuning(space(folding_max=0.5), bowl, 5, tmp_path, progress=False, resume=True)
+
+
 def test_parallel_workers_evaluate_a_batch(tmp_path):
     res = tuning.run_tuning(space(batch_size=2, workers=2, initial_trials=2), bowl, 4, tmp_path, progress=False)
     assert len(res.trials) == 4 and all(t["status"] == "done" for t in res.trials)
@@ -148,6 +170,8 @@ def test_outputs_and_best_config_is_accepted_by_register(tmp_path):
     ("parameters: [w_reg]\n", "parameters"),
     ("parameters: {objective.w_reg: {low: 1, high: 2}}\nbatch_size: 0\n", "batch_size"),
     ("parameters: {a: [1,\n", "not valid YAML"),
+    ("parameters: {objective.lncc_window: {low: 5, high: 13, integer: true, step: 20}}\n", "step"),
+    ("parameters: {objective.lncc_window: {low: 4, high: 12, integer: true}}\n", "lncc_window"),  # even mid-range window
 ])
 def test_bad_search_space_files(tmp_path, content, match):
     p = tmp_path / "space.yaml"
@@ -170,3 +194,24 @@ def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
     assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--out", str(out), "--resume",
                  "--no-progress"]) == 0
     assert len(json.loads((out / "trials.json").read_text())["trials"]) == 4
+
+
+def test_learned_objective_trains_a_short_run_and_scores_validation_pairs():
+    sp = tuning.space_from_dict({
+        "solver": "learned", "parameters": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "max_pairs": 1,
+        "base_config": {"network": {"ndim": 3, "encoder": [4, 8], "decoder": [8, 4], "lambda_channels": 4,
+                                    "resolution_factor": 2},
+                        "steps": 2, "epoch_steps": 2, "checkpoint_every": 2},
+    })
+    r = tuning.learned_objective(sp, {"lr": 1e-3})
+    assert set(r) == {"dice", "folding", "sdlogj"}
+    assert 0.4 < r["dice"] < 0.9 and r["sdlogj"] >= 0  # an (almost untrained) network on the real pair vxm <- synthseg_13
+
+
+def test_objectives_score_the_test_split_on_request():
+    sp = tuning.space_from_dict({**SPACE, "max_pairs": 1, "base_config": {"level_spacing": [8.0], "iterations": [5]}})
+    params = tuning.base_params(sp)
+    val, test = (tuning.instance_objective(sp, params, split=s) for s in ("val", "test"))
+    assert val["dice"] != test["dice"]  # vxm <- synthseg_13 against vxm <- synthseg_16
+    with pytest.raises(ValueError, match="split"):
+        tuning.instance_objective(sp, params, split="train")

@@ -82,13 +82,24 @@ class RegistrationDataset:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.train[0].image.shape)
 
-    def validation_pairs(self) -> list[tuple[Volume, Volume]]:
-        """(fixed, moving) pairs for validation Dice: atlas ← each labelled val subject, or
-        (without an atlas) consecutive labelled val subjects."""
-        lab = [v for v in self.val if v.labels is not None]
+    def pairs(self, split: str = "val") -> list[tuple[Volume, Volume]]:
+        """(fixed, moving) evaluation pairs of ``split`` (``"val"`` or ``"test"``): atlas ←
+        each labelled subject of the split, or (without an atlas) consecutive labelled
+        subjects.
+
+        Raises:
+            ValueError: ``split`` is not ``"val"`` or ``"test"``.
+        """
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        lab = [v for v in getattr(self, split) if v.labels is not None]
         if self.atlas is not None and self.atlas.labels is not None:
             return [(self.atlas, v) for v in lab]
         return [(lab[i], lab[i + 1]) for i in range(len(lab) - 1)]
+
+    def validation_pairs(self) -> list[tuple[Volume, Volume]]:
+        """``pairs("val")``: the pairs of the per-epoch validation Dice."""
+        return self.pairs("val")
 
 
 def _resample(arr: np.ndarray, spacing: Sequence[float], target: Sequence[float], labels: bool) -> np.ndarray:

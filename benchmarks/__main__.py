@@ -1,0 +1,219 @@
+"""One entry point for hybridreg's benchmarks.
+
+Usage::
+
+    python -m benchmarks list                      # suites, datasets, methods (and what is missing)
+    python -m benchmarks run --suite bundled       # every method on the bundled test pairs + scaling -> report
+    python -m benchmarks run --suite bundled --fresh   # start over instead of continuing
+    python -m benchmarks report --suite bundled    # re-render the report from the stored rows
+    python -m benchmarks calibrate-uniform         # uniform-λ config matched to the voxelwise SDlogJ
+    python -m benchmarks instance-speed | learned-solver | tuning [args...]   # the focused benchmarks
+
+``run`` writes ``benchmarks/results/<suite>/``: ``report.md``, CSV files, figures and
+``rows.jsonl``; it continues an interrupted run (finished (pair, method) runs are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FOCUSED = {"instance-speed": "benchmarks.instance_speed", "learned-solver": "benchmarks.learned_solver",
+           "tuning": "benchmarks.tuning_comparison"}
+
+
+def _list() -> int:
+    from benchmarks.methods import METHODS, available
+    from benchmarks.suite import DATASETS, SUITES
+
+    print("suites:")
+    for k, s in SUITES.items():
+        print(f"  {k}: dataset {s['dataset']}, methods {', '.join(s['methods'])}{', scaling' if s['scaling'] else ''}")
+    print("datasets:")
+    for k, d in DATASETS.items():
+        print(f"  {k}: {d.description}")
+    print("methods:")
+    for k, m in METHODS.items():
+        ok, msg = available(m)
+        print(f"  {k}: {m.label}" + ("" if ok else f"  [{msg}]"))
+    print("focused benchmarks: " + ", ".join(FOCUSED))
+    return 0
+
+
+def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall: float | None) -> Path:
+    from benchmarks.common import environment
+    from benchmarks.report import figures, markdown, paired_stats, write_csvs
+    from benchmarks.suite import DATASETS, SUITES, read_rows
+    from hybridreg.config import atomic_write_text
+
+    rows = read_rows(out / "rows.jsonl")
+    if not rows:
+        raise SystemExit(f"{out / 'rows.jsonl'}: no finished runs to report")
+    env_path = out / "environment.json"
+    env = environment()
+    atomic_write_text(env_path, json.dumps(env, indent=2))
+    stats = paired_stats(rows)
+    write_csvs(out, rows, stats, scaling)
+    files = figures(out, rows, scaling)
+    md = markdown(suite, DATASETS[SUITES[suite]["dataset"]].description, env, rows, stats, scaling, files, skipped, wall)
+    atomic_write_text(out / "report.md", md)
+    return out / "report.md"
+
+
+def _run(a) -> int:
+    from benchmarks.methods import METHODS, available
+    from benchmarks.scaling import GRIDS, run_scaling
+    from benchmarks.suite import SUITES, run_suite
+    from hybridreg.config import atomic_write_text
+
+    if a.suite not in SUITES:
+        raise SystemExit(f"--suite must be one of {sorted(SUITES)}, got {a.suite!r}")
+    out = Path(a.out or RESULTS / a.suite)
+    t0 = time.perf_counter()
+    if a.fresh:
+        for name in ("rows.jsonl", "scaling.json"):
+            (out / name).unlink(missing_ok=True)
+    spec = SUITES[a.suite]
+    methods = a.methods or spec["methods"]
+    skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
+    run_suite(a.suite, out, methods, a.max_pairs)
+    scaling = []
+    sc_path = out / "scaling.json"
+    if spec["scaling"] and not a.no_scaling:
+        if sc_path.is_file():
+            scaling = json.loads(sc_path.read_text())
+        else:
+            scaling = run_scaling(a.grids or GRIDS, a.repeats)
+            atomic_write_text(sc_path, json.dumps(scaling, indent=2))
+    report = _render(a.suite, out, scaling, skipped, (time.perf_counter() - t0) / 60.0)
+    print(f"wrote {report}")
+    return 0
+
+
+def match_sdlogj(measure, target: float, start: float, evaluations: int, tol: float) -> list[tuple[float, float, dict]]:
+    """Search the uniform λ whose SDlogJ is ``target``: secant steps on (log λ, log SDlogJ),
+    which is close to linear (more λ = smoother); the first step is ±0.7 in log λ.
+
+    ``measure(λ) -> {"sdlogj", ...}``. Returns every ``(log λ, log SDlogJ, result)`` tried;
+    stops when ``|SDlogJ − target| < tol`` or after ``evaluations``.
+    """
+    import math
+
+    pts = []
+    x = math.log(start)
+    for _ in range(evaluations):
+        r = measure(math.exp(x))
+        pts.append((x, math.log(r["sdlogj"]), r))
+        if abs(r["sdlogj"] - target) < tol:
+            break
+        if len(pts) == 1:
+            x += 0.7 if r["sdlogj"] > target else -0.7
+        else:
+            (x0, y0, _), (x1, y1, _) = pts[-2], pts[-1]
+            slope = (y1 - y0) / (x1 - x0) if x1 != x0 else -0.5
+            x = x1 + (math.log(target) - y1) / (slope if slope < -1e-3 else -0.5)
+    return pts
+
+
+def _calibrate(a) -> int:
+    """Uniform λ whose mean validation SDlogJ equals the voxelwise solver's (secant on log λ)."""
+    import math
+
+    import yaml
+
+    from hybridreg.config import atomic_write_text, to_dict
+    from hybridreg.tuning import Parameter, SearchSpace, instance_objective
+    from benchmarks.methods import UNIFORM_CONFIG
+
+    vox = SearchSpace(parameters=(Parameter("lambda_init", 0.01, 10.0, log=True),))
+    target = instance_objective(vox, {"lambda_init": 0.5})
+    print(f"voxelwise: validation Dice {target['dice']:.4f}, SDlogJ {target['sdlogj']:.4f}", flush=True)
+    uni = SearchSpace(parameters=vox.parameters, base_config={"lambda_mode": "uniform", "objective": {"hyperprior": "none"}})
+    def measure(lam: float) -> dict:
+        r = instance_objective(uni, {"lambda_init": lam})
+        print(f"uniform λ {lam:.4f}: validation Dice {r['dice']:.4f}, SDlogJ {r['sdlogj']:.4f}", flush=True)
+        return r
+
+    pts = match_sdlogj(measure, target["sdlogj"], a.start, a.evaluations, a.tol)
+    best = min(pts, key=lambda p: abs(p[2]["sdlogj"] - target["sdlogj"]))
+    lam = round(math.exp(best[0]), 4)
+    from hybridreg.tuning import apply_params
+
+    cfg = apply_params(uni, {"lambda_init": lam})
+    atomic_write_text(
+        UNIFORM_CONFIG,
+        "# Uniform-λ baseline at matched regularity (written by `python -m benchmarks calibrate-uniform`):\n"
+        f"# one scalar λ = {lam} (no hyperprior) chosen so that the mean SDlogJ on the bundled validation pairs\n"
+        f"# ({best[2]['sdlogj']:.4f}) matches the default voxelwise solver's ({target['sdlogj']:.4f}).\n"
+        f"# Validation Dice: uniform {best[2]['dice']:.4f}, voxelwise {target['dice']:.4f}.\n"
+        + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(f"wrote {UNIFORM_CONFIG} (λ = {lam})")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in FOCUSED:
+        import importlib
+
+        return importlib.import_module(FOCUSED[argv[0]]).main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="suites, datasets and methods")
+    r = sub.add_parser("run", help="run a suite and write its report")
+    r.add_argument("--suite", default="bundled")
+    r.add_argument("--out", help="output folder (default benchmarks/results/<suite>)")
+    r.add_argument("--methods", nargs="+", help="subset of the suite's methods")
+    r.add_argument("--max-pairs", type=int, help="only the first N pairs")
+    r.add_argument("--fresh", action="store_true", help="discard stored rows and start over")
+    r.add_argument("--no-scaling", action="store_true")
+    r.add_argument("--grids", nargs="+", help="scaling grids: 64x64x64 or mm values")
+    r.add_argument("--repeats", type=int, default=3, help="timed iterations per scaling grid")
+    rep = sub.add_parser("report", help="re-render the report from stored rows")
+    rep.add_argument("--suite", default="bundled")
+    rep.add_argument("--out")
+    c = sub.add_parser("calibrate-uniform", help="write configs/instance_uniform_matched.yaml")
+    c.add_argument("--start", type=float, default=1.0, help="first uniform λ to try")
+    c.add_argument("--evaluations", type=int, default=5)
+    c.add_argument("--tol", type=float, default=0.005, help="|SDlogJ difference| that ends the search")
+    ch = sub.add_parser("child", help=argparse.SUPPRESS)
+    ch.add_argument("dataset")
+    ch.add_argument("pair")
+    ch.add_argument("method")
+    ch.add_argument("--lambda-out")
+    sc = sub.add_parser("scaling-child", help=argparse.SUPPRESS)
+    sc.add_argument("grid")
+    sc.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    if a.cmd == "list":
+        return _list()
+    if a.cmd == "run":
+        return _run(a)
+    if a.cmd == "report":
+        out = Path(a.out or RESULTS / a.suite)
+        sc = out / "scaling.json"
+        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], None)}")
+        return 0
+    if a.cmd == "calibrate-uniform":
+        return _calibrate(a)
+    if a.cmd == "child":
+        from benchmarks.suite import child
+
+        print(json.dumps(child(a.dataset, a.pair, a.method, a.lambda_out)))
+        return 0
+    if a.cmd == "scaling-child":
+        from benchmarks.scaling import child
+
+        print(json.dumps(child(a.grid, a.repeats)))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Statistics, figures, CSV files and the markdown report of a benchmark suite."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import environment_markdown
+from benchmarks.methods import METHODS
+from hybridreg.config import atomic_output, atomic_write_text
+
+# (solver, voxelwise method, uniform method) of the paired comparison
+PAIRED = (("instance", "instance", "instance-uniform"), ("learned+refine", "learned+refine", "learned+refine-uniform"))
+
+
+def _label_names() -> dict[int, str]:
+    from hybridreg.data import label_names
+
+    return label_names()
+
+
+def _ordered(rows: list[dict]) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in METHODS if m in present]
+
+
+def _by(rows, method):
+    return sorted((r for r in rows if r["method"] == method), key=lambda r: r["pair"])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per method: means over pairs (max for folding), medians for time."""
+    out = []
+    for m in _ordered(rows):
+        rs = _by(rows, m)
+        d = [r["dice_mean"] for r in rs]
+        out.append({"method": m, "label": METHODS[m].label, "pairs": len(rs), "dice_mean": statistics.mean(d),
+                    "dice_sd": statistics.stdev(d) if len(d) > 1 else 0.0, "dice_before": statistics.mean(r["dice_before"] for r in rs),
+                    "hd95_mean": statistics.mean(r["hd95_mean"] for r in rs),
+                    "folding_max": max(r["folding_percent"] for r in rs),
+                    "sdlogj_mean": statistics.mean(r["sdlogj"] for r in rs),
+                    "seconds_median": statistics.median(r["seconds"] for r in rs),
+                    "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
+                    "lambda_std_brain": (statistics.mean(r["lambda_std_brain"] for r in rs)
+                                         if all("lambda_std_brain" in r for r in rs) else None)})
+    return out
+
+
+def _wilcoxon(a: list[float], b: list[float]) -> dict:
+    """Two-sided Wilcoxon signed-rank test of ``a − b`` and the matched-pairs rank-biserial
+    correlation r = (W+ − W−) / (W+ + W−) (Kerby 2014) as the effect size."""
+    from scipy.stats import rankdata, wilcoxon
+
+    diff = np.asarray(a) - np.asarray(b)
+    nz = diff[diff != 0]
+    if nz.size == 0:
+        return {"n": len(diff), "median_diff": 0.0, "p": 1.0, "r": 0.0}
+    ranks = rankdata(np.abs(nz))
+    wp, wm = ranks[nz > 0].sum(), ranks[nz < 0].sum()
+    p = float(wilcoxon(a, b, zero_method="wilcox").pvalue)
+    return {"n": len(diff), "median_diff": float(np.median(diff)), "p": p, "r": float((wp - wm) / (wp + wm))}
+
+
+def paired_stats(rows: list[dict]) -> list[dict]:
+    """Voxelwise against uniform λ for each solver that has both: overall mean Dice, SDlogJ
+    (the regularity the comparison is matched on) and every structure; per-structure p-values
+    also Benjamini–Hochberg adjusted (``scipy.stats.false_discovery_control``)."""
+    from scipy.stats import false_discovery_control
+
+    names = _label_names()
+    out = []
+    for solver, vox, uni in PAIRED:
+        a, b = _by(rows, vox), _by(rows, uni)
+        common = sorted({r["pair"] for r in a} & {r["pair"] for r in b})
+        if len(common) < 2:
+            continue
+        a = [r for r in a if r["pair"] in common]
+        b = [r for r in b if r["pair"] in common]
+        base = {"solver": solver, "voxelwise": vox, "uniform": uni}
+        out.append({**base, "measure": "mean Dice", **_wilcoxon([r["dice_mean"] for r in a], [r["dice_mean"] for r in b])})
+        out.append({**base, "measure": "SDlogJ", **_wilcoxon([r["sdlogj"] for r in a], [r["sdlogj"] for r in b])})
+        labs = sorted({int(k) for r in a + b for k in r["dice"]})
+        per = []
+        for lab in labs:
+            k = str(lab)
+            if all(k in r["dice"] for r in a + b):
+                per.append({**base, "measure": f"Dice {names.get(lab, lab)}",
+                            **_wilcoxon([r["dice"][k] for r in a], [r["dice"][k] for r in b])})
+        if per:
+            q = false_discovery_control([x["p"] for x in per])
+            for x, qq in zip(per, q):
+                x["q_bh"] = float(qq)
+        out += per
+    return out
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def _csv(rows: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_csvs(out: Path, rows: list[dict], stats: list[dict], scaling: list[dict]) -> None:
+    atomic_write_text(out / "results.csv", _csv(rows, ["pair", "kind", "method", "dice_before", "dice_mean", "hd95_mean",
+                                                        "folding_percent", "sdlogj", "seconds", "peak_rss_mb",
+                                                        "lambda_mean_brain", "lambda_std_brain"]))
+    names = _label_names()
+    per = [{"pair": r["pair"], "method": r["method"], "label": int(k), "structure": names.get(int(k), k), "dice": v}
+           for r in rows for k, v in r["dice"].items()]
+    atomic_write_text(out / "dice_per_structure.csv", _csv(per, ["pair", "method", "label", "structure", "dice"]))
+    atomic_write_text(out / "paired_stats.csv", _csv(stats, ["solver", "voxelwise", "uniform", "measure", "n", "median_diff",
+                                                             "r", "p", "q_bh"]))
+    if scaling:
+        srows = [{"grid": s["grid"], "voxels": s["voxels"], "seconds_per_iteration": s["seconds_per_iteration"],
+                  "memory_mb": s["memory_mb"], **{f"s_{k}": v for k, v in s["steps"].items()}} for s in scaling]
+        atomic_write_text(out / "scaling.csv", _csv(srows, list(srows[0])))
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
+    """Write the report's figures; returns {name: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    methods = _ordered(rows)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    names = _label_names()
+
+    # per-structure box plots (left/right merged by name without the hemisphere prefix)
+    labs = sorted({int(k) for r in rows for k in r["dice"]})
+    struct = {}
+    for lab in labs:
+        nm = names.get(lab, str(lab)).replace("Left-", "").replace("Right-", "")
+        struct.setdefault(nm, []).append(str(lab))
+    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(struct) * len(methods) / 3), 4.5))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        data = [[r["dice"][k] for r in _by(rows, m) for k in ks if k in r["dice"]] for ks in struct.values()]
+        pos = np.arange(len(struct)) + (j - (len(methods) - 1) / 2) * width
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+        for b in bp["boxes"]:
+            b.set(facecolor=colors[m], alpha=0.6)
+        ax.plot([], [], "s", color=colors[m], label=METHODS[m].label)
+    ax.set_xticks(range(len(struct)))
+    ax.set_xticklabels(list(struct), rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="Dice", title="Dice per structure (left and right pooled; all pairs)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    _save(fig, out / "dice_per_structure.png")
+    files["boxes"] = "dice_per_structure.png"
+
+    # Dice against seconds
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for m in methods:
+        rs = _by(rows, m)
+        ax.scatter([r["seconds"] for r in rs], [r["dice_mean"] for r in rs], s=14, color=colors[m], alpha=0.5)
+        ax.scatter([statistics.median(r["seconds"] for r in rs)], [statistics.mean(r["dice_mean"] for r in rs)], s=70,
+                   color=colors[m], edgecolor="k", label=METHODS[m].label)
+    ax.set_xscale("log")
+    ax.set(xlabel="seconds per pair (log)", ylabel="mean Dice", title="Dice against time (small: pairs; large: mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "dice_vs_time.png")
+    files["scatter"] = "dice_vs_time.png"
+
+    # time-to-accuracy
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in methods:
+        rs = [r for r in _by(rows, m) if r.get("trace")]
+        if rs:
+            tmax = min(r["trace"][-1][0] for r in rs)
+            grid = np.linspace(0, tmax, 200)
+            curves = []
+            for r in rs:
+                t, d = np.array(r["trace"]).T
+                ax.plot(t, d, color=colors[m], lw=0.5, alpha=0.3)
+                curves.append(np.interp(grid, np.r_[0.0, t], np.r_[r["dice_before"], d]))
+            ax.plot(grid, np.mean(curves, axis=0), color=colors[m], lw=2, label=f"{METHODS[m].label} (as it runs)")
+        elif METHODS[m].solver != "instance":
+            rs = _by(rows, m)
+            ax.scatter([statistics.median(r["seconds"] for r in rs)], [statistics.mean(r["dice_mean"] for r in rs)],
+                       s=60, color=colors[m], edgecolor="k", zorder=3, label=METHODS[m].label)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set(xlabel="seconds (symlog)", ylabel="mean Dice", title="Time to accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "time_to_accuracy.png")
+    files["tta"] = "time_to_accuracy.png"
+
+    # λ maps
+    lam_files = sorted((out / "lambda").glob("*.npz")) if (out / "lambda").is_dir() else []
+    if lam_files:
+        fig, axes = plt.subplots(len(lam_files), 3, figsize=(9, 3 * len(lam_files)), squeeze=False)
+        for row_ax, p in zip(axes, lam_files):
+            z = np.load(p)
+            lam, img = z["lam"], z["image"]
+            mid = [s // 2 for s in lam.shape]
+            views = (lam[mid[0]], lam[:, mid[1]], lam[:, :, mid[2]])
+            ims = (img[mid[0]], img[:, mid[1]], img[:, :, mid[2]])
+            for a, v, im in zip(row_ax, views, ims):
+                a.imshow(im, cmap="gray", origin="lower")
+                h = a.imshow(np.ma.masked_where(im <= 0.02, v), cmap="viridis", origin="lower", alpha=0.8, vmin=0, vmax=1)
+                a.set_axis_off()
+            row_ax[0].set_title(METHODS[p.stem].label if p.stem in METHODS else p.stem, fontsize=9, loc="left")
+            fig.colorbar(h, ax=row_ax[-1], fraction=0.046)
+        fig.suptitle("λ on the first pair (inside the head)")
+        fig.tight_layout()
+        _save(fig, out / "lambda_maps.png")
+        files["lambda"] = "lambda_maps.png"
+
+    if scaling:
+        from benchmarks.instance_speed import STEPS
+
+        v = np.array([s["voxels"] for s in scaling])
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        axes[0].loglog(v, [s["seconds_per_iteration"] for s in scaling], "o-")
+        axes[0].set(xlabel="voxels", ylabel="seconds per iteration", title="Time per iteration (CPU)")
+        axes[1].loglog(v, [max(s["memory_mb"], 1.0) for s in scaling], "o-", color="C1")
+        axes[1].set(xlabel="voxels", ylabel="MB", title="Peak memory of an iteration (CPU)")
+        bottom = np.zeros(len(scaling))
+        x = np.arange(len(scaling))
+        for i, k in enumerate(STEPS):
+            share = np.array([s["steps"][k] / s["seconds_per_iteration"] for s in scaling])
+            axes[2].bar(x, share, bottom=bottom, label=k, color=f"C{i}")
+            bottom += share
+        axes[2].set_xticks(x)
+        axes[2].set_xticklabels([s["grid"] + (" mm" if "x" not in s["grid"] else "") for s in scaling], fontsize=8)
+        axes[2].set(ylabel="share of the iteration", title="Steps")
+        axes[2].legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        _save(fig, out / "scaling.png")
+        files["scaling"] = "scaling.png"
+    return files
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _winner(summ: list[dict]) -> list[str]:
+    acc = max(summ, key=lambda s: s["dice_mean"])
+    fast = min(summ, key=lambda s: s["seconds_median"])
+    ok = [s for s in summ if s["folding_max"] < 0.1] or summ
+    reg = min(ok, key=lambda s: (s["folding_max"] > 0, s["sdlogj_mean"]))
+    return [f"- **Accuracy:** {acc['label']} has the highest mean Dice ({acc['dice_mean']:.3f}).",
+            f"- **Time:** {fast['label']} is fastest (median {fast['seconds_median']:.2f} s per pair).",
+            f"- **Regularity:** {reg['label']} has the smoothest deformations (mean SDlogJ {reg['sdlogj_mean']:.3f}, "
+            f"max %|J|≤0 {reg['folding_max']:.4f})."]
+
+
+def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: list[dict], scaling: list[dict],
+             files: dict[str, str], skipped: list[str], wall_minutes: float | None) -> str:
+    summ = summary(rows)
+    n_pairs = len({r["pair"] for r in rows})
+    lines = [f"# Benchmark suite `{suite}`", "",
+             f"Regenerate with `python -m benchmarks run --suite {suite}`"
+             + (f" (this run: {wall_minutes:.0f} minutes end to end)." if wall_minutes else "."), "",
+             environment_markdown(env), "",
+             f"Pairs: {description} ({n_pairs} pairs). Every (pair, method) runs in its own process; metrics come from the "
+             "same code for every method: Dice over the standard FreeSurfer structures present in both label maps "
+             "(nearest-neighbour warp of the moving labels), HD95 (mm), %|J|≤0 and SDlogJ of the displacement on the "
+             "fixed grid, wall seconds of the registration alone, and the process's peak RSS.", ""]
+    lines += ["| method | what runs |", "|---|---|"] + [f"| {METHODS[m].label} | {METHODS[m].description} |" for m in _ordered(rows)] + [""]
+    if skipped:
+        lines += ["Skipped: " + "; ".join(skipped), ""]
+    lines += ["## Who wins", ""] + _winner(summ) + [""]
+    lines += ["## Summary (means over pairs; seconds: median; %|J|≤0: worst pair)", "",
+              "| method | Dice before | Dice | HD95 mm | %\\|J\\|≤0 (max) | SDlogJ | seconds | peak RSS MB | λ sd in brain |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for s in summ:
+        lam = f"{s['lambda_std_brain']:.3f}" if s["lambda_std_brain"] is not None else "–"
+        lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
+                     f"{s['folding_max']:.4f} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
+    lines += ["", "Per pair (mean Dice / SDlogJ / seconds):", "",
+              "| pair | " + " | ".join(METHODS[m].label for m in _ordered(rows)) + " |", "|---|" + "---|" * len(_ordered(rows))]
+    for p in sorted({r["pair"] for r in rows}):
+        cells = []
+        for m in _ordered(rows):
+            x = next((r for r in rows if r["pair"] == p and r["method"] == m), None)
+            cells.append(f"{x['dice_mean']:.3f} / {x['sdlogj']:.3f} / {x['seconds']:.1f}" if x else "–")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
+              "## Time to accuracy", "",
+              "Mean Dice of the instance solver's current displacement, evaluated every 10 iterations while it runs "
+              "(evaluation time excluded), against seconds; learned and learned+refine are placed on the same axes "
+              "at their median time and mean Dice.", "", f"![time to accuracy]({files['tta']})", ""]
+    if "lambda" in files:
+        lines += ["## λ maps", "", f"![λ maps]({files['lambda']})", ""]
+    lines += ["## Voxelwise against uniform λ (paired)", ""]
+    if stats:
+        lines += ["Wilcoxon signed-rank test over pairs (two-sided), effect size = matched-pairs rank-biserial r "
+                  "(+1: voxelwise higher on every pair). Regularity is matched by calibration: the uniform λ "
+                  "(`configs/instance_uniform_matched.yaml`, `python -m benchmarks calibrate-uniform`) was chosen on the "
+                  "validation pairs so that the uniform-λ instance solver's mean SDlogJ equals the voxelwise solver's; "
+                  "refinement of the network's output uses the same λ. The SDlogJ rows show how well the match holds on "
+                  "these pairs. Per-structure q-values are Benjamini–Hochberg adjusted within each solver. The network "
+                  "alone has no uniform-λ counterpart in this suite (that is a second training run, about 50 minutes on "
+                  "2 CPU cores); the learned side is compared through its per-case refinement.", "",
+                  "| solver | measure | n | median difference (voxelwise − uniform) | r | p | q (BH) |", "|---|---|---|---|---|---|---|"]
+        for x in stats:
+            q = f"{x['q_bh']:.3f}" if "q_bh" in x else "–"
+            lines.append(f"| {x['solver']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | {x['r']:+.2f} | {x['p']:.4f} | {q} |")
+        lines.append("")
+    else:
+        lines += ["No solver has both a voxelwise and a uniform-λ run here.", ""]
+    if scaling:
+        from benchmarks.instance_speed import STEPS
+
+        lines += ["## Scaling of one instance-optimization iteration (CPU)", "",
+                  "One Adam iteration on the full image grid (velocity and voxelwise λ on that grid), median of the "
+                  "repeats after one warm-up, each grid in a fresh process; memory = peak RSS growth during the "
+                  "iterations.", "",
+                  "| grid | voxels | s / iteration | MB | " + " | ".join(STEPS) + " |", "|---|---|---|---|" + "---|" * len(STEPS)]
+        for s in scaling:
+            sh = " | ".join(f"{100 * s['steps'][k] / s['seconds_per_iteration']:.0f}%" for k in STEPS)
+            lines.append(f"| {'×'.join(map(str, s['shape']))} | {s['voxels']:,} | {s['seconds_per_iteration']:.3f} | "
+                         f"{s['memory_mb']:.0f} | {sh} |")
+        lines += ["", f"![scaling]({files['scaling']})", ""]
+    lines += ["## Files", "", "`results.csv` (one row per pair and method), `dice_per_structure.csv`, `paired_stats.csv`, "
+              "`scaling.csv`, `rows.jsonl` (everything, including the time-to-accuracy traces).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Benchmark suites: a registry of datasets and a runner that registers every pair with
+every method, one fresh process per (pair, method), and collects one row per run.
+
+A row (``rows.jsonl`` in the output folder, one JSON object per line, rewritten atomically
+as runs finish so that an interrupted suite continues where it stopped) holds: pair, kind, method,
+Dice per structure and its mean over the structures present in both label maps (of the
+standard evaluation labels), mean HD95 (mm), %|J|≤0 and SDlogJ of the displacement, wall
+seconds of the registration alone, the process's peak RSS (MB), the Dice-against-time trace
+when the method records one, and the λ statistics inside the fixed brain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from benchmarks.common import rss_mb, run_python
+from benchmarks.methods import METHODS, Pair, available
+from hybridreg.config import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A registry entry: ``pairs()`` lists the benchmark pairs (loaded in each child)."""
+
+    name: str
+    description: str
+    pairs: Callable[[], list[Pair]]
+
+
+def _bundled_pairs(resolution: int) -> Callable[[], list[Pair]]:
+    def pairs() -> list[Pair]:
+        from hybridreg.data.sources import bundled
+
+        ds = bundled(resolution)
+        out = [Pair(f"{f.subject_id}<-{m.subject_id}", "atlas", f, m, ds.spacing, ds.geometry) for f, m in ds.pairs("test")]
+        subj = [v for v in ds.test if v.labels is not None]
+        out += [Pair(f"{a.subject_id}<-{b.subject_id}", "subject", a, b, ds.spacing, ds.geometry) for a, b in zip(subj, subj[1:])]
+        return out
+
+    return pairs
+
+
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset("bundled", "bundled test split at 2 mm: atlas vxm ← the 5 test subjects, and the 4 consecutive "
+                "test-subject pairs", _bundled_pairs(2)),
+        Dataset("bundled-1mm", "the same pairs at 1 mm (the subjects with a bundled 1 mm image)", _bundled_pairs(1)),
+    )
+}
+
+SUITES: dict[str, dict] = {
+    "bundled": {"dataset": "bundled", "methods": list(METHODS), "scaling": True},
+    "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
+}
+
+
+def evaluate_pair(pair: Pair, disp: np.ndarray, lam: np.ndarray | None = None) -> dict:
+    """The suite's metrics of a displacement ``(d, *shape)`` (voxels) on ``pair``."""
+    from hybridreg.data import evaluation_labels
+    from hybridreg.metrics import common_labels, dice, hd95, jacobian_stats
+    from hybridreg.spatial import resize_image, warp
+
+    f, m = pair.fixed.labels, pair.moving.labels
+    common = common_labels(f, m)
+    labs = [lab for lab in evaluation_labels() if lab in common]
+    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
+    wl = warp(torch.from_numpy(m)[None, None], u, mode="nearest")[0, 0].numpy()
+    d = dice(f, wl, labs)
+    h = hd95(f, wl, labs, spacing=pair.spacing)
+    js = jacobian_stats(u)
+    row = {"dice": {str(k): v for k, v in d.items()}, "dice_mean": float(np.mean(list(d.values()))),
+           "dice_before": float(np.mean(list(dice(f, m, labs).values()))),
+           "hd95_mean": float(np.nanmean(list(h.values()))), "folding_percent": js["folding_percent"],
+           "sdlogj": js["sdlogj"]}
+    if lam is not None:
+        lt = torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32))[None, None]
+        lt = resize_image(lt, f.shape)[0, 0].numpy()
+        inside = lt[f > 0]
+        row["lambda_mean_brain"], row["lambda_std_brain"] = float(inside.mean()), float(inside.std())
+    return row
+
+
+def _dice_fn(pair: Pair) -> Callable[[np.ndarray], float]:
+    from hybridreg.data import evaluation_labels
+    from hybridreg.metrics import common_labels, dice
+    from hybridreg.spatial import warp
+
+    f, m = pair.fixed.labels, pair.moving.labels
+    labs = [lab for lab in evaluation_labels() if lab in common_labels(f, m)]
+    mt = torch.from_numpy(m)[None, None]
+
+    def fn(disp: np.ndarray) -> float:
+        wl = warp(mt, torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None], mode="nearest")[0, 0].numpy()
+        return float(np.mean(list(dice(f, wl, labs).values())))
+
+    return fn
+
+
+def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dict:
+    """Run one (pair, method) in this process; returns the row."""
+    pair = next(p for p in DATASETS[dataset].pairs() if p.name == pair_name)
+    torch.manual_seed(0)
+    out = METHODS[method].run(pair, _dice_fn(pair))
+    row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": rss_mb(),
+           **evaluate_pair(pair, out.displacement, out.lam)}
+    if out.trace:
+        row["trace"] = out.trace
+    if lam_out and out.lam is not None:
+        from hybridreg.spatial import resize_image
+
+        lt = resize_image(torch.from_numpy(np.ascontiguousarray(out.lam, dtype=np.float32))[None, None],
+                          pair.fixed.image.shape)[0, 0].numpy()
+        np.savez_compressed(lam_out, lam=lt, image=pair.fixed.image, labels=pair.fixed.labels)
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of ``rows.jsonl`` (rewritten atomically after every run)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_pairs: int | None = None,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Register every pair of the suite's dataset with every available method (resumable).
+
+    Raises:
+        ValueError: unknown suite or method.
+    """
+    from tqdm.auto import tqdm
+
+    if suite not in SUITES:
+        raise ValueError(f"--suite must be one of {sorted(SUITES)}, got {suite!r}")
+    spec = SUITES[suite]
+    names = methods or spec["methods"]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; known: {sorted(METHODS)}")
+    runnable = []
+    for m in names:
+        ok, msg = available(METHODS[m])
+        if ok:
+            runnable.append(m)
+        else:
+            log(msg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = out_dir / "rows.jsonl"
+    rows = read_rows(rows_path)
+    done = {(r["pair"], r["method"]) for r in rows}
+    pairs = [p.name for p in DATASETS[spec["dataset"]].pairs()]
+    limit = max_pairs if max_pairs is not None else spec.get("max_pairs")
+    pairs = pairs[:limit] if limit else pairs
+    jobs = [(p, m) for p in pairs for m in runnable if (p, m) not in done]
+    lam_dir = out_dir / "lambda"
+    lam_dir.mkdir(exist_ok=True)
+    for p, m in tqdm(jobs, desc=f"suite {suite}", dynamic_ncols=True):
+        lam_out = str(lam_dir / f"{m}.npz") if p == pairs[0] else None
+        args = ["-m", "benchmarks", "child", spec["dataset"], p, m] + (["--lambda-out", lam_out] if lam_out else [])
+        t = time.perf_counter()
+        row = json.loads(run_python(args).strip().splitlines()[-1])
+        log(f"{p} {m}: Dice {row['dice_mean']:.3f}, SDlogJ {row['sdlogj']:.3f}, {row['seconds']:.1f} s "
+            f"(process {time.perf_counter() - t:.0f} s)")
+        rows.append(row)
+        atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
+    return [r for r in rows if r["pair"] in pairs and r["method"] in names]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m benchmarks run --suite bundled")

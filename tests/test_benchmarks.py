@@ -1,0 +1,134 @@
+"""The benchmark suite: classical-tool wrappers return core-convention displacements, the
+paired statistics, the report, and one tiny end-to-end suite run on the bundled pair."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import report
+from benchmarks.methods import METHODS, Pair, available
+from hybridreg.data.sources import Volume
+from hybridreg.io import Geometry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blob_pair(shift=(2, -1, 0)):
+    """A smooth blob and the same blob moved by ``shift`` voxels (array axes), labelled."""
+    z, y, x = np.meshgrid(*(np.arange(32.0),) * 3, indexing="ij")
+    c = np.array([16.0, 16.0, 16.0])
+
+    def blob(center):
+        r2 = (z - center[0]) ** 2 + (y - center[1]) ** 2 + (x - center[2]) ** 2
+        return np.exp(-r2 / 40.0).astype(np.float32)
+
+    f, m = blob(c), blob(c + np.array(shift))
+    geo = Geometry((32, 32, 32), (2.0, 2.0, 2.0), (-10.0, 5.0, 3.0), (1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    return Pair("blob", "atlas", Volume("f", f, (f > 0.5).astype(np.int32) * 17), Volume("m", m, (m > 0.5).astype(np.int32) * 17),
+                (2.0, 2.0, 2.0), geo)
+
+
+@pytest.mark.parametrize("name", ["sitk-demons", "ants-syn"])
+def test_classical_tools_return_core_convention_displacements(name):
+    ok, msg = available(METHODS[name])
+    if not ok:
+        pytest.skip(msg)
+    pair = _blob_pair()
+    out = METHODS[name].run(pair, lambda d: 0.0)
+    assert out.displacement.shape == (3, 32, 32, 32) and out.seconds > 0
+    # warped(x) = moving(x + u(x)): near the blob's centre u ≈ +shift in array-axis order
+    u = out.displacement[:, 13:20, 13:20, 13:20].reshape(3, -1).mean(axis=1)
+    assert np.allclose(u, [2.0, -1.0, 0.0], atol=0.6), u
+
+
+def test_wilcoxon_and_rank_biserial():
+    a = [0.80, 0.78, 0.75, 0.81, 0.79, 0.77]
+    b = [0.78, 0.77, 0.76, 0.78, 0.76, 0.75]  # a − b: +.02 +.01 −.01 +.03 +.03 +.02
+    r = report._wilcoxon(a, b)
+    from scipy.stats import wilcoxon
+
+    assert r["p"] == pytest.approx(wilcoxon(a, b).pvalue)
+    # ranks of |d|: .01 → 1.5, 1.5; .02 → 3.5, 3.5; .03 → 5.5, 5.5; W− = 1.5, W+ = 19.5
+    assert r["r"] == pytest.approx((19.5 - 1.5) / 21.0)
+    assert r["median_diff"] == pytest.approx(0.02)
+    assert report._wilcoxon(a, a)["p"] == 1.0
+
+
+def _row(pair, method, dice, sd, sec):
+    return {"pair": pair, "kind": "atlas", "method": method, "dice": {"17": dice, "53": dice - 0.05}, "dice_mean": dice - 0.025,
+            "dice_before": 0.5, "hd95_mean": 2.0, "folding_percent": 0.0, "sdlogj": sd, "seconds": sec, "peak_rss_mb": 500.0}
+
+
+def test_report_states_the_winners_and_the_paired_test(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        d = 0.75 + 0.02 * rng.standard_normal()
+        rows += [_row(f"p{i}", "instance", d + 0.01, 0.23, 40.0), _row(f"p{i}", "instance-uniform", d, 0.24, 39.0),
+                 _row(f"p{i}", "learned", d - 0.04, 0.16, 0.3)]
+    stats = report.paired_stats(rows)
+    overall = next(s for s in stats if s["measure"] == "mean Dice")
+    assert overall["solver"] == "instance" and overall["n"] == 6 and overall["r"] == 1.0 and overall["median_diff"] == pytest.approx(0.01)
+    assert all("q_bh" in s for s in stats if s["measure"].startswith("Dice "))
+    files = report.figures(tmp_path, rows, [])
+    md = report.markdown("bundled", "test pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
+                         rows, stats, [], files, [], 1.0)
+    assert "**Accuracy:** instance (voxelwise λ)" in md and "**Time:** learned (voxelwise λ)" in md
+    assert "**Regularity:** learned (voxelwise λ)" in md
+    for f in files.values():
+        assert (tmp_path / f).stat().st_size > 1000
+
+
+def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
+    out = tmp_path / "smoke"
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"learned", "sitk-demons"} and len(rows) == 2
+    for r in rows:
+        assert r["dice_mean"] > r["dice_before"] + 0.05 and r["folding_percent"] < 0.1
+    md = (out / "report.md").read_text()
+    assert "## Who wins" in md and "SimpleITK diffeomorphic demons" in md
+    assert (out / "results.csv").read_text().count("\n") == 3
+    # a second run continues: nothing to redo, same rows
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and len((out / "rows.jsonl").read_text().splitlines()) == 2
+
+
+def test_unknown_suite_and_method_are_rejected(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "nope", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and "--suite" in p.stderr
+    from benchmarks.suite import run_suite
+
+    with pytest.raises(ValueError, match="--methods"):
+        run_suite("smoke", tmp_path, ["instance", "elastix"])
+
+
+def test_missing_optional_tool_is_skipped_with_a_message(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "ants" else real(n, *a))
+    ok, msg = available(METHODS["ants-syn"])
+    assert not ok and "antspyx" in msg
+
+
+def test_uniform_lambda_calibration_finds_the_matching_lambda():
+    from benchmarks.__main__ import match_sdlogj
+
+    calls = []
+
+    def measure(lam):  # SDlogJ falls as a power of λ, as it does for the registration
+        calls.append(lam)
+        return {"sdlogj": 0.3 * lam ** -0.35}
+
+    pts = match_sdlogj(measure, 0.227, 1.0, 6, 1e-4)
+    lam = np.exp(pts[-1][0])
+    assert abs(0.3 * lam ** -0.35 - 0.227) < 1e-4 and len(calls) <= 4
+    assert calls[1] == pytest.approx(np.exp(0.7))  # the first step goes towards more λ (smoother)
