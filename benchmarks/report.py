@@ -216,10 +216,8 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
         fig, axes = plt.subplots(len(lam_files), 3, figsize=(9, 3 * len(lam_files)), squeeze=False)
         for row_ax, p in zip(axes, lam_files):
             z = np.load(p)
-            lam, img = z["lam"], z["image"]
-            mid = [s // 2 for s in lam.shape]
-            views = (lam[mid[0]], lam[:, mid[1]], lam[:, :, mid[2]])
-            ims = (img[mid[0]], img[:, mid[1]], img[:, :, mid[2]])
+            views = [z[f"lam{k}"].astype(np.float32) for k in range(3)]
+            ims = [z[f"img{k}"].astype(np.float32) for k in range(3)]
             for a, v, im in zip(row_ax, views, ims):
                 a.imshow(im, cmap="gray", origin="lower")
                 h = a.imshow(np.ma.masked_where(im <= 0.02, v), cmap="viridis", origin="lower", alpha=0.8, vmin=0, vmax=1)
@@ -257,6 +255,28 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- markdown
+
+def _paired_verdicts(rows: list[dict], stats: list[dict]) -> list[str]:
+    """One plain sentence per solver: is regularity matched (mean SDlogJ within 10 %), and
+    which λ wins on Dice (two-sided p < 0.05) or neither."""
+    out = []
+    for solver, vox, uni in PAIRED:
+        d = next((x for x in stats if x["solver"] == solver and x["measure"] == "mean Dice"), None)
+        if d is None:
+            continue
+        sv = statistics.mean(r["sdlogj"] for r in _by(rows, vox))
+        su = statistics.mean(r["sdlogj"] for r in _by(rows, uni))
+        matched = abs(sv - su) <= 0.1 * max(sv, su)
+        if d["p"] < 0.05:
+            verdict = f"{'voxelwise' if d['median_diff'] > 0 else 'uniform'} λ scores higher Dice (p = {d['p']:.4f}, r = {d['r']:+.2f})"
+        else:
+            verdict = f"neither λ scores significantly higher Dice (p = {d['p']:.4f}, median difference {d['median_diff']:+.4f})"
+        reg = (f"at matched regularity (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform)" if matched else
+               f"but regularity is **not** matched (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform), so the Dice "
+               "difference mixes λ's spatial variation with the amount of smoothing")
+        out.append(f"- **{solver}:** {verdict}, {reg}.")
+    return out + [""] if out else []
+
 
 def _winner(summ: list[dict]) -> list[str]:
     acc = max(summ, key=lambda s: s["dice_mean"])
@@ -322,6 +342,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
             q = f"{x['q_bh']:.3f}" if "q_bh" in x else "–"
             lines.append(f"| {x['solver']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | {x['r']:+.2f} | {x['p']:.4f} | {q} |")
         lines.append("")
+        lines += _paired_verdicts(rows, stats)
     else:
         lines += ["No solver has both a voxelwise and a uniform-λ run here.", ""]
     if scaling:
