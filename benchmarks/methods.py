@@ -151,13 +151,13 @@ def _image(arr: np.ndarray, geo: Geometry) -> sitk.Image:
 def _ants_syn(pair: Pair, dice_fn) -> MethodOutput:
     import ants
 
-    from hybridreg.io import displacement_from_itk, read_displacement
+    from hybridreg.io import displacement_from_itk, read_displacement, write_image
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, v in (("fixed", pair.fixed), ("moving", pair.moving)):
             p = str(Path(tmp) / f"{name}.nii.gz")
-            sitk.WriteImage(_image(v.image, pair.geometry), p)
+            write_image(p, v.image, pair.geometry)
             paths.append(p)
         f, m = (ants.image_read(p) for p in paths)
         t0 = time.perf_counter()

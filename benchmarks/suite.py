@@ -63,44 +63,55 @@ SUITES: dict[str, dict] = {
 }
 
 
+def _scored_labels(pair: Pair) -> tuple[int, ...]:
+    from hybridreg.data import evaluation_labels_in
+    from hybridreg.metrics import common_labels
+
+    return evaluation_labels_in(common_labels(pair.fixed.labels, pair.moving.labels))
+
+
+def _warp_labels(labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    from hybridreg.spatial import warp
+
+    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
+    return warp(torch.from_numpy(labels)[None, None], u, mode="nearest")[0, 0].numpy()
+
+
+def _on_image_grid(lam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    from hybridreg.spatial import resize_image
+
+    return resize_image(torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32))[None, None], shape)[0, 0].numpy()
+
+
 def evaluate_pair(pair: Pair, disp: np.ndarray, lam: np.ndarray | None = None) -> dict:
-    """The suite's metrics of a displacement ``(d, *shape)`` (voxels) on ``pair``."""
-    from hybridreg.data import evaluation_labels
-    from hybridreg.metrics import common_labels, dice, hd95, jacobian_stats
-    from hybridreg.spatial import resize_image, warp
+    """The suite's metrics of a displacement ``(d, *shape)`` (voxels) on ``pair``; ``lam``
+    (optional) is λ on the fixed image grid."""
+    from hybridreg.metrics import dice, hd95, jacobian_stats
 
     f, m = pair.fixed.labels, pair.moving.labels
-    common = common_labels(f, m)
-    labs = [lab for lab in evaluation_labels() if lab in common]
-    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
-    wl = warp(torch.from_numpy(m)[None, None], u, mode="nearest")[0, 0].numpy()
+    labs = _scored_labels(pair)
+    wl = _warp_labels(m, disp)
     d = dice(f, wl, labs)
     h = hd95(f, wl, labs, spacing=pair.spacing)
-    js = jacobian_stats(u)
+    js = jacobian_stats(torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None])
     row = {"dice": {str(k): v for k, v in d.items()}, "dice_mean": float(np.mean(list(d.values()))),
            "dice_before": float(np.mean(list(dice(f, m, labs).values()))),
            "hd95_mean": float(np.nanmean(list(h.values()))), "folding_percent": js["folding_percent"],
            "sdlogj": js["sdlogj"]}
     if lam is not None:
-        lt = torch.from_numpy(np.ascontiguousarray(lam, dtype=np.float32))[None, None]
-        lt = resize_image(lt, f.shape)[0, 0].numpy()
-        inside = lt[f > 0]
+        inside = lam[f > 0]
         row["lambda_mean_brain"], row["lambda_std_brain"] = float(inside.mean()), float(inside.std())
     return row
 
 
 def _dice_fn(pair: Pair) -> Callable[[np.ndarray], float]:
-    from hybridreg.data import evaluation_labels
-    from hybridreg.metrics import common_labels, dice
-    from hybridreg.spatial import warp
+    from hybridreg.metrics import dice
 
     f, m = pair.fixed.labels, pair.moving.labels
-    labs = [lab for lab in evaluation_labels() if lab in common_labels(f, m)]
-    mt = torch.from_numpy(m)[None, None]
+    labs = _scored_labels(pair)
 
     def fn(disp: np.ndarray) -> float:
-        wl = warp(mt, torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None], mode="nearest")[0, 0].numpy()
-        return float(np.mean(list(dice(f, wl, labs).values())))
+        return float(np.mean(list(dice(f, _warp_labels(m, disp), labs).values())))
 
     return fn
 
@@ -110,15 +121,13 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dic
     pair = next(p for p in DATASETS[dataset].pairs() if p.name == pair_name)
     torch.manual_seed(0)
     out = METHODS[method].run(pair, _dice_fn(pair))
-    row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": rss_mb(),
-           **evaluate_pair(pair, out.displacement, out.lam)}
+    peak = rss_mb()
+    lt = _on_image_grid(out.lam, pair.fixed.image.shape) if out.lam is not None else None
+    row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
+           **evaluate_pair(pair, out.displacement, lt)}
     if out.trace:
         row["trace"] = out.trace
-    if lam_out and out.lam is not None and out.lam.size > 1:
-        from hybridreg.spatial import resize_image
-
-        lt = resize_image(torch.from_numpy(np.ascontiguousarray(out.lam, dtype=np.float32))[None, None],
-                          pair.fixed.image.shape)[0, 0].numpy()
+    if lam_out and lt is not None and out.lam.size > 1:
         img = pair.fixed.image
         mid = [n // 2 for n in img.shape]
         views = {f"lam{k}": np.take(lt, mid[k], axis=k).astype(np.float16) for k in range(3)}

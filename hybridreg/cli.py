@@ -97,9 +97,9 @@ def _eval_label_set(spec: str | None, fixed_labels: np.ndarray, moving_labels: n
     if not common:
         raise CLIError("`--fixed-labels` and `--moving-labels` share no non-zero label: nothing to score")
     if spec in (None, "auto"):
-        from .data import evaluation_labels
+        from .data import evaluation_labels_in
 
-        standard = [lab for lab in evaluation_labels() if lab in common]
+        standard = evaluation_labels_in(common)
         return tuple(standard) if len(standard) >= 20 else common
     if spec == "all":
         return common

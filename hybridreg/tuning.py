@@ -147,6 +147,11 @@ def _get_dotted(d: dict, key: str) -> Any:
     return d
 
 
+def _base_dict(space: SearchSpace) -> dict:
+    """The base config, validated and completed with the solver's defaults, as a mapping."""
+    return to_dict(from_dict(_config_class(space.solver), space.base_config, where="base_config"))
+
+
 def apply_params(space: SearchSpace, params: dict[str, float]):
     """The solver config for one trial: the base config with ``params`` set.
 
@@ -158,7 +163,7 @@ def apply_params(space: SearchSpace, params: dict[str, float]):
             (the message names the key).
     """
     cls = _config_class(space.solver)
-    full = to_dict(from_dict(cls, space.base_config, where="base_config"))
+    full = _base_dict(space)
     for p in space.parameters:
         v = params[p.key]
         try:
@@ -178,7 +183,7 @@ def base_params(space: SearchSpace) -> dict[str, float]:
     """The tuned keys' values in the base config (the solver's defaults unless the space
     sets ``base_config``; the first entry of a list key): the "default" trial, for which
     ``apply_params(space, base_params(space))`` is the base config itself."""
-    full = to_dict(from_dict(_config_class(space.solver), space.base_config, where="base_config"))
+    full = _base_dict(space)
     out = {}
     for p in space.parameters:
         v = _get_dotted(full, p.key)
@@ -507,7 +512,7 @@ def run_tuning(
 
 def _score_pairs(register: Callable, pairs: list, spacing) -> dict:
     """Mean Dice (standard structures present in both maps), max %|J|≤0, mean SDlogJ."""
-    from .data import evaluation_labels
+    from .data import evaluation_labels_in
     from .metrics import common_labels, dice, jacobian_stats
     from .spatial import warp
 
@@ -516,7 +521,7 @@ def _score_pairs(register: Callable, pairs: list, spacing) -> dict:
         disp = register(f, m)
         wl = warp(torch.from_numpy(m.labels)[None, None], disp, mode="nearest")[0, 0].numpy()
         common = common_labels(f.labels, m.labels)
-        labs = [lab for lab in evaluation_labels() if lab in common] or list(common)
+        labs = list(evaluation_labels_in(common)) or list(common)
         dices.append(float(np.mean(list(dice(f.labels, wl, labs).values()))))
         js = jacobian_stats(disp)
         folds.append(js["folding_percent"])

@@ -64,6 +64,7 @@ __all__ = [
     "Subject",
     "demo_pair",
     "evaluation_labels",
+    "evaluation_labels_in",
     "label_names",
     "list_subjects",
     "load_subject",
@@ -181,6 +182,13 @@ def evaluation_labels() -> tuple[int, ...]:
     the module docstring); score a pair on the evaluation labels present in both label maps.
     """
     return tuple(int(v) for v in _read_json("labels.json")["evaluation_labels"])
+
+
+def evaluation_labels_in(labels) -> tuple[int, ...]:
+    """The :func:`evaluation_labels` that occur in ``labels`` (an iterable of label IDs,
+    e.g. ``hybridreg.metrics.common_labels(fixed, moving)``), in evaluation-label order."""
+    present = set(int(v) for v in labels)
+    return tuple(lab for lab in evaluation_labels() if lab in present)
 
 
 def label_names() -> dict[int, str]:
