@@ -6,11 +6,13 @@ Usage::
     python -m benchmarks run --suite bundled       # every method on the bundled test pairs + scaling -> report
     python -m benchmarks run --suite bundled --fresh   # start over instead of continuing
     python -m benchmarks report --suite bundled    # re-render the report from the stored rows
+    python -m benchmarks compare OLD/rows.jsonl --suite bundled   # does this run reproduce OLD?
     python -m benchmarks calibrate-uniform         # uniform-λ config matched to the voxelwise SDlogJ
     python -m benchmarks instance-speed | learned-solver | tuning [args...]   # the focused benchmarks
 
 ``run`` writes ``benchmarks/results/<suite>/``: ``report.md``, CSV files, figures and
-``rows.jsonl``; it continues an interrupted run (finished (pair, method) runs are kept).
+``rows.jsonl``; it continues an interrupted run (finished (pair, method) runs are kept), and
+``run.json`` adds up the wall time of every ``run`` since the last ``--fresh``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,25 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     write_csvs(out, rows, stats, scaling)
     files = figures(out, rows, scaling)
     md = markdown(suite, DATASETS[SUITES[suite]["dataset"]].description, env, rows, stats, scaling, files, skipped, wall)
+    rep = out / "reproducibility.md"
+    if rep.is_file():  # written by `compare`: how this run matches a reference run
+        body = rep.read_text().split("\n", 1)[1]
+        md = md.rstrip("\n") + "\n\n## Reproducibility: this run against a reference run\n" + body
     atomic_write_text(out / "report.md", md)
     return out / "report.md"
+
+
+def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None = None) -> float | None:
+    """Total wall minutes of the ``run`` invocations since the last ``--fresh``
+    (``run.json``), after recording one more of ``add`` minutes when given."""
+    from hybridreg.config import atomic_write_text
+
+    path = out / "run.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    if add is not None:
+        runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round(add, 2), "methods": methods})
+        atomic_write_text(path, json.dumps({"runs": runs}, indent=2))
+    return sum(r["minutes"] for r in runs) if runs else None
 
 
 def _run(a) -> int:
@@ -76,7 +95,7 @@ def _run(a) -> int:
     out = Path(a.out or RESULTS / a.suite)
     t0 = time.perf_counter()
     if a.fresh:
-        for name in ("rows.jsonl", "scaling.json"):
+        for name in ("rows.jsonl", "scaling.json", "run.json"):
             (out / name).unlink(missing_ok=True)
     spec = SUITES[a.suite]
     methods = a.methods or spec["methods"]
@@ -90,7 +109,8 @@ def _run(a) -> int:
         else:
             scaling = run_scaling(a.grids or GRIDS, a.repeats)
             atomic_write_text(sc_path, json.dumps(scaling, indent=2))
-    report = _render(a.suite, out, scaling, skipped, (time.perf_counter() - t0) / 60.0)
+    wall = _wall_minutes(out, (time.perf_counter() - t0) / 60.0, methods)
+    report = _render(a.suite, out, scaling, skipped, wall)
     print(f"wrote {report}")
     return 0
 
@@ -178,6 +198,10 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="re-render the report from stored rows")
     rep.add_argument("--suite", default="bundled")
     rep.add_argument("--out")
+    cmp = sub.add_parser("compare", help="compare this suite's rows with a reference run's rows.jsonl")
+    cmp.add_argument("reference", help="the reference run's rows.jsonl (e.g. from git show)")
+    cmp.add_argument("--suite", default="bundled")
+    cmp.add_argument("--out", help="the re-run's folder (default benchmarks/results/<suite>)")
     c = sub.add_parser("calibrate-uniform", help="write configs/instance_uniform_matched.yaml")
     c.add_argument("--start", type=float, default=1.0, help="first uniform λ to try")
     c.add_argument("--evaluations", type=int, default=5)
@@ -198,7 +222,18 @@ def main(argv=None) -> int:
     if a.cmd == "report":
         out = Path(a.out or RESULTS / a.suite)
         sc = out / "scaling.json"
-        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], None)}")
+        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], _wall_minutes(out))}")
+        return 0
+    if a.cmd == "compare":
+        from benchmarks.compare import compare_files
+
+        out = Path(a.out or RESULTS / a.suite)
+        try:
+            md = compare_files(Path(a.reference), out / "rows.jsonl", out / "reproducibility.md")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+        print(md)
+        print(f"wrote {out / 'reproducibility.md'}")
         return 0
     if a.cmd == "calibrate-uniform":
         return _calibrate(a)

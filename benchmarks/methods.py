@@ -14,8 +14,10 @@ Methods:
   (``configs/instance_uniform_matched.yaml``: λ calibrated on the validation pairs so its
   SDlogJ matches the voxelwise solver's; ``python -m benchmarks calibrate-uniform``).
 * ``learned`` / ``learned+refine`` -- the shipped network, alone and refined per case.
-* ``learned+refine-uniform`` -- the network's velocity refined with the calibrated uniform λ
-  (the refinement's paired baseline).
+* ``learned-uniform`` / ``learned+refine-uniform`` -- the learned solver's paired baseline:
+  the same U-Net without the λ head, trained with the same data, schedule and seed on the
+  uniform energy (``w_reg · λ`` = the calibrated 3.579 of the uniform instance solver;
+  ``configs/learned_bundled_2mm_uniform.yaml``), alone and refined on that energy.
 * ``ants-syn`` -- ANTs SyN (antspyx, optional): ``SyNOnly`` (no affine stage: the bundled
   images are already affinely aligned) with the CC metric (radius 2), 100/70/20 iterations
   at shrink factors 4/2/1 (fewer at full resolution than ANTs' scripts use, to keep the
@@ -43,6 +45,8 @@ from hybridreg.io import Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
+UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
+UNIFORM_WEIGHTS = ROOT / "learned" / "weights" / "uniform" / "learned_bundled_2mm_uniform.pt"
 
 
 @dataclass
@@ -120,21 +124,11 @@ def _instance(config_path: Path | None, trace: bool):
     return run
 
 
-def _uniform_lambda() -> float:
-    """The calibrated uniform λ of :data:`UNIFORM_CONFIG`."""
-    from hybridreg.config import load_yaml
-    from instance_opt import InstanceOptConfig
-
-    return load_yaml(UNIFORM_CONFIG, InstanceOptConfig).lambda_init
-
-
-def _learned(refine: bool, weights: Path | None = None, uniform_refine: bool = False):
+def _learned(refine: bool, weights: Path | None = None):
     def run(pair: Pair, dice_fn) -> MethodOutput:
         from learned.solver import LearnedConfig, register_pair
 
         cfg = LearnedConfig(refine=refine, progress=False, **({"weights": str(weights)} if weights else {}))
-        if uniform_refine:
-            cfg = replace(cfg, refine_config=replace(cfg.refine_config, lambda_mode="uniform", lambda_init=_uniform_lambda()))
         f, m = _tensors(pair)
         t0 = time.perf_counter()
         res = register_pair(f, m, cfg, spacing=pair.spacing)
@@ -195,6 +189,9 @@ def _sitk_demons(pair: Pair, dice_fn) -> MethodOutput:
     return MethodOutput(disp.astype(np.float32), seconds)
 
 
+_NEEDS_UNIFORM_NET = {"requires": str(UNIFORM_WEIGHTS),
+                      "why": f"train it: hybridreg train --data bundled --config {UNIFORM_TRAIN_CONFIG}"}
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -206,8 +203,11 @@ METHODS: dict[str, Method] = {
                "the shipped U-Net (`learned_bundled_2mm.pt`), one forward pass"),
         Method("learned+refine", "learned + refine", _learned(True), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 20 (4 mm) + 12 (2 mm) instance iterations"),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned(True, uniform_refine=True), "uniform",
-               "learned+refine", "the network's velocity refined with the calibrated uniform λ", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
+        Method("learned-uniform", "learned (uniform λ)", _learned(False, UNIFORM_WEIGHTS), "uniform", "learned",
+               "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned(True, UNIFORM_WEIGHTS), "uniform",
+               "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
+               **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn, "-", "classical",
                "antspyx `SyNOnly`, CC radius 2, iterations 100/70/20 (shrink 4/2/1)", requires="ants", why="pip install antspyx"),
         Method("sitk-demons", "SimpleITK diffeomorphic demons", _sitk_demons, "-", "classical",

@@ -41,6 +41,14 @@ class NetworkConfig:
         lambda_prior: ``"beta"`` (sigmoid) or ``"normal"`` (softplus) λ head.
         lambda_channels: hidden width of the λ head (48 in the reference).
         resolution_factor: the network runs on the image grid divided by this (1 or 2).
+        lambda_mode: ``"voxelwise"`` (the λ head, method §2.2) or ``"uniform"``: no λ head,
+            λ ≡ ``lambda_uniform`` everywhere -- the spatially uniform baseline of the
+            learned solver, trained on the same energy (the instance solver's
+            ``lambda_mode="uniform"`` counterpart).
+        lambda_uniform: the fixed λ of the uniform mode, inside the ``lambda_prior``'s
+            range :data:`hybridreg.priors.LAMBDA_BOUNDS`; the regularizer's weight is
+            ``w_reg · λ``, so a uniform λ calibrated with another ``w_reg`` is rescaled by
+            the ratio of the two.
         swin_embed_dim, swin_depths, swin_heads, swin_window: the ``"swin"`` backbone's
             Swin-transformer encoder (MONAI ``SwinTransformer``: patch size 2, four stages,
             so ``swin_depths`` and ``swin_heads`` have 4 entries and ``decoder`` 5).
@@ -53,6 +61,8 @@ class NetworkConfig:
     lambda_prior: Literal["beta", "normal"] = "beta"
     lambda_channels: int = 48
     resolution_factor: int = 2
+    lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
+    lambda_uniform: float = 1.0
     swin_embed_dim: int = 24
     swin_depths: tuple[int, ...] = (2, 2, 2, 2)
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
@@ -77,6 +87,12 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: `lambda_prior` must be 'beta' or 'normal', got {self.lambda_prior!r}")
         if self.resolution_factor not in (1, 2):
             raise ValueError(f"NetworkConfig: `resolution_factor` must be 1 or 2, got {self.resolution_factor!r}")
+        if self.lambda_mode not in ("voxelwise", "uniform"):
+            raise ValueError(f"NetworkConfig: `lambda_mode` must be 'voxelwise' or 'uniform', got {self.lambda_mode!r}")
+        lo, hi = LAMBDA_BOUNDS[self.lambda_prior]
+        if not lo <= self.lambda_uniform <= hi:
+            raise ValueError(f"NetworkConfig: `lambda_uniform` must be in [{lo:g}, {hi:g}] under the {self.lambda_prior}"
+                             f" prior, got {self.lambda_uniform!r}")
 
 
 class NetOutput(NamedTuple):
@@ -209,7 +225,8 @@ class RegistrationNetwork(nn.Module):
         fixed, moving: ``(B, 1, *spatial)`` images, intensities about [0, 1].
 
     Returns:
-        :class:`NetOutput` on ``spatial / resolution_factor``.
+        :class:`NetOutput` on ``spatial / resolution_factor`` (λ constant under
+        ``lambda_mode="uniform"``).
 
     Raises:
         ValueError: images of different shapes or the wrong number of dimensions.
@@ -223,7 +240,8 @@ class RegistrationNetwork(nn.Module):
         self.velocity_head = _conv(cfg.ndim)(c, cfg.ndim, 3, padding=1)
         nn.init.normal_(self.velocity_head.weight, std=1e-5)
         nn.init.zeros_(self.velocity_head.bias)
-        self.lambda_head = LambdaHead(cfg.ndim, c, cfg.lambda_channels, cfg.lambda_prior)
+        self.lambda_head = (LambdaHead(cfg.ndim, c, cfg.lambda_channels, cfg.lambda_prior)
+                            if cfg.lambda_mode == "voxelwise" else None)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> NetOutput:
         nd = self.config.ndim
@@ -237,4 +255,7 @@ class RegistrationNetwork(nn.Module):
         if f > 1:
             x = resize_image(x, [max(4, n // f) for n in x.shape[2:]])
         h = self.backbone(x)
-        return NetOutput(self.velocity_head(h), self.lambda_head(h))
+        velocity = self.velocity_head(h)
+        if self.lambda_head is None:
+            return NetOutput(velocity, torch.full_like(velocity[:, :1], self.config.lambda_uniform))
+        return NetOutput(velocity, self.lambda_head(h))

@@ -31,11 +31,16 @@ from instance_opt import InstanceOptConfig, InstanceResult, LevelHistory
 from instance_opt import register_pair as instance_register_pair
 from instance_opt.solver import _check_images as check_images
 
-__all__ = ["DEFAULT_WEIGHTS", "LearnedConfig", "register_pair"]
+__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "LearnedConfig", "register_pair"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
 """Weights shipped with the package: trained on the bundled training split at 2 mm with
 ``configs/learned_bundled_2mm.yaml`` (log and figure next to the file)."""
+
+UNIFORM_WEIGHTS = Path(__file__).parent / "weights" / "uniform" / "learned_bundled_2mm_uniform.pt"
+"""The uniform-λ baseline network (no λ head, λ ≡ 0.89475 with ``w_reg`` 4): same data,
+schedule and seed, ``configs/learned_bundled_2mm_uniform.yaml``; the weights at the end of
+training (``model_final.pt``, step 5000; log and README next to the file)."""
 
 
 def _refine_default() -> InstanceOptConfig:
@@ -56,7 +61,10 @@ class LearnedConfig:
             4 mm level and 12 on the 2 mm level, no early stop; chosen on the bundled
             validation pairs (2 mm), where it reached 0.764 mean Dice against 0.771 for the
             full instance schedule, in 11 s against 40 s.
-        refine_objective_from_weights: refine the energy the network was trained on.
+        refine_objective_from_weights: refine the energy the network was trained on; for a
+            uniform-λ network (``NetworkConfig.lambda_mode="uniform"``) that includes its
+            fixed λ, so the refinement runs with ``lambda_mode="uniform"`` and
+            ``lambda_init = lambda_uniform``.
         progress: tqdm bars during refinement.
     """
 
@@ -130,6 +138,8 @@ def register_pair(
     rcfg = cfg.refine_config
     if cfg.refine_objective_from_weights:
         rcfg = replace(rcfg, objective=objective)
+        if net.config.lambda_mode == "uniform":
+            rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)
     rcfg = replace(rcfg, progress=cfg.progress)
     net_seconds = time.perf_counter() - t0
     res = instance_register_pair(fixed, moving, rcfg, spacing=h, device=dev, init_velocity=velocity, init_lambda=lam)

@@ -134,6 +134,9 @@ class TrainConfig:
         for name in ("deform_std_mm", "gamma_std", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig: `{name}` must be >= 0, got {getattr(self, name)!r}")
+        if self.network.lambda_mode == "uniform" and self.lambda_warmup_steps:
+            raise ValueError("TrainConfig: `lambda_warmup_steps` must be 0 with network.lambda_mode 'uniform' (there is no λ head"
+                             " to warm up; λ is network.lambda_uniform throughout)")
         if self.pairing not in ("atlas", "subject", "mixed"):
             raise ValueError(f"TrainConfig: `pairing` must be 'atlas', 'subject' or 'mixed', got {self.pairing!r}")
 
@@ -379,7 +382,7 @@ def train(
         if init_net.config != cfg.network:
             raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`")
         net.load_state_dict(init_net.state_dict())
-    lam_params = list(net.lambda_head.parameters())
+    lam_params = list(net.lambda_head.parameters()) if net.lambda_head is not None else []
     lam_ids = {id(p) for p in lam_params}
     opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if id(p) not in lam_ids], "lr": cfg.lr},
                              {"params": lam_params, "lr": cfg.lr * cfg.lambda_lr_factor}], weight_decay=cfg.weight_decay)

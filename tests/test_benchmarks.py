@@ -132,3 +132,26 @@ def test_uniform_lambda_calibration_finds_the_matching_lambda():
     lam = np.exp(pts[-1][0])
     assert abs(0.3 * lam ** -0.35 - 0.227) < 1e-4 and len(calls) <= 4
     assert calls[1] == pytest.approx(np.exp(0.7))  # the first step goes towards more λ (smoother)
+
+
+def test_rerun_comparison_flags_changed_accuracy_and_reports_time_ratios(tmp_path):
+    from benchmarks.compare import compare_files, compare_rows
+
+    ref = [_row(p, m, 0.75, 0.2, 10.0) for p in ("a", "b") for m in ("instance", "learned")]
+    new = [dict(r, seconds=r["seconds"] * (2.0 if r["method"] == "learned" else 1.1)) for r in ref]
+    new[0] = dict(new[0], dice_mean=new[0]["dice_mean"] + 0.01)  # pair a, instance: beyond the Dice tolerance
+    new.append(_row("c", "instance", 0.9, 0.2, 1.0))  # only in the re-run: not compared
+    cmp = {c["method"]: c for c in compare_rows(ref, new)}
+    assert cmp["instance"]["pairs"] == 2 and not cmp["instance"]["match"]
+    assert cmp["instance"]["max_abs_dice_diff"] == pytest.approx(0.01)
+    assert cmp["learned"]["match"] and cmp["learned"]["time_ratio_median"] == pytest.approx(2.0)
+    assert compare_rows(ref, [dict(r, sdlogj=r["sdlogj"] + 0.005) for r in ref])[0]["match"]  # within the SDlogJ tolerance
+    with pytest.raises(ValueError, match="share no"):
+        compare_rows(ref, [_row("z", "instance", 0.7, 0.2, 1.0)])
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in ref))
+    b.write_text("".join(json.dumps(r) + "\n" for r in new))
+    md = compare_files(a, b, tmp_path / "reproducibility.md")
+    assert "Outside the tolerance: instance (voxelwise λ)." in md and (tmp_path / "reproducibility.md").read_text() == md
+    with pytest.raises(FileNotFoundError, match="reference"):
+        compare_files(tmp_path / "missing.jsonl", b)

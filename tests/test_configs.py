@@ -24,6 +24,10 @@ def test_config_loads(path):
     elif kind == "learned":
         cfg = load_yaml(path, TrainConfig)
         assert cfg.objective.w_reg == 4.0  # the instance solver's energy: both solvers minimise one model
+        if cfg.network.lambda_mode == "uniform":  # the uniform network's energy is the uniform instance solver's
+            inst = load_yaml(path.parent / "instance_uniform_matched.yaml", InstanceOptConfig)
+            assert inst.lambda_mode == "uniform" and cfg.objective.hyperprior == inst.objective.hyperprior == "none"
+            assert cfg.objective.w_reg * cfg.network.lambda_uniform == pytest.approx(inst.objective.w_reg * inst.lambda_init, rel=1e-4)
     else:
         load_space(path)
 

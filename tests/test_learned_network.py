@@ -70,6 +70,53 @@ def test_network_rejects_bad_input():
         NetworkConfig(backbone="resnet")
 
 
+def test_uniform_lambda_network_has_no_lambda_head_and_trains(tmp_path):
+    """``lambda_mode="uniform"``: λ ≡ ``lambda_uniform`` on the network grid, no λ-head
+    parameters, the same energy as the instance solver's uniform mode, and a training run
+    whose weights reload in the same mode."""
+    from dataclasses import replace
+
+    from learned.train import load_weights, train
+
+    cfg = NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4, lambda_mode="uniform", lambda_uniform=0.3)
+    torch.manual_seed(0)
+    net = RegistrationNetwork(cfg)
+    assert net.lambda_head is None and not any("lambda" in k for k in net.state_dict())
+    f = torch.rand(1, 1, 16, 18, 20)
+    m = torch.roll(f, 2, dims=3)
+    with torch.no_grad():
+        net.velocity_head.weight.normal_(std=0.05)
+        out = net(f, m)
+    assert out.lam.shape == (1, 1, 8, 9, 10) and torch.all(out.lam == 0.3)
+    obj = ObjectiveConfig(w_reg=2.0, hyperprior="none")
+    icfg = InstanceOptConfig(objective=obj, level_spacing=(2.0,), iterations=(0,), control_factor=(2,),
+                             velocity_smoothing=0.0, progress=False, lambda_mode="uniform", lambda_init=0.3)
+    res = register_pair(f, m, icfg, spacing=(2.0,) * 3, init_velocity=out.velocity)
+    assert res.final_terms["total"] == pytest.approx(float(network_energy(out, f, m, obj, (2.0,) * 3).terms.total), rel=1e-4)
+
+    tcfg = replace(_tiny_cfg(), network=cfg, objective=ObjectiveConfig(lncc_window=3, svf_steps=3, hyperprior="none"),
+                   lambda_warmup_steps=0, steps=4, checkpoint_every=2)
+    train(tcfg, _tiny_data(), tmp_path / "u", progress=False)
+    loaded, *_ = load_weights(tmp_path / "u" / "model_final.pt")
+    assert loaded.config == cfg and loaded.lambda_head is None
+    # refinement of a uniform network keeps its fixed λ (the energy it was trained on)
+    from learned.solver import LearnedConfig
+    from learned.solver import register_pair as learned_register_pair
+
+    v = _tiny_data().val[0]
+    fm = torch.from_numpy(v.image)[None, None].float()
+    res = learned_register_pair(fm, torch.roll(fm, 1, dims=2), LearnedConfig(weights=str(tmp_path / "u" / "model_final.pt"),
+                                                                          refine=True, progress=False), spacing=(2.0,) * 3)
+    assert res.lam.numel() == 1 and float(res.lam) == pytest.approx(0.3)
+    assert res.displacement.shape == (1, 3, *v.image.shape)
+    with pytest.raises(ValueError, match="lambda_warmup_steps"):
+        replace(tcfg, lambda_warmup_steps=2)
+    with pytest.raises(ValueError, match="lambda_uniform"):
+        NetworkConfig(lambda_mode="uniform", lambda_uniform=1.5)  # beyond the beta prior's range
+    with pytest.raises(ValueError, match="lambda_mode"):
+        NetworkConfig(lambda_mode="scalar")
+
+
 def _tiny_data(n=4, shape=(12, 14, 16)):
     from hybridreg.data.sources import RegistrationDataset, Volume
     from hybridreg.spatial import gaussian_smooth
