@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--main-space", default=str(ROOT / "configs" / "tune_instance.yaml"))
     p.add_argument("--space", default=str(ROOT / "configs" / "tune_instance_proxy.yaml"), help="comparison objective")
     p.add_argument("--pareto-space", default=str(ROOT / "configs" / "tune_instance_pareto.yaml"))
+    p.add_argument("--compare-dir", default=str(RESULTS / "compare"),
+                   help="folder of the comparison runs (one per objective: the default holds the proxy's)")
     p.add_argument("--trials", type=int, default=20, help="trial budget of each comparison run")
     p.add_argument("--pareto-trials", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     for name, method, n_init in variants:
         for seed in a.seeds:
             tag = method if n_init == space.initial_trials else f"{method}_sobol{n_init}"
-            d = RESULTS / "compare" / f"{tag}_seed{seed}"
+            d = Path(a.compare_dir) / f"{tag}_seed{seed}"
             if "compare" not in skip:
                 print(f"comparison: {name} seed {seed}", flush=True)
                 run_or_resume(replace(space, seed=seed, initial_trials=n_init), a.trials, d, method, outputs=False)
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
                 runs.setdefault(name, {})[seed] = tr
                 curves.setdefault(name, []).append(best_so_far(tr, space.folding_max))
     if curves:
-        comparison_figure(curves, RESULTS / "compare" / "best_so_far.png", a.mark)
+        comparison_figure(curves, Path(a.compare_dir) / "best_so_far.png", a.mark)
 
     # 3. Pareto run
     pspace = load_space(a.pareto_space)
@@ -262,7 +264,7 @@ def report(a, cache, main_space, main_trials, best, space, runs, curves, pspace,
                       f"pairs of trials); the tuners' medians after {a.mark} trials differ by at most {gap:.4f}, "
                       + ("less than that: on this objective the tuners are not separable with three seeds."
                          if gap < statistics.median(near) else "more than that.")]
-    lines += ["", f"![tuner comparison]({rel(RESULTS / 'compare' / 'best_so_far.png')})", ""]
+    lines += ["", f"![tuner comparison]({rel(Path(a.compare_dir) / 'best_so_far.png')})", ""]
     # --- pareto
     if (pdir / "trials.json").is_file():
         ptr = _load_trials(pdir)
