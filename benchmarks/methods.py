@@ -42,11 +42,11 @@ import torch
 
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
+from learned.solver import UNIFORM_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
-UNIFORM_WEIGHTS = ROOT / "learned" / "weights" / "uniform" / "learned_bundled_2mm_uniform.pt"
 
 
 @dataclass
@@ -224,5 +224,7 @@ def available(method: Method) -> tuple[bool, str]:
         ok = Path(method.requires).is_file()
     else:
         ok = importlib.util.find_spec(method.requires) is not None
-    what = Path(method.requires).relative_to(ROOT) if "/" in method.requires else method.requires
+    what = method.requires
+    if "/" in what and Path(what).is_relative_to(ROOT):
+        what = Path(what).relative_to(ROOT)
     return ok, "" if ok else f"skipped {method.name}: {what} not found ({method.why})"
