@@ -7,15 +7,21 @@ Three parts, each resumable (every tuning run keeps its ``trials.json``):
    --space configs/tune_instance.yaml --trials 30``): its best feasible configuration and
    the default configuration are both registered on the bundled **test** pairs, which the
    tuner never saw (cached in the JSON next to the report).
-2. **Tuner comparison** on the cheaper objective of ``configs/tune_instance_proxy.yaml``:
-   BoTorch, random search and TPE with the same trial budget and seeds 0, 1, 2; the best
-   feasible validation Dice after each trial.
+2. **Tuner comparisons** (:data:`COMPARISONS`), seeds 0, 1, 2, the best feasible validation
+   Dice after each trial:
+
+   - ``full``: BoTorch against random search on the objective of
+     ``configs/tune_instance.yaml`` itself (every validation pair, about 2 min per trial),
+     15 trials each; BoTorch seed 0 is the first 15 trials of the full-objective run.
+   - ``proxy``: BoTorch (8 and 5 Sobol points), random search and TPE on the cheaper
+     objective of ``configs/tune_instance_proxy.yaml``, 20 trials each.
 3. **Pareto run**: ``configs/tune_instance_pareto.yaml`` (qLogNEHVI on Dice against
    SDlogJ); the front and its plot.
 
 Usage::
 
     python -m benchmarks.tuning_comparison            # runs what is missing, writes the report
+    python -m benchmarks.tuning_comparison --comparisons full --skip test pareto   # one part
     python -m benchmarks.tuning_comparison --report-only
 """
 
@@ -26,7 +32,7 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,34 @@ from hybridreg.tuning import (METHODS, OBJECTIVES, SearchSpace, TuningResult, ba
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "tuning"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tuner comparison: every method (and BoTorch Sobol-design size) × seed on one
+    search space, ``trials`` trials each, runs kept in ``folder/<method>[_sobol<n>]_seed<s>``."""
+
+    space: Path
+    folder: Path
+    trials: int
+    methods: tuple[str, ...]
+    botorch_initial: tuple[int, ...]
+    title: str
+    objective: str  # how the objective differs from the full one, for the report
+
+
+COMPARISONS = {
+    "full": Comparison(
+        ROOT / "configs" / "tune_instance.yaml", RESULTS / "compare_full", 15, ("random", "botorch"), (8,),
+        "on the full validation objective",
+        "`configs/tune_instance.yaml` itself: every trial registers the 3 validation pairs at 2 mm with the default "
+        "schedule (about 2 minutes). BoTorch seed 0 is the first 15 trials of the run above."),
+    "proxy": Comparison(
+        ROOT / "configs" / "tune_instance_proxy.yaml", RESULTS / "compare", 20, METHODS, (8, 5),
+        "on a cheaper proxy objective, with TPE",
+        "`configs/tune_instance_proxy.yaml`: the same parameters, bounds and folding constraint, but each trial "
+        "registers one validation pair with the velocity on the 4 mm level (about a tenth of the full objective's cost)."),
+}
 
 
 def _load_trials(run_dir: Path) -> list[dict]:
@@ -65,7 +99,8 @@ def _neighbour_differences(trials: list[dict], floor: float, radius: float = 0.1
     return out
 
 
-def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: int) -> None:
+def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: int,
+                      title: str = "Tuners on the same objective") -> None:
     """Best-so-far validation Dice against trials: median over seeds (line) and range (band)."""
     import matplotlib
 
@@ -80,12 +115,38 @@ def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: in
         ax.plot(x, np.nanmedian(a, axis=0), "-o", ms=3, color=f"C{i}", label=f"{method} (median of {len(runs)} seeds)")
         ax.fill_between(x, np.nanmin(a, axis=0), np.nanmax(a, axis=0), color=f"C{i}", alpha=0.15)
     ax.axvline(mark, color="0.5", lw=0.8, ls="--")
-    ax.set(xlabel="finished trials", ylabel="best feasible validation Dice", title="Tuners on the same objective")
+    ax.set(xlabel="finished trials", ylabel="best feasible validation Dice", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def run_comparison(c: Comparison, seeds: list[int], skip: set[str], mark: int):
+    """Run (or resume) every tuner × seed of ``c`` unless ``"compare"`` is in ``skip``; return
+    ``(space, runs, curves)`` of the runs that exist: ``runs[tuner][seed]`` is the trial list and
+    ``curves[tuner]`` the best-so-far curves. Writes ``c.folder/best_so_far.png``."""
+    space = load_space(c.space)
+    curves: dict[str, list[list[float]]] = {}
+    runs: dict[str, dict[int, list[dict]]] = {}
+    variants = [(m, m, space.initial_trials) for m in c.methods if m != "botorch" or space.initial_trials in c.botorch_initial]
+    if "botorch" in c.methods:
+        variants += [(f"botorch ({n} Sobol)", "botorch", n) for n in c.botorch_initial if n != space.initial_trials]
+    for name, method, n_init in variants:
+        for seed in seeds:
+            tag = method if n_init == space.initial_trials else f"{method}_sobol{n_init}"
+            d = c.folder / f"{tag}_seed{seed}"
+            if "compare" not in skip:
+                print(f"comparison {c.folder.name}: {name} seed {seed}", flush=True)
+                run_or_resume(replace(space, seed=seed, initial_trials=n_init), c.trials, d, method, outputs=False)
+            if (d / "trials.json").is_file():
+                tr = _load_trials(d)
+                runs.setdefault(name, {})[seed] = tr
+                curves.setdefault(name, []).append(best_so_far(tr, space.folding_max)[:c.trials])
+    if curves:
+        comparison_figure(curves, c.folder / "best_so_far.png", mark, f"Tuners {c.title}")
+    return space, runs, curves
 
 
 def _fmt(x: float) -> str:
@@ -96,17 +157,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--main", default=str(RESULTS / "instance_botorch_seed0"), help="folder of the full-objective run")
     p.add_argument("--main-space", default=str(ROOT / "configs" / "tune_instance.yaml"))
-    p.add_argument("--space", default=str(ROOT / "configs" / "tune_instance_proxy.yaml"), help="comparison objective")
     p.add_argument("--pareto-space", default=str(ROOT / "configs" / "tune_instance_pareto.yaml"))
-    p.add_argument("--compare-dir", default=str(RESULTS / "compare"),
-                   help="folder of the comparison runs (one per objective: the default holds the proxy's)")
-    p.add_argument("--trials", type=int, default=20, help="trial budget of each comparison run")
+    p.add_argument("--comparisons", nargs="+", default=list(COMPARISONS), choices=list(COMPARISONS),
+                   help="tuner comparisons to run and report (see COMPARISONS)")
     p.add_argument("--pareto-trials", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--botorch-initial", type=int, nargs="+", default=[8, 5],
-                   help="Sobol design sizes of the BoTorch runs (the space's own value is plain 'botorch')")
-    p.add_argument("--mark", type=int, default=15, help="the trial count the comparison is read at")
+    p.add_argument("--mark", type=int, default=15, help="the trial count the comparisons are read at")
     p.add_argument("--skip", nargs="*", default=[], choices=["test", "compare", "pareto"], help="parts not to run")
     p.add_argument("--report-only", action="store_true", help="only write the report from what exists")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tuning.md"))
@@ -137,26 +193,8 @@ def main(argv=None) -> int:
         cache["test_check"] = tests
         atomic_write_text(cache_path, json.dumps(cache, indent=2))
 
-    # 2. tuner comparison
-    space = load_space(a.space)
-    curves: dict[str, list[list[float]]] = {}
-    runs: dict[str, dict[int, list[dict]]] = {}
-    variants = [(m, m, space.initial_trials) for m in a.methods if m != "botorch" or space.initial_trials in a.botorch_initial]
-    if "botorch" in a.methods:
-        variants += [(f"botorch ({n} Sobol)", "botorch", n) for n in a.botorch_initial if n != space.initial_trials]
-    for name, method, n_init in variants:
-        for seed in a.seeds:
-            tag = method if n_init == space.initial_trials else f"{method}_sobol{n_init}"
-            d = Path(a.compare_dir) / f"{tag}_seed{seed}"
-            if "compare" not in skip:
-                print(f"comparison: {name} seed {seed}", flush=True)
-                run_or_resume(replace(space, seed=seed, initial_trials=n_init), a.trials, d, method, outputs=False)
-            if (d / "trials.json").is_file():
-                tr = _load_trials(d)
-                runs.setdefault(name, {})[seed] = tr
-                curves.setdefault(name, []).append(best_so_far(tr, space.folding_max))
-    if curves:
-        comparison_figure(curves, Path(a.compare_dir) / "best_so_far.png", a.mark)
+    # 2. tuner comparisons
+    compared = {k: run_comparison(COMPARISONS[k], a.seeds, skip, a.mark) for k in a.comparisons}
 
     # 3. Pareto run
     pspace = load_space(a.pareto_space)
@@ -167,12 +205,73 @@ def main(argv=None) -> int:
 
     cache["environment"] = environment()
     atomic_write_text(cache_path, json.dumps(cache, indent=2))
-    atomic_write_text(out, report(a, cache, main_space, main_trials, best, space, runs, curves, pspace, pdir))
+    atomic_write_text(out, report(a, cache, main_space, main_trials, best, compared, pspace, pdir))
     print(f"wrote {out}")
     return 0
 
 
-def report(a, cache, main_space, main_trials, best, space, runs, curves, pspace, pdir) -> str:
+def comparison_section(c: Comparison, space: SearchSpace, runs: dict[str, dict[int, list[dict]]], mark: int, rel) -> list[str]:
+    """The report's section of one tuner comparison: best-so-far table, the issue's criterion
+    (BoTorch's best-so-far after ``mark`` trials against random search's median over seeds),
+    and the scale of Dice differences between neighbouring configurations."""
+    n = c.trials
+    ticks = sorted({k for k in (5, 10, mark, n) if k <= n})
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    lines = [f"### {c.title[0].upper()}{c.title[1:]}", "",
+             f"Objective: {c.objective} {len(runs)} tuner settings × {len(seeds)} seeds × {n} trials.", "",
+             "| tuner | seed | " + " | ".join(f"after {k}" for k in ticks) + " | seconds per trial (median) |",
+             "|---|---|" + "---|" * (len(ticks) + 1)]
+    at = {}
+    for method, by_seed in runs.items():
+        for seed, tr in sorted(by_seed.items()):
+            tr = tr[:n]
+            cv = best_so_far(tr, space.folding_max)
+            if len(cv) >= mark:  # seeds that have not reached the mark yet are left out of the medians
+                at.setdefault(method, {})[seed] = cv[mark - 1]
+            vals = [cv[k - 1] if len(cv) >= k else float("nan") for k in ticks]
+            secs = statistics.median(t["seconds"] for t in tr if t["status"] == "done")
+            lines.append(f"| {method} | {seed} | " + " | ".join(_fmt(v) for v in vals) + f" | {secs:.1f} |")
+    lines.append("")
+    if not at:
+        return lines
+    unfinished = [f"{m} seed {sd}" for m, by_seed in runs.items() for sd in by_seed if sd not in at.get(m, {})]
+    if unfinished:
+        lines += [f"Not yet at {mark} trials (left out below): {', '.join(unfinished)}.", ""]
+    lines += [f"Median over seeds after {mark} trials: "
+              + ", ".join(f"{m} {_fmt(statistics.median(v.values()))} ({len(v)} seed{'s' * (len(v) > 1)})" for m, v in at.items()) + "."]
+    if "random" in at:
+        rmed = statistics.median(at["random"].values())
+        for name in (n for n in at if n.startswith("botorch")):
+            v = at[name]
+            ok = all(x >= rmed for x in v.values())
+            med_ok = statistics.median(v.values()) >= rmed
+            lines += ["", f"**{name}**: best-so-far after {mark} trials {', '.join(_fmt(x) for x in v.values())} for seeds "
+                          f"{', '.join(map(str, v))} (median {_fmt(statistics.median(v.values()))}); random "
+                          f"search's median over seeds {', '.join(map(str, at['random']))} is {_fmt(rmed)}: "
+                          f"BoTorch's median is {'at least' if med_ok else 'below'} it, and "
+                          f"{'every' if ok else 'not every'} BoTorch seed is at least it."]
+    allv = [x for v in at.values() for x in v.values()]
+    if allv:
+        bests = [best_trial(tr[:n], space.folding_max) for by_seed in runs.values() for tr in by_seed.values()]
+        wr = [b["params"]["objective.w_reg"] for b in bests if b]
+        lines += ["", f"Across all runs the best-so-far after {mark} trials lies between {min(allv):.4f} and {max(allv):.4f} "
+                      f"(a spread of {max(allv) - min(allv):.4f} Dice); the runs' best trials have w_reg between {min(wr):.2f} "
+                      f"and {max(wr):.2f}."]
+        meds = [statistics.median(v.values()) for v in at.values()]
+        gap = max(meds) - min(meds)
+        near = _neighbour_differences([t for by_seed in runs.values() for tr in by_seed.values() for t in tr[:n]
+                                       if t["status"] == "done"], min(allv) - 0.005)
+        if near:
+            lines += [f"For scale: trials of these runs that lie within 0.1 of each other on the unit cube and score above "
+                      f"{min(allv) - 0.005:.4f} differ by {statistics.median(near):.4f} Dice (median over {len(near)} such "
+                      f"pairs of trials); the tuners' medians after {mark} trials differ by {gap:.4f}, "
+                      + (f"less than that: on this objective the tuners are not separable with {len(seeds)} seeds."
+                         if gap < statistics.median(near) else "more than that.")]
+    lines += ["", f"![tuner comparison, {c.title}]({rel(c.folder / 'best_so_far.png')})", ""]
+    return lines
+
+
+def report(a, cache, main_space, main_trials, best, compared, pspace, pdir) -> str:
     out_dir = Path(a.out).resolve().parent
 
     def rel(q) -> str:
@@ -215,56 +314,15 @@ def report(a, cache, main_space, main_trials, best, space, runs, curves, pspace,
                      + f" | {t['dice']:.4f} | {t['folding']:.4f} | {t['sdlogj']:.3f} | {t['seconds']:.0f} |")
     lines += ["", f"![best so far]({rel(md / 'best_so_far.png')}) ![partial dependence]({rel(md / 'partial_dependence.png')})",
               "", f"![Dice against SDlogJ, full-objective run]({rel(md / 'pareto.png')})", ""]
-    # --- comparison
-    n = a.trials
-    lines += ["## BoTorch against random search and TPE", "",
-              f"Objective: `configs/tune_instance_proxy.yaml` — the same parameters, bounds and folding constraint, but each "
-              "trial registers one validation pair with the velocity on the 4 mm level (about a tenth of the full "
-              f"objective's cost), so that {len(curves)} tuner settings × {len(a.seeds)} seeds × {n} trials stay affordable on 2 cores. "
-              f"BoTorch starts from {space.initial_trials} scrambled Sobol points, TPE from Optuna's default 10 random "
-              "startup trials; random search draws uniformly on the unit cube (log scale for both parameters). "
-              "Best feasible validation Dice after the given number of finished trials:", "",
-              "| tuner | seed | " + " | ".join(f"after {k}" for k in (5, 10, a.mark, n)) + " | seconds per trial (median) |",
-              "|---|---|" + "---|" * 5]
-    at = {}
-    for method, by_seed in runs.items():
-        for seed, tr in sorted(by_seed.items()):
-            c = best_so_far(tr, space.folding_max)
-            at.setdefault(method, []).append(c[a.mark - 1] if len(c) >= a.mark else float("nan"))
-            vals = [c[k - 1] if len(c) >= k else float("nan") for k in (5, 10, a.mark, n)]
-            secs = statistics.median(t["seconds"] for t in tr if t["status"] == "done")
-            lines.append(f"| {method} | {seed} | " + " | ".join(_fmt(v) for v in vals) + f" | {secs:.1f} |")
-    lines.append("")
-    if at:
-        lines += [f"Median over seeds after {a.mark} trials: "
-                  + ", ".join(f"{m} {_fmt(statistics.median(v))}" for m, v in at.items()) + "."]
-        if "random" in at:
-            rmed = statistics.median(at["random"])
-            for name in (n for n in at if n.startswith("botorch")):
-                ok = all(v >= rmed for v in at[name])
-                med_ok = statistics.median(at[name]) >= rmed
-                lines += ["", f"{name}: best-so-far after {a.mark} trials {', '.join(_fmt(v) for v in at[name])} for seeds "
-                              f"{', '.join(map(str, sorted(runs[name])))} (median {_fmt(statistics.median(at[name]))}); random "
-                              f"search's median over its seeds is {_fmt(rmed)}: BoTorch's median is "
-                              f"{'at least' if med_ok else 'below'} it, and {'every' if ok else 'not every'} seed is at least it."]
-    if at:
-        allv = [v for vs in at.values() for v in vs if v == v]
-        bests = [best_trial(tr, space.folding_max) for by_seed in runs.values() for tr in by_seed.values()]
-        wr = [b["params"]["objective.w_reg"] for b in bests if b]
-        lines += ["", f"Across all runs the best-so-far after {a.mark} trials lies between {min(allv):.4f} and {max(allv):.4f} "
-                      f"(a spread of {max(allv) - min(allv):.4f} Dice); the runs' best trials have w_reg between {min(wr):.2f} "
-                      f"and {max(wr):.2f}."]
-        meds = [statistics.median(v) for v in at.values()]
-        gap = max(meds) - min(meds)
-        near = _neighbour_differences([t for by_seed in runs.values() for tr in by_seed.values() for t in tr
-                                       if t["status"] == "done"], allv and min(allv) - 0.005)
-        if near:
-            lines += [f"For scale: trials of these runs that lie within 0.1 of each other on the unit cube and score above "
-                      f"{min(allv) - 0.005:.4f} differ by {statistics.median(near):.4f} Dice (median over {len(near)} such "
-                      f"pairs of trials); the tuners' medians after {a.mark} trials differ by at most {gap:.4f}, "
-                      + ("less than that: on this objective the tuners are not separable with three seeds."
-                         if gap < statistics.median(near) else "more than that.")]
-    lines += ["", f"![tuner comparison]({rel(Path(a.compare_dir) / 'best_so_far.png')})", ""]
+    # --- comparisons
+    if compared:
+        lines += ["## BoTorch against random search and TPE", "",
+                  "BoTorch starts from scrambled Sobol points (8 unless stated), TPE from Optuna's default 10 random "
+                  "startup trials; random search draws uniformly on the unit cube (log scale for both parameters). "
+                  f"Each tuner runs with seeds {', '.join(map(str, a.seeds))} and the same trial budget; the tables give the best feasible "
+                  "validation Dice after the given number of finished trials.", ""]
+    for k, (space, runs, curves) in compared.items():
+        lines += comparison_section(COMPARISONS[k], space, runs, a.mark, rel)
     # --- pareto
     if (pdir / "trials.json").is_file():
         ptr = _load_trials(pdir)

@@ -155,3 +155,35 @@ def test_rerun_comparison_flags_changed_accuracy_and_reports_time_ratios(tmp_pat
     assert "Outside the tolerance: instance (voxelwise λ)." in md and (tmp_path / "reproducibility.md").read_text() == md
     with pytest.raises(FileNotFoundError, match="reference"):
         compare_files(tmp_path / "missing.jsonl", b)
+
+
+def test_tuner_comparison_states_the_criterion_from_the_trials(tmp_path):
+    """The tuning report's verdict (BoTorch's best-so-far after the mark against random
+    search's median over seeds) follows the trials, honours the folding constraint, and
+    leaves out seeds that have not reached the mark."""
+    from benchmarks.tuning_comparison import COMPARISONS, comparison_section
+    from hybridreg.tuning import load_space
+
+    c = COMPARISONS["full"]
+    space = load_space(c.space)
+
+    def run(dices, folding=0.0):
+        return [{"id": i, "status": "done", "dice": d, "folding": folding, "sdlogj": 0.2, "seconds": 1.0,
+                 "x": [0.1 * i, 0.5], "params": {"objective.w_reg": 1.0 + i, "objective.hyper_strength": 0.1}}
+                for i, d in enumerate(dices)]
+
+    random = {0: run([0.70] * 15), 1: run([0.72] * 15), 2: run([0.74] * 15)}  # median 0.72
+    lines = "\n".join(comparison_section(c, space, {"random": random, "botorch": {0: run([0.71] * 14 + [0.73])}},
+                                         15, str))
+    assert "random search's median over seeds 0, 1, 2 is 0.7200" in lines
+    assert "BoTorch's median is at least it" in lines
+    # the best trial of that run folds too much: it no longer counts
+    folded = run([0.71] * 14 + [0.73])
+    folded[-1]["folding"] = 2 * space.folding_max
+    lines = "\n".join(comparison_section(c, space, {"random": random, "botorch": {0: folded}}, 15, str))
+    assert "BoTorch's median is below it" in lines
+    # a seed short of the mark is named and left out of the medians
+    lines = "\n".join(comparison_section(c, space, {"random": {**random, 3: run([0.9] * 10)},
+                                                     "botorch": {0: run([0.73] * 15)}}, 15, str))
+    assert "Not yet at 15 trials (left out below): random seed 3." in lines
+    assert "is 0.7200" in lines
