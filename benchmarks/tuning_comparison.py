@@ -57,7 +57,7 @@ class Comparison:
     methods: tuple[str, ...]
     botorch_initial: tuple[int, ...]
     title: str
-    objective: str  # how the objective differs from the full one, for the report
+    objective: str  # the objective, described for the report
 
 
 COMPARISONS = {
@@ -125,8 +125,8 @@ def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: in
 
 def run_comparison(c: Comparison, seeds: list[int], skip: set[str], mark: int):
     """Run (or resume) every tuner × seed of ``c`` unless ``"compare"`` is in ``skip``; return
-    ``(space, runs, curves)`` of the runs that exist: ``runs[tuner][seed]`` is the trial list and
-    ``curves[tuner]`` the best-so-far curves. Writes ``c.folder/best_so_far.png``."""
+    ``(space, runs)`` of the runs that exist (``runs[tuner][seed]`` is the trial list) and
+    plot their best-so-far curves to ``c.folder/best_so_far.png``."""
     space = load_space(c.space)
     curves: dict[str, list[list[float]]] = {}
     runs: dict[str, dict[int, list[dict]]] = {}
@@ -146,7 +146,7 @@ def run_comparison(c: Comparison, seeds: list[int], skip: set[str], mark: int):
                 curves.setdefault(name, []).append(best_so_far(tr, space.folding_max)[:c.trials])
     if curves:
         comparison_figure(curves, c.folder / "best_so_far.png", mark, f"Tuners {c.title}")
-    return space, runs, curves
+    return space, runs
 
 
 def _fmt(x: float) -> str:
@@ -317,13 +317,13 @@ def report(a, cache, main_space, main_trials, best, compared, pspace, pdir) -> s
     lines += ["", f"![best so far]({rel(md / 'best_so_far.png')}) ![partial dependence]({rel(md / 'partial_dependence.png')})",
               "", f"![Dice against SDlogJ, full-objective run]({rel(md / 'pareto.png')})", ""]
     # --- comparisons
-    if any(runs for _, runs, _ in compared.values()):
+    if any(runs for _, runs in compared.values()):
         lines += ["## BoTorch against random search and TPE", "",
                   "BoTorch starts from scrambled Sobol points (8 unless stated), TPE from Optuna's default 10 random "
                   "startup trials; random search draws uniformly on the unit cube (log scale for both parameters). "
                   f"Each tuner runs with seeds {', '.join(map(str, a.seeds))} and the same trial budget; the tables give the best feasible "
                   "validation Dice after the given number of finished trials.", ""]
-    for k, (space, runs, curves) in compared.items():
+    for k, (space, runs) in compared.items():
         if runs:
             lines += comparison_section(COMPARISONS[k], space, runs, a.mark, rel)
     # --- pareto
