@@ -10,8 +10,8 @@ Measured, each in a fresh subprocess (so a peak RSS belongs to one measurement):
   peak RSS; at 2 mm and (``--one-mm``) at 1 mm;
 * **inference** -- seconds of one network pass plus integration and warping at 2 mm and 1 mm
   (median of ``--repeats`` after one warm-up) and its peak RSS;
-* **training** -- seconds per training step of the shipped configuration (median of
-  ``--repeats`` steps after two warm-up steps).
+* **training** -- seconds per training step of each stage of the shipped weights
+  (:data:`TRAIN_CONFIGS`; median of ``--repeats`` steps after two warm-up steps).
 
 Ratios are against the instance solver run in the same invocation. Usage::
 
@@ -35,6 +35,9 @@ from benchmarks.common import rss_mb, run_python
 
 SOLVERS = ("instance", "learned", "learned+refine")
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = ("learned_bundled_2mm.yaml", "learned_bundled_2mm_fullres.yaml")
+"""The shipped weights' training stages (``configs/``): the half-grid network, then the
+fine-tuning with the full-resolution velocity stage."""
 
 
 def child_register(solver: str, fid: str, moving: str, resolution: int) -> dict:
@@ -70,14 +73,14 @@ def child_inference(resolution: int, repeats: int) -> dict:
             "peak_rss_mb": rss_mb(), "rss_before_mb": base, "threads": torch.get_num_threads()}
 
 
-def child_train_step(repeats: int) -> dict:
+def child_train_step(config: str, repeats: int) -> dict:
     from hybridreg.config import load_yaml
     from hybridreg.data.sources import bundled
     from learned.train import TrainConfig, _sample_pair, _tensor
     from learned.loss import network_energy
     from learned.network import RegistrationNetwork
 
-    cfg = load_yaml(ROOT / "configs" / "learned_bundled_2mm.yaml", TrainConfig)
+    cfg = load_yaml(ROOT / "configs" / config, TrainConfig)
     ds = bundled(2)
     images, atlas = [_tensor(v, "cpu") for v in ds.train], _tensor(ds.atlas, "cpu")
     net = RegistrationNetwork(cfg.network)
@@ -93,7 +96,7 @@ def child_train_step(repeats: int) -> dict:
         opt.step()
         times.append(time.perf_counter() - t)
     n_params = sum(p.numel() for p in net.parameters())
-    return {"seconds_per_step_median": statistics.median(times[2:]), "parameters": n_params, "peak_rss_mb": rss_mb(),
+    return {"config": config, "seconds_per_step_median": statistics.median(times[2:]), "parameters": n_params, "peak_rss_mb": rss_mb(),
             "grid": list(ds.shape), "threads": torch.get_num_threads()}
 
 
@@ -143,10 +146,13 @@ def to_markdown(res: dict) -> str:
             "| input grid | median seconds | first call | peak RSS MB (process) |", "|---|---|---|---|"]
     for x in res["inference"]:
         out.append(f"| {x['resolution_mm']} mm | {x['seconds_median']:.3f} | {x['seconds_first']:.3f} | {x['peak_rss_mb']:.0f} |")
-    t = res["train_step"]
     out += ["", "## Training", "",
-            f"One training step of `configs/learned_bundled_2mm.yaml` (batch 1, {'x'.join(map(str, t['grid']))} grid at 2 mm, "
-            f"{t['parameters']:,} parameters): median {t['seconds_per_step_median']:.3f} s, peak RSS {t['peak_rss_mb']:.0f} MB.", ""]
+            "One training step (batch 1, 2 mm images) of each stage of the shipped weights:", "",
+            "| config | grid | parameters | median seconds per step | peak RSS MB |", "|---|---|---|---|---|"]
+    for t in res["train_step"]:
+        out.append(f"| `configs/{t['config']}` | {'x'.join(map(str, t['grid']))} | {t['parameters']:,} | "
+                   f"{t['seconds_per_step_median']:.3f} | {t['peak_rss_mb']:.0f} |")
+    out.append("")
     return "\n".join(out)
 
 
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
         elif kind == "inference":
             r = child_inference(int(rest[0]), a.repeats)
         else:
-            r = child_train_step(a.repeats)
+            r = child_train_step(rest[0], a.repeats)
         print(json.dumps(r))
         return 0
     from hybridreg import data
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     res = {"environment": {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version(),
                            "weights": str(DEFAULT_WEIGHTS.relative_to(ROOT))},
-           "pairs": [], "inference": [], "train_step": None}
+           "pairs": [], "inference": [], "train_step": []}
     atlas = data.demo_pair()[0]
     jobs = [(atlas, mv, r) for r in ([2, 1] if a.one_mm else [2]) for mv in movers]
     if a.subject_pairs:
@@ -193,7 +199,9 @@ def main(argv=None) -> int:
     for r in (2, 1):
         res["inference"].append(_run_child(["inference", str(r)] + ["--repeats", str(a.repeats)]))
         print(json.dumps(res["inference"][-1]), flush=True)
-    res["train_step"] = _run_child(["train_step"] + ["--repeats", str(a.repeats)])
+    for name in TRAIN_CONFIGS:
+        res["train_step"].append(_run_child(["train_step", name, "--repeats", str(a.repeats)]))
+        print(json.dumps(res["train_step"][-1]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))

@@ -13,9 +13,13 @@ Methods:
 * ``instance-uniform`` -- the same solver with one scalar λ and no hyperprior
   (``configs/instance_uniform_matched.yaml``: λ calibrated on the validation pairs so its
   SDlogJ matches the voxelwise solver's; ``python -m benchmarks calibrate-uniform``).
-* ``learned`` / ``learned+refine`` -- the shipped network, alone and refined per case.
-* ``learned-uniform`` / ``learned+refine-uniform`` -- the learned solver's paired baseline:
-  the same U-Net without the λ head, trained with the same data, schedule and seed on the
+* ``learned`` / ``learned+refine`` -- the shipped network (half-grid U-Net plus the
+  fine-tuned full-resolution velocity stage), alone and refined per case.
+* ``learned-stage1`` / ``learned+refine-stage1`` -- stage 1 of the shipped network (the
+  half-grid U-Net before fine-tuning, ``learned/weights/stage1/``): the voxelwise arm of the
+  learned solver's paired comparison.
+* ``learned-uniform`` / ``learned+refine-uniform`` -- its uniform arm: the same U-Net
+  without the λ head, trained with the same data, schedule and seed as stage 1 on the
   uniform energy (``w_reg · λ`` = the calibrated 3.579 of the uniform instance solver;
   ``configs/learned_bundled_2mm_uniform.yaml``), alone and refined on that energy.
 * ``ants-syn`` -- ANTs SyN (antspyx, optional): ``SyNOnly`` (no affine stage: the bundled
@@ -47,6 +51,8 @@ from learned.solver import UNIFORM_WEIGHTS
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
+STAGE1_WEIGHTS = ROOT / "learned" / "weights" / "stage1" / "learned_bundled_2mm_stage1.pt"
+"""Stage 1 of the shipped weights (a repository file, not installed with the package)."""
 
 
 @dataclass
@@ -124,11 +130,15 @@ def _instance(config_path: Path | None, trace: bool):
     return run
 
 
-def _learned(refine: bool, weights: Path | None = None):
-    def run(pair: Pair, dice_fn) -> MethodOutput:
-        from learned.solver import LearnedConfig, register_pair
+def _learned(refine: bool, weights: Path | None = None, half_grid: bool = False):
+    """The learned solver with ``weights`` (default: the shipped ones); ``half_grid``: refine
+    with :func:`learned.solver.half_grid_refine` (networks without a full-resolution stage)."""
 
-        cfg = LearnedConfig(refine=refine, progress=False, **({"weights": str(weights)} if weights else {}))
+    def run(pair: Pair, dice_fn) -> MethodOutput:
+        from learned.solver import LearnedConfig, half_grid_refine, register_pair
+
+        cfg = LearnedConfig(refine=refine, progress=False, **({"weights": str(weights)} if weights else {}),
+                            **({"refine_config": half_grid_refine()} if half_grid else {}))
         f, m = _tensors(pair)
         t0 = time.perf_counter()
         res = register_pair(f, m, cfg, spacing=pair.spacing)
@@ -189,6 +199,8 @@ def _sitk_demons(pair: Pair, dice_fn) -> MethodOutput:
     return MethodOutput(disp.astype(np.float32), seconds)
 
 
+_NEEDS_STAGE1_NET = {"requires": str(STAGE1_WEIGHTS),
+                     "why": "train it: hybridreg train --data bundled --config configs/learned_bundled_2mm.yaml"}
 _NEEDS_UNIFORM_NET = {"requires": str(UNIFORM_WEIGHTS),
                       "why": f"train it: hybridreg train --data bundled --config {UNIFORM_TRAIN_CONFIG}"}
 
@@ -200,12 +212,17 @@ METHODS: dict[str, Method] = {
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG, trace=True), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
         Method("learned", "learned (voxelwise λ)", _learned(False), "voxelwise", "learned",
-               "the shipped U-Net (`learned_bundled_2mm.pt`), one forward pass"),
+               "the shipped network (`learned_bundled_2mm.pt`: half-grid U-Net + full-resolution velocity stage), one forward pass"),
         Method("learned+refine", "learned + refine", _learned(True), "voxelwise", "learned+refine",
-               "the network's velocity and λ refined by 20 (4 mm) + 12 (2 mm) instance iterations"),
+               "the network's velocity and λ refined by 12 instance iterations at 2 mm"),
+        Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned(False, STAGE1_WEIGHTS), "voxelwise", "learned",
+               "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
+               **_NEEDS_STAGE1_NET),
+        Method("learned+refine-stage1", "learned + refine, stage 1", _learned(True, STAGE1_WEIGHTS, half_grid=True), "voxelwise",
+               "learned+refine", "stage 1 refined by 20 (4 mm) + 12 (2 mm) instance iterations", **_NEEDS_STAGE1_NET),
         Method("learned-uniform", "learned (uniform λ)", _learned(False, UNIFORM_WEIGHTS), "uniform", "learned",
                "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned(True, UNIFORM_WEIGHTS), "uniform",
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned(True, UNIFORM_WEIGHTS, half_grid=True), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn, "-", "classical",

@@ -14,8 +14,8 @@ from benchmarks.methods import METHODS
 from hybridreg.config import atomic_output, atomic_write_text
 
 # (solver, voxelwise method, uniform method) of the paired comparison
-PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned", "learned-uniform"),
-          ("learned+refine", "learned+refine", "learned+refine-uniform"))
+PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-stage1", "learned-uniform"),
+          ("learned+refine", "learned+refine-stage1", "learned+refine-uniform"))
 
 
 def _label_names() -> dict[int, str]:
@@ -275,7 +275,7 @@ def _paired_verdicts(rows: list[dict], stats: list[dict]) -> list[str]:
         reg = (f"at matched regularity (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform)" if matched else
                f"but regularity is **not** matched (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform), so the Dice "
                "difference mixes λ's spatial variation with the amount of smoothing")
-        out.append(f"- **{solver}:** {verdict}, {reg}.")
+        out.append(f"- **{solver}** ({METHODS[vox].label} against {METHODS[uni].label}): {verdict}, {reg}.")
     return out + [""] if out else []
 
 
@@ -337,7 +337,9 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
                   "validation pairs so that the uniform-λ instance solver's mean SDlogJ equals the voxelwise solver's. "
                   "The learned solver's uniform baseline is a second network (`configs/learned_bundled_2mm_uniform.yaml`: "
                   "the same U-Net, data, schedule and seed, no λ head) trained on that same uniform energy "
-                  "(w_reg · λ = 3.579), taken at the end of training, and refined on it; a network cannot be calibrated per pair, so whether its "
+                  "(w_reg · λ = 3.579), taken at the end of training, and refined on it. Its voxelwise pair is stage 1 "
+                  "of the shipped network (`learned-stage1`), which has the same architecture and training; the shipped "
+                  "network adds a fine-tuned full-resolution velocity stage that the uniform network has not had. A network cannot be calibrated per pair, so whether its "
                   "regularity matches is measured, not imposed. The SDlogJ rows and the verdicts below say how well the "
                   "match holds on these pairs. Per-structure q-values are Benjamini–Hochberg adjusted within each solver.", "",
                   "| solver | measure | n | median difference (voxelwise − uniform) | r | p | q (BH) |", "|---|---|---|---|---|---|---|"]

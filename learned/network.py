@@ -10,7 +10,9 @@ under the beta hyperprior or softplus under the normal one, clamped as in
 The network may run on a down-sampled grid (``resolution_factor = 2`` halves every axis, as
 TM-SPR does). Its outputs are then on that grid: the velocity in voxels of that grid, which
 :func:`hybridreg.objective.evaluate` integrates there (the control grid) and up-samples,
-exactly like the instance optimizer's control grid; λ likewise. The training loss is
+exactly like the instance optimizer's control grid; λ likewise. An optional full-resolution
+velocity stage (``NetworkConfig.full_resolution_channels``) brings both back to the input grid
+with a residual SVF at that resolution (:class:`FullResolutionStage`). The training loss is
 :func:`hybridreg.objective.evaluate` and nothing else.
 """
 
@@ -24,9 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridreg.priors import LAMBDA_BOUNDS, lambda_from_param
-from hybridreg.spatial import resize_image
+from hybridreg.spatial import resize_field, resize_image
 
-__all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "SwinBackbone", "LambdaHead", "RegistrationNetwork", "BACKBONES"]
+__all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "SwinBackbone", "LambdaHead", "FullResolutionStage",
+           "RegistrationNetwork", "BACKBONES"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,15 @@ class NetworkConfig:
         lambda_prior: ``"beta"`` (sigmoid) or ``"normal"`` (softplus) λ head.
         lambda_channels: hidden width of the λ head (48 in the reference).
         resolution_factor: the network runs on the image grid divided by this (1 or 2).
+        full_resolution_channels: width of a full-resolution velocity stage (0: none; needs
+            ``resolution_factor`` 2). The backbone, velocity head and λ head run on the half
+            grid as without it; the stage up-samples the backbone's features to the input
+            grid, concatenates a conv block of the input images, convolves, and adds the
+            resulting residual velocity to the coarse velocity resampled to the input grid
+            (:func:`hybridreg.spatial.resize_field`); λ is up-sampled linearly (it stays in
+            the prior's range). The outputs are then on the input grid: the SVF is no
+            longer limited to the half grid's detail (VoxelMorph's ``int_downsize`` 2 has
+            the same limit).
         lambda_mode: ``"voxelwise"`` (the λ head, method §2.2) or ``"uniform"``: no λ head,
             λ ≡ ``lambda_uniform`` everywhere -- the spatially uniform baseline of the
             learned solver, trained on the same energy (the instance solver's
@@ -61,6 +73,7 @@ class NetworkConfig:
     lambda_prior: Literal["beta", "normal"] = "beta"
     lambda_channels: int = 48
     resolution_factor: int = 2
+    full_resolution_channels: int = 0
     lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
     lambda_uniform: float = 1.0
     swin_embed_dim: int = 24
@@ -87,6 +100,10 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: `lambda_prior` must be 'beta' or 'normal', got {self.lambda_prior!r}")
         if self.resolution_factor not in (1, 2):
             raise ValueError(f"NetworkConfig: `resolution_factor` must be 1 or 2, got {self.resolution_factor!r}")
+        if self.full_resolution_channels < 0 or (self.full_resolution_channels and self.resolution_factor != 2):
+            raise ValueError("NetworkConfig: `full_resolution_channels` must be 0, or a positive width with"
+                             f" resolution_factor 2; got {self.full_resolution_channels!r} with resolution_factor"
+                             f" {self.resolution_factor!r}")
         if self.lambda_mode not in ("voxelwise", "uniform"):
             raise ValueError(f"NetworkConfig: `lambda_mode` must be 'voxelwise' or 'uniform', got {self.lambda_mode!r}")
         lo, hi = LAMBDA_BOUNDS[self.lambda_prior]
@@ -218,6 +235,28 @@ class LambdaHead(nn.Module):
         return lambda_from_param(self.body(h), self.prior)
 
 
+class FullResolutionStage(nn.Module):
+    """Full-resolution velocity stage (``NetworkConfig.full_resolution_channels``): the
+    coarse velocity resampled to the input grid plus a residual predicted from the up-sampled
+    backbone features and a conv block of the input images. The residual head starts near
+    zero, so a network fine-tuned from half-grid weights starts from their output."""
+
+    def __init__(self, ndim: int, features: int, channels: int, in_channels: int = 2):
+        super().__init__()
+        self.image = _Block(ndim, in_channels, channels)
+        self.block = _Block(ndim, features + channels, channels)
+        self.velocity_head = _conv(ndim)(channels, ndim, 3, padding=1)
+        nn.init.normal_(self.velocity_head.weight, std=1e-5)
+        nn.init.zeros_(self.velocity_head.bias)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor, lam: torch.Tensor) -> NetOutput:
+        size = tuple(x.shape[2:])
+        mode = "trilinear" if x.dim() == 5 else "bilinear"
+        up = F.interpolate(h, size=size, mode=mode, align_corners=False)
+        residual = self.velocity_head(self.block(torch.cat([up, self.image(x)], dim=1)))
+        return NetOutput(resize_field(velocity, size) + residual, F.interpolate(lam, size=size, mode=mode, align_corners=False))
+
+
 class RegistrationNetwork(nn.Module):
     """``g(fixed, moving) → NetOutput(velocity, λ)`` on the network grid (module docstring).
 
@@ -225,8 +264,8 @@ class RegistrationNetwork(nn.Module):
         fixed, moving: ``(B, 1, *spatial)`` images, intensities about [0, 1].
 
     Returns:
-        :class:`NetOutput` on ``spatial / resolution_factor`` (λ constant under
-        ``lambda_mode="uniform"``).
+        :class:`NetOutput` on ``spatial / resolution_factor``, or on ``spatial`` with a
+        full-resolution stage; λ is constant under ``lambda_mode="uniform"``.
 
     Raises:
         ValueError: images of different shapes or the wrong number of dimensions.
@@ -242,6 +281,8 @@ class RegistrationNetwork(nn.Module):
         nn.init.zeros_(self.velocity_head.bias)
         self.lambda_head = (LambdaHead(cfg.ndim, c, cfg.lambda_channels, cfg.lambda_prior)
                             if cfg.lambda_mode == "voxelwise" else None)
+        self.full_resolution = (FullResolutionStage(cfg.ndim, c, cfg.full_resolution_channels)
+                                if cfg.full_resolution_channels else None)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> NetOutput:
         nd = self.config.ndim
@@ -252,10 +293,12 @@ class RegistrationNetwork(nn.Module):
             raise ValueError(f"RegistrationNetwork: `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ")
         x = torch.cat([fixed, moving], dim=1)
         f = self.config.resolution_factor
-        if f > 1:
-            x = resize_image(x, [max(4, n // f) for n in x.shape[2:]])
-        h = self.backbone(x)
+        xn = resize_image(x, [max(4, n // f) for n in x.shape[2:]]) if f > 1 else x
+        h = self.backbone(xn)
         velocity = self.velocity_head(h)
         if self.lambda_head is None:
+            if self.full_resolution is not None:  # λ is a constant: only the velocity is needed
+                velocity = self.full_resolution(h, x, velocity, velocity[:, :1]).velocity
             return NetOutput(velocity, torch.full_like(velocity[:, :1], self.config.lambda_uniform))
-        return NetOutput(velocity, self.lambda_head(h))
+        out = NetOutput(velocity, self.lambda_head(h))
+        return self.full_resolution(h, x, *out) if self.full_resolution is not None else out

@@ -36,7 +36,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -344,7 +344,8 @@ def train(
             ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
         progress: show a tqdm bar (rank 0).
         init_weights: start a fresh run from this weight file (fine-tuning; the network
-            configs must match). Ignored on resume (the checkpoint holds the weights).
+            configs must match, except that ``network`` may add a full-resolution stage to
+            weights without one, which then starts from their output). Ignored on resume (the checkpoint holds the weights).
 
     Returns:
         The trained network (unwrapped, on ``device``).
@@ -379,9 +380,15 @@ def train(
     net = RegistrationNetwork(cfg.network).to(dev)
     if init_weights is not None and not resume:
         init_net = load_weights(init_weights)[0]
-        if init_net.config != cfg.network:
-            raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`")
-        net.load_state_dict(init_net.state_dict())
+        # Weights of the same network without the full-resolution stage may start one with it
+        # (the stage's residual starts near zero): every other parameter must match.
+        grown = replace(init_net.config, full_resolution_channels=cfg.network.full_resolution_channels)
+        if grown != cfg.network or (init_net.config.full_resolution_channels not in (0, cfg.network.full_resolution_channels)):
+            raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`"
+                             " (only a full-resolution stage may be added)")
+        missing, _ = net.load_state_dict(init_net.state_dict(), strict=False)
+        if any(not k.startswith("full_resolution.") for k in missing):  # pragma: no cover - configs checked above
+            raise ValueError(f"train(): `init_weights` {init_weights} lacks parameters {missing}")
     lam_params = list(net.lambda_head.parameters()) if net.lambda_head is not None else []
     lam_ids = {id(p) for p in lam_params}
     opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if id(p) not in lam_ids], "lr": cfg.lr},

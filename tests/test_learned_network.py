@@ -213,3 +213,48 @@ def test_train_bad_input(tmp_path):
     train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="already holds a run"):
         train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)
+
+
+def test_full_resolution_stage_starts_from_the_half_grid_output_and_fine_tunes(tmp_path):
+    """``full_resolution_channels``: outputs on the input grid; with half-grid weights loaded
+    the velocity starts as their velocity resampled to the input grid (voxel units rescaled)
+    and λ as their λ up-sampled; gradients reach the stage; ``train(init_weights=...)``
+    fine-tunes from weights without the stage and rejects other architecture changes."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from hybridreg.spatial import resize_field
+    from learned.train import load_weights, save_weights, train
+
+    torch.manual_seed(0)
+    half = RegistrationNetwork(NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4))
+    with torch.no_grad():
+        half.velocity_head.weight.normal_(std=0.05)
+        half.velocity_head.bias.fill_(0.2)
+    full = RegistrationNetwork(replace(half.config, full_resolution_channels=3))
+    missing, unexpected = full.load_state_dict(half.state_dict(), strict=False)
+    assert missing and all(k.startswith("full_resolution.") for k in missing) and not unexpected
+    f, m = torch.rand(1, 1, 16, 18, 20), torch.rand(1, 1, 16, 18, 20)
+    with torch.no_grad():
+        a, b = half(f, m), full(f, m)
+    assert a.velocity.shape == (1, 3, 8, 9, 10) and b.velocity.shape == (1, 3, 16, 18, 20) and b.lam.shape == (1, 1, 16, 18, 20)
+    expect = resize_field(a.velocity, (16, 18, 20))
+    assert float(expect.abs().min()) > 0.1  # a non-trivial coarse velocity ...
+    torch.testing.assert_close(b.velocity, expect, atol=1e-3, rtol=0)  # ... that the stage starts from
+    torch.testing.assert_close(b.lam, F.interpolate(a.lam, size=(16, 18, 20), mode="trilinear", align_corners=False))
+    network_energy(full(f, m), f, m, ObjectiveConfig(lncc_window=3, svf_steps=3), (2.0,) * 3).terms.total.backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in full.full_resolution.parameters())
+    with pytest.raises(ValueError, match="full_resolution_channels"):
+        NetworkConfig(resolution_factor=1, full_resolution_channels=8)
+
+    cfg = _tiny_cfg(steps=1, lambda_warmup_steps=0)
+    save_weights(tmp_path / "half.pt", half, cfg.objective, (2.0,) * 3)
+    grown = replace(cfg, network=replace(cfg.network, full_resolution_channels=3))
+    net = train(grown, _tiny_data(), tmp_path / "ft", progress=False, init_weights=tmp_path / "half.pt")
+    assert net.full_resolution is not None
+    start = half.state_dict()
+    assert max(float((net.state_dict()[k] - start[k]).abs().max()) for k in start) <= 2 * cfg.lr  # one AdamW step
+    assert load_weights(tmp_path / "ft" / "model_final.pt")[0].config == grown.network
+    with pytest.raises(ValueError, match="init_weights"):
+        train(replace(cfg, network=replace(cfg.network, encoder=(4, 6))), _tiny_data(), tmp_path / "bad", init_weights=tmp_path / "half.pt")
