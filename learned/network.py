@@ -135,10 +135,14 @@ class _Block(nn.Sequential):
         super().__init__(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
+def _linear(t: torch.Tensor) -> str:
+    return "trilinear" if t.dim() == 5 else "bilinear"
+
+
 def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out: nn.Module) -> torch.Tensor:
     """U-Net decoder: up-sample ``h`` to the next skip (popped from the end), concatenate,
     convolve; repeat for every layer of ``ups``; then ``out``."""
-    mode = "trilinear" if h.dim() == 5 else "bilinear"
+    mode = _linear(h)
     for layer in ups:
         s = skips.pop()
         h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
@@ -249,12 +253,12 @@ class FullResolutionStage(nn.Module):
         nn.init.normal_(self.velocity_head.weight, std=1e-5)
         nn.init.zeros_(self.velocity_head.bias)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor, lam: torch.Tensor) -> NetOutput:
+    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid."""
         size = tuple(x.shape[2:])
-        mode = "trilinear" if x.dim() == 5 else "bilinear"
-        up = F.interpolate(h, size=size, mode=mode, align_corners=False)
+        up = F.interpolate(h, size=size, mode=_linear(x), align_corners=False)
         residual = self.velocity_head(self.block(torch.cat([up, self.image(x)], dim=1)))
-        return NetOutput(resize_field(velocity, size) + residual, F.interpolate(lam, size=size, mode=mode, align_corners=False))
+        return resize_field(velocity, size) + residual
 
 
 class RegistrationNetwork(nn.Module):
@@ -296,9 +300,11 @@ class RegistrationNetwork(nn.Module):
         xn = resize_image(x, [max(4, n // f) for n in x.shape[2:]]) if f > 1 else x
         h = self.backbone(xn)
         velocity = self.velocity_head(h)
+        if self.full_resolution is not None:
+            velocity = self.full_resolution(h, x, velocity)
         if self.lambda_head is None:
-            if self.full_resolution is not None:  # λ is a constant: only the velocity is needed
-                velocity = self.full_resolution(h, x, velocity, velocity[:, :1]).velocity
             return NetOutput(velocity, torch.full_like(velocity[:, :1], self.config.lambda_uniform))
-        out = NetOutput(velocity, self.lambda_head(h))
-        return self.full_resolution(h, x, *out) if self.full_resolution is not None else out
+        lam = self.lambda_head(h)
+        if lam.shape[2:] != velocity.shape[2:]:  # λ head on the half grid, velocity on the input grid
+            lam = F.interpolate(lam, size=velocity.shape[2:], mode=_linear(lam), align_corners=False)
+        return NetOutput(velocity, lam)

@@ -51,7 +51,7 @@ def half_grid_refine() -> InstanceOptConfig:
     """The refinement schedule of networks whose SVF lives on the half grid (no
     full-resolution stage, e.g. stage 1 of the shipped weights and the uniform-λ network):
     20 iterations on a 4 mm level, then 12 on the 2 mm level, no early stop."""
-    return InstanceOptConfig(level_spacing=(4.0, 2.0), iterations=(20, 12), tol=0.0, min_iterations=1, window=5)
+    return replace(_refine_default(), level_spacing=(4.0, 2.0), iterations=(20, 12))
 
 
 @dataclass(frozen=True)

@@ -386,9 +386,7 @@ def train(
         if grown != cfg.network or (init_net.config.full_resolution_channels not in (0, cfg.network.full_resolution_channels)):
             raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`"
                              " (only a full-resolution stage may be added)")
-        missing, _ = net.load_state_dict(init_net.state_dict(), strict=False)
-        if any(not k.startswith("full_resolution.") for k in missing):  # pragma: no cover - configs checked above
-            raise ValueError(f"train(): `init_weights` {init_weights} lacks parameters {missing}")
+        net.load_state_dict(init_net.state_dict(), strict=init_net.config == cfg.network)
     lam_params = list(net.lambda_head.parameters()) if net.lambda_head is not None else []
     lam_ids = {id(p) for p in lam_params}
     opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if id(p) not in lam_ids], "lr": cfg.lr},
