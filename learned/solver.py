@@ -34,8 +34,10 @@ from instance_opt.solver import _check_images as check_images
 __all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "LearnedConfig", "half_grid_refine", "register_pair"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
-"""Weights shipped with the package: trained on the bundled training split at 2 mm with
-``configs/learned_bundled_2mm.yaml`` (log and figure next to the file)."""
+"""Weights shipped with the package: trained on the bundled training split at 2 mm in three
+stages (``configs/learned_bundled_2mm.yaml``, then ``..._fullres.yaml`` and
+``..._fullres_mixed.yaml`` fine-tuning from the previous stage; logs, figures and README in
+``learned/weights/``)."""
 
 UNIFORM_WEIGHTS = Path(__file__).parent / "weights" / "uniform" / "learned_bundled_2mm_uniform.pt"
 """The uniform-λ baseline network (no λ head, λ ≡ 0.89475 with ``w_reg`` 4): same data,
@@ -65,8 +67,8 @@ class LearnedConfig:
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy unless
             ``refine_objective_from_weights`` is False). Default: 12 iterations on the
-            2 mm level (the shipped network's velocity grid), no early stop; chosen for the
-            shipped weights on the bundled validation pairs (vxm ← synthseg_13..15, 2 mm),
+            2 mm level (the shipped network's velocity grid), no early stop; chosen for stage 2
+            of the shipped weights on the bundled validation pairs (vxm ← synthseg_13..15, 2 mm),
             where it reached 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s for
             :func:`half_grid_refine` (a 4 mm level first, which discards the velocity's
             2 mm detail) and 0.771 for the full instance schedule in about 40 s.

@@ -187,3 +187,27 @@ def test_tuner_comparison_states_the_criterion_from_the_trials(tmp_path):
                                                      "botorch": {0: run([0.73] * 15)}}, 15, str))
     assert "Not yet at 15 trials (left out below): random seed 3." in lines
     assert "is 0.7200" in lines
+
+
+def test_learned_solver_report_pools_atlas_and_subject_pairs():
+    """With both pair kinds at one grid the report adds their pooled summary: the mean over all
+    pairs (not the mean of the two group means) and its difference from instance optimization."""
+    from benchmarks.learned_solver import to_markdown
+
+    def row(solver, pair, kind, dice):
+        return {"solver": solver, "pair": pair, "kind": kind, "resolution_mm": 2, "dice_before": 0.5,
+                "dice_after": dice, "hd95_mm": 3.0, "folding_percent": 0.0, "sdlogj": 0.2, "lambda_std": 0.1,
+                "seconds": 10.0 if solver == "instance" else 1.0, "peak_rss_mb": 100.0}
+
+    pairs = [row("instance", f"a{i}", "atlas", 0.80) for i in range(3)] + [row("learned", f"a{i}", "atlas", 0.78) for i in range(3)]
+    pairs += [row("instance", "s0", "subject", 0.70), row("learned", "s0", "subject", 0.62)]
+    res = {"environment": {"machine": "x", "threads": 2, "torch": "t", "python": "p", "weights": "w"},
+           "pairs": pairs, "inference": [], "train_step": []}
+    md = to_markdown(res)
+    pooled = md.split("## 2 mm, all test pairs")[1]
+    assert "mean over 4 pairs" in pooled
+    learned = next(line for line in pooled.splitlines() if line.startswith("| learned |"))
+    # instance (3 * 0.80 + 0.70) / 4 = 0.775, learned (3 * 0.78 + 0.62) / 4 = 0.740 -> -0.035
+    assert "| 0.740 ± " in learned and "| -0.035 |" in learned and "| 0.100 |" in learned
+    only_atlas = to_markdown({**res, "pairs": pairs[:6]})
+    assert "all test pairs" not in only_atlas
