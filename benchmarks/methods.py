@@ -137,7 +137,7 @@ def _learned(refine: bool, weights: Path | None = None, half_grid: bool = False)
     def run(pair: Pair, dice_fn) -> MethodOutput:
         from learned.solver import LearnedConfig, half_grid_refine, register_pair
 
-        cfg = LearnedConfig(refine=refine, progress=False, **({"weights": str(weights)} if weights else {}),
+        cfg = LearnedConfig(refine=refine, progress=False, weights=str(weights or ""),
                             **({"refine_config": half_grid_refine()} if half_grid else {}))
         f, m = _tensors(pair)
         t0 = time.perf_counter()

@@ -135,14 +135,10 @@ class _Block(nn.Sequential):
         super().__init__(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
-def _linear(t: torch.Tensor) -> str:
-    return "trilinear" if t.dim() == 5 else "bilinear"
-
-
 def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out: nn.Module) -> torch.Tensor:
     """U-Net decoder: up-sample ``h`` to the next skip (popped from the end), concatenate,
     convolve; repeat for every layer of ``ups``; then ``out``."""
-    mode = _linear(h)
+    mode = "trilinear" if h.dim() == 5 else "bilinear"
     for layer in ups:
         s = skips.pop()
         h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
@@ -256,7 +252,7 @@ class FullResolutionStage(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid."""
         size = tuple(x.shape[2:])
-        up = F.interpolate(h, size=size, mode=_linear(x), align_corners=False)
+        up = resize_image(h, size)
         residual = self.velocity_head(self.block(torch.cat([up, self.image(x)], dim=1)))
         return resize_field(velocity, size) + residual
 
@@ -304,7 +300,5 @@ class RegistrationNetwork(nn.Module):
             velocity = self.full_resolution(h, x, velocity)
         if self.lambda_head is None:
             return NetOutput(velocity, torch.full_like(velocity[:, :1], self.config.lambda_uniform))
-        lam = self.lambda_head(h)
-        if lam.shape[2:] != velocity.shape[2:]:  # λ head on the half grid, velocity on the input grid
-            lam = F.interpolate(lam, size=velocity.shape[2:], mode=_linear(lam), align_corners=False)
-        return NetOutput(velocity, lam)
+        # the λ head runs on the half grid; with a full-resolution stage λ follows the velocity up
+        return NetOutput(velocity, resize_image(self.lambda_head(h), velocity.shape[2:]))
