@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS
+
 FOCUSED = {"instance-speed": "benchmarks.instance_speed", "learned-solver": "benchmarks.learned_solver",
            "tuning": "benchmarks.tuning_comparison"}
 
@@ -47,7 +47,8 @@ def _list() -> int:
     return 0
 
 
-def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall: float | None) -> Path:
+def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall: float | None, stamp: bool) -> Path:
+    """Write the report of ``out``'s rows; ``stamp``: this machine ran them (else keep their stamp)."""
     from benchmarks.common import environment
     from benchmarks.report import figures, markdown, paired_stats, write_csvs
     from benchmarks.suite import DATASETS, SUITES, read_rows
@@ -57,7 +58,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     if not rows:
         raise SystemExit(f"{out / 'rows.jsonl'}: no finished runs to report")
     env_path = out / "environment.json"
-    env = environment()
+    env = environment() if stamp or not env_path.is_file() else json.loads(env_path.read_text())
     atomic_write_text(env_path, json.dumps(env, indent=2))
     stats = paired_stats(rows)
     write_csvs(out, rows, stats, scaling)
@@ -110,7 +111,7 @@ def _run(a) -> int:
             scaling = run_scaling(a.grids or GRIDS, a.repeats)
             atomic_write_text(sc_path, json.dumps(scaling, indent=2))
     wall = _wall_minutes(out, (time.perf_counter() - t0) / 60.0, methods)
-    report = _render(a.suite, out, scaling, skipped, wall)
+    report = _render(a.suite, out, scaling, skipped, wall, stamp=True)
     print(f"wrote {report}")
     return 0
 
@@ -206,14 +207,6 @@ def main(argv=None) -> int:
     c.add_argument("--start", type=float, default=1.0, help="first uniform λ to try")
     c.add_argument("--evaluations", type=int, default=5)
     c.add_argument("--tol", type=float, default=0.005, help="|SDlogJ difference| that ends the search")
-    ch = sub.add_parser("child", help=argparse.SUPPRESS)
-    ch.add_argument("dataset")
-    ch.add_argument("pair")
-    ch.add_argument("method")
-    ch.add_argument("--lambda-out")
-    sc = sub.add_parser("scaling-child", help=argparse.SUPPRESS)
-    sc.add_argument("grid")
-    sc.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if a.cmd == "list":
         return _list()
@@ -222,7 +215,7 @@ def main(argv=None) -> int:
     if a.cmd == "report":
         out = Path(a.out or RESULTS / a.suite)
         sc = out / "scaling.json"
-        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], _wall_minutes(out))}")
+        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], _wall_minutes(out), stamp=False)}")
         return 0
     if a.cmd == "compare":
         from benchmarks.compare import compare_files
@@ -235,19 +228,7 @@ def main(argv=None) -> int:
         print(md)
         print(f"wrote {out / 'reproducibility.md'}")
         return 0
-    if a.cmd == "calibrate-uniform":
-        return _calibrate(a)
-    if a.cmd == "child":
-        from benchmarks.suite import child
-
-        print(json.dumps(child(a.dataset, a.pair, a.method, a.lambda_out)))
-        return 0
-    if a.cmd == "scaling-child":
-        from benchmarks.scaling import child
-
-        print(json.dumps(child(a.grid, a.repeats)))
-        return 0
-    return 1
+    return _calibrate(a)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,47 @@
-"""Helpers shared by the benchmarks: the environment stamp of a report and peak memory."""
+"""What every benchmark shares: the one child-process protocol (:func:`run_child`), the one
+environment stamp (:func:`environment`), the one figure writer (:func:`save_figure`) and peak
+memory."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("torch", "numpy", "SimpleITK", "botorch", "gpytorch", "optuna", "pykeops", "monai", "antspyx")
 
 
 def rss_mb() -> float:
     """Peak resident set size of this process (MB; Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_child(target: str, **kwargs) -> dict:
+    """Call ``target`` (``"module:function"``) with the JSON-able ``kwargs`` in a fresh Python
+    process (so its peak RSS and its timings belong to that call alone) and return its
+    JSON-able result.
+
+    Raises:
+        RuntimeError: the process failed (its stderr tail is in the message).
+    """
+    code = "import sys; from benchmarks.common import _child; _child(*sys.argv[1:])"
+    p = subprocess.run([sys.executable, "-c", code, target, json.dumps(kwargs)], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{target}({kwargs}) failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _child(target: str, kwargs: str) -> None:
+    module, name = target.split(":")
+    print(json.dumps(getattr(importlib.import_module(module), name)(**json.loads(kwargs))))
 
 
 def _cpu_name() -> str:
@@ -29,7 +56,7 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict:
-    """Hardware and library versions to stamp a report with."""
+    """Hardware, library versions and commit to stamp a report with."""
     import torch
 
     env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -42,26 +69,34 @@ def environment() -> dict:
             env[lib] = None
     try:
         env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+                                    cwd=ROOT, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["git"] = None
     return env
 
 
-def environment_markdown(env: dict) -> str:
-    """One line per stamp entry, for the head of a report."""
+def environment_markdown(env: dict | None) -> str:
+    """The stamp as report lines (a stamp of another form is listed as it is)."""
+    if not env or "cpu" not in env:
+        return "- Environment: " + (", ".join(f"{k} {v}" for k, v in (env or {}).items()) or "not recorded") + "\n"
     hw = f"{env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads" + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU")
     libs = ", ".join(f"{k} {env[k]}" for k in LIBRARIES if env.get(k))
     return f"- Hardware: {hw}\n- Software: Python {env['python']}, {libs} ({env['os']})\n- Commit: {env.get('git')}\n"
 
 
-def run_python(args: list[str], cwd: str | None = None) -> str:
-    """Run ``python args...`` in a fresh process (its own peak RSS); returns stdout.
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository (or the working directory) when it lies inside."""
+    p = Path(path).resolve()
+    for base in (ROOT, Path.cwd()):
+        if p.is_relative_to(base):
+            return str(p.relative_to(base))
+    return str(path)
 
-    Raises:
-        RuntimeError: the process failed (its stderr tail is in the message).
-    """
-    p = subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=cwd)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{p.stderr[-3000:]}")
-    return p.stdout
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a :class:`matplotlib.figure.Figure` atomically (the format follows the suffix)."""
+    from hybridreg.config import atomic_output
+
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)

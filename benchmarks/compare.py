@@ -13,6 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks.common import shown
 from benchmarks.methods import METHODS
 
 DICE_TOL = 0.005
@@ -86,9 +87,7 @@ def compare_markdown(comparison: list[dict], reference: str, rerun: str, scaling
                      f"{c['max_abs_dice_diff']:.4f} | {c['max_abs_sdlogj_diff']:.4f} | {c['max_abs_folding_diff']:.4f} | "
                      f"{c['time_ratio_median']:.2f} ({c['time_ratio_min']:.2f}–{c['time_ratio_max']:.2f}) | "
                      f"{'yes' if c['match'] else '**no**'} |")
-    bad = [label[c["method"]] for c in comparison if not c["match"]]
-    lines += ["", "Every method reproduces its accuracy and regularity." if not bad else
-              "Outside the tolerance: " + ", ".join(bad) + ".", ""]
+    lines.append("")
     if scaling:
         lines += ["Scaling (seconds and memory per iteration on the full grid):", "",
                   "| grid | voxels | s/iteration reference | re-run | ratio | memory MB reference | re-run | ratio |",
@@ -97,15 +96,6 @@ def compare_markdown(comparison: list[dict], reference: str, rerun: str, scaling
                   f"{s['memory_ref']:.0f} | {s['memory_rerun']:.0f} | {s['memory_ratio']:.2f} |" for s in scaling]
         lines.append("")
     return "\n".join(lines)
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository (or the working directory) when it lies inside."""
-    p = Path(path).resolve()
-    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if p.is_relative_to(base):
-            return str(p.relative_to(base))
-    return str(path)
 
 
 def compare_files(reference: Path, rerun: Path, out: Path | None = None) -> str:
@@ -125,7 +115,7 @@ def compare_files(reference: Path, rerun: Path, out: Path | None = None) -> str:
     sc_ref, sc_new = Path(reference).parent / "scaling.json", Path(rerun).parent / "scaling.json"
     if sc_ref.is_file() and sc_new.is_file():
         scaling = compare_scaling(json.loads(sc_ref.read_text()), json.loads(sc_new.read_text()))
-    md = compare_markdown(compare_rows(read_rows(Path(reference)), read_rows(Path(rerun))), _shown(reference), _shown(rerun),
+    md = compare_markdown(compare_rows(read_rows(Path(reference)), read_rows(Path(rerun))), shown(reference), shown(rerun),
                           scaling)
     if out is not None:
         atomic_write_text(Path(out), md)

@@ -1,216 +1,164 @@
-"""The learned solver against instance optimization on the bundled test split.
+"""The learned solver against instance optimization, its inference and its training step.
 
-Measured, each in a fresh subprocess (so a peak RSS belongs to one measurement):
+* **accuracy and regularity** -- the benchmark harness's rows of the methods
+  :data:`~benchmarks.suite.SOLVERS` (``instance``, ``learned``, ``learned+refine``) on suite
+  ``bundled`` (atlas ← test subject and consecutive test subjects, 2 mm) and, with
+  ``--one-mm``, suite ``bundled-1mm``; missing rows are run (the suites continue where their
+  ``rows.jsonl`` stops), existing ones are read;
+* **inference** -- one call of the learned solver (network pass, integration, warp) on the
+  demo pair at 2 mm and 1 mm, median of ``--repeats`` after one warm-up, in a fresh process;
+* **training** -- seconds per step of :func:`learned.train.train` itself for each stage of
+  the shipped weights (:data:`TRAIN_CONFIGS`, :func:`train_step`).
 
-* **accuracy and regularity** -- for every test pair (atlas ``vxm`` ← ``synthseg_16..20``; with
-  ``--subject-pairs`` also ``synthseg_16 ← 17``, ``17 ← 18`` ..., pairs without the atlas) and
-  every solver (``instance`` default schedule, ``learned``, ``learned+refine``), through
-  :func:`hybridreg.cli.register_files` exactly as ``hybridreg register`` runs: mean Dice over
-  the standard structures present in both maps, %|J|≤0, SDlogJ, registration seconds,
-  peak RSS; at 2 mm and (``--one-mm``) at 1 mm;
-* **inference** -- seconds of one network pass plus integration and warping at 2 mm and 1 mm
-  (median of ``--repeats`` after one warm-up) and its peak RSS;
-* **training** -- seconds per training step of each stage of the shipped weights
-  (:data:`TRAIN_CONFIGS`; median of ``--repeats`` steps after two warm-up steps).
+Usage::
 
-Ratios are against the instance solver run in the same invocation. Usage::
-
-    python -m benchmarks.learned_solver --out benchmarks/results/learned_solver.md [--one-mm]
+    python -m benchmarks learned-solver --out benchmarks/results/learned_solver.md [--one-mm]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+from benchmarks.common import RESULTS, ROOT, environment, environment_markdown, rss_mb, run_child
+from hybridreg.config import atomic_write_text
 
-from benchmarks.common import rss_mb, run_python
-
-SOLVERS = ("instance", "learned", "learned+refine")
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = ("learned_bundled_2mm.yaml", "learned_bundled_2mm_fullres.yaml", "learned_bundled_2mm_fullres_mixed.yaml")
 """The shipped weights' training stages (``configs/``): the half-grid network, the
 fine-tuning with the full-resolution velocity stage, and the second fine-tuning."""
+FIELDS = ("pair", "kind", "method", "dice_before", "dice_mean", "hd95_mean", "folding_percent", "sdlogj", "lambda_std_brain",
+          "seconds", "peak_rss_mb")
+RENAMED = {"solver": "method", "dice_after": "dice_mean", "hd95_mm": "hd95_mean", "lambda_std": "lambda_std_brain",
+           "seconds_per_step_median": "seconds_per_step"}
+"""Field names of results written before the accuracy rows came from the harness."""
 
 
-def child_register(solver: str, fid: str, moving: str, resolution: int) -> dict:
-    from hybridreg import data
-    from hybridreg.cli import register_files
+def inference(resolution: int, repeats: int) -> dict:
+    import torch
 
-    f, m = data.load_subject(fid, resolution), data.load_subject(moving, resolution)
-    with tempfile.TemporaryDirectory() as tmp:
-        met = register_files(f.image_path, m.image_path, Path(tmp) / "out", fixed_labels=f.labels_path,
-                             moving_labels=m.labels_path, solver=solver, progress=False, hd95_metric=True)
-    return {"solver": solver, "pair": f"{fid}<-{moving}", "resolution_mm": resolution,
-            "dice_before": met["dice_before"]["mean"], "dice_after": met["dice_after"]["mean"],
-            "hd95_mm": met["hd95_mm_after"]["mean"], "folding_percent": met["folding_percent"], "sdlogj": met["sdlogj"],
-            "lambda_std": met["lambda"]["std_inside_fixed_labels"], "seconds": met["seconds"]["registration"], "peak_rss_mb": met["peak_memory_mb"]}
-
-
-def child_inference(resolution: int, repeats: int) -> dict:
     from hybridreg import data
     from hybridreg.io import normalize_intensity
-    from learned.solver import LearnedConfig, register_pair
+    from hybridreg.solvers import get_solver
 
-    fid, mid = data.demo_pair()
-    f, m = data.load_subject(fid, resolution), data.load_subject(mid, resolution)
-    ft = torch.from_numpy(normalize_intensity(f.image))[None, None]
-    mt = torch.from_numpy(normalize_intensity(m.image))[None, None]
-    base = rss_mb()
+    f, m = (data.load_subject(s, resolution) for s in data.demo_pair())
+    ft, mt = (torch.from_numpy(normalize_intensity(s.image))[None, None] for s in (f, m))
+    solver = get_solver("learned")
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
-        register_pair(ft, mt, LearnedConfig(), spacing=f.spacing)
+        solver.register_pair(ft, mt, solver.default_config(), spacing=f.spacing)
         times.append(time.perf_counter() - t)
     return {"resolution_mm": resolution, "seconds_median": statistics.median(times[1:]), "seconds_first": times[0],
-            "peak_rss_mb": rss_mb(), "rss_before_mb": base, "threads": torch.get_num_threads()}
+            "peak_rss_mb": rss_mb(), "threads": torch.get_num_threads()}
 
 
-def child_train_step(config: str, repeats: int) -> dict:
+def train_step(config: str, steps: int) -> dict:
+    """Seconds per step of :func:`learned.train.train` on ``configs/<config>`` and the bundled
+    training split: two fresh runs of 2 and ``2 + steps`` steps, the difference of their wall
+    times over ``steps`` (set-up and the two first steps cancel). The runs validate and
+    checkpoint only after their last step, and the λ warm-up is cut to the two first steps, so
+    every timed step trains every parameter group."""
+    import torch
+
     from hybridreg.config import load_yaml
     from hybridreg.data.sources import bundled
-    from learned.train import TrainConfig, _sample_pair, _tensor
-    from learned.loss import network_energy
-    from learned.network import RegistrationNetwork
+    from learned.train import TrainConfig, train
 
     cfg = load_yaml(ROOT / "configs" / config, TrainConfig)
+    cfg = replace(cfg, epoch_steps=cfg.steps, checkpoint_every=cfg.steps, lambda_warmup_steps=min(cfg.lambda_warmup_steps, 2))
     ds = bundled(2)
-    images, atlas = [_tensor(v, "cpu") for v in ds.train], _tensor(ds.atlas, "cpu")
-    net = RegistrationNetwork(cfg.network)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(repeats + 2):
-        t = time.perf_counter()
-        f, m = _sample_pair(ds, images, atlas, cfg, gen)
-        loss = network_energy(net(f, m), f, m, cfg.objective, ds.spacing).terms.total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    n_params = sum(p.numel() for p in net.parameters())
-    return {"config": config, "seconds_per_step_median": statistics.median(times[2:]), "parameters": n_params, "peak_rss_mb": rss_mb(),
-            "grid": list(ds.shape), "threads": torch.get_num_threads()}
+    seconds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (2, 2 + steps):
+            t = time.perf_counter()
+            net = train(cfg, ds, Path(tmp) / str(n), stop_after=n, progress=False)
+            seconds.append(time.perf_counter() - t)
+    return {"config": config, "seconds_per_step": (seconds[1] - seconds[0]) / steps, "steps": steps,
+            "parameters": sum(p.numel() for p in net.parameters()), "peak_rss_mb": rss_mb(), "grid": list(ds.shape),
+            "threads": torch.get_num_threads()}
 
 
-def _run_child(args: list[str]) -> dict:
-    return json.loads(run_python(["-m", "benchmarks.learned_solver", "--child", *args], cwd=str(ROOT)).strip().splitlines()[-1])
+def harness_rows(suites: list[str]) -> list[dict]:
+    """The :data:`FIELDS` of the suites' rows of the three solvers, running what is missing."""
+    from benchmarks.suite import DATASETS, SOLVERS, SUITES, run_suite
+
+    return [{**{k: r.get(k) for k in FIELDS}, "resolution_mm": DATASETS[SUITES[s]["dataset"]].resolution_mm}
+            for s in suites for r in run_suite(s, RESULTS / s, SOLVERS)]
 
 
-def _mean_sd(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def _mean(rows, key):
+    return statistics.mean(r[key] for r in rows) if rows else float("nan")
 
 
 def to_markdown(res: dict) -> str:
+    from benchmarks.suite import SOLVERS
+
     env = res["environment"]
-    out = ["# Learned solver vs instance optimization (bundled test split)", "",
-           f"Machine: {env['machine']}, {env['threads']} torch threads, torch {env['torch']}, Python {env['python']}, "
-           f"no GPU. Weights: `{env['weights']}`. Generated by `python -m benchmarks.learned_solver`.", ""]
-    groups = sorted({(row.get("kind", "atlas"), row["resolution_mm"]) for row in res["pairs"]}, key=lambda g: (g[0] != "atlas", -g[1]))
-    sections = []
-    for kind, r in groups:
-        what = "atlas (vxm, real T1) ← test subject" if kind == "atlas" else "test subject ← next test subject (no atlas)"
-        sections.append((f"{r} mm, {what}", [row for row in res["pairs"] if row["resolution_mm"] == r and row.get("kind", "atlas") == kind], True))
-    for r in sorted({r for _, r in groups}, reverse=True):
-        if len({k for k, rr in groups if rr == r}) > 1:  # both kinds at this grid: their pooled summary
-            sections.append((f"{r} mm, all test pairs (atlas and subject-to-subject)",
-                              [row for row in res["pairs"] if row["resolution_mm"] == r], False))
-    for title, rows, per_pair in sections:
-        inst = [row for row in rows if row["solver"] == "instance"]
-        t_inst = statistics.mean(row["seconds"] for row in inst) if inst else float("nan")
-        d_inst = statistics.mean(row["dice_after"] for row in inst) if inst else float("nan")
-        out += [f"## {title}: mean over {len(inst) or len(rows)} pairs", "",
-                "| solver | Dice before | Dice after (± sd) | Δ vs instance | HD95 mm | %\\|J\\|≤0 | SDlogJ | λ sd (brain) | seconds | time / instance | peak RSS MB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [{RENAMED.get(k, k): v for k, v in r.items()} for r in res["pairs"]]
+    out = ["# Learned solver vs instance optimization (bundled test split)", "", environment_markdown(env).rstrip("\n"),
+           f"- Weights: `{env['weights']}`", ""]
+    groups = sorted({(r.get("kind", "atlas"), r["resolution_mm"]) for r in rows}, key=lambda g: (g[0] != "atlas", -g[1]))
+    sections = [(f"{mm} mm, {'atlas ← test subject' if kind == 'atlas' else 'test subject ← next test subject'}",
+                 [r for r in rows if r["resolution_mm"] == mm and r.get("kind", "atlas") == kind], True) for kind, mm in groups]
+    sections += [(f"{mm} mm, all test pairs", [r for r in rows if r["resolution_mm"] == mm], False)
+                 for mm in sorted({mm for _, mm in groups}, reverse=True) if len({k for k, x in groups if x == mm}) > 1]
+    for title, rs, per_pair in sections:
+        inst = [r for r in rs if r["method"] == "instance"]
+        t_inst, d_inst = _mean(inst, "seconds"), _mean(inst, "dice_mean")
+        out += [f"## {title}: mean over {len(inst) or len(rs)} pairs", "",
+                "| solver | Dice before | Dice after (± sd) | Δ vs instance | HD95 mm | %\\|J\\|≤0 (max) | SDlogJ | λ sd (brain) | "
+                "seconds | time / instance | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in SOLVERS:
-            sr = [row for row in rows if row["solver"] == s]
-            if not sr:
-                continue
-            dm, dsd = _mean_sd([x["dice_after"] for x in sr])
-            sec = statistics.mean(x["seconds"] for x in sr)
-            out.append(f"| {s} | {statistics.mean(x['dice_before'] for x in sr):.3f} | {dm:.3f} ± {dsd:.3f} | {dm - d_inst:+.3f} | "
-                       f"{statistics.mean(x['hd95_mm'] for x in sr):.2f} | {max(x['folding_percent'] for x in sr):.4f} (max) | "
-                       f"{statistics.mean(x['sdlogj'] for x in sr):.3f} | {statistics.mean(x['lambda_std'] for x in sr):.3f} | "
-                       f"{sec:.2f} | {sec / t_inst:.3f} | {max(x['peak_rss_mb'] for x in sr):.0f} |")
+            sr = [r for r in rs if r["method"] == s]
+            if sr:
+                dm, dsd = _mean(sr, "dice_mean"), statistics.stdev(r["dice_mean"] for r in sr) if len(sr) > 1 else 0.0
+                out.append(f"| {s} | {_mean(sr, 'dice_before'):.3f} | {dm:.3f} ± {dsd:.3f} | {dm - d_inst:+.3f} | "
+                           f"{_mean(sr, 'hd95_mean'):.2f} | {max(r['folding_percent'] for r in sr):.4f} | {_mean(sr, 'sdlogj'):.3f} | "
+                           f"{_mean(sr, 'lambda_std_brain'):.3f} | {_mean(sr, 'seconds'):.2f} | {_mean(sr, 'seconds') / t_inst:.3f} | "
+                           f"{max(r['peak_rss_mb'] for r in sr):.0f} |")
         if per_pair:
             out += ["", "Per pair (Dice after / SDlogJ / seconds):", "", "| pair | " + " | ".join(SOLVERS) + " |",
                     "|---|" + "---|" * len(SOLVERS)]
-            for pair in sorted({row["pair"] for row in rows}):
-                cells = []
-                for s in SOLVERS:
-                    x = next((row for row in rows if row["pair"] == pair and row["solver"] == s), None)
-                    cells.append(f"{x['dice_after']:.3f} / {x['sdlogj']:.3f} / {x['seconds']:.1f}" if x else "–")
-                out.append(f"| {pair} | " + " | ".join(cells) + " |")
+            for pair in sorted({r["pair"] for r in rs}):
+                x = {r["method"]: r for r in rs if r["pair"] == pair}
+                out.append(f"| {pair} | " + " | ".join(f"{x[s]['dice_mean']:.3f} / {x[s]['sdlogj']:.3f} / {x[s]['seconds']:.1f}"
+                                                      if s in x else "–" for s in SOLVERS) + " |")
         out.append("")
-    out += ["## Inference (one network pass, integration, warp; demo pair)", "",
+    out += ["## Inference (one call of the learned solver, demo pair)", "",
             "| input grid | median seconds | first call | peak RSS MB (process) |", "|---|---|---|---|"]
-    for x in res["inference"]:
-        out.append(f"| {x['resolution_mm']} mm | {x['seconds_median']:.3f} | {x['seconds_first']:.3f} | {x['peak_rss_mb']:.0f} |")
-    out += ["", "## Training", "",
-            "One training step (batch 1, 2 mm images) of each stage of the shipped weights:", "",
-            "| config | grid | parameters | median seconds per step | peak RSS MB |", "|---|---|---|---|---|"]
-    for t in res["train_step"]:
-        out.append(f"| `configs/{t['config']}` | {'x'.join(map(str, t['grid']))} | {t['parameters']:,} | "
-                   f"{t['seconds_per_step_median']:.3f} | {t['peak_rss_mb']:.0f} |")
-    out.append("")
-    return "\n".join(out)
+    out += [f"| {x['resolution_mm']} mm | {x['seconds_median']:.3f} | {x['seconds_first']:.3f} | {x['peak_rss_mb']:.0f} |"
+            for x in res["inference"]]
+    out += ["", "## Training (one step of `learned.train.train`, batch 1, 2 mm images)", "",
+            "| config | grid | parameters | seconds per step | peak RSS MB |", "|---|---|---|---|---|"]
+    for t in ({RENAMED.get(k, k): v for k, v in t.items()} for t in res["train_step"]):
+        out.append(f"| `configs/{t['config']}` | {'×'.join(map(str, t['grid']))} | {t['parameters']:,} | "
+                   f"{t['seconds_per_step']:.3f} | {t['peak_rss_mb']:.0f} |")
+    return "\n".join(out + [""])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/learned_solver.md")
-    p.add_argument("--pairs", nargs="+", help="moving subjects (default: the test split)")
-    p.add_argument("--one-mm", action="store_true", help="also register every test pair at 1 mm")
-    p.add_argument("--subject-pairs", action="store_true",
-                   help="also register consecutive test subjects to each other (no atlas; 2 mm)")
-    p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(RESULTS / "learned_solver.md"))
+    p.add_argument("--one-mm", action="store_true", help="also the suite bundled-1mm (every test pair at 1 mm)")
+    p.add_argument("--repeats", type=int, default=5, help="timed inference calls and training steps")
     a = p.parse_args(argv)
-    if a.child:
-        kind, *rest = a.child
-        if kind == "register":
-            r = child_register(rest[0], rest[1], rest[2], int(rest[3]))
-        elif kind == "inference":
-            r = child_inference(int(rest[0]), a.repeats)
-        else:
-            r = child_train_step(rest[0], a.repeats)
-        print(json.dumps(r))
-        return 0
-    from hybridreg import data
-    from hybridreg.config import atomic_write_text
     from learned.solver import DEFAULT_WEIGHTS
 
-    movers = a.pairs or data.list_subjects("test")
-    res = {"environment": {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "python": platform.python_version(),
-                           "weights": str(DEFAULT_WEIGHTS.relative_to(ROOT))},
-           "pairs": [], "inference": [], "train_step": []}
-    atlas = data.demo_pair()[0]
-    jobs = [(atlas, mv, r) for r in ([2, 1] if a.one_mm else [2]) for mv in movers]
-    if a.subject_pairs:
-        jobs += [(movers[i], movers[i + 1], 2) for i in range(len(movers) - 1)]
-    for fid, mv, r in jobs:
-        for s in a.solvers:
-            row = _run_child(["register", s, fid, mv, str(r)])
-            row["kind"] = "atlas" if fid == atlas else "subject"
-            print(json.dumps(row), flush=True)
-            res["pairs"].append(row)
+    res = {"environment": {**environment(), "weights": str(DEFAULT_WEIGHTS.relative_to(ROOT))},
+           "pairs": harness_rows(["bundled"] + (["bundled-1mm"] if a.one_mm else [])), "inference": [], "train_step": []}
     for r in (2, 1):
-        res["inference"].append(_run_child(["inference", str(r)] + ["--repeats", str(a.repeats)]))
+        res["inference"].append(run_child("benchmarks.learned_solver:inference", resolution=r, repeats=a.repeats))
         print(json.dumps(res["inference"][-1]), flush=True)
     for name in TRAIN_CONFIGS:
-        res["train_step"].append(_run_child(["train_step", name, "--repeats", str(a.repeats)]))
+        res["train_step"].append(run_child("benchmarks.learned_solver:train_step", config=name, steps=a.repeats))
         print(json.dumps(res["train_step"][-1]), flush=True)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))
     atomic_write_text(out, to_markdown(res))
     print(f"wrote {out} and {out.with_suffix('.json')}")

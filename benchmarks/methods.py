@@ -103,14 +103,15 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.from_numpy(v.image)[None, None] for v in (pair.fixed, pair.moving))
 
 
-def _instance(config_path: Path | None, trace: bool):
+def _instance(config_path: Path | None):
     def run(pair: Pair, dice_fn) -> MethodOutput:
         from hybridreg.config import load_yaml
+        from hybridreg.solvers import get_solver
         from hybridreg.spatial import resize_field, scaling_and_squaring
-        from instance_opt import InstanceOptConfig, register_pair
+        from instance_opt import register_pair  # not the Solver interface: the trace needs its `callback`
 
-        cfg = load_yaml(config_path, InstanceOptConfig) if config_path else InstanceOptConfig()
-        cfg = replace(cfg, progress=False)
+        solver = get_solver("instance")
+        cfg = replace(load_yaml(config_path, solver.config_class) if config_path else solver.default_config(), progress=False)
         f, m = _tensors(pair)
         points: list[tuple[float, float]] = []
         spent = [0.0]
@@ -122,7 +123,7 @@ def _instance(config_path: Path | None, trace: bool):
             points.append((t - t0 - spent[0], dice_fn(disp[0].numpy())))
             spent[0] += time.perf_counter() - t
 
-        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if trace else None)
+        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback)
         seconds = time.perf_counter() - t0 - spent[0]
         lam = res.lam[0, 0].numpy() if res.lam.numel() > 1 else None
         return MethodOutput(res.displacement[0].numpy(), seconds, lam, points or None)
@@ -130,20 +131,22 @@ def _instance(config_path: Path | None, trace: bool):
     return run
 
 
-def _learned(refine: bool, weights: Path | None = None, half_grid: bool = False):
-    """The learned solver with ``weights`` (default: the shipped ones); ``half_grid``: refine
-    with :func:`learned.solver.half_grid_refine` (networks without a full-resolution stage)."""
+def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
+    """The learned solver ``name`` (``learned`` or ``learned+refine``) with ``weights``
+    (default: the shipped ones); ``half_grid``: refine with :func:`learned.solver.half_grid_refine`
+    (networks without a full-resolution stage)."""
 
     def run(pair: Pair, dice_fn) -> MethodOutput:
-        from learned.solver import LearnedConfig, half_grid_refine, register_pair
+        from hybridreg.service import run_solver
+        from hybridreg.solvers import get_solver
+        from learned.solver import half_grid_refine
 
-        cfg = LearnedConfig(refine=refine, progress=False, weights=str(weights or ""),
-                            **({"refine_config": half_grid_refine()} if half_grid else {}))
+        solver = get_solver(name)
+        cfg = solver.configure(replace(solver.default_config(), progress=False, weights=str(weights or ""),
+                                       **({"refine_config": half_grid_refine()} if half_grid else {})))
         f, m = _tensors(pair)
-        t0 = time.perf_counter()
-        res = register_pair(f, m, cfg, spacing=pair.spacing)
-        seconds = time.perf_counter() - t0
-        return MethodOutput(res.displacement[0].numpy(), seconds, res.lam[0, 0].numpy())
+        solved = run_solver(solver, cfg, f, m, pair.spacing)
+        return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, solved.result.lam[0, 0].numpy())
 
     return run
 
@@ -207,22 +210,22 @@ _NEEDS_UNIFORM_NET = {"requires": str(UNIFORM_WEIGHTS),
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("instance", "instance (voxelwise λ)", _instance(None, trace=True), "voxelwise", "instance",
+        Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
                "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤200/120/30 Adam iterations, w_reg 4, beta hyperprior"),
-        Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG, trace=True), "uniform", "instance",
+        Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
-        Method("learned", "learned (voxelwise λ)", _learned(False), "voxelwise", "learned",
+        Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
                "the shipped network (`learned_bundled_2mm.pt`: half-grid U-Net + full-resolution velocity stage), one forward pass"),
-        Method("learned+refine", "learned + refine", _learned(True), "voxelwise", "learned+refine",
+        Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 12 instance iterations at 2 mm"),
-        Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned(False, STAGE1_WEIGHTS), "voxelwise", "learned",
+        Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
                "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
                **_NEEDS_STAGE1_NET),
-        Method("learned+refine-stage1", "learned + refine, stage 1", _learned(True, STAGE1_WEIGHTS, half_grid=True), "voxelwise",
+        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True), "voxelwise",
                "learned+refine", "stage 1 refined by 20 (4 mm) + 12 (2 mm) instance iterations", **_NEEDS_STAGE1_NET),
-        Method("learned-uniform", "learned (uniform λ)", _learned(False, UNIFORM_WEIGHTS), "uniform", "learned",
+        Method("learned-uniform", "learned (uniform λ)", _learned("learned", UNIFORM_WEIGHTS), "uniform", "learned",
                "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned(True, UNIFORM_WEIGHTS, half_grid=True), "uniform",
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn, "-", "classical",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment_markdown
+from benchmarks.common import environment_markdown, save_figure
 from benchmarks.methods import METHODS
-from hybridreg.config import atomic_output, atomic_write_text
+from hybridreg.config import atomic_write_text
 
 # (solver, voxelwise method, uniform method) of the paired comparison
 PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-stage1", "learned-uniform"),
@@ -130,20 +130,13 @@ def write_csvs(out: Path, rows: list[dict], stats: list[dict], scaling: list[dic
 
 # ----------------------------------------------------------------------------- figures
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+def _step_names(scaling: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for s in scaling for k in s["steps"]))
 
 
 def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     """Write the report's figures; returns {name: file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     files = {}
     methods = _ordered(rows)
@@ -151,30 +144,27 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     names = _label_names()
 
     # per-structure box plots (left/right merged by name without the hemisphere prefix)
-    labs = sorted({int(k) for r in rows for k in r["dice"]})
     struct = {}
-    for lab in labs:
-        nm = names.get(lab, str(lab)).replace("Left-", "").replace("Right-", "")
-        struct.setdefault(nm, []).append(str(lab))
-    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(struct) * len(methods) / 3), 4.5))
+    for lab in sorted({int(k) for r in rows for k in r["dice"]}):
+        struct.setdefault(names.get(lab, str(lab)).replace("Left-", "").replace("Right-", ""), []).append(str(lab))
+    fig = Figure(figsize=(max(10, 0.9 * len(struct) * len(methods) / 3), 4.5))
+    ax = fig.subplots()
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
         data = [[r["dice"][k] for r in _by(rows, m) for k in ks if k in r["dice"]] for ks in struct.values()]
         pos = np.arange(len(struct)) + (j - (len(methods) - 1) / 2) * width
-        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
-        for b in bp["boxes"]:
+        for b in ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)["boxes"]:
             b.set(facecolor=colors[m], alpha=0.6)
         ax.plot([], [], "s", color=colors[m], label=METHODS[m].label)
     ax.set_xticks(range(len(struct)))
     ax.set_xticklabels(list(struct), rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="Dice", title="Dice per structure (left and right pooled; all pairs)")
     ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    _save(fig, out / "dice_per_structure.png")
+    save_figure(fig, out / "dice_per_structure.png")
     files["boxes"] = "dice_per_structure.png"
 
     # Dice against seconds
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax = (fig := Figure(figsize=(6, 4.2))).subplots()
     for m in methods:
         rs = _by(rows, m)
         ax.scatter([r["seconds"] for r in rs], [r["dice_mean"] for r in rs], s=14, color=colors[m], alpha=0.5)
@@ -183,17 +173,15 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     ax.set_xscale("log")
     ax.set(xlabel="seconds per pair (log)", ylabel="mean Dice", title="Dice against time (small: pairs; large: mean)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, out / "dice_vs_time.png")
+    save_figure(fig, out / "dice_vs_time.png")
     files["scatter"] = "dice_vs_time.png"
 
     # time-to-accuracy
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax = (fig := Figure(figsize=(6.5, 4.2))).subplots()
     for m in methods:
         rs = [r for r in _by(rows, m) if r.get("trace")]
         if rs:
-            tmax = min(r["trace"][-1][0] for r in rs)
-            grid = np.linspace(0, tmax, 200)
+            grid = np.linspace(0, min(r["trace"][-1][0] for r in rs), 200)
             curves = []
             for r in rs:
                 t, d = np.array(r["trace"]).T
@@ -207,106 +195,87 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set(xlabel="seconds (symlog)", ylabel="mean Dice", title="Time to accuracy")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, out / "time_to_accuracy.png")
+    save_figure(fig, out / "time_to_accuracy.png")
     files["tta"] = "time_to_accuracy.png"
 
     # λ maps
     lam_files = sorted((out / "lambda").glob("*.npz")) if (out / "lambda").is_dir() else []
     if lam_files:
-        fig, axes = plt.subplots(len(lam_files), 3, figsize=(9, 3 * len(lam_files)), squeeze=False)
-        for row_ax, p in zip(axes, lam_files):
+        fig = Figure(figsize=(9, 3 * len(lam_files)))
+        for row_ax, p in zip(fig.subplots(len(lam_files), 3, squeeze=False), lam_files):
             z = np.load(p)
-            views = [z[f"lam{k}"].astype(np.float32) for k in range(3)]
-            ims = [z[f"img{k}"].astype(np.float32) for k in range(3)]
-            for a, v, im in zip(row_ax, views, ims):
+            for k, a in enumerate(row_ax):
+                im = z[f"img{k}"].astype(np.float32)
                 a.imshow(im, cmap="gray", origin="lower")
-                h = a.imshow(np.ma.masked_where(im <= 0.02, v), cmap="viridis", origin="lower", alpha=0.8, vmin=0, vmax=1)
+                h = a.imshow(np.ma.masked_where(im <= 0.02, z[f"lam{k}"].astype(np.float32)), cmap="viridis", origin="lower",
+                             alpha=0.8, vmin=0, vmax=1)
                 a.set_axis_off()
             row_ax[0].set_title(METHODS[p.stem].label if p.stem in METHODS else p.stem, fontsize=9, loc="left")
             fig.colorbar(h, ax=row_ax[-1], fraction=0.046)
         fig.suptitle("λ on the first pair (inside the head)")
-        fig.tight_layout()
-        _save(fig, out / "lambda_maps.png")
+        save_figure(fig, out / "lambda_maps.png")
         files["lambda"] = "lambda_maps.png"
 
     if scaling:
-        from benchmarks.instance_speed import STEPS
-
         v = np.array([s["voxels"] for s in scaling])
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        axes = (fig := Figure(figsize=(13, 3.8))).subplots(1, 3)
         axes[0].loglog(v, [s["seconds_per_iteration"] for s in scaling], "o-")
         axes[0].set(xlabel="voxels", ylabel="seconds per iteration", title="Time per iteration (CPU)")
         axes[1].loglog(v, [max(s["memory_mb"], 1.0) for s in scaling], "o-", color="C1")
         axes[1].set(xlabel="voxels", ylabel="MB", title="Peak memory of an iteration (CPU)")
         bottom = np.zeros(len(scaling))
         x = np.arange(len(scaling))
-        for i, k in enumerate(STEPS):
-            share = np.array([s["steps"][k] / s["seconds_per_iteration"] for s in scaling])
+        for i, k in enumerate(_step_names(scaling)):
+            share = np.array([s["steps"].get(k, 0.0) / s["seconds_per_iteration"] for s in scaling])
             axes[2].bar(x, share, bottom=bottom, label=k, color=f"C{i}")
             bottom += share
         axes[2].set_xticks(x)
         axes[2].set_xticklabels([s["grid"] + (" mm" if "x" not in s["grid"] else "") for s in scaling], fontsize=8)
         axes[2].set(ylabel="share of the iteration", title="Steps")
         axes[2].legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        _save(fig, out / "scaling.png")
+        save_figure(fig, out / "scaling.png")
         files["scaling"] = "scaling.png"
     return files
 
 
 # ----------------------------------------------------------------------------- markdown
 
-def _paired_verdicts(rows: list[dict], stats: list[dict]) -> list[str]:
-    """One plain sentence per solver: is regularity matched (mean SDlogJ within 10 %), and
-    which λ wins on Dice (two-sided p < 0.05) or neither."""
+def _paired_regularity(rows: list[dict], stats: list[dict]) -> list[str]:
+    """Per solver of the paired comparison: mean SDlogJ of both arms, whether they are within
+    10 % of each other, and which λ has the higher Dice at p < 0.05 (two-sided)."""
     out = []
     for solver, vox, uni in PAIRED:
         d = next((x for x in stats if x["solver"] == solver and x["measure"] == "mean Dice"), None)
-        if d is None:
-            continue
-        sv = statistics.mean(r["sdlogj"] for r in _by(rows, vox))
-        su = statistics.mean(r["sdlogj"] for r in _by(rows, uni))
-        matched = abs(sv - su) <= 0.1 * max(sv, su)
-        if d["p"] < 0.05:
-            verdict = f"{'voxelwise' if d['median_diff'] > 0 else 'uniform'} λ scores higher Dice (p = {d['p']:.4f}, r = {d['r']:+.2f})"
-        else:
-            verdict = f"neither λ scores significantly higher Dice (p = {d['p']:.4f}, median difference {d['median_diff']:+.4f})"
-        reg = (f"at matched regularity (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform)" if matched else
-               f"but regularity is **not** matched (mean SDlogJ {sv:.3f} voxelwise, {su:.3f} uniform), so the Dice "
-               "difference mixes λ's spatial variation with the amount of smoothing")
-        out.append(f"- **{solver}** ({METHODS[vox].label} against {METHODS[uni].label}): {verdict}, {reg}.")
-    return out + [""] if out else []
+        if d is not None:
+            sv, su = (statistics.mean(r["sdlogj"] for r in _by(rows, m)) for m in (vox, uni))
+            higher = ("voxelwise" if d["median_diff"] > 0 else "uniform") if d["p"] < 0.05 else "neither"
+            out.append(f"| {solver} | {sv:.3f} | {su:.3f} | {'yes' if abs(sv - su) <= 0.1 * max(sv, su) else 'no'} | {higher} |")
+    return ["| solver | SDlogJ voxelwise | SDlogJ uniform | within 10 % | higher Dice (p < 0.05) |",
+            "|---|---|---|---|---|"] + out + [""] if out else []
 
 
-def _winner(summ: list[dict]) -> list[str]:
+def _best(summ: list[dict]) -> list[str]:
     acc = max(summ, key=lambda s: s["dice_mean"])
     fast = min(summ, key=lambda s: s["seconds_median"])
-    ok = [s for s in summ if s["folding_max"] < 0.1] or summ
-    reg = min(ok, key=lambda s: (s["folding_max"] > 0, s["sdlogj_mean"]))
-    return [f"- **Accuracy:** {acc['label']} has the highest mean Dice ({acc['dice_mean']:.3f}).",
-            f"- **Time:** {fast['label']} is fastest (median {fast['seconds_median']:.2f} s per pair).",
-            f"- **Regularity:** {reg['label']} has the smoothest deformations (mean SDlogJ {reg['sdlogj_mean']:.3f}, "
-            f"max %|J|≤0 {reg['folding_max']:.4f})."]
+    reg = min([s for s in summ if s["folding_max"] < 0.1] or summ, key=lambda s: (s["folding_max"] > 0, s["sdlogj_mean"]))
+    return ["| criterion | method | value |", "|---|---|---|", f"| highest mean Dice | {acc['label']} | {acc['dice_mean']:.3f} |",
+            f"| lowest median seconds | {fast['label']} | {fast['seconds_median']:.2f} |",
+            f"| lowest mean SDlogJ (max %\\|J\\|≤0 < 0.1) | {reg['label']} | {reg['sdlogj_mean']:.3f} |"]
 
 
 def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: list[dict], scaling: list[dict],
              files: dict[str, str], skipped: list[str], wall_minutes: float | None) -> str:
     summ = summary(rows)
-    n_pairs = len({r["pair"] for r in rows})
+    methods = _ordered(rows)
     lines = [f"# Benchmark suite `{suite}`", "",
              f"Regenerate with `python -m benchmarks run --suite {suite}`"
              + (f" (wall time of the runs that produced these rows, scaling included: {wall_minutes:.0f} minutes)."
-                if wall_minutes else "."), "",
-             environment_markdown(env), "",
-             f"Pairs: {description} ({n_pairs} pairs). Every (pair, method) runs in its own process; metrics come from the "
-             "same code for every method: Dice over the standard FreeSurfer structures present in both label maps "
-             "(nearest-neighbour warp of the moving labels), HD95 (mm), %|J|≤0 and SDlogJ of the displacement on the "
-             "fixed grid, wall seconds of the registration alone, and the process's peak RSS.", ""]
-    lines += ["| method | what runs |", "|---|---|"] + [f"| {METHODS[m].label} | {METHODS[m].description} |" for m in _ordered(rows)] + [""]
+                if wall_minutes else "."), "How it is measured and how to read it: `docs/benchmarks.md`.", "",
+             environment_markdown(env), f"Pairs: {description} ({len({r['pair'] for r in rows})} pairs).", "",
+             "| method | what runs |", "|---|---|"] + [f"| {METHODS[m].label} | {METHODS[m].description} |" for m in methods] + [""]
     if skipped:
         lines += ["Skipped: " + "; ".join(skipped), ""]
-    lines += ["## Who wins", ""] + _winner(summ) + [""]
+    lines += ["## Best by criterion", ""] + _best(summ) + [""]
     lines += ["## Summary (means over pairs; seconds: median; %|J|≤0: worst pair)", "",
               "| method | Dice before | Dice | HD95 mm | %\\|J\\|≤0 (max) | SDlogJ | seconds | peak RSS MB | λ sd in brain |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -315,54 +284,34 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
                      f"{s['folding_max']:.4f} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
     lines += ["", "Per pair (mean Dice / SDlogJ / seconds):", "",
-              "| pair | " + " | ".join(METHODS[m].label for m in _ordered(rows)) + " |", "|---|" + "---|" * len(_ordered(rows))]
+              "| pair | " + " | ".join(METHODS[m].label for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for p in sorted({r["pair"] for r in rows}):
-        cells = []
-        for m in _ordered(rows):
-            x = next((r for r in rows if r["pair"] == p and r["method"] == m), None)
-            cells.append(f"{x['dice_mean']:.3f} / {x['sdlogj']:.3f} / {x['seconds']:.1f}" if x else "–")
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        x = {r["method"]: r for r in rows if r["pair"] == p}
+        lines.append(f"| {p} | " + " | ".join(f"{x[m]['dice_mean']:.3f} / {x[m]['sdlogj']:.3f} / {x[m]['seconds']:.1f}"
+                                              if m in x else "–" for m in methods) + " |")
     lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
-              "## Time to accuracy", "",
-              "Mean Dice of the instance solver's current displacement, evaluated every 10 iterations while it runs "
-              "(evaluation time excluded), against seconds; learned and learned+refine are placed on the same axes "
-              "at their median time and mean Dice.", "", f"![time to accuracy]({files['tta']})", ""]
+              "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:
         lines += ["## λ maps", "", f"![λ maps]({files['lambda']})", ""]
     lines += ["## Voxelwise against uniform λ (paired)", ""]
     if stats:
-        lines += ["Wilcoxon signed-rank test over pairs (two-sided), effect size = matched-pairs rank-biserial r "
-                  "(+1: voxelwise higher on every pair). Regularity is matched by calibration: the uniform λ "
-                  "(`configs/instance_uniform_matched.yaml`, `python -m benchmarks calibrate-uniform`) was chosen on the "
-                  "validation pairs so that the uniform-λ instance solver's mean SDlogJ equals the voxelwise solver's. "
-                  "The learned solver's uniform baseline is a second network (`configs/learned_bundled_2mm_uniform.yaml`: "
-                  "the same U-Net, data, schedule and seed, no λ head) trained on that same uniform energy "
-                  "(w_reg · λ = 3.579), taken at the end of training, and refined on it. Its voxelwise pair is stage 1 "
-                  "of the shipped network (`learned-stage1`), which has the same architecture and training; the shipped "
-                  "network adds a fine-tuned full-resolution velocity stage that the uniform network has not had. A network cannot be calibrated per pair, so whether its "
-                  "regularity matches is measured, not imposed. The SDlogJ rows and the verdicts below say how well the "
-                  "match holds on these pairs. Per-structure q-values are Benjamini–Hochberg adjusted within each solver.", "",
+        lines += ["Wilcoxon signed-rank test over pairs (two-sided); r: matched-pairs rank-biserial correlation; "
+                  "q: Benjamini–Hochberg within each solver.", "",
                   "| solver | measure | n | median difference (voxelwise − uniform) | r | p | q (BH) |", "|---|---|---|---|---|---|---|"]
         for x in stats:
             q = f"{x['q_bh']:.3f}" if "q_bh" in x else "–"
             lines.append(f"| {x['solver']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | {x['r']:+.2f} | {x['p']:.4f} | {q} |")
-        lines.append("")
-        lines += _paired_verdicts(rows, stats)
+        lines += [""] + _paired_regularity(rows, stats)
     else:
         lines += ["No solver has both a voxelwise and a uniform-λ run here.", ""]
     if scaling:
-        from benchmarks.instance_speed import STEPS
-
+        names = _step_names(scaling)
         lines += ["## Scaling of one instance-optimization iteration (CPU)", "",
-                  "One Adam iteration on the full image grid (velocity and voxelwise λ on that grid), median of the "
-                  "repeats after one warm-up, each grid in a fresh process; memory = peak RSS growth during the "
-                  "iterations.", "",
-                  "| grid | voxels | s / iteration | MB | " + " | ".join(STEPS) + " |", "|---|---|---|---|" + "---|" * len(STEPS)]
+                  "| grid | voxels | s / iteration | MB | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
         for s in scaling:
-            sh = " | ".join(f"{100 * s['steps'][k] / s['seconds_per_iteration']:.0f}%" for k in STEPS)
+            sh = " | ".join(f"{100 * s['steps'][k] / s['seconds_per_iteration']:.0f}%" if k in s["steps"] else "–" for k in names)
             lines.append(f"| {'×'.join(map(str, s['shape']))} | {s['voxels']:,} | {s['seconds_per_iteration']:.3f} | "
                          f"{s['memory_mb']:.0f} | {sh} |")
         lines += ["", f"![scaling]({files['scaling']})", ""]
-    lines += ["## Files", "", "`results.csv` (one row per pair and method), `dice_per_structure.csv`, `paired_stats.csv`, "
-              "`scaling.csv`, `rows.jsonl` (everything, including the time-to-accuracy traces).", ""]
+    lines += ["## Files", "", "`results.csv`, `dice_per_structure.csv`, `paired_stats.csv`, `scaling.csv`, `rows.jsonl`.", ""]
     return "\n".join(lines)

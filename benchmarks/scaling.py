@@ -1,22 +1,17 @@
 """Seconds and peak memory of one instance-optimization iteration against voxel count.
 
 The bundled 1 mm demo pair is resampled (trilinear) to each grid: 64³, then the brain's
-field of view at 2, 1.5, 1.25 and 1 mm. Each grid runs in a fresh process; one Adam
-iteration on the full image grid (velocity and voxelwise λ on the image grid) is split into
-integration (preconditioner, scaling and squaring, up-sampling), warp, LNCC, regularizer +
-hyperprior, backward and the Adam step (``benchmarks.instance_speed.time_level``), median
-over ``repeats`` iterations after one warm-up. Memory: peak RSS of the process minus its
-RSS before the first iteration (the iteration's working set on CPU).
+field of view at 2, 1.5, 1.25 and 1 mm. Each grid runs in a fresh process: the real solver
+on one level on the full grid (velocity and voxelwise λ on the image grid), profiled by
+:func:`benchmarks.instance_speed.profile_level`. Memory: peak RSS of the process minus its
+RSS before the solver ran.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
-import torch
-
-from benchmarks.common import rss_mb, run_python
+from benchmarks.common import rss_mb, run_child
 
 GRIDS = ("64x64x64", "2", "1.5", "1.25", "1")
 
@@ -30,23 +25,24 @@ def _grid_shape(spec: str, shape_1mm: tuple[int, ...]) -> tuple[int, ...]:
 
 def child(spec: str, repeats: int) -> dict:
     """Time one grid in this process."""
-    from benchmarks.instance_speed import STEPS, time_level
+    import torch
+
+    from benchmarks.instance_speed import NOT_STEPS, profile_level
     from hybridreg import data
     from hybridreg.io import normalize_intensity
+    from hybridreg.solvers import get_solver
     from hybridreg.spatial import resize_image
-    from instance_opt import InstanceOptConfig
 
-    fid, mid = data.demo_pair()
-    fs, ms = data.load_subject(fid, 1), data.load_subject(mid, 1)
+    fs, ms = (data.load_subject(s, 1) for s in data.demo_pair())
     shape = _grid_shape(spec, fs.image.shape)
     f, m = (resize_image(torch.from_numpy(normalize_intensity(s.image))[None, None], shape) for s in (fs, ms))
     spacing = tuple(n1 * h / n for n1, h, n in zip(fs.image.shape, fs.spacing, shape))
-    cfg = replace(InstanceOptConfig(), level_spacing=(0.25,), iterations=(1,), control_factor=(1,), progress=False)
+    cfg = replace(get_solver("instance").default_config(), level_spacing=(0.25,), iterations=(1,), control_factor=(1,))
     before = rss_mb()
-    med = time_level(f, m, spacing, cfg, 0, uniform=False, repeats=repeats)
+    med = profile_level(f, m, spacing, cfg, 0, repeats)
     peak = rss_mb()
     return {"grid": spec, "shape": list(shape), "voxels": int(torch.tensor(shape).prod()),
-            "spacing_mm": [round(s, 3) for s in spacing], "steps": {k: med[k] for k in STEPS},
+            "spacing_mm": [round(s, 3) for s in spacing], "steps": {k: v for k, v in med.items() if k not in NOT_STEPS},
             "seconds_per_iteration": med["total"], "memory_mb": peak - before, "peak_rss_mb": peak,
             "device": "cpu", "threads": torch.get_num_threads(), "repeats": repeats}
 
@@ -55,7 +51,7 @@ def run_scaling(grids=GRIDS, repeats: int = 3, log=print) -> list[dict]:
     """One fresh process per grid; returns the rows."""
     rows = []
     for g in grids:
-        r = json.loads(run_python(["-m", "benchmarks", "scaling-child", g, "--repeats", str(repeats)]).strip().splitlines()[-1])
+        r = run_child("benchmarks.scaling:child", spec=g, repeats=repeats)
         log(f"scaling {g}: {r['voxels']:,} voxels, {r['seconds_per_iteration']:.3f} s/iteration, {r['memory_mb']:.0f} MB")
         rows.append(r)
     return rows

@@ -3,8 +3,8 @@ every method, one fresh process per (pair, method), and collects one row per run
 
 A row (``rows.jsonl`` in the output folder, one JSON object per line, rewritten atomically
 as runs finish so that an interrupted suite continues where it stopped) holds: pair, kind, method,
-Dice per structure and its mean over the structures present in both label maps (of the
-standard evaluation labels), mean HD95 (mm), %|J|≤0 and SDlogJ of the displacement, wall
+Dice per structure and its mean (:func:`hybridreg.metrics.score_dice`, label policy ``"auto"``),
+mean HD95 (mm) over the same structures, %|J|≤0 and SDlogJ of the displacement, wall
 seconds of the registration alone, the process's peak RSS (MB), the Dice-against-time trace
 when the method records one, and the λ statistics inside the fixed brain.
 """
@@ -12,7 +12,6 @@ when the method records one, and the λ statistics inside the fixed brain.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import rss_mb, run_python
+from benchmarks.common import rss_mb, run_child
 from benchmarks.methods import METHODS, Pair, available
 from hybridreg.config import atomic_write_text
 
@@ -33,6 +32,7 @@ class Dataset:
     name: str
     description: str
     pairs: Callable[[], list[Pair]]
+    resolution_mm: float
 
 
 def _bundled_pairs(resolution: int) -> Callable[[], list[Pair]]:
@@ -52,29 +52,17 @@ DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
         Dataset("bundled", "bundled test split at 2 mm: atlas vxm ← the 5 test subjects, and the 4 consecutive "
-                "test-subject pairs", _bundled_pairs(2)),
-        Dataset("bundled-1mm", "the same pairs at 1 mm (the subjects with a bundled 1 mm image)", _bundled_pairs(1)),
+                "test-subject pairs", _bundled_pairs(2), 2),
+        Dataset("bundled-1mm", "the same pairs at 1 mm (the subjects with a bundled 1 mm image)", _bundled_pairs(1), 1),
     )
 }
 
+SOLVERS = ["instance", "learned", "learned+refine"]
 SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": list(METHODS), "scaling": True},
+    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS, "scaling": False},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
 }
-
-
-def _scored_labels(pair: Pair) -> tuple[int, ...]:
-    from hybridreg.data import evaluation_labels_in
-    from hybridreg.metrics import common_labels
-
-    return evaluation_labels_in(common_labels(pair.fixed.labels, pair.moving.labels))
-
-
-def _warp_labels(labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    from hybridreg.spatial import warp
-
-    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
-    return warp(torch.from_numpy(labels)[None, None], u, mode="nearest")[0, 0].numpy()
 
 
 def _on_image_grid(lam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -84,43 +72,31 @@ def _on_image_grid(lam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def evaluate_pair(pair: Pair, disp: np.ndarray, lam: np.ndarray | None = None) -> dict:
-    """The suite's metrics of a displacement ``(d, *shape)`` (voxels) on ``pair``; ``lam``
+    """The suite's metrics of a displacement ``(d, *shape)`` (voxels) on ``pair``
+    (:func:`hybridreg.metrics.score_registration`, label policy ``"auto"``, with HD95); ``lam``
     (optional) is λ on the fixed image grid."""
-    from hybridreg.metrics import dice, hd95, jacobian_stats
+    from hybridreg.metrics import score_registration
 
-    f, m = pair.fixed.labels, pair.moving.labels
-    labs = _scored_labels(pair)
-    wl = _warp_labels(m, disp)
-    d = dice(f, wl, labs)
-    h = hd95(f, wl, labs, spacing=pair.spacing)
-    js = jacobian_stats(torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None])
-    row = {"dice": {str(k): v for k, v in d.items()}, "dice_mean": float(np.mean(list(d.values()))),
-           "dice_before": float(np.mean(list(dice(f, m, labs).values()))),
-           "hd95_mean": float(np.nanmean(list(h.values()))), "folding_percent": js["folding_percent"],
-           "sdlogj": js["sdlogj"]}
+    f = pair.fixed.labels
+    s = score_registration(f, pair.moving.labels, torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32)), "auto",
+                           spacing=pair.spacing, with_hd95=True)
+    row = {"dice": {str(k): v for k, v in s["dice"].items()}, "dice_mean": s["dice_mean"],
+           "dice_before": s["dice_before_mean"], "hd95_mean": s["hd95_mean"],
+           "folding_percent": s["folding_percent"], "sdlogj": s["sdlogj"]}
     if lam is not None:
         inside = lam[f > 0]
         row["lambda_mean_brain"], row["lambda_std_brain"] = float(inside.mean()), float(inside.std())
     return row
 
 
-def _dice_fn(pair: Pair) -> Callable[[np.ndarray], float]:
-    from hybridreg.metrics import dice
-
-    f, m = pair.fixed.labels, pair.moving.labels
-    labs = _scored_labels(pair)
-
-    def fn(disp: np.ndarray) -> float:
-        return float(np.mean(list(dice(f, _warp_labels(m, disp), labs).values())))
-
-    return fn
-
-
 def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dict:
     """Run one (pair, method) in this process; returns the row."""
+    from hybridreg.metrics import score_registration
+
     pair = next(p for p in DATASETS[dataset].pairs() if p.name == pair_name)
     torch.manual_seed(0)
-    out = METHODS[method].run(pair, _dice_fn(pair))
+    f, m = pair.fixed.labels, pair.moving.labels
+    out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"])
     peak = rss_mb()
     lt = _on_image_grid(out.lam, pair.fixed.image.shape) if out.lam is not None else None
     row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
@@ -138,12 +114,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dic
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of ``rows.jsonl`` (rewritten atomically after every run)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_pairs: int | None = None,
@@ -181,15 +152,10 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     lam_dir.mkdir(exist_ok=True)
     for p, m in tqdm(jobs, desc=f"suite {suite}", dynamic_ncols=True):
         lam_out = str(lam_dir / f"{m}.npz") if p == pairs[0] else None
-        args = ["-m", "benchmarks", "child", spec["dataset"], p, m] + (["--lambda-out", lam_out] if lam_out else [])
         t = time.perf_counter()
-        row = json.loads(run_python(args).strip().splitlines()[-1])
+        row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out)
         log(f"{p} {m}: Dice {row['dice_mean']:.3f}, SDlogJ {row['sdlogj']:.3f}, {row['seconds']:.1f} s "
             f"(process {time.perf_counter() - t:.0f} s)")
         rows.append(row)
         atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
     return [r for r in rows if r["pair"] in pairs and r["method"] in names]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: python -m benchmarks run --suite bundled")

@@ -20,9 +20,9 @@ Three parts, each resumable (every tuning run keeps its ``trials.json``):
 
 Usage::
 
-    python -m benchmarks.tuning_comparison            # runs what is missing, writes the report
-    python -m benchmarks.tuning_comparison --comparisons full --skip test pareto   # one part
-    python -m benchmarks.tuning_comparison --report-only
+    python -m benchmarks tuning            # runs what is missing, writes the report
+    python -m benchmarks tuning --comparisons full --skip test pareto   # one part
+    python -m benchmarks tuning --report-only
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, environment_markdown
-from hybridreg.config import atomic_output, atomic_write_text
+from benchmarks.common import RESULTS as ALL_RESULTS
+from benchmarks.common import ROOT, environment, environment_markdown, save_figure, shown
+from hybridreg.config import atomic_write_text
 from hybridreg.tuning import (METHODS, OBJECTIVES, SearchSpace, TuningResult, base_params, best_so_far, best_trial,
                               load_space, pareto_front, run_tuning, write_outputs)
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "tuning"
+RESULTS = ALL_RESULTS / "tuning"
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,13 @@ class Comparison:
     methods: tuple[str, ...]
     botorch_initial: tuple[int, ...]
     title: str
-    objective: str  # the objective, described for the report
 
 
 COMPARISONS = {
-    "full": Comparison(
-        ROOT / "configs" / "tune_instance.yaml", RESULTS / "compare_full", 15, ("random", "botorch"), (8,),
-        "on the full validation objective",
-        "`configs/tune_instance.yaml` itself: every trial registers the 3 validation pairs at 2 mm with the default "
-        "schedule (about 2 minutes). BoTorch seed 0 is the first 15 trials of the run above."),
-    "proxy": Comparison(
-        ROOT / "configs" / "tune_instance_proxy.yaml", RESULTS / "compare", 20, METHODS, (8, 5),
-        "on a cheaper proxy objective, with TPE",
-        "`configs/tune_instance_proxy.yaml`: the same parameters, bounds and folding constraint, but each trial "
-        "registers one validation pair with the velocity on the 4 mm level (about a tenth of the full objective's cost)."),
+    "full": Comparison(ROOT / "configs" / "tune_instance.yaml", RESULTS / "compare_full", 15, ("random", "botorch"), (8,),
+                       "on the full validation objective"),
+    "proxy": Comparison(ROOT / "configs" / "tune_instance_proxy.yaml", RESULTS / "compare", 20, METHODS, (8, 5),
+                        "on a cheaper proxy objective, with TPE"),
 }
 
 
@@ -102,12 +95,9 @@ def _neighbour_differences(trials: list[dict], floor: float, radius: float = 0.1
 def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: int,
                       title: str = "Tuners on the same objective") -> None:
     """Best-so-far validation Dice against trials: median over seeds (line) and range (band)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ax = (fig := Figure(figsize=(6, 4))).subplots()
     for i, (method, runs) in enumerate(curves.items()):
         n = min(len(r) for r in runs)
         a = np.array([r[:n] for r in runs], dtype=float)
@@ -117,10 +107,7 @@ def comparison_figure(curves: dict[str, list[list[float]]], path: Path, mark: in
     ax.axvline(mark, color="0.5", lw=0.8, ls="--")
     ax.set(xlabel="finished trials", ylabel="best feasible validation Dice", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_comparison(c: Comparison, seeds: list[int], skip: set[str], mark: int):
@@ -205,7 +192,8 @@ def main(argv=None) -> int:
         print("pareto run", flush=True)
         run_or_resume(pspace, a.pareto_trials, pdir, "botorch")
 
-    cache["environment"] = environment()
+    if not a.report_only or "environment" not in cache:  # the stamp of the machine that ran
+        cache["environment"] = environment()
     atomic_write_text(cache_path, json.dumps(cache, indent=2))
     atomic_write_text(out, report(a, cache, main_space, main_trials, best, compared, pspace, pdir))
     print(f"wrote {out}")
@@ -213,14 +201,15 @@ def main(argv=None) -> int:
 
 
 def comparison_section(c: Comparison, space: SearchSpace, runs: dict[str, dict[int, list[dict]]], mark: int, rel) -> list[str]:
-    """The report's section of one tuner comparison: best-so-far table, the issue's criterion
-    (BoTorch's best-so-far after ``mark`` trials against random search's median over seeds),
-    and the scale of Dice differences between neighbouring configurations."""
+    """The report's section of one tuner comparison: every run's best-so-far at a few trial
+    counts; per tuner at ``mark`` trials the median over the seeds that reached it and whether
+    that median (and every seed) is at least random search's median; and the scale of Dice
+    differences between neighbouring configurations (``docs/benchmarks.md``)."""
     n = c.trials
     ticks = sorted({k for k in (5, 10, mark, n) if k <= n})
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
-    lines = [f"### {c.title[0].upper()}{c.title[1:]}", "",
-             f"Objective: {c.objective} {len(runs)} tuner settings × {len(seeds)} seeds × {n} trials.", "",
+    lines = [f"### {c.title[0].upper()}{c.title[1:]}", "", f"Objective: `{shown(c.space)}`; {len(runs)} tuner settings × "
+             f"{len(seeds)} seeds × {n} trials.", "",
              "| tuner | seed | " + " | ".join(f"after {k}" for k in ticks) + " | seconds per trial (median) |",
              "|---|---|" + "---|" * (len(ticks) + 1)]
     at = {}
@@ -236,41 +225,33 @@ def comparison_section(c: Comparison, space: SearchSpace, runs: dict[str, dict[i
     lines.append("")
     if not at:
         return lines
-    unfinished = [f"{m} seed {sd}" for m, by_seed in runs.items() for sd in by_seed if sd not in at.get(m, {})]
-    if unfinished:
-        lines += [f"Not yet at {mark} trials (left out below): {', '.join(unfinished)}.", ""]
-    lines += [f"Median over seeds after {mark} trials: "
-              + ", ".join(f"{m} {_fmt(statistics.median(v.values()))} ({len(v)} seed{'s' * (len(v) > 1)})" for m, v in at.items()) + "."]
-    if "random" in at:
-        rmed = statistics.median(at["random"].values())
-        for name in (n for n in at if n.startswith("botorch")):
-            v = at[name]
-            ok = all(x >= rmed for x in v.values())
-            med_ok = statistics.median(v.values()) >= rmed
-            lines += ["", f"**{name}**: best-so-far after {mark} trials {', '.join(_fmt(x) for x in v.values())} for seeds "
-                          f"{', '.join(map(str, v))} (median {_fmt(statistics.median(v.values()))}); random "
-                          f"search's median over seeds {', '.join(map(str, at['random']))} is {_fmt(rmed)}: "
-                          f"BoTorch's median is {'at least' if med_ok else 'below'} it, and "
-                          f"{'every' if ok else 'not every'} BoTorch seed is at least it."]
+    rmed = statistics.median(at["random"].values()) if "random" in at else None
+    lines += [f"At {mark} trials (seeds that have not reached it are left out):", "",
+              "| tuner | seeds | median | min | max | median ≥ random's median | every seed ≥ random's median |",
+              "|---|---|---|---|---|---|---|"]
+    for m, v in at.items():
+        med = statistics.median(v.values())
+        vs = ["–", "–"] if rmed is None or m == "random" else [_yes(med >= rmed), _yes(min(v.values()) >= rmed)]
+        lines.append(f"| {m} | {', '.join(map(str, v))} | {_fmt(med)} | {_fmt(min(v.values()))} | {_fmt(max(v.values()))} | "
+                     f"{vs[0]} | {vs[1]} |")
     allv = [x for v in at.values() for x in v.values()]
-    if allv:
-        bests = [best_trial(tr[:n], space.folding_max) for by_seed in runs.values() for tr in by_seed.values()]
-        wr = [b["params"]["objective.w_reg"] for b in bests if b]
-        lines += ["", f"Across all runs the best-so-far after {mark} trials lies between {min(allv):.4f} and {max(allv):.4f} "
-                      f"(a spread of {max(allv) - min(allv):.4f} Dice); the runs' best trials have w_reg between {min(wr):.2f} "
-                      f"and {max(wr):.2f}."]
-        meds = [statistics.median(v.values()) for v in at.values()]
-        gap = max(meds) - min(meds)
-        near = _neighbour_differences([t for by_seed in runs.values() for tr in by_seed.values() for t in tr[:n]
-                                       if t["status"] == "done"], min(allv) - 0.005)
-        if near:
-            lines += [f"For scale: trials of these runs that lie within 0.1 of each other on the unit cube and score above "
-                      f"{min(allv) - 0.005:.4f} differ by {statistics.median(near):.4f} Dice (median over {len(near)} such "
-                      f"pairs of trials); the tuners' medians after {mark} trials differ by {gap:.4f}, "
-                      + (f"less than that: on this objective the tuners are not separable with {len(seeds)} seeds."
-                         if gap < statistics.median(near) else "more than that.")]
-    lines += ["", f"![tuner comparison, {c.title}]({rel(c.folder / 'best_so_far.png')})", ""]
-    return lines
+    wr = [b["params"]["objective.w_reg"] for by_seed in runs.values() for tr in by_seed.values()
+          if (b := best_trial(tr[:n], space.folding_max))]
+    meds = [statistics.median(v.values()) for v in at.values()]
+    near = _neighbour_differences([t for by_seed in runs.values() for tr in by_seed.values() for t in tr[:n]
+                                   if t["status"] == "done"], min(allv) - 0.005)
+    lines += ["", "| scale | value |", "|---|---|", f"| spread of all runs' best-so-far at {mark} trials | {max(allv) - min(allv):.4f} |",
+              f"| spread of the tuners' medians at {mark} trials | {max(meds) - min(meds):.4f} |"]
+    if near:
+        lines.append(f"| median \\|ΔDice\\| of trials within 0.1 on the unit cube, both above {min(allv) - 0.005:.4f} "
+                     f"({len(near)} pairs) | {statistics.median(near):.4f} |")
+    if wr:
+        lines.append(f"| w_reg of the runs' best trials | {min(wr):.2f}–{max(wr):.2f} |")
+    return lines + ["", f"![tuner comparison, {c.title}]({rel(c.folder / 'best_so_far.png')})", ""]
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 def report(a, cache, main_space, main_trials, best, compared, pspace, pdir) -> str:
@@ -279,66 +260,42 @@ def report(a, cache, main_space, main_trials, best, compared, pspace, pdir) -> s
     def rel(q) -> str:
         return os.path.relpath(Path(q).resolve(), out_dir)
 
-    tau = main_space.folding_max
     keys = [q.key for q in main_space.parameters]
-    lines = ["# Hyperparameter tuning of the instance solver", "",
-             "Generated by `python -m benchmarks.tuning_comparison` (issue 4).", "",
-             environment_markdown(cache["environment"]), ""]
-    # --- full objective
     done = [t for t in main_trials if t["status"] == "done"]
-    lines += ["## Tuned on the validation split, checked on the test split", "",
-              f"`hybridreg tune --solver instance --space configs/tune_instance.yaml --trials 30` (BoTorch, seed 0): "
-              f"{len(done)} trials, each registers every bundled validation pair "
-              f"(vxm ← synthseg_13–15, 2 mm, default schedule) and scores mean Dice over the standard structures, "
-              f"with at most {tau:g} % of voxels folded (%|J|≤0) as the constraint. "
-              f"Median {statistics.median(t['seconds'] for t in done):.0f} s per trial (trial seconds here and below "
-              "include periods when other benchmark runs shared the 2 cores).", "",
-              "| configuration | " + " | ".join(keys) + " | val Dice | val SDlogJ | test Dice | test %\\|J\\|≤0 (max) | test SDlogJ |",
-              "|---|" + "---|" * (len(keys) + 5)]
+    lines = ["# Hyperparameter tuning of the instance solver", "",
+             "Generated by `python -m benchmarks tuning`; what runs and how to read it: `docs/benchmarks.md`.", "",
+             environment_markdown(cache["environment"]), "## Tuned on the validation split, checked on the test split", "",
+             f"Run `{shown(a.main)}` on `{shown(a.main_space)}`: {len(done)} trials, constraint %|J|≤0 ≤ {main_space.folding_max:g}, "
+             f"median {statistics.median(t['seconds'] for t in done):.0f} s per trial.", "",
+             "| configuration | " + " | ".join(keys) + " | val Dice | val SDlogJ | test Dice | test %\\|J\\|≤0 (max) | test SDlogJ |",
+             "|---|" + "---|" * (len(keys) + 5)]
     tc = cache.get("test_check", {})
-    for name in ("default", "tuned"):
-        if name in tc:
-            x = tc[name]
-            lines.append(f"| {name} | " + " | ".join(f"{x['params'][k]:.3g}" for k in keys)
-                         + f" | {x['val']['dice']:.4f} | {x['val']['sdlogj']:.3f} | {x['test']['dice']:.4f} | "
-                         f"{x['test']['folding']:.4f} | {x['test']['sdlogj']:.3f} |")
-    if "default" in tc and "tuned" in tc:
-        g = tc["tuned"]["test"]["dice"] - tc["default"]["test"]["dice"]
-        lines += ["", f"On the 5 test pairs the tuned configuration scores {g:+.4f} mean Dice against the default "
-                      f"({'at least' if g >= 0 else 'below'} the default's). Its SDlogJ is "
-                      f"{tc['tuned']['test']['sdlogj']:.3f} against {tc['default']['test']['sdlogj']:.3f}: "
-                      "the Dice-only objective buys Dice with a less regular deformation, which the Pareto run below shows."]
+    for name in (x for x in ("default", "tuned") if x in tc):
+        x = tc[name]
+        lines.append(f"| {name} | " + " | ".join(f"{x['params'][k]:.3g}" for k in keys) + f" | {x['val']['dice']:.4f} | "
+                     f"{x['val']['sdlogj']:.3f} | {x['test']['dice']:.4f} | {x['test']['folding']:.4f} | {x['test']['sdlogj']:.3f} |")
     md = Path(a.main)
     lines += ["", "Trials (in order):", "", "| trial | " + " | ".join(keys) + " | val Dice | %\\|J\\|≤0 (max) | SDlogJ | s |",
               "|---|" + "---|" * (len(keys) + 4)]
-    for t in done:
-        lines.append(f"| {t['id']} | " + " | ".join(f"{t['params'][k]:.3g}" for k in keys)
-                     + f" | {t['dice']:.4f} | {t['folding']:.4f} | {t['sdlogj']:.3f} | {t['seconds']:.0f} |")
+    lines += [f"| {t['id']} | " + " | ".join(f"{t['params'][k]:.3g}" for k in keys)
+              + f" | {t['dice']:.4f} | {t['folding']:.4f} | {t['sdlogj']:.3f} | {t['seconds']:.0f} |" for t in done]
     lines += ["", f"![best so far]({rel(md / 'best_so_far.png')}) ![partial dependence]({rel(md / 'partial_dependence.png')})",
               "", f"![Dice against SDlogJ, full-objective run]({rel(md / 'pareto.png')})", ""]
-    # --- comparisons
     if any(runs for _, runs in compared.values()):
-        lines += ["## BoTorch against random search and TPE", "",
-                  "BoTorch starts from scrambled Sobol points (8 unless stated), TPE from Optuna's default 10 random "
-                  "startup trials; random search draws uniformly on the unit cube (log scale for both parameters). "
-                  f"Each tuner runs with seeds {', '.join(map(str, a.seeds))} and the same trial budget; the tables give the best feasible "
+        lines += ["## BoTorch against random search and TPE", "", f"Seeds {', '.join(map(str, a.seeds))}; best feasible "
                   "validation Dice after the given number of finished trials.", ""]
     for k, (space, runs) in compared.items():
         if runs:
             lines += comparison_section(COMPARISONS[k], space, runs, a.mark, rel)
-    # --- pareto
     if (pdir / "trials.json").is_file():
         ptr = _load_trials(pdir)
-        pdone = [t for t in ptr if t["status"] == "done"]
         front = pareto_front(ptr, pspace.folding_max)
         lines += ["## Pareto front: Dice against SDlogJ", "",
-                  f"`configs/tune_instance_pareto.yaml`: qLogNoisyExpectedHypervolumeImprovement on (Dice, −SDlogJ) with the "
-                  f"folding constraint, {len(pdone)} trials, every validation pair, velocity on the 4 mm level. "
-                  f"{len(front)} trials are on the front:", "",
+                  f"Run `{shown(pdir)}` on `{shown(a.pareto_space)}`: {sum(t['status'] == 'done' for t in ptr)} trials, "
+                  f"{len(front)} on the front.", "",
                   "| " + " | ".join(keys) + " | val Dice | SDlogJ | %\\|J\\|≤0 (max) |", "|" + "---|" * (len(keys) + 3)]
-        for t in front:
-            lines.append("| " + " | ".join(f"{t['params'][k]:.3g}" for k in keys)
-                         + f" | {t['dice']:.4f} | {t['sdlogj']:.3f} | {t['folding']:.4f} |")
+        lines += ["| " + " | ".join(f"{t['params'][k]:.3g}" for k in keys) + f" | {t['dice']:.4f} | {t['sdlogj']:.3f} | "
+                  f"{t['folding']:.4f} |" for t in front]
         lines += ["", f"![Pareto front]({rel(pdir / 'pareto.png')})", ""]
     return "\n".join(lines) + "\n"
 

@@ -1,26 +1,20 @@
-"""Command-line interface: ``hybridreg register | apply | demo``.
+"""Command-line interface: ``hybridreg register | apply | demo | train | tune``.
 
-The CLI is the application layer: it reads files, runs a solver, writes results. The
-model modules (:mod:`hybridreg.spatial`, ``objective`` ...) never import a solver; the
-CLI looks its solver up by name in :data:`SOLVERS` and imports it only when it runs.
-
-Every input is validated before anything is written; outputs are written into a staging
-folder next to ``--out`` and moved into place at the end, so a failed run leaves no
-partial output in ``--out``.
+The CLI is the application layer's thin edge: it parses arguments, calls the register service
+(:mod:`hybridreg.service`: read → solve → score → write) or the training and tuning entry
+points, prints a summary, and is the one error boundary (:func:`main`): a known failure
+becomes one line naming the argument and exit code 2. Solvers are found by name through
+entry points (:func:`hybridreg.solvers.available_solvers`), never imported by module path.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
-import resource
-import shutil
+import signal
 import sys
 import tempfile
-import time
-from dataclasses import replace
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -28,264 +22,86 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import atomic_write_text, dump_yaml, load_yaml, to_dict
-from .io import (
-    Geometry,
-    check_same_grid,
-    normalize_intensity,
-    read_displacement,
-    read_image,
-    read_labels,
-    resample_with_field,
-    write_displacement,
-    write_image,
-)
-from .metrics import common_labels, dice, hd95, jacobian_stats
-from .spatial import jacobian_determinant, warp
+from .config import load_yaml
+from .io import Geometry, read_displacement, read_image, read_labels, resample_with_field, write_image
+from .service import OUTPUT_FILES, device_of, output_folder, register_files
+from .solvers import available_solvers
 
-__all__ = ["main", "register_files", "SOLVERS", "normalize_intensity"]
-
-SOLVERS = {
-    "instance": ("instance_opt", "InstanceOptConfig", {}),
-    "learned": ("learned.solver", "LearnedConfig", {"refine": False}),
-    "learned+refine": ("learned.solver", "LearnedConfig", {"refine": True}),
-}
-"""Solver name → (module providing ``register_pair``, its config class, fixed config fields)."""
-
-OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
+__all__ = ["main", "OUTPUT_FILES"]
 
 
 class CLIError(Exception):
     """An error the CLI reports in one line (bad input, bad config)."""
 
 
-def _solver(name: str, config: str | os.PathLike | None, weights: str | None, progress: bool):
-    """Import solver ``name`` and build its config (from ``--config`` YAML if given)."""
-    if name not in SOLVERS:
-        raise CLIError(f"`--solver` must be one of {sorted(SOLVERS)}, got {name!r}")
-    module, cls_name, fixed = SOLVERS[name]
-    mod = importlib.import_module(module)
-    cls = getattr(mod, cls_name)
-    cfg = load_yaml(config, cls, arg="--config") if config else cls()
-    if weights is not None:
-        if not hasattr(cfg, "weights"):
-            raise CLIError(f"`--weights` applies to the learned solvers, not to --solver {name}")
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"`--weights`: file not found: {weights}")
-        fixed = {**fixed, "weights": str(weights)}
-    return mod, replace(cfg, progress=progress, **fixed)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
-def _device(device: str | None) -> torch.device:
-    try:
-        dev = torch.device(device) if device else torch.device("cpu")
-    except RuntimeError:
-        raise CLIError(f"`--device`: invalid device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("`--device`: CUDA was requested but torch.cuda.is_available() is False")
-    return dev
+def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False,
+               overwrite: bool = False) -> None:
+    """Warp ``image`` with an ITK displacement field written by ``register`` (SimpleITK
+    resampling onto the field's grid; nearest neighbour for label maps).
 
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _eval_label_set(spec: str | None, fixed_labels: np.ndarray, moving_labels: np.ndarray) -> tuple[int, ...]:
-    common = common_labels(fixed_labels, moving_labels)
-    if not common:
-        raise CLIError("`--fixed-labels` and `--moving-labels` share no non-zero label: nothing to score")
-    if spec in (None, "auto"):
-        from .data import evaluation_labels_in
-
-        standard = evaluation_labels_in(common)
-        return tuple(standard) if len(standard) >= 20 else common
-    if spec == "all":
-        return common
-    try:
-        chosen = tuple(int(t) for t in spec.split(","))
-    except ValueError:
-        raise CLIError(f"`--eval-labels` must be 'auto', 'all' or comma-separated ints, got {spec!r}") from None
-    missing = [lab for lab in chosen if lab not in common]
-    if missing:
-        raise CLIError(f"`--eval-labels`: labels {missing} are not present in both label maps")
-    return chosen
-
-
-def _summary(d: dict[int, float]) -> dict:
-    vals = [v for v in d.values() if np.isfinite(v)]
-    return {"mean": float(np.mean(vals)) if vals else float("nan"), "per_label": {str(k): v for k, v in d.items()}}
-
-
-def register_files(
-    fixed: str | os.PathLike,
-    moving: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    fixed_labels: str | os.PathLike | None = None,
-    moving_labels: str | os.PathLike | None = None,
-    config: str | os.PathLike | None = None,
-    device: str | None = None,
-    solver: str = "instance",
-    weights: str | None = None,
-    eval_labels: str | None = None,
-    progress: bool = True,
-    hd95_metric: bool = True,
-) -> dict:
-    """Register two image files and write every output into ``out``.
-
-    Writes ``warped.nii.gz`` (moving resampled onto the fixed grid), ``displacement.nii.gz``
-    (ITK displacement field, mm, LPS, on the fixed grid), ``lambda.nii.gz``,
-    ``jacobian.nii.gz`` (det J of φ), ``metrics.json``, ``figure.png`` and ``config.yaml``.
-
-    Returns:
-        The metrics dictionary written to ``metrics.json``.
+    The field maps points of the fixed image's physical space (LPS, mm) to the moving
+    image's; ``image`` must lie on the field's grid (the moving image's grid in ``register``).
 
     Raises:
-        FileNotFoundError, ValueError, CLIError: missing/corrupt files, mismatched grids,
-        NaNs, labels with nothing in common, invalid configs. Nothing is written then.
+        FileNotFoundError, ValueError: unreadable inputs, a field with NaN/Inf, an image on
+            another grid or of another dimension than the field, an ``--out`` that is not an
+            image file name, that is an input, or that exists (without ``overwrite``).
     """
-    t_total = time.perf_counter()
-    mod, cfg = _solver(solver, config, weights, progress)
-    dev = _device(device)
-
-    f_arr, f_geo = read_image(fixed, arg="FIXED")
-    m_arr, m_geo = read_image(moving, arg="MOVING")
-    check_same_grid(f_geo, m_geo, ("FIXED", "MOVING"))
-    if (fixed_labels is None) != (moving_labels is None):
-        raise CLIError("`--fixed-labels` and `--moving-labels` must be given together")
-    fl = ml = None
-    labels_to_score: tuple[int, ...] = ()
-    if fixed_labels is not None:
-        fl, fl_geo = read_labels(fixed_labels, arg="--fixed-labels")
-        ml, ml_geo = read_labels(moving_labels, arg="--moving-labels")
-        check_same_grid(f_geo, fl_geo, ("FIXED", "--fixed-labels"))
-        check_same_grid(f_geo, ml_geo, ("FIXED", "--moving-labels"))
-        labels_to_score = _eval_label_set(eval_labels, fl, ml)
-    for name, arr in (("FIXED", f_arr), ("MOVING", m_arr)):
-        if float(arr.max()) == float(arr.min()):
-            raise CLIError(f"`{name}` is constant: there is nothing to register")
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"`--out` exists and is not a folder: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        spacing = f_geo.array_spacing
-        f_t = torch.from_numpy(normalize_intensity(f_arr))[None, None]
-        m_t = torch.from_numpy(normalize_intensity(m_arr))[None, None]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        result = mod.register_pair(f_t, m_t, cfg, spacing=spacing, device=dev)
-        seconds = time.perf_counter() - t0
-        peak = _peak_memory_mb(dev)
-
-        disp = result.displacement.detach()
-        disp_np = disp[0].cpu().numpy()
-        warped_t = warp(torch.from_numpy(m_arr)[None, None].to(dev), disp)[0, 0].cpu().numpy()
-        lam_np = result.lambda_on_image_grid()[0, 0].cpu().numpy()
-        jac_np = jacobian_determinant(disp)[0].cpu().numpy()
-        metrics: dict = {
-            "hybridreg_version": __version__,
-            "solver": solver,
-            "device": str(dev),
-            "inputs": {"fixed": str(fixed), "moving": str(moving), "fixed_labels": str(fixed_labels) if fixed_labels else None,
-                       "moving_labels": str(moving_labels) if moving_labels else None, "grid": f_geo.to_dict()},
-            **jacobian_stats(disp),
-            "jacobian_method": "central differences (torch.gradient), whole image grid",
-            "lambda": {"mean": float(lam_np.mean()), "std": float(lam_np.std()), "min": float(lam_np.min()), "max": float(lam_np.max())},
-            "seconds": {"registration": seconds},
-            "peak_memory_mb": peak,
-            "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
-            "levels": [
-                {"spacing_mm": list(h.spacing), "shape": list(h.shape), "control_shape": list(h.control_shape), "iterations": h.iterations,
-                 "status": h.status, "seconds": h.seconds, "final_total": h.terms["total"][-1] if h.terms.get("total") else None}
-                for h in result.history
-            ],
-            "final_terms": result.final_terms,
-            "config": to_dict(cfg),
-        }
-        t_metrics = time.perf_counter()
-        if fl is not None:
-            wl = warp(torch.from_numpy(ml)[None, None].to(dev), disp, mode="nearest")[0, 0].cpu().numpy()
-            inside = lam_np[fl > 0]
-            metrics["lambda"].update({"mean_inside_fixed_labels": float(inside.mean()), "std_inside_fixed_labels": float(inside.std())})
-            metrics["labels_scored"] = list(labels_to_score)
-            metrics["dice_before"] = _summary(dice(fl, ml, labels_to_score))
-            metrics["dice_after"] = _summary(dice(fl, wl, labels_to_score))
-            if hd95_metric:
-                metrics["hd95_mm_after"] = _summary(hd95(fl, wl, labels_to_score, spacing))
-        metrics["seconds"]["metrics"] = time.perf_counter() - t_metrics
-        t_write = time.perf_counter()
-        write_image(stage / "warped.nii.gz", warped_t, f_geo)
-        write_displacement(stage / "displacement.nii.gz", disp_np, f_geo)
-        write_image(stage / "lambda.nii.gz", lam_np, f_geo)
-        write_image(stage / "jacobian.nii.gz", jac_np, f_geo)
-        from .figures import registration_figure
-
-        title = f"{Path(moving).name} → {Path(fixed).name}"
-        if fl is not None:
-            title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
-        registration_figure(stage / "figure.png", normalize_intensity(f_arr), normalize_intensity(m_arr),
-                            normalize_intensity(warped_t), lam_np, disp_np, jac_np, spacing, title=title)
-
-        dump_yaml(cfg, stage / "config.yaml")
-        metrics["seconds"]["writing"] = time.perf_counter() - t_write
-        metrics["seconds"]["total"] = time.perf_counter() - t_total
-        atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
-        out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:
-            os.replace(stage / name, out / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return metrics
-
-
-def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False) -> None:
-    """Warp ``image`` with an ITK displacement field written by ``register`` (SimpleITK
-    resampling onto the field's grid; nearest neighbour for label maps)."""
     import SimpleITK as sitk
 
-    field = read_displacement(displacement, arg="DISPLACEMENT")
-    if labels:
-        arr, geo = read_labels(image, arg="IMAGE")
-        img = geo.apply(sitk.GetImageFromArray(arr))
-    else:
-        arr, geo = read_image(image, arg="IMAGE")
-        img = geo.apply(sitk.GetImageFromArray(arr))
-    res = resample_with_field(img, field, labels=labels)
     out = Path(out)
-    if not out.parent.exists():
+    if not str(out).lower().endswith(IMAGE_SUFFIXES):
+        raise CLIError(f"`--out` must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {str(out)!r}")
+    if not out.parent.is_dir():
         raise CLIError(f"`--out`: folder does not exist: {out.parent}")
+    for arg, path in (("DISPLACEMENT", displacement), ("IMAGE", image)):
+        if Path(path).resolve() == out.resolve():
+            raise CLIError(f"`--out` is the input `{arg}` ({path}); choose another --out")
+    if out.exists() and not overwrite:
+        raise CLIError(f"`--out` {out} exists; pass --overwrite to replace it")
+    field = read_displacement(displacement, arg="DISPLACEMENT")
+    arr, geo = read_labels(image, arg="IMAGE") if labels else read_image(image, arg="IMAGE")
+    field_geo = Geometry.of(field)
+    if geo.dim != field_geo.dim:
+        raise CLIError(f"`IMAGE` is {geo.dim}D but `DISPLACEMENT` is a {field_geo.dim}D field")
+    if not geo.matches(field_geo):
+        raise CLIError(f"`IMAGE` ({geo.size}, spacing {geo.spacing}) is not on the grid of `DISPLACEMENT` ({field_geo.size},"
+                       f" spacing {field_geo.spacing}); apply the field to images on the grid it was computed on")
+    res = resample_with_field(geo.apply(sitk.GetImageFromArray(arr)), field, labels=labels)
     write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)
 
 
 def train_command(args: argparse.Namespace) -> None:
     """``hybridreg train``: load the data source and the config, then :func:`learned.train.train`.
     With ``--resume`` and no ``--config`` the run's own ``config.yaml`` is used."""
-    train_mod = importlib.import_module("learned.train")
+    import learned.train as train_mod  # the application layer may import a solver package
+
     from .data.sources import load_dataset
 
-    out = Path(args.out)
+    out = output_folder(args.out)
     cfg_path = args.config or (out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else None)
     cfg = load_yaml(cfg_path, train_mod.TrainConfig, arg="--config") if cfg_path else train_mod.TrainConfig()
     if args.resume and train_mod.latest_checkpoint(out) is None:
         raise CLIError(f"`--resume`: {out} holds no checkpoint to resume from")
-    dev = _device(args.device)
+    dev = device_of(args.device)
     data = load_dataset(args.data, args.spacing)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"hybridreg train: {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test subjects,"
               f" grid {'x'.join(map(str, data.shape))} at {'x'.join(f'{s:g}' for s in data.spacing)} mm,"
               f" atlas {'yes' if data.atlas is not None else 'no'}; {cfg.steps} steps -> {out}")
-    if args.init is not None and not Path(args.init).is_file():
-        raise FileNotFoundError(f"`--init`: weight file not found: {args.init}")
+    if args.init is not None:
+        from learned.weights import load_weights
+
+        load_weights(args.init, arg="--init")  # a missing or corrupt file fails here, before --out is made
     train_mod.train(cfg, data, out, resume=args.resume, device=dev, progress=not args.no_progress, init_weights=args.init)
     if rank == 0:
-        print(f"wrote {out}/: model_best.pt, model_final.pt, log.csv, validation.csv, history.json, training.png")
+        wrote = [n for n in ("model_best.pt", "model_final.pt", "log.csv", "validation.csv", "history.json", "training.png")
+                 if (out / n).is_file()]
+        print(f"wrote {out}/: {', '.join(wrote)}")
 
 
 def tune_command(args: argparse.Namespace) -> None:
@@ -295,6 +111,9 @@ def tune_command(args: argparse.Namespace) -> None:
 
     from . import tuning
 
+    out = output_folder(args.out)
+    if args.resume and not (out / "trials.json").is_file():
+        raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
     space = tuning.load_space(args.space)
     if space.solver != args.solver:
         space = _replace(space, solver=args.solver)
@@ -334,10 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-labels")
     r.add_argument("--config", help="YAML with `objective:` and solver keys (see README)")
     r.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    r.add_argument("--solver", default="instance", choices=sorted(SOLVERS),
+    r.add_argument("--solver", default="instance", choices=available_solvers() or None,
                    help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
     r.add_argument("--weights", help="weight file for the learned solvers (default: the shipped bundled-data weights)")
     r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
+    r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     r.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("apply", help="warp IMAGE with a displacement written by register")
@@ -345,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("image", metavar="IMAGE")
     a.add_argument("--out", required=True, help="output image file (.nii.gz, .mha, .nrrd)")
     a.add_argument("--labels", action="store_true", help="IMAGE is a label map: nearest-neighbour interpolation")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = sub.add_parser("train", help="train the learned solver (unsupervised) on a data source; torchrun-aware")
     t.add_argument("--data", required=True, help="bundled, a .csv/.json manifest, or an OASIS / IXI (TransMorph) folder")
@@ -370,41 +191,98 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resolution", type=int, default=2, choices=(1, 2), help="2 mm (default) or 1 mm")
     d.add_argument("--config")
     d.add_argument("--device")
-    d.add_argument("--solver", default="instance", choices=sorted(SOLVERS))
+    d.add_argument("--solver", default="instance", choices=available_solvers() or None)
     d.add_argument("--weights")
+    d.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     d.add_argument("--no-progress", action="store_true")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "register":
-            m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
-                               moving_labels=args.moving_labels, config=args.config, device=args.device,
-                               solver=args.solver, weights=args.weights, eval_labels=args.eval_labels, progress=not args.no_progress)
-            _print_summary(m, Path(args.out))
-        elif args.command == "apply":
-            apply_file(args.displacement, args.image, args.out, labels=args.labels)
-            print(f"wrote {args.out}")
-        elif args.command == "train":
-            train_command(args)
-        elif args.command == "tune":
-            tune_command(args)
-        elif args.command == "demo":
-            from . import data
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staging folders are cleaned up on the way out."""
 
-            fid, mid = data.demo_pair()
-            fs, ms = data.load_subject(fid, args.resolution), data.load_subject(mid, args.resolution)
-            print(f"hybridreg demo: registering bundled subject {mid} (moving) to {fid} (fixed, real T1) at {args.resolution} mm")
-            m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
-                               moving_labels=ms.labels_path, config=args.config, device=args.device,
-                               solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress)
-            _print_summary(m, Path(args.out))
-    except (CLIError, FileNotFoundError, ValueError) as e:
-        print(f"hybridreg {args.command}: error: {e}", file=sys.stderr)
+
+KNOWN_ERRORS = (CLIError, ValueError, FileNotFoundError, OSError, torch.cuda.OutOfMemoryError)
+"""Failures with a known cause, reported in one line with exit code 2: bad input and config
+(ValueError, naming the argument), files (OSError: missing, unreadable, read-only, disk full),
+and running out of device memory."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess in the tests
+    raise Terminated()
+
+
+def _log_traceback(command: str) -> Path:
+    """Write the current exception's full traceback to a log file and return its path."""
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"hybridreg-{command}-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        traceback.print_exc(file=fh)
+    return Path(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the CLI's one error boundary.
+
+    Exit codes: 0 success; 2 a known failure (one line on stderr naming the argument; nothing
+    written to ``--out``); 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), with staging
+    folders removed and ``--out`` as it was; 1 an unexpected error (a short message and the
+    path of the log file holding the full traceback).
+    """
+    args = _parser().parse_args(argv)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _run(args)
+    except KNOWN_ERRORS as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"hybridreg {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hybridreg {args.command}: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"hybridreg {args.command}: terminated; nothing was written to --out", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 -- the boundary: anything else is a bug, logged in full
+        log = _log_traceback(args.command)
+        print(f"hybridreg {args.command}: unexpected error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+              f" (full traceback in {log})", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "register":
+        m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
+                           moving_labels=args.moving_labels, config=args.config, device=args.device,
+                           solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
+                           progress=not args.no_progress, overwrite=args.overwrite)
+        _print_summary(m, Path(args.out))
+    elif args.command == "apply":
+        apply_file(args.displacement, args.image, args.out, labels=args.labels, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+    elif args.command == "train":
+        train_command(args)
+    elif args.command == "tune":
+        tune_command(args)
+    elif args.command == "demo":
+        from . import data
+
+        fid, mid = data.demo_pair()
+        fs, ms = data.load_subject(fid, args.resolution), data.load_subject(mid, args.resolution)
+        print(f"hybridreg demo: registering bundled subject {mid} (moving) to {fid} (fixed, real T1) at {args.resolution} mm")
+        m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
+                           moving_labels=ms.labels_path, config=args.config, device=args.device,
+                           solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress,
+                           overwrite=args.overwrite)
+        _print_summary(m, Path(args.out))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,8 @@ from typing import Any, Iterator, Type, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text", "bounded",
+           "check_bounds", "bounds_table"]
 
 T = TypeVar("T")
 
@@ -93,6 +94,48 @@ def from_dict(cls: Type[T], data: Any, where: str = "config") -> T:
         raise ValueError(f"{where}: {e}") from None
 
 
+def bounded(default: Any, low: float, high: float, *, factory: bool = False) -> Any:
+    """A dataclass field whose number (or every number of its tuple) must lie in
+    ``[low, high]``: the documented range of a setting, checked by :func:`check_bounds`
+    before any work so that no value can take the machine's time or memory.
+    ``factory``: ``default`` is a zero-argument callable (for tuple defaults)."""
+    meta = {"range": (low, high)}
+    return dataclasses.field(default_factory=default, metadata=meta) if factory else \
+        dataclasses.field(default=default, metadata=meta)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_bounds(obj: Any) -> None:
+    """Check every :func:`bounded` field of dataclass instance ``obj``.
+
+    Raises:
+        ValueError: ``ClassName: `field` must be in [low, high], got value`` for a number
+            out of range or NaN.
+    """
+    for f in dataclasses.fields(obj):
+        if "range" not in f.metadata:
+            continue
+        low, high = f.metadata["range"]
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ValueError(f"{type(obj).__name__}: `{f.name}` must be in [{_num(low)}, {_num(high)}], got {value!r}")
+
+
+def bounds_table(*classes: type) -> str:
+    """A Markdown table of every bounded setting of ``classes`` (default, range), for the docs."""
+    rows = ["| setting | default | range |", "|---|---|---|"]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if "range" in f.metadata:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append(f"| `{cls.__name__}.{f.name}` | {to_dict(default)} | [{_num(f.metadata['range'][0])}, {_num(f.metadata['range'][1])}] |")
+    return "\n".join(rows)
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) → plain dict/list structure suitable for YAML/JSON."""
     if dataclasses.is_dataclass(obj):
@@ -116,16 +159,19 @@ def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
     """Parse YAML file ``path``.
 
     Raises:
-        FileNotFoundError: the file does not exist. ValueError: not valid YAML. Messages
-            name ``arg``.
+        FileNotFoundError: the file does not exist. ValueError: not UTF-8 text or not valid
+            YAML (one line). Messages name ``arg``.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"`{arg}`: file not found: {p}")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"`{arg}`: {p} is not a UTF-8 text file (a YAML config was expected)") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"`{arg}`: {p} is not valid YAML: {e}") from None
+        msg = " ".join(str(e).split())
+        raise ValueError(f"`{arg}`: {p} is not valid YAML: {msg}") from None
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Figures with matplotlib (Agg backend, no display needed)."""
+"""Figures with object-oriented matplotlib (``matplotlib.figure.Figure``: no pyplot, no
+global backend switch, no display needed)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,14 @@ def registration_figure(
         displacement: ``(d, *shape)`` voxel-unit displacement.
         spacing: mm per array axis (sets the aspect ratio).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     d = fixed.ndim
     idx = [n // 2 for n in fixed.shape]
     planes = [(1, 2), (0, 2), (0, 1)] if d == 3 else [(0, 1)]
     cols = ["fixed", "moving", "warped", "fixed − warped", "λ", "deformed grid", "det J"]
-    fig, axes = plt.subplots(len(planes), len(cols), figsize=(2.3 * len(cols), 2.4 * len(planes)), squeeze=False)
+    fig = Figure(figsize=(2.3 * len(cols), 2.4 * len(planes)))
+    axes = fig.subplots(len(planes), len(cols), squeeze=False)
     vmax = float(np.percentile(fixed, 99.5)) or 1.0
     lam_max = float(np.max(lam)) if np.max(lam) > 0 else 1.0
     data = {
@@ -88,8 +87,5 @@ def registration_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)

@@ -105,10 +105,28 @@ def _read(path: str | os.PathLike, arg: str) -> sitk.Image:
     if not p.is_file():
         raise ValueError(f"`{arg}`: not a file: {p}")
     try:
-        return sitk.ReadImage(str(p))
+        img = sitk.ReadImage(str(p))
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise ValueError(f"`{arg}`: cannot read {p} as an image (corrupt or unsupported format): {msg}") from None
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(p, arg)
+    return img
+
+
+def _check_nifti(p: Path, arg: str) -> None:
+    """Read a NIfTI file's data a second time with nibabel, which SimpleITK's NIfTI reader
+    cannot replace: that reader pads a truncated file with zeros and reads NaN/Inf voxels as
+    0. nibabel raises on data shorter than the header promises and keeps NaN/Inf."""
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(p)).dataobj)
+    except Exception as e:  # noqa: BLE001 -- nibabel raises OSError, EOFError, zlib errors ... for damaged files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"`{arg}`: {p} is truncated or corrupt (less data than its header promises): {msg}") from None
+    if data.dtype.kind in "fc" and not np.isfinite(data).all():
+        raise ValueError(f"`{arg}`: {p} contains NaN or Inf values")
 
 
 def read_image(path: str | os.PathLike, *, arg: str = "image") -> tuple[np.ndarray, Geometry]:
@@ -118,8 +136,9 @@ def read_image(path: str | os.PathLike, *, arg: str = "image") -> tuple[np.ndarr
         ``(array, geometry)``, array in ``GetArrayFromImage`` order.
 
     Raises:
-        FileNotFoundError: missing file. ValueError: corrupt file, vector image, wrong
-        dimension, or NaN/Inf values. Messages name ``arg``.
+        FileNotFoundError: missing file. ValueError: corrupt or truncated file (NIfTI data
+        are read a second time with nibabel to catch what SimpleITK's reader hides), vector
+        image, wrong dimension, or NaN/Inf values. Messages name ``arg``.
     """
     img = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -136,7 +155,8 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
     """Read an integer label map (int32 array).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`read_image`, plus non-integer values.
+        FileNotFoundError, ValueError: as :func:`read_image`, plus non-integer values and
+        labels outside ``0 .. 2**31 - 1`` (negative IDs, or uint32 IDs that would wrap).
     """
     img = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() not in (2, 3):
@@ -147,6 +167,10 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
             raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"`{arg}`: {path} has non-integer values; a label map must hold integer labels")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < 0 or hi > np.iinfo(np.int32).max:
+        raise ValueError(f"`{arg}`: {path} has labels outside 0..{np.iinfo(np.int32).max} (min {lo:g}, max {hi:g});"
+                         " label IDs must be non-negative 32-bit integers")
     return arr.astype(np.int32), Geometry.of(img)
 
 
@@ -214,7 +238,8 @@ def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> 
     ``sitk.DisplacementFieldTransform``.
 
     Raises:
-        FileNotFoundError, ValueError: missing/corrupt file or not a d-component field.
+        FileNotFoundError, ValueError: missing/corrupt file, not a d-component field, or
+        NaN/Inf values.
     """
     img = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
@@ -222,7 +247,10 @@ def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> 
             f"`{arg}`: {path} is not a displacement field ({img.GetNumberOfComponentsPerPixel()} components"
             f" for a {img.GetDimension()}D image)"
         )
-    return sitk.Cast(img, sitk.sitkVectorFloat64)
+    img = sitk.Cast(img, sitk.sitkVectorFloat64)
+    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+        raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
+    return img
 
 
 def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:

@@ -11,7 +11,7 @@ Maurer distance transform with the image spacing.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,6 +28,10 @@ __all__ = [
     "jacobian_stats",
     "folding_percent",
     "sdlogj",
+    "LabelPolicy",
+    "scored_labels",
+    "score_dice",
+    "score_registration",
 ]
 
 
@@ -160,17 +164,20 @@ def hd95(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | N
 
 
 def _jac(disp: torch.Tensor) -> torch.Tensor:
-    if disp.dim() in (3, 4):  # (d, *spatial) without batch
+    # (d, *spatial) without batch: 2D (2, H, W), or 3D (3, D, H, W); a 4-dim field with a first
+    # size other than 3 is a batched 2D field (B, 2, H, W)
+    if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3):
         disp = disp.unsqueeze(0)
     return jacobian_determinant(disp.detach())
 
 
 def folding_percent(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Percentage of voxels with ``det J_φ ≤ 0`` (central differences), optionally in a mask."""
+    """Percentage of voxels with ``det J_φ ≤ 0`` (central differences), optionally in a mask.
+    A NaN determinant counts as folded: it is no positive volume change."""
     j = _jac(disp)
     if mask is not None:
         j = j[mask.reshape(j.shape).bool()]
-    return float((j <= 0).double().mean() * 100.0)
+    return float((~(j > 0)).double().mean() * 100.0)
 
 
 def sdlogj(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -192,8 +199,111 @@ def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict
     if mask is not None:
         j = j[mask.reshape(j.shape).bool()]
     return {
-        "folding_percent": float((j <= 0).double().mean() * 100.0),
+        "folding_percent": float((~(j > 0)).double().mean() * 100.0),
         "sdlogj": float(torch.log(j.clamp(1e-9, 1e9)).std()),
         "jacobian_min": float(j.min()),
         "jacobian_max": float(j.max()),
     }
+
+
+LabelPolicy = Union[str, Sequence[int]]
+"""Which labels a pair is scored on (:func:`scored_labels`): ``"auto"``, ``"all"`` or an
+explicit sequence of label IDs."""
+
+AUTO_MIN_STANDARD = 20
+"""``"auto"`` uses the standard FreeSurfer structures when at least this many are present."""
+
+
+def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> tuple[int, ...]:
+    """The labels a pair is scored on, by an explicit policy.
+
+    Args:
+        fixed_labels, moving_labels: the pair's label maps (any shapes; only their label
+            sets are read).
+        policy: ``"auto"``: the 30 standard FreeSurfer structures
+            (:func:`hybridreg.data.evaluation_labels`, voxelmorph's ``labels.npz``) present in
+            both maps, or every label the maps share when fewer than
+            :data:`AUTO_MIN_STANDARD` of them are present; ``"all"``: every non-zero label
+            the maps share; a sequence of ints: exactly those, each present in both maps.
+
+    Returns:
+        Label IDs, in evaluation-label order for ``"auto"``, sorted for ``"all"``.
+
+    Raises:
+        ValueError: the maps share no non-zero label, an unknown policy string, or an
+            explicit label missing from either map (the message names ``labels``).
+    """
+    common = common_labels(fixed_labels, moving_labels)
+    if not common:
+        raise ValueError("`labels`: the fixed and moving label maps share no non-zero label: nothing to score")
+    if isinstance(policy, str):
+        if policy == "all":
+            return common
+        if policy != "auto":
+            raise ValueError(f"`labels`: policy must be 'auto', 'all' or a list of label IDs, got {policy!r}")
+        from .data import evaluation_labels_in
+
+        standard = evaluation_labels_in(common)
+        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD else common
+    chosen = tuple(int(v) for v in policy)
+    missing = [lab for lab in chosen if lab not in common]
+    if missing or not chosen:
+        raise ValueError(f"`labels`: labels {missing or '[]'} are not present in both label maps")
+    return chosen
+
+
+def score_dice(fixed_labels, warped_labels, moving_labels=None, policy: LabelPolicy = "auto") -> dict:
+    """Dice of a registration: the one scoring function of the CLI, tuning, training and
+    the benchmarks.
+
+    Args:
+        fixed_labels: the fixed image's label map. warped_labels: the moving label map
+            warped onto the fixed grid (nearest neighbour), same shape.
+        moving_labels: the moving label map before warping; its label set (with the fixed
+            one) decides which labels are scored (default: ``warped_labels``).
+        policy: which labels, see :func:`scored_labels`.
+
+    Returns:
+        ``{"labels": (ids...), "per_label": {id: dice}, "mean": mean over the scored labels}``
+        (a label absent from both maps after warping scores NaN and is left out of the mean).
+
+    Raises:
+        ValueError: as :func:`scored_labels` and :func:`dice`.
+    """
+    labels = scored_labels(fixed_labels, warped_labels if moving_labels is None else moving_labels, policy)
+    per = dice(fixed_labels, warped_labels, labels)
+    vals = [v for v in per.values() if np.isfinite(v)]
+    return {"labels": labels, "per_label": per, "mean": float(np.mean(vals)) if vals else float("nan")}
+
+
+def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, policy: LabelPolicy = "auto", *,
+                       spacing: Sequence[float] | None = None, with_hd95: bool = False) -> dict:
+    """Every standard metric of one registration (method §4): the moving labels warped by
+    nearest neighbour, Dice by :func:`score_dice`, optionally HD95, and the Jacobian statistics.
+
+    Args:
+        fixed_labels, moving_labels: label maps on the fixed image grid (same shape).
+        displacement: ``(1, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement on the
+            fixed grid (``warped = moving ∘ (id + displacement)``), numpy or torch.
+        policy: which labels, see :func:`scored_labels`.
+        spacing: voxel size in mm per array axis (HD95 only). with_hd95: compute HD95.
+
+    Returns:
+        ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean", "hd95" (per label,
+        with ``with_hd95``), "hd95_mean", "warped_labels", **jacobian_stats}``.
+    """
+    from .spatial import warp
+
+    disp = torch.as_tensor(displacement)
+    disp = disp[None] if disp.dim() == len(np.shape(moving_labels)) + 1 else disp
+    ml = torch.as_tensor(as_label_array(moving_labels, "moving_labels"))[None, None].to(disp.device)
+    warped = warp(ml, disp.detach(), mode="nearest")[0, 0].cpu().numpy()
+    after = score_dice(fixed_labels, warped, moving_labels, policy)
+    out = {"labels": after["labels"], "dice": after["per_label"], "dice_mean": after["mean"],
+           "dice_before_mean": score_dice(fixed_labels, moving_labels, policy=after["labels"])["mean"],
+           "warped_labels": warped, **jacobian_stats(disp)}
+    if with_hd95:
+        out["hd95"] = hd95(fixed_labels, warped, after["labels"], spacing)
+        vals = [v for v in out["hd95"].values() if np.isfinite(v)]
+        out["hd95_mean"] = float(np.mean(vals)) if vals else float("nan")
+    return out

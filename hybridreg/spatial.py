@@ -51,13 +51,19 @@ def _spatial_dims(x: torch.Tensor) -> int:
     return x.dim() - 2
 
 
-def check_field(field: torch.Tensor, name: str, *, fn: str) -> int:
+def check_field(field: torch.Tensor, name: str, *, fn: str, finite: bool = False) -> int:
     """Validate a ``(B, d, *spatial)`` field and return ``d``.
+
+    Args:
+        finite: also reject NaN/Inf values. That is a pass over the data and, on a GPU, a
+            device synchronisation, so it is for fields that enter from outside (a user's
+            initial velocity, a displacement read from a file), not for the solvers' inner
+            loops, which check the energy once per window instead.
 
     Raises:
         TypeError: ``field`` is not a floating-point tensor.
         ValueError: wrong number of dimensions, ``d`` not matching the spatial rank, or
-            non-finite values. The message names ``fn`` and ``name``.
+            (with ``finite``) NaN/Inf values. The message names ``fn`` and ``name``.
     """
     if not isinstance(field, torch.Tensor) or not field.is_floating_point():
         raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
@@ -72,6 +78,8 @@ def check_field(field: torch.Tensor, name: str, *, fn: str) -> int:
             f"{fn}(): `{name}` has {field.shape[1]} channels but {d} spatial dims; a field"
             f" needs one channel per spatial dimension, got shape {tuple(field.shape)}"
         )
+    if finite and not bool(torch.isfinite(field).all()):
+        raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
     return d
 
 

@@ -5,10 +5,10 @@ optimization (method §2.3).
 * :mod:`learned.network` -- ``g(fixed, moving) → (velocity, λ)``; U-Net (default) or
   TransMorph-style Swin-transformer backbone (MONAI, optional).
 * :mod:`learned.loss` -- the training loss, which is :func:`hybridreg.objective.evaluate`.
-* :mod:`learned.train` -- training (augmentation, validation Dice, logs, exact resume,
-  torchrun/DDP) and weight files.
-* :mod:`learned.solver` -- ``register_pair`` for ``--solver learned`` / ``learned+refine``
-  and the shipped weights :data:`learned.solver.DEFAULT_WEIGHTS`.
+* :mod:`learned.weights` -- the weight-file format and inference (``load_weights``, ``predict``).
+* :mod:`learned.train` -- training (augmentation, validation Dice, logs, exact resume, DDP).
+* :mod:`learned.solver` -- ``register_pair``, the solvers ``learned`` and ``learned+refine``
+  (:data:`~learned.solver.LEARNED`, :data:`~learned.solver.LEARNED_REFINE`), the shipped weights.
 """
 
 from .network import BACKBONES, LambdaHead, NetOutput, NetworkConfig, RegistrationNetwork, SwinBackbone, UNetBackbone

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridreg.config import bounded, check_bounds
 from hybridreg.priors import LAMBDA_BOUNDS, lambda_from_param
 from hybridreg.spatial import resize_field, resize_image
 
@@ -66,28 +67,27 @@ class NetworkConfig:
             so ``swin_depths`` and ``swin_heads`` have 4 entries and ``decoder`` 5).
     """
 
-    ndim: int = 3
+    ndim: int = bounded(3, 2, 3)
     backbone: str = "unet"
-    encoder: tuple[int, ...] = (16, 32, 32, 32)
-    decoder: tuple[int, ...] = (32, 32, 32, 16)
+    encoder: tuple[int, ...] = bounded(lambda: (16, 32, 32, 32), 1, 512, factory=True)
+    decoder: tuple[int, ...] = bounded(lambda: (32, 32, 32, 16), 1, 512, factory=True)
     lambda_prior: Literal["beta", "normal"] = "beta"
-    lambda_channels: int = 48
-    resolution_factor: int = 2
-    full_resolution_channels: int = 0
+    lambda_channels: int = bounded(48, 1, 512)
+    resolution_factor: int = bounded(2, 1, 2)
+    full_resolution_channels: int = bounded(0, 0, 256)
     lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
-    lambda_uniform: float = 1.0
-    swin_embed_dim: int = 24
-    swin_depths: tuple[int, ...] = (2, 2, 2, 2)
-    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
-    swin_window: int = 5
+    lambda_uniform: float = bounded(1.0, 1e-6, 5.0)
+    swin_embed_dim: int = bounded(24, 1, 384)
+    swin_depths: tuple[int, ...] = bounded(lambda: (2, 2, 2, 2), 1, 12, factory=True)
+    swin_heads: tuple[int, ...] = bounded(lambda: (3, 6, 12, 24), 1, 64, factory=True)
+    swin_window: int = bounded(5, 1, 32)
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
             raise ValueError(f"NetworkConfig: `ndim` must be 2 or 3, got {self.ndim!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"NetworkConfig: `backbone` must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        if any(c < 1 for c in self.encoder + self.decoder):
-            raise ValueError("NetworkConfig: `encoder` and `decoder` channels must be positive ints")
+        check_bounds(self)  # channel counts and widths: every number has a range (docs/configuration.md)
         if self.backbone == "unet" and (not self.encoder or len(self.decoder) != len(self.encoder)):
             raise ValueError("NetworkConfig: `encoder` and `decoder` must be non-empty lists of equal length for the unet backbone")
         if self.backbone == "swin":
@@ -154,9 +154,7 @@ class UNetBackbone(nn.Module):
         super().__init__()
         nd = cfg.ndim
         self.inc = _Block(nd, in_channels, cfg.encoder[0])
-        self.down = nn.ModuleList(
-            _Block(nd, cfg.encoder[i], cfg.encoder[i + 1], stride=2) for i in range(len(cfg.encoder) - 1)
-        )
+        self.down = nn.ModuleList(_Block(nd, cfg.encoder[i], cfg.encoder[i + 1], stride=2) for i in range(len(cfg.encoder) - 1))
         self.up = nn.ModuleList()
         ch = cfg.encoder[-1]
         for i in range(len(cfg.encoder) - 1):
@@ -222,13 +220,8 @@ class LambdaHead(nn.Module):
     def __init__(self, ndim: int, cin: int, hidden: int, prior: str):
         super().__init__()
         conv = _conv(ndim)
-        self.body = nn.Sequential(
-            conv(cin, hidden, 3, padding=1),
-            conv(hidden, hidden, 3, padding=1),
-            _norm(ndim)(hidden),
-            nn.LeakyReLU(0.2),
-            conv(hidden, 1, 3, padding=1),
-        )
+        self.body = nn.Sequential(conv(cin, hidden, 3, padding=1), conv(hidden, hidden, 3, padding=1), _norm(ndim)(hidden),
+                                  nn.LeakyReLU(0.2), conv(hidden, 1, 3, padding=1))
         self.prior = prior
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -252,8 +245,7 @@ class FullResolutionStage(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid."""
         size = tuple(x.shape[2:])
-        up = resize_image(h, size)
-        residual = self.velocity_head(self.block(torch.cat([up, self.image(x)], dim=1)))
+        residual = self.velocity_head(self.block(torch.cat([resize_image(h, size), self.image(x)], dim=1)))
         return resize_field(velocity, size) + residual
 
 

@@ -2,8 +2,8 @@
 instance optimization (method §2.2–2.3).
 
 ``register_pair(fixed, moving, LearnedConfig(...))`` has the instance solver's signature and
-returns its :class:`instance_opt.InstanceResult`, so the CLI, the benchmarks and user code
-treat both solvers alike:
+returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
+:data:`LEARNED_REFINE` are the :class:`hybridreg.solvers.Solver` entry points:
 
 * ``refine=False`` (``--solver learned``): one network pass. The network runs at the voxel
   size it was trained at: inputs on another grid are resampled to it (cell-centred linear
@@ -26,12 +26,15 @@ import torch
 
 from hybridreg.objective import evaluate
 from hybridreg.regularization import check_spacing
+from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images
 from hybridreg.spatial import resize_image
-from instance_opt import InstanceOptConfig, InstanceResult, LevelHistory
+from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
-from instance_opt.solver import _check_images as check_images
 
-__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "LearnedConfig", "half_grid_refine", "register_pair"]
+from .weights import load_weights
+
+__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "LearnedConfig", "LearnedSolver", "LEARNED", "LEARNED_REFINE",
+           "half_grid_refine", "register_pair"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
 """Weights shipped with the package: trained on the bundled training split at 2 mm in three
@@ -86,21 +89,11 @@ class LearnedConfig:
     progress: bool = True
 
 
-@lru_cache(maxsize=4)
-def _load(path: str, device: str):
-    from .train import load_weights
-
-    return load_weights(path, device)
+_load = lru_cache(maxsize=4)(load_weights)  # (path, device) -> load_weights(path, device), both str
 
 
-def register_pair(
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    config: LearnedConfig | None = None,
-    *,
-    spacing: Sequence[float] | None = None,
-    device: torch.device | str | None = None,
-) -> InstanceResult:
+def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
+                  spacing: Sequence[float] | None = None, device: torch.device | str | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with the network (and optional refinement).
 
     Args:
@@ -111,10 +104,11 @@ def register_pair(
         device: where to run (default: the inputs' device).
 
     Returns:
-        :class:`instance_opt.InstanceResult`: displacement (voxels, image grid), velocity
-        and λ on the network's grid (or the refinement's finest control grid), warped
-        image, history (empty without refinement), seconds (network + refinement),
-        final energy terms on the image grid.
+        :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
+        velocity and λ on the network's grid (or the refinement's finest control grid),
+        warped image, history (the network pass, status ``network`` -- ``diverged`` when its
+        output is not finite, and then nothing is refined -- then the refinement's levels),
+        seconds (network + refinement), final energy terms on the image grid, config ``cfg``.
 
     Raises:
         FileNotFoundError: missing weights. ValueError: a corrupt weight file, images of
@@ -122,7 +116,7 @@ def register_pair(
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
-    check_images(fixed, moving)
+    check_images(fixed, moving, fn="register_pair")
     net, objective, train_spacing, _ = _load(str(cfg.weights or DEFAULT_WEIGHTS), str(dev))
     d = net.config.ndim
     if fixed.dim() != d + 2:
@@ -138,24 +132,51 @@ def register_pair(
         m_in = resize_image(moving, net_shape) if net_shape != spatial else moving
         out = net(f_in, m_in)
     velocity, lam = out.velocity.to(fixed.dtype), out.lam.to(fixed.dtype)
-    if not cfg.refine:
+    finite = bool(torch.isfinite(velocity).all() and torch.isfinite(lam).all())  # e.g. weights holding NaN
+    net_level = LevelHistory(spacing=tuple(train_spacing), shape=net_shape, control_shape=tuple(velocity.shape[2:]),
+                             terms={}, iterations=1, status=Status.NETWORK if finite else Status.DIVERGED,
+                             seconds=time.perf_counter() - t0)
+    if not cfg.refine or not finite:
         with torch.no_grad():
             ev = evaluate(fixed, moving, velocity, lam, objective, h)
-        return InstanceResult(
-            displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped, history=[],
-            seconds=time.perf_counter() - t0, config=cfg.refine_config,
-            final_terms={k: float(v) for k, v in ev.terms._asdict().items()},
-        )
+        return RegistrationResult(displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped,
+                                  history=[net_level], seconds=time.perf_counter() - t0, config=cfg,
+                                  final_terms={k: float(v) for k, v in ev.terms._asdict().items()})
     rcfg = cfg.refine_config
     if cfg.refine_objective_from_weights:
         rcfg = replace(rcfg, objective=objective)
         if net.config.lambda_mode == "uniform":
             rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)
-    rcfg = replace(rcfg, progress=cfg.progress)
-    net_seconds = time.perf_counter() - t0
-    res = instance_register_pair(fixed, moving, rcfg, spacing=h, device=dev, init_velocity=velocity, init_lambda=lam)
-    res.history.insert(0, LevelHistory(spacing=tuple(train_spacing), shape=net_shape, control_shape=tuple(velocity.shape[2:]),
-                                       terms={}, iterations=1, status="network", seconds=net_seconds))
-    res.seconds += net_seconds
+    res = instance_register_pair(fixed, moving, replace(rcfg, progress=cfg.progress), spacing=h, device=dev,
+                                 init_velocity=velocity, init_lambda=lam)
+    res.history.insert(0, net_level)
+    res.seconds += net_level.seconds
+    res.config = cfg
     return res
+
+
+@dataclass(frozen=True)
+class LearnedSolver:
+    """The learned solver as a :class:`hybridreg.solvers.Solver` (method §2.2–2.3): the
+    network alone (``--solver learned``) or refined by instance optimization
+    (``learned+refine``); the name fixes :attr:`LearnedConfig.refine`."""
+
+    name: str
+    refine: bool
+    config_class = LearnedConfig
+
+    def default_config(self) -> LearnedConfig:
+        return LearnedConfig(refine=self.refine)
+
+    def configure(self, config: LearnedConfig) -> LearnedConfig:
+        return replace(config, refine=self.refine)
+
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
+                      spacing: Sequence[float] | None = None, device: str | torch.device | None = None) -> RegistrationResult:
+        """:func:`register_pair` with ``config`` (default :meth:`default_config`) configured."""
+        return register_pair(fixed, moving, self.configure(config or self.default_config()), spacing=spacing, device=device)
+
+
+LEARNED, LEARNED_REFINE = LearnedSolver("learned", False), LearnedSolver("learned+refine", True)
+"""The entry points ``learned`` and ``learned+refine`` of the ``hybridreg.solvers`` group."""
 

@@ -8,19 +8,21 @@ flips of both images, a random smooth diffeomorphic deformation of each subject,
 gamma of each image's intensities), take one AdamW step; the learning rate follows a
 polynomial decay ``lr · (1 − step/steps)^power``. Every ``epoch_steps`` steps the network
 registers the validation pairs and their Dice is logged; the best network (by validation
-Dice) and the final one are written as weight files (:func:`save_weights`) that
-``hybridreg register --solver learned`` reads.
+Dice) and the final one are written as weight files (:func:`learned.weights.save_weights`)
+that ``hybridreg register --solver learned`` reads.
 
 Outputs in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per step: learning rate and
 every energy term), ``validation.csv`` and ``history.json`` (one row per epoch: mean
 training loss, validation Dice), ``training.png`` (loss and validation Dice),
 ``checkpoint_<step>.pt`` (the newest ``keep_checkpoints``), ``model_best.pt``,
 ``model_final.pt``. Checkpoints, weights, figures, YAML and JSON are written atomically;
-the CSV logs grow by one row at a time and are cut back to the checkpoint on resume.
+the CSV logs grow by appending (``log.csv`` every ``log_every`` steps, one row per step)
+and are cut back to the checkpoint on resume.
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, step, config, the best
-validation score and every random state the loop uses (each process's ``torch.Generator``
-for sampling and augmentation and torch's CPU state). On CPU with fixed seeds a run
+validation score and each process's ``torch.Generator``, the loop's only source of
+randomness (the initial weights come from ``seed`` under a forked global RNG, so
+:func:`train` leaves torch's global RNG as it found it). On CPU with fixed seeds a run
 interrupted at a checkpoint and resumed ends with the same weights as an uninterrupted one
 (tested, also the log files).
 
@@ -45,18 +47,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hybridreg.config import atomic_output, atomic_write_text, dump_yaml, to_dict
+from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, to_dict
 from hybridreg.data.sources import RegistrationDataset, Volume
-from hybridreg.metrics import common_labels, dice
+from hybridreg.metrics import common_labels, score_dice
 from hybridreg.objective import ObjectiveConfig
+from hybridreg.solvers import DivergenceError
 from hybridreg.spatial import resize_image, scaling_and_squaring, warp
 
 from .loss import network_energy
 from .network import NetOutput, NetworkConfig, RegistrationNetwork
+from .weights import load_weights, predict, save_weights
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint", "save_weights", "load_weights", "predict", "WEIGHTS_FORMAT"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure", "random_deformation"]
 
-WEIGHTS_FORMAT = "hybridreg-learned-v1"
 LOG_COLUMNS = ["step", "lr", "total", "similarity", "regularization", "hyperprior", "lambda_smoothness"]
 VAL_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "seconds"]
 
@@ -66,12 +69,12 @@ class TrainConfig:
     """Training settings (``hybridreg train --config`` reads this from YAML).
 
     Attributes:
-        network, objective: the architecture and the energy (the instance solver's
-            defaults: ``w_reg`` 4, 5 squarings, so both solvers minimise one energy).
+        network, objective: the architecture and the energy (default: the objective's
+            defaults, which are the instance solver's: both solvers minimise one energy).
         steps: optimizer steps in total; epoch_steps: steps between validations.
         lr, weight_decay: AdamW; poly_power: exponent of the polynomial decay.
         checkpoint_every: steps between checkpoints; keep_checkpoints: how many are kept.
-        seed: seeds the sampling generator (plus the rank) and torch.
+        seed: seeds the sampling generator (plus the rank) and the initial weights.
         pairing: ``"atlas"`` (fixed = the atlas), ``"subject"`` (two different subjects,
             the atlas included) or ``"mixed"`` (atlas pairs with probability
             ``atlas_fraction``, else subject pairs).
@@ -87,6 +90,8 @@ class TrainConfig:
         lambda_init: the warm-up λ (0.5 = the instance solver's start).
         lambda_lr_factor: learning rate of the λ head relative to the rest (the instance
             solver also moves λ 10× slower than the velocity: ``lr_lambda`` 0.05 vs ``lr`` 0.5).
+        log_every: steps between reads of the loss terms (one device sync) and writes to
+            ``log.csv`` (one row per step; also before validation, checkpoints and the end).
 
     Why the warm-up: the beta hyperprior pulls λ towards 1 with strength ``a`` while the
     regularizer pulls it down only where the strain is large. A network starting from the
@@ -97,43 +102,34 @@ class TrainConfig:
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(w_reg=4.0, svf_steps=5))
-    steps: int = 1000
-    epoch_steps: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    poly_power: float = 0.9
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    steps: int = bounded(1000, 1, 10_000_000)
+    epoch_steps: int = bounded(100, 1, 1_000_000)
+    lr: float = bounded(1e-4, 1e-8, 1.0)
+    weight_decay: float = bounded(1e-5, 0.0, 1.0)
+    poly_power: float = bounded(0.9, 0.0, 10.0)
+    checkpoint_every: int = bounded(100, 1, 10_000_000)
+    keep_checkpoints: int = bounded(2, 1, 100)
+    seed: int = bounded(0, 0, 2**31 - 1)
     pairing: Literal["atlas", "subject", "mixed"] = "atlas"
-    atlas_fraction: float = 0.5
-    flip_prob: float = 0.5
-    deform_prob: float = 0.0
-    deform_std_mm: float = 4.0
-    deform_control: int = 5
-    gamma_std: float = 0.0
-    lambda_warmup_steps: int = 0
-    lambda_init: float = 0.5
-    lambda_lr_factor: float = 1.0
+    atlas_fraction: float = bounded(0.5, 0.0, 1.0)
+    flip_prob: float = bounded(0.5, 0.0, 1.0)
+    deform_prob: float = bounded(0.0, 0.0, 1.0)
+    deform_std_mm: float = bounded(4.0, 0.0, 50.0)
+    deform_control: int = bounded(5, 1, 64)
+    gamma_std: float = bounded(0.0, 0.0, 2.0)
+    lambda_warmup_steps: int = bounded(0, 0, 10_000_000)
+    lambda_init: float = bounded(0.5, 1e-6, 1.0)
+    lambda_lr_factor: float = bounded(1.0, 1e-6, 1e3)
+    log_every: int = bounded(10, 1, 10_000)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "epoch_steps", "checkpoint_every", "keep_checkpoints", "deform_control"):
+        for name in ("steps", "epoch_steps", "checkpoint_every", "keep_checkpoints", "deform_control", "log_every", "seed",
+                     "lambda_warmup_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig: `{name}` must be an int >= 1, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: `lr` must be > 0, got {self.lr!r}")
-        for name in ("flip_prob", "deform_prob", "atlas_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"TrainConfig: `{name}` must be in [0, 1], got {getattr(self, name)!r}")
-        if not 0 < self.lambda_init <= 1 or not self.lambda_lr_factor > 0:
-            raise ValueError("TrainConfig: `lambda_init` must be in (0, 1] and `lambda_lr_factor` > 0")
-        if not isinstance(self.lambda_warmup_steps, int) or self.lambda_warmup_steps < 0:
-            raise ValueError(f"TrainConfig: `lambda_warmup_steps` must be an int >= 0, got {self.lambda_warmup_steps!r}")
-        for name in ("deform_std_mm", "gamma_std", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"TrainConfig: `{name}` must be >= 0, got {getattr(self, name)!r}")
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"TrainConfig: `{name}` must be an int, got {v!r}")
+        check_bounds(self)
         if self.network.lambda_mode == "uniform" and self.lambda_warmup_steps:
             raise ValueError("TrainConfig: `lambda_warmup_steps` must be 0 with network.lambda_mode 'uniform' (there is no λ head"
                              " to warm up; λ is network.lambda_uniform throughout)")
@@ -190,54 +186,6 @@ def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: t
     return fixed, moving
 
 
-# ----------------------------------------------------------------------------- weights
-
-def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: ObjectiveConfig,
-                 spacing: Sequence[float], info: dict | None = None) -> None:
-    """Write a weight file (atomically): the state dict in float32 plus everything inference
-    needs (network config, the energy's config, the training voxel size in mm)."""
-    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in net.state_dict().items()}
-    payload = {"format": WEIGHTS_FORMAT, "network": to_dict(net.config), "objective": to_dict(objective),
-               "spacing": [float(s) for s in spacing], "info": info or {}, "state_dict": state}
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_weights(path: str | os.PathLike, device: torch.device | str | None = None):
-    """Read a weight file written by :func:`save_weights`.
-
-    Returns:
-        ``(network in eval mode, ObjectiveConfig, training spacing, info dict)``.
-
-    Raises:
-        FileNotFoundError: missing file. ValueError: not a hybridreg weight file.
-    """
-    from hybridreg.config import from_dict
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`--weights`: file not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises many types for corrupt files
-        raise ValueError(f"`--weights`: cannot read {p} as a hybridreg weight file: {type(e).__name__}: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"`--weights`: {p} is not a {WEIGHTS_FORMAT} weight file")
-    net = RegistrationNetwork(from_dict(NetworkConfig, payload["network"], where="weights network"))
-    net.load_state_dict(payload["state_dict"])
-    net.eval().to(device or "cpu")
-    return net, from_dict(ObjectiveConfig, payload["objective"], where="weights objective"), tuple(payload["spacing"]), payload["info"]
-
-
-def predict(net: RegistrationNetwork, fixed: torch.Tensor, moving: torch.Tensor, objective: ObjectiveConfig,
-            spacing: Sequence[float]):
-    """Network output and its :class:`hybridreg.objective.Evaluation` (displacement on the
-    image grid, warped image, energy terms), without gradients."""
-    with torch.no_grad():
-        out = net(fixed, moving)
-        return out, network_energy(out, fixed, moving, objective, spacing)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -252,32 +200,30 @@ def _tensor(v: Volume, dev) -> torch.Tensor:
 
 def validation_dice(net: RegistrationNetwork, data: RegistrationDataset, objective: ObjectiveConfig,
                     device: torch.device | str = "cpu") -> float:
-    """Mean over :meth:`RegistrationDataset.validation_pairs` of the mean Dice over the labels
-    the pair shares (moving labels warped by nearest neighbour); NaN without pairs."""
+    """Mean over :meth:`RegistrationDataset.validation_pairs` of their mean Dice over the labels
+    each pair shares (:func:`hybridreg.metrics.score_dice`, policy ``"all"``; moving labels
+    warped by nearest neighbour); NaN without pairs."""
     scores = []
     for f, m in data.validation_pairs():
         _, ev = predict(net, _tensor(f, device), _tensor(m, device), objective, data.spacing)
         wl = warp(torch.from_numpy(m.labels)[None, None].to(device), ev.displacement, mode="nearest")[0, 0].cpu().numpy()
-        labs = common_labels(f.labels, m.labels)
-        if labs:
-            scores.append(float(np.nanmean(list(dice(f.labels, wl, labs).values()))))
+        if common_labels(f.labels, m.labels):  # a pair sharing no label is not scored
+            scores.append(score_dice(f.labels, wl, m.labels, policy="all")["mean"])
     return float(np.mean(scores)) if scores else float("nan")
 
 
 def training_figure(run_dir: str | os.PathLike) -> Path:
     """Plot ``log.csv`` (total loss, moving average) and ``validation.csv`` (Dice) into
     ``training.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     run = Path(run_dir)
     with open(run / "log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     with open(run / "validation.csv", newline="") as fh:
         val = list(csv.DictReader(fh))
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax = fig.subplots(1, 2)
     if rows:
         steps = np.array([int(r["step"]) for r in rows])
         loss = np.array([float(r["total"]) for r in rows])
@@ -293,13 +239,12 @@ def training_figure(run_dir: str | os.PathLike) -> Path:
     out = run / "training.png"
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     return out
 
 
-def _append_row(path: Path, row: Sequence) -> None:
+def _append_rows(path: Path, rows: Sequence[Sequence]) -> None:
     with open(path, "a", newline="") as fh:
-        csv.writer(fh).writerow(row)
+        csv.writer(fh).writerows(rows)
 
 
 def _truncate_csv(path: Path, step: int, key: str) -> None:
@@ -320,17 +265,9 @@ def _dist_info() -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(
-    cfg: TrainConfig,
-    data: RegistrationDataset,
-    run_dir: str | os.PathLike,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    init_weights: str | os.PathLike | None = None,
-) -> RegistrationNetwork:
+def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLike, *, resume: bool = False,
+          stop_after: int | None = None, device: torch.device | str | None = None, progress: bool = True,
+          init_weights: str | os.PathLike | None = None) -> RegistrationNetwork:
     """Train a network on ``data`` (labels are never used in the loss).
 
     Args:
@@ -358,6 +295,9 @@ def train(
     d = len(data.shape)
     if cfg.network.ndim != d:
         raise ValueError(f"train(): `network.ndim` is {cfg.network.ndim} but the data are {d}D")
+    if not data.validation_pairs():
+        raise ValueError(f"train(): data source {data.name} has no validation pair (labelled validation subjects: an atlas"
+                         " and one, or two without an atlas), so validation Dice and model_best.pt cannot be computed")
     if cfg.pairing == "atlas" and data.atlas is None:
         raise ValueError("train(): pairing='atlas' needs a data source with an atlas")
     if cfg.pairing != "atlas" and len(data.train) + (data.atlas is not None) < 2:
@@ -376,10 +316,11 @@ def train(
         if not resume and (run / "log.csv").exists():
             raise ValueError(f"train(): {run} already holds a run; pass resume=True (`--resume`) or choose a new `--out`")
 
-    torch.manual_seed(cfg.seed)
-    net = RegistrationNetwork(cfg.network).to(dev)
-    if init_weights is not None and not resume:
-        init_net = load_weights(init_weights)[0]
+    with torch.random.fork_rng(devices=[]):  # the seed sets the initial weights; torch's global RNG is left as it was
+        torch.manual_seed(cfg.seed)
+        net = RegistrationNetwork(cfg.network).to(dev)
+        init_net = load_weights(init_weights)[0] if init_weights is not None and not resume else None
+    if init_net is not None:
         # Weights of the same network without the full-resolution stage may start one with it
         # (the stage's residual starts near zero): every other parameter must match.
         grown = replace(init_net.config, full_resolution_channels=cfg.network.full_resolution_channels)
@@ -405,7 +346,6 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generators"][rank])
-        torch.set_rng_state(state["torch_rng"][rank])
         start, best, epoch_losses = state["step"], state["best_val_dice"], list(state["epoch_losses"])
         if rank == 0:
             _truncate_csv(run / "log.csv", start, "step")
@@ -425,6 +365,7 @@ def train(
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     t_epoch = time.perf_counter()
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, terms) not yet read from the device
     net.train()
     for step in bar:
         fixed, moving = _sample_pair(data, images, atlas, cfg, gen)
@@ -436,36 +377,42 @@ def train(
         terms.total.backward()
         opt.step()
         sched.step()
-        vals = [float(t.detach()) for t in terms]
-        epoch_losses.append(vals[0])
-        if rank == 0:
-            _append_row(run / "log.csv", [step + 1, sched.get_last_lr()[0], *vals])
-            bar.set_postfix(loss=f"{vals[0]:.4f}", refresh=False)
         done = step + 1
-        if done % cfg.epoch_steps == 0 or done == cfg.steps:
+        pending.append((done, sched.get_last_lr()[0], torch.stack([t.detach() for t in terms])))
+        validate = done % cfg.epoch_steps == 0 or done == cfg.steps
+        checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or validate or checkpoint or done == end:  # one device sync per flush
+            rows = [[s, lr, *v] for (s, lr, _), v in zip(pending, torch.stack([t for *_, t in pending]).tolist())]
+            pending = []
+            epoch_losses += [r[2] for r in rows]
             if rank == 0:
-                net.eval()
-                vd = validation_dice(net, data, cfg.objective, dev)
+                _append_rows(run / "log.csv", rows)
+                bar.set_postfix(loss=f"{rows[-1][2]:.4f}", refresh=False)
+            bad = next((r[0] for r in rows if not np.isfinite(r[2:]).all()), None)
+            if bad is not None:  # the weights are NaN from here on: stop, keep the last good checkpoint
+                raise DivergenceError(f"training diverged: the energy stopped being finite at step {bad}; lower `lr` in"
+                                      " --config (the last checkpoint and model_best.pt are kept)")
+        if validate:
+            if rank == 0:
+                vd = validation_dice(net.eval(), data, cfg.objective, dev)
                 net.train()
-                _append_row(run / "validation.csv", [-(-done // cfg.epoch_steps), done, float(np.mean(epoch_losses)), vd,
-                                                     time.perf_counter() - t_epoch])
+                _append_rows(run / "validation.csv", [[-(-done // cfg.epoch_steps), done, float(np.mean(epoch_losses)), vd,
+                                                       time.perf_counter() - t_epoch]])
                 if np.isfinite(vd) and vd > best:
                     best = vd
                     save_weights(run / "model_best.pt", net, cfg.objective, data.spacing, {**info, "step": done, "val_dice": vd})
                 training_figure(run)
                 bar.write(f"step {done}: train loss {np.mean(epoch_losses):.4f}  validation Dice {vd:.4f}")
             epoch_losses, t_epoch = [], time.perf_counter()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if checkpoint:
             gens = [gen.get_state()]
-            rngs = [torch.get_rng_state()]
             if world > 1:
-                gens, rngs = [None] * world, [None] * world
+                gens = [None] * world
                 dist.all_gather_object(gens, gen.get_state())
-                dist.all_gather_object(rngs, torch.get_rng_state())
             if rank == 0:
                 with atomic_output(run / f"checkpoint_{done}.pt") as tmp:
                     torch.save({"step": done, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "generators": gens, "torch_rng": rngs,
+                                "scheduler": sched.state_dict(), "generators": gens,
                                 "world_size": world, "best_val_dice": best, "epoch_losses": epoch_losses, "config": to_dict(cfg)}, tmp)
                 for old in sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg.keep_checkpoints]:
                     old.unlink(missing_ok=True)

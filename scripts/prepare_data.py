@@ -44,11 +44,15 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 
 import numpy as np
 import scipy.ndimage as ndi
 import SimpleITK as sitk
+
+from hybridreg.metrics import common_labels, dice
 
 # ----------------------------------------------------------------------------- constants
 
@@ -118,16 +122,14 @@ REG = {
 }
 DOWNSAMPLE_SIGMA_MM = 0.75
 BUDGET_BYTES_DEFAULT = 28_000_000
+# Prose of the bundled README.md; write_readme fills its ``$name`` placeholders.
+README_TEMPLATE = Path(__file__).resolve().parent / "bundled_data_README.md.in"
 
 
 # ----------------------------------------------------------------------------- helpers
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def grid_origin(size, spacing):
@@ -145,6 +147,9 @@ def reference_image(size, spacing) -> sitk.Image:
     return ref
 
 
+REF_1MM, REF_2MM = reference_image(GRID_SIZE_1MM, 1.0), reference_image(GRID_SIZE_2MM, 2.0)
+
+
 def to_image(arr_zyx: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr_zyx)
     img.CopyInformation(ref)
@@ -155,27 +160,13 @@ def write(arr_zyx, ref, path: Path):
     sitk.WriteImage(to_image(arr_zyx, ref), str(path), useCompression=True, compressionLevel=9)
 
 
-def dice_per_label(a, b, labels):
-    out = {}
-    for l in labels:
-        ma, mb = a == l, b == l
-        s = int(ma.sum()) + int(mb.sum())
-        out[int(l)] = float(2.0 * np.logical_and(ma, mb).sum() / s) if s else float("nan")
-    return out
-
-
 def read_synthseg_names(table: Path) -> dict[int, str]:
-    names = {}
-    started = False
-    for line in table.read_text().splitlines():
-        if line.strip().startswith("labels") and "structures" in line:
-            started = True
-            continue
-        if started and line.strip():
-            parts = line.split(None, 1)
-            if parts[0].isdigit() and len(parts) == 2:
-                names[int(parts[0])] = parts[1].strip()
-    return names
+    """``{label: name}`` from the lines after the header of SynthSeg's ``labels table.txt``."""
+    lines = table.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip().startswith("labels")
+                 and "structures" in l)
+    parts = [l.split(None, 1) for l in lines[start + 1:] if l.strip()]
+    return {int(p[0]): p[1].strip() for p in parts if p[0].isdigit() and len(p) == 2}
 
 
 def to_uint8(img01: np.ndarray) -> np.ndarray:
@@ -217,9 +208,7 @@ def clean_synthseg_labels(a: np.ndarray, kept: set[int]) -> tuple[np.ndarray, di
                                                       return_counts=True))}
     if fill.any():
         idx = np.argwhere(brain)
-        lo = idx.min(0)
-        hi = idx.max(0) + 1
-        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
+        sl = tuple(slice(l, h) for l, h in zip(idx.min(0), idx.max(0) + 1))
         _, ind = ndi.distance_transform_edt(~core[sl], return_indices=True)
         sub = out[sl]  # a view: edits write through to ``out``
         nearest = sub[tuple(ind)]
@@ -235,10 +224,7 @@ def label_stats(t1: np.ndarray, seg: np.ndarray) -> dict[int, dict]:
     (label eroded by one voxel, 6-connectivity), which excludes most partial-volume voxels.
     Labels whose interior has < 100 voxels use the whole-label values as "interior"."""
     stats = {}
-    for l in np.unique(seg):
-        l = int(l)
-        if l == 0:
-            continue
+    for l in [int(v) for v in np.unique(seg) if v != 0]:
         m = seg == l
         v = t1[m]
         inner = ndi.binary_erosion(m)
@@ -251,8 +237,7 @@ def label_stats(t1: np.ndarray, seg: np.ndarray) -> dict[int, dict]:
 
 def lut(stats, key):
     table = np.zeros(256, dtype=np.float32)
-    for l, s in stats.items():
-        table[l] = s[key]
+    table[list(stats)] = [s[key] for s in stats.values()]
     return table
 
 
@@ -322,8 +307,7 @@ def affine_params(tx: sitk.Transform) -> dict:
     a = sitk.AffineTransform(tx)
     m = np.array(a.GetMatrix()).reshape(3, 3)
     c = np.array(a.GetCenter())
-    t = np.array(a.GetTranslation())
-    offset = t + c - m @ c
+    offset = np.array(a.GetTranslation()) + c - m @ c
     return {"matrix_row_major": [round(float(v), 6) for v in m.ravel()],
             "offset_mm": [round(float(v), 4) for v in offset],
             "maps": "fixed (common-grid, ITK LPS mm) -> moving (SynthSeg file, ITK LPS mm)"}
@@ -336,10 +320,9 @@ def majority_2x(labels: np.ndarray) -> np.ndarray:
     label; background (0) only wins if it has strictly more votes than every other label."""
     z, y, x = (s // 2 for s in labels.shape)
     blocks = labels[: 2 * z, : 2 * y, : 2 * x].reshape(z, 2, y, 2, x, 2)
-    cands = [int(l) for l in np.unique(labels) if l != 0] + [0]
     best = np.zeros((z, y, x), dtype=labels.dtype)
     best_count = np.full((z, y, x), -1, dtype=np.int8)
-    for l in cands:
+    for l in [int(l) for l in np.unique(labels) if l != 0] + [0]:
         c = (blocks == l).sum(axis=(1, 3, 5), dtype=np.int8)
         upd = c > best_count
         best[upd] = l
@@ -347,149 +330,138 @@ def majority_2x(labels: np.ndarray) -> np.ndarray:
     return best
 
 
-def downsample_image(img_u8: np.ndarray, labels2: np.ndarray, ref1, ref2) -> np.ndarray:
-    im = to_image(img_u8.astype(np.float32) / 255.0, ref1)
+def downsample_image(img_u8: np.ndarray, labels2: np.ndarray) -> np.ndarray:
+    im = to_image(img_u8.astype(np.float32) / 255.0, REF_1MM)
     im = sitk.SmoothingRecursiveGaussian(im, DOWNSAMPLE_SIGMA_MM)
-    im2 = sitk.Resample(im, ref2, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    im2 = sitk.Resample(im, REF_2MM, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     a = sitk.GetArrayFromImage(im2)
     a[labels2 == 0] = 0.0
     return to_uint8(a)
 
 
-# ----------------------------------------------------------------------------- main
+def downsample_subject(img01: np.ndarray, labels: np.ndarray) -> dict:
+    """Step 3: a subject's four files ``{key: (uint8 array, grid)}``: T1 and aseg at 1 mm and
+    at 2 mm (labels by :func:`majority_2x`, the image by :func:`downsample_image`)."""
+    img_u8, labels_u8 = to_uint8(img01), labels.astype(np.uint8)
+    assert np.array_equal(labels_u8.astype(np.int32), labels)
+    labels2 = majority_2x(labels_u8)
+    return {"t1_1mm": (img_u8, REF_1MM), "aseg_1mm": (labels_u8, REF_1MM),
+            "t1_2mm": (downsample_image(img_u8, labels2), REF_2MM), "aseg_2mm": (labels2, REF_2MM)}
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shared", type=Path, default=Path("../shared/data"))
-    p.add_argument("--out", type=Path, default=Path("hybridreg/data/bundled"))
-    p.add_argument("--budget-bytes", type=int, default=BUDGET_BYTES_DEFAULT)
-    p.add_argument("--only", default=None,
-                   help="debug: comma-separated SynthSeg indices to process (e.g. 1,16); "
-                        "the JSON/README are then incomplete")
-    args = p.parse_args(argv)
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(REG["threads"])
-    t_start = time.time()
-    shared: Path = args.shared
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.nii.gz"):
-        old.unlink()
+# ----------------------------------------------------------------------------- steps
 
-    vxm_dir = shared / "voxelmorph-test-scan"
-    ss_dir = shared / "synthseg-label-maps"
-    npz_path = vxm_dir / "test_scan.npz"
+@dataclass
+class Inputs:
+    """What :func:`read_inputs` returns; ``vol`` (in [0, 1]) and ``seg``: the real subject."""
+    vxm_dir: Path
+    ss_dir: Path
+    checksums: dict[str, str]
+    eval_labels: list[int]
+    vol: np.ndarray
+    seg: np.ndarray
+    stats: dict[int, dict]
+    fixed: sitk.Image
+    fixed_mask: sitk.Image
+
+
+def read_inputs(shared: Path) -> Inputs:
+    """Step 1: checksum the inputs, check the evaluation labels, put the real T1 and aseg on
+    the common grid (intensities 0 where aseg == 0) and measure its label statistics."""
+    vxm_dir, ss_dir = shared / "voxelmorph-test-scan", shared / "synthseg-label-maps"
     eval_labels = [int(v) for v in np.load(vxm_dir / "labels.npz")["labels"]]
     assert eval_labels == EXPECTED_EVAL_LABELS, eval_labels
-    ss_names = read_synthseg_names(ss_dir / "labels table.txt")
-
-    inputs = {str(p_.relative_to(shared)): sha256(p_) for p_ in
-              [npz_path, vxm_dir / "labels.npz", vxm_dir / "LICENSE.md",
-               ss_dir / "labels table.txt", ss_dir / "LICENSE.txt"]
-              + [ss_dir / f"training_seg_{i:02d}.nii.gz" for i in range(1, 21)]}
-
-    ref1 = reference_image(GRID_SIZE_1MM, 1.0)
-    ref2 = reference_image(GRID_SIZE_2MM, 2.0)
-
-    # ---- real subject
-    d = np.load(npz_path)
-    vol = d["vol"].transpose(2, 1, 0)  # numpy (x,y,z) -> ITK array order (z,y,x)
-    seg = np.rint(d["seg"]).astype(np.int32).transpose(2, 1, 0)
-    seg = np.ascontiguousarray(seg)
-    vol = np.ascontiguousarray(np.where(seg > 0, vol, 0.0).astype(np.float32))
+    checksums = {str(p.relative_to(shared)): sha256(p) for p in
+                 [vxm_dir / "test_scan.npz", vxm_dir / "labels.npz", vxm_dir / "LICENSE.md",
+                  ss_dir / "labels table.txt", ss_dir / "LICENSE.txt"]
+                 + [ss_dir / f"training_seg_{i:02d}.nii.gz" for i in range(1, 21)]}
+    d = np.load(vxm_dir / "test_scan.npz")  # numpy (x,y,z) -> ITK array order (z,y,x)
+    seg = np.ascontiguousarray(np.rint(d["seg"]).astype(np.int32).transpose(2, 1, 0))
+    vol = np.ascontiguousarray(np.where(seg > 0, d["vol"].transpose(2, 1, 0), 0.0), np.float32)
     stats = label_stats(vol, seg)
-    kept = set(stats)
-    for l in kept:
-        assert l in FS_NAMES, l
+    assert all(l in FS_NAMES for l in stats), sorted(stats)
+    mask = to_image(ndi.binary_dilation(seg > 0, iterations=5).astype(np.uint8), REF_1MM)
+    return Inputs(vxm_dir, ss_dir, checksums, eval_labels, vol, seg, stats,
+                  to_image(vol, REF_1MM), mask)
 
-    fixed = to_image(vol, ref1)
-    fixed_mask = to_image(ndi.binary_dilation(seg > 0, iterations=5).astype(np.uint8), ref1)
 
-    subjects = []
-    all_labels_seen: set[int] = {0}
+def synthetic_subject(src: Inputs, i: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Step 2 for SynthSeg map ``i``: clean its labels, align it to the real T1, resample it
+    onto the 1 mm grid and synthesize its T1.  Returns (image in [0, 1], int32 labels,
+    subjects.json fields: seed, alignment, label cleaning, synthesis)."""
+    seed = SYNTH["seed_base"] + i
+    ss_img = sitk.ReadImage(str(src.ss_dir / f"training_seg_{i:02d}.nii.gz"))
+    a = np.rint(sitk.GetArrayFromImage(ss_img)).astype(np.int32)
+    a_clean, clean_stats = clean_synthseg_labels(a, set(src.stats))
+    quick = ndi.gaussian_filter(lut(src.stats, "mean")[a_clean], 1.0)
+    tx, reg_info = align(src.fixed, src.fixed_mask, to_image(quick.astype(np.float32), ss_img),
+                         seed)
+    lab_rs = sitk.Resample(to_image(a_clean.astype(np.uint8), ss_img), REF_1MM, tx,
+                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    labels = sitk.GetArrayFromImage(lab_rs).astype(np.int32)
+    img, syn_info = synthesize(labels, src.stats, seed)
+    reg_info["affine"] = affine_params(tx)
+    return img, labels, {"seed": seed, "alignment": reg_info, "label_cleaning": clean_stats,
+                         "synthesis": {"bias_amplitude": round(syn_info["bias_amplitude"], 4)}}
 
-    def save_subject(sid, kind, split, source, img01, labels, extra):
-        img_u8 = to_uint8(img01)
-        labels_u8 = labels.astype(np.uint8)
-        assert np.array_equal(labels_u8.astype(np.int32), labels)
-        labels2 = majority_2x(labels_u8)
-        img2 = downsample_image(img_u8, labels2, ref1, ref2)
-        files = {
-            "t1_1mm": (img_u8, ref1), "aseg_1mm": (labels_u8, ref1),
-            "t1_2mm": (img2, ref2), "aseg_2mm": (labels2, ref2),
-        }
-        entry = {"id": sid, "kind": kind, "split": split, "source": source, "files": {}}
-        for key, (arr, ref) in files.items():
-            fn = f"{sid}_{key}.nii.gz"
-            write(arr, ref, out / fn)
-            entry["files"][key] = {"path": fn}
-        entry["labels_present_1mm"] = [int(v) for v in np.unique(labels_u8)]
-        entry["labels_present_2mm"] = [int(v) for v in np.unique(labels2)]
-        all_labels_seen.update(entry["labels_present_1mm"])
-        entry["missing_evaluation_labels"] = sorted(
-            set(eval_labels) - set(entry["labels_present_2mm"]))
-        dice = dice_per_label(labels, seg, eval_labels)
-        dice30 = float(np.mean([0.0 if np.isnan(v) else v for v in dice.values()]))
-        both = [l for l in eval_labels if (labels == l).any() and (seg == l).any()]
-        entry["dice_to_vxm_1mm"] = {
-            "mean_over_30": round(dice30, 4),
-            "mean_over_labels_present_in_both": round(float(np.mean([dice[l] for l in both])), 4),
+
+def save_subject(src: Inputs, out: Path, sid, kind, split, source, img01, labels, extra):
+    """Steps 3-4 for one subject: downsample, write its four NIfTI files, and return its
+    subjects.json entry (files, labels present, Dice to the real aseg at 1 mm, ``extra``)."""
+    entry = {"id": sid, "kind": kind, "split": split,
+             "source": {"file": source, "sha256": src.checksums[source]}, "files": {}}
+    files = downsample_subject(img01, labels)
+    for key, (arr, ref) in files.items():
+        entry["files"][key] = {"path": f"{sid}_{key}.nii.gz"}
+        write(arr, ref, out / entry["files"][key]["path"])
+    entry["labels_present_1mm"] = [int(v) for v in np.unique(files["aseg_1mm"][0])]
+    entry["labels_present_2mm"] = present2 = [int(v) for v in np.unique(files["aseg_2mm"][0])]
+    entry["missing_evaluation_labels"] = sorted(set(src.eval_labels) - set(present2))
+    entry["dice_to_vxm_1mm"] = dice_to_vxm(labels, src)
+    return {**entry, **extra}
+
+
+def dice_to_vxm(labels: np.ndarray, src: Inputs) -> dict:
+    """"Before registration" Dice of a 1 mm label map to the real aseg over the evaluation
+    labels: mean (absent labels count as 0), mean over the labels present in both, per label."""
+    per_label = dice(labels, src.seg, src.eval_labels)  # NaN where absent from both
+    common = common_labels(labels, src.seg)
+    both = [per_label[l] for l in src.eval_labels if l in common]
+    return {"mean_over_30": round(float(np.mean(np.nan_to_num(list(per_label.values())))), 4),
+            "mean_over_labels_present_in_both": round(float(np.mean(both)), 4),
             "n_labels_present_in_both": len(both),
-            "per_label": {str(k): round(v, 4) for k, v in dice.items()},
-        }
-        entry.update(extra)
-        subjects.append(entry)
-        return entry
+            "per_label": {str(k): round(v, 4) for k, v in per_label.items()}}
 
+
+def process_subjects(src: Inputs, out: Path, indices) -> list[dict]:
+    """Steps 2-4 for every subject: the real ``vxm``, then SynthSeg maps ``indices``."""
     print("[vxm] real subject", flush=True)
-    save_subject("vxm", "real", "atlas",
-                 {"file": "voxelmorph-test-scan/test_scan.npz", "sha256": inputs[
-                     "voxelmorph-test-scan/test_scan.npz"]},
-                 vol, seg, {"seed": None, "alignment": None,
-                            "notes": "real T1 (voxelmorph test scan); intensities outside "
-                                     "aseg > 0 set to 0"})
-
-    # ---- synthetic subjects
-    indices = range(1, 21) if args.only is None else [int(v) for v in args.only.split(",")]
-    mean_lut = lut(stats, "mean")
+    notes = "real T1 (voxelmorph test scan); intensities outside aseg > 0 set to 0"
+    subjects = [save_subject(src, out, "vxm", "real", "atlas", "voxelmorph-test-scan/test_scan.npz",
+                             src.vol, src.seg, {"seed": None, "alignment": None, "notes": notes})]
     for i in indices:
-        t0 = time.time()
-        sid = f"synthseg_{i:02d}"
+        t0, sid = time.time(), f"synthseg_{i:02d}"
         split = next(k for k, v in SPLITS.items() if sid in v)
-        seed = SYNTH["seed_base"] + i
-        src = ss_dir / f"training_seg_{i:02d}.nii.gz"
-        ss_img = sitk.ReadImage(str(src))
-        a = np.rint(sitk.GetArrayFromImage(ss_img)).astype(np.int32)
-        a_clean, clean_stats = clean_synthseg_labels(a, kept)
-        quick = ndi.gaussian_filter(mean_lut[a_clean], 1.0)
-        moving = sitk.GetImageFromArray(quick.astype(np.float32))
-        moving.CopyInformation(ss_img)
-        tx, reg_info = align(fixed, fixed_mask, moving, seed)
-        lab_img = sitk.GetImageFromArray(a_clean.astype(np.uint8))
-        lab_img.CopyInformation(ss_img)
-        lab_rs = sitk.Resample(lab_img, ref1, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        labels = sitk.GetArrayFromImage(lab_rs).astype(np.int32)
-        img, syn_info = synthesize(labels, stats, seed)
-        reg_info["affine"] = affine_params(tx)
-        entry = save_subject(
-            sid, "synthetic", split,
-            {"file": f"synthseg-label-maps/training_seg_{i:02d}.nii.gz",
-             "sha256": inputs[f"synthseg-label-maps/training_seg_{i:02d}.nii.gz"]},
-            img, labels,
-            {"seed": seed, "alignment": reg_info, "label_cleaning": clean_stats,
-             "synthesis": {"bias_amplitude": round(syn_info["bias_amplitude"], 4)}})
-        print(f"[{sid}] split={split} MS={reg_info['final_metric']:.4f} "
-              f"dice30={entry['dice_to_vxm_1mm']['mean_over_30']:.3f} "
-              f"dice_both={entry['dice_to_vxm_1mm']['mean_over_labels_present_in_both']:.3f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        source = f"synthseg-label-maps/training_seg_{i:02d}.nii.gz"
+        subjects.append(save_subject(src, out, sid, "synthetic", split, source,
+                                     *synthetic_subject(src, i)))
+        dd = subjects[-1]["dice_to_vxm_1mm"]
+        print(f"[{sid}] split={split} MS={subjects[-1]['alignment']['final_metric']:.4f} "
+              f"dice30={dd['mean_over_30']:.3f} dice_both="
+              f"{dd['mean_over_labels_present_in_both']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return subjects
 
-    # ---- size budget
-    def total_bytes():
-        return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
+def total_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+
+
+def apply_size_budget(subjects: list[dict], out: Path, budget: int) -> list[str]:
+    """Step 5: if the files (plus ~120 kB of JSON, README and licences, written later) exceed
+    ``budget``, delete the 1 mm T1 of the train/val subjects; then record every remaining
+    file's sha256 and size in ``subjects``.  Returns the ids whose 1 mm T1 was dropped."""
     dropped = []
-    slack = 120_000  # JSON + README + licences written below
-    if total_bytes() + slack > args.budget_bytes:
+    if total_bytes(out) + 120_000 > budget:
         for e in subjects:
             if e["split"] in ("train", "val"):
                 (out / e["files"]["t1_1mm"]["path"]).unlink()
@@ -497,29 +469,24 @@ def main(argv=None) -> int:
                 dropped.append(e["id"])
     for e in subjects:
         e["t1_1mm_bundled"] = e["files"]["t1_1mm"] is not None
-        for key, f in e["files"].items():
-            if f is not None:
-                path = out / f["path"]
-                f["sha256"] = sha256(path)
-                f["bytes"] = path.stat().st_size
+        for f in filter(None, e["files"].values()):  # None: a dropped file
+            f["sha256"] = sha256(out / f["path"])
+            f["bytes"] = (out / f["path"]).stat().st_size
+    return dropped
 
-    # ---- licences
-    lic = out / "licenses"
-    lic.mkdir(exist_ok=True)
-    shutil.copyfile(vxm_dir / "LICENSE.md", lic / "voxelmorph-LICENSE.md")
-    shutil.copyfile(ss_dir / "LICENSE.txt", lic / "SynthSeg-LICENSE.txt")
 
-    # ---- labels.json
-    labels_json = {
-        "evaluation_labels": eval_labels,
+def labels_metadata(src: Inputs, subjects: list[dict]) -> dict:
+    """labels.json: evaluation labels, label names, intensity statistics, synthesis parameters."""
+    seen = {0}.union(*(e["labels_present_1mm"] for e in subjects))
+    synthetic = [e for e in subjects if e["kind"] == "synthetic"]
+    ss_names = read_synthseg_names(src.ss_dir / "labels table.txt")
+    return {
+        "evaluation_labels": src.eval_labels,
         "evaluation_labels_source": "voxelmorph data/labels.npz",
-        "absent_in_all_synthetic_subjects": sorted(
-            set(eval_labels).intersection(*[set(e["missing_evaluation_labels"])
-                                            for e in subjects if e["kind"] == "synthetic"]))
-        if any(e["kind"] == "synthetic" for e in subjects) else [],
-        "names": {str(l): FS_NAMES[l] for l in sorted(all_labels_seen | set(eval_labels))},
-        "synthseg_names": {str(l): ss_names[l] for l in sorted(ss_names)
-                           if l in all_labels_seen},
+        "absent_in_all_synthetic_subjects": sorted(set(src.eval_labels).intersection(
+            *[set(e["missing_evaluation_labels"]) for e in synthetic])) if synthetic else [],
+        "names": {str(l): FS_NAMES[l] for l in sorted(seen | set(src.eval_labels))},
+        "synthseg_names": {str(l): ss_names[l] for l in sorted(ss_names) if l in seen},
         "intensity_stats": {
             "description": "per-label statistics of the real (vxm) skull-stripped T1 in [0, 1] "
                            "within its aseg, 1 mm. mean/std: whole label (mean used for the "
@@ -528,24 +495,22 @@ def main(argv=None) -> int:
                            "synthetic images",
             "labels": {str(l): {k: (round(v, 5) if isinstance(v, float) else v)
                                 for k, v in st.items()}
-                       for l, st in sorted(stats.items())},
+                       for l, st in sorted(src.stats.items())},
         },
         "synthesis_parameters": SYNTH,
     }
-    (out / "labels.json").write_text(json.dumps(labels_json, indent=1) + "\n")
 
-    subjects_json = {
+
+def subjects_metadata(subjects: list[dict], dropped: list[str]) -> dict:
+    """subjects.json: grids, splits, processing parameters and every subject's entry."""
+    grid = {f"{int(sp)}mm": {"sitk_size": list(size), "spacing_mm": sp,
+                             "direction": list(DIRECTION), "origin": list(grid_origin(size, sp)),
+                             "numpy_shape": list(size[::-1])}
+            for size, sp in ((GRID_SIZE_1MM, 1.0), (GRID_SIZE_2MM, 2.0))}
+    return {
         "format_version": 1,
-        "grid": {
-            "1mm": {"sitk_size": list(GRID_SIZE_1MM), "spacing_mm": 1.0,
-                    "direction": list(DIRECTION), "origin": list(grid_origin(GRID_SIZE_1MM, 1.0)),
-                    "numpy_shape": list(GRID_SIZE_1MM[::-1])},
-            "2mm": {"sitk_size": list(GRID_SIZE_2MM), "spacing_mm": 2.0,
-                    "direction": list(DIRECTION), "origin": list(grid_origin(GRID_SIZE_2MM, 2.0)),
-                    "numpy_shape": list(GRID_SIZE_2MM[::-1])},
-            "frame": "voxel axes LIA (x->Left, y->Inferior, z->Anterior); ITK LPS physical "
-                     "coordinates; grid centre at (0,0,0)",
-        },
+        "grid": {**grid, "frame": "voxel axes LIA (x->Left, y->Inferior, z->Anterior); ITK LPS "
+                                  "physical coordinates; grid centre at (0,0,0)"},
         "splits": {k: [s for s in v if any(e["id"] == s for e in subjects)]
                    for k, v in SPLITS.items()},
         "t1_1mm_dropped_for_size": dropped,
@@ -556,20 +521,30 @@ def main(argv=None) -> int:
         "alignment_parameters": REG,
         "subjects": subjects,
     }
+
+
+def write_provenance(src: Inputs, subjects: list[dict], dropped: list[str], out: Path) -> None:
+    """Step 6: the licence files, labels.json, subjects.json and README.md."""
+    (out / "licenses").mkdir(exist_ok=True)
+    shutil.copyfile(src.vxm_dir / "LICENSE.md", out / "licenses" / "voxelmorph-LICENSE.md")
+    shutil.copyfile(src.ss_dir / "LICENSE.txt", out / "licenses" / "SynthSeg-LICENSE.txt")
+    labels_json = labels_metadata(src, subjects)
+    (out / "labels.json").write_text(json.dumps(labels_json, indent=1) + "\n")
+    subjects_json = subjects_metadata(subjects, dropped)
     (out / "subjects.json").write_text(json.dumps(subjects_json, indent=1) + "\n")
+    write_readme(out, src.checksums, subjects, dropped, src.eval_labels, labels_json)
 
-    write_readme(out, inputs, subjects, dropped, eval_labels, labels_json)
 
-    # ---- report
-    total = total_bytes()
+def report(subjects: list[dict], dropped: list[str], out: Path, budget: int, t_start) -> int:
+    """Step 7: print a per-subject table and the total size; 1 (error) if over ``budget``."""
+    total = total_bytes(out)
     print("\n== report ==")
     print(f"{'subject':13s} {'split':6s} {'dice30':>7s} {'dice_both':>9s} {'MS':>8s}  "
           f"{'t1_1mm':>8s} {'aseg_1mm':>8s} {'t1_2mm':>8s} {'aseg_2mm':>8s}")
     for e in subjects:
         dd = e["dice_to_vxm_1mm"]
         mi = e["alignment"]["final_metric"] if e["alignment"] else float("nan")
-        sz = [e["files"][k]["bytes"] if e["files"][k] else 0
-              for k in ("t1_1mm", "aseg_1mm", "t1_2mm", "aseg_2mm")]
+        sz = [f["bytes"] if f else 0 for f in e["files"].values()]  # t1/aseg 1 mm, t1/aseg 2 mm
         print(f"{e['id']:13s} {e['split']:6s} {dd['mean_over_30']:7.3f} "
               f"{dd['mean_over_labels_present_in_both']:9.3f} {mi:8.4f}  "
               + " ".join(f"{s:8d}" for s in sz))
@@ -579,14 +554,42 @@ def main(argv=None) -> int:
               f"{np.mean([e['dice_to_vxm_1mm']['mean_over_30'] for e in syn]):.3f}")
     print(f"1 mm T1 dropped for size: {dropped or 'none'}")
     print(f"total bundled size: {total} bytes ({total / 1e6:.2f} MB; budget "
-          f"{args.budget_bytes / 1e6:.1f} MB) in {time.time() - t_start:.0f}s")
-    if total > args.budget_bytes:
+          f"{budget / 1e6:.1f} MB) in {time.time() - t_start:.0f}s")
+    if total > budget:
         print("ERROR: over the size budget", file=sys.stderr)
         return 1
     return 0
 
 
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    """Steps 1-7: read the inputs; build, downsample and write every subject; apply the size
+    budget; write licences, labels.json, subjects.json and README.md; report (1: over budget)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path("hybridreg/data/bundled"))
+    p.add_argument("--budget-bytes", type=int, default=BUDGET_BYTES_DEFAULT)
+    p.add_argument("--only", default=None, help="debug: comma-separated SynthSeg indices to "
+                   "process (e.g. 1,16); the JSON/README are then incomplete")
+    args = p.parse_args(argv)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(REG["threads"])
+    t_start = time.time()
+    src = read_inputs(args.shared)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*.nii.gz"):
+        old.unlink()
+    indices = range(1, 21) if args.only is None else [int(v) for v in args.only.split(",")]
+    subjects = process_subjects(src, args.out, indices)
+    dropped = apply_size_budget(subjects, args.out, args.budget_bytes)
+    write_provenance(src, subjects, dropped, args.out)
+    return report(subjects, dropped, args.out, args.budget_bytes, t_start)
+
+
 def write_readme(out: Path, inputs, subjects, dropped, eval_labels, labels_json):
+    """README.md of the bundled data: ``README_TEMPLATE`` (provenance, files, grids, split, every
+    processing step, evaluation labels) filled with the input checksums, the size note, the
+    synthesis parameters and the per-label and per-subject alignment / Dice tables."""
     syn = [e for e in subjects if e["kind"] == "synthetic"]
     absent = labels_json["absent_in_all_synthetic_subjects"]
     rows = []
@@ -616,146 +619,19 @@ def write_readme(out: Path, inputs, subjects, dropped, eval_labels, labels_json)
             "2 mm files are bundled for every subject.")
     else:
         size_note = "1 mm and 2 mm files are bundled for every subject."
-    s = SYNTH
-    text = f"""# hybridreg bundled brain data
-
-Small, redistributable 3-D brain MRI data for demos, tests, training and evaluation of
-`hybridreg`.  Everything in this folder is generated by `scripts/prepare_data.py`;
-do not edit by hand.  Load it with `hybridreg.data` (`list_subjects`, `load_subject`,
-`demo_pair`, `pairs`, `evaluation_labels`, `label_names`).
-
-**Only one subject (`vxm`) is a real MRI.  The 20 `synthseg_XX` subjects have real anatomy
-(label maps of real subjects) but synthetic, T1-like intensities.**
-
-## Provenance
-
-| upstream | commit | licence |
-|---|---|---|
-| github voxelmorph/voxelmorph: data/test_scan.npz, data/labels.npz, LICENSE.md | ca28315d0ba24cd8946ac4f6ed081e049e5264fe (test_scan.npz last changed in 860b4887354d2ebe5e6e70f62c5aaecf11945a1e) | Apache-2.0 (`licenses/voxelmorph-LICENSE.md`) |
-| github BBillot/SynthSeg: data/training_label_maps/training_seg_01..20.nii.gz, data/labels table.txt, LICENSE.txt | 66342c1f05e520f3729a6d7ca1042eb7f01b6266 | Apache-2.0 (`licenses/SynthSeg-LICENSE.txt`) |
-
-The upstream subjects are not documented by either project.  The files here are derived
-works (modified as described below), distributed under the same Apache-2.0 licence.
-
-sha256 of the inputs:
-
-| input | sha256 |
-|---|---|
-{inp_rows}
-
-## Files
-
-For each subject id: `{{id}}_t1_1mm.nii.gz`, `{{id}}_aseg_1mm.nii.gz`, `{{id}}_t1_2mm.nii.gz`,
-`{{id}}_aseg_2mm.nii.gz`.  T1 images are uint8 (divide by 255 for [0, 1]); label maps are
-uint8 FreeSurfer aseg IDs.  `subjects.json` lists subjects, splits, sha256 and size of every
-file, alignment results and "before registration" Dice; `labels.json` holds the evaluation
-labels, label names and the intensity statistics used for synthesis.
-
-Grids (identical for all subjects, so every pair is already affinely aligned):
-
-* 1 mm: SimpleITK size (160, 192, 224) = numpy array shape (224, 192, 160), spacing 1 mm,
-  direction (1,0,0, 0,0,-1, 0,-1,0), i.e. voxel axes x->Left, y->Inferior, z->Anterior
-  (FreeSurfer-conformed LIA) in ITK's LPS physical frame; origin (-79.5, 111.5, 95.5) so that
-  the grid centre is at physical (0, 0, 0).
-* 2 mm: SimpleITK size (80, 96, 112) = numpy shape (112, 96, 80), spacing 2 mm, same direction,
-  origin (-79, 111, 95): 2 mm voxel centres are the centres of the 2x2x2 blocks of the 1 mm
-  grid (same physical extent).
-
-{size_note}
-
-## Split (fixed)
-
-* atlas: `vxm` (the only real T1; fixed image of the default demo pair `vxm` <- `synthseg_16`
-  and the atlas for atlas-to-subject training/evaluation)
-* train: `synthseg_01` .. `synthseg_12`
-* val: `synthseg_13` .. `synthseg_15`
-* test: `synthseg_16` .. `synthseg_20`
-
-## What the script did
-
-1. **Real subject `vxm`.** `vol` and `seg` from `test_scan.npz` were put on the common grid
-   (numpy axis 0 = ITK x).  Skull-strip: intensities set to 0 wherever aseg == 0 (no dilation),
-   so for every bundled subject the brain mask is exactly `aseg > 0`.  Intensities kept as
-   they are (float [0, 1] -> uint8 rounding).
-2. **Per-label intensity statistics** of the skull-stripped real T1 were measured on `vxm`
-   for every aseg label: mean and std over the whole label, and over its interior (label
-   eroded by one voxel); see `labels.json` (`intensity_stats`).
-3. **SynthSeg label maps: cleaning** (keep only labels of the real aseg; skull-strip).
-   SynthSeg labels >= 500 are head/extra-cerebral classes.  SynthSeg's label 24 is *all*
-   non-ventricular CSF (extra-cerebral, sulcal, cisterns), while a FreeSurfer aseg's 24 is
-   one small CSF region and sulcal/extra-cerebral CSF is 0; SynthSeg's 24 was therefore set
-   to 0 everywhere (a first build that kept the CSF pockets enclosed by tissue as 24 gave
-   Dice 0.000 with the real subject's 24 in 20/20 subjects: a different structure).
-   Labels in (0, 500) that the aseg does not have (25, 57, 136, 137, 163, 164: undocumented
-   intra-cerebral classes next to the lateral ventricles/white matter) are "other
-   intra-cerebral".  tissue = aseg labels except 24, plus the other intra-cerebral labels;
-   brain = 3-D hole filling of tissue.  Outside brain everything -> 0; inside, aseg labels
-   are kept and the other intra-cerebral labels are replaced by the nearest aseg tissue
-   label (Euclidean), so they leave no holes.  Counts per subject: `subjects.json`
-   (`label_cleaning`).
-4. **Affine alignment** (SimpleITK, single-threaded, deterministic): fixed = `vxm` T1;
-   moving = a quick synthetic image (each cleaned label painted with its mean real-T1
-   intensity, Gaussian sigma 1 mm) on the SynthSeg grid; centred moments initialiser, then
-   `ImageRegistrationMethod` with `AffineTransform(3)`, mean-squares metric (the moving image
-   is painted with the real T1's own label means, so intensities match; Mattes MI was tried
-   and was less robust: its result depended on the sampling seed), 50 / 25 / 10 % random
-   samples per level inside the fixed brain mask dilated by 5 voxels (seed = subject seed), regular-step gradient descent (learning rate 2, min step 1e-3,
-   relaxation 0.5, <= 200 iterations per level, scales from physical shift),
-   shrink factors [4, 2, 1] with smoothing sigmas [2, 1, 0] mm.  The cleaned label map was
-   resampled onto the common grid with nearest-neighbour interpolation.
-5. **Synthesis on the common grid** (numpy `default_rng(seed)`, seed = {s['seed_base']} + XX for
-   `synthseg_XX`): paint per-label interior means (statistics of the real T1 inside each label
-   eroded by one voxel, which excludes partial-volume voxels; whole label if the interior has
-   < 100 voxels); add within-label texture = Gaussian-smoothed
-   (sigma {s['texture_sigma_mm']} mm) white noise, normalised to unit std, times
-   {s['texture_fraction_of_std']} x the label's interior std; zero outside the label mask;
-   partial-volume blur (Gaussian sigma {s['partial_volume_sigma_mm']} mm); multiplicative bias
-   field 1 + a f, f = cubic-spline upsampled {s['bias_control_points']}^3 random normal grid
-   scaled to max |f| = 1 in the brain, a ~ U{tuple(s['bias_amplitude_range'])}; additive Gaussian
-   noise sigma {s['noise_sigma']}; clip to [0, 1]; zero outside `aseg > 0`.
-6. **2 mm versions.** Images: Gaussian smoothing sigma {DOWNSAMPLE_SIGMA_MM} mm (FWHM-matched
-   1 mm -> 2 mm: sqrt(2^2 - 1^2) / 2.355), linear resampling at the 2 mm voxel centres (= mean
-   of each 2x2x2 block), then zero outside the 2 mm labels.  Labels: 2x2x2 **majority vote**,
-   ties broken in favour of the smallest non-zero label (background only when it has a
-   strict plurality).
-7. Files are written with SimpleITK (gzip level 9); their sha256 and sizes are in
-   `subjects.json`.
-
-## Evaluation labels and known gaps
-
-The 30 evaluation labels are those of voxelmorph's `labels.npz`:
-{eval_labels}.
-{("Labels " + str(absent) + " are absent from every synthetic subject: SynthSeg label maps have no choroid plexus (31, 63), and their CSF label 24 was removed (step 3).  Dice on these labels is undefined for a synthetic subject; score pairs on the evaluation labels present in both label maps (27 for `vxm` <- synthetic), or count them as 0 -- both are given below.") if absent else ""}
-
-Note on choroid plexus: after alignment, SynthSeg's undocumented labels 136+137 overlap the
-real subject's Left-choroid-plexus (31) and 163+164 its Right-choroid-plexus (63) more than
-anything else they touch (Dice about 0.1-0.36 in the subjects checked, ~0 for the opposite
-side), so they may be choroid plexus; because this is not documented upstream they were
-not renamed (they were merged into the nearest tissue label, step 3).
-
-Mean "before registration" Dice over the {len(syn)} synthetic subjects, per evaluation label:
-
-{per_label_table}
-
-## Alignment and "before registration" Dice (1 mm, to `vxm`)
-
-MS = final mean-squares metric value of the alignment (finest level, on the sampled voxels;
-lower is better).  dice30 = mean over the 30 evaluation labels (absent labels count as 0);
-dice_both = mean over the evaluation labels present in both label maps.
-
-| id | kind | split | MS | dice30 | dice_both | 1 mm T1 bundled |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-## Regenerate
-
-```
-python scripts/prepare_data.py --shared ../shared/data --out hybridreg/data/bundled
-```
-
-(from the repository root; the inputs are listed in the shared data `MANIFEST.md`; the
-output is deterministic for a given SimpleITK / numpy / scipy version.)
-"""
+    absent_note = ("Labels " + str(absent) + " are absent from every synthetic subject: "
+                   "SynthSeg label maps have no choroid plexus (31, 63), and their CSF label 24 "
+                   "was removed (step 3).  Dice on these labels is undefined for a synthetic "
+                   "subject; score pairs on the evaluation labels present in both label maps "
+                   "(27 for `vxm` <- synthetic), or count them as 0 -- both are given below."
+                   ) if absent else ""
+    synth = {k: SYNTH[k] for k in ("seed_base", "texture_sigma_mm", "texture_fraction_of_std",
+                                   "partial_volume_sigma_mm", "bias_control_points", "noise_sigma")}
+    text = Template(README_TEMPLATE.read_text()).substitute(
+        synth, bias_amplitude_range=tuple(SYNTH["bias_amplitude_range"]),
+        downsample_sigma_mm=DOWNSAMPLE_SIGMA_MM, input_rows=inp_rows, size_note=size_note,
+        eval_labels=eval_labels, absent_note=absent_note, n_synthetic=len(syn),
+        per_label_table=per_label_table, subject_rows="\n".join(rows))
     (out / "README.md").write_text(text)
 
 

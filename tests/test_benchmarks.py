@@ -75,15 +75,21 @@ def test_report_states_the_winners_and_the_paired_test(tmp_path):
     overall = next(s for s in stats if s["measure"] == "mean Dice")
     assert overall["solver"] == "instance" and overall["n"] == 6 and overall["r"] == 1.0 and overall["median_diff"] == pytest.approx(0.01)
     assert all("q_bh" in s for s in stats if s["measure"].startswith("Dice "))
-    files = report.figures(tmp_path, rows, [])
+    scaling = [{"grid": g, "shape": [n] * 3, "voxels": n ** 3, "seconds_per_iteration": 0.1 * n, "memory_mb": 10.0 * n,
+                "steps": {"forward": 0.03 * n, "backward": 0.06 * n, "optimizer": 0.01 * n}} for g, n in (("8x8x8", 8), ("2", 16))]
+    files = report.figures(tmp_path, rows, scaling)
     md = report.markdown("bundled", "test pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
-                         rows, stats, [], files, [], 1.0)
-    assert "**Accuracy:** instance (voxelwise λ)" in md and "**Time:** learned (voxelwise λ)" in md
-    assert "**Regularity:** learned (voxelwise λ)" in md
+                         rows, stats, scaling, files, [], 1.0)
+    assert "| highest mean Dice | instance (voxelwise λ) |" in md and "| lowest median seconds | learned (voxelwise λ) | 0.30 |" in md
+    assert "| lowest mean SDlogJ (max %\\|J\\|≤0 < 0.1) | learned (voxelwise λ) | 0.160 |" in md
+    # regularity of the paired arms (0.23 against 0.24: within 10 %), the winner at p < 0.05 (six pairs, all +0.01)
+    assert "| instance | 0.230 | 0.240 | yes | voxelwise |" in md
+    assert "| 16×16×16 | 4,096 | 1.600 | 160 | 30% | 60% | 10% |" in md
     for f in files.values():
         assert (tmp_path / f).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     out = tmp_path / "smoke"
     p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(out)],
@@ -94,7 +100,7 @@ def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     for r in rows:
         assert r["dice_mean"] > r["dice_before"] + 0.05 and r["folding_percent"] < 0.1
     md = (out / "report.md").read_text()
-    assert "## Who wins" in md and "SimpleITK diffeomorphic demons" in md
+    assert "## Best by criterion" in md and "| SimpleITK diffeomorphic demons |" in md
     assert (out / "results.csv").read_text().count("\n") == 3
     # a second run continues: nothing to redo, same rows
     p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(out)],
@@ -152,13 +158,15 @@ def test_rerun_comparison_flags_changed_accuracy_and_reports_time_ratios(tmp_pat
     a.write_text("".join(json.dumps(r) + "\n" for r in ref))
     b.write_text("".join(json.dumps(r) + "\n" for r in new))
     md = compare_files(a, b, tmp_path / "reproducibility.md")
-    assert "Outside the tolerance: instance (voxelwise λ)." in md and (tmp_path / "reproducibility.md").read_text() == md
+    row = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert row["| instance (voxelwise λ)"].endswith("| **no** |") and row["| learned (voxelwise λ)"].endswith("| yes |")
+    assert "| 2.00 (2.00–2.00) |" in row["| learned (voxelwise λ)"] and (tmp_path / "reproducibility.md").read_text() == md
     with pytest.raises(FileNotFoundError, match="reference"):
         compare_files(tmp_path / "missing.jsonl", b)
 
 
 def test_tuner_comparison_states_the_criterion_from_the_trials(tmp_path):
-    """The tuning report's verdict (BoTorch's best-so-far after the mark against random
+    """The tuning report's criterion (BoTorch's best-so-far after the mark against random
     search's median over seeds) follows the trials, honours the folding constraint, and
     leaves out seeds that have not reached the mark."""
     from benchmarks.tuning_comparison import COMPARISONS, comparison_section
@@ -172,21 +180,23 @@ def test_tuner_comparison_states_the_criterion_from_the_trials(tmp_path):
                  "x": [0.1 * i, 0.5], "params": {"objective.w_reg": 1.0 + i, "objective.hyper_strength": 0.1}}
                 for i, d in enumerate(dices)]
 
+    def at_mark(runs):  # the rows of the table at the mark, by tuner
+        lines = comparison_section(c, space, runs, 15, str)
+        head = lines.index("| tuner | seeds | median | min | max | median ≥ random's median | every seed ≥ random's median |")
+        return {r.split(" | ")[0][2:]: r for r in lines[head + 2:] if r.startswith("| ")}
+
     random = {0: run([0.70] * 15), 1: run([0.72] * 15), 2: run([0.74] * 15)}  # median 0.72
-    lines = "\n".join(comparison_section(c, space, {"random": random, "botorch": {0: run([0.71] * 14 + [0.73])}},
-                                         15, str))
-    assert "random search's median over seeds 0, 1, 2 is 0.7200" in lines
-    assert "BoTorch's median is at least it" in lines
+    rows = at_mark({"random": random, "botorch": {0: run([0.71] * 14 + [0.73])}})
+    assert rows["random"] == "| random | 0, 1, 2 | 0.7200 | 0.7000 | 0.7400 | – | – |"
+    assert rows["botorch"] == "| botorch | 0 | 0.7300 | 0.7300 | 0.7300 | yes | yes |"
     # the best trial of that run folds too much: it no longer counts
     folded = run([0.71] * 14 + [0.73])
     folded[-1]["folding"] = 2 * space.folding_max
-    lines = "\n".join(comparison_section(c, space, {"random": random, "botorch": {0: folded}}, 15, str))
-    assert "BoTorch's median is below it" in lines
-    # a seed short of the mark is named and left out of the medians
-    lines = "\n".join(comparison_section(c, space, {"random": {**random, 3: run([0.9] * 10)},
-                                                     "botorch": {0: run([0.73] * 15)}}, 15, str))
-    assert "Not yet at 15 trials (left out below): random seed 3." in lines
-    assert "is 0.7200" in lines
+    assert at_mark({"random": random, "botorch": {0: folded}})["botorch"].endswith("| 0.7100 | no | no |")
+    # a seed short of the mark is left out of the medians
+    rows = at_mark({"random": {**random, 3: run([0.9] * 10)}, "botorch": {0: run([0.73] * 15), 1: run([0.71] * 15)}})
+    assert rows["random"].startswith("| random | 0, 1, 2 | 0.7200 |")
+    assert rows["botorch"] == "| botorch | 0, 1 | 0.7200 | 0.7100 | 0.7300 | yes | no |"
 
 
 def test_learned_solver_report_pools_atlas_and_subject_pairs():
@@ -194,14 +204,14 @@ def test_learned_solver_report_pools_atlas_and_subject_pairs():
     pairs (not the mean of the two group means) and its difference from instance optimization."""
     from benchmarks.learned_solver import to_markdown
 
-    def row(solver, pair, kind, dice):
-        return {"solver": solver, "pair": pair, "kind": kind, "resolution_mm": 2, "dice_before": 0.5,
-                "dice_after": dice, "hd95_mm": 3.0, "folding_percent": 0.0, "sdlogj": 0.2, "lambda_std": 0.1,
-                "seconds": 10.0 if solver == "instance" else 1.0, "peak_rss_mb": 100.0}
+    def row(method, pair, kind, dice):
+        return {"method": method, "pair": pair, "kind": kind, "resolution_mm": 2, "dice_before": 0.5,
+                "dice_mean": dice, "hd95_mean": 3.0, "folding_percent": 0.0, "sdlogj": 0.2, "lambda_std_brain": 0.1,
+                "seconds": 10.0 if method == "instance" else 1.0, "peak_rss_mb": 100.0}
 
     pairs = [row("instance", f"a{i}", "atlas", 0.80) for i in range(3)] + [row("learned", f"a{i}", "atlas", 0.78) for i in range(3)]
     pairs += [row("instance", "s0", "subject", 0.70), row("learned", "s0", "subject", 0.62)]
-    res = {"environment": {"machine": "x", "threads": 2, "torch": "t", "python": "p", "weights": "w"},
+    res = {"environment": {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "p", "os": "o", "weights": "w"},
            "pairs": pairs, "inference": [], "train_step": []}
     md = to_markdown(res)
     pooled = md.split("## 2 mm, all test pairs")[1]
@@ -211,3 +221,40 @@ def test_learned_solver_report_pools_atlas_and_subject_pairs():
     assert "| 0.740 ± " in learned and "| -0.035 |" in learned and "| 0.100 |" in learned
     only_atlas = to_markdown({**res, "pairs": pairs[:6]})
     assert "all test pairs" not in only_atlas
+
+
+def test_committed_speed_reports_still_render():
+    """The focused reports render the committed results, whatever version wrote them."""
+    from benchmarks.instance_speed import to_markdown as speed
+    from benchmarks.learned_solver import to_markdown as learned
+
+    results = ROOT / "benchmarks" / "results"
+    md = speed(json.loads((results / "instance_speed.json").read_text()))
+    assert md.count("| level | grid | control grid |") == 2 and "| 3 (2 mm) | 112×96×80 |" in md
+    md = learned(json.loads((results / "learned_solver.json").read_text()))
+    assert "## 2 mm, all test pairs: mean over 9 pairs" in md and "| `configs/learned_bundled_2mm.yaml` |" in md
+
+
+def test_profiled_iterations_of_the_real_solver_add_up():
+    """The instance-speed profile splits the real solver's iterations into steps that add up to
+    the iteration's wall time, and lists the costliest operators."""
+    import torch
+
+    from benchmarks.instance_speed import profile_level
+    from hybridreg.solvers import get_solver
+
+    g = torch.Generator().manual_seed(0)
+    f, m = torch.rand(1, 1, 16, 16, 16, generator=g), torch.rand(1, 1, 16, 16, 16, generator=g)
+    p = profile_level(f, m, (2.0, 2.0, 2.0), get_solver("instance").default_config(), level=2, repeats=3)
+    steps = {k: v for k, v in p.items() if k not in ("total", "ops")}
+    assert {"forward", "backward", "optimizer", "other"} <= set(steps) and p["total"] > 0
+    assert sum(steps.values()) == pytest.approx(p["total"]) and min(steps["forward"], steps["backward"]) > 0
+    assert len(p["ops"]) == 8 and p["ops"][0][1] >= p["ops"][-1][1] > 0
+
+
+def test_child_process_protocol():
+    from benchmarks.common import run_child
+
+    assert run_child("json:dumps", obj=[1, 2]) == "[1, 2]"
+    with pytest.raises(RuntimeError, match="json:loads"):
+        run_child("json:loads", s="not json")

@@ -34,6 +34,7 @@ def run_dir(tmp_path_factory, bundled):
     return out
 
 
+@pytest.mark.slow
 def test_register_writes_every_output(run_dir):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(OUTPUT_FILES)
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -46,6 +47,7 @@ def test_register_writes_every_output(run_dir):
     assert m["config"]["iterations"] == [30, 20]
 
 
+@pytest.mark.slow
 def test_exported_displacement_reproduces_warped_in_simpleitk(run_dir, bundled):
     _, mv = bundled
     field = sitk.ReadImage(str(run_dir / "displacement.nii.gz"), sitk.sitkVectorFloat64)
@@ -56,6 +58,7 @@ def test_exported_displacement_reproduces_warped_in_simpleitk(run_dir, bundled):
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.99
 
 
+@pytest.mark.slow
 def test_outputs_keep_physical_space(run_dir, bundled):
     f, _ = bundled
     ref = sitk.ReadImage(str(f.image_path))
@@ -64,6 +67,7 @@ def test_outputs_keep_physical_space(run_dir, bundled):
         assert Geometry.of(img).matches(Geometry.of(ref), 1e-4), name
 
 
+@pytest.mark.slow
 def test_apply_warps_labels_like_register(run_dir, bundled, tmp_path):
     f, m = bundled
     out = tmp_path / "warped_labels.nii.gz"

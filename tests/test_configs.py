@@ -47,3 +47,58 @@ def test_atomic_output_replaces_whole_files_with_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "default" in p.stem], ids=lambda p: p.name)
+def test_default_configs_equal_their_dataclass(path):
+    """`configs/*default*.yaml` write out a solver's defaults: every key, every value."""
+    from hybridreg.config import read_yaml, to_dict
+    from hybridreg.solvers import get_solver
+
+    solver = get_solver(path.stem.split("_")[0])
+    defaults = to_dict(solver.default_config())
+    assert read_yaml(path) == defaults
+    assert load_yaml(path, solver.config_class) == solver.default_config()
+
+
+def test_solver_defaults_are_the_objective_defaults():
+    from hybridreg.objective import ObjectiveConfig
+    from hybridreg.solvers import get_solver
+
+    assert get_solver("instance").default_config().objective == ObjectiveConfig()
+    assert TrainConfig().objective == ObjectiveConfig()
+
+
+def _config_classes():
+    from hybridreg.objective import ObjectiveConfig
+    from hybridreg.tuning import SearchSpace
+    from learned.network import NetworkConfig
+
+    return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SearchSpace)
+
+
+def test_every_numeric_setting_has_a_documented_range():
+    """No number in a config is unbounded (a value could take the machine's memory), and
+    docs/configuration.md lists every range exactly as the code has it."""
+    import dataclasses
+    import typing
+
+    from hybridreg.config import bounds_table
+
+    for cls in _config_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            numeric = tp in (int, float) or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] in (int, float))
+            assert not numeric or "range" in f.metadata, f"{cls.__name__}.{f.name} has no range"
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert bounds_table(*_config_classes()) in doc
+
+
+@pytest.mark.parametrize("cls_name, key, value", [("ObjectiveConfig", "lncc_window", 10001), ("ObjectiveConfig", "hyper_mean", float("nan")),
+                                                  ("InstanceOptConfig", "velocity_smoothing", 1e6), ("InstanceOptConfig", "lr", 1e6),
+                                                  ("TrainConfig", "steps", 10**9), ("NetworkConfig", "lambda_channels", 10**6)])
+def test_out_of_range_values_are_refused_naming_the_key(cls_name, key, value):
+    cls = {c.__name__: c for c in _config_classes()}[cls_name]
+    with pytest.raises(ValueError, match=f"{cls_name}: `{key}` must be in"):
+        cls(**{key: value})

@@ -1,5 +1,7 @@
 """Instance optimization: end to end on a bundled real-data pair, and its contracts."""
 
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,9 @@ from hybridreg import data
 from hybridreg.config import from_dict
 from hybridreg.metrics import dice, jacobian_stats
 from hybridreg.objective import ObjectiveConfig, evaluate
+from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver
 from hybridreg.spatial import warp
-from instance_opt import InstanceOptConfig, RelativeChangeStopping, register_pair
+from instance_opt import SOLVER, InstanceOptConfig, RelativeChangeStopping, minimize, register_pair
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -31,6 +34,7 @@ def quick_result(pair):
     return register_pair(tensor(f.image), tensor(m.image), cfg, spacing=f.spacing)
 
 
+@pytest.mark.slow
 def test_low_resolution_registration_improves_dice_without_folding(pair, quick_result):
     f, m = pair
     r = quick_result
@@ -43,7 +47,9 @@ def test_low_resolution_registration_improves_dice_without_folding(pair, quick_r
     # the result carries what a user needs
     assert r.displacement.shape == (1, 3, *f.image.shape)
     assert r.warped.shape == (1, 1, *f.image.shape)
+    assert isinstance(r, RegistrationResult) and r.status in (Status.CONVERGED, Status.MAX_ITERATIONS)
     assert len(r.history) == 2 and all(h.iterations > 0 for h in r.history)
+    assert all(len(h.terms["total"]) == h.iterations for h in r.history)
     assert r.history[0].terms["total"][0] > r.history[0].terms["total"][-1]
     lam = r.lambda_on_image_grid()
     assert lam.shape == (1, 1, *f.image.shape) and float(lam.std()) > 0  # voxelwise λ varies
@@ -114,6 +120,54 @@ def test_relative_change_stopping():
     assert not stop([1.0] * 9)
     assert stop([1.0] * 10)
     assert not stop([10.0 - i for i in range(10)])
+
+
+class _Terms(NamedTuple):
+    total: torch.Tensor
+    offset: torch.Tensor
+
+
+def _quadratic():
+    """(x − 1)² + 2 from x = 3 by SGD (lr 0.25 halves x − 1 per step): the loss is 6, 3, 2.25, ..."""
+    x = torch.tensor([3.0], requires_grad=True)
+    return (lambda: _Terms(((x - 1) ** 2).sum() + 2.0, torch.tensor(2.0))), torch.optim.SGD([x], lr=0.25), x
+
+
+def test_minimize_converges_on_a_quadratic():
+    closure, opt, x = _quadratic()
+    calls = []
+    r = minimize(closure, opt, None, RelativeChangeStopping(tol=1e-3, window=5, min_iterations=10), 100, window=5,
+                 callback=calls.append)
+    assert r.status is Status.CONVERGED and r.iterations == 15 and calls == [5, 10, 15]
+    assert r.terms["total"][:3] == [6.0, 3.0, 2.25] and len(r.terms["total"]) == 15 and r.terms["offset"] == [2.0] * 15
+    assert abs(float(x.detach()) - 1) < 1e-4 and r.seconds >= 0
+
+
+def test_minimize_stops_at_the_iteration_budget():
+    closure, opt, _ = _quadratic()
+    calls = []
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5**i)
+    r = minimize(closure, opt, sched, RelativeChangeStopping(tol=0.0), 7, window=5, callback=calls.append)
+    assert r.status is Status.MAX_ITERATIONS and r.iterations == 7 and calls == [5, 7]  # and after the last one
+    assert len(r.terms["total"]) == 7 and r.terms["total"][1] == 3.0  # the first step ran at the full rate
+    assert opt.param_groups[0]["lr"] == 0.25 * 0.5**7  # the scheduler stepped after every iteration
+    r = minimize(closure, opt, None, RelativeChangeStopping(), 0, window=5, callback=calls.append)
+    assert (r.status, r.iterations, r.terms, calls) == (Status.MAX_ITERATIONS, 0, {}, [5, 7])
+
+
+def test_solver_entry_points():
+    inst, refine = get_solver("instance"), get_solver("learned+refine")
+    assert inst is SOLVER and isinstance(inst, Solver) and isinstance(refine, Solver)
+    assert inst.name == "instance" and inst.config_class is InstanceOptConfig
+    assert inst.configure(inst.default_config()) == InstanceOptConfig()
+    assert refine.name == "learned+refine" and refine.default_config().refine
+    assert refine.configure(refine.config_class(refine=False)).refine
+    assert not get_solver("learned").configure(refine.config_class(refine=True)).refine
+    with pytest.raises(ValueError, match="--solver.*instance.*'nope'"):
+        get_solver("nope")
+    f = torch.rand(1, 1, 8, 8, 8)
+    r = inst.register_pair(f, f, InstanceOptConfig(level_spacing=(1.0,), iterations=(2,), progress=False))
+    assert isinstance(r, RegistrationResult) and r.history[0].iterations == 2
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,8 @@ def test_uniform_lambda_network_has_no_lambda_head_and_trains(tmp_path):
     whose weights reload in the same mode."""
     from dataclasses import replace
 
-    from learned.train import load_weights, train
+    from learned.train import train
+    from learned.weights import load_weights
 
     cfg = NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4, lambda_mode="uniform", lambda_uniform=0.3)
     torch.manual_seed(0)
@@ -162,7 +163,8 @@ def test_training_reduces_the_energy_and_logs_validation_dice(tmp_path):
     import csv
     from dataclasses import replace
 
-    from learned.train import load_weights, train
+    from learned.train import train
+    from learned.weights import load_weights
 
     data = _tiny_data(3)
     cfg = replace(_tiny_cfg(), steps=40, checkpoint_every=40, epoch_steps=10, lr=3e-3, flip_prob=0.0, deform_prob=0.0,
@@ -176,6 +178,25 @@ def test_training_reduces_the_energy_and_logs_validation_dice(tmp_path):
     assert all(0 < float(r["val_dice"]) <= 1 for r in val)
     net, obj, spacing, info = load_weights(tmp_path / "r" / "model_best.pt")
     assert spacing == (2.0, 2.0, 2.0) and obj == cfg.objective and info["val_dice"] == max(float(r["val_dice"]) for r in val)
+
+
+def test_training_log_is_read_every_k_steps_one_row_per_step(tmp_path, monkeypatch):
+    """``log_every``: terms are read from the device and appended in blocks (also before
+    validation and checkpoints), yet ``log.csv`` holds one row per step; torch's global RNG
+    is left as it was."""
+    import learned.train as train_mod
+
+    writes = []
+    append = train_mod._append_rows
+    monkeypatch.setattr(train_mod, "_append_rows", lambda path, rows: (writes.append((path.name, len(rows))), append(path, rows)))
+    rng = torch.get_rng_state()
+    train_mod.train(_tiny_cfg(steps=7, log_every=3, epoch_steps=5, checkpoint_every=7), _tiny_data(), tmp_path / "r", progress=False)
+    assert [n for name, n in writes if name == "log.csv"] == [3, 2, 1, 1]  # steps 1-3, 4-5 (validation), 6, 7 (the end)
+    rows = (tmp_path / "r" / "log.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 8))
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match="log_every"):
+        _tiny_cfg(log_every=0)
 
 
 def test_random_deformation_is_smooth_and_diffeomorphic():
@@ -225,7 +246,8 @@ def test_full_resolution_stage_starts_from_the_half_grid_output_and_fine_tunes(t
     import torch.nn.functional as F
 
     from hybridreg.spatial import resize_field
-    from learned.train import load_weights, save_weights, train
+    from learned.train import train
+    from learned.weights import load_weights, save_weights
 
     torch.manual_seed(0)
     half = RegistrationNetwork(NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_cli_train_fine_tunes_from_weights(trained, manifest, tmp_path):
                  str(trained / "model_final.pt"), "--no-progress"]) == 0
     assert main(["train", "--data", str(manifest / "manifest.csv"), "--config", str(cfg), "--out", str(tmp_path / "scratch"),
                  "--no-progress"]) == 0
-    from learned.train import load_weights
+    from learned.weights import load_weights
 
     start = load_weights(trained / "model_final.pt")[0].state_dict()
     tuned = load_weights(out / "model_final.pt")[0].state_dict()
@@ -101,6 +102,7 @@ def test_cli_train_fine_tunes_from_weights(trained, manifest, tmp_path):
     assert dist(tuned, start) <= 2 * 0.002 < dist(scratch, start)  # one AdamW step (lr 0.002) from the given weights
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(manifest, trained, tmp_path):
     """DistributedDataParallel over gloo with two CPU processes on tiny data."""
     out = tmp_path / "ddp"
@@ -120,13 +122,18 @@ def test_torchrun_two_cpu_processes(manifest, trained, tmp_path):
 
 
 def test_learned_register_pair_api_and_refinement(trained, manifest):
-    from learned.solver import LearnedConfig, register_pair
+    from hybridreg.solvers import RegistrationResult, Status
+    from learned.solver import LEARNED_REFINE, LearnedConfig, register_pair
 
     f, _ = _blob_volume(4)
     m, _ = _blob_volume(5)
     ft, mt = torch.from_numpy(f / 100)[None, None].float(), torch.from_numpy(m / 100)[None, None].float()
     res = register_pair(ft, mt, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
-    assert res.displacement.shape == (1, 3, *SHAPE) and res.lam.shape == (1, 1, 6, 7, 8) and res.history == []
+    assert isinstance(res, RegistrationResult) and res.status is Status.NETWORK
+    assert res.displacement.shape == (1, 3, *SHAPE) and res.lam.shape == (1, 1, 6, 7, 8)
+    (net_pass,) = res.history  # the network pass: its grid (the 2 mm training grid) and the velocity's
+    assert (net_pass.shape, net_pass.control_shape, net_pass.iterations, net_pass.terms) == (SHAPE, (6, 7, 8), 1, {})
+    assert 0 < net_pass.seconds <= res.seconds
     # on a 1 mm grid the network runs on its 2 mm training grid; outputs come back on the 1 mm grid
     big = torch.nn.functional.interpolate(ft, scale_factor=2, mode="trilinear")
     res1 = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(1.0, 1.0, 1.0))
@@ -136,7 +143,10 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     cfg = LearnedConfig(weights=str(trained / "model_final.pt"), refine=True, progress=False,
                         refine_config=InstanceOptConfig(level_spacing=(2.0,), iterations=(15,), min_iterations=15))
     ref = register_pair(ft, mt, cfg, spacing=(2.0, 2.0, 2.0))
-    assert [h.status for h in ref.history][0] == "network" and ref.history[1].iterations == 15
+    assert [h.status for h in ref.history] == [Status.NETWORK, Status.MAX_ITERATIONS] and ref.history[1].iterations == 15
+    # the solver named learned+refine refines whatever `refine` says: the same result
+    via = LEARNED_REFINE.register_pair(ft, mt, replace(cfg, refine=False), spacing=(2.0, 2.0, 2.0))
+    assert torch.equal(via.displacement, ref.displacement) and len(via.history) == 2
     assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the same energy
     with pytest.raises(ValueError, match="network is 3D"):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
@@ -170,6 +180,7 @@ def shipped_run(tmp_path_factory):
     return out, f
 
 
+@pytest.mark.slow
 def test_shipped_weights_register_the_bundled_pair(shipped_run):
     out, f = shipped_run
     m = json.loads((out / "metrics.json").read_text())

@@ -3,8 +3,11 @@ constraint, Pareto handling, resume, bad search spaces, and one tiny real tuning
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 
 from hybridreg import tuning
@@ -71,6 +74,7 @@ def test_base_params_are_the_base_configs_values():
     assert tuning.apply_params(sp, base) == tuning.apply_params(sp, {**base, "iterations": 200})
 
 
+@pytest.mark.slow
 def test_botorch_finds_the_optimum_of_an_analytic_objective(tmp_path):
     res = tuning.run_tuning(space(), bowl, 14, tmp_path, progress=False)
     assert len(res.trials) == 14 and all(t["status"] == "done" for t in res.trials)
@@ -79,6 +83,21 @@ def test_botorch_finds_the_optimum_of_an_analytic_objective(tmp_path):
     assert res.best["params"]["objective.w_reg"] == pytest.approx(2.0, rel=0.35)
 
 
+@pytest.mark.slow
+def test_botorch_proposals_are_seeded_without_touching_the_global_rng(tmp_path):
+    before = torch.random.get_rng_state()
+    a, b = (tuning.run_tuning(space(), bowl, 7, tmp_path / n, progress=False) for n in "ab")  # 5 Sobol + 2 GP proposals
+    assert [t["params"] for t in a.trials] == [t["params"] for t in b.trials]
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_importing_tuning_imports_no_optimisation_library():
+    code = "import sys, hybridreg.tuning; print(sorted({m.split('.')[0] for m in sys.modules} & {'botorch', 'gpytorch', 'optuna'}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.slow
 def test_folding_constraint_is_respected(tmp_path):
     res = tuning.run_tuning(space(), tempting, 12, tmp_path, progress=False)
     assert any(t["folding"] > 0.1 and t["dice"] > res.best["dice"] for t in res.trials)  # better but infeasible trials exist
@@ -86,6 +105,7 @@ def test_folding_constraint_is_respected(tmp_path):
     assert all(t["folding"] <= 0.1 for t in res.pareto)
 
 
+@pytest.mark.slow
 def test_pareto_mode_returns_the_non_dominated_trials(tmp_path):
     res = tuning.run_tuning(space(mode="pareto", batch_size=2), bowl, 8, tmp_path, progress=False)
     ok = [t for t in res.trials if t["folding"] <= 0.1]
@@ -104,6 +124,7 @@ def test_baseline_methods(tmp_path, method):
     assert json.loads((tmp_path / "trials.json").read_text())["method"] == method
 
 
+@pytest.mark.slow
 def test_failed_trials_are_recorded_and_the_run_goes_on(tmp_path):
     res = tuning.run_tuning(space(), failing, 8, tmp_path, progress=False)
     failed = [t for t in res.trials if t["status"] == "failed"]
@@ -111,6 +132,7 @@ def test_failed_trials_are_recorded_and_the_run_goes_on(tmp_path):
     assert len(res.trials) == 8 and res.best["params"]["objective.w_reg"] <= 4
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_trials(tmp_path):
     sp = space(batch_size=2)
     full = tuning.run_tuning(sp, bowl, 9, tmp_path / "full", progress=False)
@@ -139,11 +161,13 @@ def test_resume_accepts_a_state_file_written_before_a_field_was_added(tmp_path):
         tuning.run_tuning(space(folding_max=0.5), bowl, 5, tmp_path, progress=False, resume=True)
 
 
+@pytest.mark.slow
 def test_parallel_workers_evaluate_a_batch(tmp_path):
     res = tuning.run_tuning(space(batch_size=2, workers=2, initial_trials=2), bowl, 4, tmp_path, progress=False)
     assert len(res.trials) == 4 and all(t["status"] == "done" for t in res.trials)
 
 
+@pytest.mark.slow
 def test_outputs_and_best_config_is_accepted_by_register(tmp_path):
     sp = space()
     res = tuning.run_tuning(sp, bowl, 8, tmp_path, progress=False)
@@ -181,6 +205,7 @@ def test_bad_search_space_files(tmp_path, content, match):
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
+@pytest.mark.slow
 def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
     sp = {**SPACE, "initial_trials": 2, "max_pairs": 1,
           "base_config": {"level_spacing": [8.0], "iterations": [25], "velocity_smoothing": 1.0}}
@@ -196,6 +221,7 @@ def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
     assert len(json.loads((out / "trials.json").read_text())["trials"]) == 4
 
 
+@pytest.mark.slow
 def test_learned_objective_trains_a_short_run_and_scores_validation_pairs():
     sp = tuning.space_from_dict({
         "solver": "learned", "parameters": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "max_pairs": 1,

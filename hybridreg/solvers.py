@@ -1,0 +1,221 @@
+"""The solver interface: what a solver of the hybridreg energy returns, and how one is found.
+
+The model (this package) defines the interface; solvers implement it in their own packages
+(``instance_opt``, ``learned``, or a third party's) and announce themselves through the
+entry-point group :data:`ENTRY_POINT_GROUP`, declared in their ``pyproject.toml``::
+
+    [project.entry-points."hybridreg.solvers"]
+    instance = "instance_opt.solver:SOLVER"
+
+:func:`get_solver` loads one by name, so the model never names a solver module and a
+plug-in solver is used by the CLI, tuning and benchmarks exactly as ours are.
+
+Fields and displacements follow ``docs/conventions.md``: channels-first ``(B, d, *spatial)``
+in voxel units of the grid they live on, component k along tensor axis k + 2.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "Solver", "available_solvers",
+           "get_solver", "check_images"]
+
+ENTRY_POINT_GROUP = "hybridreg.solvers"
+"""Entry-point group under which solvers register (name → an object satisfying :class:`Solver`)."""
+
+
+class Status(str, enum.Enum):
+    """How one stage of a solver ended (a ``str`` enum: it serialises as its value).
+
+    ``converged``: the stopping rule fired; ``max_iterations``: the iteration budget ran out;
+    ``network``: one forward pass of a network (no iterations); ``diverged``: the energy or
+    the result stopped being finite, or collapsed (never written as a result).
+    """
+
+    CONVERGED = "converged"
+    MAX_ITERATIONS = "max_iterations"
+    NETWORK = "network"
+    DIVERGED = "diverged"
+
+
+@dataclass
+class LevelHistory:
+    """History of one stage (a pyramid level of the optimiser, or a network pass).
+
+    Attributes:
+        spacing: voxel size of the stage's grid, mm per tensor axis.
+        shape: the stage's image grid. control_shape: the velocity (and λ) grid.
+        terms: per-iteration values of every :class:`hybridreg.objective.EnergyTerms` field
+            (empty for a network pass).
+        iterations: iterations run (1 for a network pass). status: a :class:`Status`.
+        seconds: wall time of the stage.
+    """
+
+    spacing: tuple[float, ...]
+    shape: tuple[int, ...]
+    control_shape: tuple[int, ...]
+    terms: dict[str, list[float]]
+    iterations: int
+    status: Status
+    seconds: float
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return self.seconds / max(self.iterations, 1)
+
+
+@dataclass
+class RegistrationResult:
+    """What every solver returns for a batch of pairs (method §2).
+
+    Attributes:
+        displacement: ``(B, d, *spatial)`` voxel-unit displacement of φ = exp(v) on the
+            fixed image grid (``warped = moving ∘ (id + displacement)``).
+        velocity: ``(B, d, *control)`` the SVF in voxels of its own (control) grid.
+        lam: ``(B, 1, *control)`` λ on the control grid (``(B, 1, 1, ...)`` if uniform).
+        warped: ``(B, C, *spatial)`` the warped moving image.
+        history: one :class:`LevelHistory` per stage, in the order they ran.
+        seconds: total wall time of the solver.
+        config: the solver configuration used.
+        final_terms: the energy terms (:class:`hybridreg.objective.EnergyTerms` fields) of
+            the result, evaluated on the image grid.
+    """
+
+    displacement: torch.Tensor
+    velocity: torch.Tensor
+    lam: torch.Tensor
+    warped: torch.Tensor
+    history: list[LevelHistory]
+    seconds: float
+    config: Any
+    final_terms: dict[str, float]
+
+    @property
+    def status(self) -> Status:
+        """The last stage's status (``network`` when nothing ran)."""
+        return self.history[-1].status if self.history else Status.NETWORK
+
+    def lambda_on_image_grid(self) -> torch.Tensor:
+        """λ resampled (linearly, cell-centred) to the image grid, ``(B, 1, *spatial)``."""
+        from .spatial import resize_image
+
+        spatial = self.displacement.shape[2:]
+        lam = self.lam
+        if all(n == 1 for n in lam.shape[2:]):
+            return lam.expand(lam.shape[0], 1, *spatial).clone()
+        return resize_image(lam, spatial)
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """A solver of the hybridreg energy, as found by :func:`get_solver`.
+
+    Attributes:
+        name: the name users select it by (``--solver NAME``), equal to its entry-point name.
+        config_class: the typed (dataclass) configuration read from ``--config`` YAML.
+    """
+
+    name: str
+    config_class: type
+
+    def default_config(self) -> Any:
+        """The configuration used when the user gives none."""
+
+    def configure(self, config: Any) -> Any:
+        """``config`` with the fields this solver name fixes (e.g. ``refine=True`` for
+        ``learned+refine``); the result is what is run and written to ``config.yaml``."""
+
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: Any = None, *,
+                      spacing: Sequence[float] | None = None,
+                      device: str | torch.device | None = None) -> RegistrationResult:
+        """Register ``moving`` ``(B, C, *spatial)`` to ``fixed`` (same shape, intensities
+        about [0, 1]) with voxel size ``spacing`` (mm per tensor axis) on ``device``."""
+
+
+def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str) -> None:
+    """Check a solver's input pair: floating-point ``(B, C, H, W)`` or ``(B, C, D, H, W)``
+    tensors of one shape, finite. ``fn`` names the calling function in the messages.
+
+    Raises:
+        TypeError: not a floating-point tensor. ValueError: wrong rank, NaN/Inf, or
+            different shapes (the message names ``fixed`` or ``moving``).
+    """
+    for name, t in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
+        if t.dim() not in (4, 5):
+            raise ValueError(f"{fn}(): `{name}` must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"{fn}(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} must have the"
+                         " same shape (resample them onto one grid first)")
+
+
+MAX_FOLDING_PERCENT = 1.0
+"""A result with more folded voxels (%|J|≤0) than this has collapsed: the solvers' defaults fold
+none on every bundled and real pair (0 %, README), so 1 % is far outside any success."""
+
+
+class DivergenceError(ValueError):
+    """A solver diverged or collapsed: its result must not be written as a result."""
+
+
+def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_FOLDING_PERCENT) -> str | None:
+    """Why ``result`` is not a registration, or ``None`` when it is one.
+
+    A result has diverged when a stage ended with :attr:`Status.DIVERGED`, when the
+    displacement, λ or the energy terms are not finite, or when more than
+    ``max_folding_percent`` of the voxels fold (det J ≤ 0, central differences). The reason
+    names the likely cause: the learning rates of an optimiser, or the network's weights.
+    """
+    from .metrics import folding_percent
+
+    diverged = [h for h in result.history if h.status == Status.DIVERGED]
+    network_only = all(not h.terms for h in result.history)  # a network pass has no iterations to log
+    weights = (diverged and not diverged[0].terms) or (not diverged and network_only and result.history)
+    cause = "check the network weights (`--weights`)" if weights else \
+        "lower the learning rates (`lr`, `lr_lambda`) or check the hyperprior settings in --config"
+    if diverged:
+        h = diverged[0]
+        where = "the network's output" if weights else \
+            f"the energy, on the {'x'.join(map(str, h.shape))} level after {h.iterations} iterations,"
+        return f"{where} stopped being finite: {cause}"
+    for name, t in (("displacement", result.displacement), ("λ", result.lam)):
+        if not bool(torch.isfinite(t).all()):
+            return f"the {name} is not finite (NaN/Inf): {cause}"
+    bad = [k for k, v in result.final_terms.items() if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        return f"the energy terms {bad} are not finite: {cause}"
+    folded = folding_percent(result.displacement)
+    if folded > max_folding_percent:
+        return f"{folded:.1f}% of the voxels fold (det J <= 0; at most {max_folding_percent:g}% is a registration): {cause}"
+    return None
+
+
+def available_solvers() -> tuple[str, ...]:
+    """Names of the installed solvers (the :data:`ENTRY_POINT_GROUP` entry points), sorted."""
+    return tuple(sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}))
+
+
+def get_solver(name: str) -> Solver:
+    """Load the solver registered as ``name`` in :data:`ENTRY_POINT_GROUP`.
+
+    Raises:
+        ValueError: no installed solver has that name (the message lists those that exist),
+            or the entry point does not satisfy :class:`Solver`.
+    """
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        names = ", ".join(available_solvers()) or "none: install hybridreg with pip"
+        raise ValueError(f"`--solver` must be one of the installed solvers ({names}), got {name!r}")
+    solver = found[0].load()
+    if not isinstance(solver, Solver):
+        raise ValueError(f"`--solver`: entry point {found[0].value} of {name!r} is not a hybridreg.solvers.Solver")
+    return solver

@@ -1,0 +1,292 @@
+"""The ask/tell loop. A trial's objective returns ``dice`` (maximised), ``folding`` (constraint
+``folding ≤ τ``) and ``sdlogj`` (the second objective in Pareto mode); the ``q = batch_size``
+candidates of a round are evaluated in parallel worker processes.
+
+BoTorch (``method="botorch"``): a scrambled Sobol initial design, then per round a
+``SingleTaskGP`` on the unit cube (log scale for ``log: true`` parameters) with standardised
+outcomes; candidates maximise ``qLogNoisyExpectedImprovement`` of Dice with the folding
+constraint, or in Pareto mode ``qLogNoisyExpectedHypervolumeImprovement`` of (Dice, −SDlogJ).
+Baselines: random search, Optuna's TPE. Draws are seeded by ``space.seed`` and the trial index (no global RNG).
+
+State: ``trials.json`` in the output folder is rewritten atomically after every finished
+trial; candidates proposed but not finished are stored as ``pending`` and evaluated first
+on ``resume``, so a killed run loses no finished trial and wastes no proposal.
+"""
+
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import atomic_write_text, from_dict, to_dict
+from .space import SearchSpace
+
+METHODS = ("botorch", "random", "tpe")
+
+
+@dataclass
+class TuningResult:
+    """Trials of a run (``trials.json``) and its summary.
+
+    Attributes:
+        trials: every trial, in order: ``id``, ``params``, ``x`` (unit cube), ``status``
+            (``done``, ``failed``, ``pending``), ``dice``, ``folding``, ``sdlogj``,
+            ``seconds``.
+        best: the best feasible finished trial (max Dice with folding ≤ τ) or ``None``.
+        pareto: finished feasible trials on the Dice/SDlogJ Pareto front.
+    """
+
+    trials: list[dict]
+    best: dict | None
+    pareto: list[dict]
+
+
+def _feasible(trials: list[dict], tau: float) -> list[dict]:
+    return [t for t in trials if t["status"] == "done" and t["folding"] <= tau]
+
+
+def best_trial(trials: list[dict], tau: float) -> dict | None:
+    """Max Dice among finished trials with folding ≤ τ (ties: lower SDlogJ)."""
+    ok = _feasible(trials, tau)
+    return max(ok, key=lambda t: (t["dice"], -t["sdlogj"])) if ok else None
+
+
+def pareto_front(trials: list[dict], tau: float) -> list[dict]:
+    """Feasible finished trials not dominated in (max Dice, min SDlogJ), by Dice."""
+    from botorch.utils.multi_objective.pareto import is_non_dominated
+
+    ok = _feasible(trials, tau)
+    if not ok:
+        return []
+    mask = is_non_dominated(torch.tensor([[t["dice"], -t["sdlogj"]] for t in ok], dtype=torch.double)).tolist()
+    return sorted((t for t, m in zip(ok, mask) if m), key=lambda t: t["dice"])
+
+
+def best_so_far(trials: list[dict], tau: float) -> list[float]:
+    """Best feasible Dice after each finished trial (NaN before the first feasible one)."""
+    out, best = [], float("nan")
+    for t in trials:
+        if t["status"] == "done" and t["folding"] <= tau and not (t["dice"] <= best):
+            best = t["dice"]
+        if t["status"] != "pending":
+            out.append(best)
+    return out
+
+
+def fit_gp(X: torch.Tensor, Y: torch.Tensor):
+    """A ``SingleTaskGP`` of ``Y`` (standardised) on unit-cube inputs ``X``, fitted by marginal likelihood."""
+    from botorch.exceptions.warnings import InputDataWarning
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    with warnings.catch_warnings():
+        # an outcome can be constant (no trial folds): Standardize then keeps its scale at 1
+        warnings.simplefilter("ignore", InputDataWarning)
+        model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]))
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    return model
+
+
+def _propose_botorch(space: SearchSpace, done: list[dict], q: int, seed: int) -> torch.Tensor:
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
+    from botorch.acquisition.objective import GenericMCObjective
+    from botorch.optim import optimize_acqf
+    from botorch.sampling import SobolQMCNormalSampler
+
+    d = len(space.parameters)
+    X = torch.tensor([t["x"] for t in done], dtype=torch.double)
+    tau = space.folding_max
+    bounds = torch.stack([torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)])
+    # Seeded MC samplers and start points. The baseline is not pruned (BoTorch's pruning draws unseeded): a
+    # pruned point is one never best in 2048 posterior samples, keeping it changes the acquisition by MC noise only.
+    if space.mode == "single":
+        Y = torch.tensor([[t["dice"], t["folding"]] for t in done], dtype=torch.double)
+        acq = qLogNoisyExpectedImprovement(
+            fit_gp(X, Y), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([512]), seed=seed),
+            objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]), constraints=[lambda Z: Z[..., 1] - tau],
+            prune_baseline=False,
+        )
+    else:
+        Y = torch.tensor([[t["dice"], -t["sdlogj"], t["folding"]] for t in done], dtype=torch.double)
+        ref = Y[:, :2].min(dim=0).values - 0.1 * (Y[:, :2].max(dim=0).values - Y[:, :2].min(dim=0).values).clamp_min(1e-3)
+        acq = qLogNoisyExpectedHypervolumeImprovement(
+            fit_gp(X, Y), ref_point=ref.tolist(), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([128]), seed=seed),
+            objective=IdentityMCMultiOutputObjective(outcomes=[0, 1]), constraints=[lambda Z: Z[..., 2] - tau],
+            prune_baseline=False,
+        )
+    cand, _ = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=8, batch_initial_conditions=_start_points(acq, d, q, 8, seed))
+    return cand.detach()
+
+
+def _start_points(acq, d: int, q: int, n: int, seed: int, raw: int = 256, eta: float = 2.0) -> torch.Tensor:
+    """``optimize_acqf``'s default start points, seeded: ``n`` of ``raw`` Sobol q-batches drawn ∝ exp(η·z(acq)), the best kept."""
+    Xr = torch.quasirandom.SobolEngine(q * d, scramble=True, seed=seed).draw(raw, dtype=torch.double).view(raw, q, d)
+    with torch.no_grad():
+        v = acq(Xr)
+    w = torch.exp(eta * (v - v.mean()) / v.std().clamp_min(1e-9))
+    idx = torch.multinomial(w, n, generator=torch.Generator().manual_seed(seed))
+    if not bool((idx == v.argmax()).any()):
+        idx[-1] = v.argmax()
+    return Xr[idx]
+
+
+class _TPE:
+    """Optuna's TPE sampler driven by ask/tell (re-told from the trial list on resume)."""
+
+    def __init__(self, space: SearchSpace, done: list[dict]):
+        try:
+            import optuna
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("method 'tpe' needs Optuna: pip install optuna") from e
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna, self.tau = optuna, space.folding_max
+        self.dist = {p.key: optuna.distributions.FloatDistribution(p.low, p.high, log=p.log) for p in space.parameters}
+        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=space.seed))
+        for t in done:
+            self.tell(t)
+
+    def tell(self, t: dict) -> None:
+        """Add a finished trial; an infeasible one (folding > τ) counts as Dice 0."""
+        val = t["dice"] if t["folding"] <= self.tau else 0.0
+        self.study.add_trial(self.optuna.trial.create_trial(params=dict(t["params"]), distributions=self.dist, value=val))
+
+    def ask(self, space: SearchSpace) -> list[float]:
+        tr = self.study.ask(self.dist)
+        x = [p.to_unit(tr.params[p.key]) for p in space.parameters]
+        self.study.tell(tr, state=self.optuna.trial.TrialState.FAIL)  # the real result is added by tell()
+        return x
+
+
+def _save_state(path: Path, space: SearchSpace, method: str, trials: list[dict]) -> None:
+    atomic_write_text(path, json.dumps({"method": method, "space": to_dict(space), "trials": trials}, indent=2,
+                                       allow_nan=True))
+
+
+def _run_one(fn: Callable[[SearchSpace, dict], dict], space: SearchSpace, params: dict) -> dict:
+    t0 = time.perf_counter()
+    try:
+        r = fn(space, params)
+        out = {"status": "done", **{k: float(r[k]) for k in ("dice", "folding", "sdlogj")}}
+        if not all(math.isfinite(out[k]) for k in ("dice", "folding", "sdlogj")):
+            out = {"status": "failed", "error": f"non-finite result {r}"}
+    except Exception as e:  # noqa: BLE001 -- a failed trial is recorded, the run goes on
+        out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_tuning(
+    space: SearchSpace,
+    objective: Callable[[SearchSpace, dict], dict],
+    n_trials: int,
+    out_dir: str | os.PathLike,
+    *,
+    method: str = "botorch",
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TuningResult:
+    """Run (or resume) a tuning loop until ``n_trials`` trials have finished.
+
+    Args:
+        space: the :class:`SearchSpace`.
+        objective: ``objective(space, params) -> {"dice", "folding", "sdlogj"}``; a
+            module-level function when ``space.workers > 1`` (it runs in worker processes).
+        n_trials: finished trials (done or failed) to reach.
+        out_dir: folder of ``trials.json`` (and the caller's outputs).
+        method: ``"botorch"``, ``"random"`` or ``"tpe"`` (Optuna, optional dependency).
+        resume: continue from ``out_dir/trials.json``: finished trials are kept, pending
+            candidates are evaluated first.
+        stop_after: stop once this many trials have finished (an interruption, for tests).
+
+    Returns:
+        :class:`TuningResult`.
+
+    Raises:
+        ValueError: unknown ``method``, ``n_trials < 1``, a fresh run into a folder that
+            already holds ``trials.json``, or a resume whose saved space or method differs.
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
+    if n_trials < 1:
+        raise ValueError(f"`--trials` must be >= 1, got {n_trials}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    state = Path(out_dir) / "trials.json"
+    trials: list[dict] = []
+    if resume and state.is_file():
+        saved = json.loads(state.read_text())
+        # compare as dataclasses, so that fields added later with defaults do not break a resume
+        if saved["method"] != method or from_dict(SearchSpace, saved["space"], where=str(state)) != space:
+            raise ValueError(f"`--resume`: {state} was written with another method or search space")
+        trials = saved["trials"]
+    elif resume:
+        raise ValueError(f"`--resume`: {state} does not exist")
+    elif state.exists():
+        raise ValueError(f"{state} exists; pass --resume to continue that run or choose a new --out")
+
+    d = len(space.parameters)
+    sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=space.seed).draw(space.initial_trials, dtype=torch.double)
+    tpe = None
+    limit = n_trials if stop_after is None else min(n_trials, stop_after)
+    finished = lambda: sum(t["status"] != "pending" for t in trials)  # noqa: E731
+    bar = tqdm(total=n_trials, initial=finished(), desc=f"tune ({method})", disable=not progress, dynamic_ncols=True)
+    pool = cf.ProcessPoolExecutor(space.workers, mp_context=mp.get_context("spawn")) if space.workers > 1 else None
+    try:
+        while finished() < limit:
+            pending = [t for t in trials if t["status"] == "pending"]
+            if not pending:
+                q = min(space.batch_size, n_trials - finished())
+                done = [t for t in trials if t["status"] == "done"]
+                n_prop = len(trials)
+                if method == "tpe":
+                    tpe = tpe or _TPE(space, done)
+                    xs = torch.tensor([tpe.ask(space) for _ in range(q)], dtype=torch.double)
+                elif method == "botorch" and n_prop < space.initial_trials:
+                    xs = sobol[n_prop:n_prop + q]
+                elif method == "botorch" and len(done) >= 2:
+                    xs = _propose_botorch(space, done, q, space.seed + n_prop)
+                else:  # random search (one generator per trial index: the same draws after a resume)
+                    xs = torch.stack([torch.rand(d, generator=torch.Generator().manual_seed(space.seed * 100_003 + n_prop + i),
+                                                 dtype=torch.double) for i in range(q)])
+                for x in xs.tolist():
+                    params = {p.key: p.from_unit(u) for p, u in zip(space.parameters, x)}
+                    trials.append({"id": len(trials), "params": params, "x": [p.to_unit(params[p.key]) for p in space.parameters],
+                                   "status": "pending", "method": method})
+                _save_state(state, space, method, trials)
+                pending = [t for t in trials if t["status"] == "pending"]
+            if pool is None:
+                results = ((t, _run_one(objective, space, t["params"])) for t in pending)
+            else:
+                futs = {pool.submit(_run_one, objective, space, t["params"]): t for t in pending}
+                results = ((futs[f], f.result()) for f in cf.as_completed(futs))
+            for t, r in results:
+                t.update(r)
+                _save_state(state, space, method, trials)
+                if tpe is not None and t["status"] == "done":
+                    tpe.tell(t)
+                bar.update(1)
+                b = best_trial(trials, space.folding_max)
+                bar.set_postfix(best=f"{b['dice']:.4f}" if b else "-", refresh=False)
+                if finished() >= limit:
+                    break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return TuningResult(trials, best_trial(trials, space.folding_max), pareto_front(trials, space.folding_max))

@@ -1,0 +1,67 @@
+"""Trial objectives: a trial's config run on the bundled validation (or test) pairs, registered by
+the register service (:func:`hybridreg.service.run_solver`: a diverged trial fails) and scored
+by :func:`hybridreg.metrics.score_registration`: ``dice`` (mean over the pairs, label policy
+``"auto"``; maximised), ``folding`` (the largest %|J|≤0, the
+outcome constraint ``folding ≤ τ``) and ``sdlogj`` (mean SDlogJ, the second Pareto objective).
+"""
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data.sources import bundled, load_dataset
+from ..metrics import score_registration
+from ..service import run_solver
+from ..solvers import get_solver
+from .space import SearchSpace, apply_params
+
+
+def _pairs(space: SearchSpace, split: str) -> tuple[list, tuple]:
+    """The bundled pairs of ``split`` (the first ``space.max_pairs``; 0 = all) and their spacing."""
+    ds = bundled(space.resolution)
+    return ds.pairs(split)[: space.max_pairs or None], ds.spacing
+
+
+def _score(register: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pairs: list) -> dict:
+    """Mean Dice, max %|J|≤0 and mean SDlogJ of ``register(fixed, moving) -> displacement``
+    (:func:`hybridreg.metrics.score_registration`)."""
+    scores = [score_registration(f.labels, m.labels, register(torch.from_numpy(f.image)[None, None],
+                                                             torch.from_numpy(m.image)[None, None]), "auto")
+              for f, m in pairs]
+    return {"dice": float(np.mean([s["dice_mean"] for s in scores])),
+            "folding": float(np.max([s["folding_percent"] for s in scores])),
+            "sdlogj": float(np.mean([s["sdlogj"] for s in scores]))}
+
+
+def instance_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+    """Trial of the instance solver: register every bundled pair of ``split`` (atlas ←
+    subject, ``space.resolution`` mm; ``"val"`` while tuning, ``"test"`` to check the
+    chosen configuration) with the trial's config; returns mean Dice, max %|J|≤0 and mean
+    SDlogJ."""
+    solver = get_solver("instance")
+    cfg = replace(apply_params(space, params), progress=False)
+    pairs, spacing = _pairs(space, split)
+    return _score(lambda f, m: run_solver(solver, cfg, f, m, spacing).result.displacement, pairs)
+
+
+def learned_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+    """Trial of the learned solver: train with the trial's config (its ``steps`` is the
+    per-trial training budget) on ``space.train_data``, then score the network on the
+    bundled pairs of ``split``."""
+    from learned.train import train
+    from learned.weights import predict
+
+    cfg = apply_params(space, params)
+    data = load_dataset(space.train_data)
+    pairs, spacing = _pairs(space, split)
+    with tempfile.TemporaryDirectory() as tmp:
+        net = train(cfg, data, Path(tmp) / "run", progress=False)
+    net.eval()
+    return _score(lambda f, m: predict(net, f, m, cfg.objective, spacing)[1].displacement, pairs)
+
+
+OBJECTIVES = {"instance": instance_objective, "learned": learned_objective}

@@ -1,0 +1,73 @@
+"""Weight files of the learned solver and inference with them (method §2.2): training writes
+them, inference reads them without importing training. A :data:`WEIGHTS_FORMAT` file is a
+``torch.save`` dict: ``format``, ``network`` and ``objective`` (the configs as dicts),
+``spacing`` (training voxel size, mm per tensor axis), ``info``, ``state_dict`` (float32)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from hybridreg.config import atomic_output, from_dict, to_dict
+from hybridreg.objective import Evaluation, ObjectiveConfig
+
+from .loss import network_energy
+from .network import NetOutput, NetworkConfig, RegistrationNetwork
+
+__all__ = ["WEIGHTS_FORMAT", "save_weights", "load_weights", "predict"]
+
+WEIGHTS_FORMAT = "hybridreg-learned-v1"
+
+
+def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: ObjectiveConfig,
+                 spacing: Sequence[float], info: dict | None = None) -> None:
+    """Write a weight file (atomically): the state dict in float32 plus everything inference
+    needs (network config, the energy's config, the training voxel size in mm)."""
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in net.state_dict().items()}
+    payload = {"format": WEIGHTS_FORMAT, "network": to_dict(net.config), "objective": to_dict(objective),
+               "spacing": [float(s) for s in spacing], "info": info or {}, "state_dict": state}
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_weights(path: str | os.PathLike, device: torch.device | str | None = None, *, arg: str = "--weights"):
+    """Read a weight file written by :func:`save_weights`.
+
+    Returns:
+        ``(network in eval mode on device, ObjectiveConfig, training spacing in mm, info dict)``.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not a hybridreg weight file, or one
+            missing an entry or a weight (both name ``arg``, the option the path came from).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- torch raises many types (and advice about pickles) for foreign files
+        raise ValueError(f"`{arg}`: {p} is not a hybridreg weight file (torch cannot read it as one)") from None
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"`{arg}`: {p} is not a {WEIGHTS_FORMAT} weight file")
+    try:
+        net = RegistrationNetwork(from_dict(NetworkConfig, payload["network"], where="weights network"))
+        net.load_state_dict(payload["state_dict"])
+        objective = from_dict(ObjectiveConfig, payload["objective"], where="weights objective")
+        spacing, info = tuple(payload["spacing"]), payload["info"]
+    except (KeyError, RuntimeError, ValueError) as e:  # a missing entry, or a state dict that does not fit
+        msg = " ".join(str(e).split())[:200]
+        raise ValueError(f"`{arg}`: {p} is a damaged {WEIGHTS_FORMAT} weight file: {type(e).__name__}: {msg}") from None
+    return net.eval().to(device or "cpu"), objective, spacing, info
+
+
+def predict(net: RegistrationNetwork, fixed: torch.Tensor, moving: torch.Tensor, objective: ObjectiveConfig,
+            spacing: Sequence[float]) -> tuple[NetOutput, Evaluation]:
+    """The network's output for ``(B, 1, *spatial)`` images on its grid (voxel size
+    ``spacing`` mm) and its :class:`hybridreg.objective.Evaluation` (displacement in voxels
+    on the image grid, warped image, energy terms), without gradients."""
+    with torch.no_grad():
+        out = net(fixed, moving)
+        return out, network_energy(out, fixed, moving, objective, spacing)

@@ -1,0 +1,290 @@
+"""The CLI's fault contract, one row per bad input or fault (issue: a 144-case fault probe).
+
+Every row runs ``hybridreg`` on 32³ crops of the bundled data with a short schedule and
+checks: the exit code, one line on stderr with the expected fragment and no traceback, and
+``--out`` exactly as it was before (nothing partial, nothing of the user's lost).
+"""
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hybridreg import data
+from hybridreg.cli import main
+
+QUICK = "level_spacing: [4.0]\niterations: [5]\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Crops of the bundled demo pair (fixed, moving, their labels) and a few bad files."""
+    root = tmp_path_factory.mktemp("faults")
+    fid, mid = data.demo_pair()
+    f, m = data.load_subject(fid, 2), data.load_subject(mid, 2)
+    sl = (slice(24, 56), slice(32, 64), slice(24, 56))
+    paths = {}
+    for key, path in (("fixed", f.image_path), ("moving", m.image_path), ("fixed_labels", f.labels_path),
+                      ("moving_labels", m.labels_path)):
+        paths[key] = root / f"{key}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(path))[sl[2], sl[1], sl[0]], str(paths[key]))
+    img = sitk.ReadImage(str(paths["moving"]), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(img)
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        bad = arr.copy()
+        bad[5, 5, 5] = value
+        out = sitk.GetImageFromArray(bad)
+        out.CopyInformation(img)
+        paths[name] = root / f"{name}.nii.gz"
+        sitk.WriteImage(out, str(paths[name]))
+    raw = root / "moving.nii"
+    sitk.WriteImage(img, str(raw))
+    blob = raw.read_bytes()
+    (root / "short.nii").write_bytes(blob[: len(blob) // 2])
+    paths["short_nii"] = root / "short.nii"
+    paths["short_niigz"] = root / "short.nii.gz"
+    paths["short_niigz"].write_bytes(gzip.compress(blob)[: len(gzip.compress(blob)) // 2])
+    lab = sitk.ReadImage(str(paths["fixed_labels"]))
+    for name, pix, value in (("labels_uint32", sitk.sitkUInt32, 2**31 + 5), ("labels_negative", sitk.sitkInt32, -3)):
+        la = sitk.GetArrayFromImage(lab).astype(np.int64)
+        la[la == 2] = value
+        out = sitk.GetImageFromArray(la.astype(np.uint32 if pix == sitk.sitkUInt32 else np.int32))
+        out.CopyInformation(lab)
+        paths[name] = root / f"{name}.nii.gz"
+        sitk.WriteImage(out, str(paths[name]))
+    paths["image2d"] = root / "slice2d.nii.gz"
+    sitk.WriteImage(img[:, :, 16], str(paths["image2d"]))
+    paths["quick"] = root / "quick.yaml"
+    paths["quick"].write_text(QUICK)
+    for name, text in (("cfg_lr", QUICK + "lr: 1.0e+6\n"), ("cfg_lr_lambda", QUICK + "lr_lambda: 1.0e+30\n"),
+                       ("cfg_smoothing", QUICK + "velocity_smoothing: 1.0e+6\n"),
+                       ("cfg_nan_mean", QUICK + "objective: {hyperprior: normal, hyper_mean: .nan}\n"),
+                       ("cfg_iterations", "level_spacing: [4.0]\niterations: [100000000]\n")):
+        paths[name] = root / f"{name}.yaml"
+        paths[name].write_text(text)
+    paths["cfg_latin1"] = root / "latin1.yaml"
+    paths["cfg_latin1"].write_bytes("lr: 0.5 # r\xe9glage\n".encode("latin-1"))
+    return paths
+
+
+def _register(p, out, *extra, moving=None, labels=True, config=True):
+    argv = ["register", str(p["fixed"]), str(moving or p["moving"]), "--out", str(out), "--no-progress"]
+    argv += ["--config", str(p["quick"])] if config else []
+    if labels:
+        argv += ["--fixed-labels", str(p["fixed_labels"]), "--moving-labels", str(p["moving_labels"])]
+    return argv + [str(e) for e in extra]
+
+
+def _snapshot(folder: Path) -> dict:
+    if not folder.exists():
+        return {}
+    return {q.relative_to(folder).as_posix(): q.read_bytes() for q in sorted(folder.rglob("*")) if q.is_file()}
+
+
+# (id, argv builder (paths, out folder) -> argv, expected exit code, stderr fragment)
+CASES = [
+    ("moving-is-an-output", lambda p, o: _register(p, o, moving=o / "warped.nii.gz"), 2, "would overwrite"),
+    ("out-empty", lambda p, o: _register(p, ""), 2, "empty string"),
+    ("out-has-results", lambda p, o: _register(p, o), 2, "earlier run"),
+    ("out-below-a-file", lambda p, o: _register(p, o / "metrics.json" / "sub"), 2, "is a file"),
+    ("out-is-a-file", lambda p, o: _register(p, o / "metrics.json"), 2, "not a folder"),
+    ("truncated-nii", lambda p, o: _register(p, o / "new", moving=p["short_nii"]), 2, "truncated"),
+    ("truncated-nii-gz", lambda p, o: _register(p, o / "new", moving=p["short_niigz"]), 2, "truncated"),
+    ("nan-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["nan"]), 2, "NaN or Inf"),
+    ("inf-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["inf"]), 2, "NaN or Inf"),
+    ("lr-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr"]), 2, "`lr`"),
+    ("lr-lambda-1e30", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr_lambda"]), 2, "`lr_lambda`"),
+    ("smoothing-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_smoothing"]), 2, "`velocity_smoothing`"),
+    ("nan-hyper-mean", lambda p, o: _register(p, o / "new", "--config", p["cfg_nan_mean"]), 2, "`hyper_mean`"),
+    ("huge-iterations", lambda p, o: _register(p, o / "new", "--config", p["cfg_iterations"]), 2, "`iterations`"),
+    ("config-not-utf8", lambda p, o: _register(p, o / "new", "--config", p["cfg_latin1"]), 2, "--config"),
+    ("device-meta", lambda p, o: _register(p, o / "new", "--device", "meta"), 2, "--device"),
+    ("device-mps", lambda p, o: _register(p, o / "new", "--device", "mps"), 2, "--device"),
+    ("weights-not-a-weight-file", lambda p, o: _register(p, o / "new", "--solver", "learned", "--weights", p["fixed"],
+                                                         config=False), 2, "--weights"),
+    ("weights-for-instance", lambda p, o: _register(p, o / "new", "--weights", p["fixed"]), 2, "--weights"),
+    ("apply-out-txt", lambda p, o: ["apply", o / "displacement.nii.gz", p["moving"], "--out", o / "x.txt"], 2, "image file"),
+    ("apply-2d-image-3d-field", lambda p, o: ["apply", o / "displacement.nii.gz", p["image2d"], "--out", o / "w.nii.gz"], 2,
+     "2D"),
+    ("apply-out-exists", lambda p, o: ["apply", o / "displacement.nii.gz", p["moving"], "--out", o / "warped.nii.gz"], 2,
+     "--overwrite"),
+    ("apply-out-is-input", lambda p, o: ["apply", o / "displacement.nii.gz", o / "warped.nii.gz", "--out",
+                                         o / "warped.nii.gz", "--overwrite"], 2, "is the input"),
+    ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "DISPLACEMENT"),
+    ("tune-resume-nothing", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
+                                          "--trials", "1", "--out", o / "tune", "--resume"], 2, "--resume"),
+    ("tune-out-below-file", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
+                                          "--trials", "1", "--out", o / "metrics.json" / "t"], 2, "is a file"),
+    ("train-init-corrupt", lambda p, o: ["train", "--data", "bundled", "--out", o / "run", "--init", p["fixed"]], 2, "--init"),
+    ("train-out-is-file", lambda p, o: ["train", "--data", "bundled", "--out", o / "metrics.json"], 2, "not a folder"),
+]
+CASES += [
+    ("labels-uint32-wrap", lambda p, o: ["register", p["fixed"], p["moving"], "--out", o / "new", "--no-progress", "--config",
+                                         p["quick"], "--fixed-labels", p["labels_uint32"], "--moving-labels",
+                                         p["moving_labels"]], 2, "outside 0.."),
+    ("labels-negative", lambda p, o: ["register", p["fixed"], p["moving"], "--out", o / "new", "--no-progress", "--config",
+                                      p["quick"], "--fixed-labels", p["fixed_labels"], "--moving-labels",
+                                      p["labels_negative"]], 2, "outside 0.."),
+]
+
+
+@pytest.fixture(scope="module")
+def earlier(files, tmp_path_factory):
+    """A folder holding the results of an earlier, successful run."""
+    out = tmp_path_factory.mktemp("earlier") / "out"
+    assert main(_register(files, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fault_gives_one_line_exit_2_and_loses_nothing(case, files, earlier, capsys):
+    _, build, code, fragment = case
+    before = _snapshot(earlier)
+    parent_before = sorted(p.name for p in earlier.parent.iterdir())
+    rc = main([str(a) for a in build(files, earlier)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+    assert _snapshot(earlier) == before
+    assert sorted(p.name for p in earlier.parent.iterdir()) == parent_before  # no staging folder, no new --out
+
+
+def test_overwrite_replaces_earlier_results(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(_register(files, out)) == 0
+    first = (out / "metrics.json").read_bytes()
+    assert main(_register(files, out, "--overwrite")) == 0
+    assert (out / "metrics.json").read_bytes() != first  # a new run (its timings differ)
+
+
+def test_diverging_run_is_reported_and_not_written(files, tmp_path, capsys):
+    """lr within its range but far too large for this pair: the optimisation collapses."""
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text(QUICK + "lr: 100.0\nvelocity_smoothing: 0.0\n")
+    out = tmp_path / "out"
+    rc = main(_register(files, out, "--config", cfg))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "diverged" in err[0] and "lr" in err[0], err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["fast.yaml"]
+
+
+def test_nan_weights_are_a_divergence(files, tmp_path, capsys):
+    import torch
+
+    from learned.solver import DEFAULT_WEIGHTS
+
+    payload = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    for v in payload["state_dict"].values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    rc = main(_register(files, tmp_path / "out", "--solver", "learned", "--weights", bad, config=False))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "weights" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_2d_pair_registers_end_to_end(files, tmp_path):
+    paths = {}
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        paths[key] = tmp_path / f"{key}2d.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(files[key]))[:, :, 16], str(paths[key]))
+    out = tmp_path / "out"
+    rc = main(["register", str(paths["fixed"]), str(paths["moving"]), "--out", str(out), "--no-progress", "--config",
+               str(files["quick"]), "--fixed-labels", str(paths["fixed_labels"]), "--moving-labels", str(paths["moving_labels"])])
+    assert rc == 0
+    assert sitk.ReadImage(str(out / "displacement.nii.gz")).GetDimension() == 2
+
+
+def test_unexpected_error_is_logged_with_exit_1(files, tmp_path, capsys, monkeypatch):
+    import hybridreg.service as service
+
+    def boom(*a, **k):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(service, "solve", boom)
+    rc = main(_register(files, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "an internal bug" in err[0] and "full traceback in" in err[0]
+    log = Path(err[0].rsplit("full traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text()
+    log.unlink()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_signals_exit_130_143_and_leave_nothing(files, tmp_path, sig, code):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("level_spacing: [2.0]\niterations: [100000]\ntol: 0.0\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's file")
+    proc = subprocess.Popen([sys.executable, "-m", "hybridreg", "register", str(files["fixed"]), str(files["moving"]),
+                             "--out", str(out), "--config", str(cfg), "--no-progress"], stderr=subprocess.PIPE, text=True)
+    time.sleep(12)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.yaml", "out"]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_train_without_a_computable_validation_fails_at_start_up(tmp_path, capsys):
+    """One labelled validation subject and no atlas: no validation pair, so validation Dice
+    (and model_best.pt) could never be computed: refused before any step, nothing written."""
+    from hybridreg.io import Geometry, write_image
+
+    geo = Geometry(size=(16, 14, 12), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rng = np.random.default_rng(0)
+    lines = ["image,labels,split"]
+    for k, split in enumerate(["train", "train", "val"]):
+        img = rng.random((12, 14, 16)).astype(np.float32)
+        write_image(tmp_path / f"s{k}.nii.gz", img, geo)
+        write_image(tmp_path / f"s{k}_seg.nii.gz", (img > 0.5).astype(np.int32), geo, dtype=np.int32)
+        lines.append(f"s{k}.nii.gz,s{k}_seg.nii.gz,{split}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cfg.yaml").write_text("network: {encoder: [4, 8], decoder: [8, 4], lambda_channels: 4}\nsteps: 2\npairing: subject\n")
+    rc = main(["train", "--data", str(tmp_path / "manifest.csv"), "--config", str(tmp_path / "cfg.yaml"), "--out",
+               str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no validation pair" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_weight_file_is_one_line(files, tmp_path, capsys):
+    import torch
+
+    from learned.solver import DEFAULT_WEIGHTS
+
+    payload = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+    bad = tmp_path / "missing_key.pt"
+    torch.save(payload, bad)
+    rc = main(_register(files, tmp_path / "out", "--solver", "learned", "--weights", bad, config=False))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "damaged" in err[0] and "weights_only" not in err[0], err
+
+
+def test_too_little_disk_space_is_refused_before_the_run(files, tmp_path, capsys, monkeypatch):
+    import collections
+
+    import hybridreg.service as service
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(service.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(service, "solve", lambda *a, **k: pytest.fail("the run started"))
+    rc = main(_register(files, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "MB free" in err[0], err
+    assert not (tmp_path / "out").exists()
