@@ -38,7 +38,7 @@ def _list() -> int:
         print(f"  {k}: dataset {s['dataset']}, methods {', '.join(s['methods'])}{', scaling' if s['scaling'] else ''}")
     print("datasets:")
     for k, d in DATASETS.items():
-        print(f"  {k}: {d.description}")
+        print(f"  {k}: {d.description}" + "".join(f"  [{n}]" for n in d.notes()))
     print("methods:")
     for k, m in METHODS.items():
         ok, msg = available(m)
@@ -88,7 +88,7 @@ def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None
 def _run(a) -> int:
     from benchmarks.methods import METHODS, available
     from benchmarks.scaling import GRIDS, run_scaling
-    from benchmarks.suite import SUITES, run_suite
+    from benchmarks.suite import DATASETS, SUITES, run_suite
     from hybridreg.config import atomic_write_text
 
     if a.suite not in SUITES:
@@ -101,6 +101,7 @@ def _run(a) -> int:
     spec = SUITES[a.suite]
     methods = a.methods or spec["methods"]
     skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
+    skipped += DATASETS[spec["dataset"]].notes()
     run_suite(a.suite, out, methods, a.max_pairs)
     scaling = []
     sc_path = out / "scaling.json"

@@ -1,10 +1,23 @@
 """The registration methods the benchmark suite compares, in one registry.
 
-Every method maps a :class:`Pair` (fixed and moving :class:`~hybridreg.data.sources.Volume`
-on the same grid, its voxel size and physical geometry) to a :class:`MethodOutput` whose
-``displacement`` follows the core convention: ``(d, *shape)`` in voxels of the fixed grid,
-channels in array-axis order, ``warped(x) = moving(x + u(x))``. Metrics are computed from
-it by the same code for every method (``benchmarks.suite``).
+Every method maps a pair to a :class:`MethodOutput` whose ``displacement`` follows the core
+convention: ``(d, *shape)`` in voxels of the fixed grid, channels in array-axis order,
+``warped(x) = moving(M(x + u(x)))`` with ``M`` the affine :attr:`MethodOutput.voxel_map`
+(the identity for pre-aligned pairs). Metrics are computed from it by the same code for
+every method (``benchmarks.suite``). Two kinds of pair:
+
+* :class:`Pair` -- fixed and moving :class:`~hybridreg.data.sources.Volume` on the same grid,
+  affinely pre-aligned (the bundled data): the methods register the arrays directly.
+* :class:`FilePair` -- two scans as they come (``realworld``): image and label files, each
+  on its own grid, orientation and intensity range, not aligned. The hybridreg solvers run
+  through :func:`hybridreg.service.register_files` (its affine stage, then the solver on the
+  fixed grid), the classical tools after their own or the same affine stage.
+
+Each pair kind produces what the methods take from it (:meth:`Pair.files` /
+:meth:`FilePair.files`: image files for ANTs; :meth:`Pair.on_fixed_grid` /
+:meth:`FilePair.on_fixed_grid`: both images on the fixed grid for demons; ``prealigned``:
+whether an affine stage is needed), so every method has one code path for both kinds except
+the hybridreg solvers, which take the service's path on a :class:`FilePair`.
 
 Methods:
 
@@ -25,20 +38,26 @@ Methods:
 * ``ants-syn`` -- ANTs SyN (antspyx, optional): ``SyNOnly`` (no affine stage: the bundled
   images are already affinely aligned) with the CC metric (radius 2), 100/70/20 iterations
   at shrink factors 4/2/1 (fewer at full resolution than ANTs' scripts use, to keep the
-  suite within an hour on 2 cores).
+  suite within an hour on 2 cores). On a :class:`FilePair`: ``SyN``, ANTs' own rigid +
+  affine stages (mutual information) before the same SyN stage.
 * ``sitk-demons`` -- SimpleITK's diffeomorphic demons, multi-resolution (4, 2, 1 shrink
-  factors on the input grid), Gaussian smoothing of the update and of the field.
+  factors on the input grid), Gaussian smoothing of the update and of the field. On a
+  :class:`FilePair`: after the service's affine stage (:func:`hybridreg.affine.align`, the
+  same options), MOVING resampled through it onto FIXED's grid, both intensities normalised
+  (:func:`hybridreg.io.normalize_intensity`) and MOVING's histogram matched to FIXED's
+  (demons compares intensities directly).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,6 +75,23 @@ STAGE1_WEIGHTS = ROOT / "learned" / "weights" / "stage1" / "learned_bundled_2mm_
 
 
 @dataclass
+class OnFixedGrid:
+    """Both images of a pair as SimpleITK float32 images on FIXED's grid.
+
+    Attributes:
+        fixed: FIXED. moving: MOVING resampled onto FIXED's grid (through the affine stage).
+        voxel_map: ``(d, d + 1)`` affine map from FIXED voxel indices to MOVING's own voxel
+            indices (:func:`hybridreg.affine.voxel_map`), ``None`` for a pre-aligned pair.
+        seconds: wall seconds of the affine stage, the resampling and the histogram matching.
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    voxel_map: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+@dataclass
 class Pair:
     """One benchmark pair: ``moving`` is registered to ``fixed`` (same grid)."""
 
@@ -66,6 +102,81 @@ class Pair:
     spacing: tuple[float, ...]  # mm per array axis
     geometry: Geometry
 
+    prealigned: ClassVar[bool] = True  # the bundled images are affinely aligned, on one grid
+
+    def files(self, folder: str | os.PathLike) -> tuple[str, str]:
+        """Both images written as NIfTI into ``folder``: ``(fixed path, moving path)``."""
+        from hybridreg.io import write_image
+
+        paths = []
+        for name, v in (("fixed", self.fixed), ("moving", self.moving)):
+            p = str(Path(folder) / f"{name}.nii.gz")
+            write_image(p, v.image, self.geometry)
+            paths.append(p)
+        return paths[0], paths[1]
+
+    def on_fixed_grid(self) -> OnFixedGrid:
+        """Both images as they are (already on one grid, aligned)."""
+        return OnFixedGrid(_image(self.fixed.image, self.geometry), _image(self.moving.image, self.geometry))
+
+
+@dataclass(frozen=True)
+class FilePair:
+    """One pair given as files, as the scans come: FIXED and MOVING on their own grids (size,
+    spacing, orientation, physical frame, intensity range), not aligned; each label map on
+    its own image's grid, holding the IDs ``labels`` (scored with
+    :func:`hybridreg.metrics.score_dice` policy ``list(labels)``).
+
+    Attributes:
+        name: ``"<fixed><-<moving>"``. kind: the label set (``"aal-aseg"``, ``"tissue"``).
+        fixed_image, moving_image, fixed_labels, moving_labels: file paths.
+        labels: label IDs to score. label_names: ``{id: name}`` (for the report).
+    """
+
+    name: str
+    kind: str
+    fixed_image: Path
+    moving_image: Path
+    fixed_labels: Path
+    moving_labels: Path
+    labels: tuple[int, ...]
+    label_names: dict[int, str] = field(default_factory=dict, compare=False)
+
+    prealigned: ClassVar[bool] = False
+
+    @classmethod
+    def of(cls, pair: Any) -> "FilePair":
+        """From any record with these attributes, e.g. :class:`benchmarks.realworld.RealPair`."""
+        return cls(pair.name, pair.kind, Path(pair.fixed_image), Path(pair.moving_image), Path(pair.fixed_labels),
+                   Path(pair.moving_labels), tuple(int(k) for k in pair.labels),
+                   {int(k): str(v) for k, v in (getattr(pair, "label_names", None) or {}).items()})
+
+    def files(self, folder: str | os.PathLike | None = None) -> tuple[str, str]:
+        """The image files as given: ``(fixed path, moving path)``."""
+        return str(self.fixed_image), str(self.moving_image)
+
+    def on_fixed_grid(self) -> OnFixedGrid:
+        """The affine stage of :func:`hybridreg.service.register_files` (:func:`hybridreg.affine.align`
+        with its defaults: rigid then affine, centred by geometry, Mattes MI), MOVING resampled
+        through it onto FIXED's grid (linear, 0 outside), both intensities normalised
+        (:func:`hybridreg.io.normalize_intensity`) and MOVING's histogram matched to FIXED's
+        (``sitk.HistogramMatching``, 1024 levels, 7 match points, above-mean voxels)."""
+        from hybridreg.affine import align, voxel_map
+        from hybridreg.io import normalize_intensity, read_image
+
+        (f, f_geo), (m, m_geo) = (read_image(p, arg=a) for p, a in ((self.fixed_image, "FIXED"), (self.moving_image, "MOVING")))
+        fixed, moving = _image(f, f_geo), _image(m, m_geo)
+        t0 = time.perf_counter()
+        tx = align(fixed, moving, kind="affine", init="geometry", metric="mi").transform
+        fixed_n = _image(normalize_intensity(f), f_geo)
+        moving_n = sitk.Resample(_image(normalize_intensity(m), m_geo), fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        moving_n = sitk.HistogramMatching(moving_n, fixed_n, numberOfHistogramLevels=1024, numberOfMatchPoints=7,
+                                          thresholdAtMeanIntensity=True)
+        return OnFixedGrid(fixed_n, moving_n, voxel_map(f_geo, m_geo, tx), time.perf_counter() - t0)
+
+
+AnyPair = Pair | FilePair
+
 
 @dataclass
 class MethodOutput:
@@ -73,15 +184,22 @@ class MethodOutput:
 
     Attributes:
         displacement: ``(d, *shape)`` float, voxels of the fixed grid (core convention).
-        seconds: wall seconds of the registration alone (no data loading, no metrics).
+        seconds: wall seconds of the registration alone (no data loading, no metrics; the
+            affine stage included on a :class:`FilePair`).
         lam: optional λ map (any grid) for the figures.
         trace: optional ``[(seconds, mean Dice), ...]`` recorded during the run.
+        voxel_map: ``(d, d + 1)`` affine map from FIXED voxel indices to MOVING's own voxel
+            indices, applied after the displacement (``None``: same grid, no affine stage).
+        metrics: the ``metrics.json`` dictionary of :func:`hybridreg.service.register_files`
+            when the method ran through it (then the suite takes the metrics from it).
     """
 
     displacement: np.ndarray
     seconds: float
     lam: np.ndarray | None = None
     trace: list[tuple[float, float]] | None = None
+    voxel_map: np.ndarray | None = None
+    metrics: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +209,7 @@ class Method:
 
     name: str
     label: str
-    run: Callable[[Pair, Callable[[np.ndarray], float]], MethodOutput]
+    run: Callable[[AnyPair, Callable[[np.ndarray], float] | None], MethodOutput]
     lambda_kind: str  # "voxelwise", "uniform" or "-" (classical tools)
     solver: str  # "instance", "learned", "learned+refine" or "classical"
     description: str = ""
@@ -103,8 +221,33 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.from_numpy(v.image)[None, None] for v in (pair.fixed, pair.moving))
 
 
+def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
+    """Register a :class:`FilePair` with :func:`hybridreg.service.register_files` (its affine
+    stage, then ``solver`` with ``config`` on FIXED's grid) into a temporary folder. Seconds:
+    the registration and affine stages it reports; the displacement and the affine voxel map
+    are read back from its output files (``displacement.nii.gz``, ``affine.mat``), λ from
+    ``lambda.nii.gz``, and its metrics are kept (:attr:`MethodOutput.metrics`)."""
+    from hybridreg.affine import voxel_map
+    from hybridreg.config import dump_yaml
+    from hybridreg.io import displacement_from_itk, read_displacement, read_image, read_transform
+    from hybridreg.service import register_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, out = Path(tmp) / "solver_config.yaml", Path(tmp) / "out"
+        dump_yaml(config, cfg_path)
+        metrics = register_files(pair.fixed_image, pair.moving_image, out, fixed_labels=pair.fixed_labels,
+                                 moving_labels=pair.moving_labels, eval_labels=list(pair.labels), solver=solver,
+                                 config=cfg_path, affine="affine", progress=False, hd95_metric=True, overwrite=True)
+        disp, f_geo = displacement_from_itk(read_displacement(out / "displacement.nii.gz"))
+        m_geo = read_image(pair.moving_image, arg="MOVING")[1]
+        vm = voxel_map(f_geo, m_geo, read_transform(out / "affine.mat"))
+        lam = read_image(out / "lambda.nii.gz", arg="lambda")[0]
+    seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)
+    return MethodOutput(disp.astype(np.float32), seconds, lam, voxel_map=vm, metrics=metrics)
+
+
 def _instance(config_path: Path | None):
-    def run(pair: Pair, dice_fn) -> MethodOutput:
+    def run(pair: AnyPair, dice_fn) -> MethodOutput:
         from hybridreg.config import load_yaml
         from hybridreg.solvers import get_solver
         from hybridreg.spatial import resize_field, scaling_and_squaring
@@ -112,6 +255,8 @@ def _instance(config_path: Path | None):
 
         solver = get_solver("instance")
         cfg = replace(load_yaml(config_path, solver.config_class) if config_path else solver.default_config(), progress=False)
+        if not pair.prealigned:
+            return _via_service(pair, "instance", cfg)
         f, m = _tensors(pair)
         points: list[tuple[float, float]] = []
         spent = [0.0]
@@ -136,7 +281,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
     (default: the shipped ones); ``half_grid``: refine with :func:`learned.solver.half_grid_refine`
     (networks without a full-resolution stage)."""
 
-    def run(pair: Pair, dice_fn) -> MethodOutput:
+    def run(pair: AnyPair, dice_fn) -> MethodOutput:
         from hybridreg.service import run_solver
         from hybridreg.solvers import get_solver
         from learned.solver import half_grid_refine
@@ -144,6 +289,8 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
         solver = get_solver(name)
         cfg = solver.configure(replace(solver.default_config(), progress=False, weights=str(weights or ""),
                                        **({"refine_config": half_grid_refine()} if half_grid else {})))
+        if not pair.prealigned:
+            return _via_service(pair, name, cfg)
         f, m = _tensors(pair)
         solved = run_solver(solver, cfg, f, m, pair.spacing)
         return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, solved.result.lam[0, 0].numpy())
@@ -155,37 +302,38 @@ def _image(arr: np.ndarray, geo: Geometry) -> sitk.Image:
     return geo.apply(sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32)))
 
 
-def _ants_syn(pair: Pair, dice_fn) -> MethodOutput:
+def _ants_syn(pair: AnyPair, dice_fn) -> MethodOutput:
     import ants
 
-    from hybridreg.io import displacement_from_itk, read_displacement, write_image
+    from hybridreg.affine import voxel_map
+    from hybridreg.io import displacement_from_itk, read_displacement, read_image, read_transform
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name, v in (("fixed", pair.fixed), ("moving", pair.moving)):
-            p = str(Path(tmp) / f"{name}.nii.gz")
-            write_image(p, v.image, pair.geometry)
-            paths.append(p)
-        f, m = (ants.image_read(p) for p in paths)
+        fixed_path, moving_path = pair.files(tmp)
+        f, m = ants.image_read(fixed_path), ants.image_read(moving_path)
         t0 = time.perf_counter()
-        r = ants.registration(f, m, type_of_transform="SyNOnly", syn_metric="CC", syn_sampling=2,
-                              reg_iterations=(100, 70, 20), outprefix=str(Path(tmp) / "syn_"))
+        r = ants.registration(f, m, type_of_transform="SyNOnly" if pair.prealigned else "SyN", syn_metric="CC",
+                              syn_sampling=2, reg_iterations=(100, 70, 20), outprefix=str(Path(tmp) / "syn_"))
         seconds = time.perf_counter() - t0
+        # fwdtransforms [warp, affine]: a FIXED point p maps to affine(p + warp(p)) (the warp on FIXED's grid)
         warp = [t for t in r["fwdtransforms"] if t.endswith(".nii.gz")][0]
-        disp, _ = displacement_from_itk(read_displacement(warp, arg="ANTs warp"))
-    return MethodOutput(disp.astype(np.float32), seconds)
+        disp, f_geo = displacement_from_itk(read_displacement(warp, arg="ANTs warp"))
+        mats = [t for t in r["fwdtransforms"] if t.endswith(".mat")]
+        vm = voxel_map(f_geo, read_image(moving_path, arg="MOVING")[1], read_transform(mats[0])) if mats else None
+    return MethodOutput(disp.astype(np.float32), seconds, voxel_map=vm)
 
 
-def _sitk_demons(pair: Pair, dice_fn) -> MethodOutput:
+def _sitk_demons(pair: AnyPair, dice_fn) -> MethodOutput:
     from hybridreg.io import displacement_from_itk
 
-    f = _image(pair.fixed.image, pair.geometry)
-    m = _image(pair.moving.image, pair.geometry)
+    grid = pair.on_fixed_grid()
+    f, m = grid.fixed, grid.moving
+    sigma_mm = min(f.GetSpacing())
     t0 = time.perf_counter()
     field_img = None
     for shrink, iters in ((4, 100), (2, 60), (1, 30)):
-        fs = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f, 0.5 * shrink * min(pair.geometry.spacing)), [shrink] * f.GetDimension()) if shrink > 1 else f
-        ms = sitk.Resample(sitk.SmoothingRecursiveGaussian(m, 0.5 * shrink * min(pair.geometry.spacing)), fs) if shrink > 1 else m
+        fs = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f, 0.5 * shrink * sigma_mm), [shrink] * f.GetDimension()) if shrink > 1 else f
+        ms = sitk.Resample(sitk.SmoothingRecursiveGaussian(m, 0.5 * shrink * sigma_mm), fs) if shrink > 1 else m
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iters)
         demons.SetSmoothDisplacementField(True)
@@ -197,9 +345,9 @@ def _sitk_demons(pair: Pair, dice_fn) -> MethodOutput:
         else:
             init = sitk.Resample(field_img, fs, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
             field_img = demons.Execute(fs, ms, init)
-    seconds = time.perf_counter() - t0
+    seconds = grid.seconds + time.perf_counter() - t0
     disp, _ = displacement_from_itk(sitk.Cast(field_img, sitk.sitkVectorFloat64))
-    return MethodOutput(disp.astype(np.float32), seconds)
+    return MethodOutput(disp.astype(np.float32), seconds, voxel_map=grid.voxel_map)
 
 
 _NEEDS_STAGE1_NET = {"requires": str(STAGE1_WEIGHTS),
@@ -229,9 +377,11 @@ METHODS: dict[str, Method] = {
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn, "-", "classical",
-               "antspyx `SyNOnly`, CC radius 2, iterations 100/70/20 (shrink 4/2/1)", requires="ants", why="pip install antspyx"),
+               "antspyx `SyNOnly` (scans as they come: `SyN`, ANTs' own rigid + affine first), CC radius 2, "
+               "iterations 100/70/20 (shrink 4/2/1)", requires="ants", why="pip install antspyx"),
         Method("sitk-demons", "SimpleITK diffeomorphic demons", _sitk_demons, "-", "classical",
-               "`DiffeomorphicDemonsRegistrationFilter`, shrink 4/2/1 × 100/60/30 iterations, σ field 1.5, σ update 1.0 voxels"),
+               "`DiffeomorphicDemonsRegistrationFilter`, shrink 4/2/1 × 100/60/30 iterations, σ field 1.5, σ update 1.0 voxels"
+               " (scans as they come: after hybridreg's affine stage, moving histogram matched to fixed)"),
     )
 }
 

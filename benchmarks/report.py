@@ -18,10 +18,15 @@ PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-sta
           ("learned+refine", "learned+refine-stage1", "learned+refine-uniform"))
 
 
-def _label_names() -> dict[int, str]:
+def _label_names(rows: list[dict] = ()) -> dict[int, str]:
+    """FreeSurfer's structure names, overridden by the ``label_names`` rows carry (a dataset
+    with labels of its own, e.g. ``realworld``'s tissue classes 1 = GM, 2 = WM)."""
     from hybridreg.data import label_names
 
-    return label_names()
+    names = dict(label_names())
+    for r in rows:
+        names.update({int(k): v for k, v in r.get("label_names", {}).items()})
+    return names
 
 
 def _ordered(rows: list[dict]) -> list[str]:
@@ -74,7 +79,7 @@ def paired_stats(rows: list[dict]) -> list[dict]:
     also Benjamini–Hochberg adjusted (``scipy.stats.false_discovery_control``)."""
     from scipy.stats import false_discovery_control
 
-    names = _label_names()
+    names = _label_names(rows)
     out = []
     for solver, vox, uni in PAIRED:
         a, b = _by(rows, vox), _by(rows, uni)
@@ -116,7 +121,7 @@ def write_csvs(out: Path, rows: list[dict], stats: list[dict], scaling: list[dic
     atomic_write_text(out / "results.csv", _csv(rows, ["pair", "kind", "method", "dice_before", "dice_mean", "hd95_mean",
                                                         "folding_percent", "sdlogj", "seconds", "peak_rss_mb",
                                                         "lambda_mean_brain", "lambda_std_brain"]))
-    names = _label_names()
+    names = _label_names(rows)
     per = [{"pair": r["pair"], "method": r["method"], "label": int(k), "structure": names.get(int(k), k), "dice": v}
            for r in rows for k, v in r["dice"].items()]
     atomic_write_text(out / "dice_per_structure.csv", _csv(per, ["pair", "method", "label", "structure", "dice"]))
@@ -141,7 +146,7 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     files = {}
     methods = _ordered(rows)
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    names = _label_names()
+    names = _label_names(rows)
 
     # per-structure box plots (left/right merged by name without the hemisphere prefix)
     struct = {}
@@ -289,6 +294,15 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         x = {r["method"]: r for r in rows if r["pair"] == p}
         lines.append(f"| {p} | " + " | ".join(f"{x[m]['dice_mean']:.3f} / {x[m]['sdlogj']:.3f} / {x[m]['seconds']:.1f}"
                                               if m in x else "–" for m in methods) + " |")
+    staged = sorted((r for r in rows if "dice_affine" in r), key=lambda r: (r["pair"], methods.index(r["method"])))
+    if staged:  # pairs given as they come (two grids): the affine stage's share of the result
+        lines += ["", "Per pair and method, from the scans as they lie in physical space (Dice before), after the affine "
+                  "stage alone, and after registration:", "",
+                  "| pair | method | Dice before | Dice affine | Dice | HD95 mm | %\\|J\\|≤0 | SDlogJ | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['pair']} | {METHODS[r['method']].label} | {r['dice_before']:.3f} | {r['dice_affine']:.3f} | "
+                  f"{r['dice_mean']:.3f} | {r['hd95_mean']:.2f} | {r['folding_percent']:.4f} | {r['sdlogj']:.3f} | "
+                  f"{r['seconds']:.1f} |" for r in staged]
     lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:

@@ -7,6 +7,13 @@ Dice per structure and its mean (:func:`hybridreg.metrics.score_dice`, label pol
 mean HD95 (mm) over the same structures, %|J|≤0 and SDlogJ of the displacement, wall
 seconds of the registration alone, the process's peak RSS (MB), the Dice-against-time trace
 when the method records one, and the λ statistics inside the fixed brain.
+
+The ``realworld`` dataset (:mod:`benchmarks.realworld`) gives its pairs as files on two grids
+(:class:`~benchmarks.methods.FilePair`); its rows have the same fields, measured as
+:func:`hybridreg.service.register_files` measures them (:func:`evaluate_files`): Dice on the
+pair's own label IDs, "before" = the scans as they lie in physical space, plus
+``dice_affine`` (after the affine stage alone) and ``label_names``; the Jacobian statistics
+are those of the deformable displacement on the fixed grid (the affine stage excluded).
 """
 
 from __future__ import annotations
@@ -21,18 +28,25 @@ import numpy as np
 import torch
 
 from benchmarks.common import rss_mb, run_child
-from benchmarks.methods import METHODS, Pair, available
+from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available
 from hybridreg.config import atomic_write_text
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A registry entry: ``pairs()`` lists the benchmark pairs (loaded in each child)."""
+    """A registry entry: ``pairs()`` lists the benchmark pairs (loaded in each child);
+    ``missing()`` (optional) says which pairs are left out here and how to get them."""
 
     name: str
     description: str
-    pairs: Callable[[], list[Pair]]
+    pairs: Callable[[], list[AnyPair]]
     resolution_mm: float
+    missing: Callable[[], str | None] | None = None
+
+    def notes(self) -> list[str]:
+        """The ``missing()`` message, if any, as a list (for logs and the report's "Skipped")."""
+        msg = self.missing() if self.missing else None
+        return [msg] if msg else []
 
 
 def _bundled_pairs(resolution: int) -> Callable[[], list[Pair]]:
@@ -48,12 +62,29 @@ def _bundled_pairs(resolution: int) -> Callable[[], list[Pair]]:
     return pairs
 
 
+def _realworld_pairs() -> list[FilePair]:
+    from benchmarks import realworld
+
+    return [FilePair.of(p) for p in realworld.realworld_pairs(warn=False)]
+
+
+def _colin27_missing() -> str | None:
+    from benchmarks import realworld
+
+    return realworld.colin27_missing()
+
+
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
         Dataset("bundled", "bundled test split at 2 mm: atlas vxm ← the 5 test subjects, and the 4 consecutive "
                 "test-subject pairs", _bundled_pairs(2), 2),
         Dataset("bundled-1mm", "the same pairs at 1 mm (the subjects with a bundled 1 mm image)", _bundled_pairs(1), 1),
+        Dataset("realworld", "real scans from different sources as they come (1 mm, each on its own grid, orientation "
+                "and intensity range, not aligned; docs/realworld.md), both directions: colin27 ↔ vxm scored on 12 "
+                "subcortical structures (AAL relabelled into aseg IDs; colin27 is fetched by "
+                "`python scripts/fetch_realworld.py`) and ICBM152 ↔ vxm scored on GM/WM",
+                _realworld_pairs, 1, _colin27_missing),
     )
 }
 
@@ -62,6 +93,8 @@ SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": list(METHODS), "scaling": True},
     "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS, "scaling": False},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
+    "realworld": {"dataset": "realworld", "methods": ["instance", "learned", "learned+refine", "sitk-demons", "ants-syn"],
+                  "scaling": False},
 }
 
 
@@ -89,22 +122,78 @@ def evaluate_pair(pair: Pair, disp: np.ndarray, lam: np.ndarray | None = None) -
     return row
 
 
+def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | None) -> dict:
+    """The label and Jacobian metrics of a registration of a :class:`FilePair`, as
+    :func:`hybridreg.service.measure` computes them (same keys: ``dice_after``,
+    ``dice_before``, ``dice_after_affine``, ``hd95_mm_after``, ``folding_percent``,
+    ``sdlogj``...): MOVING's labels warped by nearest neighbour through ``voxel_map ∘ (id +
+    disp)`` (``disp``: ``(d, *shape)`` voxels of FIXED's grid; ``voxel_map``: ``(d, d + 1)``
+    FIXED → MOVING voxel indices, ``None`` = physical identity), Dice on ``pair.labels``;
+    "before" = through the physical identity (the scans as they lie)."""
+    import SimpleITK as sitk
+
+    from hybridreg.affine import voxel_map as affine_voxel_map
+    from hybridreg.io import read_labels
+    from hybridreg.metrics import score_dice, score_registration
+
+    fl, f_geo = read_labels(pair.fixed_labels, arg="fixed labels")
+    ml, m_geo = read_labels(pair.moving_labels, arg="moving labels")
+    labels = list(pair.labels)
+    physical = affine_voxel_map(f_geo, m_geo, sitk.AffineTransform(f_geo.dim))
+    vm = physical if voxel_map is None else voxel_map
+    d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
+    s = score_registration(fl, ml, d, labels, spacing=f_geo.array_spacing, with_hd95=True, voxel_map=torch.from_numpy(vm)[None])
+    zero = torch.zeros_like(d)
+
+    def dice_through(m: np.ndarray) -> dict:
+        r = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=torch.from_numpy(m)[None])["warped_labels"], ml, labels)
+        return {"mean": r["mean"], "per_label": {str(k): v for k, v in r["per_label"].items()}}
+
+    return {"labels_scored": labels, "dice_before": dice_through(physical), "dice_after_affine": dice_through(vm),
+            "dice_after": {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}},
+            "hd95_mm_after": {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}},
+            **{k: s[k] for k in ("folding_percent", "sdlogj", "jacobian_min", "jacobian_max")}}
+
+
+def file_pair_row(pair: FilePair, method: str, out: MethodOutput) -> dict:
+    """The suite's row of one run on a :class:`FilePair`: the service's metrics when the
+    method ran through it (:attr:`MethodOutput.metrics`), else :func:`evaluate_files`."""
+    m = out.metrics if out.metrics is not None else evaluate_files(pair, out.displacement, out.voxel_map)
+    row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": rss_mb(),
+           "dice": {str(k): v for k, v in m["dice_after"]["per_label"].items()}, "dice_mean": m["dice_after"]["mean"],
+           "dice_before": m["dice_before"]["mean"], "dice_affine": m["dice_after_affine"]["mean"],
+           "hd95_mean": m["hd95_mm_after"]["mean"], "folding_percent": m["folding_percent"], "sdlogj": m["sdlogj"],
+           "label_names": {str(k): v for k, v in pair.label_names.items()}}
+    lam = m.get("lambda", {})
+    if "mean_inside_fixed_labels" in lam:
+        row["lambda_mean_brain"], row["lambda_std_brain"] = lam["mean_inside_fixed_labels"], lam["std_inside_fixed_labels"]
+    return row
+
+
 def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dict:
     """Run one (pair, method) in this process; returns the row."""
     from hybridreg.metrics import score_registration
 
     pair = next(p for p in DATASETS[dataset].pairs() if p.name == pair_name)
     torch.manual_seed(0)
-    f, m = pair.fixed.labels, pair.moving.labels
-    out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"])
-    peak = rss_mb()
-    lt = _on_image_grid(out.lam, pair.fixed.image.shape) if out.lam is not None else None
-    row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
-           **evaluate_pair(pair, out.displacement, lt)}
+    if isinstance(pair, FilePair):
+        from hybridreg.io import normalize_intensity, read_image
+
+        out = METHODS[method].run(pair, None)
+        row = file_pair_row(pair, method, out)
+        img = normalize_intensity(read_image(pair.fixed_image, arg="FIXED")[0]) if lam_out and out.lam is not None else None
+        lt = out.lam
+    else:
+        f, m = pair.fixed.labels, pair.moving.labels
+        out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"])
+        peak = rss_mb()
+        img = pair.fixed.image
+        lt = _on_image_grid(out.lam, img.shape) if out.lam is not None else None
+        row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
+               **evaluate_pair(pair, out.displacement, lt)}
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:
-        img = pair.fixed.image
         mid = [n // 2 for n in img.shape]
         views = {f"lam{k}": np.take(lt, mid[k], axis=k).astype(np.float16) for k in range(3)}
         views.update({f"img{k}": np.take(img, mid[k], axis=k).astype(np.float16) for k in range(3)})
@@ -140,6 +229,8 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
             runnable.append(m)
         else:
             log(msg)
+    for msg in DATASETS[spec["dataset"]].notes():
+        log(msg)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "rows.jsonl"
     rows = read_rows(rows_path)

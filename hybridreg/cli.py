@@ -10,6 +10,7 @@ entry points (:func:`hybridreg.solvers.available_solvers`), never imported by mo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ import torch
 
 from . import __version__
 from .config import load_yaml
-from .io import Geometry, read_displacement, read_image, read_labels, resample_with_field, write_image
+from .io import Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
 from .service import OUTPUT_FILES, device_of, output_folder, register_files
 from .solvers import available_solvers
 
@@ -37,18 +38,49 @@ class CLIError(Exception):
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
-def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False,
-               overwrite: bool = False) -> None:
-    """Warp ``image`` with an ITK displacement field written by ``register`` (SimpleITK
-    resampling onto the field's grid; nearest neighbour for label maps).
+def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: str | os.PathLike | None):
+    """``apply``'s TRANSFORM: a ``register`` output folder, an ITK transform file, or a
+    displacement field image; returns ``(sitk transform, output grid)``."""
+    import SimpleITK as sitk
 
-    The field maps points of the fixed image's physical space (LPS, mm) to the moving
-    image's; ``image`` must lie on the field's grid (the moving image's grid in ``register``).
+    p = Path(transform)
+    ref = read_image(reference, arg="--reference")[1] if reference is not None else None
+    if p.is_dir():
+        name = "inverse_transform.h5" if inverse else "transform.h5"
+        if not (p / name).is_file() or not (p / "metrics.json").is_file():
+            raise CLIError(f"`TRANSFORM`: {p} is not a `hybridreg register` output folder (no {name} or metrics.json)")
+        inputs = json.loads((p / "metrics.json").read_text())["inputs"]
+        return read_transform(p / name), ref or Geometry(**{k: tuple(v) for k, v in inputs["moving_grid" if inverse else "grid"].items()})
+    if str(p).lower().endswith((".h5", ".hdf5", ".mat", ".txt", ".tfm")):
+        tx = read_transform(p)
+        if inverse:
+            tx = tx.GetInverse() if tx.IsLinear() else None
+            if tx is None:
+                raise CLIError("`--inverse`: only an affine transform file can be inverted; apply the inverse_transform.h5"
+                               " that register wrote, or pass the register output folder")
+        if ref is None:
+            raise CLIError("`--reference` is needed with a transform file: the image whose grid the output takes")
+        return tx, ref
+    if inverse:
+        raise CLIError("`--inverse` needs a register output folder or an affine transform file, not a displacement field")
+    field = read_displacement(p, arg="TRANSFORM")
+    return sitk.DisplacementFieldTransform(sitk.Image(field)), ref or Geometry.of(field)
+
+
+def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False,
+               overwrite: bool = False, inverse: bool = False, reference: str | os.PathLike | None = None) -> None:
+    """Resample ``image`` through a transform written by ``register`` (SimpleITK).
+
+    ``transform`` is a ``register`` output folder (``transform.h5`` onto the fixed grid; with
+    ``inverse``, ``inverse_transform.h5`` onto the moving grid: fixed-space images and labels
+    mapped onto the moving image), an ITK transform file (``.h5``, ``.mat``, ``.txt``, with
+    ``reference`` giving the output grid; ``inverse`` inverts an affine), or a displacement field
+    image (output on its grid). Transforms map output points to ``image`` points (LPS, mm).
 
     Raises:
-        FileNotFoundError, ValueError: unreadable inputs, a field with NaN/Inf, an image on
-            another grid or of another dimension than the field, an ``--out`` that is not an
-            image file name, that is an input, or that exists (without ``overwrite``).
+        FileNotFoundError, ValueError: unreadable inputs, a field with NaN/Inf, a transform of
+            another dimension or one that maps the output grid outside ``image``, an ``--out``
+            that is not an image file name, that is an input, or that exists (without ``overwrite``).
     """
     import SimpleITK as sitk
 
@@ -57,20 +89,19 @@ def apply_file(displacement: str | os.PathLike, image: str | os.PathLike, out: s
         raise CLIError(f"`--out` must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {str(out)!r}")
     if not out.parent.is_dir():
         raise CLIError(f"`--out`: folder does not exist: {out.parent}")
-    for arg, path in (("DISPLACEMENT", displacement), ("IMAGE", image)):
-        if Path(path).resolve() == out.resolve():
+    for arg, path in (("TRANSFORM", transform), ("IMAGE", image), ("--reference", reference)):
+        if path is not None and Path(path).resolve() == out.resolve():
             raise CLIError(f"`--out` is the input `{arg}` ({path}); choose another --out")
     if out.exists() and not overwrite:
         raise CLIError(f"`--out` {out} exists; pass --overwrite to replace it")
-    field = read_displacement(displacement, arg="DISPLACEMENT")
+    tx, grid = _transform_and_grid(transform, inverse, reference)
     arr, geo = read_labels(image, arg="IMAGE") if labels else read_image(image, arg="IMAGE")
-    field_geo = Geometry.of(field)
-    if geo.dim != field_geo.dim:
-        raise CLIError(f"`IMAGE` is {geo.dim}D but `DISPLACEMENT` is a {field_geo.dim}D field")
-    if not geo.matches(field_geo):
-        raise CLIError(f"`IMAGE` ({geo.size}, spacing {geo.spacing}) is not on the grid of `DISPLACEMENT` ({field_geo.size},"
-                       f" spacing {field_geo.spacing}); apply the field to images on the grid it was computed on")
-    res = resample_with_field(geo.apply(sitk.GetImageFromArray(arr)), field, labels=labels)
+    if geo.dim != tx.GetDimension():
+        raise CLIError(f"`IMAGE` is {geo.dim}D but `TRANSFORM` is {tx.GetDimension()}D")
+    try:
+        res = resample(geo.apply(sitk.GetImageFromArray(arr)), tx, grid, labels=labels)
+    except ValueError as e:
+        raise CLIError(f"`IMAGE` and `TRANSFORM`: {e}") from None
     write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)
 
 
@@ -140,12 +171,21 @@ def _print_summary(m: dict, out: Path) -> None:
           f" peak memory {m['peak_memory_mb']:.0f} MB ({m['device']})")
 
 
+def _prealign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--affine", default="affine", choices=("none", "rigid", "affine"),
+                   help="affine stage before the deformable one: rigid then affine (default, as ANTs), rigid, or none")
+    p.add_argument("--init", default="geometry", choices=("geometry", "moments"),
+                   help="initial alignment: image centres (default) or centres of mass")
+    p.add_argument("--affine-metric", default="mi", choices=("mi", "ncc"),
+                   help="the affine stage's image match: mutual information (default; any scanners or modalities) or correlation")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridreg", description="Diffeomorphic registration with spatially varying regularization.")
     p.add_argument("--version", action="version", version=f"hybridreg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("register", help="register MOVING to FIXED (same grid) and write all outputs to --out")
+    r = sub.add_parser("register", help="register MOVING to FIXED (any grids) and write all outputs to --out")
     r.add_argument("fixed", metavar="FIXED")
     r.add_argument("moving", metavar="MOVING")
     r.add_argument("--out", required=True, help="output folder")
@@ -158,14 +198,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", help="weight file for the learned solvers (default: the shipped bundled-data weights)")
     r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
     r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    r.add_argument("--fixed-mask", help="binary mask on FIXED's grid: restricts the image match (both stages)")
+    r.add_argument("--moving-mask", help="binary mask on MOVING's grid: restricts the image match (both stages)")
+    _prealign_options(r)
     r.add_argument("--no-progress", action="store_true")
 
-    a = sub.add_parser("apply", help="warp IMAGE with a displacement written by register")
-    a.add_argument("displacement", metavar="DISPLACEMENT")
+    a = sub.add_parser("apply", help="resample IMAGE through a transform written by register")
+    a.add_argument("transform", metavar="TRANSFORM",
+                   help="a register output folder, an ITK transform file (.h5, .mat, .txt) or a displacement field image")
     a.add_argument("image", metavar="IMAGE")
     a.add_argument("--out", required=True, help="output image file (.nii.gz, .mha, .nrrd)")
     a.add_argument("--labels", action="store_true", help="IMAGE is a label map: nearest-neighbour interpolation")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    a.add_argument("--inverse", action="store_true",
+                   help="map a fixed-space image or labels onto the moving image's grid (inverse_transform.h5)")
+    a.add_argument("--reference", help="image whose grid the output takes (needed with a transform file)")
 
     t = sub.add_parser("train", help="train the learned solver (unsupervised) on a data source; torchrun-aware")
     t.add_argument("--data", required=True, help="bundled, a .csv/.json manifest, or an OASIS / IXI (TransMorph) folder")
@@ -194,6 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--solver", default="instance", choices=available_solvers() or None)
     d.add_argument("--weights")
     d.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    _prealign_options(d)
     d.add_argument("--no-progress", action="store_true")
     return p
 
@@ -258,15 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _prealign(args: argparse.Namespace) -> dict:
+    return {"affine": args.affine, "init": args.init, "affine_metric": args.affine_metric}
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "register":
         m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
                            moving_labels=args.moving_labels, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
-                           progress=not args.no_progress, overwrite=args.overwrite)
+                           progress=not args.no_progress, overwrite=args.overwrite, fixed_mask=args.fixed_mask,
+                           moving_mask=args.moving_mask, **_prealign(args))
         _print_summary(m, Path(args.out))
     elif args.command == "apply":
-        apply_file(args.displacement, args.image, args.out, labels=args.labels, overwrite=args.overwrite)
+        apply_file(args.transform, args.image, args.out, labels=args.labels, overwrite=args.overwrite,
+                   inverse=args.inverse, reference=args.reference)
         print(f"wrote {args.out}")
     elif args.command == "train":
         train_command(args)
@@ -281,7 +335,7 @@ def _run(args: argparse.Namespace) -> None:
         m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
                            moving_labels=ms.labels_path, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, **_prealign(args))
         _print_summary(m, Path(args.out))
 
 

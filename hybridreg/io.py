@@ -34,7 +34,9 @@ __all__ = [
     "write_displacement",
     "read_displacement",
     "check_same_grid",
+    "resample",
     "resample_with_field",
+    "read_transform",
     "normalize_intensity",
 ]
 
@@ -253,19 +255,59 @@ def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> 
     return img
 
 
-def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:
-    """Apply an ITK displacement field to ``image`` with SimpleITK (linear or nearest),
-    on ``reference`` (default: the field's grid)."""
-    tx = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes ownership of its copy
-    ref = reference.reference() if reference is not None else Geometry.of(field).reference()
+def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, *, labels: bool = False) -> sitk.Image:
+    """Resample ``image`` onto ``reference`` through ``transform`` (which maps reference
+    points to ``image`` points, LPS mm: ITK's convention) with SimpleITK: linear, or nearest
+    neighbour for label maps; outside ``image``: 0.
+
+    Raises:
+        ValueError: fewer than 10 % of the reference grid's points land inside ``image``
+            (the transform belongs to other images, or the grids do not overlap).
+    """
+    if transform.GetDimension() != image.GetDimension():
+        raise ValueError(f"the transform is {transform.GetDimension()}D but the image is {image.GetDimension()}D")
+    rng = np.random.default_rng(0)  # a sample of reference points is enough to judge the overlap
+    idx = np.stack([rng.uniform(-0.5, n - 0.5, 2000) for n in reference.size], axis=1)
+    ref = reference.reference()
+    inside = 0
+    for i in idx:
+        q = image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(ref.TransformContinuousIndexToPhysicalPoint(i)))
+        inside += all(-0.5 <= c <= n - 0.5 for c, n in zip(q, image.GetSize()))
+    if inside < 0.1 * len(idx):
+        raise ValueError(f"only {100 * inside / len(idx):.0f} % of the output grid maps inside the image: the transform"
+                         " does not belong to this image (or the image to this grid)")
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-    return sitk.Resample(image, ref, tx, interp, 0.0, image.GetPixelID())
+    return sitk.Resample(image, ref, transform, interp, 0.0, image.GetPixelID())
+
+
+def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:
+    """Apply an ITK displacement field to ``image`` (:func:`resample`), on ``reference``
+    (default: the field's grid)."""
+    tx = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes ownership of its copy
+    return resample(image, tx, reference or Geometry.of(field), labels=labels)
+
+
+def read_transform(path: str | os.PathLike, *, arg: str = "TRANSFORM") -> sitk.Transform:
+    """Read an ITK transform file (``.h5`` composite, ``.mat`` / ``.txt`` / ``.tfm``).
+
+    Raises:
+        FileNotFoundError, ValueError: missing file, or not a transform SimpleITK can read.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    try:
+        return sitk.ReadTransform(str(p))
+    except RuntimeError:
+        raise ValueError(f"`{arg}`: {p} is not an ITK transform file SimpleITK can read") from None
 
 
 def normalize_intensity(x: np.ndarray) -> np.ndarray:
-    """Map intensities to about [0, 1]: ``(x − min) / (P99.5 − min)`` with the percentile
-    taken over voxels above the minimum (the brain, for skull-stripped images)."""
-    lo = float(x.min())
+    """Map intensities to [0, 1], robust to scanner ranges and outliers: ``lo`` is the 0.5th
+    percentile of all voxels (the minimum, for skull-stripped images with a zero background),
+    ``hi`` the 99.5th percentile of the voxels above ``lo`` (the brain); ``(x − lo) / (hi − lo)``
+    clipped to [0, 1]. Every solver and data source uses it, for both images alike."""
+    lo = float(np.percentile(x, 0.5))
     fg = x[x > lo]
     hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
-    return ((x - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+    return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)

@@ -277,30 +277,36 @@ def score_dice(fixed_labels, warped_labels, moving_labels=None, policy: LabelPol
 
 
 def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, policy: LabelPolicy = "auto", *,
-                       spacing: Sequence[float] | None = None, with_hd95: bool = False) -> dict:
+                       spacing: Sequence[float] | None = None, with_hd95: bool = False,
+                       voxel_map: torch.Tensor | None = None) -> dict:
     """Every standard metric of one registration (method §4): the moving labels warped by
     nearest neighbour, Dice by :func:`score_dice`, optionally HD95, and the Jacobian statistics.
 
     Args:
-        fixed_labels, moving_labels: label maps on the fixed image grid (same shape).
+        fixed_labels: label map on the fixed image grid. moving_labels: label map on the same
+            grid, or (with ``voxel_map``) on the moving image's own grid.
         displacement: ``(1, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement on the
-            fixed grid (``warped = moving ∘ (id + displacement)``), numpy or torch.
+            fixed grid (``warped = moving ∘ M ∘ (id + displacement)``), numpy or torch.
         policy: which labels, see :func:`scored_labels`.
         spacing: voxel size in mm per array axis (HD95 only). with_hd95: compute HD95.
+        voxel_map: optional ``(1, d, d + 1)`` map M from fixed to moving voxel indices
+            (:func:`hybridreg.spatial.to_sampling_grid`).
 
     Returns:
-        ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean", "hd95" (per label,
-        with ``with_hd95``), "hd95_mean", "warped_labels", **jacobian_stats}``.
+        ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean" (the maps as they
+        are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean",
+        "warped_labels", **jacobian_stats}``.
     """
     from .spatial import warp
 
     disp = torch.as_tensor(displacement)
-    disp = disp[None] if disp.dim() == len(np.shape(moving_labels)) + 1 else disp
+    disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp
     ml = torch.as_tensor(as_label_array(moving_labels, "moving_labels"))[None, None].to(disp.device)
-    warped = warp(ml, disp.detach(), mode="nearest")[0, 0].cpu().numpy()
+    warped = warp(ml, disp.detach(), mode="nearest", voxel_map=voxel_map)[0, 0].cpu().numpy()
     after = score_dice(fixed_labels, warped, moving_labels, policy)
+    same_grid = voxel_map is None and np.shape(fixed_labels) == np.shape(moving_labels)
     out = {"labels": after["labels"], "dice": after["per_label"], "dice_mean": after["mean"],
-           "dice_before_mean": score_dice(fixed_labels, moving_labels, policy=after["labels"])["mean"],
+           "dice_before_mean": score_dice(fixed_labels, moving_labels, policy=after["labels"])["mean"] if same_grid else None,
            "warped_labels": warped, **jacobian_stats(disp)}
     if with_hd95:
         out["hd95"] = hd95(fixed_labels, warped, after["labels"], spacing)

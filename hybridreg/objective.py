@@ -157,17 +157,29 @@ def evaluate(
     lam: torch.Tensor,
     config: ObjectiveConfig,
     spacing: Sequence[float] | None = None,
+    *,
+    moving_map: torch.Tensor | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> Evaluation:
     """Evaluate the energy of ``(velocity, λ)`` for one batch of pairs (method §1.6).
 
     Args:
         fixed, moving: ``(B, C, *spatial)`` images on the same grid (normalised
-            intensities, roughly [0, 1]).
+            intensities, roughly [0, 1]); with ``moving_map``, ``moving`` lies on its own
+            grid ``(B, C, *moving_spatial)``.
         velocity: ``(B, d, *control)`` SVF in voxels of the control grid, which covers the
             image extent (``control`` may equal ``spatial``).
         lam: ``(B, 1, *control)``, ``(B, 1, *spatial)`` or uniform ``(B, 1, 1, ...)`` λ.
         config: the :class:`ObjectiveConfig`.
         spacing: image voxel size in mm per tensor axis (``None`` = 1 mm).
+        moving_map: optional ``(B, d, d + 1)`` affine map from fixed voxel indices to
+            moving voxel indices (an affine pre-alignment, :func:`hybridreg.affine.voxel_map`):
+            the moving image is sampled on its own grid at ``M(x + u(x))``, one interpolation.
+        fixed_mask: optional ``(B, 1, *spatial)`` weights in [0, 1] on the fixed grid;
+            moving_mask: optional ``(B, 1, *moving_spatial)`` weights on the moving grid,
+            warped with the moving image. With either, the similarity is the mean of its
+            per-voxel map weighted by their product (the image match is restricted to them).
 
     Returns:
         :class:`Evaluation` with the named terms, the image-grid displacement and the
@@ -180,8 +192,9 @@ def evaluate(
     for name, t in (("fixed", fixed), ("moving", moving)):
         if not isinstance(t, torch.Tensor) or t.dim() != d + 2:
             raise ValueError(f"evaluate(): `{name}` must be (B, C, *spatial) with {d} spatial dims")
-    if fixed.shape != moving.shape:
-        raise ValueError(f"evaluate(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ in shape")
+    if moving_map is None and fixed.shape != moving.shape:
+        raise ValueError(f"evaluate(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ in shape"
+                         " (pass `moving_map` for a moving image on its own grid)")
     if velocity.shape[0] != fixed.shape[0]:
         raise ValueError("evaluate(): `velocity` and `fixed` must have the same batch size")
     spatial = tuple(fixed.shape[2:])
@@ -201,12 +214,22 @@ def evaluate(
         disp_control = scaling_and_squaring(velocity, config.svf_steps)
         disp = resize_field(disp_control, spatial)
     with record_function("evaluate.warp"):
-        warped = warp(moving, disp)
+        if moving_mask is None:
+            warped = warp(moving, disp, voxel_map=moving_map)
+        else:  # the mask follows the image: one sampling of both
+            warped, warped_mask = warp(torch.cat([moving, moving_mask.to(moving.dtype)], 1), disp,
+                                       voxel_map=moving_map).split([moving.shape[1], 1], 1)
     with record_function("evaluate.similarity"):
+        masked = fixed_mask is not None or moving_mask is not None
+        reduction = "none" if masked else "mean"
         if config.similarity == "lncc":
-            sim = lncc(fixed, warped, config.lncc_window)
+            sim = lncc(fixed, warped, config.lncc_window, reduction=reduction)
         else:
-            sim = mse(fixed, warped, sigma=config.mse_sigma)
+            sim = mse(fixed, warped, sigma=config.mse_sigma, reduction=reduction)
+        if masked:
+            weight = (fixed_mask if fixed_mask is not None else 1.0) * (warped_mask if moving_mask is not None else 1.0)
+            weight = torch.broadcast_to(weight, sim.shape)
+            sim = (sim * weight).sum() / weight.sum().clamp_min(1.0)
 
     if lam_grid == spatial and spatial != control:
         reg_field, reg_spacing = disp, h

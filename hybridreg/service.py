@@ -29,11 +29,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from . import __version__
+from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import atomic_write_text, dump_yaml, load_yaml, to_dict
-from .io import Geometry, check_same_grid, normalize_intensity, read_image, read_labels, write_displacement, write_image
+from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels,
+                 write_displacement, write_image)
 from .metrics import LabelPolicy, jacobian_stats, score_dice, score_registration, scored_labels
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver
 from .spatial import jacobian_determinant, warp
@@ -41,17 +44,19 @@ from .spatial import jacobian_determinant, warp
 __all__ = ["OUTPUT_FILES", "Inputs", "Solved", "solver_and_config", "device_of", "output_folder", "check_outputs",
            "read_inputs", "run_solver", "solve", "measure", "json_safe", "write_outputs", "register_files"]
 
-OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png",
-                "config.yaml")
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "transform.h5", "inverse_displacement.nii.gz",
+                "inverse_transform.h5", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
 
 
 @dataclass
 class Inputs:
-    """A checked pair read from files (arrays in SimpleITK array order, on the fixed grid).
+    """A checked pair read from files, each array on its own image's grid (SimpleITK array order).
 
     Attributes:
-        fixed, moving: float32 intensity arrays. geometry: the fixed grid (ITK, LPS, mm).
-        fixed_labels, moving_labels: int label maps or ``None``. labels: the labels scored.
+        fixed, moving: float32 intensity arrays. geometry, moving_geometry: their grids (ITK,
+            LPS, mm); registration happens on the fixed grid.
+        fixed_labels, moving_labels: int label maps (on FIXED's / MOVING's grid) or ``None``.
+        labels: the labels scored. fixed_mask, moving_mask: binary masks or ``None``.
         paths: the input paths as given (for ``metrics.json``).
     """
 
@@ -62,6 +67,15 @@ class Inputs:
     moving_labels: np.ndarray | None
     labels: tuple[int, ...]
     paths: dict[str, str | None]
+    moving_geometry: Geometry | None = None
+    fixed_mask: np.ndarray | None = None
+    moving_mask: np.ndarray | None = None
+
+    def image(self, which: str) -> sitk.Image:
+        """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
+        arr = getattr(self, which)
+        geo = self.geometry if which.startswith("fixed") else self.moving_geometry
+        return None if arr is None else geo.apply(sitk.GetImageFromArray(arr))
 
 
 @dataclass
@@ -170,29 +184,40 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
 
 
 def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_labels: str | os.PathLike | None = None,
-                moving_labels: str | os.PathLike | None = None, eval_labels: LabelPolicy = "auto") -> Inputs:
-    """Read and check a pair (same grid; non-constant images; label maps on the fixed grid).
+                moving_labels: str | os.PathLike | None = None, eval_labels: LabelPolicy = "auto", *,
+                fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None) -> Inputs:
+    """Read and check a pair: FIXED and MOVING on any grids (own size, spacing, origin,
+    direction; same dimension), each label map and mask on its own image's grid.
 
     Args:
         eval_labels: label policy of :func:`hybridreg.metrics.scored_labels`, or the CLI's
             ``--eval-labels`` string (``auto``, ``all`` or ``2,3,...``).
+        fixed_mask, moving_mask: binary (0/1) masks restricting the image match.
 
     Raises:
-        FileNotFoundError, ValueError: missing or corrupt files, mismatched grids, NaN/Inf,
-            labels given for one image only or sharing no label; each names its argument.
+        FileNotFoundError, ValueError: missing or corrupt files, images of different
+            dimensions, a label map or mask not on its image's grid, NaN/Inf, labels given for
+            one image only or sharing no label, empty or non-binary masks; each names its argument.
     """
     f_arr, f_geo = read_image(fixed, arg="FIXED")
     m_arr, m_geo = read_image(moving, arg="MOVING")
-    check_same_grid(f_geo, m_geo, ("FIXED", "MOVING"))
+    if f_geo.dim != m_geo.dim:
+        raise ValueError(f"`MOVING` is {m_geo.dim}D but `FIXED` is {f_geo.dim}D")
     if (fixed_labels is None) != (moving_labels is None):
         raise ValueError("`--fixed-labels` and `--moving-labels` must be given together")
-    fl = ml = None
+    on_grid = {}
+    for arg, path, geo, name in (("--fixed-labels", fixed_labels, f_geo, "FIXED"), ("--moving-labels", moving_labels, m_geo, "MOVING"),
+                                 ("--fixed-mask", fixed_mask, f_geo, "FIXED"), ("--moving-mask", moving_mask, m_geo, "MOVING")):
+        if path is not None:
+            arr, g = read_labels(path, arg=arg)
+            check_same_grid(geo, g, (name, arg))
+            if "mask" in arg and (not arr.any() or arr.max() > 1):
+                raise ValueError(f"`{arg}`: {path} must be a binary (0/1) mask with at least one voxel of 1,"
+                                 f" got values {sorted(np.unique(arr).tolist())[:5]}")
+            on_grid[arg] = arr
+    fl, ml = on_grid.get("--fixed-labels"), on_grid.get("--moving-labels")
     labels: tuple[int, ...] = ()
-    if fixed_labels is not None:
-        fl, fl_geo = read_labels(fixed_labels, arg="--fixed-labels")
-        ml, ml_geo = read_labels(moving_labels, arg="--moving-labels")
-        check_same_grid(f_geo, fl_geo, ("FIXED", "--fixed-labels"))
-        check_same_grid(f_geo, ml_geo, ("FIXED", "--moving-labels"))
+    if fl is not None:
         if isinstance(eval_labels, str) and eval_labels not in ("auto", "all"):
             try:
                 eval_labels = [int(t) for t in eval_labels.split(",")]
@@ -206,8 +231,35 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
         if float(arr.max()) == float(arr.min()):
             raise ValueError(f"`{name}` is constant: there is nothing to register")
     paths = {"fixed": str(fixed), "moving": str(moving), "fixed_labels": str(fixed_labels) if fixed_labels else None,
-             "moving_labels": str(moving_labels) if moving_labels else None}
-    return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths)
+             "moving_labels": str(moving_labels) if moving_labels else None,
+             "fixed_mask": str(fixed_mask) if fixed_mask else None, "moving_mask": str(moving_mask) if moving_mask else None}
+    return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"))
+
+
+@dataclass
+class Prealigned:
+    """The affine stage's result: ``transform`` (FIXED → MOVING physical points, LPS mm),
+    ``voxel_map`` ``(d, d + 1)`` (FIXED voxel index → MOVING voxel index, array order) and the
+    :class:`hybridreg.affine.AffineResult` (parameters, metric, seconds). ``voxel_map`` is
+    ``None`` when the grids are equal and no affine stage ran: the same-grid path."""
+
+    transform: sitk.Transform
+    voxel_map: np.ndarray | None
+    result: AffineResult
+
+
+def prealign(inputs: Inputs, kind: str = "affine", init: str = "geometry", metric: str = "mi") -> Prealigned:
+    """The affine stage (:func:`hybridreg.affine.align`: SimpleITK, masks applied) and the
+    voxel map through which the deformable stage samples MOVING on its own grid.
+
+    Raises:
+        ValueError: as :func:`hybridreg.affine.align` (bad option, masks, no overlap, singular).
+    """
+    res = align(inputs.image("fixed"), inputs.image("moving"), kind=kind, init=init, metric=metric,
+                fixed_mask=inputs.image("fixed_mask"), moving_mask=inputs.image("moving_mask"))
+    same = kind == "none" and inputs.geometry.matches(inputs.moving_geometry, tol=1e-6)
+    vmap = None if same else voxel_map(inputs.geometry, inputs.moving_geometry, res.transform)
+    return Prealigned(res.transform, vmap, res)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -217,7 +269,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
-               device: torch.device | None = None) -> Solved:
+               device: torch.device | None = None, **grids) -> Solved:
     """Run ``solver.register_pair`` on tensors, time it, and refuse a diverged result: the one
     place every caller (the CLI through :func:`solve`, the tuning objectives, the benchmarks)
     registers a pair.
@@ -225,6 +277,8 @@ def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.T
     Args:
         fixed, moving: ``(B, C, *spatial)`` images, intensities about [0, 1].
         spacing: voxel size in mm per tensor axis. device: default the inputs' device.
+        grids: ``moving_map``, ``moving_spacing``, ``fixed_mask``, ``moving_mask`` for a moving
+            image on its own grid and masks (:meth:`hybridreg.solvers.Solver.register_pair`).
 
     Raises:
         DivergenceError: the solver diverged or collapsed (:func:`hybridreg.solvers.divergence`);
@@ -234,7 +288,7 @@ def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.T
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev)
+    result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev, **grids)
     seconds = time.perf_counter() - t0
     why = divergence(result)
     if why:
@@ -242,18 +296,30 @@ def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.T
     return Solved(result, seconds, _peak_memory_mb(dev), dev, config)
 
 
-def solve(inputs: Inputs, solver: Solver, config: Any, device: torch.device) -> Solved:
+def _tensor(arr: np.ndarray | None) -> torch.Tensor | None:
+    return None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+
+
+def solve(inputs: Inputs, solver: Solver, config: Any, device: torch.device, pre: Prealigned | None = None) -> Solved:
     """Normalise both images (:func:`hybridreg.io.normalize_intensity`) and :func:`run_solver`
-    on ``device`` with the fixed grid's spacing (array order, mm)."""
-    f_t = torch.from_numpy(normalize_intensity(inputs.fixed))[None, None]
-    m_t = torch.from_numpy(normalize_intensity(inputs.moving))[None, None]
-    return run_solver(solver, config, f_t, m_t, inputs.geometry.array_spacing, device)
+    on ``device`` with the fixed grid's spacing (array order, mm); with ``pre``, MOVING stays on
+    its own grid and is sampled through ``pre.voxel_map``; masks restrict the image match."""
+    grids = {}
+    if pre is not None and pre.voxel_map is not None:
+        grids = dict(moving_map=torch.from_numpy(pre.voxel_map)[None], moving_spacing=inputs.moving_geometry.array_spacing)
+    for key in ("fixed_mask", "moving_mask"):
+        if getattr(inputs, key) is not None:
+            grids[key] = _tensor(getattr(inputs, key))
+    return run_solver(solver, config, _tensor(normalize_intensity(inputs.fixed)), _tensor(normalize_intensity(inputs.moving)),
+                      inputs.geometry.array_spacing, device, **grids)
 
 
-def measure(inputs: Inputs, solved: Solved, solver_name: str, *, with_hd95: bool = True) -> dict:
-    """The ``metrics.json`` dictionary: inputs, Jacobian statistics, λ statistics, seconds,
-    peak memory, every stage's history, the config, and (with labels) Dice before/after per
-    label and HD95 (mm)."""
+def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | None = None, *,
+            with_hd95: bool = True) -> dict:
+    """The ``metrics.json`` dictionary: inputs and their grids, the affine stage (kind, matrix,
+    translation, centre, metric, seconds), Jacobian and λ statistics, seconds per stage, peak
+    memory, every stage's history, the config, and (with labels) Dice before registration,
+    after the affine stage and after registration, per label, and HD95 (mm)."""
     res, dev = solved.result, solved.device
     disp = res.displacement.detach()
     lam = res.lambda_on_image_grid()[0, 0].cpu().numpy()
@@ -261,7 +327,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, *, with_hd95: bool
         "hybridreg_version": __version__,
         "solver": solver_name,
         "device": str(dev),
-        "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict()},
+        "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict(),
+                   "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict()},
         "jacobian_method": "central differences (torch.gradient), whole image grid",
         "lambda": {"mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},
         "seconds": {"registration": solved.seconds},
@@ -276,17 +343,29 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, *, with_hd95: bool
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
     }
+    if pre is not None:
+        metrics["affine"] = pre.result.to_dict()
+        metrics["seconds"]["affine"] = float(sum(pre.result.seconds.values()))
     t0 = time.perf_counter()
     if inputs.fixed_labels is None:
         metrics.update(jacobian_stats(disp))
     else:
-        s = score_registration(inputs.fixed_labels, inputs.moving_labels, disp, list(inputs.labels),
-                               spacing=inputs.geometry.array_spacing, with_hd95=with_hd95)
+        vm = None if pre is None or pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None]
+        labels, fl, ml = list(inputs.labels), inputs.fixed_labels, inputs.moving_labels
+        s = score_registration(fl, ml, disp, labels, spacing=inputs.geometry.array_spacing, with_hd95=with_hd95, voxel_map=vm)
         metrics.update({k: s[k] for k in ("folding_percent", "sdlogj", "jacobian_min", "jacobian_max")})
-        inside = lam[inputs.fixed_labels > 0]
+        inside = lam[fl > 0]
         metrics["lambda"].update({"mean_inside_fixed_labels": float(inside.mean()), "std_inside_fixed_labels": float(inside.std())})
-        before = score_dice(inputs.fixed_labels, inputs.moving_labels, policy=list(inputs.labels))
-        metrics["labels_scored"] = list(inputs.labels)
+        zero = torch.zeros_like(disp)
+        if vm is None:
+            before = score_dice(fl, ml, policy=labels)
+        else:  # as the scans lie in physical space, then after the affine stage alone
+            physical = torch.from_numpy(voxel_map(inputs.geometry, inputs.moving_geometry, sitk.AffineTransform(fl.ndim)))[None]
+            before = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=physical)["warped_labels"], ml, labels)
+            affine_only = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=vm)["warped_labels"], ml, labels)
+            metrics["dice_after_affine"] = {"mean": affine_only["mean"],
+                                            "per_label": {str(k): v for k, v in affine_only["per_label"].items()}}
+        metrics["labels_scored"] = labels
         metrics["dice_before"] = {"mean": before["mean"], "per_label": {str(k): v for k, v in before["per_label"].items()}}
         metrics["dice_after"] = {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}}
         if with_hd95:
@@ -307,13 +386,18 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict) -> None:
+def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned) -> None:
     """Write :data:`OUTPUT_FILES` into ``out``: staged in a sibling folder, moved into place
     only when all are written (a failure leaves ``out`` as it was).
 
-    Files: ``warped.nii.gz`` (MOVING resampled onto the fixed grid, linear),
-    ``displacement.nii.gz`` (ITK displacement field, mm, LPS, fixed grid), ``lambda.nii.gz``,
-    ``jacobian.nii.gz`` (det J of φ), ``metrics.json``, ``figure.png``, ``config.yaml``.
+    Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
+    convention for resampling MOVING onto FIXED; the inverses map back):
+    ``warped.nii.gz`` (MOVING resampled once, linearly, through affine ∘ (id + D) onto the
+    fixed grid), ``displacement.nii.gz`` (D: ITK displacement field, mm, on the fixed grid,
+    applied before the affine), ``affine.mat`` (ITK/ANTs), ``transform.h5`` (the whole map
+    ``p ↦ affine(p + D(p))`` as one ITK composite transform), ``inverse_displacement.nii.gz``
+    (Dinv from exp(−v)), ``inverse_transform.h5`` (MOVING → FIXED), ``lambda.nii.gz``,
+    ``jacobian.nii.gz`` (det J of id + D), ``metrics.json``, ``figure.png``, ``config.yaml``.
 
     Raises:
         OSError: the file system refused (the staging folder is removed, ``out`` untouched).
@@ -322,8 +406,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     t0 = time.perf_counter()
     res, geo = solved.result, inputs.geometry
     disp = res.displacement.detach()
-    disp_np = disp[0].cpu().numpy()
-    warped = warp(torch.from_numpy(inputs.moving)[None, None].to(solved.device), disp)[0, 0].cpu().numpy()
+    disp_np, inv_np = disp[0].cpu().numpy(), res.inverse_displacement()[0].cpu().numpy()
+    vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
+    moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
+    warped = warp(moving, disp, voxel_map=vm)[0, 0].cpu().numpy()
+    affine_only = warp(moving, torch.zeros_like(disp), voxel_map=vm)[0, 0].cpu().numpy()
     lam = res.lambda_on_image_grid()[0, 0].cpu().numpy()
     jac = jacobian_determinant(disp)[0].cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +418,10 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     try:
         write_image(stage / "warped.nii.gz", warped, geo)
         write_displacement(stage / "displacement.nii.gz", disp_np, geo)
+        write_displacement(stage / "inverse_displacement.nii.gz", inv_np, geo)
+        write_affine(stage / "affine.mat", pre.transform)
+        write_transform(stage / "transform.h5", composite(pre.transform, displacement_to_itk(disp_np, geo)))
+        write_transform(stage / "inverse_transform.h5", inverse_composite(pre.transform, displacement_to_itk(inv_np, geo)))
         write_image(stage / "lambda.nii.gz", lam, geo)
         write_image(stage / "jacobian.nii.gz", jac, geo)
         from .figures import registration_figure
@@ -338,7 +429,7 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         title = f"{Path(inputs.paths['moving']).name} → {Path(inputs.paths['fixed']).name}"
         if "dice_after" in metrics:
             title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
-        registration_figure(stage / "figure.png", normalize_intensity(inputs.fixed), normalize_intensity(inputs.moving),
+        registration_figure(stage / "figure.png", normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
                             normalize_intensity(warped), lam, disp_np, jac, geo.array_spacing, title=title)
         dump_yaml(solved.config, stage / "config.yaml")
         metrics["seconds"]["writing"] = time.perf_counter() - t0
@@ -355,28 +446,36 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
                    fixed_labels: str | os.PathLike | None = None, moving_labels: str | os.PathLike | None = None,
                    config: str | os.PathLike | None = None, device: str | None = None, solver: str = "instance",
                    weights: str | None = None, eval_labels: LabelPolicy = "auto", progress: bool = True,
-                   hd95_metric: bool = True, overwrite: bool = False) -> dict:
-    """Register two image files and write every output into ``out`` (:func:`write_outputs`).
+                   hd95_metric: bool = True, overwrite: bool = False, affine: str = "affine", init: str = "geometry",
+                   affine_metric: str = "mi", fixed_mask: str | os.PathLike | None = None,
+                   moving_mask: str | os.PathLike | None = None) -> dict:
+    """Register two scans as they come (any grids, orientations, misaligned) and write every
+    output into ``out`` (:func:`write_outputs`): the affine stage (:func:`prealign`:
+    ``affine`` = ``none``, ``rigid`` or ``affine``; ``init`` = ``geometry`` or ``moments``;
+    ``affine_metric`` = ``mi`` or ``ncc``), then the deformable solver on FIXED's grid with
+    MOVING sampled on its own grid through the affine; masks restrict the image match in both.
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
 
     Raises:
-        FileNotFoundError, ValueError: missing/corrupt files, mismatched grids, NaNs, labels
-        with nothing in common, invalid configs, unknown solver or device, an ``out`` that
-        would lose an input or (without ``overwrite``) an earlier result. Nothing is written then.
+        FileNotFoundError, ValueError: missing/corrupt files, NaNs, labels or masks off their
+        image's grid, labels with nothing in common, invalid configs, unknown solver or
+        device, a failed affine stage, an ``out`` that would lose an input or (without
+        ``overwrite``) an earlier result. Nothing is written then.
     """
     t0 = time.perf_counter()
     solver_obj, cfg = solver_and_config(solver, config, weights, progress)
     dev = device_of(device)
     given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
-             "--config": config, "--weights": weights}
+             "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--config": config, "--weights": weights}
     check_outputs(out, given, overwrite=overwrite)
-    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels)
-    # warped, λ, det J (float32) and the displacement (d float32) uncompressed, twice for the staging copy
-    check_outputs(out, given, overwrite=overwrite, needed_bytes=2 * 4 * (3 + inputs.fixed.ndim) * inputs.fixed.size)
-    solved = solve(inputs, solver_obj, cfg, dev)
-    metrics = measure(inputs, solved, solver, with_hd95=hd95_metric)
+    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
+    check_outputs(out, given, overwrite=overwrite, needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
+    pre = prealign(inputs, affine, init, affine_metric)
+    solved = solve(inputs, solver_obj, cfg, dev, pre)
+    metrics = measure(inputs, solved, solver, pre, with_hd95=hd95_metric)
     metrics["seconds"]["total"] = time.perf_counter() - t0
-    write_outputs(out, inputs, solved, metrics)
+    write_outputs(out, inputs, solved, metrics, pre)
     return metrics

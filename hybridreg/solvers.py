@@ -85,6 +85,8 @@ class RegistrationResult:
         config: the solver configuration used.
         final_terms: the energy terms (:class:`hybridreg.objective.EnergyTerms` fields) of
             the result, evaluated on the image grid.
+        svf_steps: the scaling-and-squaring steps that integrated ``velocity`` (for the
+            inverse, :meth:`inverse_displacement`).
     """
 
     displacement: torch.Tensor
@@ -95,11 +97,20 @@ class RegistrationResult:
     seconds: float
     config: Any
     final_terms: dict[str, float]
+    svf_steps: int = 5
 
     @property
     def status(self) -> Status:
         """The last stage's status (``network`` when nothing ran)."""
         return self.history[-1].status if self.history else Status.NETWORK
+
+    def inverse_displacement(self) -> torch.Tensor:
+        """``(B, d, *spatial)`` voxel-unit displacement of φ⁻¹ = exp(−v) on the fixed grid
+        (method §1.1: the SVF gives the inverse exactly, up to integration error)."""
+        from .spatial import resize_field, scaling_and_squaring
+
+        with torch.no_grad():
+            return resize_field(scaling_and_squaring(-self.velocity, self.svf_steps), self.displacement.shape[2:])
 
     def lambda_on_image_grid(self) -> torch.Tensor:
         """λ resampled (linearly, cell-centred) to the image grid, ``(B, 1, *spatial)``."""
@@ -132,15 +143,22 @@ class Solver(Protocol):
         ``learned+refine``); the result is what is run and written to ``config.yaml``."""
 
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: Any = None, *,
-                      spacing: Sequence[float] | None = None,
-                      device: str | torch.device | None = None) -> RegistrationResult:
-        """Register ``moving`` ``(B, C, *spatial)`` to ``fixed`` (same shape, intensities
-        about [0, 1]) with voxel size ``spacing`` (mm per tensor axis) on ``device``."""
+                      spacing: Sequence[float] | None = None, device: str | torch.device | None = None,
+                      moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
+                      fixed_mask: torch.Tensor | None = None,
+                      moving_mask: torch.Tensor | None = None) -> RegistrationResult:
+        """Register ``moving`` ``(B, C, *moving_spatial)`` to ``fixed`` ``(B, C, *spatial)``
+        (intensities about [0, 1]) with voxel size ``spacing`` (mm per tensor axis) on
+        ``device``. Without ``moving_map`` both lie on one grid; with it, ``moving`` lies on
+        its own grid (voxel size ``moving_spacing``) and ``moving_map`` ``(B, d, d + 1)`` maps
+        fixed to moving voxel indices (the affine pre-alignment). ``fixed_mask`` and
+        ``moving_mask`` ``(B, 1, *grid)`` restrict the image match."""
 
 
-def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str) -> None:
+def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_grid: bool = True) -> None:
     """Check a solver's input pair: floating-point ``(B, C, H, W)`` or ``(B, C, D, H, W)``
-    tensors of one shape, finite. ``fn`` names the calling function in the messages.
+    tensors, finite, of one shape (``same_grid``) or of one batch, channel and dimension
+    count (a moving image on its own grid). ``fn`` names the calling function in the messages.
 
     Raises:
         TypeError: not a floating-point tensor. ValueError: wrong rank, NaN/Inf, or
@@ -153,9 +171,10 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str) -> None:
             raise ValueError(f"{fn}(): `{name}` must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
-    if fixed.shape != moving.shape:
+    mismatch = fixed.shape != moving.shape if same_grid else (fixed.dim(), fixed.shape[:2]) != (moving.dim(), moving.shape[:2])
+    if mismatch:
         raise ValueError(f"{fn}(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} must have the"
-                         " same shape (resample them onto one grid first)")
+                         " same shape (or pass a `moving_map` between their grids)")
 
 
 MAX_FOLDING_PERCENT = 1.0

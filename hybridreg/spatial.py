@@ -31,6 +31,7 @@ __all__ = [
     "svf_exp",
     "resize_field",
     "resize_image",
+    "rescale_voxel_map",
     "jacobian_determinant",
     "gaussian_smooth",
 ]
@@ -83,7 +84,8 @@ def check_field(field: torch.Tensor, name: str, *, fn: str, finite: bool = False
     return d
 
 
-def to_sampling_grid(disp: torch.Tensor) -> torch.Tensor:
+def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
+                     source_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Convert a voxel-unit displacement to a ``grid_sample`` sampling grid.
 
     This is the only place where the toolkit converts between its channels-first,
@@ -93,15 +95,28 @@ def to_sampling_grid(disp: torch.Tensor) -> torch.Tensor:
 
     Args:
         disp: ``(B, d, *spatial)`` displacement in voxels (see module docstring).
+        voxel_map: optional ``(B, d, d + 1)`` affine map from voxel indices of ``disp``'s
+            grid to voxel indices of another grid (the moving image's own grid, array axis
+            order): the sampled point is ``A (x + disp(x)) + b`` with ``A = voxel_map[:, :, :d]``
+            and ``b = voxel_map[:, :, d]`` (:func:`hybridreg.affine.voxel_map`).
+        source_shape: the spatial shape of the grid sampled (required with ``voxel_map``).
 
     Returns:
-        ``(B, *spatial, d)`` grid of normalised coordinates of ``x + disp(x)`` under
-        :data:`ALIGN_CORNERS`.
+        ``(B, *spatial, d)`` grid of normalised coordinates of ``x + disp(x)`` (or of its
+        image under ``voxel_map``, normalised on ``source_shape``) under :data:`ALIGN_CORNERS`.
     """
     spatial = tuple(disp.shape[2:])
     identity, scale = _identity_grid(spatial, disp.dtype, disp.device)
-    # channels-last and reversed axis order (x first) is what grid_sample reads
-    return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+    if voxel_map is None:
+        # channels-last and reversed axis order (x first) is what grid_sample reads
+        return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
+    d = disp.shape[1]
+    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=disp.dtype, device=disp.device) for n in spatial],
+                                       indexing="ij"))
+    points = torch.einsum("bij,bj...->bi...", voxel_map[:, :, :d].to(disp.dtype), index + disp)
+    points = points + voxel_map[:, :, d].to(disp.dtype).reshape(-1, d, *([1] * d))
+    _, source_scale = _identity_grid(tuple(source_shape), disp.dtype, disp.device)
+    return points.movedim(1, -1).flip(-1) * source_scale - 1.0
 
 
 _GRID_CACHE: dict = {}
@@ -132,24 +147,30 @@ def warp(
     *,
     mode: str = "bilinear",
     padding_mode: str = "zeros",
+    voxel_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample ``image`` at ``x + disp(x)``: returns ``image ∘ (id + disp)``.
 
     Args:
-        image: ``(B, C, *spatial_in)`` tensor on the grid whose voxel units ``disp`` uses.
-            ``B`` must equal ``disp``'s batch size or be 1 (broadcast).
-        disp: ``(B, d, *spatial)`` displacement in voxels of ``image``'s grid; the output
-            lives on this grid. Usually ``spatial == spatial_in``.
+        image: ``(B, C, *spatial_in)`` tensor on the grid whose voxel units ``disp`` uses
+            (or, with ``voxel_map``, on its own grid). ``B`` must equal ``disp``'s batch
+            size or be 1 (broadcast).
+        disp: ``(B, d, *spatial)`` displacement in voxels of ``disp``'s grid; the output
+            lives on this grid. Without ``voxel_map``, ``spatial == spatial_in``.
         mode: ``"bilinear"`` (linear / trilinear) for images and fields, ``"nearest"`` for
             label maps.
         padding_mode: ``"zeros"`` for images with a zero background, ``"border"`` for
             fields (used by scaling and squaring and :func:`compose`).
+        voxel_map: optional ``(B, d, d + 1)`` map from ``disp``'s voxel indices to
+            ``image``'s (an affine pre-alignment between two grids,
+            :func:`to_sampling_grid`): ``image ∘ M ∘ (id + disp)``, one interpolation.
 
     Returns:
         ``(B, C, *spatial)`` warped image, same dtype and device as ``image``.
 
     Raises:
-        ValueError: mismatched dimensions or batch sizes, or an unknown ``mode``.
+        ValueError: mismatched dimensions or batch sizes, an unknown ``mode``, or a
+            ``voxel_map`` that is not ``(B, d, d + 1)``.
     """
     d = check_field(disp, "disp", fn="warp")
     if image.dim() != d + 2:
@@ -159,6 +180,8 @@ def warp(
         )
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp(): `mode` must be 'bilinear' or 'nearest', got {mode!r}")
+    if voxel_map is not None and tuple(voxel_map.shape) != (disp.shape[0], d, d + 1):
+        raise ValueError(f"warp(): `voxel_map` must be (B={disp.shape[0]}, {d}, {d + 1}), got {tuple(voxel_map.shape)}")
     if image.shape[0] != disp.shape[0]:
         if image.shape[0] != 1:
             raise ValueError(
@@ -166,7 +189,7 @@ def warp(
                 f" ({disp.shape[0]}) differ"
             )
         image = image.expand(disp.shape[0], *image.shape[1:])
-    grid = to_sampling_grid(disp)
+    grid = to_sampling_grid(disp, voxel_map, image.shape[2:])
     is_int = not image.is_floating_point()
     src = image.to(disp.dtype) if is_int else image
     out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
@@ -248,6 +271,29 @@ def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         [size[k] / field.shape[k + 2] for k in range(d)], dtype=field.dtype, device=field.device
     ).view(1, d, *([1] * d))
     return out * scale
+
+
+def rescale_voxel_map(voxel_map: torch.Tensor, fixed: tuple[Sequence[int], Sequence[int]],
+                      moving: tuple[Sequence[int], Sequence[int]]) -> torch.Tensor:
+    """A voxel map (:func:`to_sampling_grid`) between two grids, carried to resized versions
+    of both (the cell-centred grids of :func:`resize_image`, over the same extents).
+
+    Args:
+        voxel_map: ``(B, d, d + 1)`` map from fixed to moving voxel indices (array order).
+        fixed, moving: ``(size the map was made for, new size)`` of each grid.
+
+    Returns:
+        ``(B, d, d + 1)``: ``j' = S_m⁻¹(A (S_f i' + c_f) + b + ½) − ½`` with ``S = diag(n / n')``
+        and ``c_f = ½ S_f − ½`` (index ``i'`` of the new grid is ``S i' + c`` of the old).
+    """
+    d = voxel_map.shape[1]
+    like = dict(dtype=voxel_map.dtype, device=voxel_map.device)
+    r_f = torch.tensor([n / m for n, m in zip(*fixed)], **like)
+    r_m = torch.tensor([n / m for n, m in zip(*moving)], **like)
+    a, b = voxel_map[:, :, :d], voxel_map[:, :, d]
+    a_new = a * r_f / r_m[:, None]
+    b_new = (a @ (0.5 * r_f - 0.5) + b + 0.5) / r_m - 0.5
+    return torch.cat([a_new, b_new[..., None]], dim=-1)
 
 
 def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

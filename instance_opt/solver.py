@@ -22,7 +22,7 @@ from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate
 from hybridreg.priors import lambda_from_param, param_from_lambda
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images
-from hybridreg.spatial import gaussian_smooth, resize_field, resize_image
+from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, resize_image
 
 from .minimize import RelativeChangeStopping, minimize
 
@@ -125,6 +125,10 @@ def register_pair(
     init_velocity: torch.Tensor | None = None,
     init_lambda: torch.Tensor | None = None,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    moving_map: torch.Tensor | None = None,
+    moving_spacing: Sequence[float] | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by instance optimization (method §2.1).
 
@@ -143,6 +147,13 @@ def register_pair(
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
             preconditioner) and λ; for time-to-accuracy curves (its run time counts in
             ``seconds``).
+        moving_map: optional ``(B, d, d + 1)`` map from fixed to moving voxel indices (an
+            affine pre-alignment, :func:`hybridreg.affine.voxel_map`); ``moving`` then lies
+            on its own grid with voxel size ``moving_spacing`` (mm per tensor axis) and is
+            sampled through the map on every level (one interpolation; its pyramid is made
+            on its own grid).
+        fixed_mask, moving_mask: optional ``(B, 1, *grid)`` masks on each image's grid that
+            restrict the image match (:func:`hybridreg.objective.evaluate`).
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
@@ -153,13 +164,15 @@ def register_pair(
         TypeError, ValueError: malformed images (shape, NaN/Inf), spacing or inits.
     """
     cfg = config or InstanceOptConfig()
-    check_images(fixed, moving, fn="register_pair")
+    check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
     d = fixed.dim() - 2
     h = check_spacing(spacing, d, fn="register_pair")
     dev = torch.device(device) if device is not None else fixed.device
     fixed, moving = fixed.to(dev), moving.to(dev)
     dtype = fixed.dtype
-    spatial = tuple(fixed.shape[2:])
+    spatial, m_spatial = tuple(fixed.shape[2:]), tuple(moving.shape[2:])
+    h_m = check_spacing(moving_spacing, d, fn="register_pair") if moving_map is not None else h
+    moving_map, fixed_mask, moving_mask = (None if t is None else t.to(dev, dtype) for t in (moving_map, fixed_mask, moving_mask))
     B = fixed.shape[0]
     kind = cfg.objective.hyperprior if cfg.objective.hyperprior != "none" else "normal"
     obj = cfg.objective if cfg.lambda_mode == "voxelwise" else replace(cfg.objective, hyperprior="none")
@@ -190,8 +203,11 @@ def register_pair(
     n_levels = len(cfg.level_spacing)
     for level, (lev_mm, n_iter, cf) in enumerate(zip(cfg.level_spacing, cfg.iterations, cfg.control_factors())):
         shape, control, level_h = level_grids(spatial, h, lev_mm, cf)
-        f_l = resize_image(fixed, shape)
-        m_l = resize_image(moving, shape)
+        m_shape = level_grids(m_spatial, h_m, lev_mm, 1)[0] if moving_map is not None else shape
+        f_l, m_l = resize_image(fixed, shape), resize_image(moving, m_shape)
+        grids = dict(moving_map=None if moving_map is None else rescale_voxel_map(moving_map, (spatial, shape), (m_spatial, m_shape)),
+                     fixed_mask=None if fixed_mask is None else resize_image(fixed_mask, shape),
+                     moving_mask=None if moving_mask is None else resize_image(moving_mask, m_shape))
         v = (resize_field(velocity, control).clone() if velocity is not None
              else torch.zeros((B, d) + control, dtype=dtype, device=dev))
         v.requires_grad_(True)
@@ -211,7 +227,7 @@ def register_pair(
 
         def closure() -> EnergyTerms:
             lam = lam_of(th)
-            return evaluate(f_l, m_l, smooth(v), lam, obj, level_h).terms
+            return evaluate(f_l, m_l, smooth(v), lam, obj, level_h, **grids).terms
 
         def report(it: int) -> None:
             callback(level, it, smooth(v), lam_of(th))
@@ -233,10 +249,11 @@ def register_pair(
         lam = lam_of(theta)
         if velocity is None:  # no levels ran: identity
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
-        ev = evaluate(fixed, moving, velocity, lam, obj, h)
+        ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
+                      moving_mask=moving_mask)
     return RegistrationResult(displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped, history=history,
                               seconds=time.perf_counter() - t_start, config=cfg,
-                              final_terms={k: float(getattr(ev.terms, k)) for k in names})
+                              final_terms={k: float(getattr(ev.terms, k)) for k in names}, svf_steps=obj.svf_steps)
 
 
 class InstanceSolver:
@@ -252,10 +269,10 @@ class InstanceSolver:
     def configure(self, config: InstanceOptConfig) -> InstanceOptConfig:
         return config
 
-    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: InstanceOptConfig | None = None, *,
-                      spacing: Sequence[float] | None = None, device: str | torch.device | None = None) -> RegistrationResult:
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: InstanceOptConfig | None = None,
+                      **kwargs) -> RegistrationResult:
         """:func:`register_pair` (same arguments, shapes, units and errors)."""
-        return register_pair(fixed, moving, config, spacing=spacing, device=device)
+        return register_pair(fixed, moving, config, **kwargs)
 
 
 SOLVER = InstanceSolver()

@@ -27,7 +27,7 @@ import torch
 from hybridreg.objective import evaluate
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images
-from hybridreg.spatial import resize_image
+from hybridreg.spatial import resize_image, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
 
@@ -93,7 +93,9 @@ _load = lru_cache(maxsize=4)(load_weights)  # (path, device) -> load_weights(pat
 
 
 def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
-                  spacing: Sequence[float] | None = None, device: torch.device | str | None = None) -> RegistrationResult:
+                  spacing: Sequence[float] | None = None, device: torch.device | str | None = None,
+                  moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
+                  fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with the network (and optional refinement).
 
     Args:
@@ -102,6 +104,10 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         config: :class:`LearnedConfig`.
         spacing: voxel size in mm (array-axis order); default 1 mm.
         device: where to run (default: the inputs' device).
+        moving_map, moving_spacing, fixed_mask, moving_mask: a moving image on its own grid
+            and masks, as in :func:`instance_opt.register_pair`; the network sees the moving
+            image resampled once onto the fixed grid through ``moving_map``, the energy and
+            the refinement sample it on its own grid.
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
@@ -116,7 +122,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
-    check_images(fixed, moving, fn="register_pair")
+    check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
     net, objective, train_spacing, _ = _load(str(cfg.weights or DEFAULT_WEIGHTS), str(dev))
     d = net.config.ndim
     if fixed.dim() != d + 2:
@@ -124,12 +130,16 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     spatial = tuple(fixed.shape[2:])
     h = check_spacing(spacing, d, fn="register_pair")
     fixed, moving = fixed.to(dev), moving.to(dev)
+    grids = dict(moving_map=moving_map, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    grids = {k: None if v is None else v.to(dev, fixed.dtype) for k, v in grids.items()}
+    on_fixed = moving if moving_map is None else \
+        warp(moving, fixed.new_zeros((fixed.shape[0], d, *fixed.shape[2:])), voxel_map=grids["moving_map"])
 
     t0 = time.perf_counter()
     net_shape = tuple(max(4, int(round(n * hk / tk))) for n, hk, tk in zip(spatial, h, train_spacing))
     with torch.no_grad():
         f_in = resize_image(fixed, net_shape) if net_shape != spatial else fixed
-        m_in = resize_image(moving, net_shape) if net_shape != spatial else moving
+        m_in = resize_image(on_fixed, net_shape) if net_shape != spatial else on_fixed
         out = net(f_in, m_in)
     velocity, lam = out.velocity.to(fixed.dtype), out.lam.to(fixed.dtype)
     finite = bool(torch.isfinite(velocity).all() and torch.isfinite(lam).all())  # e.g. weights holding NaN
@@ -138,17 +148,18 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
                              seconds=time.perf_counter() - t0)
     if not cfg.refine or not finite:
         with torch.no_grad():
-            ev = evaluate(fixed, moving, velocity, lam, objective, h)
+            ev = evaluate(fixed, moving, velocity, lam, objective, h, **grids)
         return RegistrationResult(displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped,
                                   history=[net_level], seconds=time.perf_counter() - t0, config=cfg,
-                                  final_terms={k: float(v) for k, v in ev.terms._asdict().items()})
+                                  final_terms={k: float(v) for k, v in ev.terms._asdict().items()},
+                                  svf_steps=objective.svf_steps)
     rcfg = cfg.refine_config
     if cfg.refine_objective_from_weights:
         rcfg = replace(rcfg, objective=objective)
         if net.config.lambda_mode == "uniform":
             rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)
     res = instance_register_pair(fixed, moving, replace(rcfg, progress=cfg.progress), spacing=h, device=dev,
-                                 init_velocity=velocity, init_lambda=lam)
+                                 init_velocity=velocity, init_lambda=lam, moving_spacing=moving_spacing, **grids)
     res.history.insert(0, net_level)
     res.seconds += net_level.seconds
     res.config = cfg
@@ -171,10 +182,10 @@ class LearnedSolver:
     def configure(self, config: LearnedConfig) -> LearnedConfig:
         return replace(config, refine=self.refine)
 
-    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
-                      spacing: Sequence[float] | None = None, device: str | torch.device | None = None) -> RegistrationResult:
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None,
+                      **kwargs) -> RegistrationResult:
         """:func:`register_pair` with ``config`` (default :meth:`default_config`) configured."""
-        return register_pair(fixed, moving, self.configure(config or self.default_config()), spacing=spacing, device=device)
+        return register_pair(fixed, moving, self.configure(config or self.default_config()), **kwargs)
 
 
 LEARNED, LEARNED_REFINE = LearnedSolver("learned", False), LearnedSolver("learned+refine", True)

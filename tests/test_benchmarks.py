@@ -258,3 +258,95 @@ def test_child_process_protocol():
     assert run_child("json:dumps", obj=[1, 2]) == "[1, 2]"
     with pytest.raises(RuntimeError, match="json:loads"):
         run_child("json:loads", s="not json")
+
+
+def _two_grid_pair(folder: Path):
+    """A tiny stand-in for a ``realworld`` pair, no download: two bundled 2 mm scans cropped
+    around the basal ganglia; the moving one misaligned (rotated, shifted), resampled onto
+    another grid (RAS instead of LIA, 2.4 mm, its own origin) with its intensities rescaled;
+    labels grouped into GM/WM, each map on its own image's grid."""
+    import SimpleITK as sitk
+
+    from benchmarks.realworld import TISSUE_LABELS, TISSUE_NAMES, RealPair, aseg_to_tissue
+    from hybridreg.data import load_subject
+
+    def crop(sid):
+        s = load_subject(sid, 2)
+        img, lab = sitk.ReadImage(str(s.image_path), sitk.sitkFloat32), sitk.ReadImage(str(s.labels_path))
+        size, index = [36, 40, 40], [22, 28, 36]
+        return sitk.RegionOfInterest(img, size, index), sitk.RegionOfInterest(lab, size, index)
+
+    def write(img, lab, name):
+        paths = folder / f"{name}_t1.nii.gz", folder / f"{name}_tissue.nii.gz"
+        tissue = sitk.GetImageFromArray(aseg_to_tissue(sitk.GetArrayFromImage(lab)))
+        tissue.CopyInformation(lab)
+        sitk.WriteImage(img, str(paths[0]))
+        sitk.WriteImage(tissue, str(paths[1]))
+        return paths
+
+    f_img, f_lab = crop("vxm")
+    m_img, m_lab = crop("synthseg_16")
+    corners = np.array([m_img.TransformIndexToPhysicalPoint([c * (n - 1) for c, n in zip(bits, m_img.GetSize())])
+                        for bits in np.ndindex(2, 2, 2)])
+    lo, hi = corners.min(0), corners.max(0)
+    ref = sitk.Image([int(np.ceil((b - a) / 2.4)) + 1 for a, b in zip(lo, hi)], sitk.sitkFloat32)
+    ref.SetSpacing([2.4] * 3)
+    ref.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))  # RAS
+    ref.SetOrigin((hi[0], hi[1], lo[2]))
+    move = sitk.Euler3DTransform((lo + hi) / 2, 0.0, 0.05, 0.15, (6.0, -5.0, 4.0))
+    m_img = sitk.Resample(m_img, ref, move, sitk.sitkLinear, 0.0) * 3.0 + 10.0
+    m_lab = sitk.Resample(m_lab, ref, move, sitk.sitkNearestNeighbor, 0, m_lab.GetPixelID())
+    (fi, fl), (mi, ml) = write(f_img, f_lab, "fixed"), write(m_img, m_lab, "moving")
+    return RealPair("fixed<-moving", "tissue", "fixed", "moving", fi, mi, fl, ml, TISSUE_LABELS, dict(TISSUE_NAMES),
+                    "a 2 mm stand-in on two grids")
+
+
+def test_realworld_suite_runs_on_two_grids(tmp_path, monkeypatch):
+    """The ``realworld`` machinery on a tiny stand-in: pairs given as files on two grids
+    (other orientation, spacing, origin, intensities; misaligned) run through demons (the
+    affine stage, resampling, histogram matching) and through the register service
+    (instance, short config); the rows carry the bundled rows' fields, scored on the pair's
+    labels the same way by both paths, and the report renders them with the pair's label names."""
+    from dataclasses import replace
+
+    import benchmarks.realworld as rw
+    from benchmarks import suite
+    from benchmarks.methods import FilePair, _instance
+
+    monkeypatch.setenv("HYBRIDREG_DATA", str(tmp_path / "no-data"))
+    notes = suite.DATASETS["realworld"].notes()
+    assert len(notes) == 1 and "python scripts/fetch_realworld.py" in notes[0]
+    real = _two_grid_pair(tmp_path)
+    monkeypatch.setattr(rw, "realworld_pairs", lambda root=None, warn=True: [real])
+    fields = {"pair", "kind", "method", "seconds", "peak_rss_mb", "dice", "dice_mean", "dice_before", "hd95_mean",
+              "folding_percent", "sdlogj", "dice_affine", "label_names"}
+
+    demons = suite.child("realworld", real.name, "sitk-demons", None)
+    assert fields <= set(demons) and set(demons["dice"]) == {"1", "2"} and demons["kind"] == "tissue"
+    assert demons["dice_mean"] > demons["dice_affine"] > demons["dice_before"] + 0.05, demons
+    assert demons["folding_percent"] < 0.5 and 0 < demons["sdlogj"] < 1 and demons["seconds"] > 0
+
+    cfg = tmp_path / "quick.yaml"
+    cfg.write_text("level_spacing: [4.0]\niterations: [5]\n")
+    monkeypatch.setitem(METHODS, "instance", replace(METHODS["instance"], run=_instance(cfg)))
+    pair = suite.DATASETS["realworld"].pairs()[0]
+    assert isinstance(pair, FilePair) and pair.labels == (1, 2)
+    out = METHODS["instance"].run(pair, None)
+    assert out.metrics["config"]["iterations"] == [5] and out.displacement.shape == (3, 40, 40, 36)
+    inst = suite.file_pair_row(pair, "instance", out)
+    assert fields <= set(inst) and inst["dice_affine"] > inst["dice_before"] + 0.05, inst
+    assert inst["seconds"] == pytest.approx(out.metrics["seconds"]["registration"] + out.metrics["seconds"]["affine"])
+    assert inst["dice_mean"] > 0.5 and inst["folding_percent"] < 0.5 and "lambda_std_brain" in inst
+    # the suite's own scoring (demons, ANTs) agrees with the service's on the service's written outputs
+    again = suite.evaluate_files(pair, out.displacement, out.voxel_map)
+    assert again["dice_before"]["mean"] == pytest.approx(inst["dice_before"], abs=1e-6)
+    assert again["dice_after_affine"]["mean"] == pytest.approx(inst["dice_affine"], abs=1e-6)
+    assert again["dice_after"]["mean"] == pytest.approx(inst["dice_mean"], abs=0.005)
+    assert again["sdlogj"] == pytest.approx(inst["sdlogj"], abs=1e-3)
+
+    rows = [demons, inst]
+    files = report.figures(tmp_path, rows, [])
+    md = report.markdown("realworld", suite.DATASETS["realworld"].description, {}, rows, [], [], files, notes, None)
+    assert "| fixed<-moving | SimpleITK diffeomorphic demons |" in md and "fetch_realworld.py" in md
+    report.write_csvs(tmp_path, rows, [], [])
+    assert ",1,GM," in (tmp_path / "dice_per_structure.csv").read_text()

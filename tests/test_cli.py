@@ -51,9 +51,11 @@ def test_register_writes_every_output(run_dir):
 def test_exported_displacement_reproduces_warped_in_simpleitk(run_dir, bundled):
     _, mv = bundled
     field = sitk.ReadImage(str(run_dir / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    affine = sitk.ReadTransform(str(run_dir / "affine.mat"))
     moving = sitk.ReadImage(str(mv.image_path), sitk.sitkFloat32)
     fixed = sitk.ReadImage(str(run_dir / "warped.nii.gz"))
-    theirs = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field)))
+    # the displacement applies first, then the affine stage (transform.h5 holds both)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])))
     ours = sitk.GetArrayFromImage(fixed)
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.99
 
@@ -71,7 +73,7 @@ def test_outputs_keep_physical_space(run_dir, bundled):
 def test_apply_warps_labels_like_register(run_dir, bundled, tmp_path):
     f, m = bundled
     out = tmp_path / "warped_labels.nii.gz"
-    assert main(["apply", str(run_dir / "displacement.nii.gz"), str(m.labels_path), "--out", str(out), "--labels"]) == 0
+    assert main(["apply", str(run_dir), str(m.labels_path), "--out", str(out), "--labels"]) == 0
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert set(np.unique(warped)) <= set(np.unique(m.labels))
     from hybridreg.metrics import dice
@@ -105,6 +107,8 @@ def files(tmp_path, bundled):
     small = Geometry(tuple(n - 2 for n in geo.size), geo.spacing, geo.origin, geo.direction)
     write_image(tmp_path / "small.nii.gz", f.image[1:-1, 1:-1, 1:-1], small)
     d["small"] = str(tmp_path / "small.nii.gz")
+    write_image(tmp_path / "small_labels.nii.gz", f.labels[1:-1, 1:-1, 1:-1], small, dtype=np.int32)
+    d["small_labels"] = str(tmp_path / "small_labels.nii.gz")
     write_image(tmp_path / "img2d.nii.gz", f.image[40], Geometry(geo.size[:2], geo.spacing[:2], geo.origin[:2], (1.0, 0.0, 0.0, 1.0)))
     d["2d"] = str(tmp_path / "img2d.nii.gz")
     write_image(tmp_path / "frac.nii.gz", f.labels + 0.5, geo)
@@ -123,8 +127,8 @@ def files(tmp_path, bundled):
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (lambda d: [d["fixed"], d["small"]], "different grids"),
-        (lambda d: [d["fixed"], d["2d"]], "different grids"),
+        (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["small_labels"], "--moving-labels", d["ml"]], "different grids"),
+        (lambda d: [d["fixed"], d["2d"]], "MOVING.* is 2D but `FIXED` is 3D"),
         (lambda d: [d["fixed"], d["nan"]], "MOVING.*NaN"),
         (lambda d: [d["fixed"], d["fixed"] + ".missing"], "MOVING.*not found"),
         (lambda d: [d["corrupt"], d["moving"]], "FIXED.*cannot read"),
@@ -149,4 +153,4 @@ def test_bad_input_clear_error_and_no_output(files, tmp_path, capsys, argv, need
 
 def test_apply_bad_field(files, tmp_path, capsys):
     err = _fail(["apply", files["fixed"], files["moving"], "--out", str(tmp_path / "x.nii.gz")], capsys)
-    assert "DISPLACEMENT" in err and "not a displacement field" in err
+    assert "TRANSFORM" in err and "not a displacement field" in err

@@ -118,7 +118,7 @@ CASES = [
      "--overwrite"),
     ("apply-out-is-input", lambda p, o: ["apply", o / "displacement.nii.gz", o / "warped.nii.gz", "--out",
                                          o / "warped.nii.gz", "--overwrite"], 2, "is the input"),
-    ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "DISPLACEMENT"),
+    ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "TRANSFORM"),
     ("tune-resume-nothing", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
                                           "--trials", "1", "--out", o / "tune", "--resume"], 2, "--resume"),
     ("tune-out-below-file", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",

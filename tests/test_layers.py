@@ -112,11 +112,11 @@ class ToySolver:
     def configure(self, config):
         return config
 
-    def register_pair(self, fixed, moving, config=None, *, spacing=None, device=None):
+    def register_pair(self, fixed, moving, config=None, *, spacing=None, device=None, **grids):
         zero = torch.zeros((fixed.shape[0], fixed.dim() - 2) + tuple(fixed.shape[2:]))
         lam = torch.ones((fixed.shape[0], 1) + (1,) * (fixed.dim() - 2))
         step = LevelHistory(tuple(spacing), tuple(fixed.shape[2:]), tuple(fixed.shape[2:]), {}, 1, Status.NETWORK, 0.0)
-        return RegistrationResult(zero, zero, lam, moving, [step], 0.0, config, {"total": 0.0})
+        return RegistrationResult(zero, zero, lam, fixed, [step], 0.0, config, {"total": 0.0})
 
 
 SOLVER = ToySolver()
@@ -137,7 +137,7 @@ def test_a_third_party_solver_plugs_in_through_its_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     r = subprocess.run([sys.executable, "-m", "hybridreg", "register", str(f.image_path), str(m.image_path), "--out", str(out),
                         "--fixed-labels", str(f.labels_path), "--moving-labels", str(m.labels_path), "--solver", "toy",
-                        "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+                        "--affine", "none", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     import json
 
