@@ -17,6 +17,7 @@ in voxel units of the grid they live on, component k along tensor axis k + 2.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -209,7 +210,7 @@ def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_F
     for name, t in (("displacement", result.displacement), ("λ", result.lam)):
         if not bool(torch.isfinite(t).all()):
             return f"the {name} is not finite (NaN/Inf): {cause}"
-    bad = [k for k, v in result.final_terms.items() if not torch.isfinite(torch.tensor(v))]
+    bad = [k for k, v in result.final_terms.items() if not math.isfinite(v)]
     if bad:
         return f"the energy terms {bad} are not finite: {cause}"
     folded = folding_percent(result.displacement)

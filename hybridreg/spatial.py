@@ -111,8 +111,7 @@ def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
         # channels-last and reversed axis order (x first) is what grid_sample reads
         return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
     d = disp.shape[1]
-    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=disp.dtype, device=disp.device) for n in spatial],
-                                       indexing="ij"))
+    index = _index_grid(spatial, disp.dtype, disp.device)
     points = torch.einsum("bij,bj...->bi...", voxel_map[:, :, :d].to(disp.dtype), index + disp)
     points = points + voxel_map[:, :, d].to(disp.dtype).reshape(-1, d, *([1] * d))
     _, source_scale = _identity_grid(tuple(source_shape), disp.dtype, disp.device)
@@ -138,6 +137,19 @@ def _identity_grid(spatial: tuple, dtype: torch.dtype, device: torch.device):
         if len(_GRID_CACHE) >= 16:
             _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
         hit = _GRID_CACHE[key] = (identity, scale)
+    return hit
+
+
+def _index_grid(spatial: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Voxel indices ``(d, *spatial)`` in axis order, cached like :func:`_identity_grid` (the
+    voxel-map path of :func:`to_sampling_grid` runs once per evaluation of the energy)."""
+    key = ("index", spatial, dtype, str(device))
+    hit = _GRID_CACHE.get(key)
+    if hit is None:
+        if len(_GRID_CACHE) >= 16:
+            _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
+        hit = _GRID_CACHE[key] = torch.stack(torch.meshgrid(
+            *[torch.arange(n, dtype=dtype, device=device) for n in spatial], indexing="ij"))
     return hit
 
 
