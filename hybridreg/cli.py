@@ -176,8 +176,9 @@ def _prealign_options(p: argparse.ArgumentParser) -> None:
                    help="affine stage before the deformable one: rigid then affine (default, as ANTs), rigid, or none")
     p.add_argument("--init", default="geometry", choices=("geometry", "moments"),
                    help="initial alignment: image centres (default) or centres of mass")
-    p.add_argument("--affine-metric", default="mi", choices=("mi", "ncc"),
-                   help="the affine stage's image match: mutual information (default; any scanners or modalities) or correlation")
+    p.add_argument("--affine-metric", default="ncc", choices=("ncc", "mi"),
+                   help="the affine stage's image match: normalised cross-correlation (default; one modality) or"
+                        " mutual information (different modalities or contrasts)")
 
 
 def _parser() -> argparse.ArgumentParser:

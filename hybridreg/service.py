@@ -248,7 +248,7 @@ class Prealigned:
     result: AffineResult
 
 
-def prealign(inputs: Inputs, kind: str = "affine", init: str = "geometry", metric: str = "mi") -> Prealigned:
+def prealign(inputs: Inputs, kind: str = "affine", init: str = "geometry", metric: str = "ncc") -> Prealigned:
     """The affine stage (:func:`hybridreg.affine.align`: SimpleITK, masks applied) and the
     voxel map through which the deformable stage samples MOVING on its own grid.
 
@@ -447,12 +447,12 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
                    config: str | os.PathLike | None = None, device: str | None = None, solver: str = "instance",
                    weights: str | None = None, eval_labels: LabelPolicy = "auto", progress: bool = True,
                    hd95_metric: bool = True, overwrite: bool = False, affine: str = "affine", init: str = "geometry",
-                   affine_metric: str = "mi", fixed_mask: str | os.PathLike | None = None,
+                   affine_metric: str = "ncc", fixed_mask: str | os.PathLike | None = None,
                    moving_mask: str | os.PathLike | None = None) -> dict:
     """Register two scans as they come (any grids, orientations, misaligned) and write every
     output into ``out`` (:func:`write_outputs`): the affine stage (:func:`prealign`:
     ``affine`` = ``none``, ``rigid`` or ``affine``; ``init`` = ``geometry`` or ``moments``;
-    ``affine_metric`` = ``mi`` or ``ncc``), then the deformable solver on FIXED's grid with
+    ``affine_metric`` = ``ncc`` or ``mi``), then the deformable solver on FIXED's grid with
     MOVING sampled on its own grid through the affine; masks restrict the image match in both.
 
     Returns:

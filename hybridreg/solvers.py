@@ -106,12 +106,16 @@ class RegistrationResult:
         return self.history[-1].status if self.history else Status.NETWORK
 
     def inverse_displacement(self) -> torch.Tensor:
-        """``(B, d, *spatial)`` voxel-unit displacement of φ⁻¹ = exp(−v) on the fixed grid
-        (method §1.1: the SVF gives the inverse exactly, up to integration error)."""
-        from .spatial import resize_field, scaling_and_squaring
+        """``(B, d, *spatial)`` voxel-unit displacement of φ⁻¹ on the fixed grid: exp(−v)
+        (method §1.1: the SVF gives the inverse up to integration error), resized to the image
+        grid and refined against the displacement actually written
+        (:func:`hybridreg.spatial.invert_displacement`: fixed point, then least squares on
+        both compositions), so that the two written fields undo each other both ways."""
+        from .spatial import invert_displacement, resize_field, scaling_and_squaring
 
         with torch.no_grad():
-            return resize_field(scaling_and_squaring(-self.velocity, self.svf_steps), self.displacement.shape[2:])
+            start = resize_field(scaling_and_squaring(-self.velocity, self.svf_steps), self.displacement.shape[2:])
+            return invert_displacement(self.displacement, initial=start)
 
     def lambda_on_image_grid(self) -> torch.Tensor:
         """λ resampled (linearly, cell-centred) to the image grid, ``(B, 1, *spatial)``."""

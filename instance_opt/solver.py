@@ -203,7 +203,10 @@ def register_pair(
     n_levels = len(cfg.level_spacing)
     for level, (lev_mm, n_iter, cf) in enumerate(zip(cfg.level_spacing, cfg.iterations, cfg.control_factors())):
         shape, control, level_h = level_grids(spatial, h, lev_mm, cf)
-        m_shape = level_grids(m_spatial, h_m, lev_mm, 1)[0] if moving_map is not None else shape
+        # MOVING on its own grid keeps its full resolution at the image-resolution level: its
+        # down-sampled copy would be blurred twice (block average, then linear sampling)
+        m_shape = (shape if moving_map is None else m_spatial if shape == spatial
+                   else level_grids(m_spatial, h_m, lev_mm, 1)[0])
         f_l, m_l = resize_image(fixed, shape), resize_image(moving, m_shape)
         grids = dict(moving_map=None if moving_map is None else rescale_voxel_map(moving_map, (spatial, shape), (m_spatial, m_shape)),
                      fixed_mask=None if fixed_mask is None else resize_image(fixed_mask, shape),

@@ -7,6 +7,7 @@ import torch
 from hybridreg.spatial import (
     check_field,
     compose,
+    invert_displacement,
     jacobian_determinant,
     resize_field,
     scaling_and_squaring,
@@ -69,6 +70,31 @@ def test_exp_v_composed_with_exp_minus_v_is_identity(d, shape):
     assert err.max() < 0.5  # near the border the field leaves the grid
 
 
+@pytest.mark.parametrize("d,shape", [(2, (48, 52)), (3, (24, 26, 28))])
+def test_inverse_field_undoes_the_field_both_ways_better_than_exp_minus_v(d, shape):
+    # the situation of a written result: exp(±v) integrated on a half-resolution grid, resized
+    v = smooth_field(tuple(n // 2 for n in shape), d, 2.0, seed=2)
+    fwd = resize_field(scaling_and_squaring(v, 5), shape)
+    start = resize_field(scaling_and_squaring(-v, 5), shape)
+    inside = (slice(None),) + tuple(slice(6, -6) for _ in range(d))
+
+    def errors(w):  # mean voxels of w ∘ φ − id (left) and φ ∘ w − id (right) inside
+        return compose(w, fwd).norm(dim=1)[inside].mean(), compose(fwd, w).norm(dim=1)[inside].mean()
+
+    fixed_point = invert_displacement(fwd, initial=start, refine_iterations=0)
+    refined = invert_displacement(fwd, initial=start)
+    assert errors(fixed_point)[1] < 1e-3  # the fixed point: a right inverse at the grid points
+    # least squares on both compositions: the worse of the two errors falls
+    assert max(errors(refined)) < 0.7 * min(max(errors(start)), max(errors(fixed_point)))
+    # from zero it converges too (the field is small): the same answer
+    assert torch.allclose(invert_displacement(fwd, iterations=30)[inside], refined[inside], atol=1e-2)
+
+
+def test_fixed_point_inverse_of_a_translation_is_the_opposite_translation():
+    u = torch.full((1, 3, 8, 9, 10), 0.5)
+    assert torch.allclose(invert_displacement(u, iterations=1), -u)
+
+
 def test_sampling_grid_axis_order():
     u = torch.zeros(1, 3, 5, 6, 7)
     u[:, 0] = 1.0  # one voxel along tensor axis 2 (depth) = grid_sample's z (last coord)
@@ -124,6 +150,9 @@ def test_nearest_warp_keeps_labels():
         (lambda: warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4, 4)), "image"),
         (lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), mode="cubic"), "mode"),
         (lambda: compose(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 5, 4, 4)), "outer"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), iterations=-1), "iterations"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), refine_iterations=1.5), "refine_iterations"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 5)), "initial"),
     ],
 )
 def test_bad_input_names_argument(call, match):
