@@ -88,7 +88,7 @@ def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None
 def _run(a) -> int:
     from benchmarks.methods import METHODS, available
     from benchmarks.scaling import GRIDS, run_scaling
-    from benchmarks.suite import DATASETS, SUITES, run_suite
+    from benchmarks.suite import DATASETS, SUITES, run_suite, suite_methods
     from hybridreg.config import atomic_write_text
 
     if a.suite not in SUITES:
@@ -99,7 +99,7 @@ def _run(a) -> int:
         for name in ("rows.jsonl", "scaling.json", "run.json"):
             (out / name).unlink(missing_ok=True)
     spec = SUITES[a.suite]
-    methods = a.methods or spec["methods"]
+    methods = a.methods or suite_methods(a.suite)
     skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
     skipped += DATASETS[spec["dataset"]].notes()
     run_suite(a.suite, out, methods, a.max_pairs)

@@ -2,7 +2,9 @@
 
 For each resolution (2 mm, 1 mm), in a fresh process (so that the peak RSS belongs to that
 resolution alone): the default schedule once (wall seconds per pyramid level and per
-iteration, from the solver's own history), then every level alone under
+iteration, from the solver's own history), SimpleITK diffeomorphic demons with the suite's
+settings on the same pair right after it (the time ratio instance / demons, measured within
+one process so that a busy machine slows both alike), then every level alone under
 :mod:`torch.profiler` (:func:`profile_level`), with voxelwise λ and with the uniform-λ
 baseline. What the numbers mean: ``docs/benchmarks.md``.
 
@@ -18,6 +20,8 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import environment, environment_markdown, rss_mb, run_child
 from hybridreg.config import atomic_write_text
@@ -77,6 +81,7 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     solver = get_solver("instance")
     cfg = replace(solver.default_config(), progress=False)
     res = solver.register_pair(f, m, cfg, spacing=fs.spacing)
+    demons_seconds = _demons_seconds(fs, f[0, 0].numpy(), m[0, 0].numpy())
     levels = [{"spacing_mm": h.spacing[0], "shape": list(h.shape), "control": list(h.control_shape), "iterations": h.iterations,
                "seconds": h.seconds, "seconds_per_iteration": h.seconds_per_iteration} for h in res.history]
     runs = [(cfg, level) for level in range(len(cfg.level_spacing))]
@@ -87,7 +92,20 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     if resolution == 1:
         steps[-1]["label"] = "1 mm level, control 2 mm (optional)"
     return {"resolution_mm": resolution, "image_shape": list(fs.image.shape), "registration_seconds": res.seconds,
+            "demons_seconds": demons_seconds,
             "levels": levels, "steps": steps, "peak_rss_mb": rss_mb(), "threads": torch.get_num_threads()}
+
+
+def _demons_seconds(subject, fixed: np.ndarray, moving: np.ndarray) -> float:
+    """Seconds of the suite's SimpleITK demons (:data:`benchmarks.methods.METHODS`) on the
+    normalised images ``fixed`` and ``moving`` on ``subject``'s grid."""
+    from benchmarks.methods import METHODS, Pair
+    from hybridreg.data.sources import Volume
+    from hybridreg.io import read_image
+
+    pair = Pair("demo", "atlas", Volume("fixed", fixed), Volume("moving", moving), tuple(subject.spacing),
+                read_image(subject.image_path, arg="FIXED")[1])
+    return METHODS["sitk-demons"].run(pair, None).seconds
 
 
 def _grid(shape) -> str:
@@ -101,7 +119,9 @@ def to_markdown(results) -> str:
     lines = ["# Instance optimization: speed and memory", "", environment_markdown(results["environment"])]
     for r in results["resolutions"]:
         lines += [f"## {r['resolution_mm']} mm ({_grid(r['image_shape'])})", "",
-                  f"Whole registration: **{r['registration_seconds']:.1f} s**, peak RSS **{r['peak_rss_mb']:.0f} MB**.", "",
+                  f"Whole registration: **{r['registration_seconds']:.1f} s**, peak RSS **{r['peak_rss_mb']:.0f} MB**."
+                  + (f" SimpleITK demons (the suite's settings) on the same pair in the same process: {r['demons_seconds']:.1f} s;"
+                     f" instance / demons **{r['registration_seconds'] / r['demons_seconds']:.2f}**." if r.get("demons_seconds") else ""), "",
                   "| level | grid | control grid | iterations | level s | s / iteration |", "|---|---|---|---|---|---|"]
         lines += [f"| {i + 1} ({lv['spacing_mm']:g} mm) | {_grid(lv['shape'])} | {_grid(lv['control'])} | {lv['iterations']} | "
                   f"{lv['seconds']:.2f} | {lv['seconds_per_iteration']:.3f} |" for i, lv in enumerate(r["levels"])]

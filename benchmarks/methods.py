@@ -157,7 +157,7 @@ class FilePair:
 
     def on_fixed_grid(self) -> OnFixedGrid:
         """The affine stage of :func:`hybridreg.service.register_files` (:func:`hybridreg.affine.align`
-        with its defaults: rigid then affine, centred by geometry, Mattes MI), MOVING resampled
+        with its defaults: rigid then affine, centred by geometry, correlation), MOVING resampled
         through it onto FIXED's grid (linear, 0 outside), both intensities normalised
         (:func:`hybridreg.io.normalize_intensity`) and MOVING's histogram matched to FIXED's
         (``sitk.HistogramMatching``, 1024 levels, 7 match points, above-mean voxels)."""
@@ -167,7 +167,7 @@ class FilePair:
         (f, f_geo), (m, m_geo) = (read_image(p, arg=a) for p, a in ((self.fixed_image, "FIXED"), (self.moving_image, "MOVING")))
         fixed, moving = _image(f, f_geo), _image(m, m_geo)
         t0 = time.perf_counter()
-        tx = align(fixed, moving, kind="affine", init="geometry", metric="mi").transform
+        tx = align(fixed, moving).transform  # the register default
         fixed_n = _image(normalize_intensity(f), f_geo)
         moving_n = sitk.Resample(_image(normalize_intensity(m), m_geo), fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         moving_n = sitk.HistogramMatching(moving_n, fixed_n, numberOfHistogramLevels=1024, numberOfMatchPoints=7,
@@ -215,6 +215,8 @@ class Method:
     description: str = ""
     requires: str | None = None
     why: str = ""
+    family: str = ""  # the method whose regularity sweep this entry belongs to ("" = its own)
+    setting: str = ""  # its regularity setting, e.g. "w_reg 4" (the Pareto fronts of the report)
 
 
 def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +248,10 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     return MethodOutput(disp.astype(np.float32), seconds, lam, voxel_map=vm, metrics=metrics)
 
 
-def _instance(config_path: Path | None):
+def _instance(config_path: Path | None, w_reg: float | None = None):
+    """The instance solver with the config at ``config_path`` (default: the defaults), its
+    ``objective.w_reg`` replaced by ``w_reg`` when given (a point of the Pareto front)."""
+
     def run(pair: AnyPair, dice_fn) -> MethodOutput:
         from hybridreg.config import load_yaml
         from hybridreg.solvers import get_solver
@@ -255,6 +260,8 @@ def _instance(config_path: Path | None):
 
         solver = get_solver("instance")
         cfg = replace(load_yaml(config_path, solver.config_class) if config_path else solver.default_config(), progress=False)
+        if w_reg is not None:
+            cfg = replace(cfg, objective=replace(cfg.objective, w_reg=w_reg))
         if not pair.prealigned:
             return _via_service(pair, "instance", cfg)
         f, m = _tensors(pair)
@@ -302,7 +309,12 @@ def _image(arr: np.ndarray, geo: Geometry) -> sitk.Image:
     return geo.apply(sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32)))
 
 
-def _ants_syn(pair: AnyPair, dice_fn) -> MethodOutput:
+def _ants_syn(flow_sigma: float = 3.0):
+    """antspyx SyN with ``flow_sigma`` (the smoothing of the update field, voxels; ANTs' default 3)."""
+    return lambda pair, dice_fn: _run_ants_syn(pair, flow_sigma)
+
+
+def _run_ants_syn(pair: AnyPair, flow_sigma: float) -> MethodOutput:
     import ants
 
     from hybridreg.affine import voxel_map
@@ -313,7 +325,8 @@ def _ants_syn(pair: AnyPair, dice_fn) -> MethodOutput:
         f, m = ants.image_read(fixed_path), ants.image_read(moving_path)
         t0 = time.perf_counter()
         r = ants.registration(f, m, type_of_transform="SyNOnly" if pair.prealigned else "SyN", syn_metric="CC",
-                              syn_sampling=2, reg_iterations=(100, 70, 20), outprefix=str(Path(tmp) / "syn_"))
+                              syn_sampling=2, reg_iterations=(100, 70, 20), flow_sigma=flow_sigma,
+                              outprefix=str(Path(tmp) / "syn_"))
         seconds = time.perf_counter() - t0
         # fwdtransforms [warp, affine]: a FIXED point p maps to affine(p + warp(p)) (the warp on FIXED's grid)
         warp = [t for t in r["fwdtransforms"] if t.endswith(".nii.gz")][0]
@@ -323,7 +336,12 @@ def _ants_syn(pair: AnyPair, dice_fn) -> MethodOutput:
     return MethodOutput(disp.astype(np.float32), seconds, voxel_map=vm)
 
 
-def _sitk_demons(pair: AnyPair, dice_fn) -> MethodOutput:
+def _sitk_demons(sigma: float = 1.5):
+    """SimpleITK diffeomorphic demons with the displacement field smoothed by ``sigma`` voxels."""
+    return lambda pair, dice_fn: _run_sitk_demons(pair, sigma)
+
+
+def _run_sitk_demons(pair: AnyPair, sigma: float) -> MethodOutput:
     from hybridreg.io import displacement_from_itk
 
     grid = pair.on_fixed_grid()
@@ -337,7 +355,7 @@ def _sitk_demons(pair: AnyPair, dice_fn) -> MethodOutput:
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iters)
         demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(1.5)
+        demons.SetStandardDeviations(sigma)
         demons.SetSmoothUpdateField(True)
         demons.SetUpdateFieldStandardDeviations(1.0)
         if field_img is None:
@@ -359,7 +377,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
-               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤200/120/30 Adam iterations, w_reg 4, beta hyperprior"),
+               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤200/120/30 Adam iterations, w_reg 4, beta hyperprior",
+               setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
         Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
@@ -376,14 +395,31 @@ METHODS: dict[str, Method] = {
         Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
-        Method("ants-syn", "ANTs SyN", _ants_syn, "-", "classical",
+        Method("ants-syn", "ANTs SyN", _ants_syn(), "-", "classical",
                "antspyx `SyNOnly` (scans as they come: `SyN`, ANTs' own rigid + affine first), CC radius 2, "
-               "iterations 100/70/20 (shrink 4/2/1)", requires="ants", why="pip install antspyx"),
-        Method("sitk-demons", "SimpleITK diffeomorphic demons", _sitk_demons, "-", "classical",
+               "iterations 100/70/20 (shrink 4/2/1), flow σ 3", requires="ants", why="pip install antspyx", setting="flow σ 3"),
+        Method("sitk-demons", "SimpleITK diffeomorphic demons", _sitk_demons(), "-", "classical",
                "`DiffeomorphicDemonsRegistrationFilter`, shrink 4/2/1 × 100/60/30 iterations, σ field 1.5, σ update 1.0 voxels"
-               " (scans as they come: after hybridreg's affine stage, moving histogram matched to fixed)"),
+               " (scans as they come: after hybridreg's affine stage, moving histogram matched to fixed)", setting="σ 1.5"),
     )
 }
+
+# The other points of each regularity sweep (the default is the family's own entry above):
+# the Pareto fronts of the suite report compare the methods at equal SDlogJ.
+FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)) for w in (2.0, 8.0)],
+          "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (1.0, 2.5)],
+          "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]}
+for _family, _points in FRONTS.items():
+    _base = METHODS[_family]
+    for _key, _setting, _run in _points:
+        _name = f"{_family}@{_key}"
+        METHODS[_name] = replace(_base, name=_name, label=f"{_base.label}, {_setting}", run=_run, family=_family, setting=_setting,
+                                 description=f"{_base.label} with {_setting} (a point of its regularity sweep)")
+
+
+def front_methods(methods: list[str]) -> list[str]:
+    """``methods`` and the other points of the regularity sweeps of those among them that have one."""
+    return list(methods) + [m for m in METHODS if METHODS[m].family in methods and m not in methods]
 
 
 def available(method: Method) -> tuple[bool, str]:

@@ -58,6 +58,57 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fronts(rows: list[dict]) -> dict[str, list[dict]]:
+    """Each regularity sweep with two or more points present: ``{family: [point, ...]}``, each
+    point ``{"method", "setting", "default", "sdlogj", "dice", "folding_max", "pairs"}`` (means
+    over the pairs every point of the family ran; folding: worst pair), sorted by SDlogJ."""
+    by_family: dict[str, list[str]] = {}
+    for m in _ordered(rows):
+        if METHODS[m].setting:
+            by_family.setdefault(METHODS[m].family or m, []).append(m)
+    out = {}
+    for fam, members in by_family.items():
+        pairs = set.intersection(*({r["pair"] for r in _by(rows, m)} for m in members))
+        if len(members) < 2 or not pairs:
+            continue
+        pts = []
+        for m in members:
+            rs = [r for r in _by(rows, m) if r["pair"] in pairs]
+            pts.append({"method": m, "setting": METHODS[m].setting, "default": not METHODS[m].family,
+                        "sdlogj": statistics.mean(r["sdlogj"] for r in rs), "dice": statistics.mean(r["dice_mean"] for r in rs),
+                        "folding_max": max(r["folding_percent"] for r in rs), "pairs": sorted(pairs)})
+        out[fam] = sorted(pts, key=lambda p: p["sdlogj"])
+    return out
+
+
+def at_equal_regularity(rows: list[dict]) -> list[dict]:
+    """Every point of hybridreg's fronts against each classical tool's front at the same SDlogJ:
+    the tool's Dice interpolated linearly along its front (``None`` outside the SDlogJ range it
+    covers), on the pairs both families ran. ``ahead``: Dice above the tool's front there."""
+    out = []
+    fr = fronts(rows)
+    for fam, pts in fr.items():
+        if METHODS[fam].solver == "classical":
+            continue
+        for peer, _ in ((f, p) for f, p in fr.items() if METHODS[f].solver == "classical"):
+            common = set(pts[0]["pairs"]) & set(fr[peer][0]["pairs"])
+            sub_rows = [r for r in rows if r["pair"] in common]
+            both = fronts(sub_rows)
+            ours, theirs = both.get(fam, []), both.get(peer, [])
+            if not ours or not theirs:
+                continue
+            xs, ys = [p["sdlogj"] for p in theirs], [p["dice"] for p in theirs]
+            for p in ours:
+                inside = xs[0] <= p["sdlogj"] <= xs[-1]
+                peer_dice = float(np.interp(p["sdlogj"], xs, ys)) if inside else None
+                out.append({"method": p["method"], "setting": p["setting"], "default": p["default"], "peer": peer,
+                            "sdlogj": p["sdlogj"], "dice": p["dice"], "folding_max": p["folding_max"], "peer_dice": peer_dice,
+                            "difference": None if peer_dice is None else p["dice"] - peer_dice,
+                            "ahead": None if peer_dice is None else p["dice"] > peer_dice and p["folding_max"] == 0.0,
+                            "pairs": len(common)})
+    return out
+
+
 def _wilcoxon(a: list[float], b: list[float]) -> dict:
     """Two-sided Wilcoxon signed-rank test of ``a − b`` and the matched-pairs rank-biserial
     correlation r = (W+ − W−) / (W+ + W−) (Kerby 2014) as the effect size."""
@@ -181,6 +232,22 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     save_figure(fig, out / "dice_vs_time.png")
     files["scatter"] = "dice_vs_time.png"
 
+    # Dice against regularity: the Pareto fronts of the regularity sweeps
+    fr = fronts(rows)
+    if fr:
+        ax = (fig := Figure(figsize=(6.5, 4.5))).subplots()
+        for fam, pts in fr.items():
+            ax.plot([p["sdlogj"] for p in pts], [p["dice"] for p in pts], "o-", color=colors[fam], label=METHODS[fam].label)
+            for p in pts:
+                ax.annotate(p["setting"], (p["sdlogj"], p["dice"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                if p["default"]:
+                    ax.scatter([p["sdlogj"]], [p["dice"]], s=90, facecolor="none", edgecolor="k", zorder=3)
+        ax.set(xlabel="mean SDlogJ (lower: smoother)", ylabel="mean Dice",
+               title="Dice against regularity (circled: defaults)")
+        ax.legend(fontsize=7)
+        save_figure(fig, out / "pareto_fronts.png")
+        files["fronts"] = "pareto_fronts.png"
+
     # time-to-accuracy
     ax = (fig := Figure(figsize=(6.5, 4.2))).subplots()
     for m in methods:
@@ -303,6 +370,25 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         lines += [f"| {r['pair']} | {METHODS[r['method']].label} | {r['dice_before']:.3f} | {r['dice_affine']:.3f} | "
                   f"{r['dice_mean']:.3f} | {r['hd95_mean']:.2f} | {r['folding_percent']:.4f} | {r['sdlogj']:.3f} | "
                   f"{r['seconds']:.1f} |" for r in staged]
+    if "fronts" in files:
+        lines += ["", "## Dice against regularity (Pareto fronts)", "",
+                  "Each method swept over its own regularity setting (means over the pairs all points ran); "
+                  "hybridreg's points against each classical tool's front interpolated at the same SDlogJ "
+                  "(ahead: higher Dice there and no folding; – : outside the SDlogJ range the tool's front covers).", "",
+                  "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) | tool | tool's front at this SDlogJ | difference | ahead |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in at_equal_regularity(rows):
+            peer = "–" if x["peer_dice"] is None else f"{x['peer_dice']:.3f}"
+            diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
+            ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
+            lines.append(f"| {METHODS[x['method']].label} | {x['setting'] + (' (default)' if x['default'] else '')} | "
+                         f"{x['sdlogj']:.3f} | {x['dice']:.3f} | {x['folding_max']:.4f} | {METHODS[x['peer']].label} | "
+                         f"{peer} | {diff} | {ahead} |")
+        lines += ["", "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) |", "|---|---|---|---|---|"]
+        for fam, pts in fronts(rows).items():
+            lines += [f"| {METHODS[fam].label} | {p['setting']} | {p['sdlogj']:.3f} | {p['dice']:.3f} | {p['folding_max']:.4f} |"
+                      for p in pts]
+        lines += ["", f"![Pareto fronts]({files['fronts']})"]
     lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import rss_mb, run_child
-from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available
+from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
 from hybridreg.config import atomic_write_text
 
 
@@ -90,12 +90,19 @@ DATASETS: dict[str, Dataset] = {
 
 SOLVERS = ["instance", "learned", "learned+refine"]
 SUITES: dict[str, dict] = {
-    "bundled": {"dataset": "bundled", "methods": list(METHODS), "scaling": True},
-    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS, "scaling": False},
+    "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
+    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + ["sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
     "realworld": {"dataset": "realworld", "methods": ["instance", "learned", "learned+refine", "sitk-demons", "ants-syn"],
-                  "scaling": False},
+                  "scaling": False, "fronts": True},
 }
+
+
+def suite_methods(suite: str) -> list[str]:
+    """The methods a suite runs by default: its list, plus the other points of each regularity
+    sweep (:data:`benchmarks.methods.FRONTS`) where the suite draws Pareto fronts (``fronts``)."""
+    spec = SUITES[suite]
+    return front_methods(spec["methods"]) if spec.get("fronts") else list(spec["methods"])
 
 
 def _on_image_grid(lam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -218,7 +225,7 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)}, got {suite!r}")
     spec = SUITES[suite]
-    names = methods or spec["methods"]
+    names = methods or suite_methods(suite)
     bad = [m for m in names if m not in METHODS]
     if bad:
         raise ValueError(f"--methods: unknown {bad}; known: {sorted(METHODS)}")

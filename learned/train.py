@@ -3,9 +3,10 @@
 The loss is :func:`hybridreg.objective.evaluate` on the network's output and nothing else;
 labels are read only to report validation Dice.
 
-Per step: draw a pair (atlas-to-subject, subject-to-subject, or a mix), augment it (random
-flips of both images, a random smooth diffeomorphic deformation of each subject, a random
-gamma of each image's intensities), take one AdamW step; the learning rate follows a
+Per step: draw a pair (atlas-to-subject, subject-to-subject, or a mix), augment it (with
+probability ``synth_prob`` an image is replaced by a scan-like image drawn from its label map,
+:mod:`hybridreg.synthesis`; random flips of both images, a random smooth diffeomorphic
+deformation of each subject, a random gamma of each image's intensities), take one AdamW step; the learning rate follows a
 polynomial decay ``lr · (1 − step/steps)^power``. Every ``epoch_steps`` steps the network
 registers the validation pairs and their Dice is logged; the best network (by validation
 Dice) and the final one are written as weight files (:func:`learned.weights.save_weights`)
@@ -52,13 +53,14 @@ from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.metrics import common_labels, score_dice
 from hybridreg.objective import ObjectiveConfig
 from hybridreg.solvers import DivergenceError
-from hybridreg.spatial import resize_image, scaling_and_squaring, warp
+from hybridreg.spatial import warp
+from hybridreg.synthesis import SynthConfig, random_deformation, synthesize
 
 from .loss import network_energy
 from .network import NetOutput, NetworkConfig, RegistrationNetwork
 from .weights import load_weights, predict, save_weights
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure", "random_deformation"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure"]
 
 LOG_COLUMNS = ["step", "lr", "total", "similarity", "regularization", "hyperprior", "lambda_smoothness"]
 VAL_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "seconds"]
@@ -84,6 +86,11 @@ class TrainConfig:
             velocity control points in mm; deform_control: control points per axis.
         gamma_std: standard deviation of log γ for a random intensity gamma ``x^γ`` per
             image (0 disables).
+        synth_prob: probability that an image of a pair is replaced by a scan-like image drawn
+            from its label map (:func:`hybridreg.synthesis.synthesize`: random contrast,
+            texture, blur, bias field, gamma, noise and deformation; SynthMorph, Hoffmann et
+            al. 2022), so that the network does not fit one contrast; volumes without labels
+            keep their image. synth: the generator's ranges.
         lambda_warmup_steps: for the first N steps the energy uses a uniform
             λ ≡ ``lambda_init`` instead of the λ head (which is not trained then), so the
             velocity path learns real deformations before λ adapts to them.
@@ -118,6 +125,8 @@ class TrainConfig:
     deform_std_mm: float = bounded(4.0, 0.0, 50.0)
     deform_control: int = bounded(5, 1, 64)
     gamma_std: float = bounded(0.0, 0.0, 2.0)
+    synth_prob: float = bounded(0.0, 0.0, 1.0)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     lambda_warmup_steps: int = bounded(0, 0, 10_000_000)
     lambda_init: float = bounded(0.5, 1e-6, 1.0)
     lambda_lr_factor: float = bounded(1.0, 1e-6, 1e3)
@@ -143,19 +152,10 @@ def _uniform(gen: torch.Generator) -> float:
     return float(torch.rand((), generator=gen))
 
 
-def random_deformation(image: torch.Tensor, std_mm: float, control: int, spacing: Sequence[float],
-                       gen: torch.Generator) -> torch.Tensor:
-    """Warp ``image`` ``(1, 1, *spatial)`` by ``exp(v)``, ``v`` Gaussian noise (std ``std_mm``
-    mm per component) on a ``control``-per-axis grid, up-sampled linearly (smooth and
-    diffeomorphic by construction: scaling and squaring of a smooth SVF)."""
-    d = image.dim() - 2
-    v = torch.randn((1, d) + (control,) * d, generator=gen).to(image)
-    v = v * torch.tensor([std_mm / s for s in spacing], dtype=image.dtype, device=image.device).view(1, d, *(1,) * d)
-    v = resize_image(v, image.shape[2:])  # already in voxels of the image grid: interpolate only
-    return warp(image, scaling_and_squaring(v, 6))
-
-
-def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: torch.Generator) -> torch.Tensor:
+def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: torch.Generator,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+    if labels is not None and cfg.synth_prob > 0 and _uniform(gen) < cfg.synth_prob:
+        return synthesize(labels, spacing, cfg.synth, generator=gen, dtype=img.dtype)[0]
     if not is_atlas and cfg.deform_prob > 0 and _uniform(gen) < cfg.deform_prob:
         img = random_deformation(img, cfg.deform_std_mm, cfg.deform_control, spacing, gen)
     if cfg.gamma_std > 0:
@@ -165,7 +165,8 @@ def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: 
 
 
 def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: torch.Tensor | None,
-                 cfg: TrainConfig, gen: torch.Generator):
+                 cfg: TrainConfig, gen: torch.Generator, labels: dict[int, torch.Tensor] | None = None):
+    """A training pair; ``labels`` maps ``id(image)`` to its label map (for ``synth_prob``)."""
     n = len(images)
     use_atlas = atlas is not None and (cfg.pairing == "atlas" or (cfg.pairing == "mixed" and _uniform(gen) < cfg.atlas_fraction))
     if use_atlas:
@@ -178,8 +179,9 @@ def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: t
         j = j + 1 if j >= i else j
         fixed, moving, f_atlas = pool[j], pool[i], (atlas is not None and j == len(pool) - 1)
     m_atlas = atlas is not None and moving is atlas
-    fixed = _augment(fixed, f_atlas, cfg, data.spacing, gen)
-    moving = _augment(moving, m_atlas, cfg, data.spacing, gen)
+    lab = labels or {}
+    fixed = _augment(fixed, f_atlas, cfg, data.spacing, gen, lab.get(id(fixed)))
+    moving = _augment(moving, m_atlas, cfg, data.spacing, gen, lab.get(id(moving)))
     dims = [k + 2 for k in range(fixed.dim() - 2) if _uniform(gen) < cfg.flip_prob]
     if dims:
         fixed, moving = fixed.flip(dims), moving.flip(dims)
@@ -360,6 +362,9 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
 
     images = [_tensor(v, dev) for v in data.train]
     atlas = _tensor(data.atlas, dev) if data.atlas is not None else None
+    labels = {id(t): torch.from_numpy(v.labels.astype(np.int64))[None, None].to(dev)
+              for t, v in zip(images + [atlas], data.train + [data.atlas]) if v is not None and v.labels is not None
+              } if cfg.synth_prob > 0 else None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     info = {"data": data.name, "world_size": world, "steps": cfg.steps}
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress or rank != 0,
@@ -368,7 +373,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, terms) not yet read from the device
     net.train()
     for step in bar:
-        fixed, moving = _sample_pair(data, images, atlas, cfg, gen)
+        fixed, moving = _sample_pair(data, images, atlas, cfg, gen, labels)
         out = model(fixed, moving)
         if step < cfg.lambda_warmup_steps:
             out = NetOutput(out.velocity, torch.full_like(out.lam, cfg.lambda_init))

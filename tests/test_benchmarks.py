@@ -89,6 +89,26 @@ def test_report_states_the_winners_and_the_paired_test(tmp_path):
         assert (tmp_path / f).stat().st_size > 1000
 
 
+def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path):
+    # instance: (SDlogJ, Dice) 0.15/0.70, 0.20/0.75 (default), 0.28/0.78; demons: 0.10/0.64, 0.18/0.70, 0.26/0.74
+    points = {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
+              "sitk-demons@sigma=2.5": (0.10, 0.64), "sitk-demons": (0.18, 0.70), "sitk-demons@sigma=1": (0.26, 0.74),
+              "learned": (0.12, 0.60)}
+    rows = [_row(p, m, dice + 0.025, sd, 10.0) for p in ("a", "b") for m, (sd, dice) in points.items()]
+    fr = report.fronts(rows)
+    assert set(fr) == {"instance", "sitk-demons"}  # learned has no sweep
+    assert [p["setting"] for p in fr["instance"]] == ["w_reg 8", "w_reg 4", "w_reg 2"] and fr["instance"][1]["default"]
+    eq = {x["method"]: x for x in report.at_equal_regularity(rows)}
+    assert eq["instance"]["peer_dice"] == pytest.approx(0.71) and eq["instance"]["difference"] == pytest.approx(0.04)
+    assert eq["instance"]["ahead"] and eq["instance@w_reg=8"]["peer_dice"] == pytest.approx(0.6775)
+    assert eq["instance@w_reg=2"]["peer_dice"] is None  # beyond the demons front's SDlogJ range
+    files = report.figures(tmp_path, rows, [])
+    md = report.markdown("realworld", "pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
+                         rows, [], [], files, [], None)
+    assert "| instance (voxelwise λ) | w_reg 4 (default) | 0.200 | 0.750 | 0.0000 | SimpleITK diffeomorphic demons | 0.710 | +0.040 | yes |" in md
+    assert (tmp_path / files["fronts"]).stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     out = tmp_path / "smoke"

@@ -72,9 +72,10 @@ def test_solver_defaults_are_the_objective_defaults():
 def _config_classes():
     from hybridreg.objective import ObjectiveConfig
     from hybridreg.tuning import SearchSpace
+    from hybridreg.synthesis import SynthConfig
     from learned.network import NetworkConfig
 
-    return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SearchSpace)
+    return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SynthConfig, SearchSpace)
 
 
 def test_every_numeric_setting_has_a_documented_range():

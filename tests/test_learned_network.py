@@ -200,7 +200,7 @@ def test_training_log_is_read_every_k_steps_one_row_per_step(tmp_path, monkeypat
 
 
 def test_random_deformation_is_smooth_and_diffeomorphic():
-    from learned.train import random_deformation
+    from hybridreg.synthesis import random_deformation
     from hybridreg.spatial import jacobian_determinant, scaling_and_squaring
 
     g = torch.Generator().manual_seed(0)

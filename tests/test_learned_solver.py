@@ -29,6 +29,8 @@ pairing: mixed
 deform_prob: 0.5
 lambda_warmup_steps: 2
 lambda_lr_factor: 0.5
+synth_prob: 0.5
+synth: {deform_std_mm: 1.0, blur_mm: 2.0}
 """
 
 
@@ -61,6 +63,22 @@ def trained(manifest, tmp_path_factory):
                "--no-progress"])
     assert rc == 0
     return out
+
+
+def test_training_pairs_drawn_from_label_maps_with_synth_prob(manifest):
+    from hybridreg.data.sources import load_dataset
+    from learned.train import TrainConfig, _sample_pair
+
+    ds = load_dataset(str(manifest / "manifest.csv"))
+    images = [torch.from_numpy(v.image)[None, None] for v in ds.train]
+    labels = {id(t): torch.from_numpy(v.labels.astype(np.int64))[None, None] for t, v in zip(images, ds.train)}
+    atlas = torch.from_numpy(ds.atlas.image)[None, None]
+    cfg = TrainConfig(pairing="subject", flip_prob=0.0, synth_prob=1.0)
+    f, m = _sample_pair(ds, images, atlas, cfg, torch.Generator().manual_seed(0), labels)
+    assert not any(torch.equal(f, t) or torch.equal(m, t) for t in images + [atlas])
+    assert 0.0 <= float(f.min()) and float(f.max()) <= 1.0 and f.shape == images[0].shape
+    f0, m0 = _sample_pair(ds, images, atlas, replace(cfg, synth_prob=0.0), torch.Generator().manual_seed(0), labels)
+    assert any(torch.equal(f0, t) for t in images + [atlas])  # off: the data's own images
 
 
 def test_cli_train_writes_logs_checkpoints_and_weights(trained):

@@ -3,12 +3,15 @@ constraint, Pareto handling, resume, bad search spaces, and one tiny real tuning
 
 import json
 import math
+import warnings
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from botorch.exceptions.warnings import BotorchWarning
 
 from hybridreg import tuning
 from hybridreg.cli import main
@@ -103,6 +106,39 @@ def test_folding_constraint_is_respected(tmp_path):
     assert any(t["folding"] > 0.1 and t["dice"] > res.best["dice"] for t in res.trials)  # better but infeasible trials exist
     assert res.best["folding"] <= 0.1 and 1.0 <= res.best["params"]["objective.w_reg"] <= 2.0  # near the boundary
     assert all(t["folding"] <= 0.1 for t in res.pareto)
+
+
+def cliff(space, params):
+    """Dice rises as w_reg falls; below w_reg = 1 the folding grows from zero (zero-inflated):
+    2·(1 − w)² %, so the feasible optimum for τ = 0.1 is w_reg = 1 − √0.05 ≈ 0.776."""
+    w = params["objective.w_reg"]
+    return {"dice": 0.9 - 0.05 * math.log(w), "folding": 2.0 * (1.0 - w) ** 2 if w < 1.0 else 0.0, "sdlogj": 0.4 / math.sqrt(w)}
+
+
+def test_the_folding_constraint_model_recognises_feasible_points():
+    from botorch.sampling import SobolQMCNormalSampler
+
+    from hybridreg.tuning.loop import fit_gp, folding_slack
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(8, 2, generator=g, dtype=torch.double)
+    folding = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.8, 3.0], dtype=torch.double)  # zero-inflated
+    dice = 0.8 - ((X - 0.5) ** 2).sum(-1)
+    model = fit_gp(X, torch.stack([dice, folding_slack(folding, 0.1)], -1))
+    z = SobolQMCNormalSampler(torch.Size([512]), seed=0)(model.posterior(X))[..., 1]
+    p_feasible = (z <= 0).double().mean(0)
+    assert bool((p_feasible[:6] > 0.99).all()) and bool((p_feasible[6:] < 0.05).all()), p_feasible
+    assert bool((folding_slack(folding, 0.1) <= 0).eq(folding <= 0.1).all())
+    assert float(folding_slack(torch.tensor(0.0), 0.0)) == 0.0  # τ = 0: only no folding at all is feasible
+
+
+@pytest.mark.slow
+def test_botorch_finds_a_feasible_optimum_at_a_zero_inflated_constraint(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BotorchWarning)  # e.g. "all training points are infeasible"
+        res = tuning.run_tuning(space(), cliff, 12, tmp_path, progress=False)
+    assert res.best["folding"] <= 0.1 and 0.776 <= res.best["params"]["objective.w_reg"] <= 1.3
+    assert any(t["folding"] > 0.1 for t in res.trials)  # the tuner did probe the infeasible side
 
 
 @pytest.mark.slow
@@ -205,9 +241,28 @@ def test_bad_search_space_files(tmp_path, content, match):
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
+def test_tuning_pairs_add_copies_drawn_from_the_label_maps():
+    from hybridreg.tuning.objectives import _pairs
+
+    sp = tuning.space_from_dict({**SPACE, "max_pairs": 2, "synth_contrasts": 1})
+    pairs, spacing = _pairs(sp, "val")
+    assert len(pairs) == 4 and spacing == (2.0, 2.0, 2.0)
+    (f, m), (sf, sm) = pairs[0], pairs[2]
+    assert sf.subject_id == f"{f.subject_id}~synth" and sm.image.shape == m.image.shape
+    assert sm.labels.shape == m.labels.shape and not np.array_equal(sm.image, m.image)
+    again = _pairs(sp, "val")[0][2]
+    assert np.array_equal(again[1].image, sm.image)  # every trial scores the same images
+    # the image is drawn from the (deformed) labels it comes with: per-label means explain it
+    lab, img = sm.labels, sm.image
+    fit = np.zeros_like(img)
+    for k in np.unique(lab):
+        fit[lab == k] = img[lab == k].mean()
+    assert np.corrcoef(fit.ravel(), img.ravel())[0, 1] > 0.8
+
+
 @pytest.mark.slow
 def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
-    sp = {**SPACE, "initial_trials": 2, "max_pairs": 1,
+    sp = {**SPACE, "initial_trials": 2, "max_pairs": 1, "synth_contrasts": 0,
           "base_config": {"level_spacing": [8.0], "iterations": [25], "velocity_smoothing": 1.0}}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(sp))
     out = tmp_path / "tune"

@@ -1,4 +1,5 @@
-"""Trial objectives: a trial's config run on the bundled validation (or test) pairs, registered by
+"""Trial objectives: a trial's config run on the bundled validation (or test) pairs and on copies
+of them drawn from their label maps with random contrasts (``SearchSpace.synth_contrasts``), registered by
 the register service (:func:`hybridreg.service.run_solver`: a diverged trial fails) and scored
 by :func:`hybridreg.metrics.score_registration`: ``dice`` (mean over the pairs, label policy
 ``"auto"``; maximised), ``folding`` (the largest %|J|≤0, the
@@ -13,17 +14,29 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.sources import bundled, load_dataset
+from ..data.sources import Volume, bundled, load_dataset
 from ..metrics import score_registration
 from ..service import run_solver
 from ..solvers import get_solver
+from ..synthesis import synthesize
 from .space import SearchSpace, apply_params
 
 
+def _synthetic(v: Volume, spacing: tuple, gen: torch.Generator) -> Volume:
+    image, labels = synthesize(torch.from_numpy(v.labels.astype(np.int64))[None, None], spacing, generator=gen)
+    return Volume(f"{v.subject_id}~synth", image[0, 0].numpy(), labels[0, 0].numpy().astype(np.int32))
+
+
 def _pairs(space: SearchSpace, split: str) -> tuple[list, tuple]:
-    """The bundled pairs of ``split`` (the first ``space.max_pairs``; 0 = all) and their spacing."""
+    """The bundled pairs of ``split`` (the first ``space.max_pairs``; 0 = all), then
+    ``space.synth_contrasts`` copies of each with both images drawn from their label maps
+    (seeded by ``space.seed``: every trial sees the same images), and their spacing."""
     ds = bundled(space.resolution)
-    return ds.pairs(split)[: space.max_pairs or None], ds.spacing
+    pairs = ds.pairs(split)[: space.max_pairs or None]
+    gen = torch.Generator().manual_seed(space.seed)
+    synth = [(_synthetic(f, ds.spacing, gen), _synthetic(m, ds.spacing, gen))
+             for _ in range(space.synth_contrasts) for f, m in pairs]
+    return pairs + synth, ds.spacing
 
 
 def _score(register: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pairs: list) -> dict:

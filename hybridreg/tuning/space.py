@@ -63,6 +63,10 @@ class SearchSpace:
         seed: seeds the Sobol design, random search, TPE and the acquisition optimiser.
         resolution: bundled-data resolution of the validation pairs (mm).
         max_pairs: use only the first N validation pairs (0 = all).
+        synth_contrasts: each of those pairs is also scored this many times with both images
+            drawn from their label maps (:func:`hybridreg.synthesis.synthesize`, SynthMorph's
+            random contrasts, seeded by ``seed``), so that the tuned settings do not fit the
+            bundled images' one contrast (0: the bundled images only).
         train_data: the learned solver's training data (``bundled`` or a manifest/folder).
     """
 
@@ -77,6 +81,7 @@ class SearchSpace:
     seed: int = bounded(0, 0, 2**31 - 1)
     resolution: int = bounded(2, 1, 2)
     max_pairs: int = bounded(0, 0, 10_000)
+    synth_contrasts: int = bounded(1, 0, 16)
     train_data: str = "bundled"
 
     def __post_init__(self) -> None:
