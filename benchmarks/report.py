@@ -59,7 +59,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def fronts(rows: list[dict]) -> dict[str, list[dict]]:
-    """Each regularity sweep with two or more points present: ``{family: [point, ...]}``, each
+    """Each regularity sweep with a point present: ``{family: [point, ...]}``, each
     point ``{"method", "setting", "default", "sdlogj", "dice", "folding_max", "pairs"}`` (means
     over the pairs every point of the family ran; folding: worst pair), sorted by SDlogJ."""
     by_family: dict[str, list[str]] = {}
@@ -69,7 +69,7 @@ def fronts(rows: list[dict]) -> dict[str, list[dict]]:
     out = {}
     for fam, members in by_family.items():
         pairs = set.intersection(*({r["pair"] for r in _by(rows, m)} for m in members))
-        if len(members) < 2 or not pairs:
+        if not pairs:
             continue
         pts = []
         for m in members:
@@ -88,7 +88,7 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
     out = []
     fr = fronts(rows)
     for fam, pts in fr.items():
-        if METHODS[fam].solver == "classical":
+        if METHODS[fam].solver == "classical" or len(pts) < 2 and not any(METHODS[f].solver == "classical" for f in fr):
             continue
         for peer, _ in ((f, p) for f, p in fr.items() if METHODS[f].solver == "classical"):
             common = set(pts[0]["pairs"]) & set(fr[peer][0]["pairs"])
@@ -98,6 +98,16 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
             if not ours or not theirs:
                 continue
             xs, ys = [p["sdlogj"] for p in theirs], [p["dice"] for p in theirs]
+            if len(theirs) == 1:  # a tool run at one setting: our front read at its SDlogJ instead
+                ox, oy = [p["sdlogj"] for p in ours], [p["dice"] for p in ours]
+                t = theirs[0]
+                inside = len(ours) > 1 and ox[0] <= t["sdlogj"] <= ox[-1]
+                ours_dice = float(np.interp(t["sdlogj"], ox, oy)) if inside else None
+                out.append({"method": fam, "setting": "front", "default": False, "peer": peer, "sdlogj": t["sdlogj"],
+                            "dice": ours_dice, "folding_max": max(p["folding_max"] for p in ours), "peer_dice": t["dice"],
+                            "difference": None if ours_dice is None else ours_dice - t["dice"],
+                            "ahead": None if ours_dice is None else ours_dice > t["dice"], "pairs": len(common)})
+                continue
             for p in ours:
                 inside = xs[0] <= p["sdlogj"] <= xs[-1]
                 peer_dice = float(np.interp(p["sdlogj"], xs, ys)) if inside else None
@@ -237,7 +247,8 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     if fr:
         ax = (fig := Figure(figsize=(6.5, 4.5))).subplots()
         for fam, pts in fr.items():
-            ax.plot([p["sdlogj"] for p in pts], [p["dice"] for p in pts], "o-", color=colors[fam], label=METHODS[fam].label)
+            ax.plot([p["sdlogj"] for p in pts], [p["dice"] for p in pts], "o-" if len(pts) > 1 else "D", color=colors[fam],
+                    label=METHODS[fam].label + ("" if len(pts) > 1 else " (one setting)"))
             for p in pts:
                 ax.annotate(p["setting"], (p["sdlogj"], p["dice"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
                 if p["default"]:
@@ -378,6 +389,13 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
                   "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) | tool | tool's front at this SDlogJ | difference | ahead |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in at_equal_regularity(rows):
+            if x["setting"] == "front":  # a tool at one setting against our front at its SDlogJ
+                ours = "–" if x["dice"] is None else f"{x['dice']:.3f}"
+                diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
+                ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
+                lines.append(f"| {METHODS[x['method']].label} | its front at the tool's SDlogJ | {x['sdlogj']:.3f} | {ours} | "
+                             f"{x['folding_max']:.4f} | {METHODS[x['peer']].label} (one setting) | {x['peer_dice']:.3f} | {diff} | {ahead} |")
+                continue
             peer = "–" if x["peer_dice"] is None else f"{x['peer_dice']:.3f}"
             diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
             ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")

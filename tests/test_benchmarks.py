@@ -93,12 +93,14 @@ def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path
     # instance: (SDlogJ, Dice) 0.15/0.70, 0.20/0.75 (default), 0.28/0.78; demons: 0.10/0.64, 0.18/0.70, 0.26/0.74
     points = {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
               "sitk-demons@sigma=2.5": (0.10, 0.64), "sitk-demons": (0.18, 0.70), "sitk-demons@sigma=1": (0.26, 0.74),
-              "learned": (0.12, 0.60)}
+              "learned": (0.12, 0.60), "ants-syn": (0.22, 0.74)}
     rows = [_row(p, m, dice + 0.025, sd, 10.0) for p in ("a", "b") for m, (sd, dice) in points.items()]
     fr = report.fronts(rows)
-    assert set(fr) == {"instance", "sitk-demons"}  # learned has no sweep
+    assert set(fr) == {"instance", "sitk-demons", "ants-syn"}  # learned has no sweep; ANTs ran at one setting
     assert [p["setting"] for p in fr["instance"]] == ["w_reg 8", "w_reg 4", "w_reg 2"] and fr["instance"][1]["default"]
-    eq = {x["method"]: x for x in report.at_equal_regularity(rows)}
+    eq = {x["method"]: x for x in report.at_equal_regularity(rows) if x["peer"] == "sitk-demons"}
+    ants = next(x for x in report.at_equal_regularity(rows) if x["peer"] == "ants-syn")
+    assert ants["dice"] == pytest.approx(0.7575) and ants["difference"] == pytest.approx(0.0175) and ants["ahead"]
     assert eq["instance"]["peer_dice"] == pytest.approx(0.71) and eq["instance"]["difference"] == pytest.approx(0.04)
     assert eq["instance"]["ahead"] and eq["instance@w_reg=8"]["peer_dice"] == pytest.approx(0.6775)
     assert eq["instance@w_reg=2"]["peer_dice"] is None  # beyond the demons front's SDlogJ range
