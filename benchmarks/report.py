@@ -88,7 +88,7 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
     out = []
     fr = fronts(rows)
     for fam, pts in fr.items():
-        if METHODS[fam].solver == "classical" or len(pts) < 2 and not any(METHODS[f].solver == "classical" for f in fr):
+        if METHODS[fam].solver == "classical":
             continue
         for peer, _ in ((f, p) for f, p in fr.items() if METHODS[f].solver == "classical"):
             common = set(pts[0]["pairs"]) & set(fr[peer][0]["pairs"])

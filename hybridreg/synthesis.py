@@ -20,7 +20,9 @@ contrast. Each call draws, with a ``torch.Generator``:
 5. a rescale to [0, 1], a gamma ``x^exp(g)`` with ``g ~ N(0, gamma_std)``, and additive
    Gaussian noise of std ``U(0, noise_std)`` (clipped to [0, 1]).
 
-Everything runs on the labels' device; images are ``float32`` (or the requested dtype).
+The draws come from a CPU ``torch.Generator`` (reproducible on any device); the label
+deformation runs on the labels' device and the image is returned there, ``float32`` (or the
+requested dtype).
 """
 
 from __future__ import annotations
