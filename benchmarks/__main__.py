@@ -171,6 +171,7 @@ def _calibrate(a) -> int:
         UNIFORM_CONFIG,
         "# Uniform-λ baseline at matched regularity (written by `python -m benchmarks calibrate-uniform`):\n"
         f"# one scalar λ = {lam} (no hyperprior) chosen so that the mean SDlogJ on the bundled validation pairs\n"
+        f"# (each scored on its own images and on {vox.synth_contrasts} scan-like draw(s) from its labels, SearchSpace.synth_contrasts)\n"
         f"# ({best[2]['sdlogj']:.4f}) matches the default voxelwise solver's ({target['sdlogj']:.4f}).\n"
         f"# Validation Dice: uniform {best[2]['dice']:.4f}, voxelwise {target['dice']:.4f}.\n"
         + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,8 +10,9 @@ every method (``benchmarks.suite``). Two kinds of pair:
   affinely pre-aligned (the bundled data): the methods register the arrays directly.
 * :class:`FilePair` -- two scans as they come (``realworld``): image and label files, each
   on its own grid, orientation and intensity range, not aligned. The hybridreg solvers run
-  through :func:`hybridreg.service.register_files` (its affine stage, then the solver on the
-  fixed grid), the classical tools after their own or the same affine stage.
+  through the stages of :func:`hybridreg.service.register_files` (its affine stage, then the
+  solver on the fixed grid, then its metrics; no output files), the classical tools after
+  their own or the same affine stage.
 
 Each pair kind produces what the methods take from it (:meth:`Pair.files` /
 :meth:`FilePair.files`: image files for ANTs; :meth:`Pair.on_fixed_grid` /
@@ -65,13 +66,13 @@ import torch
 
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
-from learned.solver import UNIFORM_WEIGHTS
+from learned.solver import NAMED_WEIGHTS, UNIFORM_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
-STAGE1_WEIGHTS = ROOT / "learned" / "weights" / "stage1" / "learned_bundled_2mm_stage1.pt"
-"""Stage 1 of the shipped weights (a repository file, not installed with the package)."""
+STAGE1_WEIGHTS = NAMED_WEIGHTS["stage1"]
+"""Stage 1 of the shipped weights (``--weights stage1``)."""
 
 
 @dataclass
@@ -190,8 +191,8 @@ class MethodOutput:
         trace: optional ``[(seconds, mean Dice), ...]`` recorded during the run.
         voxel_map: ``(d, d + 1)`` affine map from FIXED voxel indices to MOVING's own voxel
             indices, applied after the displacement (``None``: same grid, no affine stage).
-        metrics: the ``metrics.json`` dictionary of :func:`hybridreg.service.register_files`
-            when the method ran through it (then the suite takes the metrics from it).
+        metrics: the ``metrics.json`` dictionary (:func:`hybridreg.service.measure`) when the
+            method ran through the service's stages (then the suite takes the metrics from it).
     """
 
     displacement: np.ndarray
@@ -224,28 +225,24 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
-    """Register a :class:`FilePair` with :func:`hybridreg.service.register_files` (its affine
-    stage, then ``solver`` with ``config`` on FIXED's grid) into a temporary folder. Seconds:
-    the registration and affine stages it reports; the displacement and the affine voxel map
-    are read back from its output files (``displacement.nii.gz``, ``affine.mat``), λ from
-    ``lambda.nii.gz``, and its metrics are kept (:attr:`MethodOutput.metrics`)."""
-    from hybridreg.affine import voxel_map
-    from hybridreg.config import dump_yaml
-    from hybridreg.io import displacement_from_itk, read_displacement, read_image, read_transform
-    from hybridreg.service import register_files
+    """Register a :class:`FilePair` through the stages of :func:`hybridreg.service.register_files`
+    that make and score the result -- read and check the inputs, the affine stage
+    (:func:`hybridreg.service.prealign`), ``solver`` with ``config`` on FIXED's grid
+    (:func:`hybridreg.service.solve`), the metrics (:func:`hybridreg.service.measure`) -- and
+    not the output files, whose writing (the inverse at 1 mm, compressed NIfTI, the figure)
+    took minutes per pair and is not part of any figure here. Seconds: the registration and
+    affine stages; the metrics are kept (:attr:`MethodOutput.metrics`)."""
+    from hybridreg import service
+    from hybridreg.solvers import get_solver
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path, out = Path(tmp) / "solver_config.yaml", Path(tmp) / "out"
-        dump_yaml(config, cfg_path)
-        metrics = register_files(pair.fixed_image, pair.moving_image, out, fixed_labels=pair.fixed_labels,
-                                 moving_labels=pair.moving_labels, eval_labels=list(pair.labels), solver=solver,
-                                 config=cfg_path, affine="affine", progress=False, hd95_metric=True, overwrite=True)
-        disp, f_geo = displacement_from_itk(read_displacement(out / "displacement.nii.gz"))
-        m_geo = read_image(pair.moving_image, arg="MOVING")[1]
-        vm = voxel_map(f_geo, m_geo, read_transform(out / "affine.mat"))
-        lam = read_image(out / "lambda.nii.gz", arg="lambda")[0]
+    inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels, list(pair.labels))
+    pre = service.prealign(inputs)
+    solved = service.solve(inputs, get_solver(solver), config, torch.device("cpu"), pre)
+    metrics = service.measure(inputs, solved, solver, pre, with_hd95=True)
+    res = solved.result
     seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)
-    return MethodOutput(disp.astype(np.float32), seconds, lam, voxel_map=vm, metrics=metrics)
+    return MethodOutput(res.displacement[0].detach().numpy(), seconds, res.lambda_on_image_grid()[0, 0].numpy(),
+                        voxel_map=pre.voxel_map, metrics=metrics)
 
 
 def _instance(config_path: Path | None, w_reg: float | None = None):
@@ -377,12 +374,12 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
-               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤200/120/30 Adam iterations, w_reg 4, beta hyperprior",
+               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤200/120/30 Adam iterations, LNCC window 5, w_reg 4, beta hyperprior",
                setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
         Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
-               "the shipped network (`learned_bundled_2mm.pt`: half-grid U-Net + full-resolution velocity stage), one forward pass"),
+               "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), one forward pass"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 12 instance iterations at 2 mm"),
         Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",

@@ -91,9 +91,9 @@ DATASETS: dict[str, Dataset] = {
 SOLVERS = ["instance", "learned", "learned+refine"]
 SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
-    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + ["sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
+    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + ["instance-uniform", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
-    "realworld": {"dataset": "realworld", "methods": ["instance", "learned", "learned+refine", "sitk-demons", "ants-syn"],
+    "realworld": {"dataset": "realworld", "methods": SOLVERS + ["instance-uniform", "sitk-demons", "ants-syn"],
                   "scaling": False, "fronts": True},
 }
 

@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu (default), cuda, cuda:N")
     r.add_argument("--solver", default="instance", choices=available_solvers() or None,
                    help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
-    r.add_argument("--weights", help="weight file for the learned solvers (default: the shipped bundled-data weights)")
+    r.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform; default: the shipped bundled-data weights)")
     r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
     r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     r.add_argument("--fixed-mask", help="binary mask on FIXED's grid: restricts the image match (both stages)")

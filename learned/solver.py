@@ -16,6 +16,7 @@ returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -33,19 +34,48 @@ from instance_opt import register_pair as instance_register_pair
 
 from .weights import load_weights
 
-__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "LearnedConfig", "LearnedSolver", "LEARNED", "LEARNED_REFINE",
-           "half_grid_refine", "register_pair"]
+__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "NAMED_WEIGHTS", "weights_path", "LearnedConfig", "LearnedSolver",
+           "LEARNED", "LEARNED_REFINE", "half_grid_refine", "register_pair"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
 """Weights shipped with the package: trained on the bundled training split at 2 mm in three
 stages (``configs/learned_bundled_2mm.yaml``, then ``..._fullres.yaml`` and
-``..._fullres_mixed.yaml`` fine-tuning from the previous stage; logs, figures and README in
-``learned/weights/``)."""
+``..._fullres_mixed.yaml`` fine-tuning from the previous stage), then fine-tuned with scan-like
+images drawn from the label maps on the LNCC-window-5 energy (stage 4,
+``configs/learned_bundled_2mm_synth.yaml``); logs, figures and README in ``learned/weights/``,
+the earlier stages in its ``stage*/`` folders (:data:`NAMED_WEIGHTS`)."""
 
 UNIFORM_WEIGHTS = Path(__file__).parent / "weights" / "uniform" / "learned_bundled_2mm_uniform.pt"
 """The uniform-λ baseline network (no λ head, λ ≡ 0.89475 with ``w_reg`` 4): same data,
 schedule and seed, ``configs/learned_bundled_2mm_uniform.yaml``; the weights at the end of
 training (``model_final.pt``, step 5000; log and README next to the file)."""
+
+
+_DIR = Path(__file__).parent / "weights"
+NAMED_WEIGHTS = {
+    "shipped": DEFAULT_WEIGHTS,
+    "stage1": _DIR / "stage1" / "learned_bundled_2mm_stage1.pt",
+    "stage2": _DIR / "stage2" / "learned_bundled_2mm_stage2.pt",
+    "stage3": _DIR / "stage3" / "learned_bundled_2mm_stage3.pt",
+    "uniform": UNIFORM_WEIGHTS,
+}
+"""Weight files that ship with the package, by the name ``--weights`` accepts: the default
+(``shipped``), the earlier stages of its training (``learned/weights/stage*/``, kept for
+comparison) and the uniform-λ baseline."""
+
+
+def weights_path(weights: str | os.PathLike) -> Path:
+    """The file of ``weights``: a name of :data:`NAMED_WEIGHTS`, a path, or empty (the shipped
+    default).
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``--weights`` and lists the names).
+    """
+    w = str(weights)
+    p = DEFAULT_WEIGHTS if not w else NAMED_WEIGHTS.get(w, Path(w))
+    if not p.is_file():
+        raise FileNotFoundError(f"`--weights`: file not found: {w} (a weight file or one of {', '.join(NAMED_WEIGHTS)})")
+    return p
 
 
 def _refine_default() -> InstanceOptConfig:
@@ -64,8 +94,9 @@ class LearnedConfig:
     """Settings of the learned solver.
 
     Attributes:
-        weights: weight file written by ``hybridreg train`` (``model_best.pt``); empty
-            means the shipped :data:`DEFAULT_WEIGHTS`.
+        weights: weight file written by ``hybridreg train`` (``model_best.pt``), or a name of
+            :data:`NAMED_WEIGHTS` (``stage3``, ``uniform``...); empty means the shipped
+            :data:`DEFAULT_WEIGHTS`. :meth:`LearnedSolver.configure` replaces a name by its file.
         refine: refine the network's output by instance optimization.
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy unless
@@ -123,7 +154,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
-    net, objective, train_spacing, _ = _load(str(cfg.weights or DEFAULT_WEIGHTS), str(dev))
+    net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights)), str(dev))
     d = net.config.ndim
     if fixed.dim() != d + 2:
         raise ValueError(f"register_pair(): the network is {d}D; `fixed` must be (B, 1, *{d} dims), got {tuple(fixed.shape)}")
@@ -180,7 +211,10 @@ class LearnedSolver:
         return LearnedConfig(refine=self.refine)
 
     def configure(self, config: LearnedConfig) -> LearnedConfig:
-        return replace(config, refine=self.refine)
+        """``config`` with ``refine`` set by the solver's name and a weights name replaced by
+        its file (:func:`weights_path`; raises FileNotFoundError for a missing one)."""
+        w = str(weights_path(config.weights)) if config.weights else ""
+        return replace(config, refine=self.refine, weights=w)
 
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None,
                       **kwargs) -> RegistrationResult:

@@ -297,6 +297,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
     d = len(data.shape)
     if cfg.network.ndim != d:
         raise ValueError(f"train(): `network.ndim` is {cfg.network.ndim} but the data are {d}D")
+    if not data.train:
+        raise ValueError(f"train(): data source {data.name} has no training subjects")
     if not data.validation_pairs():
         raise ValueError(f"train(): data source {data.name} has no validation pair (labelled validation subjects: an atlas"
                          " and one, or two without an atlas), so validation Dice and model_best.pt cannot be computed")

@@ -216,3 +216,17 @@ def test_shipped_weights_predict_spatially_varying_lambda(shipped_run):
     assert float(inside.std()) > 0.05 and 0 < float(inside.min()) and float(inside.max()) <= 1  # the beta bound 1 - 1e-6 rounds to 1 in float32
     m = json.loads((out / "metrics.json").read_text())
     assert m["lambda"]["std_inside_fixed_labels"] == pytest.approx(float(inside.std()), rel=1e-3)
+
+
+def test_named_weights_resolve_to_the_shipped_files():
+    """`--weights` takes the shipped files by name (the earlier stages stay reachable for
+    comparison); configure() records the file, and an unknown name lists the names."""
+    from learned.solver import DEFAULT_WEIGHTS, LEARNED, NAMED_WEIGHTS, LearnedConfig, weights_path
+
+    assert weights_path("") == DEFAULT_WEIGHTS == NAMED_WEIGHTS["shipped"]
+    for name, path in NAMED_WEIGHTS.items():
+        assert weights_path(name) == path and path.is_file(), name
+        assert LEARNED.configure(LearnedConfig(weights=name)).weights == str(path)
+    assert len({p.resolve() for p in NAMED_WEIGHTS.values()}) == len(NAMED_WEIGHTS)
+    with pytest.raises(FileNotFoundError, match="--weights.*stage1"):
+        weights_path("stage9")

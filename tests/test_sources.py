@@ -128,3 +128,15 @@ def test_ixi_transmorph_layout(tmp_path):
     (tmp_path / "Train" / "subject_Train0.pkl").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot unpickle"):
         ixi(tmp_path)
+
+
+def test_bundled_1mm_source_evaluates_but_cannot_train():
+    """Only the test subjects have a bundled 1 mm image: the 1 mm source yields the suite's
+    test pairs, and training on it names the missing split."""
+    from learned.train import TrainConfig, train
+
+    ds = bundled(1)
+    assert not ds.train and ds.test and ds.spacing == (1.0, 1.0, 1.0)
+    assert [f.subject_id for f, _ in ds.pairs("test")] == ["vxm"] * len(ds.test)
+    with pytest.raises(ValueError, match="no training subjects"):
+        train(TrainConfig(steps=1), ds, "unused")

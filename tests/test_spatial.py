@@ -168,3 +168,30 @@ def test_check_field_rejects_non_finite_values_when_asked(device, dtype, bad):
     assert check_field(field, "velocity", fn="f") == 3  # shape-only check in the inner loops
     with pytest.raises(ValueError, match=r"f\(\): `velocity` contains NaN or Inf"):
         check_field(field, "velocity", fn="f", finite=True)
+
+
+@pytest.mark.parametrize("batch,threads", [(1, 2), (1, 3), (2, 4), (3, 2)])
+@pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")])
+def test_warp_cut_into_slabs_for_cpu_threads_equals_one_sampler_call(batch, threads, mode, padding):
+    """3-D warps on CPU are cut into per-thread slabs (the sampler is parallel over the batch
+    only): values and both gradients equal the uncut call (one thread), including a slab
+    count that does not divide the first axis (7 planes)."""
+    torch.manual_seed(0)
+    img = torch.rand(batch, 2, 7, 6, 5, dtype=torch.float64, requires_grad=True)
+    u = (torch.randn(batch, 3, 7, 6, 5, dtype=torch.float64) * 1.5).requires_grad_()
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            out = warp(img, u, mode=mode, padding_mode=padding)
+            grads = torch.autograd.grad((out * torch.linspace(0, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                        (img, u), allow_unused=True)
+            outs.append((out, grads))
+    finally:
+        torch.set_num_threads(before)
+    (a, ga), (b, gb) = outs
+    assert a.shape == b.shape == (batch, 2, 7, 6, 5)
+    assert torch.equal(a, b)
+    for x, y in zip(ga, gb):
+        assert (x is None and y is None) or torch.allclose(x, y, atol=1e-12)

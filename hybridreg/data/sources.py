@@ -80,7 +80,7 @@ class RegistrationDataset:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.train[0].image.shape)
+        return tuple(next(v for v in self.train + self.val + self.test if v is not None).image.shape)
 
     def pairs(self, split: str = "val") -> list[tuple[Volume, Volume]]:
         """(fixed, moving) evaluation pairs of ``split`` (``"val"`` or ``"test"``): atlas ←
@@ -115,9 +115,11 @@ def _resample(arr: np.ndarray, spacing: Sequence[float], target: Sequence[float]
 
 
 def _finish(name: str, spacing: Sequence[float], splits: dict[str, list[Volume]], atlas: Volume | None,
-            geometry: Geometry | None, target: Sequence[float] | None) -> RegistrationDataset:
-    if not splits.get("train"):
+            geometry: Geometry | None, target: Sequence[float] | None, *, require_train: bool = True) -> RegistrationDataset:
+    if require_train and not splits.get("train"):
         raise ValueError(f"data source {name}: no training subjects")
+    if not any(splits.values()):
+        raise ValueError(f"data source {name}: no subjects")
     spacing = tuple(float(s) for s in spacing)
     if target is not None:
         target = tuple(float(t) for t in target)
@@ -136,7 +138,7 @@ def _finish(name: str, spacing: Sequence[float], splits: dict[str, list[Volume]]
         splits = {k: [rs(v) for v in vs] for k, vs in splits.items()}
         atlas = rs(atlas)
         spacing, geometry = target, None
-    shape = splits["train"][0].image.shape
+    shape = next(v for vs in splits.values() for v in vs).image.shape
     for v in [atlas] + [v for vs in splits.values() for v in vs]:
         if v is None:
             continue
@@ -151,7 +153,8 @@ def _finish(name: str, spacing: Sequence[float], splits: dict[str, list[Volume]]
 
 def bundled(resolution: int = 2, spacing: Sequence[float] | None = None) -> RegistrationDataset:
     """The bundled data (:mod:`hybridreg.data`) at ``resolution`` mm (2: every subject has
-    an image; 1: only those whose 1 mm image is bundled). Atlas = ``vxm``."""
+    an image; 1: only those whose 1 mm image is bundled -- the test split -- so the 1 mm
+    source evaluates and cannot train). Atlas = ``vxm``."""
     from . import list_subjects, load_subject, subject_info
 
     splits: dict[str, list[Volume]] = {}
@@ -164,7 +167,7 @@ def bundled(resolution: int = 2, spacing: Sequence[float] | None = None) -> Regi
     a = load_subject("vxm", resolution)
     geo = Geometry.of(sitk.ReadImage(str(a.image_path)))
     return _finish(f"bundled ({resolution} mm)", a.spacing, splits,
-                   Volume("vxm", normalize_intensity(a.image), a.labels), geo, spacing)
+                   Volume("vxm", normalize_intensity(a.image), a.labels), geo, spacing, require_train=resolution == 2)
 
 
 def _read_pair(image: Path, labels: Path | None, arg: str) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
