@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from hybridreg.config import load_yaml
+from hybridreg.objective import ObjectiveConfig
 from hybridreg.tuning import load_space
 from instance_opt import InstanceOptConfig
 from learned.train import TrainConfig
@@ -27,7 +28,11 @@ def test_config_loads(path):
         if cfg.network.lambda_mode == "uniform":  # the uniform network's energy is the uniform instance solver's
             inst = load_yaml(path.parent / "instance_uniform_matched.yaml", InstanceOptConfig)
             assert inst.lambda_mode == "uniform" and cfg.objective.hyperprior == inst.objective.hyperprior == "none"
-            assert cfg.objective.w_reg * cfg.network.lambda_uniform == pytest.approx(inst.objective.w_reg * inst.lambda_init, rel=1e-4)
+            if cfg.objective.lncc_window == inst.objective.lncc_window:  # the same energy: the same uniform weight
+                assert cfg.objective.w_reg * cfg.network.lambda_uniform == pytest.approx(inst.objective.w_reg * inst.lambda_init,
+                                                                                        rel=1e-4)
+            else:  # the network keeps the energy it was trained on (LNCC window 9); the instance baseline moved to 5
+                assert cfg.objective.lncc_window == 9 and inst.objective.lncc_window == ObjectiveConfig().lncc_window
     else:
         load_space(path)
 
