@@ -227,8 +227,8 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
 def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     """Register a :class:`FilePair` through the stages of :func:`hybridreg.service.register_files`
     that make and score the result -- read and check the inputs, the affine stage
-    (:func:`hybridreg.service.prealign`), ``solver`` with ``config`` on FIXED's grid
-    (:func:`hybridreg.service.solve`), the metrics (:func:`hybridreg.service.measure`) -- and
+    and ``solver`` with ``config`` on FIXED's grid, then the metrics
+    (:func:`hybridreg.service.align_solve_measure`) -- and
     not the output files, whose writing (the inverse at 1 mm, compressed NIfTI, the figure)
     took minutes per pair and is not part of any figure here. Seconds: the registration and
     affine stages; the metrics are kept (:attr:`MethodOutput.metrics`)."""
@@ -236,9 +236,7 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     from hybridreg.solvers import get_solver
 
     inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels, list(pair.labels))
-    pre = service.prealign(inputs)
-    solved = service.solve(inputs, get_solver(solver), config, torch.device("cpu"), pre)
-    metrics = service.measure(inputs, solved, solver, pre, with_hd95=True)
+    pre, solved, metrics = service.align_solve_measure(inputs, get_solver(solver), config, torch.device("cpu"))
     res = solved.result
     seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)
     return MethodOutput(res.displacement[0].detach().numpy(), seconds, res.lambda_on_image_grid()[0, 0].numpy(),

@@ -440,6 +440,20 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def align_solve_measure(inputs: Inputs, solver: Solver, config: Any, device: torch.device, *, affine: str = "affine",
+                        init: str = "geometry", affine_metric: str = "ncc",
+                        with_hd95: bool = True) -> tuple[Prealigned, Solved, dict]:
+    """The stages of :func:`register_files` that make and score a result, without writing:
+    :func:`prealign`, :func:`solve`, :func:`measure` (the benchmarks call this directly).
+
+    Raises:
+        as :func:`prealign` and :func:`solve` (a failed affine stage, a diverged solver).
+    """
+    pre = prealign(inputs, affine, init, affine_metric)
+    solved = solve(inputs, solver, config, device, pre)
+    return pre, solved, measure(inputs, solved, solver.name, pre, with_hd95=with_hd95)
+
+
 def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str | os.PathLike, *,
                    fixed_labels: str | os.PathLike | None = None, moving_labels: str | os.PathLike | None = None,
                    config: str | os.PathLike | None = None, device: str | None = None, solver: str = "instance",
@@ -471,9 +485,8 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
     inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
     # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
     check_outputs(out, given, overwrite=overwrite, needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
-    pre = prealign(inputs, affine, init, affine_metric)
-    solved = solve(inputs, solver_obj, cfg, dev, pre)
-    metrics = measure(inputs, solved, solver, pre, with_hd95=hd95_metric)
+    pre, solved, metrics = align_solve_measure(inputs, solver_obj, cfg, dev, affine=affine, init=init,
+                                               affine_metric=affine_metric, with_hd95=hd95_metric)
     metrics["seconds"]["total"] = time.perf_counter() - t0
     write_outputs(out, inputs, solved, metrics, pre)
     return metrics
