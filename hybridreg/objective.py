@@ -1,6 +1,9 @@
 """The one registration objective that every solver minimises (method §1.6).
 
 ``E = D(f, m∘φ) + w_reg · R(u; λ) + w_hyper · H(λ) + w_smooth · S(λ)`` with φ = exp(v).
+With ``symmetric`` the image match is taken half-way, ``D(f∘exp(−v/2), m∘exp(v/2))``
+(SyN's mid-space match, Avants et al., Med. Image Anal. 12(1), 2008, eq. 4), and is the same
+energy with the images and the sign of v swapped; the prior still acts on φ's ``u``.
 
 * ``D``: LNCC or MSE, mean over voxels (:mod:`hybridreg.similarity`).
 * ``R``: λ-weighted diffusion energy in the authors' normalisation
@@ -55,8 +58,12 @@ class ObjectiveConfig:
             last (2 mm) level and one voxel wide at the 8 mm level.
         mse_sigma: noise σ for MSE, in normalised intensity units.
         w_reg: weight of the λ-weighted diffusion energy (reference normalisation). The
-            defaults (``w_reg`` 4, 5 squarings) are both solvers' defaults: on the bundled 1 mm
-            pair 5 and 7 squarings gave the same Dice and SDlogJ, 5 is 20% faster.
+            default ``w_reg`` 4 is both solvers' default.
+        svf_steps: scaling-and-squaring steps K (method §1.1; the reference uses 7). Default
+            4: on the bundled 1 mm pair 5 and 7 squarings gave the same Dice and SDlogJ; on two
+            ``realworld`` pairs 4 gave the instance solver the same Dice (±0.0001) and SDlogJ
+            (±0.0003) as 5 in 20% less time; 3 cost up to 0.0006 Dice on a third
+            (``docs/results.md``, "Speed against demons").
         hyperprior: ``"beta"``, ``"normal"`` or ``"none"``.
         hyper_strength: ``a`` (beta, α = 1 + a) or ``inv_sigma2`` (normal).
         hyper_mean: μ of the normal hyperprior. hyper_beta: β of the beta hyperprior.
@@ -65,7 +72,12 @@ class ObjectiveConfig:
         smooth_sigma_intensity: σ_I of the edge-aware weights (normalised intensity units).
         smooth_sigma_space: σ_x of the non-local kernel, mm.
         smooth_node_factor: pooling factor from λ's grid to the non-local node grid.
-        svf_steps: scaling-and-squaring steps K.
+        symmetric: take the image match in the mid-space, ``D(f∘exp(−v/2), m∘exp(v/2))``
+            (inverse-consistent: swapping the images and negating v leaves it unchanged;
+            Avants et al. 2008, eq. 4). exp(±v/2) use ``svf_steps − 1`` squarings each and
+            φ = exp(v/2)∘exp(v/2), so φ is the same field as without it; one more
+            integration and one more warp per evaluation. Off by default
+            (``docs/results.md``, "The symmetric energy").
     """
 
     similarity: Literal["lncc", "mse"] = "lncc"
@@ -81,7 +93,8 @@ class ObjectiveConfig:
     smooth_sigma_intensity: float = bounded(0.1, 1e-4, 10.0)
     smooth_sigma_space: float = bounded(10.0, 1e-2, 1e3)
     smooth_node_factor: int = bounded(4, 1, 64)
-    svf_steps: int = bounded(5, 0, 20)
+    svf_steps: int = bounded(4, 0, 20)
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         for name, options in (("similarity", ("lncc", "mse")), ("hyperprior", ("beta", "normal", "none")),
@@ -94,6 +107,10 @@ class ObjectiveConfig:
         check_bounds(self)
         if self.lncc_window % 2 == 0:
             raise ValueError(f"ObjectiveConfig: `lncc_window` must be odd, got {self.lncc_window!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"ObjectiveConfig: `symmetric` must be true or false, got {self.symmetric!r}")
+        if self.symmetric and self.svf_steps < 1:
+            raise ValueError("ObjectiveConfig: `svf_steps` must be >= 1 with `symmetric` (φ = exp(v/2)∘exp(v/2))")
 
 
 class EnergyTerms(NamedTuple):
@@ -187,6 +204,7 @@ def evaluate(
             moving_mask: optional ``(B, 1, *moving_spatial)`` weights on the moving grid,
             warped with the moving image. With either, the similarity is the mean of its
             per-voxel map weighted by their product (the image match is restricted to them).
+            With ``config.symmetric`` both images and masks are warped half-way first.
 
     Returns:
         :class:`Evaluation` with the named terms, the image-grid displacement and the
@@ -218,23 +236,39 @@ def evaluate(
 
     # named ranges for torch.profiler (benchmarks/instance_speed.py); free when no profiler runs
     with record_function("evaluate.integrate"):
-        disp_control = scaling_and_squaring(velocity, config.svf_steps)
+        if config.symmetric:  # exp(±v/2), and exp(v) as their last squaring: the same u_0 = v / 2^K
+            half = scaling_and_squaring(0.5 * velocity, config.svf_steps - 1)
+            disp_control = half + warp(half, half, padding_mode="border")
+            half = resize_field(half, spatial)
+            half_inverse = resize_field(scaling_and_squaring(-0.5 * velocity, config.svf_steps - 1), spatial)
+        else:
+            disp_control = scaling_and_squaring(velocity, config.svf_steps)
         disp = resize_field(disp_control, spatial)
     with record_function("evaluate.warp"):
+        # the match is taken where both images meet: on the fixed grid (φ), or half-way (symmetric)
+        to_match = half if config.symmetric else disp
         if moving_mask is None:
-            warped = warp(moving, disp, voxel_map=moving_map)
+            matched = warp(moving, to_match, voxel_map=moving_map)
         else:  # the mask follows the image: one sampling of both
-            warped, warped_mask = warp(torch.cat([moving, moving_mask.to(moving.dtype)], 1), disp,
-                                       voxel_map=moving_map).split([moving.shape[1], 1], 1)
+            matched, warped_mask = warp(torch.cat([moving, moving_mask.to(moving.dtype)], 1), to_match,
+                                        voxel_map=moving_map).split([moving.shape[1], 1], 1)
+        warped = warp(moving, disp, voxel_map=moving_map) if config.symmetric else matched
+        target, target_mask = fixed, fixed_mask
+        if config.symmetric:  # FIXED (and its mask) half-way too
+            if fixed_mask is None:
+                target = warp(fixed, half_inverse)
+            else:
+                target, target_mask = warp(torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1),
+                                           half_inverse).split([fixed.shape[1], 1], 1)
     with record_function("evaluate.similarity"):
         masked = fixed_mask is not None or moving_mask is not None
         reduction = "none" if masked else "mean"
         if config.similarity == "lncc":
-            sim = lncc(fixed, warped, config.lncc_window, reduction=reduction)
+            sim = lncc(target, matched, config.lncc_window, reduction=reduction)
         else:
-            sim = mse(fixed, warped, sigma=config.mse_sigma, reduction=reduction)
+            sim = mse(target, matched, sigma=config.mse_sigma, reduction=reduction)
         if masked:
-            weight = (fixed_mask if fixed_mask is not None else 1.0) * (warped_mask if moving_mask is not None else 1.0)
+            weight = (target_mask if fixed_mask is not None else 1.0) * (warped_mask if moving_mask is not None else 1.0)
             weight = torch.broadcast_to(weight, sim.shape)
             sim = (sim * weight).sum() / weight.sum().clamp_min(1.0)
 

@@ -98,7 +98,7 @@ class RegistrationResult:
     seconds: float
     config: Any
     final_terms: dict[str, float]
-    svf_steps: int = 5
+    svf_steps: int = 4  # ObjectiveConfig's default; the solvers pass the value they integrated with
 
     @property
     def status(self) -> Status:

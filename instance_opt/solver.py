@@ -65,7 +65,7 @@ class InstanceOptConfig:
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     level_spacing: tuple[float, ...] = bounded(lambda: (8.0, 4.0, 2.0), 0.05, 100.0, factory=True)
-    iterations: tuple[int, ...] = bounded(lambda: (200, 120, 30), 0, 100_000, factory=True)
+    iterations: tuple[int, ...] = bounded(lambda: (150, 80, 30), 0, 100_000, factory=True)
     control_factor: tuple[int, ...] = bounded(lambda: (1,), 1, 16, factory=True)
     lr: float = bounded(0.5, 1e-6, 100.0)
     lr_lambda: float = bounded(0.05, 1e-6, 10.0)

@@ -196,11 +196,58 @@ def test_objective_terms_and_grids():
 @pytest.mark.parametrize(
     "kwargs,name",
     [({"w_reg": -1.0}, "w_reg"), ({"lncc_window": 4}, "lncc_window"), ({"hyperprior": "gamma"}, "hyperprior"),
-     ({"lambda_smoothness": "tv"}, "lambda_smoothness"), ({"svf_steps": -2}, "svf_steps"), ({"mse_sigma": 0.0}, "mse_sigma")],
+     ({"lambda_smoothness": "tv"}, "lambda_smoothness"), ({"svf_steps": -2}, "svf_steps"), ({"mse_sigma": 0.0}, "mse_sigma"),
+     ({"symmetric": True, "svf_steps": 0}, "svf_steps"), ({"symmetric": "yes"}, "symmetric")],
 )
 def test_objective_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ObjectiveConfig(**kwargs)
+
+
+def _smooth_field(shape, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn((1, 3, *shape[2:]), generator=g, dtype=torch.float64)
+    v = torch.nn.functional.avg_pool3d(v, 5, stride=1, padding=2, count_include_pad=False)
+    return scale * v / v.abs().max()
+
+
+def test_symmetric_energy_is_the_mid_space_match():
+    """``symmetric``: φ is the same field as without it; the match is D(f∘exp(−v/2), m∘exp(v/2)),
+    unchanged when the images are swapped and v negated; at v = 0 it is the plain energy."""
+    from hybridreg.spatial import scaling_and_squaring, warp
+
+    torch.manual_seed(0)
+    f, m = (torch.nn.functional.avg_pool3d(torch.rand(1, 1, 14, 16, 12, dtype=torch.float64), 3, 1, 1) for _ in range(2))
+    v = _smooth_field(f.shape, 2.0, 1)
+    lam = torch.full((1, 1, 1, 1, 1), 0.7, dtype=torch.float64)
+    plain, sym = ObjectiveConfig(), ObjectiveConfig(symmetric=True)
+    a, b = evaluate(f, m, v, lam, plain), evaluate(f, m, v, lam, sym)
+    assert torch.allclose(a.displacement, b.displacement, atol=1e-12)  # exp(v/2)∘exp(v/2) is S&S's last squaring
+    assert torch.allclose(a.warped, b.warped, atol=1e-12) and torch.allclose(a.terms.regularization, b.terms.regularization)
+    half = scaling_and_squaring(0.5 * v, sym.svf_steps - 1)
+    expected = lncc(warp(f, scaling_and_squaring(-0.5 * v, sym.svf_steps - 1)), warp(m, half), sym.lncc_window)
+    assert float(b.terms.similarity) == pytest.approx(float(expected), rel=1e-12)
+    assert float(b.terms.similarity) != pytest.approx(float(a.terms.similarity), rel=1e-3)
+    swapped = evaluate(m, f, -v, lam, sym)
+    assert float(swapped.terms.similarity) == pytest.approx(float(b.terms.similarity), rel=1e-10)
+    zero = torch.zeros_like(v)
+    assert torch.allclose(evaluate(f, m, zero, lam, plain).terms.total, evaluate(f, m, zero, lam, sym).terms.total)
+    # masks follow their image half-way; gradients reach v
+    mask = torch.zeros_like(f)
+    mask[..., 3:11, 3:13, 2:10] = 1
+    vg = v.clone().requires_grad_()
+    t = evaluate(f, m, vg, lam, sym, fixed_mask=mask, moving_mask=mask).terms
+    t.total.backward()
+    assert torch.isfinite(t.total) and float(vg.grad.abs().sum()) > 0
+
+
+def test_symmetric_energy_gradcheck():
+    torch.manual_seed(1)
+    f, m = torch.rand(1, 1, 6, 7, 5, dtype=torch.float64), torch.rand(1, 1, 6, 7, 5, dtype=torch.float64)
+    v = _smooth_field(f.shape, 0.8, 2).requires_grad_()
+    lam = torch.full((1, 1, 6, 7, 5), 0.6, dtype=torch.float64)
+    cfg = ObjectiveConfig(symmetric=True, lncc_window=3, svf_steps=2, hyperprior="none")
+    assert torch.autograd.gradcheck(lambda x: evaluate(f, m, x, lam, cfg).terms.total, (v,), eps=1e-6, atol=1e-5)
 
 
 def test_nonlocal_smoothness_inside_the_objective():

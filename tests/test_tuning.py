@@ -66,15 +66,15 @@ def test_apply_params_sets_nested_keys_and_scales_schedules():
     sp = tuning.space_from_dict({**SPACE, "parameters": {**SPACE["parameters"], "iterations": {"low": 50, "high": 400}}})
     cfg = tuning.apply_params(sp, {"objective.w_reg": 3.0, "objective.hyper_strength": 0.2, "iterations": 100})
     assert cfg.objective.w_reg == 3.0 and cfg.objective.hyper_strength == 0.2
-    assert cfg.iterations == (100, 60, 15)  # default (200, 120, 30) scaled by 100/200
+    assert cfg.iterations == (100, 53, 20)  # default (150, 80, 30) scaled by 100/150
 
 
 def test_base_params_are_the_base_configs_values():
     sp = tuning.space_from_dict({**SPACE, "parameters": {**SPACE["parameters"], "iterations": {"low": 50, "high": 400}},
                                  "base_config": {"objective": {"w_reg": 2.5}}})
     base = tuning.base_params(sp)
-    assert base == {"objective.w_reg": 2.5, "objective.hyper_strength": 0.175, "iterations": 200.0}
-    assert tuning.apply_params(sp, base) == tuning.apply_params(sp, {**base, "iterations": 200})
+    assert base == {"objective.w_reg": 2.5, "objective.hyper_strength": 0.175, "iterations": 150.0}
+    assert tuning.apply_params(sp, base) == tuning.apply_params(sp, {**base, "iterations": 150})
 
 
 @pytest.mark.slow
@@ -139,6 +139,35 @@ def test_botorch_finds_a_feasible_optimum_at_a_zero_inflated_constraint(tmp_path
         res = tuning.run_tuning(space(), cliff, 12, tmp_path, progress=False)
     assert res.best["folding"] <= 0.1 and 0.776 <= res.best["params"]["objective.w_reg"] <= 1.3
     assert any(t["folding"] > 0.1 for t in res.trials)  # the tuner did probe the infeasible side
+
+
+def test_an_sdlogj_bound_is_a_second_constraint():
+    from hybridreg.tuning.loop import _outcomes
+
+    sp = space(sdlogj_max=0.2)
+    trials = [{"id": i, "status": "done", "dice": d, "folding": f, "sdlogj": s}
+              for i, (d, f, s) in enumerate([(0.80, 0.0, 0.28), (0.78, 0.0, 0.19), (0.79, 0.5, 0.15), (0.70, 0.0, 0.10)])]
+    assert [sp.feasible(t) for t in trials] == [False, True, False, True]
+    assert tuning.best_trial(trials, sp)["id"] == 1 and tuning.best_trial(trials, space())["id"] == 0
+    assert {t["id"] for t in tuning.pareto_front(trials, sp)} == {1, 3}
+    assert tuning.best_so_far(trials, sp) == [pytest.approx(float("nan"), nan_ok=True), 0.78, 0.78, 0.78]
+    Y, constraints = _outcomes(sp, trials)
+    assert Y.shape == (4, 3) and len(constraints) == 2  # Dice, then the folding and SDlogJ slacks
+    feasible = torch.stack([c(Y) for c in constraints]).le(0).all(0)
+    assert feasible.tolist() == [sp.feasible(t) for t in trials]
+    assert _outcomes(space(), trials)[0].shape == (4, 2) and _outcomes(space(mode="pareto", sdlogj_max=0.2), trials)[0].shape == (4, 4)
+    with pytest.raises(ValueError, match="sdlogj_max"):
+        space(sdlogj_max=-0.1)
+
+
+@pytest.mark.slow
+def test_botorch_finds_dice_under_an_sdlogj_bound(tmp_path):
+    """`bowl` peaks at w_reg 2 (SDlogJ 0.28); under SDlogJ ≤ 0.2 the optimum is w_reg 4 (SDlogJ 0.2)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BotorchWarning)
+        res = tuning.run_tuning(space(sdlogj_max=0.2), bowl, 12, tmp_path, progress=False)
+    assert res.best["sdlogj"] <= 0.2 and 4.0 <= res.best["params"]["objective.w_reg"] <= 5.0, res.best
+    assert any(t["sdlogj"] > 0.2 for t in res.trials)
 
 
 @pytest.mark.slow

@@ -1,12 +1,14 @@
 """The ask/tell loop. A trial's objective returns ``dice`` (maximised), ``folding`` (constraint
-``folding ≤ τ``) and ``sdlogj`` (the second objective in Pareto mode); the ``q = batch_size``
+``folding ≤ τ``) and ``sdlogj`` (the second objective in Pareto mode, and a constraint
+``sdlogj ≤ sdlogj_max`` when the space sets one); the ``q = batch_size``
 candidates of a round are evaluated in parallel worker processes.
 
 BoTorch (``method="botorch"``): a scrambled Sobol initial design, then per round a
 ``SingleTaskGP`` on the unit cube (log scale for ``log: true`` parameters) with standardised
 outcomes; candidates maximise ``qLogNoisyExpectedImprovement`` of Dice with the folding
 constraint (modelled as the log slack :func:`folding_slack`, not the raw zero-inflated
-percentage), or in Pareto mode ``qLogNoisyExpectedHypervolumeImprovement`` of (Dice, −SDlogJ).
+percentage) and the SDlogJ bound if any (the slack ``sdlogj − sdlogj_max``), or in Pareto
+mode ``qLogNoisyExpectedHypervolumeImprovement`` of (Dice, −SDlogJ) under the same constraints.
 Baselines: random search, Optuna's TPE. Draws are seeded by ``space.seed`` and the trial index (no global RNG).
 
 State: ``trials.json`` in the output folder is rewritten atomically after every finished
@@ -42,7 +44,7 @@ class TuningResult:
         trials: every trial, in order: ``id``, ``params``, ``x`` (unit cube), ``status``
             (``done``, ``failed``, ``pending``), ``dice``, ``folding``, ``sdlogj``,
             ``seconds``.
-        best: the best feasible finished trial (max Dice with folding ≤ τ) or ``None``.
+        best: the best feasible finished trial (max Dice, :meth:`SearchSpace.feasible`) or ``None``.
         pareto: finished feasible trials on the Dice/SDlogJ Pareto front.
     """
 
@@ -51,32 +53,32 @@ class TuningResult:
     pareto: list[dict]
 
 
-def _feasible(trials: list[dict], tau: float) -> list[dict]:
-    return [t for t in trials if t["status"] == "done" and t["folding"] <= tau]
+def _feasible(trials: list[dict], space: SearchSpace) -> list[dict]:
+    return [t for t in trials if t["status"] == "done" and space.feasible(t)]
 
 
-def best_trial(trials: list[dict], tau: float) -> dict | None:
-    """Max Dice among finished trials with folding ≤ τ (ties: lower SDlogJ)."""
-    ok = _feasible(trials, tau)
+def best_trial(trials: list[dict], space: SearchSpace) -> dict | None:
+    """Max Dice among finished feasible trials (:meth:`SearchSpace.feasible`; ties: lower SDlogJ)."""
+    ok = _feasible(trials, space)
     return max(ok, key=lambda t: (t["dice"], -t["sdlogj"])) if ok else None
 
 
-def pareto_front(trials: list[dict], tau: float) -> list[dict]:
+def pareto_front(trials: list[dict], space: SearchSpace) -> list[dict]:
     """Feasible finished trials not dominated in (max Dice, min SDlogJ), by Dice."""
     from botorch.utils.multi_objective.pareto import is_non_dominated
 
-    ok = _feasible(trials, tau)
+    ok = _feasible(trials, space)
     if not ok:
         return []
     mask = is_non_dominated(torch.tensor([[t["dice"], -t["sdlogj"]] for t in ok], dtype=torch.double)).tolist()
     return sorted((t for t, m in zip(ok, mask) if m), key=lambda t: t["dice"])
 
 
-def best_so_far(trials: list[dict], tau: float) -> list[float]:
+def best_so_far(trials: list[dict], space: SearchSpace) -> list[float]:
     """Best feasible Dice after each finished trial (NaN before the first feasible one)."""
     out, best = [], float("nan")
     for t in trials:
-        if t["status"] == "done" and t["folding"] <= tau and not (t["dice"] <= best):
+        if t["status"] == "done" and space.feasible(t) and not (t["dice"] <= best):
             best = t["dice"]
         if t["status"] != "pending":
             out.append(best)
@@ -126,29 +128,41 @@ def _propose_botorch(space: SearchSpace, done: list[dict], q: int, seed: int) ->
 
     d = len(space.parameters)
     X = torch.tensor([t["x"] for t in done], dtype=torch.double)
-    tau = space.folding_max
+    Y, constraints = _outcomes(space, done)
     bounds = torch.stack([torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)])
     # Seeded MC samplers and start points. The baseline is not pruned (BoTorch's pruning draws unseeded): a
     # pruned point is one never best in 2048 posterior samples, keeping it changes the acquisition by MC noise only.
     if space.mode == "single":
-        Y = torch.tensor([[t["dice"], t["folding"]] for t in done], dtype=torch.double)
-        Y[:, 1] = folding_slack(Y[:, 1], tau)
         acq = qLogNoisyExpectedImprovement(
             fit_gp(X, Y), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([512]), seed=seed),
-            objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]), constraints=[lambda Z: Z[..., 1]],
+            objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]), constraints=constraints,
             prune_baseline=False,
         )
     else:
-        Y = torch.tensor([[t["dice"], -t["sdlogj"], t["folding"]] for t in done], dtype=torch.double)
-        Y[:, 2] = folding_slack(Y[:, 2], tau)
         ref = Y[:, :2].min(dim=0).values - 0.1 * (Y[:, :2].max(dim=0).values - Y[:, :2].min(dim=0).values).clamp_min(1e-3)
         acq = qLogNoisyExpectedHypervolumeImprovement(
             fit_gp(X, Y), ref_point=ref.tolist(), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([128]), seed=seed),
-            objective=IdentityMCMultiOutputObjective(outcomes=[0, 1]), constraints=[lambda Z: Z[..., 2]],
+            objective=IdentityMCMultiOutputObjective(outcomes=[0, 1]), constraints=constraints,
             prune_baseline=False,
         )
     cand, _ = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=8, batch_initial_conditions=_start_points(acq, d, q, 8, seed))
     return cand.detach()
+
+
+def _outcomes(space: SearchSpace, done: list[dict]) -> tuple[torch.Tensor, list[Callable]]:
+    """The GP's outcome columns for ``done`` trials: the objectives (Dice; and −SDlogJ in Pareto
+    mode), then one slack per constraint, feasible iff ≤ 0 (:func:`folding_slack`; ``sdlogj −
+    sdlogj_max`` when the space bounds SDlogJ), and BoTorch's constraint callables on them."""
+    rows = []
+    for t in done:
+        row = [t["dice"]] + ([-t["sdlogj"]] if space.mode == "pareto" else [])
+        row.append(float(folding_slack(torch.tensor(float(t["folding"])), space.folding_max)))
+        if space.sdlogj_max > 0:
+            row.append(t["sdlogj"] - space.sdlogj_max)
+        rows.append(row)
+    Y = torch.tensor(rows, dtype=torch.double)
+    k = 2 if space.mode == "pareto" else 1
+    return Y, [lambda Z, i=i: Z[..., i] for i in range(k, Y.shape[1])]
 
 
 def _start_points(acq, d: int, q: int, n: int, seed: int, raw: int = 256, eta: float = 2.0) -> torch.Tensor:
@@ -173,15 +187,15 @@ class _TPE:
             raise ImportError("method 'tpe' needs Optuna: pip install optuna") from e
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna, self.tau = optuna, space.folding_max
+        self.optuna, self.space = optuna, space
         self.dist = {p.key: optuna.distributions.FloatDistribution(p.low, p.high, log=p.log) for p in space.parameters}
         self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=space.seed))
         for t in done:
             self.tell(t)
 
     def tell(self, t: dict) -> None:
-        """Add a finished trial; an infeasible one (folding > τ) counts as Dice 0."""
-        val = t["dice"] if t["folding"] <= self.tau else 0.0
+        """Add a finished trial; an infeasible one (:meth:`SearchSpace.feasible`) counts as Dice 0."""
+        val = t["dice"] if self.space.feasible(t) else 0.0
         self.study.add_trial(self.optuna.trial.create_trial(params=dict(t["params"]), distributions=self.dist, value=val))
 
     def ask(self, space: SearchSpace) -> list[float]:
@@ -301,7 +315,7 @@ def run_tuning(
                 if tpe is not None and t["status"] == "done":
                     tpe.tell(t)
                 bar.update(1)
-                b = best_trial(trials, space.folding_max)
+                b = best_trial(trials, space)
                 bar.set_postfix(best=f"{b['dice']:.4f}" if b else "-", refresh=False)
                 if finished() >= limit:
                     break
@@ -309,4 +323,4 @@ def run_tuning(
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return TuningResult(trials, best_trial(trials, space.folding_max), pareto_front(trials, space.folding_max))
+    return TuningResult(trials, best_trial(trials, space), pareto_front(trials, space))

@@ -50,7 +50,7 @@ def tuning_figures(space: SearchSpace, trials: list[dict], out_dir: str | os.Pat
 
     out = Path(out_dir)
     paths = []
-    tau = space.folding_max
+    bound = f"folding ≤ {space.folding_max:g}%" + (f", SDlogJ ≤ {space.sdlogj_max:g}" if space.sdlogj_max > 0 else "")
 
     def save(fig, name):
         with atomic_output(out / name) as tmp:
@@ -58,19 +58,19 @@ def tuning_figures(space: SearchSpace, trials: list[dict], out_dir: str | os.Pat
         paths.append(out / name)
 
     ax = Figure(figsize=(5, 3.5), layout="tight").subplots()
-    bsf = best_so_far(trials, tau)
+    bsf = best_so_far(trials, space)
     ax.plot(range(1, len(bsf) + 1), bsf, "o-", ms=3)
-    ax.set(xlabel="finished trials", ylabel="best validation Dice", title=f"best so far (folding ≤ {tau:g}%)")
+    ax.set(xlabel="finished trials", ylabel="best validation Dice", title=f"best so far ({bound})")
     save(ax.figure, "best_so_far.png")
 
     ax = Figure(figsize=(5, 3.8), layout="tight").subplots()
     done = [t for t in trials if t["status"] == "done"]
-    ok = [t for t in done if t["folding"] <= tau]
-    bad = [t for t in done if t["folding"] > tau]
+    ok = [t for t in done if space.feasible(t)]
+    bad = [t for t in done if not space.feasible(t)]
     ax.scatter([t["sdlogj"] for t in ok], [t["dice"] for t in ok], s=18, label="feasible")
     if bad:
-        ax.scatter([t["sdlogj"] for t in bad], [t["dice"] for t in bad], s=18, marker="x", color="C3", label=f"folding > {tau:g}%")
-    front = pareto_front(trials, tau)
+        ax.scatter([t["sdlogj"] for t in bad], [t["dice"] for t in bad], s=18, marker="x", color="C3", label=f"infeasible (not {bound})")
+    front = pareto_front(trials, space)
     if front:
         ax.step([t["sdlogj"] for t in front], [t["dice"] for t in front], "k-", where="post", lw=1, label="Pareto front")
     ax.set(xlabel="SDlogJ (lower = smoother)", ylabel="mean validation Dice", title="Dice against regularity")
@@ -109,7 +109,7 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
         atomic_write_text(stage / "pareto.json", json.dumps(result.pareto, indent=2))
         summary = {"finished": sum(t["status"] in ("done", "failed") for t in result.trials),
                    "failed": sum(t["status"] == "failed" for t in result.trials), "best": result.best,
-                   "best_so_far": best_so_far(result.trials, space.folding_max), "pareto_size": len(result.pareto)}
+                   "best_so_far": best_so_far(result.trials, space), "pareto_size": len(result.pareto)}
         atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
         tuning_figures(space, result.trials, stage)
         for f in sorted(stage.iterdir()):

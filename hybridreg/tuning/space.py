@@ -57,6 +57,9 @@ class SearchSpace:
         mode: ``"single"`` (maximise Dice under the folding constraint) or ``"pareto"``
             (Dice against SDlogJ).
         folding_max: τ, the largest admissible %|J|≤0 (percent of voxels).
+        sdlogj_max: the largest admissible mean SDlogJ (0: no bound), a second constraint:
+            Dice under a regularity bound, so that no setting buys Dice with an irregular
+            deformation (issue 17; the suite compares methods at equal SDlogJ).
         batch_size: q, candidates per BO round (evaluated in parallel).
         initial_trials: Sobol points before the GP takes over.
         workers: parallel worker processes (1 = in process).
@@ -75,6 +78,7 @@ class SearchSpace:
     base_config: dict = field(default_factory=dict)
     mode: Literal["single", "pareto"] = "single"
     folding_max: float = bounded(0.1, 0.0, 100.0)
+    sdlogj_max: float = bounded(0.0, 0.0, 10.0)
     batch_size: int = bounded(1, 1, 64)
     initial_trials: int = bounded(6, 1, 1000)
     workers: int = bounded(1, 1, 64)
@@ -90,6 +94,11 @@ class SearchSpace:
         check_bounds(self)
         if self.solver not in SOLVERS:
             raise ValueError(f"search space: `solver` must be one of {list(SOLVERS)}, got {self.solver!r}")
+
+    def feasible(self, trial: dict) -> bool:
+        """Whether a finished trial (``{"folding", "sdlogj", ...}``) meets the constraints:
+        %|J|≤0 ≤ ``folding_max`` and, when ``sdlogj_max`` > 0, SDlogJ ≤ ``sdlogj_max``."""
+        return trial["folding"] <= self.folding_max and (self.sdlogj_max == 0 or trial["sdlogj"] <= self.sdlogj_max)
 
 
 def _config_class(solver: str) -> type:
