@@ -35,7 +35,7 @@ from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
 from .regularization import check_spacing, diffusion_energy, reference_scale
 from .similarity import lncc, mse
-from .spatial import check_field, resize_field, resize_image, scaling_and_squaring, warp
+from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
 
 __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing"]
 
@@ -174,6 +174,16 @@ def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, c
     )
 
 
+def _warp_with_mask(image: torch.Tensor, mask: torch.Tensor | None, disp: torch.Tensor,
+                    voxel_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``image`` and its optional ``(B, 1, ...)`` ``mask`` warped by ``disp`` in one sampling
+    of both (:func:`hybridreg.spatial.warp`); the mask is ``None`` when none is given."""
+    if mask is None:
+        return warp(image, disp, voxel_map=voxel_map), None
+    both = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map)
+    return tuple(both.split([image.shape[1], 1], 1))
+
+
 def evaluate(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -236,30 +246,20 @@ def evaluate(
 
     # named ranges for torch.profiler (benchmarks/instance_speed.py); free when no profiler runs
     with record_function("evaluate.integrate"):
-        if config.symmetric:  # exp(±v/2), and exp(v) as their last squaring: the same u_0 = v / 2^K
+        fixed_disp = None  # the match is taken on FIXED's grid (φ), or half-way (symmetric)
+        if config.symmetric:  # exp(±v/2); exp(v) is their last squaring, from the same u_0 = v / 2^K
             half = scaling_and_squaring(0.5 * velocity, config.svf_steps - 1)
-            disp_control = half + warp(half, half, padding_mode="border")
-            half = resize_field(half, spatial)
-            half_inverse = resize_field(scaling_and_squaring(-0.5 * velocity, config.svf_steps - 1), spatial)
+            disp_control = compose(half, half)
+            fixed_disp = resize_field(scaling_and_squaring(-0.5 * velocity, config.svf_steps - 1), spatial)
         else:
             disp_control = scaling_and_squaring(velocity, config.svf_steps)
         disp = resize_field(disp_control, spatial)
+        moving_disp = disp if fixed_disp is None else resize_field(half, spatial)
     with record_function("evaluate.warp"):
-        # the match is taken where both images meet: on the fixed grid (φ), or half-way (symmetric)
-        to_match = half if config.symmetric else disp
-        if moving_mask is None:
-            matched = warp(moving, to_match, voxel_map=moving_map)
-        else:  # the mask follows the image: one sampling of both
-            matched, warped_mask = warp(torch.cat([moving, moving_mask.to(moving.dtype)], 1), to_match,
-                                        voxel_map=moving_map).split([moving.shape[1], 1], 1)
-        warped = warp(moving, disp, voxel_map=moving_map) if config.symmetric else matched
-        target, target_mask = fixed, fixed_mask
-        if config.symmetric:  # FIXED (and its mask) half-way too
-            if fixed_mask is None:
-                target = warp(fixed, half_inverse)
-            else:
-                target, target_mask = warp(torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1),
-                                           half_inverse).split([fixed.shape[1], 1], 1)
+        matched, matched_mask = _warp_with_mask(moving, moving_mask, moving_disp, moving_map)
+        warped = matched if fixed_disp is None else warp(moving, disp, voxel_map=moving_map)
+        target, target_mask = ((fixed, fixed_mask) if fixed_disp is None
+                               else _warp_with_mask(fixed, fixed_mask, fixed_disp))
     with record_function("evaluate.similarity"):
         masked = fixed_mask is not None or moving_mask is not None
         reduction = "none" if masked else "mean"
@@ -268,7 +268,7 @@ def evaluate(
         else:
             sim = mse(target, matched, sigma=config.mse_sigma, reduction=reduction)
         if masked:
-            weight = (target_mask if fixed_mask is not None else 1.0) * (warped_mask if moving_mask is not None else 1.0)
+            weight = (target_mask if target_mask is not None else 1.0) * (matched_mask if matched_mask is not None else 1.0)
             weight = torch.broadcast_to(weight, sim.shape)
             sim = (sim * weight).sum() / weight.sum().clamp_min(1.0)
 

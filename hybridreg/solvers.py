@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from .objective import ObjectiveConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "Solver", "available_solvers",
            "get_solver", "check_images"]
@@ -98,7 +100,7 @@ class RegistrationResult:
     seconds: float
     config: Any
     final_terms: dict[str, float]
-    svf_steps: int = 4  # ObjectiveConfig's default; the solvers pass the value they integrated with
+    svf_steps: int = field(default_factory=lambda: ObjectiveConfig().svf_steps)
 
     @property
     def status(self) -> Status:

@@ -153,15 +153,10 @@ def _outcomes(space: SearchSpace, done: list[dict]) -> tuple[torch.Tensor, list[
     """The GP's outcome columns for ``done`` trials: the objectives (Dice; and −SDlogJ in Pareto
     mode), then one slack per constraint, feasible iff ≤ 0 (:func:`folding_slack`; ``sdlogj −
     sdlogj_max`` when the space bounds SDlogJ), and BoTorch's constraint callables on them."""
-    rows = []
-    for t in done:
-        row = [t["dice"]] + ([-t["sdlogj"]] if space.mode == "pareto" else [])
-        row.append(float(folding_slack(torch.tensor(float(t["folding"])), space.folding_max)))
-        if space.sdlogj_max > 0:
-            row.append(t["sdlogj"] - space.sdlogj_max)
-        rows.append(row)
-    Y = torch.tensor(rows, dtype=torch.double)
     k = 2 if space.mode == "pareto" else 1
+    Y = torch.tensor([[t["dice"]] + ([-t["sdlogj"]] if k == 2 else []) + [t["folding"]]
+                      + ([t["sdlogj"] - space.sdlogj_max] if space.sdlogj_max > 0 else []) for t in done], dtype=torch.double)
+    Y[:, k] = folding_slack(Y[:, k], space.folding_max)
     return Y, [lambda Z, i=i: Z[..., i] for i in range(k, Y.shape[1])]
 
 
