@@ -51,7 +51,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     """Write the report of ``out``'s rows; ``stamp``: this machine ran them (else keep their stamp)."""
     from benchmarks.common import environment
     from benchmarks.report import figures, markdown, paired_stats, write_csvs
-    from benchmarks.suite import DATASETS, SUITES, read_rows
+    from benchmarks.suite import get_dataset, get_suite, read_rows
     from hybridreg.config import atomic_write_text
 
     rows = read_rows(out / "rows.jsonl")
@@ -63,7 +63,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     stats = paired_stats(rows)
     write_csvs(out, rows, stats, scaling)
     files = figures(out, rows, scaling)
-    md = markdown(suite, DATASETS[SUITES[suite]["dataset"]].description, env, rows, stats, scaling, files, skipped, wall)
+    md = markdown(suite, get_dataset(get_suite(suite)["dataset"]).description, env, rows, stats, scaling, files, skipped, wall)
     rep = out / "reproducibility.md"
     if rep.is_file():  # written by `compare`: how this run matches a reference run
         body = rep.read_text().split("\n", 1)[1]
@@ -88,21 +88,29 @@ def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None
 def _run(a) -> int:
     from benchmarks.methods import METHODS, available
     from benchmarks.scaling import GRIDS, run_scaling
-    from benchmarks.suite import DATASETS, SUITES, run_suite, suite_methods
+    from benchmarks.suite import get_dataset, get_suite, run_suite, suite_methods
     from hybridreg.config import atomic_write_text
 
-    if a.suite not in SUITES:
-        raise SystemExit(f"--suite must be one of {sorted(SUITES)}, got {a.suite!r}")
+    if a.dataset:
+        a.suite = a.dataset
+    try:
+        spec = get_suite(a.suite)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if ":" in a.suite and not a.out:
+        raise SystemExit("--out: a dataset given as KIND:PATH needs an output folder")
     out = Path(a.out or RESULTS / a.suite)
     t0 = time.perf_counter()
     if a.fresh:
         for name in ("rows.jsonl", "scaling.json", "run.json"):
             (out / name).unlink(missing_ok=True)
-    spec = SUITES[a.suite]
     methods = a.methods or suite_methods(a.suite)
     skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
-    skipped += DATASETS[spec["dataset"]].notes()
-    run_suite(a.suite, out, methods, a.max_pairs)
+    skipped += get_dataset(spec["dataset"]).notes()
+    try:
+        run_suite(a.suite, out, methods, a.max_pairs)
+    except (FileNotFoundError, ValueError) as e:  # a bad dataset or method: one line
+        raise SystemExit(" ".join(str(e).split())) from None
     scaling = []
     sc_path = out / "scaling.json"
     if spec["scaling"] and not a.no_scaling:
@@ -191,6 +199,8 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="suites, datasets and methods")
     r = sub.add_parser("run", help="run a suite and write its report")
     r.add_argument("--suite", default="bundled")
+    r.add_argument("--dataset", help="instead of --suite: the realworld suite's methods on manifest:PAIRS.csv,"
+                                     " lumir:dataset.json[#SPLIT] or oasis:DIR (needs --out)")
     r.add_argument("--out", help="output folder (default benchmarks/results/<suite>)")
     r.add_argument("--methods", nargs="+", help="subset of the suite's methods")
     r.add_argument("--max-pairs", type=int, help="only the first N pairs")

@@ -131,7 +131,8 @@ class FilePair:
     Attributes:
         name: ``"<fixed><-<moving>"``. kind: the label set (``"aal-aseg"``, ``"tissue"``).
         fixed_image, moving_image, fixed_labels, moving_labels: file paths.
-        labels: label IDs to score. label_names: ``{id: name}`` (for the report).
+        labels: label IDs to score (empty: those both maps share, ``auto`` policy).
+        label_names: ``{id: name}`` (for the report).
     """
 
     name: str
@@ -235,7 +236,8 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     from hybridreg import service
     from hybridreg.solvers import get_solver
 
-    inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels, list(pair.labels))
+    inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels,
+                                 list(pair.labels) or "auto")
     pre, solved, metrics = service.align_solve_measure(inputs, get_solver(solver), config, torch.device("cpu"))
     res = solved.result
     seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)
@@ -305,12 +307,14 @@ def _image(arr: np.ndarray, geo: Geometry) -> sitk.Image:
     return geo.apply(sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32)))
 
 
-def _ants_syn(flow_sigma: float = 3.0):
-    """antspyx SyN with ``flow_sigma`` (the smoothing of the update field, voxels; ANTs' default 3)."""
-    return lambda pair, dice_fn: _run_ants_syn(pair, flow_sigma)
+def _ants_syn(flow_sigma: float = 3.0, total_sigma: float = 0.0):
+    """antspyx SyN with ``flow_sigma`` (the smoothing of the update field, voxels; ANTs' default 3) and
+    ``total_sigma`` (the smoothing of the total field after each iteration, voxels; ANTs' default 0):
+    SyN[grad step, flow σ, total σ] in ``antsRegistration``'s terms."""
+    return lambda pair, dice_fn: _run_ants_syn(pair, flow_sigma, total_sigma)
 
 
-def _run_ants_syn(pair: AnyPair, flow_sigma: float) -> MethodOutput:
+def _run_ants_syn(pair: AnyPair, flow_sigma: float, total_sigma: float = 0.0) -> MethodOutput:
     import ants
 
     from hybridreg.affine import voxel_map
@@ -322,6 +326,7 @@ def _run_ants_syn(pair: AnyPair, flow_sigma: float) -> MethodOutput:
         t0 = time.perf_counter()
         r = ants.registration(f, m, type_of_transform="SyNOnly" if pair.prealigned else "SyN", syn_metric="CC",
                               syn_sampling=2, reg_iterations=(100, 70, 20), flow_sigma=flow_sigma,
+                              total_sigma=total_sigma,
                               outprefix=str(Path(tmp) / "syn_"))
         seconds = time.perf_counter() - t0
         # fwdtransforms [warp, affine]: a FIXED point p maps to affine(p + warp(p)) (the warp on FIXED's grid)
@@ -404,7 +409,8 @@ METHODS: dict[str, Method] = {
 # the Pareto fronts of the suite report compare the methods at equal SDlogJ.
 FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)) for w in (2.0, 8.0)],
           "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (1.0, 2.5)],
-          "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]}
+          "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]
+          + [(f"total_sigma={s:g}", f"total σ {s:g}", _ants_syn(3.0, s)) for s in (1.0, 2.0)]}
 for _family, _points in FRONTS.items():
     _base = METHODS[_family]
     for _key, _setting, _run in _points:

@@ -50,6 +50,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     "dice_sd": statistics.stdev(d) if len(d) > 1 else 0.0, "dice_before": statistics.mean(r["dice_before"] for r in rs),
                     "hd95_mean": statistics.mean(r["hd95_mean"] for r in rs),
                     "folding_max": max(r["folding_percent"] for r in rs),
+                    "ndv_max": max(r["ndv_percent"] for r in rs) if all("ndv_percent" in r for r in rs) else None,
                     "sdlogj_mean": statistics.mean(r["sdlogj"] for r in rs),
                     "seconds_median": statistics.median(r["seconds"] for r in rs),
                     "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
@@ -360,12 +361,13 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         lines += ["Skipped: " + "; ".join(skipped), ""]
     lines += ["## Best by criterion", ""] + _best(summ) + [""]
     lines += ["## Summary (means over pairs; seconds: median; %|J|≤0: worst pair)", "",
-              "| method | Dice before | Dice | HD95 mm | %\\|J\\|≤0 (max) | SDlogJ | seconds | peak RSS MB | λ sd in brain |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| method | Dice before | Dice | HD95 mm | %\\|J\\|≤0 (max) | NDV % (max) | SDlogJ | seconds | peak RSS MB | λ sd in brain |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summ:
         lam = f"{s['lambda_std_brain']:.3f}" if s["lambda_std_brain"] is not None else "–"
+        ndv = f"{s['ndv_max']:.4f}" if s["ndv_max"] is not None else "–"
         lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
-                     f"{s['folding_max']:.4f} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
+                     f"{s['folding_max']:.4f} | {ndv} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
     lines += ["", "Per pair (mean Dice / SDlogJ / seconds):", "",
               "| pair | " + " | ".join(METHODS[m].label for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for p in sorted({r["pair"] for r in rows}):

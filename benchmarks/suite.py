@@ -50,10 +50,17 @@ class Dataset:
 
 
 def _bundled_pairs(resolution: int) -> Callable[[], list[Pair]]:
-    def pairs() -> list[Pair]:
-        from hybridreg.data.sources import bundled
+    from hybridreg.data.sources import bundled
 
-        ds = bundled(resolution)
+    return _source_pairs(lambda: bundled(resolution))
+
+
+def _source_pairs(load: Callable) -> Callable[[], list[Pair]]:
+    """The test pairs of a training data source (:mod:`hybridreg.data.sources`, one grid): the
+    atlas ← each labelled test subject, and consecutive test subjects."""
+
+    def pairs() -> list[Pair]:
+        ds = load()
         out = [Pair(f"{f.subject_id}<-{m.subject_id}", "atlas", f, m, ds.spacing, ds.geometry) for f, m in ds.pairs("test")]
         subj = [v for v in ds.test if v.labels is not None]
         out += [Pair(f"{a.subject_id}<-{b.subject_id}", "subject", a, b, ds.spacing, ds.geometry) for a, b in zip(subj, subj[1:])]
@@ -88,6 +95,49 @@ DATASETS: dict[str, Dataset] = {
     )
 }
 
+DATASET_KINDS = ("manifest", "lumir", "oasis")
+"""Datasets named by a spec instead of the registry: ``manifest:PAIRS.csv`` (or ``.json``),
+``lumir:dataset.json`` (a Learn2Reg / LUMIR ``dataset.json``; ``#SPLIT`` picks its pair list) and
+``oasis:DIR`` (the neurite / Learn2Reg OASIS folder the training sources read)."""
+
+
+def _manifest_pairs(path: str, split: str | None) -> Callable[[], list[FilePair]]:
+    def pairs() -> list[FilePair]:
+        from hybridreg.batch import read_pairs
+
+        out = []
+        for i, p in enumerate(read_pairs(path, split, arg="--dataset"), start=1):
+            if p.fixed_labels is None or p.moving_labels is None:
+                raise ValueError(f"`--dataset` {path}: pair {i} ({p.id}) has no label maps; the suite scores Dice")
+            out.append(FilePair(p.id, "manifest", Path(p.fixed), Path(p.moving), Path(p.fixed_labels), Path(p.moving_labels), ()))
+        return out
+
+    return pairs
+
+
+def get_dataset(name: str) -> Dataset:
+    """A registered dataset (:data:`DATASETS`) or one named by a spec (:data:`DATASET_KINDS`).
+
+    Raises:
+        ValueError: neither (the message lists both).
+    """
+    if name in DATASETS:
+        return DATASETS[name]
+    kind, sep, rest = name.partition(":")
+    if not sep or kind not in DATASET_KINDS or not rest:
+        raise ValueError(f"--dataset must be one of {sorted(DATASETS)} or KIND:PATH with KIND in {list(DATASET_KINDS)},"
+                         f" got {name!r}")
+    if kind == "oasis":
+        from hybridreg.data.sources import oasis
+
+        return Dataset(name, f"the OASIS folder {rest}: test split, consecutive subject pairs (and the atlas ← each)",
+                       _source_pairs(lambda: oasis(rest)), 1)
+    path, _, split = rest.partition("#")
+    what = "manifest" if kind == "manifest" else "Learn2Reg / LUMIR dataset.json"
+    return Dataset(name, f"the pairs of the {what} {path}" + (f" (split {split})" if split else "") +
+                   ", scored on the labels both maps share (`auto` policy)", _manifest_pairs(path, split or None), 1)
+
+
 SOLVERS = ["instance", "learned", "learned+refine"]
 SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
@@ -98,10 +148,25 @@ SUITES: dict[str, dict] = {
 }
 
 
+def get_suite(suite: str) -> dict:
+    """A suite of :data:`SUITES`, or the suite of a dataset spec (:func:`get_dataset`): the
+    realworld suite's methods and fronts on those pairs.
+
+    Raises:
+        ValueError: neither a suite nor a dataset spec.
+    """
+    if suite in SUITES:
+        return SUITES[suite]
+    if suite.partition(":")[0] in DATASET_KINDS:
+        get_dataset(suite)
+        return {**SUITES["realworld"], "dataset": suite}
+    raise ValueError(f"--suite must be one of {sorted(SUITES)} or a dataset KIND:PATH ({list(DATASET_KINDS)}), got {suite!r}")
+
+
 def suite_methods(suite: str) -> list[str]:
     """The methods a suite runs by default: its list, plus the other points of each regularity
     sweep (:data:`benchmarks.methods.FRONTS`) where the suite draws Pareto fronts (``fronts``)."""
-    spec = SUITES[suite]
+    spec = get_suite(suite)
     return front_methods(spec["methods"]) if spec.get("fronts") else list(spec["methods"])
 
 
@@ -122,7 +187,7 @@ def evaluate_pair(pair: Pair, disp: np.ndarray, lam: np.ndarray | None = None) -
                            spacing=pair.spacing, with_hd95=True)
     row = {"dice": {str(k): v for k, v in s["dice"].items()}, "dice_mean": s["dice_mean"],
            "dice_before": s["dice_before_mean"], "hd95_mean": s["hd95_mean"],
-           "folding_percent": s["folding_percent"], "sdlogj": s["sdlogj"]}
+           "folding_percent": s["folding_percent"], "ndv_percent": s["ndv_percent"], "sdlogj": s["sdlogj"]}
     if lam is not None:
         inside = lam[f > 0]
         row["lambda_mean_brain"], row["lambda_std_brain"] = float(inside.mean()), float(inside.std())
@@ -135,31 +200,27 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     ``dice_before``, ``dice_after_affine``, ``hd95_mm_after``, ``folding_percent``,
     ``sdlogj``...): MOVING's labels warped by nearest neighbour through ``voxel_map ∘ (id +
     disp)`` (``disp``: ``(d, *shape)`` voxels of FIXED's grid; ``voxel_map``: ``(d, d + 1)``
-    FIXED → MOVING voxel indices, ``None`` = physical identity), Dice on ``pair.labels``;
+    FIXED → MOVING voxel indices, ``None`` = physical identity), Dice on ``pair.labels`` (none
+    given: the labels both maps share, ``auto`` policy);
     "before" = through the physical identity (the scans as they lie)."""
     import SimpleITK as sitk
 
     from hybridreg.affine import voxel_map as affine_voxel_map
     from hybridreg.io import read_labels
-    from hybridreg.metrics import score_dice, score_registration
+    from hybridreg.metrics import dice_through, score_registration, scored_labels
 
     fl, f_geo = read_labels(pair.fixed_labels, arg="fixed labels")
     ml, m_geo = read_labels(pair.moving_labels, arg="moving labels")
-    labels = list(pair.labels)
+    labels = list(pair.labels) or list(scored_labels(fl, ml, "auto"))
     physical = affine_voxel_map(f_geo, m_geo, sitk.AffineTransform(f_geo.dim))
     vm = physical if voxel_map is None else voxel_map
     d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
     s = score_registration(fl, ml, d, labels, spacing=f_geo.array_spacing, with_hd95=True, voxel_map=torch.from_numpy(vm)[None])
-    zero = torch.zeros_like(d)
-
-    def dice_through(m: np.ndarray) -> dict:
-        r = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=torch.from_numpy(m)[None])["warped_labels"], ml, labels)
-        return {"mean": r["mean"], "per_label": {str(k): v for k, v in r["per_label"].items()}}
-
-    return {"labels_scored": labels, "dice_before": dice_through(physical), "dice_after_affine": dice_through(vm),
+    return {"labels_scored": labels, "dice_before": dice_through(fl, ml, torch.from_numpy(physical)[None], labels),
+            "dice_after_affine": dice_through(fl, ml, torch.from_numpy(vm)[None], labels),
             "dice_after": {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}},
             "hd95_mm_after": {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}},
-            **{k: s[k] for k in ("folding_percent", "sdlogj", "jacobian_min", "jacobian_max")}}
+            **{k: s[k] for k in ("folding_percent", "ndv_percent", "sdlogj", "jacobian_min", "jacobian_max")}}
 
 
 def file_pair_row(pair: FilePair, method: str, out: MethodOutput) -> dict:
@@ -169,8 +230,8 @@ def file_pair_row(pair: FilePair, method: str, out: MethodOutput) -> dict:
     row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": rss_mb(),
            "dice": {str(k): v for k, v in m["dice_after"]["per_label"].items()}, "dice_mean": m["dice_after"]["mean"],
            "dice_before": m["dice_before"]["mean"], "dice_affine": m["dice_after_affine"]["mean"],
-           "hd95_mean": m["hd95_mm_after"]["mean"], "folding_percent": m["folding_percent"], "sdlogj": m["sdlogj"],
-           "label_names": {str(k): v for k, v in pair.label_names.items()}}
+           "hd95_mean": m["hd95_mm_after"]["mean"], "folding_percent": m["folding_percent"], "ndv_percent": m["ndv_percent"],
+           "sdlogj": m["sdlogj"], "label_names": {str(k): v for k, v in pair.label_names.items()}}
     lam = m.get("lambda", {})
     if "mean_inside_fixed_labels" in lam:
         row["lambda_mean_brain"], row["lambda_std_brain"] = lam["mean_inside_fixed_labels"], lam["std_inside_fixed_labels"]
@@ -181,7 +242,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dic
     """Run one (pair, method) in this process; returns the row."""
     from hybridreg.metrics import score_registration
 
-    pair = next(p for p in DATASETS[dataset].pairs() if p.name == pair_name)
+    pair = next(p for p in get_dataset(dataset).pairs() if p.name == pair_name)
     torch.manual_seed(0)
     if isinstance(pair, FilePair):
         from hybridreg.io import normalize_intensity, read_image
@@ -222,9 +283,7 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     """
     from tqdm.auto import tqdm
 
-    if suite not in SUITES:
-        raise ValueError(f"--suite must be one of {sorted(SUITES)}, got {suite!r}")
-    spec = SUITES[suite]
+    spec = get_suite(suite)
     names = methods or suite_methods(suite)
     bad = [m for m in names if m not in METHODS]
     if bad:
@@ -236,13 +295,13 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
             runnable.append(m)
         else:
             log(msg)
-    for msg in DATASETS[spec["dataset"]].notes():
+    for msg in get_dataset(spec["dataset"]).notes():
         log(msg)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "rows.jsonl"
     rows = read_rows(rows_path)
     done = {(r["pair"], r["method"]) for r in rows}
-    pairs = [p.name for p in DATASETS[spec["dataset"]].pairs()]
+    pairs = [p.name for p in get_dataset(spec["dataset"]).pairs()]
     limit = max_pairs if max_pairs is not None else spec.get("max_pairs")
     pairs = pairs[:limit] if limit else pairs
     jobs = [(p, m) for p in pairs for m in runnable if (p, m) not in done]

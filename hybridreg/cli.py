@@ -1,4 +1,4 @@
-"""Command-line interface: ``hybridreg register | apply | demo | train | tune``.
+"""Command-line interface: ``hybridreg register | batch | apply | demo | train | tune``.
 
 The CLI is the application layer's thin edge: it parses arguments, calls the register service
 (:mod:`hybridreg.service`: read → solve → score → write) or the training and tuning entry
@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .config import load_yaml
 from .io import Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
-from .service import OUTPUT_FILES, device_of, output_folder, register_files
+from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, register_files
 from .solvers import available_solvers
 
 __all__ = ["main", "OUTPUT_FILES"]
@@ -161,12 +161,12 @@ def tune_command(args: argparse.Namespace) -> None:
 
 
 def _print_summary(m: dict, out: Path) -> None:
-    print(f"wrote {out}/: " + ", ".join(OUTPUT_FILES))
+    print(f"wrote {out}/: " + ", ".join(m.get("outputs", OUTPUT_FILES)))
     if "dice_after" in m:
         print(f"mean Dice over {len(m['labels_scored'])} structures: {m['dice_before']['mean']:.3f} -> {m['dice_after']['mean']:.3f}")
     if "hd95_mm_after" in m:
         print(f"mean HD95 after: {m['hd95_mm_after']['mean']:.2f} mm")
-    print(f"%|J|<=0: {m['folding_percent']:.4f} %   SDlogJ: {m['sdlogj']:.3f}   λ mean {m['lambda']['mean']:.3f} (std {m['lambda']['std']:.3f})")
+    print(f"%|J|<=0: {m['folding_percent']:.4f} %   NDV: {m['ndv_percent']:.4f} %   SDlogJ: {m['sdlogj']:.3f}   λ mean {m['lambda']['mean']:.3f} (std {m['lambda']['std']:.3f})")
     print(f"time: {m['seconds']['registration']:.1f} s registration, {m['seconds']['total']:.1f} s total;"
           f" peak memory {m['peak_memory_mb']:.0f} MB ({m['device']})")
 
@@ -181,6 +181,24 @@ def _prealign_options(p: argparse.ArgumentParser) -> None:
                         " mutual information (different modalities or contrasts)")
 
 
+def _solver_options(p: argparse.ArgumentParser) -> None:
+    """The solver's options, the same for ``register``, ``batch`` and ``demo``."""
+    p.add_argument("--config", help="YAML with `objective:` and solver keys (see README)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key after --config, e.g. --set objective.w_reg=2.5 (repeatable; any key,"
+                        " dotted for nested ones; the value is read as YAML)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--solver", default="instance", choices=available_solvers() or None,
+                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
+    p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform; default: the shipped bundled-data weights)")
+
+
+def _outputs_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--outputs", default=default, choices=tuple(OUTPUT_SETS),
+                   help=f"which files to write (default {default}): all; transforms (affine.mat, displacement.nii.gz,"
+                        " transform.h5, metrics.json, config.yaml: no inverse, images or figure); metrics (metrics.json, config.yaml)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridreg", description="Diffeomorphic registration with spatially varying regularization.")
     p.add_argument("--version", action="version", version=f"hybridreg {__version__}")
@@ -192,17 +210,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--fixed-labels")
     r.add_argument("--moving-labels")
-    r.add_argument("--config", help="YAML with `objective:` and solver keys (see README)")
-    r.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    r.add_argument("--solver", default="instance", choices=available_solvers() or None,
-                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
-    r.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform; default: the shipped bundled-data weights)")
+    _solver_options(r)
     r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
     r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    _outputs_option(r, "all")
     r.add_argument("--fixed-mask", help="binary mask on FIXED's grid: restricts the image match (both stages)")
     r.add_argument("--moving-mask", help="binary mask on MOVING's grid: restricts the image match (both stages)")
     _prealign_options(r)
     r.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("batch", help="register every pair of a manifest (CSV/JSON or Learn2Reg/LUMIR dataset.json);"
+                                     " resumable; torchrun shards the pairs over processes")
+    b.add_argument("pairs", metavar="PAIRS", help=".csv with fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,id],"
+                                                  " a .json list of such objects, or a Learn2Reg / LUMIR dataset.json")
+    b.add_argument("--out", required=True, help="batch folder: pairs/<id>/ (as register), metrics.csv, summary.json/.md")
+    b.add_argument("--split", help="the dataset.json pair list (default: registration_val, registration_test, validation or test)")
+    _solver_options(b)
+    b.add_argument("--eval-labels", default="auto", help="as for register")
+    _outputs_option(b, "transforms")
+    _prealign_options(b)
+    b.add_argument("--no-progress", action="store_true")
 
     a = sub.add_parser("apply", help="resample IMAGE through a transform written by register")
     a.add_argument("transform", metavar="TRANSFORM",
@@ -237,11 +264,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="register the bundled default pair (real T1 + another subject) with labels")
     d.add_argument("--out", default="hybridreg-demo", help="output folder (default ./hybridreg-demo)")
     d.add_argument("--resolution", type=int, default=2, choices=(1, 2), help="2 mm (default) or 1 mm")
-    d.add_argument("--config")
-    d.add_argument("--device")
-    d.add_argument("--solver", default="instance", choices=available_solvers() or None)
-    d.add_argument("--weights")
+    _solver_options(d)
     d.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    _outputs_option(d, "all")
     _prealign_options(d)
     d.add_argument("--no-progress", action="store_true")
     return p
@@ -274,7 +299,7 @@ def _log_traceback(command: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the CLI's one error boundary.
 
-    Exit codes: 0 success; 2 a known failure (one line on stderr naming the argument; nothing
+    Exit codes: 0 success; 3 ``batch`` finished with some pair failed or not run; 2 a known failure (one line on stderr naming the argument; nothing
     written to ``--out``); 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), with staging
     folders removed and ``--out`` as it was; 1 an unexpected error (a short message and the
     path of the log file holding the full traceback).
@@ -285,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
-        _run(args)
+        code = _run(args)
     except KNOWN_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"hybridreg {args.command}: error: {msg}", file=sys.stderr)
@@ -304,21 +329,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return code
 
 
 def _prealign(args: argparse.Namespace) -> dict:
     return {"affine": args.affine, "init": args.init, "affine_metric": args.affine_metric}
 
 
-def _run(args: argparse.Namespace) -> None:
+def batch_command(args: argparse.Namespace) -> int:
+    """``hybridreg batch``: :func:`hybridreg.batch.run_batch` over the manifest's pairs; exit
+    code 3 when some pair failed or was not run (the table lists which and why)."""
+    from .batch import read_pairs, run_batch
+
+    pairs = read_pairs(args.pairs, args.split)
+    s = run_batch(pairs, args.out, solver=args.solver, config=args.config, overrides=args.overrides, weights=args.weights,
+                  device=args.device, eval_labels=args.eval_labels, outputs=args.outputs, progress=not args.no_progress,
+                  **_prealign(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"hybridreg batch: {len(s.done)} of {len(pairs)} pairs registered, {len(s.failed)} failed, {len(s.missing)} not run;"
+          f" wrote {args.out}/: pairs/, metrics.csv, dice_per_structure.csv, summary.json, summary.md")
+    for pid in s.failed:
+        print(f"  failed: {pid} ({Path(args.out) / 'failed' / (pid + '.json')})")
+    return 3 if s.failed or s.missing else 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "register":
         m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
                            moving_labels=args.moving_labels, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
                            progress=not args.no_progress, overwrite=args.overwrite, fixed_mask=args.fixed_mask,
-                           moving_mask=args.moving_mask, **_prealign(args))
+                           moving_mask=args.moving_mask, overrides=args.overrides, outputs=args.outputs, **_prealign(args))
         _print_summary(m, Path(args.out))
+    elif args.command == "batch":
+        return batch_command(args)
     elif args.command == "apply":
         apply_file(args.transform, args.image, args.out, labels=args.labels, overwrite=args.overwrite,
                    inverse=args.inverse, reference=args.reference)
@@ -336,8 +381,9 @@ def _run(args: argparse.Namespace) -> None:
         m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
                            moving_labels=ms.labels_path, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress,
-                           overwrite=args.overwrite, **_prealign(args))
+                           overwrite=args.overwrite, overrides=args.overrides, outputs=args.outputs, **_prealign(args))
         _print_summary(m, Path(args.out))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

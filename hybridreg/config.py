@@ -16,7 +16,7 @@ from typing import Any, Iterator, Type, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text", "bounded",
+__all__ = ["from_dict", "to_dict", "apply_overrides", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text", "bounded",
            "check_bounds", "bounds_table"]
 
 T = TypeVar("T")
@@ -143,6 +143,39 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--set") -> T:
+    """``obj`` (a config dataclass) with ``KEY=VALUE`` overrides applied, e.g.
+    ``objective.w_reg=2.5`` or ``iterations=[100,50,20]``: the one override syntax of every
+    config key (``--set`` on the CLI). ``KEY`` is a dotted path of field names; ``VALUE`` is read
+    as YAML (numbers, ``true``, ``[a, b]``, strings), then the whole config is converted and
+    validated again as if read from a file.
+
+    Raises:
+        ValueError: no ``=``, an unknown key (the message lists the valid ones), or a value of
+            the wrong type or out of its range; the message names ``arg`` and the key.
+    """
+    data = to_dict(obj)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"`{arg}` takes KEY=VALUE (e.g. objective.w_reg=2.5), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"`{arg} {key}`: cannot read the value {text!r}") from None
+        node, parts = data, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or "the config"
+                valid = sorted(node) if isinstance(node, dict) else []
+                raise ValueError(f"`{arg} {key}`: {where} has no key {part!r}; valid keys are {valid}")
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
+    return from_dict(type(obj), data, where=arg)  # the dataclasses check their own ranges
 
 
 def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> T:

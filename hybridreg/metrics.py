@@ -11,6 +11,8 @@ Maurer distance transform with the image spacing.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Iterable, Sequence, Union
 
 import numpy as np
@@ -28,10 +30,13 @@ __all__ = [
     "jacobian_stats",
     "folding_percent",
     "sdlogj",
+    "non_diffeomorphic_volume",
     "LabelPolicy",
     "scored_labels",
     "score_dice",
     "score_registration",
+    "warp_labels",
+    "dice_through",
 ]
 
 
@@ -188,12 +193,72 @@ def sdlogj(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     return float(torch.log(j.clamp(1e-9, 1e9)).std())
 
 
+def _simplices(d: int) -> list[tuple[tuple[int, ...], ...]]:
+    """The simplices of both decompositions of the unit cell: vertices as corner bit tuples.
+
+    Every corner with its ``d`` axis neighbours (a corner simplex; 2D: the 4 triangles of the
+    square's two triangulations; 3D: the 8 corner tetrahedra of its two 5-tetrahedra
+    decompositions) and, in 3D, the two central tetrahedra (the corners of even and of odd
+    parity)."""
+    corners = list(itertools.product((0, 1), repeat=d))
+    out = [(c, *(tuple(b ^ (a == k) for k, b in enumerate(c)) for a in range(d))) for c in corners]
+    if d == 3:
+        out += [tuple(c for c in corners if sum(c) % 2 == parity) for parity in (0, 1)]
+    return out
+
+
+def non_diffeomorphic_volume(disp: torch.Tensor) -> float:
+    """Non-diffeomorphic volume (NDV; NDA in 2D) of φ = id + disp, in percent of the image domain.
+
+    Each cell between 2^d neighbouring voxel centres is cut into simplices in both of the ways
+    the digital-diffeomorphism criterion uses (3D: two decompositions into 5 tetrahedra; 2D: the
+    square's two triangulations); a simplex whose image under φ (piecewise linear between voxel
+    centres) has negative signed volume contributes that volume, and the two decompositions are
+    averaged. NDV is 0 exactly when every simplex keeps its orientation, and it measures *how
+    much* space folds where %|J|≤0 counts voxels of one finite-difference scheme. Source: Liu et
+    al., "On finite difference Jacobian computation in deformable image registration", IJCV
+    2024 (the LUMIR challenge's NDV); method §4.
+
+    Args:
+        disp: ``(B, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement (2D or 3D), array
+            order, on the fixed grid.
+
+    Returns:
+        ``100 · Σ folded volume / Σ cell volume`` over the batch (voxel units, so spacing cancels).
+    """
+    if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3):
+        disp = disp.unsqueeze(0)
+    d = disp.shape[1]
+    shape = disp.shape[2:]
+    u = disp.detach().float()
+
+    def at(corner: tuple[int, ...], i: int) -> torch.Tensor:  # a view: component i of u at this corner of every cell
+        return u[(slice(None), i, *(slice(b, n - 1 + b) for b, n in zip(corner, shape)))]
+
+    folded = 0.0
+    for simplex in _simplices(d):
+        # each edge of φ's image, component by component: the identity's edge (a constant) plus the difference of u
+        ref = [np.subtract(v, simplex[0]) for v in simplex[1:]]
+        e = [[at(v, i) - at(simplex[0], i) + float(r[i]) for i in range(d)] for v, r in zip(simplex[1:], ref)]
+        orient = math.copysign(1.0, np.linalg.det(np.array(ref, dtype=float)))  # orientation under the identity
+        if d == 2:
+            det = e[0][0] * e[1][1] - e[0][1] * e[1][0]
+        else:
+            det = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1]) - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
+                   + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
+        folded += float(torch.clamp(-orient * det, min=0).sum(dtype=torch.float64)) / math.factorial(d)
+    cells = disp.shape[0] * math.prod(n - 1 for n in shape)
+    return float(0.5 * folded / cells * 100.0)
+
+
 def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
-    """``{"folding_percent", "sdlogj", "jacobian_min", "jacobian_max"}`` of φ = id + disp.
+    """``{"folding_percent", "sdlogj", "jacobian_min", "jacobian_max", "ndv_percent"}`` of
+    φ = id + disp (``ndv_percent``: :func:`non_diffeomorphic_volume`, whole domain).
 
     Args:
         disp: ``(B, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement.
-        mask: optional boolean mask of the spatial shape (e.g. the fixed brain mask).
+        mask: optional boolean mask of the spatial shape (e.g. the fixed brain mask; not
+            applied to the NDV).
     """
     j = _jac(disp).double()
     if mask is not None:
@@ -203,6 +268,7 @@ def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict
         "sdlogj": float(torch.log(j.clamp(1e-9, 1e9)).std()),
         "jacobian_min": float(j.min()),
         "jacobian_max": float(j.max()),
+        "ndv_percent": non_diffeomorphic_volume(disp),
     }
 
 
@@ -276,6 +342,40 @@ def score_dice(fixed_labels, warped_labels, moving_labels=None, policy: LabelPol
     return {"labels": labels, "per_label": per, "mean": float(np.mean(vals)) if vals else float("nan")}
 
 
+def warp_labels(moving_labels, displacement: torch.Tensor, voxel_map: torch.Tensor | None = None) -> np.ndarray:
+    """``moving_labels ∘ M ∘ (id + displacement)`` by nearest neighbour, on the fixed grid.
+
+    Args:
+        moving_labels: label map (on the fixed grid, or on its own with ``voxel_map``).
+        displacement: ``(1, d, *spatial)`` voxel-unit displacement on the fixed grid.
+        voxel_map: optional ``(1, d, d + 1)`` fixed → moving voxel-index map M.
+
+    Returns:
+        The warped label map, int64, of the fixed grid's shape.
+    """
+    from .spatial import warp
+
+    ml = torch.as_tensor(as_label_array(moving_labels, "moving_labels"))[None, None].to(displacement.device)
+    return warp(ml, displacement.detach(), mode="nearest", voxel_map=voxel_map)[0, 0].cpu().numpy()
+
+
+def dice_through(fixed_labels, moving_labels, voxel_map: torch.Tensor, policy: LabelPolicy = "auto") -> dict:
+    """Dice of the moving labels mapped onto the fixed grid by an affine voxel map alone (the
+    scans as they lie, or after the affine stage): :func:`score_dice` of :func:`warp_labels`
+    with a zero displacement, without the Jacobian statistics of a registration.
+
+    Args:
+        fixed_labels: label map of the fixed grid. moving_labels: label map on its own grid.
+        voxel_map: ``(1, d, d + 1)`` fixed → moving voxel-index map.
+
+    Returns:
+        ``{"mean", "per_label" ({"id": dice} with string keys, as ``metrics.json`` has them)}``.
+    """
+    zero = torch.zeros((1, len(np.shape(fixed_labels)), *np.shape(fixed_labels)))
+    r = score_dice(fixed_labels, warp_labels(moving_labels, zero, voxel_map), moving_labels, policy)
+    return {"mean": r["mean"], "per_label": {str(k): v for k, v in r["per_label"].items()}}
+
+
 def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, policy: LabelPolicy = "auto", *,
                        spacing: Sequence[float] | None = None, with_hd95: bool = False,
                        voxel_map: torch.Tensor | None = None) -> dict:
@@ -297,12 +397,9 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
         are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean",
         "warped_labels", **jacobian_stats}``.
     """
-    from .spatial import warp
-
     disp = torch.as_tensor(displacement)
     disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp
-    ml = torch.as_tensor(as_label_array(moving_labels, "moving_labels"))[None, None].to(disp.device)
-    warped = warp(ml, disp.detach(), mode="nearest", voxel_map=voxel_map)[0, 0].cpu().numpy()
+    warped = warp_labels(moving_labels, disp, voxel_map)
     after = score_dice(fixed_labels, warped, moving_labels, policy)
     same_grid = voxel_map is None and np.shape(fixed_labels) == np.shape(moving_labels)
     out = {"labels": after["labels"], "dice": after["per_label"], "dice_mean": after["mean"],

@@ -34,18 +34,27 @@ import torch
 
 from . import __version__
 from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
-from .config import atomic_write_text, dump_yaml, load_yaml, to_dict
+from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, to_dict
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels,
                  write_displacement, write_image)
-from .metrics import LabelPolicy, jacobian_stats, score_dice, score_registration, scored_labels
+from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver
 from .spatial import jacobian_determinant, warp
 
-__all__ = ["OUTPUT_FILES", "Inputs", "Solved", "solver_and_config", "device_of", "output_folder", "check_outputs",
+__all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "output_folder", "check_outputs",
            "read_inputs", "run_solver", "solve", "measure", "json_safe", "write_outputs", "register_files"]
 
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "transform.h5", "inverse_displacement.nii.gz",
                 "inverse_transform.h5", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
+
+OUTPUT_SETS = {
+    "all": OUTPUT_FILES,
+    "transforms": ("displacement.nii.gz", "affine.mat", "transform.h5", "metrics.json", "config.yaml"),
+    "metrics": ("metrics.json", "config.yaml"),
+}
+"""What ``--outputs`` writes: ``all`` (``register``'s default), ``transforms`` (the forward
+transform and the metrics: ``batch``'s default, without the inverse, whose refinement is most
+of the writing time at 1 mm, nor the images and the figure), ``metrics`` (the numbers only)."""
 
 
 @dataclass
@@ -91,17 +100,20 @@ class Solved:
 
 
 def solver_and_config(name: str, config: str | os.PathLike | None = None, weights: str | None = None,
-                      progress: bool = True) -> tuple[Solver, Any]:
+                      progress: bool = True, overrides: Sequence[str] = ()) -> tuple[Solver, Any]:
     """The solver registered as ``name`` and its config: ``config`` (YAML of
-    ``solver.config_class``) or the solver's defaults, with ``weights`` (learned solvers) and
+    ``solver.config_class``) or the solver's defaults, then the ``KEY=VALUE`` ``overrides``
+    (``--set``, :func:`hybridreg.config.apply_overrides`), with ``weights`` (learned solvers) and
     ``progress`` set, and the fields the solver name fixes (:meth:`Solver.configure`).
 
     Raises:
-        ValueError: unknown solver, invalid config, ``weights`` for a solver without weights.
+        ValueError: unknown solver, invalid config or override, ``weights`` for a solver
+            without weights.
         FileNotFoundError: a missing ``config`` or ``weights`` file.
     """
     solver = get_solver(name)
     cfg = load_yaml(config, solver.config_class, arg="--config") if config else solver.default_config()
+    cfg = apply_overrides(cfg, overrides) if overrides else cfg
     if weights is not None:
         if not hasattr(cfg, "weights"):
             raise ValueError(f"`--weights` applies to the learned solvers, not to --solver {name}")
@@ -127,6 +139,17 @@ def device_of(device: str | None) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"`--device`: {device!r} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
     return dev
+
+
+def output_names(outputs: str) -> tuple[str, ...]:
+    """The files of the output set ``outputs`` (:data:`OUTPUT_SETS`).
+
+    Raises:
+        ValueError: an unknown set, naming ``--outputs``.
+    """
+    if outputs not in OUTPUT_SETS:
+        raise ValueError(f"`--outputs` must be one of {sorted(OUTPUT_SETS)}, got {outputs!r}")
+    return OUTPUT_SETS[outputs]
 
 
 def output_folder(out: str | os.PathLike) -> Path:
@@ -351,20 +374,18 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         vm = None if pre is None or pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None]
         labels, fl, ml = list(inputs.labels), inputs.fixed_labels, inputs.moving_labels
         s = score_registration(fl, ml, disp, labels, spacing=inputs.geometry.array_spacing, with_hd95=with_hd95, voxel_map=vm)
-        metrics.update({k: s[k] for k in ("folding_percent", "sdlogj", "jacobian_min", "jacobian_max")})
+        metrics.update({k: s[k] for k in ("folding_percent", "ndv_percent", "sdlogj", "jacobian_min", "jacobian_max")})
         inside = lam[fl > 0]
         metrics["lambda"].update({"mean_inside_fixed_labels": float(inside.mean()), "std_inside_fixed_labels": float(inside.std())})
-        zero = torch.zeros_like(disp)
         if vm is None:
             before = score_dice(fl, ml, policy=labels)
+            before = {"mean": before["mean"], "per_label": {str(k): v for k, v in before["per_label"].items()}}
         else:  # as the scans lie in physical space, then after the affine stage alone
             physical = torch.from_numpy(voxel_map(inputs.geometry, inputs.moving_geometry, sitk.AffineTransform(fl.ndim)))[None]
-            before = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=physical)["warped_labels"], ml, labels)
-            affine_only = score_dice(fl, score_registration(fl, ml, zero, labels, voxel_map=vm)["warped_labels"], ml, labels)
-            metrics["dice_after_affine"] = {"mean": affine_only["mean"],
-                                            "per_label": {str(k): v for k, v in affine_only["per_label"].items()}}
+            before = dice_through(fl, ml, physical, labels)
+            metrics["dice_after_affine"] = dice_through(fl, ml, vm, labels)
         metrics["labels_scored"] = labels
-        metrics["dice_before"] = {"mean": before["mean"], "per_label": {str(k): v for k, v in before["per_label"].items()}}
+        metrics["dice_before"] = before
         metrics["dice_after"] = {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}}
         if with_hd95:
             metrics["hd95_mm_after"] = {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}}
@@ -384,9 +405,13 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned) -> None:
-    """Write :data:`OUTPUT_FILES` into ``out``: staged in a sibling folder, moved into place
-    only when all are written (a failure leaves ``out`` as it was).
+def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned,
+                  names: Sequence[str] = OUTPUT_FILES) -> None:
+    """Write the files ``names`` (of :data:`OUTPUT_FILES`) into ``out``: staged in a sibling
+    folder, moved into place only when all are written (a failure leaves ``out`` as it was), with
+    ``metrics.json`` moved last, so that its presence marks a finished folder; the other files of
+    an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
+    (the inverse only for the ``inverse_*`` files).
 
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
@@ -402,42 +427,60 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     """
     out = Path(out)
     t0 = time.perf_counter()
+    names = [n for n in OUTPUT_FILES if n in set(names)]
     res, geo = solved.result, inputs.geometry
     disp = res.displacement.detach()
-    disp_np, inv_np = disp[0].cpu().numpy(), res.inverse_displacement()[0].cpu().numpy()
+    disp_np = disp[0].cpu().numpy()
+    inv_np = res.inverse_displacement()[0].cpu().numpy() if any(n.startswith("inverse_") for n in names) else None
     vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
     moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
-    warped = warp(moving, disp, voxel_map=vm)[0, 0].cpu().numpy()
-    affine_only = warp(moving, torch.zeros_like(disp), voxel_map=vm)[0, 0].cpu().numpy()
+    warped = warp(moving, disp, voxel_map=vm)[0, 0].cpu().numpy() if {"warped.nii.gz", "figure.png"} & set(names) else None
     lam = res.lambda_on_image_grid()[0, 0].cpu().numpy()
     jac = jacobian_determinant(disp)[0].cpu().numpy()
+    writers = {
+        "warped.nii.gz": lambda p: write_image(p, warped, geo),
+        "displacement.nii.gz": lambda p: write_displacement(p, disp_np, geo),
+        "inverse_displacement.nii.gz": lambda p: write_displacement(p, inv_np, geo),
+        "affine.mat": lambda p: write_affine(p, pre.transform),
+        "transform.h5": lambda p: write_transform(p, composite(pre.transform, displacement_to_itk(disp_np, geo))),
+        "inverse_transform.h5": lambda p: write_transform(p, inverse_composite(pre.transform, displacement_to_itk(inv_np, geo))),
+        "lambda.nii.gz": lambda p: write_image(p, lam, geo),
+        "jacobian.nii.gz": lambda p: write_image(p, jac, geo),
+        "figure.png": lambda p: _figure(p, inputs, metrics, warped, lam, disp_np, jac, moving, disp, vm),
+        "config.yaml": lambda p: dump_yaml(solved.config, p),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        write_image(stage / "warped.nii.gz", warped, geo)
-        write_displacement(stage / "displacement.nii.gz", disp_np, geo)
-        write_displacement(stage / "inverse_displacement.nii.gz", inv_np, geo)
-        write_affine(stage / "affine.mat", pre.transform)
-        write_transform(stage / "transform.h5", composite(pre.transform, displacement_to_itk(disp_np, geo)))
-        write_transform(stage / "inverse_transform.h5", inverse_composite(pre.transform, displacement_to_itk(inv_np, geo)))
-        write_image(stage / "lambda.nii.gz", lam, geo)
-        write_image(stage / "jacobian.nii.gz", jac, geo)
-        from .figures import registration_figure
-
-        title = f"{Path(inputs.paths['moving']).name} → {Path(inputs.paths['fixed']).name}"
-        if "dice_after" in metrics:
-            title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
-        registration_figure(stage / "figure.png", normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
-                            normalize_intensity(warped), lam, disp_np, jac, geo.array_spacing, title=title)
-        dump_yaml(solved.config, stage / "config.yaml")
+        for name in names:
+            if name != "metrics.json":
+                writers[name](stage / name)
+        metrics["outputs"] = list(names)
         metrics["seconds"]["writing"] = time.perf_counter() - t0
         metrics["seconds"]["total"] = metrics["seconds"].get("total", 0.0) + time.perf_counter() - t0
         atomic_write_text(stage / "metrics.json", json.dumps(json_safe(metrics), indent=2, allow_nan=False))
         out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:
+        # an earlier run's files go first (metrics.json before the others), the new metrics.json comes last:
+        # a folder holding metrics.json is always one finished run's
+        for name in sorted(OUTPUT_FILES, key=lambda n: n != "metrics.json"):
+            if name not in names:
+                (out / name).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == "metrics.json"):
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: np.ndarray, disp_np: np.ndarray,
+            jac: np.ndarray, moving: torch.Tensor, disp: torch.Tensor, vm: torch.Tensor | None) -> None:
+    from .figures import registration_figure
+
+    affine_only = warp(moving, torch.zeros_like(disp), voxel_map=vm)[0, 0].cpu().numpy()
+    title = f"{Path(inputs.paths['moving']).name} → {Path(inputs.paths['fixed']).name}"
+    if "dice_after" in metrics:
+        title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
+    registration_figure(path, normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
+                        normalize_intensity(warped), lam, disp_np, jac, inputs.geometry.array_spacing, title=title)
 
 
 def align_solve_measure(inputs: Inputs, solver: Solver, config: Any, device: torch.device, *, affine: str = "affine",
@@ -460,12 +503,15 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
                    weights: str | None = None, eval_labels: LabelPolicy = "auto", progress: bool = True,
                    hd95_metric: bool = True, overwrite: bool = False, affine: str = "affine", init: str = "geometry",
                    affine_metric: str = "ncc", fixed_mask: str | os.PathLike | None = None,
-                   moving_mask: str | os.PathLike | None = None) -> dict:
+                   moving_mask: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                   outputs: str = "all") -> dict:
     """Register two scans as they come (any grids, orientations, misaligned) and write every
     output into ``out`` (:func:`write_outputs`): the affine stage (:func:`prealign`:
     ``affine`` = ``none``, ``rigid`` or ``affine``; ``init`` = ``geometry`` or ``moments``;
     ``affine_metric`` = ``ncc`` or ``mi``), then the deformable solver on FIXED's grid with
     MOVING sampled on its own grid through the affine; masks restrict the image match in both.
+    ``overrides``: ``KEY=VALUE`` settings applied to the solver's config (``--set``);
+    ``outputs``: which files (:data:`OUTPUT_SETS`).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -477,16 +523,21 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
         ``overwrite``) an earlier result. Nothing is written then.
     """
     t0 = time.perf_counter()
-    solver_obj, cfg = solver_and_config(solver, config, weights, progress)
+    solver_obj, cfg = solver_and_config(solver, config, weights, progress, overrides)
     dev = device_of(device)
+    names = output_names(outputs)
     given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
              "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--config": config, "--weights": weights}
-    check_outputs(out, given, overwrite=overwrite)
+    check_outputs(out, given, overwrite=overwrite, names=names)
+    t_read = time.perf_counter()
     inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    t_read = time.perf_counter() - t_read
     # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
-    check_outputs(out, given, overwrite=overwrite, needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
+    check_outputs(out, given, overwrite=overwrite, names=names,
+                  needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
     pre, solved, metrics = align_solve_measure(inputs, solver_obj, cfg, dev, affine=affine, init=init,
                                                affine_metric=affine_metric, with_hd95=hd95_metric)
+    metrics["seconds"]["reading"] = t_read
     metrics["seconds"]["total"] = time.perf_counter() - t0
-    write_outputs(out, inputs, solved, metrics, pre)
+    write_outputs(out, inputs, solved, metrics, pre, names)
     return metrics

@@ -18,7 +18,7 @@ from hybridreg.io import (
     write_displacement,
     write_image,
 )
-from hybridreg.metrics import dice, hausdorff, hd95, jacobian_stats
+from hybridreg.metrics import dice, hausdorff, hd95, jacobian_stats, non_diffeomorphic_volume
 from hybridreg.spatial import scaling_and_squaring, warp
 
 
@@ -89,6 +89,52 @@ def test_jacobian_stats_of_known_maps():
     grid = torch.arange(10, dtype=torch.float64).view(10, 1, 1).expand(10, 11, 12)
     u[0, 0] = -2.0 * grid  # x -> -x: det = -1 everywhere
     assert jacobian_stats(u)["folding_percent"] == 100.0
+
+
+def _ndv_brute_force(disp: np.ndarray) -> float:
+    """NDV cell by cell: every simplex of both decompositions written out by its vertices
+    (the 8 corner tetrahedra and the 2 central ones of a cube; the 4 corner triangles of a
+    square), its signed volume after φ against the identity's."""
+    import itertools
+    import math
+
+    d, shape = disp.shape[0], disp.shape[1:]
+    corners = list(itertools.product((0, 1), repeat=d))
+    simplices = [[c] + [tuple(b ^ (k == a) for k, b in enumerate(c)) for a in range(d)] for c in corners]
+    if d == 3:
+        simplices += [[c for c in corners if sum(c) % 2 == p] for p in (0, 1)]
+    folded = 0.0
+    for cell in itertools.product(*[range(n - 1) for n in shape]):
+        for simplex in simplices:
+            ref = np.array([np.add(cell, v) for v in simplex], dtype=float)
+            moved = ref + np.array([disp[(slice(None), *map(int, p))] for p in ref])
+            vol = np.linalg.det(moved[1:] - moved[0]) * np.sign(np.linalg.det(ref[1:] - ref[0])) / math.factorial(d)
+            folded += max(-vol, 0.0)
+    return 0.5 * folded / math.prod(n - 1 for n in shape) * 100.0
+
+
+def test_non_diffeomorphic_volume_known_maps_and_brute_force():
+    rng = np.random.default_rng(0)
+    for shape in ((7, 6, 5), (9, 8)):
+        d = len(shape)
+        zero = torch.zeros((d, *shape))
+        assert non_diffeomorphic_volume(zero) == 0.0
+        x0 = torch.arange(shape[0], dtype=torch.float32).view(-1, *[1] * (d - 1)).expand(shape)
+        for scale, expected in ((-2.0, 100.0), (-3.0, 200.0), (0.5, 0.0)):  # φ_0 = (1 + scale) x_0: a reflection folds everything
+            disp = zero.clone()
+            disp[0] = scale * x0
+            assert non_diffeomorphic_volume(disp) == pytest.approx(expected, rel=1e-5)
+        rough = rng.normal(scale=0.6, size=(d, *shape)).astype(np.float32)
+        ndv = non_diffeomorphic_volume(torch.from_numpy(rough)[None])
+        assert ndv > 0.0
+        assert ndv == pytest.approx(_ndv_brute_force(rough.astype(np.float64)), rel=1e-4)
+    # NDV counts the folded volume, not voxels: more folding of the same voxels gives more NDV
+    half = torch.zeros((3, 8, 6, 6))
+    half[0, 4:] = -2.0 * torch.arange(4.0).view(-1, 1, 1)
+    steeper = half.clone()
+    steeper[0, 4:] *= 2.0
+    assert 0.0 < non_diffeomorphic_volume(half) < non_diffeomorphic_volume(steeper)
+    assert "ndv_percent" in jacobian_stats(half)
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd"])

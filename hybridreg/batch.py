@@ -1,0 +1,399 @@
+"""Batch registration of a dataset (``hybridreg batch``): a list of pairs, one register-service
+run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one table at the end.
+
+* :func:`read_pairs` -- the pairs of a manifest: a ``.csv`` with a header
+  ``fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,id]``, a ``.json`` list of
+  such objects, or a Learn2Reg / LUMIR ``dataset.json`` (its pair lists such as
+  ``registration_val`` or ``validation`` hold ``{"fixed", "moving"}`` objects; labels and masks
+  come from the entries of the same image in its other lists (``{"image", "label", "mask"}``) or
+  from the sibling ``labels*`` / ``masks*`` folder of an ``images*`` folder). Relative paths are
+  relative to the manifest's folder.
+* :func:`run_batch` -- every pair through :func:`hybridreg.service.register_files` into
+  ``OUT/pairs/<id>/`` (the same files as ``hybridreg register``). A pair whose folder holds
+  ``metrics.json`` is finished (it is moved into place last) and never redone, so a killed run
+  re-run with the same command goes on where it stopped; a pair that fails (an unreadable file, a
+  failed affine stage, a diverged optimization) is recorded in ``OUT/failed/<id>.json`` with its
+  error and the others go on. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
+  pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
+  the ranks meet at a barrier (gloo / nccl) and rank 0 merges.
+* :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status and
+  error), ``OUT/dice_per_structure.csv``, ``OUT/summary.json`` and ``OUT/summary.md`` (means,
+  per-structure Dice, the seconds of each stage: reading, affine, registration, metrics,
+  writing).
+
+``OUT/batch.json`` records the run's settings (solver, config, overrides, options, the pairs); a
+re-run into the same ``OUT`` with other settings is refused, so one table never mixes settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import atomic_write_text, read_yaml
+from .service import output_folder, register_files
+
+__all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
+
+PAIR_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+"""The file columns of a manifest row (``fixed`` and ``moving`` required)."""
+
+L2R_PAIR_LISTS = ("registration_val", "registration_test", "validation", "test")
+"""Learn2Reg / LUMIR ``dataset.json`` lists of pairs, the first present being the default split."""
+
+
+@dataclass(frozen=True)
+class PairEntry:
+    """One pair of a manifest: ``id`` (the output folder's name) and absolute file paths
+    (``None`` where not given); FIXED and MOVING may be on any grids (``hybridreg register``)."""
+
+    id: str
+    fixed: str
+    moving: str
+    fixed_labels: str | None = None
+    moving_labels: str | None = None
+    fixed_mask: str | None = None
+    moving_mask: str | None = None
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _sibling(image: Path, kind: str) -> str | None:
+    """``labelsTr/x.nii.gz`` for ``imagesTr/x.nii.gz`` (``kind`` = labels / masks), if it exists."""
+    folder = image.parent.name
+    if not folder.startswith("images"):
+        return None
+    candidate = image.parent.parent / (kind + folder[len("images"):]) / image.name
+    return str(candidate) if candidate.is_file() else None
+
+
+def _l2r_rows(doc: dict, split: str | None, arg: str) -> list[dict]:
+    """The pair rows of a Learn2Reg / LUMIR ``dataset.json``, with labels and masks looked up."""
+    pair_lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(e, dict) and "fixed" in e
+                                                                                and "moving" in e for e in v)]
+    if not pair_lists:
+        raise ValueError(f"`{arg}`: the dataset.json has no list of {{\"fixed\", \"moving\"}} pairs")
+    if split is None:
+        split = next((k for k in L2R_PAIR_LISTS if k in pair_lists), pair_lists[0])
+    if split not in pair_lists:
+        raise ValueError(f"`--split`: {split!r} is not a pair list of {arg}; it has {pair_lists}")
+    by_image: dict[str, dict] = {}
+    for key, entries in doc.items():
+        if isinstance(entries, list):
+            for e in entries:
+                if isinstance(e, dict) and "image" in e:
+                    by_image[str(e["image"])] = e
+    rows = []
+    for e in doc[split]:
+        row = {"fixed": e["fixed"], "moving": e["moving"]}
+        for side in ("fixed", "moving"):
+            known = by_image.get(str(e[side]), {})
+            if "label" in known:
+                row[f"{side}_labels"] = known["label"]
+            if "mask" in known:
+                row[f"{side}_mask"] = known["mask"]
+        rows.append(row)
+    return rows
+
+
+def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = "PAIRS") -> list[PairEntry]:
+    """The pairs listed in a manifest (module docstring), in order, with unique ids.
+
+    Args:
+        path: ``.csv``, ``.json`` list, or Learn2Reg / LUMIR ``dataset.json``.
+        split: the dataset.json pair list to use (default: the first of
+            :data:`L2R_PAIR_LISTS` present); not allowed with a plain manifest.
+
+    Raises:
+        FileNotFoundError: the manifest, or a file it lists, is missing (names the row).
+        ValueError: unreadable manifest, a row without ``fixed``/``moving``, an unknown column,
+            an invalid or repeated id, no pairs. Messages name ``arg``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: manifest not found: {p}")
+    try:
+        if p.suffix.lower() == ".csv":
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows: Any = list(csv.DictReader(fh))
+        elif p.suffix.lower() == ".json":
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"`{arg}`: a manifest must be .csv or .json, got {p.name}")
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise ValueError(f"`{arg}`: cannot read {p}: {' '.join(str(e).split())}") from None
+    l2r = isinstance(rows, dict)
+    if l2r:
+        rows = _l2r_rows(rows, split, arg)
+    elif split is not None:
+        raise ValueError(f"`--split` applies to a Learn2Reg / LUMIR dataset.json, not to the manifest {p.name}")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"`{arg}`: {p} lists no pairs")
+    root = p.parent
+    pairs, seen = [], set()
+    for i, row in enumerate(rows, start=1):
+        where = f"`{arg}` row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object with `fixed` and `moving`, got {row!r}")
+        unknown = sorted(set(row) - set(PAIR_KEYS) - {"id"})
+        if unknown:
+            raise ValueError(f"{where}: unknown column(s) {unknown}; valid are {['id', *PAIR_KEYS]}")
+        files: dict[str, str | None] = {}
+        for key in PAIR_KEYS:
+            value = row.get(key)
+            if value in (None, ""):
+                files[key] = None
+                continue
+            f = Path(os.path.abspath(root / str(value)))  # absolute, normalised (symbolic links kept)
+            if not f.is_file():
+                raise FileNotFoundError(f"{where}: `{key}` not found: {f}")
+            files[key] = str(f)
+        if files["fixed"] is None or files["moving"] is None:
+            raise ValueError(f"{where} needs non-empty `fixed` and `moving`")
+        for side in ("fixed", "moving"):  # the Learn2Reg folder convention: imagesTr/ -> labelsTr/, masksTr/
+            for kind, key in (("labels", f"{side}_labels"), ("masks", f"{side}_mask")):
+                if l2r and files[key] is None:
+                    files[key] = _sibling(Path(files[side]), kind)
+        pid = str(row.get("id") or f"{_stem(files['fixed'])}__{_stem(files['moving'])}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", pid):
+            raise ValueError(f"{where}: `id` {pid!r} must be a folder name of letters, digits and . _ + -")
+        if pid in seen:
+            raise ValueError(f"{where}: id {pid!r} repeats an earlier row (give each pair its own `id`)")
+        seen.add(pid)
+        pairs.append(PairEntry(pid, **files))
+    return pairs
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did: ``done`` / ``failed`` / ``missing`` pair ids (``missing``: not
+    finished by any rank, e.g. a rank was killed), and the paths of the merged outputs."""
+
+    done: list[str]
+    failed: list[str]
+    missing: list[str]
+    table: Path
+    summary: Path
+
+
+def _dist_info() -> tuple[int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), ws) if ws > 1 else (0, 1)
+
+
+def _settings(pairs: Sequence[PairEntry], options: dict) -> dict:
+    return {"options": options, "pairs": [asdict(p) for p in pairs]}
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Record the run's settings in ``out/batch.json``, or refuse a resume with other settings."""
+    path = out / "batch.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in set(earlier["options"]) | set(settings["options"])
+                          if earlier["options"].get(k) != settings["options"].get(k))
+            what = f"options {diff}" if diff else "the list of pairs"
+            raise ValueError(f"`--out` {out} holds a batch run with other settings ({what} differ); re-run it with the"
+                             " same command to resume, or choose a new --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str = "instance",
+              config: str | os.PathLike | None = None, overrides: Sequence[str] = (), weights: str | None = None,
+              device: str | None = None, eval_labels: str = "auto", affine: str = "affine", init: str = "geometry",
+              affine_metric: str = "ncc", outputs: str = "transforms", progress: bool = True) -> BatchSummary:
+    """Register every pair of ``pairs`` into ``out/pairs/<id>/`` and merge the results.
+
+    Args:
+        pairs: from :func:`read_pairs`. out: the batch folder.
+        solver, config, overrides, weights, device, eval_labels, affine, init, affine_metric, outputs:
+            as ``hybridreg register`` (:func:`hybridreg.service.register_files`), the same for
+            every pair (``outputs`` default ``transforms``: no inverse, images or figure, the
+            per-pair writing time that dominates a dataset at 1 mm). Under torchrun a CUDA
+            ``device`` becomes ``cuda:LOCAL_RANK``.
+        progress: a tqdm bar over this rank's pairs (the solver's own bars stay off).
+
+    Returns:
+        :class:`BatchSummary` (on every rank; the merged files are written by rank 0).
+
+    Raises:
+        ValueError: ``out`` is a file, or holds a batch run with other settings; an invalid
+            solver, config, override or device (checked before any pair runs).
+        KeyboardInterrupt: passed on (finished pairs stay finished; the running one leaves
+            nothing behind).
+    """
+    from tqdm.auto import tqdm
+
+    from .service import device_of, output_names, solver_and_config
+
+    out = output_folder(out)
+    output_names(outputs)
+    rank, world = _dist_info()
+    solver_and_config(solver, config, weights, False, overrides)  # a bad solver, config or override fails here, once
+    device_of(device)
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if device and device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(device))
+        if not dist.is_initialized():
+            # pairs take minutes each and ranks finish apart: the barrier waits as long as a run can take
+            dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo", timeout=timedelta(days=7))
+    options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
+               "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
+               "init": init, "affine_metric": affine_metric, "outputs": outputs}
+    refused = None
+    if rank == 0:
+        try:
+            _check_settings(out, _settings(pairs, options))
+        except ValueError as e:
+            refused = str(e)
+    if world > 1:  # every rank learns rank 0's verdict before any pair runs
+        verdict = [refused]
+        dist.broadcast_object_list(verdict, src=0)
+        refused = verdict[0]
+    if refused:
+        raise ValueError(refused)
+    mine = list(pairs)[rank::world]
+    (out / "failed").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(mine, desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
+               disable=not progress, dynamic_ncols=True)
+    for pair in bar:
+        folder, failed = out / "pairs" / pair.id, out / "failed" / f"{pair.id}.json"
+        if (folder / "metrics.json").is_file():
+            continue
+        try:
+            m = register_files(pair.fixed, pair.moving, folder, fixed_labels=pair.fixed_labels,
+                               moving_labels=pair.moving_labels, config=config, device=device, solver=solver,
+                               weights=weights, eval_labels=eval_labels, progress=False, overwrite=True, affine=affine,
+                               init=init, affine_metric=affine_metric, fixed_mask=pair.fixed_mask,
+                               moving_mask=pair.moving_mask, overrides=overrides, outputs=outputs)
+        except Exception as e:  # noqa: BLE001 -- one pair's failure is recorded; the others go on
+            atomic_write_text(failed, json.dumps({"id": pair.id, "error": f"{type(e).__name__}: {' '.join(str(e).split())}",
+                                                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+            bar.write(f"pair {pair.id} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            continue
+        failed.unlink(missing_ok=True)
+        if "dice_after" in m:
+            bar.set_postfix(dice=f"{m['dice_after']['mean']:.3f}", sdlogj=f"{m['sdlogj']:.3f}")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        return merge(pairs, out)
+    return _status(pairs, out)
+
+
+def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:
+    done = [p.id for p in pairs if (out / "pairs" / p.id / "metrics.json").is_file()]
+    failed = [p.id for p in pairs if p.id not in done and (out / "failed" / f"{p.id}.json").is_file()]
+    missing = [p.id for p in pairs if p.id not in done and p.id not in failed]
+    return BatchSummary(done, failed, missing, out / "metrics.csv", out / "summary.json")
+
+
+STAGES = ("reading", "affine", "registration", "metrics", "writing", "total")
+"""The seconds of each stage of a pair, as ``metrics.json`` records them."""
+
+COLUMNS = ("id", "status", "error", "fixed", "moving", "dice_before", "dice_affine", "dice", "hd95_mm", "folding_percent",
+           "ndv_percent", "sdlogj", "jacobian_min", "lambda_mean", *(f"seconds_{s}" for s in STAGES), "peak_memory_mb",
+           "device")
+
+
+def _row(pair: PairEntry, out: Path) -> dict:
+    row: dict[str, Any] = {"id": pair.id, "fixed": pair.fixed, "moving": pair.moving}
+    metrics_path, failed_path = out / "pairs" / pair.id / "metrics.json", out / "failed" / f"{pair.id}.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        mean = lambda key: (m.get(key) or {}).get("mean")  # noqa: E731
+        row.update(status="done", dice_before=mean("dice_before"), dice_affine=mean("dice_after_affine"), dice=mean("dice_after"),
+                   hd95_mm=mean("hd95_mm_after"), folding_percent=m.get("folding_percent"), ndv_percent=m.get("ndv_percent"),
+                   sdlogj=m.get("sdlogj"), jacobian_min=m.get("jacobian_min"), lambda_mean=m["lambda"]["mean"],
+                   peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"),
+                   **{f"seconds_{s}": m["seconds"].get(s) for s in STAGES})
+        row["_per_label"] = (m.get("dice_after") or {}).get("per_label", {})
+    elif failed_path.is_file():
+        row.update(status="failed", error=json.loads(failed_path.read_text())["error"])
+    else:
+        row.update(status="missing")
+    return row
+
+
+def _stats(values: list) -> dict | None:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not v.size:
+        return None
+    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
+    """Write the batch's tables from the pair folders (module docstring); safe to re-run.
+
+    Returns:
+        :class:`BatchSummary` of the pairs' states.
+    """
+    out = Path(out)
+    rows = [_row(p, out) for p in pairs]
+    labels = sorted({int(k) for r in rows for k in r.get("_per_label", {})})
+    with open(out / ".metrics.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / ".metrics.csv.tmp", out / "metrics.csv")
+    with open(out / ".dice.csv.tmp", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", *labels])
+        w.writerows([r["id"], *(r["_per_label"].get(str(k)) for k in labels)] for r in rows if "_per_label" in r)
+    os.replace(out / ".dice.csv.tmp", out / "dice_per_structure.csv")
+    status = _status(pairs, out)
+    done = [r for r in rows if r["status"] == "done"]
+    summary = {
+        "pairs": len(rows), "done": len(status.done), "failed": {r["id"]: r["error"] for r in rows if r["status"] == "failed"},
+        "missing": status.missing,
+        "metrics": {k: _stats([r.get(k) for r in done]) for k in ("dice_before", "dice_affine", "dice", "hd95_mm",
+                                                                   "folding_percent", "ndv_percent", "sdlogj", "peak_memory_mb")},
+        "seconds": {s: _stats([r.get(f"seconds_{s}") for r in done]) for s in STAGES},
+        "dice_per_structure": {str(k): _stats([r["_per_label"].get(str(k)) for r in done]) for k in labels},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    atomic_write_text(out / "summary.md", _markdown(summary))
+    return status
+
+
+def _markdown(s: dict) -> str:
+    def fmt(st: dict | None, digits: int = 3) -> str:
+        return "–" if st is None else f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} (median {st['median']:.{digits}f})"
+
+    lines = [f"# Batch: {s['done']} of {s['pairs']} pairs registered", ""]
+    if s["failed"]:
+        lines += [f"Failed ({len(s['failed'])}):", ""] + [f"- `{k}`: {v}" for k, v in s["failed"].items()] + [""]
+    if s["missing"]:
+        lines += [f"Not run yet ({len(s['missing'])}): re-run the same command to finish them.", ""]
+    lines += ["| metric | mean ± sd (median) |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v, 4 if 'percent' in k else 3)} |" for k, v in s["metrics"].items()]
+    lines += ["", "| stage | seconds per pair: mean ± sd (median) |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v, 1)} |" for k, v in s["seconds"].items()]
+    if s["dice_per_structure"]:
+        lines += ["", "| structure | Dice mean ± sd (median) |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in s["dice_per_structure"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,261 @@
+"""``hybridreg batch``: manifests (CSV, JSON, Learn2Reg / LUMIR dataset.json), the per-pair
+outputs and the merged table, failures recorded while the others go on, resuming without
+redoing a finished pair, refusing other settings, torchrun sharding equal to one process;
+and the ``--set`` override syntax of every config key."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from hybridreg import data
+from hybridreg.batch import read_pairs
+from hybridreg.cli import main
+from hybridreg.config import apply_overrides
+from hybridreg.service import OUTPUT_SETS
+from instance_opt.solver import InstanceOptConfig
+
+QUICK = "level_spacing: [4.0]\niterations: [6]\n"
+SUBJECTS = ("vxm", "synthseg_12", "synthseg_16")
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """Three bundled 2 mm subjects cropped to 40x48x40 in the Learn2Reg layout
+    (imagesTr/, labelsTr/), a quick config, and a corrupt image."""
+    root = tmp_path_factory.mktemp("batch")
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir()
+    for sid in SUBJECTS:
+        s = data.load_subject(sid, 2)
+        for folder, path in (("imagesTr", s.image_path), ("labelsTr", s.labels_path)):
+            img = sitk.ReadImage(str(path))
+            sitk.WriteImage(img[20:60, 24:72, 20:60], str(root / folder / f"{sid}.nii.gz"))
+    (root / "imagesTr" / "broken.nii.gz").write_bytes(b"\x1f\x8b not an image")
+    (root / "quick.yaml").write_text(QUICK)
+    return root
+
+
+def _csv(root: Path, rows: list[dict], name: str = "pairs.csv") -> Path:
+    path = root / name
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _pair(f: str, m: str, labels: bool = True, **extra) -> dict:
+    row = {"fixed": f"imagesTr/{f}.nii.gz", "moving": f"imagesTr/{m}.nii.gz"}
+    if labels:
+        row.update(fixed_labels=f"labelsTr/{f}.nii.gz", moving_labels=f"labelsTr/{m}.nii.gz")
+    return {**row, **extra}
+
+
+def _batch(manifest, out, *extra):
+    return ["batch", str(manifest), "--out", str(out), "--config", str(manifest.parent / "quick.yaml"), "--affine", "none",
+            "--no-progress", *map(str, extra)]
+
+
+def _table(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def test_manifests_csv_json_and_learn2reg(layout):
+    rows = [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "vxm", labels=False, id="back")]
+    from_csv = read_pairs(_csv(layout, rows))
+    (layout / "pairs.json").write_text(json.dumps(rows))
+    from_json = read_pairs(layout / "pairs.json")
+    assert from_csv == from_json
+    assert [p.id for p in from_csv] == ["vxm__synthseg_12", "back"]
+    assert from_csv[0].fixed_labels == str(layout / "labelsTr" / "vxm.nii.gz") and from_csv[1].fixed_labels is None
+    # Learn2Reg / LUMIR: pair lists of {"fixed", "moving"}; labels from "training" or the labelsTr/ sibling
+    doc = {"name": "tiny", "training": [{"image": "./imagesTr/vxm.nii.gz", "label": "./labelsTr/vxm.nii.gz"}],
+           "registration_val": [{"fixed": "./imagesTr/vxm.nii.gz", "moving": "./imagesTr/synthseg_16.nii.gz"}],
+           "registration_test": [{"fixed": "./imagesTr/synthseg_12.nii.gz", "moving": "./imagesTr/vxm.nii.gz"}]}
+    (layout / "dataset.json").write_text(json.dumps(doc))
+    val = read_pairs(layout / "dataset.json")  # the default split: registration_val
+    assert len(val) == 1 and val[0].id == "vxm__synthseg_16"
+    assert Path(val[0].fixed_labels).name == "vxm.nii.gz" and Path(val[0].moving_labels).parent.name == "labelsTr"
+    test = read_pairs(layout / "dataset.json", "registration_test")
+    assert Path(test[0].fixed_labels) == layout / "labelsTr" / "synthseg_12.nii.gz"
+
+
+@pytest.mark.parametrize("rows,split,error,needle", [
+    ([{"fixed": "imagesTr/vxm.nii.gz", "moving": "imagesTr/nope.nii.gz"}], None, FileNotFoundError, "row 1.*moving.*not found"),
+    ([{"fixed": "imagesTr/vxm.nii.gz"}], None, ValueError, "row 1 needs non-empty `fixed` and `moving`"),
+    ([{**_pair("vxm", "synthseg_12"), "weight": "1"}], None, ValueError, r"unknown column\(s\) \['weight'\]"),
+    ([_pair("vxm", "synthseg_12"), _pair("vxm", "synthseg_12")], None, ValueError, "row 2: id .* repeats"),
+    ([_pair("vxm", "synthseg_12", id="a/b")], None, ValueError, "row 1: `id` 'a/b'"),
+    ([_pair("vxm", "synthseg_12")], "validation", ValueError, "--split.*dataset.json"),
+    ([], None, ValueError, "lists no pairs"),
+])
+def test_manifest_errors_name_the_row(layout, rows, split, error, needle):
+    path = layout / "bad.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(error, match=needle):
+        read_pairs(path, split)
+
+
+def test_dataset_json_unknown_split(layout):
+    (layout / "d2.json").write_text(json.dumps({"validation": [{"fixed": "imagesTr/vxm.nii.gz", "moving": "imagesTr/vxm.nii.gz"}]}))
+    with pytest.raises(ValueError, match=r"--split.*'test'.*\['validation'\]"):
+        read_pairs(layout / "d2.json", "test")
+
+
+# ----------------------------------------------------------------------------- runs
+
+@pytest.mark.slow
+def test_batch_records_failures_goes_on_and_resumes_without_redoing(layout, tmp_path, capsys):
+    rows = [_pair("vxm", "synthseg_12"), _pair("vxm", "broken", labels=False), _pair("synthseg_16", "vxm")]
+    manifest = _csv(layout, rows, "with_broken.csv")
+    out = tmp_path / "run"
+    assert main(_batch(manifest, out)) == 3  # finished, but a pair failed
+    printed = capsys.readouterr().out
+    assert "2 of 3 pairs registered, 1 failed" in printed
+    table = _table(out)
+    assert [r["status"] for r in table] == ["done", "failed", "done"]
+    assert "MOVING" in table[1]["error"] and "cannot read" in table[1]["error"]
+    for r in (table[0], table[2]):
+        assert 0.0 < float(r["dice_before"]) < float(r["dice"]) < 1.0
+        assert float(r["ndv_percent"]) >= 0.0 and float(r["sdlogj"]) > 0.0
+        assert all(float(r[f"seconds_{s}"]) >= 0.0 for s in ("reading", "affine", "registration", "metrics", "writing", "total"))
+    assert sorted(p.name for p in (out / "pairs" / "vxm__synthseg_12").iterdir()) == sorted(OUTPUT_SETS["transforms"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 2 and list(summary["failed"]) == ["vxm__broken"]
+    assert summary["metrics"]["dice"]["n"] == 2 and summary["dice_per_structure"]
+    assert (out / "summary.md").read_text().startswith("# Batch: 2 of 3 pairs registered")
+    # re-run: nothing finished is redone; the failed pair is tried again (and fails again)
+    stamps = {p: (out / "pairs" / p / "metrics.json").stat().st_mtime_ns for p in ("vxm__synthseg_12", "synthseg_16__vxm")}
+    assert main(_batch(manifest, out)) == 3
+    assert {p: (out / "pairs" / p / "metrics.json").stat().st_mtime_ns for p in stamps} == stamps
+    # the same folder with other settings is refused in one line, before any work
+    assert main(_batch(manifest, out, "--set", "objective.w_reg=2")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp_path, monkeypatch):
+    import hybridreg.batch as batch
+
+    manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "synthseg_16"), _pair("synthseg_16", "vxm")],
+                    "three.csv")
+    out, calls, real = tmp_path / "run", [], batch.register_files
+
+    def interrupted(fixed, moving, folder, **kw):
+        calls.append(Path(folder).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while the second pair runs
+        return real(fixed, moving, folder, **kw)
+
+    monkeypatch.setattr(batch, "register_files", interrupted)
+    assert main(_batch(manifest, out)) == 130
+    assert [p.name for p in (out / "pairs").iterdir()] == ["vxm__synthseg_12"]
+    assert not list(out.glob("pairs/.*partial*"))
+    calls.clear()
+    monkeypatch.setattr(batch, "register_files", lambda *a, **kw: (calls.append(Path(a[2]).name), real(*a, **kw))[1])
+    assert main(_batch(manifest, out)) == 0
+    assert calls == ["synthseg_12__synthseg_16", "synthseg_16__vxm"]  # the finished pair is not redone
+    assert [r["status"] for r in _table(out)] == ["done"] * 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(layout, tmp_path):
+    """2 CPU processes (gloo) shard 3 pairs (rank 0 two, rank 1 one); rank 0 merges a table whose
+    per-pair metrics equal a one-process run's (one thread per process in both runs)."""
+    manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "synthseg_16"), _pair("synthseg_16", "vxm")],
+                    "three.csv")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "hybridreg", *_batch(manifest, tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                          "-m", "hybridreg", *_batch(manifest, tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("3 of 3 pairs registered") == 1  # rank 0 reports
+    a, b = _table(tmp_path / "one"), _table(tmp_path / "two")
+    assert [r["id"] for r in a] == [r["id"] for r in b] and all(r["status"] == "done" for r in b)
+    for ra, rb in zip(a, b):
+        for key in ("dice", "dice_before", "sdlogj", "folding_percent", "ndv_percent", "hd95_mm"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), abs=1e-6), (ra["id"], key)
+
+
+# ----------------------------------------------------------------------------- --set
+
+def test_set_overrides_any_key_and_names_bad_ones():
+    cfg = apply_overrides(InstanceOptConfig(), ["objective.w_reg=2.5", "iterations=[10, 5, 2]", "objective.symmetric=true"])
+    assert cfg.objective.w_reg == 2.5 and cfg.iterations == (10, 5, 2) and cfg.objective.symmetric is True
+    for bad, needle in ((["objective.wreg=1"], "objective has no key 'wreg'; valid keys are"),
+                        (["w_reg"], "takes KEY=VALUE"),
+                        (["objective.w_reg=-1"], "w_reg` must be in"),
+                        (["iterations=abc"], "iterations must be a list")):
+        with pytest.raises(ValueError, match=needle):
+            apply_overrides(InstanceOptConfig(), bad)
+
+
+@pytest.mark.slow
+def test_register_set_and_outputs(layout, tmp_path, capsys):
+    import yaml
+
+    d = layout / "imagesTr"
+    out = tmp_path / "out"
+    assert main(["register", str(d / "vxm.nii.gz"), str(d / "synthseg_12.nii.gz"), "--out", str(out), "--config",
+                 str(layout / "quick.yaml"), "--set", "objective.w_reg=2.5", "--set", "iterations=[4]", "--affine", "none",
+                 "--no-progress"]) == 0
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["objective"]["w_reg"] == 2.5 and written["iterations"] == [4]
+    assert len(list(out.iterdir())) == 11
+    # a smaller output set over an earlier run: its other files go, so the folder is one run's
+    assert main(["register", str(d / "vxm.nii.gz"), str(d / "synthseg_12.nii.gz"), "--out", str(out), "--config",
+                 str(layout / "quick.yaml"), "--affine", "none", "--outputs", "metrics", "--overwrite", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]
+    assert json.loads((out / "metrics.json").read_text())["outputs"] == ["metrics.json", "config.yaml"]
+    assert main(["register", str(d / "vxm.nii.gz"), str(d / "synthseg_12.nii.gz"), "--out", str(tmp_path / "x"),
+                 "--set", "objective.w_regg=2", "--no-progress"]) == 2
+    assert "`--set objective.w_regg`" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- the suite on public layouts
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lumir", "manifest"])
+def test_benchmark_suite_on_a_lumir_layout_and_a_manifest(layout, tmp_path, kind):
+    """``python -m benchmarks run --dataset KIND:PATH``: the realworld suite's machinery on pairs
+    listed by a Learn2Reg / LUMIR dataset.json (labels from labelsTr/) or a CSV manifest; the
+    report has NDV next to %|J|≤0."""
+    if kind == "lumir":
+        doc = {"training": [{"image": f"./imagesTr/{s}.nii.gz"} for s in SUBJECTS],
+               "validation": [{"fixed": "./imagesTr/vxm.nii.gz", "moving": "./imagesTr/synthseg_16.nii.gz"}]}
+        (layout / "LUMIR_dataset.json").write_text(json.dumps(doc))
+        spec, name = f"lumir:{layout / 'LUMIR_dataset.json'}#validation", "vxm__synthseg_16"
+    else:
+        spec, name = f"manifest:{_csv(layout, [_pair('synthseg_12', 'vxm', id='s12_to_vxm')], 'suite.csv')}", "s12_to_vxm"
+    out = tmp_path / "suite"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", spec, "--out", str(out), "--methods",
+                        "sitk-demons"], capture_output=True, text=True, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["pair"], r["method"]) for r in rows] == [(name, "sitk-demons")]
+    assert rows[0]["dice_mean"] > rows[0]["dice_before"] and rows[0]["ndv_percent"] >= 0.0
+    md = (out / "report.md").read_text()
+    assert "NDV % (max)" in md and f"| {name} |" in md
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", "lumir:" + str(layout / "nope.json"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=root)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"`--dataset`: manifest not found: {layout / 'nope.json'}"]
