@@ -247,6 +247,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     out = output_folder(out)
     output_names(outputs)
     rank, world = _dist_info()
+    own_group = False
     solver_and_config(solver, config, weights, False, overrides)  # a bad solver, config or override fails here, once
     device_of(device)
     if world > 1:
@@ -259,6 +260,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         if not dist.is_initialized():
             # pairs take minutes each and ranks finish apart: the barrier waits as long as a run can take
             dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo", timeout=timedelta(days=7))
+            own_group = True
     options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
                "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
                "init": init, "affine_metric": affine_metric, "outputs": outputs}
@@ -299,9 +301,10 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     bar.close()
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        return merge(pairs, out)
-    return _status(pairs, out)
+    summary = merge(pairs, out) if rank == 0 else _status(pairs, out)
+    if own_group:
+        dist.destroy_process_group()
+    return summary
 
 
 def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:
