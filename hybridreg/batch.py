@@ -39,7 +39,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import atomic_write_text, read_yaml
+from .config import atomic_output, atomic_write_text, read_yaml
+from .io import image_stem
 from .service import output_folder, register_files
 
 __all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
@@ -63,14 +64,6 @@ class PairEntry:
     moving_labels: str | None = None
     fixed_mask: str | None = None
     moving_mask: str | None = None
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def _sibling(image: Path, kind: str) -> str | None:
@@ -169,7 +162,7 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
             for kind, key in (("labels", f"{side}_labels"), ("masks", f"{side}_mask")):
                 if l2r and files[key] is None:
                     files[key] = _sibling(Path(files[side]), kind)
-        pid = str(row.get("id") or f"{_stem(files['fixed'])}__{_stem(files['moving'])}")
+        pid = str(row.get("id") or f"{image_stem(files['fixed'])}__{image_stem(files['moving'])}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", pid):
             raise ValueError(f"{where}: `id` {pid!r} must be a folder name of letters, digits and . _ + -")
         if pid in seen:
@@ -358,16 +351,14 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     out = Path(out)
     rows = [_row(p, out) for p in pairs]
     labels = sorted({int(k) for r in rows for k in r.get("_per_label", {})})
-    with open(out / ".metrics.csv.tmp", "w", newline="") as fh:
+    with atomic_output(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(out / ".metrics.csv.tmp", out / "metrics.csv")
-    with open(out / ".dice.csv.tmp", "w", newline="") as fh:
+    with atomic_output(out / "dice_per_structure.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", *labels])
         w.writerows([r["id"], *(r["_per_label"].get(str(k)) for k in labels)] for r in rows if "_per_label" in r)
-    os.replace(out / ".dice.csv.tmp", out / "dice_per_structure.csv")
     status = _status(pairs, out)
     done = [r for r in rows if r["status"] == "done"]
     summary = {

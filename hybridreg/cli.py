@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .config import load_yaml
-from .io import Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
+from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
 from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, register_files
 from .solvers import available_solvers
 
@@ -35,7 +35,6 @@ class CLIError(Exception):
     """An error the CLI reports in one line (bad input, bad config)."""
 
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: str | os.PathLike | None):

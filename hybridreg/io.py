@@ -24,7 +24,18 @@ import SimpleITK as sitk
 
 from .config import atomic_output
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+"""The image file names the toolkit reads and writes (SimpleITK picks the format by suffix)."""
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name of ``path`` without its image suffix (``imagesTr/x_0000.nii.gz`` → ``x_0000``)."""
+    name = Path(path).name
+    return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), Path(name).stem)
+
 __all__ = [
+    "IMAGE_SUFFIXES",
+    "image_stem",
     "Geometry",
     "read_image",
     "read_labels",

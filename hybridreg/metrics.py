@@ -168,12 +168,14 @@ def hd95(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | N
     return hausdorff(a, b, labels, spacing, 95.0)
 
 
-def _jac(disp: torch.Tensor) -> torch.Tensor:
+def _batched(disp: torch.Tensor) -> torch.Tensor:
     # (d, *spatial) without batch: 2D (2, H, W), or 3D (3, D, H, W); a 4-dim field with a first
     # size other than 3 is a batched 2D field (B, 2, H, W)
-    if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3):
-        disp = disp.unsqueeze(0)
-    return jacobian_determinant(disp.detach())
+    return disp.unsqueeze(0) if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3) else disp
+
+
+def _jac(disp: torch.Tensor) -> torch.Tensor:
+    return jacobian_determinant(_batched(disp).detach())
 
 
 def folding_percent(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -226,8 +228,7 @@ def non_diffeomorphic_volume(disp: torch.Tensor) -> float:
     Returns:
         ``100 · Σ folded volume / Σ cell volume`` over the batch (voxel units, so spacing cancels).
     """
-    if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3):
-        disp = disp.unsqueeze(0)
+    disp = _batched(disp)
     d = disp.shape[1]
     shape = disp.shape[2:]
     u = disp.detach().float()

@@ -435,8 +435,8 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
     moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
     warped = warp(moving, disp, voxel_map=vm)[0, 0].cpu().numpy() if {"warped.nii.gz", "figure.png"} & set(names) else None
-    lam = res.lambda_on_image_grid()[0, 0].cpu().numpy()
-    jac = jacobian_determinant(disp)[0].cpu().numpy()
+    lam = res.lambda_on_image_grid()[0, 0].cpu().numpy() if {"lambda.nii.gz", "figure.png"} & set(names) else None
+    jac = jacobian_determinant(disp)[0].cpu().numpy() if {"jacobian.nii.gz", "figure.png"} & set(names) else None
     writers = {
         "warped.nii.gz": lambda p: write_image(p, warped, geo),
         "displacement.nii.gz": lambda p: write_displacement(p, disp_np, geo),
