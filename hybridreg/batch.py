@@ -8,12 +8,13 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   come from the entries of the same image in its other lists (``{"image", "label", "mask"}``) or
   from the sibling ``labels*`` / ``masks*`` folder of an ``images*`` folder). Relative paths are
   relative to the manifest's folder.
-* :func:`run_batch` -- every pair through :func:`hybridreg.service.register_files` into
-  ``OUT/pairs/<id>/`` (the same files as ``hybridreg register``). A pair whose folder holds
-  ``metrics.json`` is finished (it is moved into place last) and never redone, so a killed run
-  re-run with the same command goes on where it stopped; a pair that fails (an unreadable file, a
-  failed affine stage, a diverged optimization) is recorded in ``OUT/failed/<id>.json`` with its
-  error and the others go on. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
+* :func:`run_batch` -- every pair through the stages of :func:`hybridreg.service.register_files`
+  into ``OUT/pairs/<id>/`` (the same files as ``hybridreg register``); with ``--batch-size B``
+  the solver takes B pairs that share their grids at once (batched instance optimization). A
+  pair whose folder holds ``metrics.json`` is finished (it is moved into place last) and never
+  redone, so a killed run re-run with the same command goes on where it stopped; a pair that
+  fails (an unreadable file, a failed affine stage, a diverged optimization) is recorded in
+  ``OUT/failed/<id>.json`` with its error and the others go on. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
   pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
   the ranks meet at a barrier (gloo / nccl) and rank 0 merges.
 * :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status and
@@ -41,7 +42,8 @@ import numpy as np
 
 from .config import atomic_output, atomic_write_text, read_yaml
 from .io import image_stem
-from .service import output_folder, register_files
+from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, prepare_pair, solve_pairs, \
+    solver_and_config
 
 __all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
 
@@ -212,7 +214,8 @@ def _check_settings(out: Path, settings: dict) -> None:
 def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str = "instance",
               config: str | os.PathLike | None = None, overrides: Sequence[str] = (), weights: str | None = None,
               device: str | None = None, eval_labels: str = "auto", affine: str = "affine", init: str = "geometry",
-              affine_metric: str = "ncc", outputs: str = "transforms", progress: bool = True) -> BatchSummary:
+              affine_metric: str = "ncc", outputs: str = "transforms", batch_size: int = 1,
+              progress: bool = True) -> BatchSummary:
     """Register every pair of ``pairs`` into ``out/pairs/<id>/`` and merge the results.
 
     Args:
@@ -222,6 +225,11 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             every pair (``outputs`` default ``transforms``: no inverse, images or figure, the
             per-pair writing time that dominates a dataset at 1 mm). Under torchrun a CUDA
             ``device`` becomes ``cuda:LOCAL_RANK``.
+        batch_size: pairs solved together in one optimization (batched instance optimization,
+            :func:`hybridreg.service.solve_pairs`): each group of ``batch_size`` consecutive
+            pairs of this rank that share their grids (:func:`hybridreg.service.batch_key`)
+            is solved at once; the results equal one-pair runs' up to floating-point order.
+            1 (default): one pair at a time. Memory grows with it.
         progress: a tqdm bar over this rank's pairs (the solver's own bars stay off).
 
     Returns:
@@ -229,19 +237,19 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
 
     Raises:
         ValueError: ``out`` is a file, or holds a batch run with other settings; an invalid
-            solver, config, override or device (checked before any pair runs).
+            solver, config, override, device or ``batch_size`` (checked before any pair runs).
         KeyboardInterrupt: passed on (finished pairs stay finished; the running one leaves
             nothing behind).
     """
     from tqdm.auto import tqdm
 
-    from .service import device_of, output_names, solver_and_config
-
     out = output_folder(out)
     output_names(outputs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`--batch-size` must be an integer >= 1, got {batch_size!r}")
     rank, world = _dist_info()
     own_group = False
-    solver_and_config(solver, config, weights, False, overrides)  # a bad solver, config or override fails here, once
+    solver_obj, cfg = solver_and_config(solver, config, weights, False, overrides)  # a bad one fails here, once
     device_of(device)
     if world > 1:
         import torch
@@ -256,7 +264,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             own_group = True
     options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
                "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
-               "init": init, "affine_metric": affine_metric, "outputs": outputs}
+               "init": init, "affine_metric": affine_metric, "outputs": outputs}  # not batch_size: it changes no result
     refused = None
     if rank == 0:
         try:
@@ -269,28 +277,53 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         refused = verdict[0]
     if refused:
         raise ValueError(refused)
-    mine = list(pairs)[rank::world]
+    dev = device_of(device)  # after torchrun's rank picked its GPU
+    mine = [p for p in list(pairs)[rank::world] if not (out / "pairs" / p.id / "metrics.json").is_file()]
     (out / "failed").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(mine, desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
+    bar = tqdm(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
                disable=not progress, dynamic_ncols=True)
-    for pair in bar:
-        folder, failed = out / "pairs" / pair.id, out / "failed" / f"{pair.id}.json"
-        if (folder / "metrics.json").is_file():
-            continue
+
+    def failed(pair: PairEntry, e: Exception) -> None:
+        error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        atomic_write_text(out / "failed" / f"{pair.id}.json",
+                          json.dumps({"id": pair.id, "error": error, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+        bar.write(f"pair {pair.id} failed: {error[:200]}")
+        bar.update()
+
+    def solve_group(group: list[tuple[PairEntry, Prepared]]) -> None:
         try:
-            m = register_files(pair.fixed, pair.moving, folder, fixed_labels=pair.fixed_labels,
-                               moving_labels=pair.moving_labels, config=config, device=device, solver=solver,
-                               weights=weights, eval_labels=eval_labels, progress=False, overwrite=True, affine=affine,
-                               init=init, affine_metric=affine_metric, fixed_mask=pair.fixed_mask,
-                               moving_mask=pair.moving_mask, overrides=overrides, outputs=outputs)
+            results = solve_pairs([p.inputs for _, p in group], solver_obj, cfg, dev, [p.pre for _, p in group])
+        except Exception as e:  # noqa: BLE001 -- the group's failure is each of its pairs'; the others go on
+            results = [e] * len(group)
+        for (pair, prepared), solved in zip(group, results):
+            try:
+                if isinstance(solved, Exception):
+                    raise solved
+                m = finish_pair(prepared, solved, solver_obj.name)
+            except Exception as e:  # noqa: BLE001
+                failed(pair, e)
+                continue
+            (out / "failed" / f"{pair.id}.json").unlink(missing_ok=True)
+            bar.update()
+            if "dice_after" in m:
+                bar.set_postfix(dice=f"{m['dice_after']['mean']:.3f}", sdlogj=f"{m['sdlogj']:.3f}")
+
+    waiting: dict[tuple, list[tuple[PairEntry, Prepared]]] = {}  # pairs read and aligned, by the grids they share
+    for pair in mine:
+        try:
+            prepared = prepare_pair(pair.fixed, pair.moving, out / "pairs" / pair.id, fixed_labels=pair.fixed_labels,
+                                    moving_labels=pair.moving_labels, fixed_mask=pair.fixed_mask,
+                                    moving_mask=pair.moving_mask, eval_labels=eval_labels, outputs=outputs, overwrite=True,
+                                    affine=affine, init=init, affine_metric=affine_metric, config=config, weights=weights)
         except Exception as e:  # noqa: BLE001 -- one pair's failure is recorded; the others go on
-            atomic_write_text(failed, json.dumps({"id": pair.id, "error": f"{type(e).__name__}: {' '.join(str(e).split())}",
-                                                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-            bar.write(f"pair {pair.id} failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            failed(pair, e)
             continue
-        failed.unlink(missing_ok=True)
-        if "dice_after" in m:
-            bar.set_postfix(dice=f"{m['dice_after']['mean']:.3f}", sdlogj=f"{m['sdlogj']:.3f}")
+        group = waiting.setdefault(batch_key(prepared.inputs, prepared.pre), [])
+        group.append((pair, prepared))
+        if len(group) == batch_size:
+            solve_group(waiting.pop(batch_key(prepared.inputs, prepared.pre)))
+    for group in waiting.values():  # the last, incomplete groups
+        solve_group(group)
     bar.close()
     if world > 1:
         dist.barrier()

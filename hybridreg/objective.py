@@ -114,7 +114,8 @@ class ObjectiveConfig:
 
 
 class EnergyTerms(NamedTuple):
-    """Named terms of the energy, each a scalar tensor (weights already applied)."""
+    """Named terms of the energy, each a scalar tensor, or ``(B,)`` one per pair
+    (:func:`evaluate` with ``per_pair``); weights already applied."""
 
     total: torch.Tensor
     similarity: torch.Tensor
@@ -144,24 +145,29 @@ def control_spacing(image_spacing: Sequence[float], image_size: Sequence[int], g
     return tuple(float(h) * n / m for h, n, m in zip(image_spacing, image_size, grid_size))
 
 
-def _hyperprior(lam: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+def _zero(lam: torch.Tensor, reduction: str) -> torch.Tensor:
+    return lam.new_zeros((lam.shape[0],) if reduction == "batch" else ())
+
+
+def _hyperprior(lam: torch.Tensor, cfg: ObjectiveConfig, reduction: str = "mean") -> torch.Tensor:
     if cfg.hyperprior == "none":
-        return lam.new_zeros(())
+        return _zero(lam, reduction)
     if cfg.hyperprior == "beta":
-        return beta_hyperprior(lam, 1.0 + cfg.hyper_strength, cfg.hyper_beta)
+        return beta_hyperprior(lam, 1.0 + cfg.hyper_strength, cfg.hyper_beta, reduction=reduction)
     if cfg.hyper_strength == 0:
-        return lam.new_zeros(())
+        return _zero(lam, reduction)
     sigma = (2.0 * cfg.hyper_strength) ** -0.5
-    return normal_hyperprior(lam, cfg.hyper_mean, sigma)
+    return normal_hyperprior(lam, cfg.hyper_mean, sigma, reduction=reduction)
 
 
-def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, cfg: ObjectiveConfig) -> torch.Tensor:
+def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, cfg: ObjectiveConfig,
+                       reduction: str = "mean") -> torch.Tensor:
     if cfg.lambda_smoothness == "none" or cfg.w_smooth == 0 or all(n == 1 for n in lam.shape[2:]):
-        return lam.new_zeros(())
+        return _zero(lam, reduction)
     guide = resize_image(fixed.mean(1, keepdim=True), lam.shape[2:])
     if cfg.lambda_smoothness == "grid":
         w = edge_weights(guide, cfg.smooth_sigma_intensity)
-        return cfg.w_smooth * grid_smoothness(lam, w, spacing, reduction="mean")
+        return cfg.w_smooth * grid_smoothness(lam, w, spacing, reduction=reduction)
     f = cfg.smooth_node_factor
     nodes = tuple(max(1, n // f) for n in lam.shape[2:])
     node_spacing = control_spacing(spacing, lam.shape[2:], nodes)
@@ -171,6 +177,7 @@ def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, c
         node_spacing,
         sigma_space=cfg.smooth_sigma_space,
         sigma_intensity=cfg.smooth_sigma_intensity,
+        reduction=reduction,
     )
 
 
@@ -195,6 +202,7 @@ def evaluate(
     moving_map: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    per_pair: bool = False,
 ) -> Evaluation:
     """Evaluate the energy of ``(velocity, λ)`` for one batch of pairs (method §1.6).
 
@@ -215,6 +223,10 @@ def evaluate(
             warped with the moving image. With either, the similarity is the mean of its
             per-voxel map weighted by their product (the image match is restricted to them).
             With ``config.symmetric`` both images and masks are warped half-way first.
+        per_pair: ``False``: each term is a 0-dim tensor, the mean over the batch.
+            ``True``: each term is ``(B,)``, pair ``b``'s energy exactly as if it were
+            evaluated alone (batched instance optimization sums them: the pairs' gradients
+            stay independent, and each pair's convergence is judged on its own).
 
     Returns:
         :class:`Evaluation` with the named terms, the image-grid displacement and the
@@ -262,25 +274,26 @@ def evaluate(
                                else _warp_with_mask(fixed, fixed_mask, fixed_disp))
     with record_function("evaluate.similarity"):
         masked = fixed_mask is not None or moving_mask is not None
-        reduction = "none" if masked else "mean"
+        reduction = "batch" if per_pair else "mean"
         if config.similarity == "lncc":
-            sim = lncc(target, matched, config.lncc_window, reduction=reduction)
+            sim = lncc(target, matched, config.lncc_window, reduction="none" if masked else reduction)
         else:
-            sim = mse(target, matched, sigma=config.mse_sigma, reduction=reduction)
+            sim = mse(target, matched, sigma=config.mse_sigma, reduction="none" if masked else reduction)
         if masked:
             weight = (target_mask if target_mask is not None else 1.0) * (matched_mask if matched_mask is not None else 1.0)
             weight = torch.broadcast_to(weight, sim.shape)
-            sim = (sim * weight).sum() / weight.sum().clamp_min(1.0)
+            dims = tuple(range(1, sim.dim())) if per_pair else tuple(range(sim.dim()))
+            sim = (sim * weight).sum(dims) / weight.sum(dims).clamp_min(1.0)
 
     if lam_grid == spatial and spatial != control:
         reg_field, reg_spacing = disp, h
     else:
         reg_field, reg_spacing = disp_control, control_spacing(h, spatial, control)
     with record_function("evaluate.regularization"):
-        reg = config.w_reg * reference_scale(d) * diffusion_energy(reg_field, lam, reg_spacing, reduction="mean")
+        reg = config.w_reg * reference_scale(d) * diffusion_energy(reg_field, lam, reg_spacing, reduction=reduction)
     with record_function("evaluate.priors"):
-        hyper = _hyperprior(lam, config)
-        smooth = _lambda_smoothness(lam, fixed, reg_spacing if lam_grid != spatial else h, config)
+        hyper = _hyperprior(lam, config, reduction)
+        smooth = _lambda_smoothness(lam, fixed, reg_spacing if lam_grid != spatial else h, config, reduction)
     total = sim + reg + hyper + smooth
     return Evaluation(EnergyTerms(total, sim, reg, hyper, smooth), disp, warped)
 

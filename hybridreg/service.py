@@ -12,8 +12,11 @@ One registration, step by step, each a function of its own:
    at the end, so a failed run leaves nothing half-written.
 
 :func:`register_files` runs the five after :func:`check_outputs` (nothing the user has is
-lost); the CLI (``hybridreg register`` / ``demo``) calls it, the tuning objectives and the
-benchmarks call :func:`run_solver`.
+lost), as :func:`prepare_pair` (checks, reading, the affine stage), :func:`solve` and
+:func:`finish_pair` (metrics, files); the CLI (``hybridreg register`` / ``demo``) calls it,
+the tuning objectives and the benchmarks call :func:`run_solver`. ``hybridreg batch
+--batch-size B`` prepares B pairs, solves them together (:func:`solve_pairs`: batched instance
+optimization) and finishes each.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from .solvers import DivergenceError, RegistrationResult, Solver, divergence, ge
 from .spatial import jacobian_determinant, warp
 
 __all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "output_folder", "check_outputs",
-           "read_inputs", "run_solver", "solve", "measure", "json_safe", "write_outputs", "register_files"]
+           "read_inputs", "run_solver_pairs", "run_solver", "batch_key", "solve_pairs", "solve", "measure", "json_safe",
+           "write_outputs", "Prepared", "prepare_pair", "finish_pair", "register_files"]
 
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "transform.h5", "inverse_displacement.nii.gz",
                 "inverse_transform.h5", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
@@ -89,14 +93,17 @@ class Inputs:
 
 @dataclass
 class Solved:
-    """A solver's result with its cost: ``seconds`` of ``register_pair``, ``peak_memory_mb``,
-    and the solver configuration it ran with (written to ``config.yaml``)."""
+    """One pair's result with its cost: ``seconds`` of ``register_pair`` (for a pair solved in a
+    batch of ``batch_size`` pairs, its share: the batch's seconds / ``batch_size``),
+    ``peak_memory_mb`` (the batch's), and the solver configuration it ran with (written to
+    ``config.yaml``)."""
 
     result: RegistrationResult
     seconds: float
     peak_memory_mb: float
     device: torch.device
     config: Any
+    batch_size: int = 1
 
 
 def solver_and_config(name: str, config: str | os.PathLike | None = None, weights: str | None = None,
@@ -289,11 +296,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
-               device: torch.device | None = None, **grids) -> Solved:
-    """Run ``solver.register_pair`` on tensors, time it, and refuse a diverged result: the one
-    place every caller (the CLI through :func:`solve`, the tuning objectives, the benchmarks)
-    registers a pair.
+def run_solver_pairs(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
+                     device: torch.device | None = None, **grids) -> list[Solved | DivergenceError]:
+    """Run ``solver.register_pair`` on a batch of B pairs at once, time it, and judge each
+    pair's result on its own (:func:`hybridreg.solvers.divergence`): the one place every caller
+    registers pairs (through :func:`run_solver`, :func:`solve` and :func:`solve_pairs`).
 
     Args:
         fixed, moving: ``(B, C, *spatial)`` images, intensities about [0, 1].
@@ -301,9 +308,9 @@ def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.T
         grids: ``moving_map``, ``moving_spacing``, ``fixed_mask``, ``moving_mask`` for a moving
             image on its own grid and masks (:meth:`hybridreg.solvers.Solver.register_pair`).
 
-    Raises:
-        DivergenceError: the solver diverged or collapsed (:func:`hybridreg.solvers.divergence`);
-            the message names the likely cause.
+    Returns:
+        Per pair, its :class:`Solved` (:meth:`RegistrationResult.pair`), or the
+        :class:`DivergenceError` naming why it is not a registration.
     """
     dev = torch.device(device) if device is not None else fixed.device
     if dev.type == "cuda":
@@ -311,28 +318,86 @@ def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.T
     t0 = time.perf_counter()
     result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev, **grids)
     seconds = time.perf_counter() - t0
-    why = divergence(result)
-    if why:
-        raise DivergenceError(f"--solver {solver.name} diverged: {why}")
-    return Solved(result, seconds, _peak_memory_mb(dev), dev, config)
+    peak, n = _peak_memory_mb(dev), result.batch_size
+    out: list[Solved | DivergenceError] = []
+    for b in range(n):
+        pair = result.pair(b)
+        why = divergence(pair)
+        out.append(DivergenceError(f"--solver {solver.name} diverged: {why}") if why
+                   else Solved(pair, seconds / n, peak, dev, config, n))
+    return out
+
+
+def run_solver(solver: Solver, config: Any, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
+               device: torch.device | None = None, **grids) -> Solved:
+    """:func:`run_solver_pairs` for one pair (``(1, C, *spatial)`` images): its result, or
+    the error.
+
+    Raises:
+        DivergenceError: the solver diverged or collapsed (:func:`hybridreg.solvers.divergence`);
+            the message names the likely cause.
+        ValueError: more than one pair.
+    """
+    if fixed.shape[0] != 1:
+        raise ValueError(f"run_solver(): one pair, got a batch of {fixed.shape[0]}: call run_solver_pairs")
+    (solved,) = run_solver_pairs(solver, config, fixed, moving, spacing, device, **grids)
+    if isinstance(solved, DivergenceError):
+        raise solved
+    return solved
 
 
 def _tensor(arr: np.ndarray | None) -> torch.Tensor | None:
     return None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
 
 
-def solve(inputs: Inputs, solver: Solver, config: Any, device: torch.device, pre: Prealigned | None = None) -> Solved:
-    """Normalise both images (:func:`hybridreg.io.normalize_intensity`) and :func:`run_solver`
-    on ``device`` with the fixed grid's spacing (array order, mm); with ``pre``, MOVING stays on
-    its own grid and is sampled through ``pre.voxel_map``; masks restrict the image match."""
+def batch_key(inputs: Inputs, pre: Prealigned | None = None) -> tuple:
+    """What pairs solved in one batch (:func:`solve_pairs`) must share: the fixed and moving
+    grids' shapes and spacings, whether MOVING is sampled through an affine map, which masks
+    are given."""
+    moving_geo = inputs.moving_geometry or inputs.geometry
+    return (inputs.fixed.shape, tuple(np.round(inputs.geometry.array_spacing, 6)),
+            inputs.moving.shape, tuple(np.round(moving_geo.array_spacing, 6)),
+            pre is not None and pre.voxel_map is not None, inputs.fixed_mask is not None, inputs.moving_mask is not None)
+
+
+def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: torch.device,
+                pre: Sequence[Prealigned | None] | None = None) -> list[Solved | DivergenceError]:
+    """Normalise each pair's images (:func:`hybridreg.io.normalize_intensity`) and solve them
+    together (:func:`run_solver_pairs`) on ``device`` with the fixed grid's spacing (array
+    order, mm); with ``pre``, each MOVING stays on its own grid and is sampled through its
+    ``voxel_map``; masks restrict the image match.
+
+    Raises:
+        ValueError: pairs that cannot share a batch (:func:`batch_key` differs).
+    """
+    pre = list(pre) if pre is not None else [None] * len(inputs)
+    keys = {batch_key(i, p) for i, p in zip(inputs, pre)}
+    if len(keys) != 1:
+        raise ValueError(f"solve_pairs(): the pairs of a batch must share their grids, affine mapping and masks,"
+                         f" got {len(keys)} kinds")
+    cat = lambda arrays: torch.cat([_tensor(a) for a in arrays])  # noqa: E731
     grids = {}
-    if pre is not None and pre.voxel_map is not None:
-        grids = dict(moving_map=torch.from_numpy(pre.voxel_map)[None], moving_spacing=inputs.moving_geometry.array_spacing)
+    if pre[0] is not None and pre[0].voxel_map is not None:
+        grids = dict(moving_map=torch.stack([torch.from_numpy(p.voxel_map) for p in pre]),
+                     moving_spacing=inputs[0].moving_geometry.array_spacing)
     for key in ("fixed_mask", "moving_mask"):
-        if getattr(inputs, key) is not None:
-            grids[key] = _tensor(getattr(inputs, key))
-    return run_solver(solver, config, _tensor(normalize_intensity(inputs.fixed)), _tensor(normalize_intensity(inputs.moving)),
-                      inputs.geometry.array_spacing, device, **grids)
+        if getattr(inputs[0], key) is not None:
+            grids[key] = cat([getattr(i, key) for i in inputs])
+    return run_solver_pairs(solver, config, cat([normalize_intensity(i.fixed) for i in inputs]),
+                            cat([normalize_intensity(i.moving) for i in inputs]), inputs[0].geometry.array_spacing,
+                            device, **grids)
+
+
+def solve(inputs: Inputs, solver: Solver, config: Any, device: torch.device, pre: Prealigned | None = None) -> Solved:
+    """:func:`solve_pairs` for one pair.
+
+    Raises:
+        DivergenceError: the solver diverged or collapsed.
+    """
+    (solved,) = solve_pairs([inputs], solver, config, device, [pre])
+    if isinstance(solved, DivergenceError):
+        raise solved
+    return solved
 
 
 def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | None = None, *,
@@ -353,6 +418,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "jacobian_method": "central differences (torch.gradient), whole image grid",
         "lambda": {"mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},
         "seconds": {"registration": solved.seconds},
+        "batch_size": solved.batch_size,
         "peak_memory_mb": solved.peak_memory_mb,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
         "levels": [
@@ -497,6 +563,59 @@ def align_solve_measure(inputs: Inputs, solver: Solver, config: Any, device: tor
     return pre, solved, measure(inputs, solved, solver.name, pre, with_hd95=with_hd95)
 
 
+@dataclass
+class Prepared:
+    """A pair ready for the solver: its output folder ``out`` and files ``names`` (checked),
+    its :class:`Inputs`, the affine stage's :class:`Prealigned`, and ``reading_seconds``."""
+
+    out: Path
+    names: tuple[str, ...]
+    inputs: Inputs
+    pre: Prealigned
+    reading_seconds: float
+
+
+def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str | os.PathLike, *,
+                 fixed_labels: str | os.PathLike | None = None, moving_labels: str | os.PathLike | None = None,
+                 fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None,
+                 eval_labels: LabelPolicy = "auto", outputs: str = "all", overwrite: bool = False,
+                 affine: str = "affine", init: str = "geometry", affine_metric: str = "ncc",
+                 config: str | os.PathLike | None = None, weights: str | None = None) -> Prepared:
+    """The stages of :func:`register_files` before the solver: :func:`check_outputs` (``config``
+    and ``weights`` only to keep them from being overwritten), :func:`read_inputs`,
+    :func:`prealign`.
+
+    Raises:
+        as :func:`register_files` (nothing is written).
+    """
+    names = output_names(outputs)
+    given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
+             "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--config": config, "--weights": weights}
+    check_outputs(out, given, overwrite=overwrite, names=names)
+    t_read = time.perf_counter()
+    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    t_read = time.perf_counter() - t_read
+    # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
+    check_outputs(out, given, overwrite=overwrite, names=names,
+                  needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
+    return Prepared(Path(out), names, inputs, prealign(inputs, affine, init, affine_metric), t_read)
+
+
+def finish_pair(prepared: Prepared, solved: Solved, solver_name: str, *, with_hd95: bool = True) -> dict:
+    """The stages of :func:`register_files` after the solver: :func:`measure`, then
+    :func:`write_outputs`. ``seconds.total`` is the sum of the pair's stages (reading, affine,
+    registration, metrics, writing).
+
+    Returns:
+        The metrics dictionary written to ``metrics.json``.
+    """
+    metrics = measure(prepared.inputs, solved, solver_name, prepared.pre, with_hd95=with_hd95)
+    metrics["seconds"]["reading"] = prepared.reading_seconds
+    metrics["seconds"]["total"] = sum(metrics["seconds"].values())
+    write_outputs(prepared.out, prepared.inputs, solved, metrics, prepared.pre, prepared.names)
+    return metrics
+
+
 def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str | os.PathLike, *,
                    fixed_labels: str | os.PathLike | None = None, moving_labels: str | os.PathLike | None = None,
                    config: str | os.PathLike | None = None, device: str | None = None, solver: str = "instance",
@@ -511,7 +630,8 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
     ``affine_metric`` = ``ncc`` or ``mi``), then the deformable solver on FIXED's grid with
     MOVING sampled on its own grid through the affine; masks restrict the image match in both.
     ``overrides``: ``KEY=VALUE`` settings applied to the solver's config (``--set``);
-    ``outputs``: which files (:data:`OUTPUT_SETS`).
+    ``outputs``: which files (:data:`OUTPUT_SETS`). The stages: :func:`prepare_pair`,
+    :func:`solve`, :func:`finish_pair`.
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -521,23 +641,13 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
         image's grid, labels with nothing in common, invalid configs, unknown solver or
         device, a failed affine stage, an ``out`` that would lose an input or (without
         ``overwrite``) an earlier result. Nothing is written then.
+        DivergenceError: the solver diverged (nothing is written).
     """
-    t0 = time.perf_counter()
     solver_obj, cfg = solver_and_config(solver, config, weights, progress, overrides)
     dev = device_of(device)
-    names = output_names(outputs)
-    given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
-             "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--config": config, "--weights": weights}
-    check_outputs(out, given, overwrite=overwrite, names=names)
-    t_read = time.perf_counter()
-    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
-    t_read = time.perf_counter() - t_read
-    # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
-    check_outputs(out, given, overwrite=overwrite, names=names,
-                  needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
-    pre, solved, metrics = align_solve_measure(inputs, solver_obj, cfg, dev, affine=affine, init=init,
-                                               affine_metric=affine_metric, with_hd95=hd95_metric)
-    metrics["seconds"]["reading"] = t_read
-    metrics["seconds"]["total"] = time.perf_counter() - t0
-    write_outputs(out, inputs, solved, metrics, pre, names)
-    return metrics
+    prepared = prepare_pair(fixed, moving, out, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                            fixed_mask=fixed_mask, moving_mask=moving_mask, eval_labels=eval_labels, outputs=outputs,
+                            overwrite=overwrite, affine=affine, init=init, affine_metric=affine_metric, config=config,
+                            weights=weights)
+    return finish_pair(prepared, solve(prepared.inputs, solver_obj, cfg, dev, prepared.pre), solver_obj.name,
+                       with_hd95=hd95_metric)

@@ -2,7 +2,8 @@
 
 Every function takes ``(B, C, *spatial)`` images on the same grid and a ``reduction``:
 ``"none"`` returns the per-voxel map ``(B, 1, *spatial)`` (so a λ map or mask can weight
-it), ``"mean"`` its mean over voxels and batch (a scalar tensor).
+it), ``"mean"`` its mean over voxels and batch (a scalar tensor), ``"batch"`` each pair's
+mean over its voxels (``(B,)``: batched instance optimization, one energy per pair).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ __all__ = ["box_mean", "lncc", "mse", "reduce_map"]
 
 
 def reduce_map(value: torch.Tensor, reduction: str, *, fn: str) -> torch.Tensor:
-    """Apply ``reduction`` (``"none"``, ``"mean"`` or ``"sum"``) to a per-voxel map."""
+    """Apply ``reduction`` to a ``(B, ...)`` per-voxel map: ``"none"`` (the map), ``"mean"``
+    or ``"sum"`` (a scalar over the whole batch), ``"batch"`` (``(B,)``: each pair's mean)."""
     if reduction == "none":
         return value
     if reduction == "mean":
         return value.mean()
     if reduction == "sum":
         return value.sum()
-    raise ValueError(f"{fn}(): `reduction` must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if reduction == "batch":
+        return value.flatten(1).mean(1)
+    raise ValueError(f"{fn}(): `reduction` must be 'none', 'mean', 'sum' or 'batch', got {reduction!r}")
 
 
 def _check_pair(fixed: torch.Tensor, warped: torch.Tensor, fn: str) -> None:

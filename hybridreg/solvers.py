@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -26,7 +26,7 @@ import torch
 
 from .objective import ObjectiveConfig
 
-__all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "Solver", "available_solvers",
+__all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
            "get_solver", "check_images"]
 
 ENTRY_POINT_GROUP = "hybridreg.solvers"
@@ -90,6 +90,10 @@ class RegistrationResult:
             the result, evaluated on the image grid.
         svf_steps: the scaling-and-squaring steps that integrated ``velocity`` (for the
             inverse, :meth:`inverse_displacement`).
+        pair_histories, pair_final_terms: for a batch whose pairs were optimised each on its
+            own (batched instance optimization), each pair's history and final terms;
+            ``history`` and ``final_terms`` are then the batch's (terms averaged over the
+            pairs, status ``DIVERGED`` if any pair diverged). ``None`` otherwise.
     """
 
     displacement: torch.Tensor
@@ -101,6 +105,30 @@ class RegistrationResult:
     config: Any
     final_terms: dict[str, float]
     svf_steps: int = field(default_factory=lambda: ObjectiveConfig().svf_steps)
+    pair_histories: list[list[LevelHistory]] | None = None
+    pair_final_terms: list[dict[str, float]] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.displacement.shape[0])
+
+    def pair(self, i: int) -> "RegistrationResult":
+        """Pair ``i`` of the batch as a one-pair result (tensors ``(1, ...)``, its own history
+        and final terms when the solver kept them; ``seconds`` stays the whole batch's).
+
+        Raises:
+            IndexError: ``i`` outside ``[0, batch_size)``.
+        """
+        if not 0 <= i < self.batch_size:
+            raise IndexError(f"RegistrationResult.pair(): pair {i} of a batch of {self.batch_size}")
+        if self.batch_size == 1:
+            return self
+        sl = slice(i, i + 1)
+        return replace(self, displacement=self.displacement[sl], velocity=self.velocity[sl], lam=self.lam[sl],
+                       warped=self.warped[sl],
+                       history=self.pair_histories[i] if self.pair_histories else self.history,
+                       final_terms=self.pair_final_terms[i] if self.pair_final_terms else self.final_terms,
+                       pair_histories=None, pair_final_terms=None)
 
     @property
     def status(self) -> Status:
@@ -128,6 +156,16 @@ class RegistrationResult:
         if all(n == 1 for n in lam.shape[2:]):
             return lam.expand(lam.shape[0], 1, *spatial).clone()
         return resize_image(lam, spatial)
+
+
+def final_terms_of(terms: Any) -> tuple[dict[str, float], list[dict[str, float]] | None]:
+    """``(final_terms, pair_final_terms)`` of a :class:`RegistrationResult` from per-pair energy
+    terms (an :class:`hybridreg.objective.EnergyTerms` of ``(B,)`` tensors, ``evaluate(...,
+    per_pair=True)``): the mean over the pairs, and each pair's (``None`` for one pair)."""
+    values = {k: t.detach().reshape(-1).tolist() for k, t in terms._asdict().items()}
+    n = len(values["total"])
+    mean = {k: sum(v) / n for k, v in values.items()}
+    return mean, ([{k: v[b] for k, v in values.items()} for b in range(n)] if n > 1 else None)
 
 
 @runtime_checkable

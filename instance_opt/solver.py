@@ -21,7 +21,7 @@ from hybridreg.config import bounded, check_bounds
 from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate
 from hybridreg.priors import lambda_from_param, param_from_lambda
 from hybridreg.regularization import check_spacing
-from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images
+from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
 from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, resize_image
 
 from .minimize import RelativeChangeStopping, minimize
@@ -155,10 +155,19 @@ def register_pair(
         fixed_mask, moving_mask: optional ``(B, 1, *grid)`` masks on each image's grid that
             restrict the image match (:func:`hybridreg.objective.evaluate`).
 
+    A batch of B > 1 pairs is B independent registrations in one optimization (batched
+    instance optimization, ``hybridreg batch --batch-size``): the energy minimised is the sum
+    of the pairs' energies (:func:`hybridreg.objective.evaluate` with ``per_pair``), so Adam,
+    elementwise, takes each pair's own steps, and each pair stops on its own
+    (:func:`instance_opt.minimize.minimize`); the pairs' results equal one-pair runs' up to
+    floating-point order. The pairs share the grids: same image shapes and spacing.
+
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
         velocity and λ on the finest control grid, warped image, one history entry per
-        level (coarse to fine), seconds, final energy terms on the image grid.
+        level (coarse to fine), seconds, final energy terms on the image grid (for B > 1
+        the batch's, with each pair's in ``pair_histories`` / ``pair_final_terms``:
+        :meth:`~hybridreg.solvers.RegistrationResult.pair`).
 
     Raises:
         TypeError, ValueError: malformed images (shape, NaN/Inf), spacing or inits.
@@ -198,6 +207,7 @@ def register_pair(
 
     stopping = RelativeChangeStopping(cfg.tol, cfg.window, cfg.min_iterations)
     history: list[LevelHistory] = []
+    pair_histories: list[list[LevelHistory]] = [[] for _ in range(B)] if B > 1 else []
     t_start = time.perf_counter()
     names = EnergyTerms._fields
     n_levels = len(cfg.level_spacing)
@@ -228,9 +238,23 @@ def register_pair(
         frac = cfg.lr_final_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - frac) * i / max(n_iter - 1, 1))
 
+        running: dict = {"index": None, "inputs": (f_l, m_l, grids), "last": None}  # which pairs of a batch still run
+
         def closure() -> EnergyTerms:
+            idx, (f_r, m_r, g_r) = running["index"], running["inputs"]
             lam = lam_of(th)
-            return evaluate(f_l, m_l, smooth(v), lam, obj, level_h, **grids).terms
+            if idx is None:
+                terms = evaluate(f_r, m_r, smooth(v), lam, obj, level_h, per_pair=True, **g_r).terms
+            else:  # the stopped pairs are not evaluated: their terms stay at their last values
+                part = evaluate(f_r, m_r, smooth(v[idx]), lam[idx], obj, level_h, per_pair=True, **g_r).terms
+                terms = EnergyTerms(*(last.index_put((idx,), t) for last, t in zip(running["last"], part)))
+            running["last"] = [t.detach() for t in terms]
+            return terms
+
+        def on_stop(stopped: list[int]) -> None:
+            idx = torch.tensor([b for b in range(B) if b not in set(stopped)], device=dev)
+            running["index"] = idx
+            running["inputs"] = (f_l[idx], m_l[idx], {k: None if t is None else t[idx] for k, t in grids.items()})
 
         def report(it: int) -> None:
             callback(level, it, smooth(v), lam_of(th))
@@ -238,14 +262,18 @@ def register_pair(
         desc = f"level {level + 1}/{n_levels} {'x'.join(map(str, shape))}"
         with tqdm(total=n_iter, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True) as bar:
             run = minimize(closure, opt, sched, stopping, n_iter, window=cfg.window,
-                           callback=report if callback is not None else None, progress_bar=bar)
-        history.append(LevelHistory(spacing=level_h, shape=shape, control_shape=control,
-                                    terms={k: run.terms.get(k, []) for k in names}, iterations=run.iterations,
-                                    status=run.status, seconds=run.seconds))
+                           callback=report if callback is not None else None, progress_bar=bar, on_stop=on_stop)
+        level_of = lambda terms, iterations, status: LevelHistory(  # noqa: E731
+            spacing=level_h, shape=shape, control_shape=control, terms={k: terms.get(k, []) for k in names},
+            iterations=iterations, status=status, seconds=run.seconds)
+        history.append(level_of(run.terms, run.iterations, run.status))
+        for b, pair in enumerate(pair_histories):
+            if not (pair and pair[-1].status == Status.DIVERGED):  # a pair's history ends where it diverged
+                pair.append(level_of(run.pair_terms[b], run.pair_iterations[b], run.pair_status[b]))
         velocity = smooth(v).detach()
         if th is not None:
             theta = th.detach()
-        if run.status == Status.DIVERGED:
+        if all(s == Status.DIVERGED for s in run.pair_status):
             break  # the finer levels would start from NaN; the result reports the divergence
 
     with torch.no_grad():
@@ -253,10 +281,11 @@ def register_pair(
         if velocity is None:  # no levels ran: identity
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
-                      moving_mask=moving_mask)
+                      moving_mask=moving_mask, per_pair=True)
+    final, pair_final = final_terms_of(ev.terms)
     return RegistrationResult(displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped, history=history,
-                              seconds=time.perf_counter() - t_start, config=cfg,
-                              final_terms={k: float(getattr(ev.terms, k)) for k in names}, svf_steps=obj.svf_steps)
+                              seconds=time.perf_counter() - t_start, config=cfg, final_terms=final, svf_steps=obj.svf_steps,
+                              pair_histories=pair_histories or None, pair_final_terms=pair_final)
 
 
 class InstanceSolver:

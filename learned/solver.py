@@ -27,7 +27,7 @@ import torch
 
 from hybridreg.objective import evaluate
 from hybridreg.regularization import check_spacing
-from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images
+from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
 from hybridreg.spatial import resize_image, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
@@ -179,11 +179,11 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
                              seconds=time.perf_counter() - t0)
     if not cfg.refine or not finite:
         with torch.no_grad():
-            ev = evaluate(fixed, moving, velocity, lam, objective, h, **grids)
+            ev = evaluate(fixed, moving, velocity, lam, objective, h, per_pair=True, **grids)
+        final, pair_final = final_terms_of(ev.terms)
         return RegistrationResult(displacement=ev.displacement, velocity=velocity, lam=lam, warped=ev.warped,
                                   history=[net_level], seconds=time.perf_counter() - t0, config=cfg,
-                                  final_terms={k: float(v) for k, v in ev.terms._asdict().items()},
-                                  svf_steps=objective.svf_steps)
+                                  final_terms=final, svf_steps=objective.svf_steps, pair_final_terms=pair_final)
     rcfg = cfg.refine_config
     if cfg.refine_objective_from_weights:
         rcfg = replace(rcfg, objective=objective)
@@ -191,7 +191,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
             rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)
     res = instance_register_pair(fixed, moving, replace(rcfg, progress=cfg.progress), spacing=h, device=dev,
                                  init_velocity=velocity, init_lambda=lam, moving_spacing=moving_spacing, **grids)
-    res.history.insert(0, net_level)
+    for history in [res.history, *(res.pair_histories or [])]:
+        history.insert(0, net_level)  # the network pass is the batch's, shared by its pairs
     res.seconds += net_level.seconds
     res.config = cfg
     return res

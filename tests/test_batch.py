@@ -150,23 +150,50 @@ def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp
 
     manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "synthseg_16"), _pair("synthseg_16", "vxm")],
                     "three.csv")
-    out, calls, real = tmp_path / "run", [], batch.register_files
+    out, calls, real = tmp_path / "run", [], batch.finish_pair
 
-    def interrupted(fixed, moving, folder, **kw):
-        calls.append(Path(folder).name)
+    def interrupted(prepared, *a, **kw):
+        calls.append(prepared.out.name)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # killed while the second pair runs
-        return real(fixed, moving, folder, **kw)
+            raise KeyboardInterrupt  # killed while the second pair's results are measured
+        return real(prepared, *a, **kw)
 
-    monkeypatch.setattr(batch, "register_files", interrupted)
+    monkeypatch.setattr(batch, "finish_pair", interrupted)
     assert main(_batch(manifest, out)) == 130
     assert [p.name for p in (out / "pairs").iterdir()] == ["vxm__synthseg_12"]
     assert not list(out.glob("pairs/.*partial*"))
     calls.clear()
-    monkeypatch.setattr(batch, "register_files", lambda *a, **kw: (calls.append(Path(a[2]).name), real(*a, **kw))[1])
+    monkeypatch.setattr(batch, "finish_pair", lambda *a, **kw: (calls.append(a[0].out.name), real(*a, **kw))[1])
     assert main(_batch(manifest, out)) == 0
     assert calls == ["synthseg_12__synthseg_16", "synthseg_16__vxm"]  # the finished pair is not redone
     assert [r["status"] for r in _table(out)] == ["done"] * 3
+
+
+@pytest.mark.slow
+def test_batch_size_solves_pairs_together_with_one_at_a_time_results(layout, tmp_path):
+    """``--batch-size 2``: pairs sharing their grids are solved in one optimization, the others
+    apart; a pair that cannot be read fails alone; the per-pair metrics equal a one-at-a-time run's
+    (float32 summation order only); resuming with another batch size is not refused."""
+    small = layout / "imagesTr" / "vxm_small.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(layout / "imagesTr" / "vxm.nii.gz"))[2:38, 4:44, 2:38], str(small))
+    rows = [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "broken", labels=False),
+            _pair("synthseg_16", "vxm_small", labels=False), _pair("synthseg_12", "synthseg_16"), _pair("synthseg_16", "vxm")]
+    manifest = _csv(layout, rows, "grouped.csv")
+    assert main(_batch(manifest, tmp_path / "one")) == 3
+    assert main(_batch(manifest, tmp_path / "two", "--batch-size", "2")) == 3
+    one, two = _table(tmp_path / "one"), _table(tmp_path / "two")
+    assert [r["status"] for r in two] == ["done", "failed", "done", "done", "done"]
+    sizes = {r["id"]: json.loads((tmp_path / "two" / "pairs" / r["id"] / "metrics.json").read_text())["batch_size"]
+             for r in two if r["status"] == "done"}
+    # vxm<-s12 and s12<-s16 share a group, s16<-vxm_small (another moving grid) is alone, s16<-vxm the last, alone
+    assert sizes == {"vxm__synthseg_12": 2, "synthseg_16__vxm_small": 1, "synthseg_12__synthseg_16": 2, "synthseg_16__vxm": 1}
+    for ra, rb in zip(one, two):
+        if ra["status"] == "done":
+            for key in ("dice", "sdlogj", "folding_percent"):
+                assert ra[key] != "" or key == "dice"  # the unlabelled pair has no Dice
+                assert ra[key] == rb[key] == "" or float(ra[key]) == pytest.approx(float(rb[key]), abs=2e-3), (ra["id"], key)
+    assert main(_batch(manifest, tmp_path / "two", "--batch-size", "3")) == 3  # resumes: the broken pair fails again
+    assert main(_batch(manifest, tmp_path / "three", "--batch-size", "0")) == 2
 
 
 def _free_port() -> int:

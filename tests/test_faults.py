@@ -234,8 +234,10 @@ def test_signals_exit_130_143_and_leave_nothing(files, tmp_path, sig, code):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("the user's file")
+    # a test run started in the background by a shell ignores SIGINT, and its children inherit that: restore it
     proc = subprocess.Popen([sys.executable, "-m", "hybridreg", "register", str(files["fixed"]), str(files["moving"]),
-                             "--out", str(out), "--config", str(cfg), "--no-progress"], stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--config", str(cfg), "--no-progress"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(12)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

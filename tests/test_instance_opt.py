@@ -11,7 +11,7 @@ from hybridreg.config import from_dict
 from hybridreg.metrics import dice, jacobian_stats
 from hybridreg.objective import ObjectiveConfig, evaluate
 from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver
-from hybridreg.spatial import warp
+from hybridreg.spatial import gaussian_smooth, warp
 from instance_opt import SOLVER, InstanceOptConfig, RelativeChangeStopping, minimize, register_pair
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -153,6 +153,63 @@ def test_minimize_stops_at_the_iteration_budget():
     assert opt.param_groups[0]["lr"] == 0.25 * 0.5**7  # the scheduler stepped after every iteration
     r = minimize(closure, opt, None, RelativeChangeStopping(), 0, window=5, callback=calls.append)
     assert (r.status, r.iterations, r.terms, calls) == (Status.MAX_ITERATIONS, 0, {}, [5, 7])
+
+
+def test_minimize_stops_each_pair_of_a_batch_on_its_own():
+    """Two independent quadratics in one batch: each pair takes the steps it takes alone, stops at
+    its own window (its parameters held from then on), and a pair whose energy overflows is
+    reported DIVERGED while the other goes on."""
+    rule = RelativeChangeStopping(tol=1e-3, window=5, min_iterations=10)
+
+    stops = []
+
+    def run(x0, rate):
+        x = torch.tensor(x0, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=0.25)
+        closure = lambda: _Terms(rate * (x - 1) ** 2 + 2.0, torch.full_like(x, 2.0))  # noqa: E731
+        return minimize(closure, opt, None, rule, 100, window=5, on_stop=stops.append), x.detach()
+
+    (a, xa), (b, xb) = run([3.0], torch.tensor([1.0])), run([3.0], torch.tensor([0.25]))
+    assert stops == []  # one pair: the run ends when it stops
+    both, x = run([3.0, 3.0], torch.tensor([1.0, 0.25]))
+    assert stops == [[0]]  # told once, when pair 0 stopped and pair 1 went on
+    assert both.pair_iterations == [a.iterations, b.iterations] and a.iterations < b.iterations == both.iterations
+    assert both.pair_status == [Status.CONVERGED, Status.CONVERGED] and both.status is Status.CONVERGED
+    assert both.pair_terms[0]["total"] == pytest.approx(a.terms["total"]) and len(both.pair_terms[0]["total"]) == a.iterations
+    assert both.pair_terms[1]["total"] == pytest.approx(b.terms["total"])
+    assert float(x[0]) == float(xa[0]) and float(x[1]) == float(xb[0])  # pair 0 held where it stopped
+    assert both.terms["total"][0] == pytest.approx((a.terms["total"][0] + b.terms["total"][0]) / 2)
+
+    y = torch.tensor([3.0, 3.0], requires_grad=True)
+    opt = torch.optim.SGD([y], lr=0.25)
+    blow = lambda: _Terms(torch.stack([(y[0] - 1) ** 2, torch.exp(50 * y[1] ** 2)]), y.detach())  # noqa: E731
+    r = minimize(blow, opt, None, rule, 100, window=5)
+    assert r.pair_status == [Status.CONVERGED, Status.DIVERGED] and r.status is Status.DIVERGED
+    assert r.pair_iterations[1] == 5 and r.pair_iterations[0] > 5 and float(y[0].detach()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_batched_instance_optimization_equals_one_pair_at_a_time():
+    """B pairs in one optimization (the energy a sum over pairs): in float64 each pair's result,
+    stopping iteration and final terms equal its one-pair run's (float32 differs by summation order only)."""
+    torch.manual_seed(1)
+    f = gaussian_smooth(torch.rand(3, 1, 40, 36, dtype=torch.float64), 2.0)
+    f = (f - f.amin((2, 3), keepdim=True)) / (f.amax((2, 3), keepdim=True) - f.amin((2, 3), keepdim=True))
+    shift = torch.zeros(3, 2, 40, 36, dtype=torch.float64)
+    shift[:, 0], shift[:, 1] = torch.tensor([0.0, -1.0, 2.5])[:, None, None], torch.tensor([0.0, 2.0, -1.5])[:, None, None]
+    m = warp(f, shift)
+    cfg = InstanceOptConfig(level_spacing=(2.0, 1.0), iterations=(40, 60), tol=1e-2, min_iterations=10, progress=False)
+    batch = register_pair(f, m, cfg, spacing=(1.0, 1.2))
+    assert batch.pair_histories is not None and len(batch.pair_final_terms) == 3
+    assert len({h[-1].iterations for h in batch.pair_histories}) > 1  # the pairs stopped apart
+    for b in range(3):
+        one, mine = register_pair(f[b:b + 1], m[b:b + 1], cfg, spacing=(1.0, 1.2)), batch.pair(b)
+        assert [h.iterations for h in mine.history] == [h.iterations for h in one.history]
+        assert [h.status for h in mine.history] == [h.status for h in one.history]
+        assert torch.allclose(mine.displacement, one.displacement, atol=1e-9)
+        assert mine.final_terms == pytest.approx(one.final_terms, rel=1e-9)
+    assert batch.pair(0).displacement.shape == (1, 2, 40, 36)
+    with pytest.raises(IndexError, match="pair 3 of a batch of 3"):
+        batch.pair(3)
 
 
 def test_solver_entry_points():

@@ -277,3 +277,29 @@ def test_paint_regions():
         paint_regions(labels.float(), {2: 0.2})
     with pytest.raises(ValueError, match="values"):
         paint_regions(labels, {2: -1.0})
+
+
+@pytest.mark.parametrize("smoothness", ["none", "grid", "nonlocal"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_pair_terms_are_each_pair_evaluated_alone(smoothness, masked):
+    """``evaluate(per_pair=True)``: each term is (B,), pair b's energy exactly as evaluated alone
+    (masks, voxelwise λ, hyperprior and λ smoothness included); unmasked, their mean is the batch's term."""
+    torch.manual_seed(3)
+    B, shape = 3, (10, 12, 9)
+    f, m = torch.rand(B, 1, *shape, dtype=torch.float64), torch.rand(B, 1, *shape, dtype=torch.float64)
+    v = 0.5 * torch.randn(B, 3, 5, 6, 5, dtype=torch.float64)
+    lam = 0.2 + torch.rand(B, 1, 5, 6, 5, dtype=torch.float64)
+    masks = dict(fixed_mask=(torch.rand(B, 1, *shape) > 0.3).double(), moving_mask=(torch.rand(B, 1, *shape) > 0.2).double()) \
+        if masked else {}
+    cfg = ObjectiveConfig(lambda_smoothness=smoothness, w_smooth=0.5, hyper_strength=0.3)
+    batch = evaluate(f, m, v, lam, cfg, (1.0, 1.5, 2.0), per_pair=True, **masks).terms
+    assert all(t.shape == (B,) for t in batch)
+    for b in range(B):
+        one = evaluate(f[b:b + 1], m[b:b + 1], v[b:b + 1], lam[b:b + 1], cfg, (1.0, 1.5, 2.0),
+                       **{k: t[b:b + 1] for k, t in masks.items()}).terms
+        for name, t in zip(one._fields, one):
+            assert float(getattr(batch, name)[b]) == pytest.approx(float(t), rel=1e-10, abs=1e-12), name
+    if not masked:
+        whole = evaluate(f, m, v, lam, cfg, (1.0, 1.5, 2.0)).terms
+        for name, t in zip(whole._fields, whole):
+            assert float(getattr(batch, name).mean()) == pytest.approx(float(t), rel=1e-10, abs=1e-12), name
