@@ -133,6 +133,8 @@ class FilePair:
         fixed_image, moving_image, fixed_labels, moving_labels: file paths.
         labels: label IDs to score (empty: those both maps share, ``auto`` policy).
         label_names: ``{id: name}`` (for the report).
+        fixed_landmarks, moving_landmarks: corresponding landmark files
+            (:func:`hybridreg.io.read_landmarks`), scored by TRE, or ``None``.
     """
 
     name: str
@@ -143,6 +145,8 @@ class FilePair:
     moving_labels: Path
     labels: tuple[int, ...]
     label_names: dict[int, str] = field(default_factory=dict, compare=False)
+    fixed_landmarks: Path | None = None
+    moving_landmarks: Path | None = None
 
     prealigned: ClassVar[bool] = False
 
@@ -237,7 +241,8 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     from hybridreg.solvers import get_solver
 
     inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels,
-                                 list(pair.labels) or "auto")
+                                 list(pair.labels) or "auto", fixed_landmarks=pair.fixed_landmarks,
+                                 moving_landmarks=pair.moving_landmarks)
     pre, solved, metrics = service.align_solve_measure(inputs, get_solver(solver), config, torch.device("cpu"))
     res = solved.result
     seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)

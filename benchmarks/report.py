@@ -51,6 +51,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     "hd95_mean": statistics.mean(r["hd95_mean"] for r in rs),
                     "folding_max": max(r["folding_percent"] for r in rs),
                     "ndv_max": max(r["ndv_percent"] for r in rs) if all("ndv_percent" in r for r in rs) else None,
+                    "tre_mean": statistics.mean(r["tre_mm"] for r in rs) if all("tre_mm" in r for r in rs) else None,
                     "sdlogj_mean": statistics.mean(r["sdlogj"] for r in rs),
                     "seconds_median": statistics.median(r["seconds"] for r in rs),
                     "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
@@ -368,6 +369,10 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         ndv = f"{s['ndv_max']:.4f}" if s["ndv_max"] is not None else "–"
         lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
                      f"{s['folding_max']:.4f} | {ndv} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
+    if any(s["tre_mean"] is not None for s in summ):
+        lines += ["", "Target registration error of the landmark files (mm; mean over pairs of the mean over landmarks):", "",
+                  "| method | TRE mm |", "|---|---|"]
+        lines += [f"| {s['label']} | {s['tre_mean']:.2f} |" for s in summ if s["tre_mean"] is not None]
     lines += ["", "Per pair (mean Dice / SDlogJ / seconds):", "",
               "| pair | " + " | ".join(METHODS[m].label for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for p in sorted({r["pair"] for r in rows}):

@@ -109,7 +109,9 @@ def _manifest_pairs(path: str, split: str | None) -> Callable[[], list[FilePair]
         for i, p in enumerate(read_pairs(path, split, arg="--dataset"), start=1):
             if p.fixed_labels is None or p.moving_labels is None:
                 raise ValueError(f"`--dataset` {path}: pair {i} ({p.id}) has no label maps; the suite scores Dice")
-            out.append(FilePair(p.id, "manifest", Path(p.fixed), Path(p.moving), Path(p.fixed_labels), Path(p.moving_labels), ()))
+            marks = {k: Path(getattr(p, k)) for k in ("fixed_landmarks", "moving_landmarks") if getattr(p, k)}
+            out.append(FilePair(p.id, "manifest", Path(p.fixed), Path(p.moving), Path(p.fixed_labels), Path(p.moving_labels), (),
+                                **marks))
         return out
 
     return pairs
@@ -202,12 +204,14 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     disp)`` (``disp``: ``(d, *shape)`` voxels of FIXED's grid; ``voxel_map``: ``(d, d + 1)``
     FIXED → MOVING voxel indices, ``None`` = physical identity), Dice on ``pair.labels`` (none
     given: the labels both maps share, ``auto`` policy);
-    "before" = through the physical identity (the scans as they lie)."""
+    "before" = through the physical identity (the scans as they lie); with landmark files,
+    ``tre_mm`` (:func:`hybridreg.metrics.tre_stages`, the affine rebuilt from ``voxel_map``)."""
     import SimpleITK as sitk
 
+    from hybridreg.affine import transform_of_voxel_map
     from hybridreg.affine import voxel_map as affine_voxel_map
-    from hybridreg.io import read_labels
-    from hybridreg.metrics import dice_through, score_registration, scored_labels
+    from hybridreg.io import read_image, read_labels, read_landmarks
+    from hybridreg.metrics import dice_through, score_registration, scored_labels, tre_stages
 
     fl, f_geo = read_labels(pair.fixed_labels, arg="fixed labels")
     ml, m_geo = read_labels(pair.moving_labels, arg="moving labels")
@@ -216,7 +220,14 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     vm = physical if voxel_map is None else voxel_map
     d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
     s = score_registration(fl, ml, d, labels, spacing=f_geo.array_spacing, with_hd95=True, voxel_map=torch.from_numpy(vm)[None])
-    return {"labels_scored": labels, "dice_before": dice_through(fl, ml, torch.from_numpy(physical)[None], labels),
+    tre = {}
+    if pair.fixed_landmarks is not None:
+        affine = transform_of_voxel_map(f_geo, m_geo, vm)
+        img_geo = read_image(pair.fixed_image, arg="FIXED")[1]
+        tre = {"tre_mm": tre_stages(read_landmarks(pair.fixed_landmarks, img_geo, arg="fixed landmarks"),
+                                    read_landmarks(pair.moving_landmarks, read_image(pair.moving_image, arg="MOVING")[1],
+                                                   arg="moving landmarks"), affine, np.asarray(disp, dtype=np.float64), f_geo)}
+    return {**tre, "labels_scored": labels, "dice_before": dice_through(fl, ml, torch.from_numpy(physical)[None], labels),
             "dice_after_affine": dice_through(fl, ml, torch.from_numpy(vm)[None], labels),
             "dice_after": {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}},
             "hd95_mm_after": {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}},
@@ -232,6 +243,8 @@ def file_pair_row(pair: FilePair, method: str, out: MethodOutput) -> dict:
            "dice_before": m["dice_before"]["mean"], "dice_affine": m["dice_after_affine"]["mean"],
            "hd95_mean": m["hd95_mm_after"]["mean"], "folding_percent": m["folding_percent"], "ndv_percent": m["ndv_percent"],
            "sdlogj": m["sdlogj"], "label_names": {str(k): v for k, v in pair.label_names.items()}}
+    if "tre_mm" in m:
+        row["tre_before_mm"], row["tre_mm"] = m["tre_mm"]["before"]["mean"], m["tre_mm"]["after"]["mean"]
     lam = m.get("lambda", {})
     if "mean_inside_fixed_labels" in lam:
         row["lambda_mean_brain"], row["lambda_std_brain"] = lam["mean_inside_fixed_labels"], lam["std_inside_fixed_labels"]

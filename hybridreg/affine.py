@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .config import atomic_output
 from .io import Geometry
 
-__all__ = ["AffineResult", "align", "voxel_map", "write_affine", "composite", "inverse_composite", "write_transform"]
+__all__ = ["AffineResult", "align", "voxel_map", "transform_of_voxel_map", "write_affine", "composite", "inverse_composite", "write_transform"]
 
 _KINDS, _INITS, _METRICS = ("none", "rigid", "affine"), ("geometry", "moments"), ("mi", "ncc")
 
@@ -109,6 +109,28 @@ def voxel_map(fixed_geo: Geometry, moving_geo: Geometry, transform: sitk.Transfo
     m_lin = m_inv @ lin @ f_to_phys
     m_off = m_inv @ (lin @ np.asarray(fixed_geo.origin) + b - np.asarray(moving_geo.origin))
     return np.concatenate([m_lin[::-1, ::-1], m_off[::-1, None]], axis=1)
+
+
+def transform_of_voxel_map(fixed_geo: Geometry, moving_geo: Geometry, matrix: np.ndarray) -> sitk.AffineTransform:
+    """The physical affine transform (FIXED → MOVING, LPS mm) whose :func:`voxel_map` is
+    ``matrix`` (``(d, d + 1)``, array axis order): the inverse of :func:`voxel_map`, for
+    methods that report a voxel map only (the benchmarks' peers).
+
+    Raises:
+        ValueError: ``matrix`` not ``(d, d + 1)`` for the grids' dimension.
+    """
+    d = fixed_geo.dim
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (d, d + 1) or moving_geo.dim != d:
+        raise ValueError(f"transform_of_voxel_map(): `matrix` must be {(d, d + 1)} for {d}D grids, got {m.shape}")
+    f_to_phys, m_to_phys = (np.asarray(g.direction).reshape(d, d) @ np.diag(g.spacing) for g in (fixed_geo, moving_geo))
+    m_lin, m_off = m[::-1, :d][:, ::-1], m[::-1, d]  # back to ITK axis order
+    lin = m_to_phys @ m_lin @ np.linalg.inv(f_to_phys)
+    offset = m_to_phys @ m_off + np.asarray(moving_geo.origin) - lin @ np.asarray(fixed_geo.origin)
+    tx = sitk.AffineTransform(d)
+    tx.SetMatrix(lin.ravel().tolist())
+    tx.SetTranslation(offset.tolist())
+    return tx
 
 
 def _check_mask(mask: sitk.Image | None, image: sitk.Image, name: str, image_name: str) -> sitk.Image | None:

@@ -2,7 +2,8 @@
 run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one table at the end.
 
 * :func:`read_pairs` -- the pairs of a manifest: a ``.csv`` with a header
-  ``fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,id]``, a ``.json`` list of
+  ``fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,fixed_landmarks,moving_landmarks,id]``
+  (landmarks: :func:`hybridreg.io.read_landmarks`, scored by TRE), a ``.json`` list of
   such objects, or a Learn2Reg / LUMIR ``dataset.json`` (its pair lists such as
   ``registration_val`` or ``validation`` hold ``{"fixed", "moving"}`` objects; labels and masks
   come from the entries of the same image in its other lists (``{"image", "label", "mask"}``) or
@@ -47,7 +48,8 @@ from .service import Prepared, batch_key, device_of, finish_pair, output_folder,
 
 __all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
 
-PAIR_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+PAIR_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "fixed_landmarks",
+             "moving_landmarks")
 """The file columns of a manifest row (``fixed`` and ``moving`` required)."""
 
 L2R_PAIR_LISTS = ("registration_val", "registration_test", "validation", "test")
@@ -66,6 +68,8 @@ class PairEntry:
     moving_labels: str | None = None
     fixed_mask: str | None = None
     moving_mask: str | None = None
+    fixed_landmarks: str | None = None
+    moving_landmarks: str | None = None
 
 
 def _sibling(image: Path, kind: str) -> str | None:
@@ -314,7 +318,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             prepared = prepare_pair(pair.fixed, pair.moving, out / "pairs" / pair.id, fixed_labels=pair.fixed_labels,
                                     moving_labels=pair.moving_labels, fixed_mask=pair.fixed_mask,
                                     moving_mask=pair.moving_mask, eval_labels=eval_labels, outputs=outputs, overwrite=True,
-                                    affine=affine, init=init, affine_metric=affine_metric, config=config, weights=weights)
+                                    affine=affine, init=init, affine_metric=affine_metric, config=config, weights=weights,
+                                    fixed_landmarks=pair.fixed_landmarks, moving_landmarks=pair.moving_landmarks)
         except Exception as e:  # noqa: BLE001 -- one pair's failure is recorded; the others go on
             failed(pair, e)
             continue
@@ -343,7 +348,8 @@ def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:
 STAGES = ("reading", "affine", "registration", "metrics", "writing", "total")
 """The seconds of each stage of a pair, as ``metrics.json`` records them."""
 
-COLUMNS = ("id", "status", "error", "fixed", "moving", "dice_before", "dice_affine", "dice", "hd95_mm", "folding_percent",
+COLUMNS = ("id", "status", "error", "fixed", "moving", "dice_before", "dice_affine", "dice", "hd95_mm", "tre_before_mm",
+           "tre_affine_mm", "tre_mm", "folding_percent",
            "ndv_percent", "sdlogj", "jacobian_min", "lambda_mean", *(f"seconds_{s}" for s in STAGES), "peak_memory_mb",
            "device")
 
@@ -356,6 +362,8 @@ def _row(pair: PairEntry, out: Path) -> dict:
         mean = lambda key: (m.get(key) or {}).get("mean")  # noqa: E731
         row.update(status="done", dice_before=mean("dice_before"), dice_affine=mean("dice_after_affine"), dice=mean("dice_after"),
                    hd95_mm=mean("hd95_mm_after"), folding_percent=m.get("folding_percent"), ndv_percent=m.get("ndv_percent"),
+                   **{f"tre_{k}mm": (m.get("tre_mm") or {}).get(s, {}).get("mean")
+                      for k, s in (("before_", "before"), ("affine_", "after_affine"), ("", "after"))},
                    sdlogj=m.get("sdlogj"), jacobian_min=m.get("jacobian_min"), lambda_mean=m["lambda"]["mean"],
                    peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"),
                    **{f"seconds_{s}": m["seconds"].get(s) for s in STAGES})
@@ -397,7 +405,8 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     summary = {
         "pairs": len(rows), "done": len(status.done), "failed": {r["id"]: r["error"] for r in rows if r["status"] == "failed"},
         "missing": status.missing,
-        "metrics": {k: _stats([r.get(k) for r in done]) for k in ("dice_before", "dice_affine", "dice", "hd95_mm",
+        "metrics": {k: _stats([r.get(k) for r in done]) for k in ("dice_before", "dice_affine", "dice", "hd95_mm", "tre_before_mm",
+                                                                   "tre_affine_mm", "tre_mm",
                                                                    "folding_percent", "ndv_percent", "sdlogj", "peak_memory_mb")},
         "seconds": {s: _stats([r.get(f"seconds_{s}") for r in done]) for s in STAGES},
         "dice_per_structure": {str(k): _stats([r["_per_label"].get(str(k)) for r in done]) for k in labels},

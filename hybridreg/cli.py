@@ -165,6 +165,10 @@ def _print_summary(m: dict, out: Path) -> None:
         print(f"mean Dice over {len(m['labels_scored'])} structures: {m['dice_before']['mean']:.3f} -> {m['dice_after']['mean']:.3f}")
     if "hd95_mm_after" in m:
         print(f"mean HD95 after: {m['hd95_mm_after']['mean']:.2f} mm")
+    if "tre_mm" in m:
+        t = m["tre_mm"]
+        print(f"TRE over {t['after']['n']} landmarks: {t['before']['mean']:.2f} mm before, {t['after_affine']['mean']:.2f} mm"
+              f" after the affine stage, {t['after']['mean']:.2f} mm after (median {t['after']['median']:.2f}, max {t['after']['max']:.2f})")
     print(f"%|J|<=0: {m['folding_percent']:.4f} %   NDV: {m['ndv_percent']:.4f} %   SDlogJ: {m['sdlogj']:.3f}   λ mean {m['lambda']['mean']:.3f} (std {m['lambda']['std']:.3f})")
     print(f"time: {m['seconds']['registration']:.1f} s registration, {m['seconds']['total']:.1f} s total;"
           f" peak memory {m['peak_memory_mb']:.0f} MB ({m['device']})")
@@ -215,12 +219,16 @@ def _parser() -> argparse.ArgumentParser:
     _outputs_option(r, "all")
     r.add_argument("--fixed-mask", help="binary mask on FIXED's grid: restricts the image match (both stages)")
     r.add_argument("--moving-mask", help="binary mask on MOVING's grid: restricts the image match (both stages)")
+    r.add_argument("--fixed-landmarks", help="landmarks of FIXED, one point per row (CSV; header x,y,z: LPS mm, the default;"
+                                             " i,j,k: voxel indices): scored by TRE with --moving-landmarks")
+    r.add_argument("--moving-landmarks", help="the corresponding landmarks of MOVING, in the same row order")
     _prealign_options(r)
     r.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("batch", help="register every pair of a manifest (CSV/JSON or Learn2Reg/LUMIR dataset.json);"
                                      " resumable; torchrun shards the pairs over processes")
-    b.add_argument("pairs", metavar="PAIRS", help=".csv with fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,id],"
+    b.add_argument("pairs", metavar="PAIRS", help=".csv with fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,"
+                                                  "fixed_landmarks,moving_landmarks,id],"
                                                   " a .json list of such objects, or a Learn2Reg / LUMIR dataset.json")
     b.add_argument("--out", required=True, help="batch folder: pairs/<id>/ (as register), metrics.csv, summary.json/.md")
     b.add_argument("--split", help="the dataset.json pair list (default: registration_val, registration_test, validation or test)")
@@ -363,7 +371,8 @@ def _run(args: argparse.Namespace) -> int:
                            moving_labels=args.moving_labels, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
                            progress=not args.no_progress, overwrite=args.overwrite, fixed_mask=args.fixed_mask,
-                           moving_mask=args.moving_mask, overrides=args.overrides, outputs=args.outputs, **_prealign(args))
+                           moving_mask=args.moving_mask, overrides=args.overrides, outputs=args.outputs,
+                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks, **_prealign(args))
         _print_summary(m, Path(args.out))
     elif args.command == "batch":
         return batch_command(args)

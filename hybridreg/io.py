@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +40,7 @@ __all__ = [
     "Geometry",
     "read_image",
     "read_labels",
+    "read_landmarks",
     "write_image",
     "displacement_to_itk",
     "displacement_from_itk",
@@ -185,6 +187,67 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
         raise ValueError(f"`{arg}`: {path} has labels outside 0..{np.iinfo(np.int32).max} (min {lo:g}, max {hi:g});"
                          " label IDs must be non-negative 32-bit integers")
     return arr.astype(np.int32), Geometry.of(img)
+
+
+def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "landmarks") -> np.ndarray:
+    """Read landmarks (one point per row) as physical points, ``(n, d)`` LPS mm (ITK's frame,
+    the frame of every transform hybridreg writes).
+
+    The file is a CSV (comma, semicolon, tab or space separated) of d numbers per row, with
+    an optional header row naming the columns: ``x,y[,z]`` (or no header): physical
+    coordinates, LPS mm; ``i,j[,k]``: continuous voxel indices of the landmarks' image, in
+    ITK axis order (the NIfTI ``i, j, k`` of Learn2Reg's keypoint files), turned into physical
+    points through ``geometry`` (``TransformContinuousIndexToPhysicalPoint``). Extra leading
+    columns (an id, a name) are allowed when a header names the coordinate columns.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: no points, a row that is not d numbers,
+            NaN/Inf; each names ``arg``.
+    """
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: no such file: {path}")
+    text = p.read_text(errors="replace")
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t ")
+    except csv.Error:
+        dialect = csv.excel
+    rows = [[c.strip() for c in r if c.strip()] for r in csv.reader(text.splitlines(), dialect)]
+    rows = [r for r in rows if r and not r[0].startswith("#")]
+    d = geometry.dim
+    names = ("i", "j", "k")[:d] if rows and {"i", "j"} <= {c.lower() for c in rows[0]} else ("x", "y", "z")[:d]
+    cols = list(range(d))
+    if rows and not _numbers(rows[0]):
+        header = [c.lower() for c in rows.pop(0)]
+        if not set(names) <= set(header):
+            raise ValueError(f"`{arg}`: {path}: the header {header} must name the columns {list(names)}"
+                             " (x, y, z: LPS mm; i, j, k: voxel indices)")
+        cols = [header.index(n) for n in names]
+    points = []
+    for n, r in enumerate(rows, 1):
+        try:
+            points.append([float(r[c]) for c in cols])
+        except (ValueError, IndexError):
+            raise ValueError(f"`{arg}`: {path}: point {n} is not {d} numbers: {r}") from None
+    pts = np.asarray(points, dtype=float).reshape(-1, d)
+    if not len(pts):
+        raise ValueError(f"`{arg}`: {path} holds no points")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"`{arg}`: {path} holds NaN or Inf coordinates")
+    if names[0] == "i":
+        ref = geometry.apply(sitk.Image([1] * d, sitk.sitkUInt8))
+        pts = np.array([ref.TransformContinuousIndexToPhysicalPoint(tuple(map(float, q))) for q in pts])
+    return pts
+
+
+def _numbers(row: Sequence[str]) -> bool:
+    try:
+        [float(c) for c in row]
+    except ValueError:
+        return False
+    return True
 
 
 def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float = 1e-3) -> None:

@@ -37,6 +37,8 @@ __all__ = [
     "score_registration",
     "warp_labels",
     "dice_through",
+    "target_registration_error",
+    "tre_stages",
 ]
 
 
@@ -411,3 +413,54 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
         vals = [v for v in out["hd95"].values() if np.isfinite(v)]
         out["hd95_mean"] = float(np.mean(vals)) if vals else float("nan")
     return out
+
+
+def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarray,
+                              transform: sitk.Transform | None = None) -> dict:
+    """Target registration error (TRE) of corresponding landmarks: ``‖T(p_f) − p_m‖`` per point,
+    mm, with ``T`` the transform from FIXED physical points to MOVING ones (LPS mm; the
+    transforms hybridreg writes, applied by SimpleITK's ``TransformPoint``; ``None``: the
+    identity, the error before registration). Learn2Reg's / LUMIR's landmark metric.
+
+    Args:
+        fixed_points, moving_points: ``(n, d)`` corresponding points, LPS mm
+            (:func:`hybridreg.io.read_landmarks`).
+
+    Returns:
+        ``{"n", "mean", "std", "median", "max", "per_point"}`` in mm.
+
+    Raises:
+        ValueError: point sets of different shapes, or not ``(n, d)``.
+    """
+    pf, pm = np.asarray(fixed_points, dtype=float), np.asarray(moving_points, dtype=float)
+    if pf.ndim != 2 or pf.shape != pm.shape or not len(pf):
+        raise ValueError(f"target_registration_error(): the landmark sets must be (n, d) of equal n, got {pf.shape}"
+                         f" and {pm.shape}")
+    mapped = pf if transform is None else np.array([transform.TransformPoint(tuple(map(float, p))) for p in pf])
+    err = np.linalg.norm(mapped - pm, axis=1)
+    return {"n": int(len(err)), "mean": float(err.mean()), "std": float(err.std()), "median": float(np.median(err)),
+            "max": float(err.max()), "per_point": err.tolist()}
+
+
+def tre_stages(fixed_points: np.ndarray, moving_points: np.ndarray, affine: sitk.Transform, displacement: np.ndarray,
+               geometry) -> dict:
+    """:func:`target_registration_error` before registration (the scans as they lie), after the
+    affine stage, and after the whole registration ``p ↦ affine(p + D(p))`` (the composite
+    transform ``transform.h5`` holds, :func:`hybridreg.affine.composite`).
+
+    Args:
+        fixed_points, moving_points: ``(n, d)`` corresponding points, LPS mm.
+        affine: the affine stage's FIXED → MOVING transform. displacement: ``(d, *shape)``
+            voxel-unit displacement on FIXED's grid ``geometry`` (:class:`hybridreg.io.Geometry`).
+
+    Returns:
+        ``{"before", "after_affine", "after"}``, each as :func:`target_registration_error`.
+    """
+    from .affine import composite
+    from .io import displacement_to_itk
+
+    whole = composite(affine, displacement_to_itk(displacement, geometry))
+    return {"before": target_registration_error(fixed_points, moving_points),
+            "after_affine": target_registration_error(fixed_points, moving_points, affine),
+            "after": target_registration_error(fixed_points, moving_points, whole)}
+

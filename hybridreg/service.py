@@ -38,9 +38,9 @@ import torch
 from . import __version__
 from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, to_dict
-from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels,
+from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
                  write_displacement, write_image)
-from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels
+from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver
 from .spatial import jacobian_determinant, warp
 
@@ -71,6 +71,7 @@ class Inputs:
         fixed_labels, moving_labels: int label maps (on FIXED's / MOVING's grid) or ``None``.
         labels: the labels scored. fixed_mask, moving_mask: binary masks or ``None``.
         paths: the input paths as given (for ``metrics.json``).
+        fixed_landmarks, moving_landmarks: corresponding points ``(n, d)``, LPS mm, or ``None``.
     """
 
     fixed: np.ndarray
@@ -83,6 +84,8 @@ class Inputs:
     moving_geometry: Geometry | None = None
     fixed_mask: np.ndarray | None = None
     moving_mask: np.ndarray | None = None
+    fixed_landmarks: np.ndarray | None = None
+    moving_landmarks: np.ndarray | None = None
 
     def image(self, which: str) -> sitk.Image:
         """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
@@ -213,7 +216,9 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
 
 def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_labels: str | os.PathLike | None = None,
                 moving_labels: str | os.PathLike | None = None, eval_labels: LabelPolicy = "auto", *,
-                fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None) -> Inputs:
+                fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None,
+                fixed_landmarks: str | os.PathLike | None = None,
+                moving_landmarks: str | os.PathLike | None = None) -> Inputs:
     """Read and check a pair: FIXED and MOVING on any grids (own size, spacing, origin,
     direction; same dimension), each label map and mask on its own image's grid.
 
@@ -221,11 +226,15 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
         eval_labels: label policy of :func:`hybridreg.metrics.scored_labels`, or the CLI's
             ``--eval-labels`` string (``auto``, ``all`` or ``2,3,...``).
         fixed_mask, moving_mask: binary (0/1) masks restricting the image match.
+        fixed_landmarks, moving_landmarks: corresponding points, one per row
+            (:func:`hybridreg.io.read_landmarks`: LPS mm, or voxel indices of their image),
+            scored by TRE.
 
     Raises:
         FileNotFoundError, ValueError: missing or corrupt files, images of different
             dimensions, a label map or mask not on its image's grid, NaN/Inf, labels given for
-            one image only or sharing no label, empty or non-binary masks; each names its argument.
+            one image only or sharing no label, empty or non-binary masks, landmarks given for
+            one image only or in different numbers; each names its argument.
     """
     f_arr, f_geo = read_image(fixed, arg="FIXED")
     m_arr, m_geo = read_image(moving, arg="MOVING")
@@ -258,10 +267,22 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
     for name, arr in (("FIXED", f_arr), ("MOVING", m_arr)):
         if float(arr.max()) == float(arr.min()):
             raise ValueError(f"`{name}` is constant: there is nothing to register")
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise ValueError("`--fixed-landmarks` and `--moving-landmarks` must be given together")
+    fp = mp = None
+    if fixed_landmarks is not None:
+        fp = read_landmarks(fixed_landmarks, f_geo, arg="--fixed-landmarks")
+        mp = read_landmarks(moving_landmarks, m_geo, arg="--moving-landmarks")
+        if len(fp) != len(mp):
+            raise ValueError(f"`--moving-landmarks` holds {len(mp)} points but `--fixed-landmarks` {len(fp)}: the rows"
+                             " of the two files are corresponding points")
     paths = {"fixed": str(fixed), "moving": str(moving), "fixed_labels": str(fixed_labels) if fixed_labels else None,
              "moving_labels": str(moving_labels) if moving_labels else None,
-             "fixed_mask": str(fixed_mask) if fixed_mask else None, "moving_mask": str(moving_mask) if moving_mask else None}
-    return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"))
+             "fixed_mask": str(fixed_mask) if fixed_mask else None, "moving_mask": str(moving_mask) if moving_mask else None,
+             "fixed_landmarks": str(fixed_landmarks) if fixed_landmarks else None,
+             "moving_landmarks": str(moving_landmarks) if moving_landmarks else None}
+    return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"),
+                  fp, mp)
 
 
 @dataclass
@@ -404,8 +425,9 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
             with_hd95: bool = True) -> dict:
     """The ``metrics.json`` dictionary: inputs and their grids, the affine stage (kind, matrix,
     translation, centre, metric, seconds), Jacobian and λ statistics, seconds per stage, peak
-    memory, every stage's history, the config, and (with labels) Dice before registration,
-    after the affine stage and after registration, per label, and HD95 (mm)."""
+    memory, every stage's history, the config, (with labels) Dice before registration,
+    after the affine stage and after registration, per label, and HD95 (mm), and (with
+    landmarks) the TRE (mm) at the same three points (:func:`hybridreg.metrics.tre_stages`)."""
     res, dev = solved.result, solved.device
     disp = res.displacement.detach()
     lam = res.lambda_on_image_grid()[0, 0].cpu().numpy()
@@ -455,6 +477,10 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         metrics["dice_after"] = {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}}
         if with_hd95:
             metrics["hd95_mm_after"] = {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}}
+    if inputs.fixed_landmarks is not None:
+        affine_t = pre.transform if pre is not None else sitk.AffineTransform(inputs.geometry.dim)
+        metrics["tre_mm"] = tre_stages(inputs.fixed_landmarks, inputs.moving_landmarks, affine_t, disp[0].cpu().numpy(),
+                                       inputs.geometry)
     metrics["seconds"]["metrics"] = time.perf_counter() - t0
     return metrics
 
@@ -580,7 +606,8 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
                  fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None,
                  eval_labels: LabelPolicy = "auto", outputs: str = "all", overwrite: bool = False,
                  affine: str = "affine", init: str = "geometry", affine_metric: str = "ncc",
-                 config: str | os.PathLike | None = None, weights: str | None = None) -> Prepared:
+                 config: str | os.PathLike | None = None, weights: str | None = None,
+                 fixed_landmarks: str | os.PathLike | None = None, moving_landmarks: str | os.PathLike | None = None) -> Prepared:
     """The stages of :func:`register_files` before the solver: :func:`check_outputs` (``config``
     and ``weights`` only to keep them from being overwritten), :func:`read_inputs`,
     :func:`prealign`.
@@ -590,10 +617,12 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
     """
     names = output_names(outputs)
     given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
-             "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--config": config, "--weights": weights}
+             "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--fixed-landmarks": fixed_landmarks,
+             "--moving-landmarks": moving_landmarks, "--config": config, "--weights": weights}
     check_outputs(out, given, overwrite=overwrite, names=names)
     t_read = time.perf_counter()
-    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                         fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks)
     t_read = time.perf_counter() - t_read
     # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
     check_outputs(out, given, overwrite=overwrite, names=names,
@@ -623,14 +652,16 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
                    hd95_metric: bool = True, overwrite: bool = False, affine: str = "affine", init: str = "geometry",
                    affine_metric: str = "ncc", fixed_mask: str | os.PathLike | None = None,
                    moving_mask: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                   outputs: str = "all") -> dict:
+                   outputs: str = "all", fixed_landmarks: str | os.PathLike | None = None,
+                   moving_landmarks: str | os.PathLike | None = None) -> dict:
     """Register two scans as they come (any grids, orientations, misaligned) and write every
     output into ``out`` (:func:`write_outputs`): the affine stage (:func:`prealign`:
     ``affine`` = ``none``, ``rigid`` or ``affine``; ``init`` = ``geometry`` or ``moments``;
     ``affine_metric`` = ``ncc`` or ``mi``), then the deformable solver on FIXED's grid with
     MOVING sampled on its own grid through the affine; masks restrict the image match in both.
     ``overrides``: ``KEY=VALUE`` settings applied to the solver's config (``--set``);
-    ``outputs``: which files (:data:`OUTPUT_SETS`). The stages: :func:`prepare_pair`,
+    ``outputs``: which files (:data:`OUTPUT_SETS`); ``fixed_landmarks``, ``moving_landmarks``:
+    corresponding points scored by TRE (:func:`read_inputs`). The stages: :func:`prepare_pair`,
     :func:`solve`, :func:`finish_pair`.
 
     Returns:
@@ -648,6 +679,6 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
     prepared = prepare_pair(fixed, moving, out, fixed_labels=fixed_labels, moving_labels=moving_labels,
                             fixed_mask=fixed_mask, moving_mask=moving_mask, eval_labels=eval_labels, outputs=outputs,
                             overwrite=overwrite, affine=affine, init=init, affine_metric=affine_metric, config=config,
-                            weights=weights)
+                            weights=weights, fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks)
     return finish_pair(prepared, solve(prepared.inputs, solver_obj, cfg, dev, prepared.pre), solver_obj.name,
                        with_hd95=hd95_metric)

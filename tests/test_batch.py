@@ -264,15 +264,17 @@ def test_register_set_and_outputs(layout, tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["lumir", "manifest"])
 def test_benchmark_suite_on_a_lumir_layout_and_a_manifest(layout, tmp_path, kind):
     """``python -m benchmarks run --dataset KIND:PATH``: the realworld suite's machinery on pairs
-    listed by a Learn2Reg / LUMIR dataset.json (labels from labelsTr/) or a CSV manifest; the
-    report has NDV next to %|J|≤0."""
+    listed by a Learn2Reg / LUMIR dataset.json (labels from labelsTr/) or a CSV manifest (with
+    landmark files: TRE); the report has NDV next to %|J|≤0."""
     if kind == "lumir":
         doc = {"training": [{"image": f"./imagesTr/{s}.nii.gz"} for s in SUBJECTS],
                "validation": [{"fixed": "./imagesTr/vxm.nii.gz", "moving": "./imagesTr/synthseg_16.nii.gz"}]}
         (layout / "LUMIR_dataset.json").write_text(json.dumps(doc))
         spec, name = f"lumir:{layout / 'LUMIR_dataset.json'}#validation", "vxm__synthseg_16"
     else:
-        spec, name = f"manifest:{_csv(layout, [_pair('synthseg_12', 'vxm', id='s12_to_vxm')], 'suite.csv')}", "s12_to_vxm"
+        (layout / "points.csv").write_text("i,j,k\n20,24,20\n10,30,25\n")  # both crops share their grid: TRE before is 0
+        row = _pair('synthseg_12', 'vxm', id='s12_to_vxm', fixed_landmarks="points.csv", moving_landmarks="points.csv")
+        spec, name = f"manifest:{_csv(layout, [row], 'suite.csv')}", "s12_to_vxm"
     out = tmp_path / "suite"
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", spec, "--out", str(out), "--methods",
@@ -283,6 +285,9 @@ def test_benchmark_suite_on_a_lumir_layout_and_a_manifest(layout, tmp_path, kind
     assert rows[0]["dice_mean"] > rows[0]["dice_before"] and rows[0]["ndv_percent"] >= 0.0
     md = (out / "report.md").read_text()
     assert "NDV % (max)" in md and f"| {name} |" in md
+    if kind == "manifest":  # landmark files give the TRE, in the rows and the report
+        assert rows[0]["tre_before_mm"] == pytest.approx(0.0, abs=1e-9) and rows[0]["tre_mm"] > 0.0
+        assert "| method | TRE mm |" in md
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", "lumir:" + str(layout / "nope.json"),
                           "--out", str(out)], capture_output=True, text=True, cwd=root)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"`--dataset`: manifest not found: {layout / 'nope.json'}"]

@@ -195,3 +195,82 @@ def test_io_errors_name_the_argument(tmp_path):
     other = Geometry((4, 4, 4), (2.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
     with pytest.raises(ValueError, match="different grids"):
         check_same_grid(geo, other, ("FIXED", "MOVING"))
+
+
+# ----------------------------------------------------------------------------- landmarks and TRE
+
+def test_read_landmarks_physical_and_voxel_index_rows(tmp_path):
+    from hybridreg.io import Geometry, read_landmarks
+
+    direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # axes permuted and flipped
+    geo = Geometry(size=(10, 12, 8), spacing=(1.5, 2.0, 3.0), origin=(10.0, -5.0, 2.5), direction=direction)
+    (tmp_path / "plain.csv").write_text("1.5,2,3\n-4,5,6.25\n")
+    assert read_landmarks(tmp_path / "plain.csv", geo).tolist() == [[1.5, 2.0, 3.0], [-4.0, 5.0, 6.25]]
+    (tmp_path / "named.csv").write_text("id,x,y,z\na,1,2,3\nb,4,5,6\n")
+    assert read_landmarks(tmp_path / "named.csv", geo).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    (tmp_path / "index.txt").write_text("i\tj\tk\n0\t0\t0\n2\t1\t3.5\n")
+    pts = read_landmarks(tmp_path / "index.txt", geo)
+    m = np.array(direction).reshape(3, 3) @ np.diag(geo.spacing)  # p = origin + D diag(s) index
+    assert np.allclose(pts, [geo.origin, np.array(geo.origin) + m @ [2, 1, 3.5]])
+    for text, needle in (("", "holds no points"), ("1,2\n", "point 1 is not 3 numbers"), ("a,b,c\n1,2,3\n", "must name the columns"),
+                         ("1,2,nan\n", "NaN or Inf")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            read_landmarks(tmp_path / "bad.csv", geo, arg="--fixed-landmarks")
+    with pytest.raises(FileNotFoundError, match="--moving-landmarks"):
+        read_landmarks(tmp_path / "nope.csv", geo, arg="--moving-landmarks")
+
+
+def test_target_registration_error_of_a_known_transform():
+    from hybridreg.metrics import target_registration_error
+
+    rng = np.random.default_rng(0)
+    pf = rng.uniform(-50, 50, (7, 3))
+    t = np.array([3.0, -4.0, 12.0])
+    pm = pf + t
+    before = target_registration_error(pf, pm)
+    assert before["n"] == 7 and before["mean"] == pytest.approx(13.0) and before["max"] == pytest.approx(13.0)
+    assert target_registration_error(pf, pm, sitk.TranslationTransform(3, t.tolist()))["max"] == pytest.approx(0.0, abs=1e-9)
+    half = target_registration_error(pf, pm, sitk.TranslationTransform(3, (t / 2).tolist()))
+    assert half["per_point"] == pytest.approx([6.5] * 7)
+    with pytest.raises(ValueError, match="equal n"):
+        target_registration_error(pf, pm[:3])
+
+
+@pytest.mark.slow
+def test_register_reports_tre_of_a_shifted_scan(tmp_path, capsys):
+    """MOVING is FIXED with its origin moved by t (a pure translation, known correspondence): the
+    same voxel-index landmarks in both files are corresponding points; TRE is |t| before, 0 after
+    the affine stage and under half a voxel after registration (CLI, metrics.json, batch table)."""
+    from hybridreg import data
+    from hybridreg.batch import merge, read_pairs
+    from hybridreg.cli import main
+
+    img = sitk.ReadImage(str(data.load_subject("vxm", 2).image_path))[20:60, 24:72, 20:60]
+    sitk.WriteImage(img, str(tmp_path / "fixed.nii.gz"))
+    t = np.array([3.0, -2.0, 4.0])
+    img.SetOrigin(tuple(np.array(img.GetOrigin()) + t))
+    sitk.WriteImage(img, str(tmp_path / "moving.nii.gz"))
+    (tmp_path / "points.csv").write_text("i,j,k\n20,24,20\n10,30,25\n28,12,14\n15,20,30\n")
+    out = tmp_path / "out"
+    rc = main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--out", str(out), "--fixed-landmarks", str(tmp_path / "points.csv"), "--moving-landmarks",
+               str(tmp_path / "points.csv"), "--outputs", "metrics", "--no-progress"])
+    assert rc == 0
+    assert "TRE over 4 landmarks: 5.39 mm before" in capsys.readouterr().out
+    import json
+
+    tre = json.loads((out / "metrics.json").read_text())["tre_mm"]
+    assert tre["before"]["mean"] == pytest.approx(float(np.linalg.norm(t)))
+    assert tre["after_affine"]["max"] < 0.05  # the affine stage recovers the translation
+    assert tre["after"]["mean"] < 0.5 and tre["after"]["max"] < 1.0  # within half a 2 mm voxel
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_landmarks,moving_landmarks,id\n"
+                                        "fixed.nii.gz,moving.nii.gz,points.csv,points.csv,p\n")
+    (tmp_path / "b" / "pairs").mkdir(parents=True)
+    (out).rename(tmp_path / "b" / "pairs" / "p")
+    merge(read_pairs(tmp_path / "pairs.csv"), tmp_path / "b")
+    row = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    header, values = row[0].split(","), row[1].split(",")
+    assert float(values[header.index("tre_mm")]) == pytest.approx(tre["after"]["mean"])
+    assert main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--out", str(tmp_path / "o2"),
+                 "--fixed-landmarks", str(tmp_path / "points.csv")]) == 2
+    assert "--fixed-landmarks` and `--moving-landmarks` must be given together" in capsys.readouterr().err
