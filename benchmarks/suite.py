@@ -210,7 +210,7 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
 
     from hybridreg.affine import transform_of_voxel_map
     from hybridreg.affine import voxel_map as affine_voxel_map
-    from hybridreg.io import read_image, read_labels, read_landmarks
+    from hybridreg.io import read_labels, read_landmarks
     from hybridreg.metrics import dice_through, score_registration, scored_labels, tre_stages
 
     fl, f_geo = read_labels(pair.fixed_labels, arg="fixed labels")
@@ -222,11 +222,10 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     s = score_registration(fl, ml, d, labels, spacing=f_geo.array_spacing, with_hd95=True, voxel_map=torch.from_numpy(vm)[None])
     tre = {}
     if pair.fixed_landmarks is not None:
-        affine = transform_of_voxel_map(f_geo, m_geo, vm)
-        img_geo = read_image(pair.fixed_image, arg="FIXED")[1]
-        tre = {"tre_mm": tre_stages(read_landmarks(pair.fixed_landmarks, img_geo, arg="fixed landmarks"),
-                                    read_landmarks(pair.moving_landmarks, read_image(pair.moving_image, arg="MOVING")[1],
-                                                   arg="moving landmarks"), affine, np.asarray(disp, dtype=np.float64), f_geo)}
+        # each label map lies on its image's grid: its geometry places the landmarks
+        tre = {"tre_mm": tre_stages(read_landmarks(pair.fixed_landmarks, f_geo, arg="fixed landmarks"),
+                                    read_landmarks(pair.moving_landmarks, m_geo, arg="moving landmarks"),
+                                    transform_of_voxel_map(f_geo, m_geo, vm), np.asarray(disp, dtype=np.float64), f_geo)}
     return {**tre, "labels_scored": labels, "dice_before": dice_through(fl, ml, torch.from_numpy(physical)[None], labels),
             "dice_after_affine": dice_through(fl, ml, torch.from_numpy(vm)[None], labels),
             "dice_after": {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}},

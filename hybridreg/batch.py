@@ -323,10 +323,10 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         except Exception as e:  # noqa: BLE001 -- one pair's failure is recorded; the others go on
             failed(pair, e)
             continue
-        group = waiting.setdefault(batch_key(prepared.inputs, prepared.pre), [])
-        group.append((pair, prepared))
-        if len(group) == batch_size:
-            solve_group(waiting.pop(batch_key(prepared.inputs, prepared.pre)))
+        key = batch_key(prepared.inputs, prepared.pre)
+        waiting.setdefault(key, []).append((pair, prepared))
+        if len(waiting[key]) == batch_size:
+            solve_group(waiting.pop(key))
     for group in waiting.values():  # the last, incomplete groups
         solve_group(group)
     bar.close()
