@@ -8,7 +8,7 @@ Usage::
     python -m benchmarks report --suite bundled    # re-render the report from the stored rows
     python -m benchmarks compare OLD/rows.jsonl --suite bundled   # does this run reproduce OLD?
     python -m benchmarks calibrate-uniform         # uniform-λ config matched to the voxelwise SDlogJ
-    python -m benchmarks instance-speed | learned-solver | tuning | batched [args...]   # the focused benchmarks
+    python -m benchmarks instance-speed | learned-solver | tuning | batched | lambda-regressor [args...]   # the focused benchmarks
 
 ``run`` writes ``benchmarks/results/<suite>/``: ``report.md``, CSV files, figures and
 ``rows.jsonl``; it continues an interrupted run (finished (pair, method) runs are kept), and
@@ -26,7 +26,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 
 FOCUSED = {"instance-speed": "benchmarks.instance_speed", "learned-solver": "benchmarks.learned_solver",
-           "tuning": "benchmarks.tuning_comparison", "batched": "benchmarks.batched"}
+           "tuning": "benchmarks.tuning_comparison", "batched": "benchmarks.batched",
+           "lambda-regressor": "benchmarks.lambda_regressor"}
 
 
 def _list() -> int:

@@ -66,10 +66,13 @@ import torch
 
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
+from learned.regressor import REGRESSOR_WEIGHTS
 from learned.solver import NAMED_WEIGHTS, UNIFORM_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
+MAP_CONFIG = ROOT / "configs" / "instance_map.yaml"
+REGIONS_CONFIG = ROOT / "configs" / "instance_regions.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
 STAGE1_WEIGHTS = NAMED_WEIGHTS["stage1"]
 """Stage 1 of the shipped weights (``--weights stage1``)."""
@@ -216,7 +219,7 @@ class Method:
     name: str
     label: str
     run: Callable[[AnyPair, Callable[[np.ndarray], float] | None], MethodOutput]
-    lambda_kind: str  # "voxelwise", "uniform" or "-" (classical tools)
+    lambda_kind: str  # "voxelwise", "uniform", "map", "regions" or "-" (classical tools)
     solver: str  # "instance", "learned", "learned+refine" or "classical"
     description: str = ""
     requires: str | None = None
@@ -250,12 +253,13 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
                         voxel_map=pre.voxel_map, metrics=metrics)
 
 
-def _instance(config_path: Path | None, w_reg: float | None = None):
+def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[str, ...] = ()):
     """The instance solver with the config at ``config_path`` (default: the defaults), its
-    ``objective.w_reg`` replaced by ``w_reg`` when given (a point of the Pareto front)."""
+    ``objective.w_reg`` replaced by ``w_reg`` when given and ``sets`` (``KEY=VALUE``,
+    :func:`hybridreg.config.apply_overrides`) applied: a point of a Pareto front."""
 
     def run(pair: AnyPair, dice_fn) -> MethodOutput:
-        from hybridreg.config import load_yaml
+        from hybridreg.config import apply_overrides, load_yaml
         from hybridreg.solvers import get_solver
         from hybridreg.spatial import resize_field, scaling_and_squaring
         from instance_opt import register_pair  # not the Solver interface: the trace needs its `callback`
@@ -264,6 +268,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None):
         cfg = replace(load_yaml(config_path, solver.config_class) if config_path else solver.default_config(), progress=False)
         if w_reg is not None:
             cfg = replace(cfg, objective=replace(cfg.objective, w_reg=w_reg))
+        cfg = apply_overrides(cfg, sets)
         if not pair.prealigned:
             return _via_service(pair, "instance", cfg)
         f, m = _tensors(pair)
@@ -278,7 +283,9 @@ def _instance(config_path: Path | None, w_reg: float | None = None):
             spent[0] += time.perf_counter() - t
 
         # the time-to-accuracy trace (a Dice evaluation every `window` iterations) for the family's own entry only
-        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None else None)
+        regions = ({"regions": torch.from_numpy(np.ascontiguousarray(pair.fixed.labels)).long()[None, None]}
+                   if cfg.lambda_mode == "regions" else {})  # one λ per structure of FIXED's labels
+        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None, **regions)
         seconds = time.perf_counter() - t0 - spent[0]
         lam = res.lam[0, 0].numpy() if res.lam.numel() > 1 else None
         return MethodOutput(res.displacement[0].numpy(), seconds, lam, points or None)
@@ -287,7 +294,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None):
 
 
 def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
-    """The learned solver ``name`` (``learned`` or ``learned+refine``) with ``weights``
+    """The learned solver ``name`` (``learned``, ``learned+refine`` or ``learned-lambda``) with ``weights``
     (default: the shipped ones); ``half_grid``: refine with :func:`learned.solver.half_grid_refine`
     (networks without a full-resolution stage)."""
 
@@ -303,7 +310,8 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
             return _via_service(pair, name, cfg)
         f, m = _tensors(pair)
         solved = run_solver(solver, cfg, f, m, pair.spacing)
-        return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, solved.result.lam[0, 0].numpy())
+        lam = solved.result.lam
+        return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, lam[0, 0].numpy() if lam.numel() > 1 else None)
 
     return run
 
@@ -386,7 +394,18 @@ METHODS: dict[str, Method] = {
                "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤150/80/30 Adam iterations, 4 squarings, LNCC window 5, w_reg 4, beta hyperprior",
                setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
-               "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first"),
+               "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first",
+               setting="λ 0.892"),
+        Method("instance-map", "instance (MAP global λ)", _instance(MAP_CONFIG), "map", "instance",
+               "one λ per pair estimated by MAP with its log-determinant (`configs/instance_map.yaml`: velocity on a 4× coarser grid)",
+               setting="MAP λ"),
+        Method("instance-regions", "instance (region-wise λ)", _instance(REGIONS_CONFIG), "regions", "instance",
+               "one λ per structure of FIXED's labels, smoothed, under the hyperprior (`configs/instance_regions.yaml`)",
+               setting="w_reg 4"),
+        Method("learned-lambda", "learned λ regressor (global λ)", _learned("learned-lambda"), "map", "learned",
+               "λ predicted by the regressor trained on MAP estimates (`learned/weights/lambda_regressor/`), then instance"
+               " optimization at that λ on the MAP energy (`configs/instance_map.yaml` with λ fixed)", requires=str(REGRESSOR_WEIGHTS),
+               why="train it: python -m learned.regressor --out learned/weights/lambda_regressor"),
         Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
                "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), one forward pass"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
@@ -413,6 +432,13 @@ METHODS: dict[str, Method] = {
 # The other points of each regularity sweep (the default is the family's own entry above):
 # the Pareto fronts of the suite report compare the methods at equal SDlogJ.
 FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)) for w in (2.0, 8.0)],
+          "instance-uniform": [(f"w_reg={w:g}", f"λ 0.892, w_reg {w:g}", _instance(UNIFORM_CONFIG, w_reg=w)) for w in (2.0, 8.0)],
+          "instance-regions": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(REGIONS_CONFIG, w_reg=w)) for w in (2.0, 8.0)],
+          # where the MAP estimate falls: the uniform-λ front of the same energy (the profiled likelihood, the velocity on
+          # the same coarse grid; with λ fixed the log-determinant is a constant)
+          "instance-map": [(f"uniform={lam:g}", f"uniform λ {lam:g}",
+                            _instance(MAP_CONFIG, sets=("lambda_mode=uniform", f"lambda_init={lam:g}", "objective.log_det=true")))
+                           for lam in (0.25, 0.5, 1.0, 2.0)],
           "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (1.0, 2.5)],
           "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]
           + [(f"total_sigma={s:g}", f"total σ {s:g}", _ants_syn(3.0, s)) for s in (1.0, 2.0)]}

@@ -13,9 +13,16 @@ from benchmarks.common import environment_markdown, save_figure
 from benchmarks.methods import METHODS
 from hybridreg.config import atomic_write_text
 
-# (solver, voxelwise method, uniform method) of the paired comparison
+# (comparison, method, its baseline) of the paired comparisons: voxelwise against uniform λ per solver, the other
+# strategies of the instance solver (MAP-estimated global λ, region-wise λ) against uniform λ, and the regressor's λ
+# against the MAP λ it was trained on
 PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-stage1", "learned-uniform"),
-          ("learned+refine", "learned+refine-stage1", "learned+refine-uniform"))
+          ("learned+refine", "learned+refine-stage1", "learned+refine-uniform"),
+          ("instance, MAP λ", "instance-map", "instance-uniform"), ("instance, region-wise λ", "instance-regions", "instance-uniform"),
+          ("regressed against MAP λ", "learned-lambda", "instance-map"))
+BASELINES = ("instance-uniform",)
+"""Families that every other hybridreg front is read against at equal SDlogJ, besides the
+classical tools: the uniform-λ baseline (issue: every strategy against the principled baseline)."""
 
 
 def _label_names(rows: list[dict] = ()) -> dict[int, str]:
@@ -84,15 +91,16 @@ def fronts(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def at_equal_regularity(rows: list[dict]) -> list[dict]:
-    """Every point of hybridreg's fronts against each classical tool's front at the same SDlogJ:
-    the tool's Dice interpolated linearly along its front (``None`` outside the SDlogJ range it
-    covers), on the pairs both families ran. ``ahead``: Dice above the tool's front there."""
+    """Every point of hybridreg's fronts against each classical tool's front, and against the
+    uniform-λ baseline's (:data:`BASELINES`), at the same SDlogJ: the peer's Dice interpolated
+    linearly along its front (``None`` outside the SDlogJ range it covers), on the pairs both
+    families ran. ``ahead``: Dice above the peer's front there."""
     out = []
     fr = fronts(rows)
     for fam, pts in fr.items():
         if METHODS[fam].solver == "classical":
             continue
-        for peer, _ in ((f, p) for f, p in fr.items() if METHODS[f].solver == "classical"):
+        for peer, _ in ((f, p) for f, p in fr.items() if (METHODS[f].solver == "classical" or f in BASELINES) and f != fam):
             common = set(pts[0]["pairs"]) & set(fr[peer][0]["pairs"])
             sub_rows = [r for r in rows if r["pair"] in common]
             both = fronts(sub_rows)
@@ -333,9 +341,9 @@ def _paired_regularity(rows: list[dict], stats: list[dict]) -> list[str]:
         d = next((x for x in stats if x["solver"] == solver and x["measure"] == "mean Dice"), None)
         if d is not None:
             sv, su = (statistics.mean(r["sdlogj"] for r in _by(rows, m)) for m in (vox, uni))
-            higher = ("voxelwise" if d["median_diff"] > 0 else "uniform") if d["p"] < 0.05 else "neither"
+            higher = ("the method" if d["median_diff"] > 0 else "baseline") if d["p"] < 0.05 else "neither"
             out.append(f"| {solver} | {sv:.3f} | {su:.3f} | {'yes' if abs(sv - su) <= 0.1 * max(sv, su) else 'no'} | {higher} |")
-    return ["| solver | SDlogJ voxelwise | SDlogJ uniform | within 10 % | higher Dice (p < 0.05) |",
+    return ["| comparison | SDlogJ of the method | SDlogJ of the baseline | within 10 % | higher Dice (p < 0.05) |",
             "|---|---|---|---|---|"] + out + [""] if out else []
 
 
@@ -391,9 +399,10 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
     if "fronts" in files:
         lines += ["", "## Dice against regularity (Pareto fronts)", "",
                   "Each method swept over its own regularity setting (means over the pairs all points ran); "
-                  "hybridreg's points against each classical tool's front interpolated at the same SDlogJ "
-                  "(ahead: higher Dice there and no folding; – : outside the SDlogJ range the tool's front covers).", "",
-                  "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) | tool | tool's front at this SDlogJ | difference | ahead |",
+                  "hybridreg's points against each classical tool's front, and against the uniform-λ baseline's, interpolated "
+                  "at the same SDlogJ (ahead: higher Dice there and no folding; – : outside the SDlogJ range the peer's front "
+                  "covers).", "",
+                  "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) | peer | peer's front at this SDlogJ | difference | ahead |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in at_equal_regularity(rows):
             if x["setting"] == "front":  # a tool at one setting against our front at its SDlogJ
@@ -418,17 +427,19 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:
         lines += ["## λ maps", "", f"![λ maps]({files['lambda']})", ""]
-    lines += ["## Voxelwise against uniform λ (paired)", ""]
+    lines += ["## Each λ strategy against its baseline (paired)", ""]
     if stats:
         lines += ["Wilcoxon signed-rank test over pairs (two-sided); r: matched-pairs rank-biserial correlation; "
                   "q: Benjamini–Hochberg within each solver.", "",
-                  "| solver | measure | n | median difference (voxelwise − uniform) | r | p | q (BH) |", "|---|---|---|---|---|---|---|"]
+                  "| comparison | method | baseline | measure | n | median difference (method − baseline) | r | p | q (BH) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for x in stats:
             q = f"{x['q_bh']:.3f}" if "q_bh" in x else "–"
-            lines.append(f"| {x['solver']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | {x['r']:+.2f} | {x['p']:.4f} | {q} |")
+            lines.append(f"| {x['solver']} | {x['voxelwise']} | {x['uniform']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | "
+                         f"{x['r']:+.2f} | {x['p']:.4f} | {q} |")
         lines += [""] + _paired_regularity(rows, stats)
     else:
-        lines += ["No solver has both a voxelwise and a uniform-λ run here.", ""]
+        lines += ["No λ strategy has its baseline's run to compare with here.", ""]
     if scaling:
         names = _step_names(scaling)
         lines += ["## Scaling of one instance-optimization iteration (CPU)", "",

@@ -148,6 +148,13 @@ SUITES: dict[str, dict] = {
     "realworld": {"dataset": "realworld", "methods": SOLVERS + ["instance-uniform", "sitk-demons", "ants-syn"],
                   "scaling": False, "fronts": True},
 }
+# every regularization strategy on one energy (method §1, §3): uniform, MAP-estimated global, region-wise and
+# voxelwise λ for the instance solver; uniform, regressed (MAP-trained) global and voxelwise λ for the learned one; each
+# with its regularity sweep
+STRATEGIES = ["instance-uniform", "instance-map", "instance-regions", "instance", "learned-uniform", "learned-lambda", "learned-stage1",
+              "learned", "learned+refine"]
+SUITES.update({"strategies": {"dataset": "realworld", "methods": STRATEGIES, "scaling": False, "fronts": True},
+               "strategies-bundled": {"dataset": "bundled", "methods": STRATEGIES, "scaling": False, "fronts": True}})
 
 
 def get_suite(suite: str) -> dict:

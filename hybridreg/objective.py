@@ -25,6 +25,7 @@ or on the image grid (it acts on the up-sampled displacement), or is uniform
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Sequence
 
@@ -33,11 +34,12 @@ from torch.profiler import record_function
 
 from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
-from .regularization import check_spacing, diffusion_energy, reference_scale
-from .similarity import lncc, mse
+from .regularization import check_spacing, diffusion_energy, diffusion_log_normalizer, reference_scale
+from .similarity import lncc, local_variance, mse, reduce_map
 from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
 
-__all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing"]
+__all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing",
+           "map_lambda"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,20 @@ class ObjectiveConfig:
             φ = exp(v/2)∘exp(v/2), so φ is the same field as without it; one more
             integration and one more warp per evaluation. Off by default
             (``docs/results.md``, "The symmetric energy").
+        log_det: the exact negative log posterior of a spatially uniform λ (method §1.3, §3.1;
+            the MAP of a global λ, ``lambda_mode: map`` of the instance solver): the term
+            ``normalizer`` adds the Gaussian prior's normaliser ``−½ log pdet(κ L)`` (analytic,
+            :func:`hybridreg.regularization.diffusion_log_normalizer`; rank ``d(N−1)``, the
+            constants being L's null space), and the image match becomes a Gaussian likelihood
+            whose noise σ² is estimated jointly, profiled out at its closed-form MAP σ² = mean
+            squared residual, so the match is ``½ + ½ log(2π σ²)`` per voxel (``mse_sigma`` is
+            not used). The residual is ``(f − m∘φ)²`` for MSE; for LNCC it is
+            ``var_f (1 − cc²)``, the squared residual of the least-squares linear map from the
+            warped intensities to the fixed ones inside each window (so LNCC keeps its
+            invariance to local contrast, and flat background, predicted exactly, weighs
+            nothing; LNCC alone is no normalised likelihood, and this reading gives it the noise
+            scale that the MAP of λ needs). Needs a uniform λ and ``w_reg`` > 0. Every term
+            stays a mean per image voxel (nats / N).
     """
 
     similarity: Literal["lncc", "mse"] = "lncc"
@@ -95,6 +111,7 @@ class ObjectiveConfig:
     smooth_node_factor: int = bounded(4, 1, 64)
     svf_steps: int = bounded(4, 0, 20)
     symmetric: bool = False
+    log_det: bool = False
 
     def __post_init__(self) -> None:
         for name, options in (("similarity", ("lncc", "mse")), ("hyperprior", ("beta", "normal", "none")),
@@ -109,19 +126,25 @@ class ObjectiveConfig:
             raise ValueError(f"ObjectiveConfig: `lncc_window` must be odd, got {self.lncc_window!r}")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"ObjectiveConfig: `symmetric` must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.log_det, bool):
+            raise ValueError(f"ObjectiveConfig: `log_det` must be true or false, got {self.log_det!r}")
+        if self.log_det and self.w_reg <= 0:
+            raise ValueError("ObjectiveConfig: `w_reg` must be > 0 with `log_det` (the prior's precision is w_reg · λ)")
         if self.symmetric and self.svf_steps < 1:
             raise ValueError("ObjectiveConfig: `svf_steps` must be >= 1 with `symmetric` (φ = exp(v/2)∘exp(v/2))")
 
 
 class EnergyTerms(NamedTuple):
     """Named terms of the energy, each a scalar tensor, or ``(B,)`` one per pair
-    (:func:`evaluate` with ``per_pair``); weights already applied."""
+    (:func:`evaluate` with ``per_pair``); weights already applied. ``normalizer`` is the
+    prior's normaliser (``ObjectiveConfig.log_det``; zero otherwise)."""
 
     total: torch.Tensor
     similarity: torch.Tensor
     regularization: torch.Tensor
     hyperprior: torch.Tensor
     lambda_smoothness: torch.Tensor
+    normalizer: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -275,15 +298,23 @@ def evaluate(
     with record_function("evaluate.similarity"):
         masked = fixed_mask is not None or moving_mask is not None
         reduction = "batch" if per_pair else "mean"
+        profiled = config.log_det  # σ² profiled out: each pair's mean squared residual is its MAP
         if config.similarity == "lncc":
-            sim = lncc(target, matched, config.lncc_window, reduction="none" if masked else reduction)
+            sim = lncc(target, matched, config.lncc_window, reduction="none")
+            if profiled:  # the squared residual of the least-squares local linear fit: var_f (1 − cc²)
+                sim = local_variance(target, config.lncc_window) * (1.0 + sim)
         else:
-            sim = mse(target, matched, sigma=config.mse_sigma, reduction="none" if masked else reduction)
+            sim = mse(target, matched, sigma=0.5**0.5 if profiled else config.mse_sigma, reduction="none")
         if masked:
             weight = (target_mask if target_mask is not None else 1.0) * (matched_mask if matched_mask is not None else 1.0)
             weight = torch.broadcast_to(weight, sim.shape)
-            dims = tuple(range(1, sim.dim())) if per_pair else tuple(range(sim.dim()))
+            dims = tuple(range(1, sim.dim())) if per_pair or profiled else tuple(range(sim.dim()))
             sim = (sim * weight).sum(dims) / weight.sum(dims).clamp_min(1.0)
+        else:
+            sim = reduce_map(sim, "batch" if per_pair or profiled else "mean", fn="evaluate")
+        if profiled:
+            sim = 0.5 + 0.5 * torch.log(2.0 * math.pi * sim.clamp_min(1e-12))
+            sim = sim if per_pair else sim.mean()
 
     if lam_grid == spatial and spatial != control:
         reg_field, reg_spacing = disp, h
@@ -294,8 +325,42 @@ def evaluate(
     with record_function("evaluate.priors"):
         hyper = _hyperprior(lam, config, reduction)
         smooth = _lambda_smoothness(lam, fixed, reg_spacing if lam_grid != spatial else h, config, reduction)
-    total = sim + reg + hyper + smooth
-    return Evaluation(EnergyTerms(total, sim, reg, hyper, smooth), disp, warped)
+        if config.log_det:
+            if lam_grid != (1,) * d:
+                raise ValueError(f"evaluate(): `lam` must be uniform (B, 1, {', '.join(['1'] * d)}) with `log_det`, got {tuple(lam.shape)}")
+            n_image, reg_shape = math.prod(spatial), tuple(reg_field.shape[2:])
+            scale = n_image * config.w_reg * reference_scale(d) * lam.reshape(-1) / math.prod(reg_shape)
+            normalizer = diffusion_log_normalizer(scale, reg_shape, reg_spacing, d) / n_image
+            normalizer = normalizer if per_pair else normalizer.mean()
+        else:
+            normalizer = _zero(lam, reduction)
+    total = sim + reg + hyper + smooth + normalizer
+    return Evaluation(EnergyTerms(total, sim, reg, hyper, smooth, normalizer), disp, warped)
+
+
+def map_lambda(lam: torch.Tensor, terms: EnergyTerms, image_shape: Sequence[int], reg_shape: Sequence[int]) -> torch.Tensor:
+    """The closed-form MAP of a uniform λ given the displacement (method §1.3, §3.1).
+
+    With ``log_det``, the energy's λ-dependent part per image voxel is
+    ``c ρ − d(N_R − 1)/(2 N) log c`` (``c = w_reg · reference_scale(d) · λ``, ``ρ`` the mean
+    diffusion density on the regularised grid of ``N_R`` nodes, ``N`` image voxels), which is
+    smallest at ``c* = d(N_R − 1) / (2 N ρ)``. ``ρ`` is read off the evaluated
+    ``terms.regularization`` (= ``c ρ``), so the update costs nothing: λ* = λ · d(N_R − 1) / (2 N R).
+
+    Args:
+        lam: ``(B, 1, 1, …)`` the uniform λ ``terms`` were evaluated with.
+        terms: :func:`evaluate`'s terms (with ``log_det``) with ``per_pair`` (``(B,)``) or for one pair.
+        image_shape: the image grid's size; reg_shape: the regularised grid's (the control
+            grid for a uniform λ, :func:`evaluate`).
+
+    Returns:
+        λ* shaped like ``lam`` (detached); a pair whose displacement is zero keeps ``lam``.
+    """
+    d = len(image_shape)
+    ratio = d * (math.prod(reg_shape) - 1) / (2.0 * math.prod(image_shape))
+    reg = terms.regularization.detach().reshape(-1).to(lam.dtype)
+    new = lam.detach().reshape(-1) * ratio / reg.clamp_min(torch.finfo(lam.dtype).tiny)
+    return torch.where(reg > 0, new, lam.detach().reshape(-1)).reshape(lam.shape)
 
 
 class RegistrationObjective(torch.nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .regularization import check_spacing, edge_density
 from .similarity import reduce_map
-from .spatial import gaussian_smooth
+from .spatial import gaussian_smooth, resize_image
 
 __all__ = [
     "LAMBDA_BOUNDS",
@@ -35,6 +35,8 @@ __all__ = [
     "nonlocal_smoothness",
     "keops_build_folder",
     "paint_regions",
+    "region_members",
+    "paint_region_lambda",
 ]
 
 LAMBDA_BOUNDS = {"beta": (1e-6, 1.0), "normal": (1e-6, 5.0)}
@@ -268,9 +270,51 @@ def paint_regions(
         raise ValueError(f"paint_regions(): `labels` must be an integer (B, 1, *spatial) tensor, got {labels.dtype} {tuple(labels.shape)}")
     if not values or any(not (v > 0) for v in values.values()) or not default > 0:
         raise ValueError("paint_regions(): `values` must be a non-empty {label: λ > 0} mapping and `default` > 0")
-    lam = torch.full(labels.shape, float(default), dtype=dtype, device=labels.device)
-    for k, v in values.items():
-        lam = torch.where(labels == int(k), torch.as_tensor(float(v), dtype=dtype, device=labels.device), lam)
-    if smooth_sigma > 0:
-        lam = gaussian_smooth(lam, smooth_sigma)
-    return lam
+    ids, members = region_members(labels, dtype=dtype)
+    lam_k = torch.tensor([float(values.get(k, default)) for k in ids.tolist()], dtype=dtype, device=labels.device)
+    return paint_region_lambda(members, lam_k.expand(labels.shape[0], -1), smooth_sigma)
+
+
+def region_members(labels: torch.Tensor, shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each region's share of every voxel of a grid: the label map's one-hot channels, each
+    resampled to ``shape`` (:func:`hybridreg.spatial.resize_image`, one region at a time), for
+    the region-wise λ of method §3.2.
+
+    Args:
+        labels: ``(B, 1, *spatial)`` integer label map; every value present in the batch
+            (0 included) is a region. shape: the grid to resample to (default: ``spatial``,
+            where the result is exactly one-hot).
+
+    Returns:
+        ``(ids, members)``: the K label values in increasing order, and ``(B, K, *shape)``
+        shares in [0, 1] that sum to 1 at every voxel.
+
+    Raises:
+        ValueError: ``labels`` is not an integer ``(B, 1, *spatial)`` tensor.
+    """
+    if labels.is_floating_point() or labels.dim() not in (4, 5) or labels.shape[1] != 1:
+        raise ValueError(f"region_members(): `labels` must be an integer (B, 1, *spatial) tensor, got {labels.dtype} {tuple(labels.shape)}")
+    ids = torch.unique(labels)
+    shape = tuple(labels.shape[2:]) if shape is None else tuple(shape)
+    members = [resize_image((labels == k).to(dtype), shape) for k in ids.tolist()]
+    return ids, torch.cat(members, 1)
+
+
+def paint_region_lambda(members: torch.Tensor, values: torch.Tensor, smooth_sigma: float = 0.0) -> torch.Tensor:
+    """Region-wise λ map ``Λ = G_σ * Σ_k members_k λ_k`` (method §3.2, CSAIN: λ_k painted over
+    region k, then Gaussian-smoothed with σ 0.8 voxels and a 5-voxel window); differentiable
+    in ``values``, so the λ_k can be optimised.
+
+    Args:
+        members: ``(B, K, *spatial)`` from :func:`region_members`.
+        values: ``(B, K)`` or ``(B, K, 1, …)`` λ_k per pair and region (dimensionless, > 0).
+        smooth_sigma: σ in voxels of ``members``' grid (0: no smoothing).
+
+    Returns:
+        ``(B, 1, *spatial)`` λ map.
+    """
+    if values.shape[:2] != members.shape[:2]:
+        raise ValueError(f"paint_region_lambda(): `values` {tuple(values.shape)} must be (B, K) for members {tuple(members.shape)}")
+    lam = (members * values.reshape(values.shape[:2] + (1,) * (members.dim() - 2))).sum(1, keepdim=True)
+    return gaussian_smooth(lam, smooth_sigma) if smooth_sigma > 0 else lam

@@ -8,6 +8,8 @@ second voxel, as in the authors' code) and the length ``h_k`` (mm). For a displa
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import torch
@@ -15,7 +17,8 @@ import torch
 from .similarity import reduce_map
 from .spatial import check_field
 
-__all__ = ["diffusion_energy", "reference_scale", "check_spacing", "edge_density"]
+__all__ = ["diffusion_energy", "reference_scale", "check_spacing", "edge_density", "laplacian_log_pdet",
+           "diffusion_log_normalizer"]
 
 
 def check_spacing(spacing: Sequence[float] | None, d: int, *, fn: str) -> tuple[float, ...]:
@@ -122,3 +125,49 @@ def reference_scale(d: int) -> float:
     authors' normalisation ``(1/d) Σ_axes mean_{voxels, components}(λ (∂u)²)`` (method §1.3),
     so that ``w_reg`` values published for the reference (e.g. 3.354 on IXI) carry over."""
     return 2.0 / (d * d)
+
+
+@functools.lru_cache(maxsize=64)
+def laplacian_log_pdet(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """Log pseudo-determinant of the scalar grid-graph Laplacian ``L`` of :func:`diffusion_energy`
+    (λ ≡ 1): face-neighbour edges of weight ``1 / h_k²`` on a grid of ``shape`` (method §1.3).
+
+    ``L`` is the Kronecker sum of the axes' path-graph Laplacians, whose eigenvalues are
+    ``(2 − 2 cos(π j / n_k)) / h_k²``, ``j = 0 … n_k − 1``, so ``L``'s are their sums over axes.
+    The grid is connected: the one zero eigenvalue (the constants, ``j = 0`` on every axis) is
+    ``L``'s null space and is left out, so the rank is ``N − 1`` and the result is
+    ``Σ_{μ ≠ 0} log μ`` (float64, exact up to rounding; O(N) time and memory).
+
+    Args:
+        shape: grid size per axis (N = its product ≥ 2). spacing: ``h`` per axis, mm.
+
+    Raises:
+        ValueError: fewer than two nodes, or a malformed ``spacing``.
+    """
+    h = check_spacing(spacing, len(shape), fn="laplacian_log_pdet")
+    if math.prod(shape) < 2 or any(n < 1 for n in shape):
+        raise ValueError(f"laplacian_log_pdet(): `shape` must have at least 2 nodes, got {shape!r}")
+    mu = torch.zeros((), dtype=torch.float64)
+    for k, (n, hk) in enumerate(zip(shape, h)):
+        axis = (2.0 - 2.0 * torch.cos(math.pi * torch.arange(n, dtype=torch.float64) / n)) / (hk * hk)
+        mu = mu.unsqueeze(-1) + axis.view((1,) * k + (n,))
+    return float(torch.log(mu.reshape(-1)[1:]).sum())  # index 0 is j = 0 on every axis: the null space
+
+
+def diffusion_log_normalizer(scale: torch.Tensor, shape: Sequence[int], spacing: Sequence[float], channels: int) -> torch.Tensor:
+    """``−log`` of the normalising constant of the Gaussian prior ``p(u) ∝ exp(−½ s uᵀ L u)``
+    of a ``channels``-component field on a grid of ``shape`` (method §1.3, the term the
+    reference drops): ``channels · [(N−1)/2 · log 2π − ½ ((N−1) log s + log pdet L)]``, so
+    that ``½ s uᵀ L u`` plus this is the exact negative log density of ``u`` on the
+    complement of ``L``'s null space (per channel, the constants: rank ``N − 1``).
+
+    Args:
+        scale: ``s > 0``, a tensor of any shape (e.g. ``(B,)``, one precision per pair).
+        shape, spacing: the grid (:func:`laplacian_log_pdet`). channels: d for a displacement.
+
+    Returns:
+        A tensor shaped like ``scale`` (nats), differentiable in ``scale``.
+    """
+    n = math.prod(shape)
+    const = channels * (0.5 * (n - 1) * math.log(2.0 * math.pi) - 0.5 * laplacian_log_pdet(tuple(shape), tuple(float(x) for x in spacing)))
+    return const - 0.5 * channels * (n - 1) * torch.log(scale)

@@ -404,6 +404,10 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
     for key in ("fixed_mask", "moving_mask"):
         if getattr(inputs[0], key) is not None:
             grids[key] = cat([getattr(i, key) for i in inputs])
+    if getattr(config, "lambda_mode", None) == "regions":  # one λ per structure of FIXED's labels (method §3.2)
+        if any(i.fixed_labels is None for i in inputs):
+            raise ValueError("`--fixed-labels` is required with lambda_mode 'regions' (one λ per labelled structure)")
+        grids["regions"] = torch.cat([torch.from_numpy(np.ascontiguousarray(i.fixed_labels)).long()[None, None] for i in inputs])
     return run_solver_pairs(solver, config, cat([normalize_intensity(i.fixed) for i in inputs]),
                             cat([normalize_intensity(i.moving) for i in inputs]), inputs[0].geometry.array_spacing,
                             device, **grids)
@@ -438,7 +442,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict(),
                    "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict()},
         "jacobian_method": "central differences (torch.gradient), whole image grid",
-        "lambda": {"mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},
+        "lambda": {"mode": getattr(solved.config, "lambda_mode", None),  # map: "mean" is the pair's MAP estimate
+                   "mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},
         "seconds": {"registration": solved.seconds},
         "batch_size": solved.batch_size,
         "peak_memory_mb": solved.peak_memory_mb,
@@ -465,6 +470,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         metrics.update({k: s[k] for k in ("folding_percent", "ndv_percent", "sdlogj", "jacobian_min", "jacobian_max")})
         inside = lam[fl > 0]
         metrics["lambda"].update({"mean_inside_fixed_labels": float(inside.mean()), "std_inside_fixed_labels": float(inside.std())})
+        if metrics["lambda"]["mode"] == "regions":
+            metrics["lambda"]["per_region"] = {str(k): float(lam[fl == k].mean()) for k in np.unique(fl).tolist()}
         if vm is None:
             before = score_dice(fl, ml, policy=labels)
             before = {"mean": before["mean"], "per_label": {str(k): v for k, v in before["per_label"].items()}}

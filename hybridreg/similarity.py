@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["box_mean", "lncc", "mse", "reduce_map"]
+__all__ = ["box_mean", "lncc", "local_variance", "mse", "reduce_map"]
 
 
 def reduce_map(value: torch.Tensor, reduction: str, *, fn: str) -> torch.Tensor:
@@ -98,6 +98,14 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
         c1 = _box_sum_1d(x.new_ones(ones_shape), dim, r)
         count = c1 if count is None else count * c1
     return _BoxSum.apply(x, r) / count
+
+
+def local_variance(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Variance of ``x`` over the same centred box as :func:`lncc` (``(B, C, *spatial)`` →
+    same shape, squared intensity units, ≥ 0)."""
+    c = x.shape[1]
+    m, mm = box_mean(torch.cat([x, x * x], dim=1), window).split(c, dim=1)
+    return (mm - m * m).clamp_min(0.0)
 
 
 def lncc(

@@ -5,7 +5,10 @@ runs coarse to fine; on each level the velocity lives on a control grid (the lev
 divided by ``control_factor``) and λ = sigmoid(θ) (beta hyperprior) or softplus(θ)
 (normal hyperprior) lives on the same control grid. ``lambda_mode="uniform"`` is the
 spatially uniform baseline on the same code path: λ ≡ ``lambda_init``, not optimised, no
-hyperprior.
+hyperprior. ``lambda_mode="map"`` estimates one global λ per pair by MAP from the exact
+negative log posterior (``ObjectiveConfig.log_det``, method §1.3 and §3.1);
+``lambda_mode="regions"`` optimises one λ per region of a label map (CSAIN's region-wise λ,
+method §3.2) under the hyperprior.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridreg.config import bounded, check_bounds
-from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate
-from hybridreg.priors import lambda_from_param, param_from_lambda
+from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate, map_lambda
+from hybridreg.priors import lambda_from_param, paint_region_lambda, param_from_lambda, region_members
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
 from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, resize_image
@@ -45,8 +48,24 @@ class InstanceOptConfig:
             level's own grid). A single value applies to every level.
         lr: Adam learning rate of the velocity (voxels of the control grid per step).
         lr_lambda: Adam learning rate of θ (λ's unconstrained parameter).
-        lambda_mode: ``"voxelwise"`` (λ optimised per control voxel) or ``"uniform"``.
-        lambda_init: initial λ (voxelwise) or the fixed λ (uniform).
+        lambda_mode: ``"voxelwise"`` (λ optimised per control voxel), ``"uniform"`` (λ fixed
+            at ``lambda_init``), ``"map"``: one λ per pair estimated with the velocity by MAP
+            from the exact negative log posterior (``objective.log_det`` is switched on, the
+            hyperprior off: a flat prior on log λ; the image match is a Gaussian likelihood
+            whose noise σ² is estimated jointly), the prior acting on the control-grid
+            displacement, rank d(N_c − 1); the estimate is ``RegistrationResult.lam``
+            (``metrics.json``: ``lambda.mean``); or ``"regions"``: one λ_k per region of the
+            ``regions`` label map (the fixed image's labels; every label value, 0 included, is a
+            region), painted and smoothed (``region_smoothing``) into the control-grid λ map,
+            optimised with the velocity under the hyperprior (as ``"voxelwise"``, with
+            ``lr_lambda``; method §3.2, CSAIN).
+        map_update: how ``"map"`` updates λ: ``"closed_form"`` sets it to its exact optimum
+            given the displacement (:func:`hybridreg.objective.map_lambda`) every ``window``
+            iterations (block-coordinate descent); ``"gradient"`` runs Adam on log λ with
+            ``lr_lambda`` together with the velocity. Both minimise the same energy.
+        region_smoothing: σ (control-grid voxels) of the Gaussian that smooths the painted
+            region-wise λ (CSAIN: 0.8, a 5-voxel window); 0 keeps sharp region borders.
+        lambda_init: initial λ (voxelwise, map) or the fixed λ (uniform).
         velocity_smoothing: σ (control-grid voxels) of a Gaussian that parametrises the
             velocity, ``v = G_σ * w``, with Adam on ``w``. This is a preconditioner (as the
             gradient smoothing of FireANTs): the energy minimised is unchanged, but Adam's
@@ -69,8 +88,10 @@ class InstanceOptConfig:
     control_factor: tuple[int, ...] = bounded(lambda: (1,), 1, 16, factory=True)
     lr: float = bounded(0.5, 1e-6, 100.0)
     lr_lambda: float = bounded(0.05, 1e-6, 10.0)
-    lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
-    lambda_init: float = bounded(0.5, 1e-6, 5.0)
+    lambda_mode: Literal["voxelwise", "uniform", "map", "regions"] = "voxelwise"
+    map_update: Literal["closed_form", "gradient"] = "closed_form"
+    region_smoothing: float = bounded(0.8, 0.0, 10.0)
+    lambda_init: float = bounded(0.5, 1e-6, 1e3)
     velocity_smoothing: float = bounded(1.5, 0.0, 10.0)
     lr_final_fraction: float = bounded(1.0, 1e-6, 1.0)
     tol: float = bounded(1e-4, 0.0, 1.0)
@@ -83,15 +104,21 @@ class InstanceOptConfig:
             v = getattr(self, name)
             if any(isinstance(x, bool) or not isinstance(x, int) for x in (v if isinstance(v, tuple) else (v,))):
                 raise ValueError(f"InstanceOptConfig: `{name}` must hold ints, got {v!r}")
-        if self.lambda_mode not in ("voxelwise", "uniform"):
-            raise ValueError(f"InstanceOptConfig: `lambda_mode` must be 'voxelwise' or 'uniform', got {self.lambda_mode!r}")
+        for name, options in (("lambda_mode", ("voxelwise", "uniform", "map", "regions")), ("map_update", ("closed_form", "gradient"))):
+            if getattr(self, name) not in options:
+                raise ValueError(f"InstanceOptConfig: `{name}` must be one of {list(options)}, got {getattr(self, name)!r}")
         check_bounds(self)
         n = len(self.level_spacing)
         for name, sizes in (("level_spacing", (n,)), ("iterations", (n,)), ("control_factor", (1, n))):
             if not n or len(getattr(self, name)) not in sizes:
                 raise ValueError(f"InstanceOptConfig: `{name}` must list {' or '.join(map(str, sizes))} values (one per"
                                  f" level), got {getattr(self, name)!r}")
-        if self.lambda_mode == "voxelwise" and self.objective.hyperprior == "beta" and self.lambda_init >= 1:
+        if self.lambda_mode == "map" and self.objective.w_reg <= 0:
+            raise ValueError("InstanceOptConfig: `objective.w_reg` must be > 0 with lambda_mode 'map'")
+        if self.lambda_mode in ("voxelwise", "regions") and self.objective.hyperprior != "beta" and self.lambda_init > 5:
+            raise ValueError(f"InstanceOptConfig: `lambda_init` must be <= 5 with a λ map (λ = softplus(θ) is clamped to 5), got"
+                             f" {self.lambda_init!r}")
+        if self.lambda_mode in ("voxelwise", "regions") and self.objective.hyperprior == "beta" and self.lambda_init >= 1:
             raise ValueError(f"InstanceOptConfig: `lambda_init` must be < 1 under the beta hyperprior (λ = sigmoid(θ)), got"
                              f" {self.lambda_init!r}")
 
@@ -129,6 +156,7 @@ def register_pair(
     moving_spacing: Sequence[float] | None = None,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    regions: torch.Tensor | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by instance optimization (method §2.1).
 
@@ -141,7 +169,8 @@ def register_pair(
             inputs' device. Results are returned on that device.
         init_velocity: optional ``(B, d, *any)`` SVF in voxels of its own grid (e.g. a
             network's output) to start from; resampled to the first level's control grid.
-        init_lambda: optional ``(B, 1, *any)`` λ map to start from (voxelwise mode).
+        init_lambda: optional ``(B, 1, *any)`` λ map to start from (voxelwise mode; its
+            mean per pair in map mode).
         callback: optional ``callback(level, iteration, velocity, lam)``, called every
             ``config.window`` iterations (and after a level's last one) with the current
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
@@ -154,6 +183,8 @@ def register_pair(
             on its own grid).
         fixed_mask, moving_mask: optional ``(B, 1, *grid)`` masks on each image's grid that
             restrict the image match (:func:`hybridreg.objective.evaluate`).
+        regions: ``(B, 1, *spatial)`` integer label map on FIXED's grid, required by (and
+            only used with) ``lambda_mode="regions"``: one λ per label value.
 
     A batch of B > 1 pairs is B independent registrations in one optimization (batched
     instance optimization, ``hybridreg batch --batch-size``): the energy minimised is the sum
@@ -170,7 +201,7 @@ def register_pair(
         :meth:`~hybridreg.solvers.RegistrationResult.pair`).
 
     Raises:
-        TypeError, ValueError: malformed images (shape, NaN/Inf), spacing or inits.
+        TypeError, ValueError: malformed images (shape, NaN/Inf), spacing, inits or ``regions``.
     """
     cfg = config or InstanceOptConfig()
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
@@ -184,7 +215,14 @@ def register_pair(
     moving_map, fixed_mask, moving_mask = (None if t is None else t.to(dev, dtype) for t in (moving_map, fixed_mask, moving_mask))
     B = fixed.shape[0]
     kind = cfg.objective.hyperprior if cfg.objective.hyperprior != "none" else "normal"
-    obj = cfg.objective if cfg.lambda_mode == "voxelwise" else replace(cfg.objective, hyperprior="none")
+    mode = cfg.lambda_mode
+    obj = (cfg.objective if mode in ("voxelwise", "regions")
+           else replace(cfg.objective, hyperprior="none", log_det=cfg.objective.log_det or mode == "map"))
+    if mode == "regions":
+        if regions is None or regions.is_floating_point() or tuple(regions.shape) != (B, 1) + spatial:
+            raise ValueError(f"register_pair(): `regions` must be an integer (B={B}, 1, *{spatial}) label map on FIXED's grid with"
+                             f" lambda_mode 'regions', got {None if regions is None else (regions.dtype, tuple(regions.shape))}")
+        regions = regions.to(dev)
     if init_velocity is not None and (init_velocity.dim() != d + 2 or init_velocity.shape[:2] != (B, d)):
         raise ValueError(f"register_pair(): `init_velocity` must be (B={B}, d={d}, *grid), got {tuple(init_velocity.shape)}")
     if init_lambda is not None and (init_lambda.dim() != d + 2 or init_lambda.shape[:2] != (B, 1)):
@@ -194,16 +232,29 @@ def register_pair(
         if init is not None and not bool(torch.isfinite(init).all()):
             raise ValueError(f"register_pair(): `{name}` contains NaN or Inf values")
     velocity = init_velocity.detach().to(dev, dtype) if init_velocity is not None else None
-    theta = None
-    if cfg.lambda_mode == "voxelwise" and init_lambda is not None:
+    theta = None  # λ's parameter: θ with λ = sigmoid/softplus(θ) (voxelwise), log λ (map)
+    if mode == "voxelwise" and init_lambda is not None:
         theta = param_from_lambda(init_lambda.detach().to(dev, dtype), kind)
+    elif mode == "regions":
+        theta = param_from_lambda(torch.tensor(float(cfg.lambda_init)), kind).to(dev, dtype).expand(
+            (B, len(torch.unique(regions))) + (1,) * d).clone()
+    elif mode == "map":
+        start = (init_lambda.detach().to(dev, dtype).flatten(1).mean(1) if init_lambda is not None
+                 else torch.full((B,), float(cfg.lambda_init), dtype=dtype, device=dev))
+        theta = start.clamp_min(1e-12).log().view((B, 1) + (1,) * d)
     uniform_lam = torch.full((B, 1) + (1,) * d, float(cfg.lambda_init), dtype=dtype, device=dev)
 
     def smooth(w: torch.Tensor) -> torch.Tensor:
         return gaussian_smooth(w, cfg.velocity_smoothing) if cfg.velocity_smoothing > 0 else w
 
+    level_members: dict = {}  # regions: the membership on the current level's control grid
+
     def lam_of(th: torch.Tensor | None) -> torch.Tensor:
-        return lambda_from_param(th, kind) if th is not None else uniform_lam
+        if th is None:
+            return uniform_lam
+        if mode == "regions":
+            return paint_region_lambda(level_members["grid"], lambda_from_param(th, kind), cfg.region_smoothing)
+        return th.exp() if mode == "map" else lambda_from_param(th, kind)
 
     stopping = RelativeChangeStopping(cfg.tol, cfg.window, cfg.min_iterations)
     history: list[LevelHistory] = []
@@ -226,7 +277,14 @@ def register_pair(
         v.requires_grad_(True)
         params = [{"params": [v], "lr": cfg.lr}]
         th = None
-        if cfg.lambda_mode == "voxelwise":
+        if mode == "regions":
+            level_members["grid"] = region_members(regions, control, dtype)[1]
+        if mode in ("map", "regions"):
+            th = theta.clone()
+            if mode == "regions" or cfg.map_update == "gradient":
+                th.requires_grad_(True)
+                params.append({"params": [th], "lr": cfg.lr_lambda})
+        elif mode == "voxelwise":
             if theta is not None:
                 th = resize_image(theta, control).clone()
             else:
@@ -238,16 +296,20 @@ def register_pair(
         frac = cfg.lr_final_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - frac) * i / max(n_iter - 1, 1))
 
-        running: dict = {"index": None, "inputs": (f_l, m_l, grids), "last": None}  # which pairs of a batch still run
+        # which pairs of a batch still run; iterations of this level so far (the closed-form λ update's clock)
+        running: dict = {"index": None, "inputs": (f_l, m_l, grids), "last": None, "calls": 0}
+        closed_form = mode == "map" and cfg.map_update == "closed_form"
 
         def closure() -> EnergyTerms:
             idx, (f_r, m_r, g_r) = running["index"], running["inputs"]
-            lam = lam_of(th)
-            if idx is None:
-                terms = evaluate(f_r, m_r, smooth(v), lam, obj, level_h, per_pair=True, **g_r).terms
-            else:  # the stopped pairs are not evaluated: their terms stay at their last values
-                part = evaluate(f_r, m_r, smooth(v[idx]), lam[idx], obj, level_h, per_pair=True, **g_r).terms
-                terms = EnergyTerms(*(last.index_put((idx,), t) for last, t in zip(running["last"], part)))
+            lam = lam_of(th) if idx is None else lam_of(th)[idx]
+            part = evaluate(f_r, m_r, smooth(v if idx is None else v[idx]), lam, obj, level_h, per_pair=True, **g_r).terms
+            running["calls"] += 1
+            if closed_form and running["calls"] % cfg.window == 0:  # λ given u, exactly (block-coordinate descent)
+                with torch.no_grad():
+                    th[slice(None) if idx is None else idx] = map_lambda(lam, part, shape, control).log()
+            # the stopped pairs are not evaluated: their terms stay at their last values
+            terms = part if idx is None else EnergyTerms(*(last.index_put((idx,), t) for last, t in zip(running["last"], part)))
             running["last"] = [t.detach() for t in terms]
             return terms
 

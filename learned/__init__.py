@@ -9,6 +9,8 @@ optimization (method §2.3).
 * :mod:`learned.train` -- training (augmentation, validation Dice, logs, exact resume, DDP).
 * :mod:`learned.solver` -- ``register_pair``, the solvers ``learned`` and ``learned+refine``
   (:data:`~learned.solver.LEARNED`, :data:`~learned.solver.LEARNED_REFINE`), the shipped weights.
+* :mod:`learned.regressor` -- regularization prediction (method §3.1): a CNN regressing a pair's
+  MAP λ, and the solver ``learned-lambda`` that registers at the predicted λ.
 """
 
 from .network import BACKBONES, LambdaHead, NetOutput, NetworkConfig, RegistrationNetwork, SwinBackbone, UNetBackbone

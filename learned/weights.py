@@ -17,7 +17,7 @@ from hybridreg.objective import Evaluation, ObjectiveConfig
 from .loss import network_energy
 from .network import NetOutput, NetworkConfig, RegistrationNetwork
 
-__all__ = ["WEIGHTS_FORMAT", "save_weights", "load_weights", "predict"]
+__all__ = ["WEIGHTS_FORMAT", "save_weights", "read_weight_file", "load_weights", "predict"]
 
 WEIGHTS_FORMAT = "hybridreg-learned-v1"
 
@@ -33,6 +33,24 @@ def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: O
         torch.save(payload, tmp)
 
 
+def read_weight_file(path: str | os.PathLike, fmt: str, *, arg: str = "--weights") -> dict:
+    """The dict a hybridreg weight file of format ``fmt`` holds (``torch.load``, tensors only).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not a ``fmt`` weight file (both name ``arg``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- torch raises many types (and advice about pickles) for foreign files
+        raise ValueError(f"`{arg}`: {p} is not a hybridreg weight file (torch cannot read it as one)") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"`{arg}`: {p} is not a {fmt} weight file")
+    return payload
+
+
 def load_weights(path: str | os.PathLike, device: torch.device | str | None = None, *, arg: str = "--weights"):
     """Read a weight file written by :func:`save_weights`.
 
@@ -44,14 +62,7 @@ def load_weights(path: str | os.PathLike, device: torch.device | str | None = No
             missing an entry or a weight (both name ``arg``, the option the path came from).
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 -- torch raises many types (and advice about pickles) for foreign files
-        raise ValueError(f"`{arg}`: {p} is not a hybridreg weight file (torch cannot read it as one)") from None
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"`{arg}`: {p} is not a {WEIGHTS_FORMAT} weight file")
+    payload = read_weight_file(p, WEIGHTS_FORMAT, arg=arg)
     try:
         net = RegistrationNetwork(from_dict(NetworkConfig, payload["network"], where="weights network"))
         net.load_state_dict(payload["state_dict"])

@@ -154,3 +154,24 @@ def test_bad_input_clear_error_and_no_output(files, tmp_path, capsys, argv, need
 def test_apply_bad_field(files, tmp_path, capsys):
     err = _fail(["apply", files["fixed"], files["moving"], "--out", str(tmp_path / "x.nii.gz")], capsys)
     assert "TRANSFORM" in err and "not a displacement field" in err
+
+
+@pytest.mark.parametrize("mode", ["map", "regions"])
+def test_lambda_strategies_from_the_cli(tmp_path, bundled, mode, capsys):
+    """MAP-estimated global λ and region-wise λ (issue: every regularization strategy) run from
+    `--set lambda_mode=...`, report their λ in metrics.json; regions need FIXED's labels."""
+    f, m = bundled
+    args = ["register", str(f.image_path), str(m.image_path), "--set", f"lambda_mode={mode}", "--set", "level_spacing=[8]",
+            "--set", "iterations=[20]", "--set", "control_factor=[2]", "--outputs", "metrics", "--no-progress", "--affine", "none"]
+    out = tmp_path / "out"
+    assert main(args + ["--out", str(out), "--fixed-labels", str(f.labels_path), "--moving-labels", str(m.labels_path)]) == 0
+    lam = json.loads((out / "metrics.json").read_text())["lambda"]
+    assert lam["mode"] == mode
+    if mode == "map":
+        assert lam["std"] < 1e-4 * lam["mean"] and lam["mean"] > 0 and lam["mean"] != 0.5  # one estimated value
+    else:
+        assert len(lam["per_region"]) > 10 and len(set(lam["per_region"].values())) > 1
+        capsys.readouterr()
+        assert main(args + ["--out", str(tmp_path / "none")]) == 2
+        assert "--fixed-labels" in capsys.readouterr().err
+        assert not (tmp_path / "none" / "metrics.json").exists()
