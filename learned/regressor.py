@@ -181,6 +181,16 @@ def predict_lambda(net: LambdaRegressor, fixed: torch.Tensor, moving: torch.Tens
 
 # ----------------------------------------------------------------------------- training data and training
 
+def _pair_image(vol, draw: int | None, spacing: Sequence[float]) -> torch.Tensor:
+    """A training volume's image ``(1, 1, *spatial)``, or (``draw`` = a seed) a scan-like draw
+    from its label map (:func:`hybridreg.synthesis.synthesize`)."""
+    from hybridreg.synthesis import synthesize
+
+    if draw is None:
+        return torch.from_numpy(vol.image)[None, None].float()
+    return synthesize(torch.from_numpy(vol.labels)[None, None].long(), spacing, generator=torch.Generator().manual_seed(draw))[0]
+
+
 def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_prob: float = 0.5, seed: int = 0,
                 cache: str | os.PathLike | None = None, progress: bool = True) -> list[dict]:
     """MAP estimates of λ for ``n_pairs`` random (fixed, moving) pairs of the dataset's training
@@ -193,8 +203,6 @@ def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_p
         One dict per pair: ``fixed``, ``moving`` (subject ids), ``synth`` (the two draws' seeds or
         ``None``), ``lam`` (the MAP λ), ``seconds`` (its registration).
     """
-    from hybridreg.synthesis import synthesize
-
     gen = torch.Generator().manual_seed(seed)
     train = [v for v in dataset.train if v.labels is not None]
     done = json.loads(Path(cache).read_text()) if cache is not None and Path(cache).is_file() else []
@@ -208,15 +216,9 @@ def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_p
     out = [d for d in done if d["index"] < n_pairs]
     have = {d["index"] for d in out}
 
-    def image(vol, draw):
-        if draw is None:
-            return torch.from_numpy(vol.image)[None, None].float()
-        lab = torch.from_numpy(vol.labels)[None, None].long()
-        return synthesize(lab, dataset.spacing, generator=torch.Generator().manual_seed(draw))[0]
-
     for spec in tqdm([s for s in specs if s["index"] not in have], desc="MAP λ of training pairs", disable=not progress):
-        f = image(by_id[spec["fixed"]], spec["synth"][0])
-        m = image(by_id[spec["moving"]], spec["synth"][1])
+        f = _pair_image(by_id[spec["fixed"]], spec["synth"][0], dataset.spacing)
+        m = _pair_image(by_id[spec["moving"]], spec["synth"][1], dataset.spacing)
         res = instance_register_pair(f, m, replace(map_config, progress=False), spacing=dataset.spacing)
         out.append({**spec, "lam": float(res.lam.reshape(-1)[0]), "seconds": res.seconds})
         if cache is not None:
@@ -318,10 +320,9 @@ class LearnedLambdaSolver:
                       spacing: Sequence[float] | None = None, device: str | torch.device | None = None,
                       moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
                       **kwargs) -> RegistrationResult:
-        """Predict λ per pair (:func:`predict_lambda`), then :func:`instance_opt.register_pair`
-        with ``config.register`` at that λ. Arguments, shapes and errors as the instance
-        solver's; a batch's pairs each get their own prediction but share one λ only when
-        B = 1 (B > 1 raises ``ValueError``: the registration runs with one λ)."""
+        """Predict λ (:func:`predict_lambda`), then :func:`instance_opt.register_pair` with
+        ``config.register`` at that λ. Arguments, shapes and errors as the instance solver's;
+        one pair at a time (B > 1 raises ``ValueError``: each pair has its own λ)."""
         cfg = config or LearnedLambdaConfig()
         check_images(fixed, moving, fn="learned-lambda", same_grid=moving_map is None)
         if fixed.shape[0] != 1:
@@ -370,22 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = bundled(2)
     targets = map_targets(ds, a.pairs, map_config(), cache=out / "targets.json", progress=not a.no_progress)
     cfg = RegressorConfig(steps=a.steps)
-    from hybridreg.synthesis import synthesize
-
     by_id = {v.subject_id: v for v in ds.train}
-    inputs = []
-    for t in targets:
-        imgs = []
-        for sid, draw in zip((t["fixed"], t["moving"]), t["synth"]):
-            v = by_id[sid]
-            imgs.append(torch.from_numpy(v.image)[None, None].float() if draw is None else
-                        synthesize(torch.from_numpy(v.labels)[None, None].long(), ds.spacing,
-                                   generator=torch.Generator().manual_seed(draw))[0])
-        inputs.append(regressor_inputs(imgs[0], imgs[1], ds.spacing, cfg.input_spacing))
+    inputs = [regressor_inputs(_pair_image(by_id[t["fixed"]], t["synth"][0], ds.spacing),
+                               _pair_image(by_id[t["moving"]], t["synth"][1], ds.spacing), ds.spacing, cfg.input_spacing)
+              for t in targets]
     t0 = time.perf_counter()
     net, log = train_regressor(inputs, [t["lam"] for t in targets], cfg, progress=not a.no_progress)
     info = {"pairs": len(targets), "training_seconds": time.perf_counter() - t0, "map_config": to_dict(map_config()),
