@@ -8,7 +8,7 @@ Usage::
     python -m benchmarks report --suite bundled    # re-render the report from the stored rows
     python -m benchmarks compare OLD/rows.jsonl --suite bundled   # does this run reproduce OLD?
     python -m benchmarks calibrate-uniform         # uniform-λ config matched to the voxelwise SDlogJ
-    python -m benchmarks instance-speed | learned-solver | tuning | batched | lambda-regressor [args...]   # the focused benchmarks
+    python -m benchmarks instance-speed | learned-solver | tuning | batched | lambda-regressor | conditional-tuning [args...]   # the focused benchmarks
 
 ``run`` writes ``benchmarks/results/<suite>/``: ``report.md``, CSV files, figures and
 ``rows.jsonl``; it continues an interrupted run (finished (pair, method) runs are kept), and
@@ -27,7 +27,7 @@ from benchmarks.common import RESULTS
 
 FOCUSED = {"instance-speed": "benchmarks.instance_speed", "learned-solver": "benchmarks.learned_solver",
            "tuning": "benchmarks.tuning_comparison", "batched": "benchmarks.batched",
-           "lambda-regressor": "benchmarks.lambda_regressor"}
+           "lambda-regressor": "benchmarks.lambda_regressor", "conditional-tuning": "benchmarks.conditional_tuning"}
 
 
 def _list() -> int:
@@ -158,15 +158,15 @@ def _calibrate(a) -> int:
     import yaml
 
     from hybridreg.config import atomic_write_text, to_dict
-    from hybridreg.tuning import Parameter, SearchSpace, instance_objective
+    from hybridreg.tuning import Parameter, SearchSpace, solver_objective
     from benchmarks.methods import UNIFORM_CONFIG
 
     vox = SearchSpace(parameters=(Parameter("lambda_init", 0.01, 10.0, log=True),))
-    target = instance_objective(vox, {"lambda_init": 0.5})
+    target = solver_objective(vox, {"lambda_init": 0.5})
     print(f"voxelwise: validation Dice {target['dice']:.4f}, SDlogJ {target['sdlogj']:.4f}", flush=True)
     uni = SearchSpace(parameters=vox.parameters, base_config={"lambda_mode": "uniform", "objective": {"hyperprior": "none"}})
     def measure(lam: float) -> dict:
-        r = instance_objective(uni, {"lambda_init": lam})
+        r = solver_objective(uni, {"lambda_init": lam})
         print(f"uniform λ {lam:.4f}: validation Dice {r['dice']:.4f}, SDlogJ {r['sdlogj']:.4f}", flush=True)
         return r
 

@@ -67,7 +67,7 @@ import torch
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
 from learned.regressor import REGRESSOR_WEIGHTS
-from learned.solver import NAMED_WEIGHTS, UNIFORM_WEIGHTS
+from learned.solver import CONDITIONAL_WEIGHTS, NAMED_WEIGHTS, UNIFORM_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
@@ -76,6 +76,12 @@ REGIONS_CONFIG = ROOT / "configs" / "instance_regions.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
 STAGE1_WEIGHTS = NAMED_WEIGHTS["stage1"]
 """Stage 1 of the shipped weights (``--weights stage1``)."""
+FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in (1.0, 2.0, 8.0, 16.0)}
+"""The conditional network's fixed-value baselines: the shipped network fine-tuned at one ``w_reg``
+(``configs/learned_fixed_wreg.yaml``; ``--weights fixed-w1``, ``fixed-w2``, ``fixed-w8``, ``fixed-w16``)."""
+REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
+"""The region weights tuned for the conditional network on the bundled validation pairs
+(``hybridreg tune --solver learned-conditional``, ``configs/tune_conditional_regions.yaml``)."""
 
 
 @dataclass
@@ -293,23 +299,30 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
     return run
 
 
-def _learned(name: str, weights: Path | None = None, half_grid: bool = False):
-    """The learned solver ``name`` (``learned``, ``learned+refine`` or ``learned-lambda``) with ``weights``
-    (default: the shipped ones); ``half_grid``: refine with :func:`learned.solver.half_grid_refine`
-    (networks without a full-resolution stage)."""
+def _learned(name: str, weights: Path | None = None, half_grid: bool = False, sets: tuple[str, ...] = (),
+             region_lambda: Path | None = None):
+    """The learned solver ``name`` (``learned``, ``learned+refine``, ``learned-lambda``,
+    ``learned-conditional[+refine]``) with ``weights`` (default: the solver's shipped ones);
+    ``half_grid``: refine with :func:`learned.solver.half_grid_refine` (networks without a
+    full-resolution stage); ``sets``: ``KEY=VALUE`` overrides (the conditional network's
+    ``objective.w_reg``: a point of its front); ``region_lambda``: a ``label: λ`` YAML file
+    (the conditional network's region weights, ``--region-lambda``)."""
 
     def run(pair: AnyPair, dice_fn) -> MethodOutput:
-        from hybridreg.service import run_solver
+        from hybridreg.service import run_solver, solver_and_config
         from hybridreg.solvers import get_solver
         from learned.solver import half_grid_refine
 
-        solver = get_solver(name)
-        cfg = solver.configure(replace(solver.default_config(), progress=False, weights=str(weights or ""),
-                                       **({"refine_config": half_grid_refine()} if half_grid else {})))
+        solver, cfg = solver_and_config(name, weights=str(weights or ""), progress=False, overrides=sets,
+                                        region_lambda=region_lambda)  # the CLI's path: --set, --region-lambda
+        if half_grid:
+            cfg = replace(cfg, refine_config=half_grid_refine())
         if not pair.prealigned:
             return _via_service(pair, name, cfg)
         f, m = _tensors(pair)
-        solved = run_solver(solver, cfg, f, m, pair.spacing)
+        regions = ({"regions": torch.from_numpy(np.ascontiguousarray(pair.fixed.labels)).long()[None, None]}
+                   if getattr(cfg, "lambda_mode", None) == "regions" else {})  # one λ per structure of FIXED's labels
+        solved = run_solver(solver, cfg, f, m, pair.spacing, **regions)
         lam = solved.result.lam
         return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, lam[0, 0].numpy() if lam.numel() > 1 else None)
 
@@ -410,6 +423,19 @@ METHODS: dict[str, Method] = {
                "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), one forward pass"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 12 instance iterations at 2 mm"),
+        Method("learned-conditional", "learned conditional (voxelwise λ)", _learned("learned-conditional"), "voxelwise",
+               "learned", "one network conditioned on w_reg and the hyperprior strength (FiLM) and on a region-wise λ map"
+               " (CSAIN), `learned/weights/conditional/`, at w_reg 4 (the λ head's voxelwise λ)", setting="w_reg 4",
+               requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
+        Method("learned-conditional+refine", "learned conditional + refine", _learned("learned-conditional+refine"),
+               "voxelwise", "learned+refine", "the conditional network refined by 12 instance iterations at 2 mm on the"
+               " energy at the same w_reg", setting="w_reg 4", requires=str(CONDITIONAL_WEIGHTS),
+               why="train it: configs/learned_conditional.yaml"),
+        Method("learned-conditional-regions", "learned conditional (region-wise λ, tuned)",
+               _learned("learned-conditional", region_lambda=REGION_LAMBDA), "regions", "learned",
+               "the conditional network at w_reg 4 conditioned on region weights tuned by TuRBO on the validation pairs"
+               " (`benchmarks/results/conditional/region_lambda.yaml`); the energy's λ is the painted map",
+               setting="w_reg 4", requires=str(REGION_LAMBDA), why="tune them: hybridreg tune --solver learned-conditional"),
         Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
                "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
                **_NEEDS_STAGE1_NET),
@@ -439,6 +465,13 @@ FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)
           "instance-map": [(f"uniform={lam:g}", f"uniform λ {lam:g}",
                             _instance(MAP_CONFIG, sets=("lambda_mode=uniform", f"lambda_init={lam:g}", "objective.log_det=true")))
                            for lam in (0.25, 0.5, 1.0, 2.0)],
+          # one network per value (the shipped one is w_reg 4) against one conditional network at every value
+          "learned": [(f"w_reg={w:g}", f"w_reg {w:g} network", _learned("learned", p)) for w, p in FIXED_WREG_WEIGHTS.items()],
+          "learned-conditional": [(f"w_reg={w:g}", f"w_reg {w:g}", _learned("learned-conditional", sets=(f"objective.w_reg={w:g}",)))
+                                  for w in (1.0, 2.0, 8.0, 16.0)],
+          "learned-conditional+refine": [(f"w_reg={w:g}", f"w_reg {w:g}",
+                                          _learned("learned-conditional+refine", sets=(f"objective.w_reg={w:g}",)))
+                                         for w in (2.0, 8.0)],
           "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (1.0, 2.5)],
           "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]
           + [(f"total_sigma={s:g}", f"total σ {s:g}", _ants_syn(3.0, s)) for s in (1.0, 2.0)]}

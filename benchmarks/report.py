@@ -19,7 +19,11 @@ from hybridreg.config import atomic_write_text
 PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-stage1", "learned-uniform"),
           ("learned+refine", "learned+refine-stage1", "learned+refine-uniform"),
           ("instance, MAP λ", "instance-map", "instance-uniform"), ("instance, region-wise λ", "instance-regions", "instance-uniform"),
-          ("regressed against MAP λ", "learned-lambda", "instance-map"))
+          ("regressed against MAP λ", "learned-lambda", "instance-map"),
+          ("conditional network against a network per value, w_reg 4", "learned-conditional", "learned"),
+          ("conditional network against a network per value, w_reg 2", "learned-conditional@w_reg=2", "learned@w_reg=2"),
+          ("conditional network against a network per value, w_reg 8", "learned-conditional@w_reg=8", "learned@w_reg=8"),
+          ("conditional network, tuned region-wise λ", "learned-conditional-regions", "learned-conditional"))
 BASELINES = ("instance-uniform",)
 """Families that every other hybridreg front is read against at equal SDlogJ, besides the
 classical tools: the uniform-λ baseline (issue: every strategy against the principled baseline)."""
@@ -127,6 +131,77 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
                             "ahead": None if peer_dice is None else p["dice"] > peer_dice and p["folding_max"] == 0.0,
                             "pairs": len(common)})
     return out
+
+
+CONDITIONAL_SWEEP = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def _entry(name: str, w: float) -> str:
+    """The suite method of family ``name`` at ``w_reg`` ``w`` (4: the family's own entry)."""
+    return name if w == 4.0 else f"{name}@w_reg={w:g}"
+
+
+def conditional_sweep(rows: list[dict]) -> list[dict]:
+    """The conditional network (alone and refined) at each ``w_reg`` of :data:`CONDITIONAL_SWEEP`
+    against the network trained at that value (``learned``: the shipped one at 4, the fixed-value
+    fine-tunes at 2 and 8; over the same pairs) and instance optimization at that value (over the
+    pairs both ran, ``instance_n``): mean Dice and SDlogJ."""
+    def mean(rs, key):
+        return statistics.mean(r[key] for r in rs)
+
+    out = []
+    for solver, fixed_family in (("learned-conditional", "learned"), ("learned-conditional+refine", "learned+refine")):
+        for w in CONDITIONAL_SWEEP:
+            ours = _by(rows, _entry(solver, w))
+            if not ours:
+                continue
+            pairs = {r["pair"] for r in ours}
+            e = {"solver": solver, "w_reg": w, "n": len(ours), "dice": mean(ours, "dice_mean"), "sdlogj": mean(ours, "sdlogj"),
+                 "folding_max": max(r["folding_percent"] for r in ours)}
+            fixed = [r for r in _by(rows, _entry(fixed_family, w)) if r["pair"] in pairs]
+            if len(fixed) == len(ours):
+                e["fixed"] = {"dice": mean(fixed, "dice_mean"), "sdlogj": mean(fixed, "sdlogj")}
+            inst = [r for r in _by(rows, _entry("instance", w)) if r["pair"] in pairs]
+            if inst:
+                common = {r["pair"] for r in inst}
+                mine = [r for r in ours if r["pair"] in common]
+                e["instance"] = {"n": len(inst), "dice": mean(inst, "dice_mean"), "sdlogj": mean(inst, "sdlogj"),
+                                 "ours_dice": mean(mine, "dice_mean"), "ours_sdlogj": mean(mine, "sdlogj")}
+            out.append(e)
+    return out
+
+
+def _conditional_lines(rows: list[dict]) -> list[str]:
+    sweep = conditional_sweep(rows)
+    if not sweep:
+        return []
+    lines = ["## One conditional network across w_reg", "",
+             "The conditional network at each `objective.w_reg` (one set of weights) against a network trained at that "
+             "value (`learned`: the shipped network at 4, `--weights fixed-w1` ... `fixed-w16`; the same pairs) and instance "
+             "optimization at that value (the pairs both ran); criterion (issue 18): within 0.01 Dice and 10 % SDlogJ of "
+             "the network per value.", "",
+             "| solver | w_reg | pairs | Dice | SDlogJ | %\\|J\\|≤0 (max) | network per value: Dice | SDlogJ | ΔDice | SDlogJ ratio "
+             "| within 0.01 / 10 % | instance: pairs | Dice, conditional / instance | SDlogJ, conditional / instance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sweep:
+        f, i = e.get("fixed"), e.get("instance")
+        fx = (f"{f['dice']:.3f} | {f['sdlogj']:.3f} | {e['dice'] - f['dice']:+.3f} | {e['sdlogj'] / f['sdlogj']:.2f} | "
+              f"{'yes' if abs(e['dice'] - f['dice']) <= 0.01 and abs(e['sdlogj'] / f['sdlogj'] - 1) <= 0.1 else 'no'}"
+              if f else "– | – | – | – | –")
+        ix = (f"{i['n']} | {i['ours_dice']:.3f} / {i['dice']:.3f} | {i['ours_sdlogj']:.3f} / {i['sdlogj']:.3f}" if i
+              else "– | – | –")
+        lines.append(f"| {METHODS[e['solver']].label} | {e['w_reg']:g} | {e['n']} | {e['dice']:.3f} | {e['sdlogj']:.3f} | "
+                     f"{e['folding_max']:.4f} | {fx} | {ix} |")
+    for solver in dict.fromkeys(e["solver"] for e in sweep):
+        pts = [e for e in sweep if e["solver"] == solver and e["n"] == max(x["n"] for x in sweep if x["solver"] == solver)]
+        if len(pts) >= 3:
+            d, j = [e["dice"] for e in pts], [e["sdlogj"] for e in pts]
+            mono = lambda v: all(a >= b for a, b in zip(v, v[1:])) or all(a <= b for a, b in zip(v, v[1:]))  # noqa: E731
+            ws = ", ".join(f"{e['w_reg']:g}" for e in pts)
+            lines.append(f"\n{METHODS[solver].label}, w_reg {ws}: Dice "
+                         f"{'moves monotonically' if mono(d) else 'does not move monotonically'}, SDlogJ "
+                         f"{'moves monotonically' if mono(j) else 'does not move monotonically'}.")
+    return lines + [""]
 
 
 def _wilcoxon(a: list[float], b: list[float]) -> dict:
@@ -423,6 +498,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
             lines += [f"| {METHODS[fam].label} | {p['setting']} | {p['sdlogj']:.3f} | {p['dice']:.3f} | {p['folding_max']:.4f} |"
                       for p in pts]
         lines += ["", f"![Pareto fronts]({files['fronts']})"]
+    lines += [""] + _conditional_lines(rows)
     lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:

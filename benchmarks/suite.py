@@ -152,7 +152,7 @@ SUITES: dict[str, dict] = {
 # voxelwise λ for the instance solver; uniform, regressed (MAP-trained) global and voxelwise λ for the learned one; each
 # with its regularity sweep
 STRATEGIES = ["instance-uniform", "instance-map", "instance-regions", "instance", "learned-uniform", "learned-lambda", "learned-stage1",
-              "learned", "learned+refine"]
+              "learned", "learned+refine", "learned-conditional", "learned-conditional+refine", "learned-conditional-regions"]
 SUITES.update({"strategies": {"dataset": "realworld", "methods": STRATEGIES, "scaling": False, "fronts": True},
                "strategies-bundled": {"dataset": "bundled", "methods": STRATEGIES, "scaling": False, "fronts": True}})
 

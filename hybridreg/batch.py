@@ -219,12 +219,12 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
               config: str | os.PathLike | None = None, overrides: Sequence[str] = (), weights: str | None = None,
               device: str | None = None, eval_labels: str = "auto", affine: str = "affine", init: str = "geometry",
               affine_metric: str = "ncc", outputs: str = "transforms", batch_size: int = 1,
-              progress: bool = True) -> BatchSummary:
+              progress: bool = True, region_lambda: str | os.PathLike | None = None) -> BatchSummary:
     """Register every pair of ``pairs`` into ``out/pairs/<id>/`` and merge the results.
 
     Args:
         pairs: from :func:`read_pairs`. out: the batch folder.
-        solver, config, overrides, weights, device, eval_labels, affine, init, affine_metric, outputs:
+        solver, config, overrides, weights, device, eval_labels, affine, init, affine_metric, outputs, region_lambda:
             as ``hybridreg register`` (:func:`hybridreg.service.register_files`), the same for
             every pair (``outputs`` default ``transforms``: no inverse, images or figure, the
             per-pair writing time that dominates a dataset at 1 mm). Under torchrun a CUDA
@@ -253,7 +253,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         raise ValueError(f"`--batch-size` must be an integer >= 1, got {batch_size!r}")
     rank, world = _dist_info()
     own_group = False
-    solver_obj, cfg = solver_and_config(solver, config, weights, False, overrides)  # a bad one fails here, once
+    solver_obj, cfg = solver_and_config(solver, config, weights, False, overrides, region_lambda)  # a bad one fails here, once
     device_of(device)
     if world > 1:
         import torch
@@ -268,7 +268,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             own_group = True
     options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
                "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
-               "init": init, "affine_metric": affine_metric, "outputs": outputs}  # not batch_size: it changes no result
+               "init": init, "affine_metric": affine_metric, "outputs": outputs,
+               "region_lambda": getattr(cfg, "region_lambda", None) or None}  # not batch_size: it changes no result
     refused = None
     if rank == 0:
         try:

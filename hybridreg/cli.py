@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import load_yaml
+from .config import apply_overrides, load_yaml
 from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
 from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, register_files
 from .solvers import available_solvers
@@ -114,6 +114,7 @@ def train_command(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     cfg_path = args.config or (out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else None)
     cfg = load_yaml(cfg_path, train_mod.TrainConfig, arg="--config") if cfg_path else train_mod.TrainConfig()
+    cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
     if args.resume and train_mod.latest_checkpoint(out) is None:
         raise CLIError(f"`--resume`: {out} holds no checkpoint to resume from")
     dev = device_of(args.device)
@@ -192,8 +193,14 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
                         " dotted for nested ones; the value is read as YAML)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N")
     p.add_argument("--solver", default="instance", choices=available_solvers() or None,
-                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short instance optimization)")
-    p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform; default: the shipped bundled-data weights)")
+                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short"
+                        " instance optimization), learned-lambda (a network's λ, then instance optimization),"
+                        " learned-conditional[+refine] (one network for every objective.w_reg / hyper_strength set by --set)")
+    p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform,"
+                                     " conditional; default: the shipped bundled-data weights, or the conditional ones)")
+    p.add_argument("--region-lambda", metavar="FILE.yaml",
+                   help="learned-conditional: one λ per structure of --fixed-labels (`label: λ` per line; others get"
+                        " region_default), painted into the map the network is conditioned on (CSAIN)")
 
 
 def _outputs_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -255,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the learned solver (unsupervised) on a data source; torchrun-aware")
     t.add_argument("--data", required=True, help="bundled, a .csv/.json manifest, or an OASIS / IXI (TransMorph) folder")
     t.add_argument("--config", help="training YAML (learned.train.TrainConfig); defaults if omitted")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key after --config, e.g. --set objective.w_reg=2 (repeatable)")
     t.add_argument("--out", required=True, help="run folder (logs, checkpoints, weights)")
     t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     t.add_argument("--init", help="fine-tune: start from this weight file (e.g. the shipped weights) instead of random weights")
@@ -263,11 +272,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
 
     u = sub.add_parser("tune", help="tune hyperparameters by Bayesian optimization (BoTorch) on the bundled validation pairs")
-    u.add_argument("--solver", default="instance", choices=("instance", "learned"))
+    u.add_argument("--solver", default="instance", choices=("instance", "learned", "learned-conditional"),
+                   help="instance (default), learned (each trial trains a network), learned-conditional (each trial is a"
+                        " forward pass of the conditional network at the trial's values: seconds per trial)")
     u.add_argument("--space", required=True, help="search-space YAML (see configs/tune_instance.yaml)")
     u.add_argument("--trials", type=int, required=True, help="number of finished trials to reach")
     u.add_argument("--out", required=True, help="output folder (trials.json, best_config.yaml, figures)")
-    u.add_argument("--method", default="botorch", choices=("botorch", "random", "tpe"), help="botorch (default), random search, or Optuna TPE")
+    u.add_argument("--method", default="botorch", choices=("botorch", "turbo", "random", "tpe"),
+                   help="botorch (default), turbo (trust-region BO, for many parameters), random search, or Optuna TPE")
     u.add_argument("--resume", action="store_true", help="continue the run in --out (finished trials are kept)")
     u.add_argument("--no-progress", action="store_true")
 
@@ -354,7 +366,7 @@ def batch_command(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.pairs, args.split)
     s = run_batch(pairs, args.out, solver=args.solver, config=args.config, overrides=args.overrides, weights=args.weights,
                   device=args.device, eval_labels=args.eval_labels, outputs=args.outputs, batch_size=args.batch_size,
-                  progress=not args.no_progress,
+                  progress=not args.no_progress, region_lambda=args.region_lambda,
                   **_prealign(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -372,7 +384,8 @@ def _run(args: argparse.Namespace) -> int:
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
                            progress=not args.no_progress, overwrite=args.overwrite, fixed_mask=args.fixed_mask,
                            moving_mask=args.moving_mask, overrides=args.overrides, outputs=args.outputs,
-                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks, **_prealign(args))
+                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+                           region_lambda=args.region_lambda, **_prealign(args))
         _print_summary(m, Path(args.out))
     elif args.command == "batch":
         return batch_command(args)
@@ -393,7 +406,8 @@ def _run(args: argparse.Namespace) -> int:
         m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
                            moving_labels=ms.labels_path, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress,
-                           overwrite=args.overwrite, overrides=args.overrides, outputs=args.outputs, **_prealign(args))
+                           overwrite=args.overwrite, overrides=args.overrides, outputs=args.outputs,
+                           region_lambda=args.region_lambda, **_prealign(args))
         _print_summary(m, Path(args.out))
     return 0
 

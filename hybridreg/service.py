@@ -37,7 +37,7 @@ import torch
 
 from . import __version__
 from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
-from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, to_dict
+from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
                  write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
@@ -110,16 +110,20 @@ class Solved:
 
 
 def solver_and_config(name: str, config: str | os.PathLike | None = None, weights: str | None = None,
-                      progress: bool = True, overrides: Sequence[str] = ()) -> tuple[Solver, Any]:
+                      progress: bool = True, overrides: Sequence[str] = (),
+                      region_lambda: str | os.PathLike | None = None) -> tuple[Solver, Any]:
     """The solver registered as ``name`` and its config: ``config`` (YAML of
     ``solver.config_class``) or the solver's defaults, then the ``KEY=VALUE`` ``overrides``
-    (``--set``, :func:`hybridreg.config.apply_overrides`), with ``weights`` (learned solvers) and
-    ``progress`` set, and the fields the solver name fixes (:meth:`Solver.configure`).
+    (``--set``, :func:`hybridreg.config.apply_overrides`), with ``weights`` (learned solvers),
+    ``region_lambda`` (a YAML file ``label: λ``, and optionally ``default: λ`` for the labels it
+    does not list, for configs with a ``region_lambda`` key: the conditional network's
+    region-wise λ, method §3.2) and ``progress`` set, and the fields the solver name fixes
+    (:meth:`Solver.configure`).
 
     Raises:
-        ValueError: unknown solver, invalid config or override, ``weights`` for a solver
-            without weights.
-        FileNotFoundError: a missing ``config`` or ``weights`` file.
+        ValueError: unknown solver, invalid config or override, ``weights`` or
+            ``region_lambda`` for a solver without them, a malformed ``region_lambda`` file.
+        FileNotFoundError: a missing ``config``, ``weights`` or ``region_lambda`` file.
     """
     solver = get_solver(name)
     cfg = load_yaml(config, solver.config_class, arg="--config") if config else solver.default_config()
@@ -128,6 +132,17 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
         if not hasattr(cfg, "weights"):
             raise ValueError(f"`--weights` applies to the learned solvers, not to --solver {name}")
         cfg = replace(cfg, weights=str(weights))  # a file or a name the solver knows: its configure() checks
+    if region_lambda is not None:
+        if not hasattr(cfg, "region_lambda"):
+            raise ValueError(f"`--region-lambda` applies to --solver learned-conditional[+refine], not to --solver {name}")
+        values = read_yaml(region_lambda, arg="--region-lambda")
+        if not isinstance(values, dict) or not values:
+            raise ValueError(f"`--region-lambda`: {region_lambda} must map labels to λ, one `label: value` per line")
+        default = {"region_default": values.pop("default")} if "default" in values else {}
+        try:
+            cfg = replace(cfg, region_lambda=values, **default)
+        except ValueError as e:
+            raise ValueError(f"`--region-lambda`: {e}") from None
     return solver, solver.configure(replace(cfg, progress=progress))
 
 
@@ -406,7 +421,8 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
             grids[key] = cat([getattr(i, key) for i in inputs])
     if getattr(config, "lambda_mode", None) == "regions":  # one λ per structure of FIXED's labels (method §3.2)
         if any(i.fixed_labels is None for i in inputs):
-            raise ValueError("`--fixed-labels` is required with lambda_mode 'regions' (one λ per labelled structure)")
+            raise ValueError("`--fixed-labels` is required with lambda_mode 'regions' or `--region-lambda` (one λ per"
+                             " labelled structure)")
         grids["regions"] = torch.cat([torch.from_numpy(np.ascontiguousarray(i.fixed_labels)).long()[None, None] for i in inputs])
     return run_solver_pairs(solver, config, cat([normalize_intensity(i.fixed) for i in inputs]),
                             cat([normalize_intensity(i.moving) for i in inputs]), inputs[0].geometry.array_spacing,
@@ -614,9 +630,10 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
                  eval_labels: LabelPolicy = "auto", outputs: str = "all", overwrite: bool = False,
                  affine: str = "affine", init: str = "geometry", affine_metric: str = "ncc",
                  config: str | os.PathLike | None = None, weights: str | None = None,
-                 fixed_landmarks: str | os.PathLike | None = None, moving_landmarks: str | os.PathLike | None = None) -> Prepared:
-    """The stages of :func:`register_files` before the solver: :func:`check_outputs` (``config``
-    and ``weights`` only to keep them from being overwritten), :func:`read_inputs`,
+                 fixed_landmarks: str | os.PathLike | None = None, moving_landmarks: str | os.PathLike | None = None,
+                 region_lambda: str | os.PathLike | None = None) -> Prepared:
+    """The stages of :func:`register_files` before the solver: :func:`check_outputs` (``config``,
+    ``weights`` and ``region_lambda`` only to keep them from being overwritten), :func:`read_inputs`,
     :func:`prealign`.
 
     Raises:
@@ -625,7 +642,7 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
     names = output_names(outputs)
     given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
              "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--fixed-landmarks": fixed_landmarks,
-             "--moving-landmarks": moving_landmarks, "--config": config, "--weights": weights}
+             "--moving-landmarks": moving_landmarks, "--config": config, "--weights": weights, "--region-lambda": region_lambda}
     check_outputs(out, given, overwrite=overwrite, names=names)
     t_read = time.perf_counter()
     inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask,
@@ -660,7 +677,7 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
                    affine_metric: str = "ncc", fixed_mask: str | os.PathLike | None = None,
                    moving_mask: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                    outputs: str = "all", fixed_landmarks: str | os.PathLike | None = None,
-                   moving_landmarks: str | os.PathLike | None = None) -> dict:
+                   moving_landmarks: str | os.PathLike | None = None, region_lambda: str | os.PathLike | None = None) -> dict:
     """Register two scans as they come (any grids, orientations, misaligned) and write every
     output into ``out`` (:func:`write_outputs`): the affine stage (:func:`prealign`:
     ``affine`` = ``none``, ``rigid`` or ``affine``; ``init`` = ``geometry`` or ``moments``;
@@ -668,7 +685,8 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
     MOVING sampled on its own grid through the affine; masks restrict the image match in both.
     ``overrides``: ``KEY=VALUE`` settings applied to the solver's config (``--set``);
     ``outputs``: which files (:data:`OUTPUT_SETS`); ``fixed_landmarks``, ``moving_landmarks``:
-    corresponding points scored by TRE (:func:`read_inputs`). The stages: :func:`prepare_pair`,
+    corresponding points scored by TRE (:func:`read_inputs`); ``region_lambda``: a ``label: λ``
+    YAML file for the conditional network (:func:`solver_and_config`). The stages: :func:`prepare_pair`,
     :func:`solve`, :func:`finish_pair`.
 
     Returns:
@@ -681,11 +699,12 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
         ``overwrite``) an earlier result. Nothing is written then.
         DivergenceError: the solver diverged (nothing is written).
     """
-    solver_obj, cfg = solver_and_config(solver, config, weights, progress, overrides)
+    solver_obj, cfg = solver_and_config(solver, config, weights, progress, overrides, region_lambda)
     dev = device_of(device)
     prepared = prepare_pair(fixed, moving, out, fixed_labels=fixed_labels, moving_labels=moving_labels,
                             fixed_mask=fixed_mask, moving_mask=moving_mask, eval_labels=eval_labels, outputs=outputs,
                             overwrite=overwrite, affine=affine, init=init, affine_metric=affine_metric, config=config,
-                            weights=weights, fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks)
+                            weights=weights, fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks,
+                            region_lambda=region_lambda)
     return finish_pair(prepared, solve(prepared.inputs, solver_obj, cfg, dev, prepared.pre), solver_obj.name,
                        with_hd95=hd95_metric)

@@ -170,7 +170,7 @@ def register_pair(
         init_velocity: optional ``(B, d, *any)`` SVF in voxels of its own grid (e.g. a
             network's output) to start from; resampled to the first level's control grid.
         init_lambda: optional ``(B, 1, *any)`` λ map to start from (voxelwise mode; its
-            mean per pair in map mode).
+            mean per pair in map mode; its mean over each region in regions mode).
         callback: optional ``callback(level, iteration, velocity, lam)``, called every
             ``config.window`` iterations (and after a level's last one) with the current
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
@@ -235,6 +235,10 @@ def register_pair(
     theta = None  # λ's parameter: θ with λ = sigmoid/softplus(θ) (voxelwise), log λ (map)
     if mode == "voxelwise" and init_lambda is not None:
         theta = param_from_lambda(init_lambda.detach().to(dev, dtype), kind)
+    elif mode == "regions" and init_lambda is not None:  # each region starts at init_lambda's mean over it
+        members = region_members(regions, init_lambda.shape[2:], dtype)[1]
+        lam_k = (members * init_lambda.detach().to(dev, dtype)).flatten(2).sum(-1) / members.flatten(2).sum(-1).clamp_min(1e-12)
+        theta = param_from_lambda(lam_k, kind).reshape((B, members.shape[1]) + (1,) * d)
     elif mode == "regions":
         theta = param_from_lambda(torch.tensor(float(cfg.lambda_init)), kind).to(dev, dtype).expand(
             (B, len(torch.unique(regions))) + (1,) * d).clone()

@@ -19,7 +19,7 @@ with a residual SVF at that resolution (:class:`FullResolutionStage`). The train
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,11 @@ from hybridreg.priors import LAMBDA_BOUNDS, lambda_from_param
 from hybridreg.spatial import resize_field, resize_image
 
 __all__ = ["NetworkConfig", "NetOutput", "UNetBackbone", "SwinBackbone", "LambdaHead", "FullResolutionStage",
-           "RegistrationNetwork", "BACKBONES"]
+           "Modulation", "RegistrationNetwork", "BACKBONES", "CODE_KEYS"]
+
+CODE_KEYS = ("w_reg", "hyper_strength")
+"""The energy's hyperparameters a conditional network takes as its code (``objective.<key>``), in
+the order of the code's columns (method §3.3)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,20 @@ class NetworkConfig:
             range :data:`hybridreg.priors.LAMBDA_BOUNDS`; the regularizer's weight is
             ``w_reg · λ``, so a uniform λ calibrated with another ``w_reg`` is rescaled by
             the ratio of the two.
+        conditional: condition the network on the energy's hyperparameters :data:`CODE_KEYS`
+            (``objective.w_reg``, ``objective.hyper_strength``; method §3.3, HyperMorph /
+            HyperTMSPR): each is log-scaled to [−1, 1] over its range and the code modulates
+            the features of every decoder stage and of the full-resolution stage by FiLM
+            (:class:`Modulation`), so one network serves the whole range at test time.
+        w_reg_range, hyper_strength_range: ``(low, high)``, the range of each hyperparameter
+            that training samples (log-uniformly) and that test time accepts.
+        region_condition: condition the network on a region-wise λ map Λ (method §3.2,
+            CSAIN: one λ_k per labelled region, painted and Gaussian-smoothed) through
+            spatially adaptive modulation of the same features (:class:`Modulation`); the
+            energy's λ is then Λ (``region_lambda: "map"``) or Λ times the λ head
+            (``"product"``).
+        region_lambda: how a region-conditioned output's λ is formed (above).
+        modulation_channels: hidden width of the modulation networks.
         swin_embed_dim, swin_depths, swin_heads, swin_window: the ``"swin"`` backbone's
             Swin-transformer encoder (MONAI ``SwinTransformer``: patch size 2, four stages,
             so ``swin_depths`` and ``swin_heads`` have 4 entries and ``decoder`` 5).
@@ -77,6 +95,12 @@ class NetworkConfig:
     full_resolution_channels: int = bounded(0, 0, 256)
     lambda_mode: Literal["voxelwise", "uniform"] = "voxelwise"
     lambda_uniform: float = bounded(1.0, 1e-6, 5.0)
+    conditional: bool = False
+    w_reg_range: tuple[float, ...] = bounded(lambda: (1.0, 16.0), 1e-4, 1e4, factory=True)
+    hyper_strength_range: tuple[float, ...] = bounded(lambda: (0.02, 1.0), 1e-6, 1e4, factory=True)
+    region_condition: bool = False
+    region_lambda: Literal["map", "product"] = "map"
+    modulation_channels: int = bounded(32, 1, 512)
     swin_embed_dim: int = bounded(24, 1, 384)
     swin_depths: tuple[int, ...] = bounded(lambda: (2, 2, 2, 2), 1, 12, factory=True)
     swin_heads: tuple[int, ...] = bounded(lambda: (3, 6, 12, 24), 1, 64, factory=True)
@@ -106,6 +130,14 @@ class NetworkConfig:
                              f" {self.resolution_factor!r}")
         if self.lambda_mode not in ("voxelwise", "uniform"):
             raise ValueError(f"NetworkConfig: `lambda_mode` must be 'voxelwise' or 'uniform', got {self.lambda_mode!r}")
+        for name in ("w_reg_range", "hyper_strength_range"):
+            r = getattr(self, name)
+            if len(r) != 2 or not r[0] < r[1]:
+                raise ValueError(f"NetworkConfig: `{name}` must be [low, high] with low < high, got {list(r)!r}")
+        if self.region_lambda not in ("map", "product"):
+            raise ValueError(f"NetworkConfig: `region_lambda` must be 'map' or 'product', got {self.region_lambda!r}")
+        if self.region_condition and self.region_lambda == "product" and self.lambda_mode != "voxelwise":
+            raise ValueError("NetworkConfig: `region_lambda: product` needs the λ head (lambda_mode 'voxelwise')")
         lo, hi = LAMBDA_BOUNDS[self.lambda_prior]
         if not lo <= self.lambda_uniform <= hi:
             raise ValueError(f"NetworkConfig: `lambda_uniform` must be in [{lo:g}, {hi:g}] under the {self.lambda_prior}"
@@ -135,15 +167,25 @@ class _Block(nn.Sequential):
         super().__init__(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
-def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out: nn.Module) -> torch.Tensor:
+Modulate = Callable[[int, torch.Tensor], torch.Tensor]
+"""``modulate(stage, features) -> features``: the conditioning applied after each decoder stage."""
+
+
+def _identity(stage: int, h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out: nn.Module,
+            modulate: Modulate = _identity) -> torch.Tensor:
     """U-Net decoder: up-sample ``h`` to the next skip (popped from the end), concatenate,
-    convolve; repeat for every layer of ``ups``; then ``out``."""
+    convolve, ``modulate``; repeat for every layer of ``ups``; then ``out`` and ``modulate``
+    (stage ``len(ups)``)."""
     mode = "trilinear" if h.dim() == 5 else "bilinear"
-    for layer in ups:
+    for i, layer in enumerate(ups):
         s = skips.pop()
         h = F.interpolate(h, size=s.shape[2:], mode=mode, align_corners=False)
-        h = layer(torch.cat([h, s], dim=1))
-    return out(h)
+        h = modulate(i, layer(torch.cat([h, s], dim=1)))
+    return modulate(len(ups), out(h))
 
 
 class UNetBackbone(nn.Module):
@@ -164,11 +206,11 @@ class UNetBackbone(nn.Module):
         self.out = _Block(nd, ch, cfg.decoder[-1])
         self.out_channels = cfg.decoder[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulate: Modulate = _identity) -> torch.Tensor:
         skips = [self.inc(x)]
         for layer in self.down:
             skips.append(layer(skips[-1]))
-        return _decode(skips.pop(), skips, self.up, self.out)
+        return _decode(skips.pop(), skips, self.up, self.out, modulate)
 
 
 class SwinBackbone(nn.Module):
@@ -203,10 +245,10 @@ class SwinBackbone(nn.Module):
         self.out_channels = cfg.decoder[-1]
         self.n_stages = n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulate: Modulate = _identity) -> torch.Tensor:
         feats = self.encoder(x, normalize=True)[: self.n_stages]
         skips = [self.full_skip(x)] + list(feats[:-1])
-        return _decode(feats[-1], skips, self.up, self.out)
+        return _decode(feats[-1], skips, self.up, self.out, modulate)
 
 
 BACKBONES = {"unet": UNetBackbone, "swin": SwinBackbone}
@@ -242,11 +284,54 @@ class FullResolutionStage(nn.Module):
         nn.init.normal_(self.velocity_head.weight, std=1e-5)
         nn.init.zeros_(self.velocity_head.bias)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-        """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor,
+                modulate: Callable[[torch.Tensor], torch.Tensor] = lambda f: f) -> torch.Tensor:
+        """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid;
+        ``modulate`` conditions the stage's features (a conditional network's last stage)."""
         size = tuple(x.shape[2:])
-        residual = self.velocity_head(self.block(torch.cat([resize_image(h, size), self.image(x)], dim=1)))
+        residual = self.velocity_head(modulate(self.block(torch.cat([resize_image(h, size), self.image(x)], dim=1))))
         return resize_field(velocity, size) + residual
+
+
+class Modulation(nn.Module):
+    """Conditioning of one stage's features ``h`` ``(B, C, *grid)`` (method §3.2–3.3).
+
+    * FiLM by the code (Perez et al., AAAI 2018; the HyperTMSPR / HyperMorph role): an MLP of
+      the code ``(B, k)`` gives per-channel ``γ, β`` and ``h ← (1 + γ) ⊙ h + β``.
+    * CSAIN by a region-wise λ map Λ ``(B, 1, *any grid)`` (conditional spatially adaptive
+      instance normalisation, CSAIN §3.2): Λ is resampled to ``h``'s grid, 1×1×1 convolutions
+      give per-voxel ``γ(Λ), β(Λ)``, and ``h ← h + γ(Λ) ⊙ norm(h) + β(Λ)`` with ``norm`` the
+      instance norm -- CSAIN's ``γ ⊙ norm(h) + β`` kept as a residual, so the unconditioned
+      path survives.
+
+    FiLM rather than a hypernetwork: a few thousand parameters instead of a second network
+    that writes every weight, and the same features serve every code. Both last layers start
+    at zero, so a conditional network made from unconditional weights starts from their
+    output (the modulation is the identity). The convolutions are pointwise, so a constant Λ
+    gives a spatially constant modulation: CSAIN with one λ everywhere is conditional
+    instance normalisation on the scalar λ.
+    """
+
+    def __init__(self, ndim: int, channels: int, code_dim: int, region: bool, hidden: int):
+        super().__init__()
+        self.film = nn.Sequential(nn.Linear(code_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 2 * channels)) \
+            if code_dim else None
+        conv = _conv(ndim)
+        self.csain = nn.Sequential(conv(1, hidden, 1), nn.LeakyReLU(0.2), conv(hidden, 2 * channels, 1)) if region else None
+        self.norm = _norm(ndim)(channels, affine=False)
+        for net in (self.film, self.csain):
+            if net is not None:
+                nn.init.zeros_(net[-1].weight)
+                nn.init.zeros_(net[-1].bias)
+
+    def forward(self, h: torch.Tensor, code: torch.Tensor | None, region: torch.Tensor | None) -> torch.Tensor:
+        if self.film is not None and code is not None:
+            gamma, beta = self.film(code.to(h.dtype)).reshape(h.shape[0], 2, h.shape[1], *(1,) * (h.dim() - 2)).unbind(1)
+            h = (1 + gamma) * h + beta
+        if self.csain is not None and region is not None:
+            gamma, beta = self.csain(resize_image(region.to(h.dtype), h.shape[2:])).chunk(2, dim=1)
+            h = h + gamma * self.norm(h) + beta
+        return h
 
 
 class RegistrationNetwork(nn.Module):
@@ -254,13 +339,22 @@ class RegistrationNetwork(nn.Module):
 
     Args (forward):
         fixed, moving: ``(B, 1, *spatial)`` images, intensities about [0, 1].
+        code: ``(B, 2)`` the hyperparameters :data:`CODE_KEYS` (``w_reg``,
+            ``hyper_strength``, their own units) of a ``conditional`` network; required by one,
+            refused by others. Values outside the configured ranges are extrapolated, not
+            clamped (the solvers refuse them).
+        region: ``(B, 1, *spatial)`` region-wise λ map Λ on the image grid (values in the
+            prior's range) for a ``region_condition`` network; ``None`` = the unconditioned
+            path (the λ head's λ).
 
     Returns:
         :class:`NetOutput` on ``spatial / resolution_factor``, or on ``spatial`` with a
-        full-resolution stage; λ is constant under ``lambda_mode="uniform"``.
+        full-resolution stage; λ is constant under ``lambda_mode="uniform"``; with ``region``
+        it is Λ on the output grid (or Λ times the head's λ, ``region_lambda: product``).
 
     Raises:
-        ValueError: images of different shapes or the wrong number of dimensions.
+        ValueError: images of different shapes or the wrong number of dimensions, a code
+            missing or unexpected, a region map on a network without region conditioning.
     """
 
     def __init__(self, config: NetworkConfig | None = None):
@@ -275,22 +369,54 @@ class RegistrationNetwork(nn.Module):
                             if cfg.lambda_mode == "voxelwise" else None)
         self.full_resolution = (FullResolutionStage(cfg.ndim, c, cfg.full_resolution_channels)
                                 if cfg.full_resolution_channels else None)
+        self.modulation = None
+        if cfg.conditional or cfg.region_condition:
+            widths = [layer[0].out_channels for layer in self.backbone.up] + [c]
+            widths += [cfg.full_resolution_channels] if cfg.full_resolution_channels else []
+            self.modulation = nn.ModuleList(Modulation(cfg.ndim, w, len(CODE_KEYS) if cfg.conditional else 0,
+                                                       cfg.region_condition, cfg.modulation_channels) for w in widths)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> NetOutput:
-        nd = self.config.ndim
+    def normalized_code(self, code: torch.Tensor) -> torch.Tensor:
+        """The code ``(B, 2)`` (``w_reg``, ``hyper_strength``) log-scaled to [−1, 1] over the
+        configured ranges (the modulation's input)."""
+        cfg = self.config
+        lo = torch.tensor([cfg.w_reg_range[0], cfg.hyper_strength_range[0]], dtype=code.dtype, device=code.device).log()
+        hi = torch.tensor([cfg.w_reg_range[1], cfg.hyper_strength_range[1]], dtype=code.dtype, device=code.device).log()
+        return 2 * (code.log() - lo) / (hi - lo) - 1
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, code: torch.Tensor | None = None,
+                region: torch.Tensor | None = None) -> NetOutput:
+        cfg, nd = self.config, self.config.ndim
         for name, t in (("fixed", fixed), ("moving", moving)):
             if t.dim() != nd + 2 or t.shape[1] != 1:
                 raise ValueError(f"RegistrationNetwork: `{name}` must be (B, 1, *spatial) with {nd} spatial dims, got {tuple(t.shape)}")
         if fixed.shape != moving.shape:
             raise ValueError(f"RegistrationNetwork: `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} differ")
+        if cfg.conditional != (code is not None):
+            raise ValueError("RegistrationNetwork: `code` (B, 2) is required by a conditional network and refused by others")
+        if code is not None and (tuple(code.shape) != (fixed.shape[0], len(CODE_KEYS)) or not bool((code > 0).all())):
+            raise ValueError(f"RegistrationNetwork: `code` must be (B={fixed.shape[0]}, {len(CODE_KEYS)}) positive values, got"
+                             f" {tuple(code.shape)}")
+        if region is not None and (not cfg.region_condition or tuple(region.shape) != (fixed.shape[0], 1, *fixed.shape[2:])):
+            raise ValueError("RegistrationNetwork: `region` must be a (B, 1, *spatial) λ map, for a network with region_condition")
         x = torch.cat([fixed, moving], dim=1)
-        f = self.config.resolution_factor
+        f = cfg.resolution_factor
         xn = resize_image(x, [max(4, n // f) for n in x.shape[2:]]) if f > 1 else x
-        h = self.backbone(xn)
+        modulate, last = _identity, lambda h: h
+        if self.modulation is not None:
+            z = self.normalized_code(code) if code is not None else None
+            modulate = lambda i, h: self.modulation[i](h, z, region)  # noqa: E731
+            last = lambda h: self.modulation[-1](h, z, region)  # noqa: E731
+        h = self.backbone(xn, modulate)
         velocity = self.velocity_head(h)
         if self.full_resolution is not None:
-            velocity = self.full_resolution(h, x, velocity)
+            velocity = self.full_resolution(h, x, velocity, last)
+        grid = velocity.shape[2:]
         if self.lambda_head is None:
-            return NetOutput(velocity, torch.full_like(velocity[:, :1], self.config.lambda_uniform))
-        # the λ head runs on the half grid; with a full-resolution stage λ follows the velocity up
-        return NetOutput(velocity, resize_image(self.lambda_head(h), velocity.shape[2:]))
+            lam = torch.full_like(velocity[:, :1], cfg.lambda_uniform)
+        else:  # the λ head runs on the half grid; with a full-resolution stage λ follows the velocity up
+            lam = resize_image(self.lambda_head(h), grid)
+        if region is not None:
+            painted = resize_image(region.to(lam.dtype), grid)
+            lam = painted * lam if cfg.region_lambda == "product" else painted
+        return NetOutput(velocity, lam)

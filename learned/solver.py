@@ -12,6 +12,13 @@ returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
   and squaring and up-samples the displacement to the input grid.
 * ``refine=True`` (``--solver learned+refine``): the instance optimizer starts from the
   network's velocity and λ and runs the short schedule ``refine_config`` (same energy).
+
+:data:`LEARNED_CONDITIONAL` and :data:`LEARNED_CONDITIONAL_REFINE` (``--solver
+learned-conditional[+refine]``, :class:`ConditionalConfig`) run a conditional network (method
+§3.2-3.3, HyperTMSPR / CSAIN) at the energy's hyperparameters given at test time
+(``--set objective.w_reg=2.5``) and, with ``region_lambda`` (``--region-lambda FILE.yaml``
+and ``--fixed-labels``), conditioned on a region-wise λ map that is also the energy's λ; the
+refinement minimises the energy at the same values.
 """
 
 from __future__ import annotations
@@ -25,17 +32,21 @@ from typing import Sequence
 
 import torch
 
+from hybridreg.config import bounded, check_bounds
 from hybridreg.objective import evaluate
+from hybridreg.priors import LAMBDA_BOUNDS, paint_region_lambda, region_members
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
 from hybridreg.spatial import resize_image, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
 
-from .weights import load_weights
+from .network import CODE_KEYS
+from .weights import hyperparameter_code, load_weights
 
-__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "NAMED_WEIGHTS", "weights_path", "LearnedConfig", "LearnedSolver",
-           "LEARNED", "LEARNED_REFINE", "half_grid_refine", "register_pair"]
+__all__ = ["DEFAULT_WEIGHTS", "UNIFORM_WEIGHTS", "CONDITIONAL_WEIGHTS", "NAMED_WEIGHTS", "weights_path", "LearnedConfig",
+           "Hyperparameters", "ConditionalConfig", "LearnedSolver", "LEARNED", "LEARNED_REFINE", "LEARNED_CONDITIONAL",
+           "LEARNED_CONDITIONAL_REFINE", "half_grid_refine", "register_pair"]
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "learned_bundled_2mm.pt"
 """Weights shipped with the package: trained on the bundled training split at 2 mm in three
@@ -51,28 +62,38 @@ schedule and seed, ``configs/learned_bundled_2mm_uniform.yaml``; the weights at 
 training (``model_final.pt``, step 5000; log and README next to the file)."""
 
 
+CONDITIONAL_WEIGHTS = Path(__file__).parent / "weights" / "conditional" / "learned_conditional.pt"
+"""The conditional network (``--solver learned-conditional``): the shipped weights made
+conditional on ``objective.w_reg`` ∈ [1, 16] and ``objective.hyper_strength`` ∈ [0.02, 1]
+(FiLM) and on a region-wise λ map (CSAIN), fine-tuned with ``configs/learned_conditional.yaml``;
+log and README next to the file."""
+
 _DIR = Path(__file__).parent / "weights"
 NAMED_WEIGHTS = {
     "shipped": DEFAULT_WEIGHTS,
+    "conditional": CONDITIONAL_WEIGHTS,
     "stage1": _DIR / "stage1" / "learned_bundled_2mm_stage1.pt",
     "stage2": _DIR / "stage2" / "learned_bundled_2mm_stage2.pt",
     "stage3": _DIR / "stage3" / "learned_bundled_2mm_stage3.pt",
     "uniform": UNIFORM_WEIGHTS,
+    **{f"fixed-w{w}": _DIR / "fixed_wreg" / f"learned_fixed_w{w}.pt" for w in (1, 2, 8, 16)},
 }
 """Weight files that ship with the package, by the name ``--weights`` accepts: the default
-(``shipped``), the earlier stages of its training (``learned/weights/stage*/``, kept for
-comparison) and the uniform-λ baseline."""
+(``shipped``), the conditional network (``conditional``), the earlier stages of its training
+(``learned/weights/stage*/``, kept for comparison), the uniform-λ baseline, and the shipped
+network fine-tuned at one ``w_reg`` of 1, 2, 8, 16 (``fixed-w1`` ... ``fixed-w16``: the
+conditional network's fixed-value baselines, ``configs/learned_fixed_wreg.yaml``)."""
 
 
-def weights_path(weights: str | os.PathLike) -> Path:
-    """The file of ``weights``: a name of :data:`NAMED_WEIGHTS`, a path, or empty (the shipped
-    default).
+def weights_path(weights: str | os.PathLike, default: Path = DEFAULT_WEIGHTS) -> Path:
+    """The file of ``weights``: a name of :data:`NAMED_WEIGHTS`, a path, or empty (``default``:
+    the shipped network).
 
     Raises:
         FileNotFoundError: no such file (the message names ``--weights`` and lists the names).
     """
     w = str(weights)
-    p = DEFAULT_WEIGHTS if not w else NAMED_WEIGHTS.get(w, Path(w))
+    p = default if not w else NAMED_WEIGHTS.get(w, Path(w))
     if not p.is_file():
         raise FileNotFoundError(f"`--weights`: file not found: {w} (a weight file or one of {', '.join(NAMED_WEIGHTS)})")
     return p
@@ -120,13 +141,71 @@ class LearnedConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The energy's hyperparameters a conditional network takes at test time (its code, method
+    §3.3; :data:`learned.network.CODE_KEYS`): ``--set objective.w_reg=2.5``. Each must lie in
+    the network's training range (``NetworkConfig.w_reg_range``, ``hyper_strength_range``;
+    checked by :meth:`LearnedSolver.configure`). Defaults: the instance solver's."""
+
+    w_reg: float = bounded(4.0, 1e-4, 1e4)
+    hyper_strength: float = bounded(0.175, 1e-6, 1e4)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass(frozen=True)
+class ConditionalConfig(LearnedConfig):
+    """Settings of the conditional solvers (``learned-conditional[+refine]``): those of
+    :class:`LearnedConfig` (``weights`` empty = :data:`CONDITIONAL_WEIGHTS`) and
+
+    Attributes:
+        objective: the code, :class:`Hyperparameters`; the energy (and the refinement's) is the
+            network's training energy at these values.
+        region_lambda: ``{label: λ_k}`` of FIXED's label map (``--region-lambda FILE.yaml``,
+            with ``--fixed-labels``): the network is conditioned on the painted and smoothed
+            map Λ (CSAIN, method §3.2), which is also the energy's λ; labels not listed get
+            ``region_default``. Empty: the λ head's voxelwise λ.
+        region_default: λ of labels that ``region_lambda`` does not list.
+        region_smoothing: σ of Λ's Gaussian smoothing in voxels of the network's grid (its
+            training value, CSAIN's 0.8).
+    """
+
+    objective: Hyperparameters = field(default_factory=Hyperparameters)
+    region_lambda: dict = field(default_factory=dict)
+    region_default: float = bounded(1.0, 1e-6, 5.0)
+    region_smoothing: float = bounded(0.8, 0.0, 10.0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if not isinstance(self.region_lambda, dict):
+            raise ValueError(f"`region_lambda` must be a mapping of label to λ, got {type(self.region_lambda).__name__}")
+        values = {}
+        for k, v in self.region_lambda.items():
+            try:
+                label = int(k)
+            except (TypeError, ValueError):
+                raise ValueError(f"`region_lambda`: labels must be integers, got {k!r}") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 5.0:
+                raise ValueError(f"`region_lambda.{k}` must be a number in (0, 5] (the λ prior's range), got {v!r}")
+            values[label] = float(v)
+        object.__setattr__(self, "region_lambda", values)
+
+    @property
+    def lambda_mode(self) -> str:
+        """``"regions"`` when ``region_lambda`` is given (FIXED's labels are then needed), else ``"voxelwise"``."""
+        return "regions" if self.region_lambda else "voxelwise"
+
+
 _load = lru_cache(maxsize=4)(load_weights)  # (path, device) -> load_weights(path, device), both str
 
 
 def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
                   spacing: Sequence[float] | None = None, device: torch.device | str | None = None,
                   moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
-                  fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> RegistrationResult:
+                  fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
+                  regions: torch.Tensor | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with the network (and optional refinement).
 
     Args:
@@ -139,6 +218,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
             and masks, as in :func:`instance_opt.register_pair`; the network sees the moving
             image resampled once onto the fixed grid through ``moving_map``, the energy and
             the refinement sample it on its own grid.
+        regions: ``(B, 1, *spatial)`` integer label map on FIXED's grid, required by (and only
+            used with) a :class:`ConditionalConfig` with ``region_lambda``.
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
@@ -149,12 +230,21 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
 
     Raises:
         FileNotFoundError: missing weights. ValueError: a corrupt weight file, images of
-            the wrong dimension for the network, mismatched shapes, NaNs.
+            the wrong dimension for the network, mismatched shapes, NaNs; for a
+            :class:`ConditionalConfig`: weights of a network that is not conditional, a value
+            outside its range, ``region_lambda`` without ``regions``.
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
-    net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights)), str(dev))
+    conditional = isinstance(cfg, ConditionalConfig)
+    net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights, CONDITIONAL_WEIGHTS if conditional else DEFAULT_WEIGHTS)),
+                                            str(dev))
+    if conditional:
+        _check_conditional(cfg, net.config)
+        objective = replace(objective, **{k: getattr(cfg.objective, k) for k in CODE_KEYS})
+    elif net.config.conditional or net.config.region_condition:
+        raise ValueError("`--weights`: a conditional network runs with --solver learned-conditional[+refine]")
     d = net.config.ndim
     if fixed.dim() != d + 2:
         raise ValueError(f"register_pair(): the network is {d}D; `fixed` must be (B, 1, *{d} dims), got {tuple(fixed.shape)}")
@@ -168,10 +258,19 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
 
     t0 = time.perf_counter()
     net_shape = tuple(max(4, int(round(n * hk / tk))) for n, hk, tk in zip(spatial, h, train_spacing))
+    region = None
+    if conditional and cfg.region_lambda:
+        if regions is None or regions.is_floating_point() or tuple(regions.shape) != (fixed.shape[0], 1) + spatial:
+            raise ValueError("`--fixed-labels` is required with `region_lambda` (an integer (B, 1, *spatial) label map on"
+                             " FIXED's grid)")
+        ids, members = region_members(regions.to(dev), net_shape, fixed.dtype)  # painted on the network's grid
+        values = torch.tensor([cfg.region_lambda.get(k, cfg.region_default) for k in ids.tolist()], dtype=fixed.dtype, device=dev)
+        region = paint_region_lambda(members, values.expand(fixed.shape[0], -1), cfg.region_smoothing)
     with torch.no_grad():
         f_in = resize_image(fixed, net_shape) if net_shape != spatial else fixed
         m_in = resize_image(on_fixed, net_shape) if net_shape != spatial else on_fixed
-        out = net(f_in, m_in)
+        code = hyperparameter_code(objective, fixed.shape[0], fixed) if conditional else None
+        out = net(f_in, m_in, code, region)
     velocity, lam = out.velocity.to(fixed.dtype), out.lam.to(fixed.dtype)
     finite = bool(torch.isfinite(velocity).all() and torch.isfinite(lam).all())  # e.g. weights holding NaN
     net_level = LevelHistory(spacing=tuple(train_spacing), shape=net_shape, control_shape=tuple(velocity.shape[2:]),
@@ -189,6 +288,9 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         rcfg = replace(rcfg, objective=objective)
         if net.config.lambda_mode == "uniform":
             rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)
+    if region is not None:  # refine one λ_k per region, starting from the given values
+        rcfg = replace(rcfg, lambda_mode="regions", region_smoothing=cfg.region_smoothing)
+        grids["regions"] = regions.to(dev)
     res = instance_register_pair(fixed, moving, replace(rcfg, progress=cfg.progress), spacing=h, device=dev,
                                  init_velocity=velocity, init_lambda=lam, moving_spacing=moving_spacing, **grids)
     for history in [res.history, *(res.pair_histories or [])]:
@@ -198,23 +300,51 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     return res
 
 
+def _check_conditional(cfg: ConditionalConfig, net_cfg) -> None:
+    """Raise ValueError (naming the key) unless the network is conditional and every value of
+    the code lies in its training range."""
+    if not net_cfg.conditional:
+        raise ValueError("`--weights`: --solver learned-conditional needs a conditional network (network.conditional)")
+    for key in CODE_KEYS:
+        lo, hi = getattr(net_cfg, f"{key}_range")
+        v = getattr(cfg.objective, key)
+        if not lo <= v <= hi:
+            raise ValueError(f"`objective.{key}` must lie in the conditional network's range [{lo:g}, {hi:g}], got {v!r}")
+    if cfg.region_lambda:
+        if not net_cfg.region_condition:
+            raise ValueError("`--region-lambda`: the network is not conditioned on regions (network.region_condition)")
+        lo, hi = LAMBDA_BOUNDS[net_cfg.lambda_prior]
+        bad = {k: v for k, v in {**cfg.region_lambda, "default": cfg.region_default}.items() if not lo <= v <= hi}
+        if bad:
+            raise ValueError(f"`--region-lambda`: λ must lie in [{lo:g}, {hi:g}] under the network's {net_cfg.lambda_prior}"
+                             f" prior, got {bad}")
+
+
 @dataclass(frozen=True)
 class LearnedSolver:
-    """The learned solver as a :class:`hybridreg.solvers.Solver` (method §2.2–2.3): the
+    """The learned solvers as :class:`hybridreg.solvers.Solver` (method §2.2–2.3): the
     network alone (``--solver learned``) or refined by instance optimization
-    (``learned+refine``); the name fixes :attr:`LearnedConfig.refine`."""
+    (``learned+refine``); the name fixes :attr:`LearnedConfig.refine`. With
+    ``config_class`` :class:`ConditionalConfig`, the conditional network (§3.2–3.3)."""
 
     name: str
     refine: bool
-    config_class = LearnedConfig
+    config_class: type = LearnedConfig
 
     def default_config(self) -> LearnedConfig:
-        return LearnedConfig(refine=self.refine)
+        return self.config_class(refine=self.refine)
 
     def configure(self, config: LearnedConfig) -> LearnedConfig:
         """``config`` with ``refine`` set by the solver's name and a weights name replaced by
-        its file (:func:`weights_path`; raises FileNotFoundError for a missing one)."""
-        w = str(weights_path(config.weights)) if config.weights else ""
+        its file (:func:`weights_path`; raises FileNotFoundError for a missing one); for a
+        conditional config, the network and the code's ranges are checked (ValueError naming
+        the key)."""
+        if type(config) is not self.config_class:
+            raise ValueError(f"--solver {self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        conditional = isinstance(config, ConditionalConfig)
+        w = str(weights_path(config.weights, CONDITIONAL_WEIGHTS if conditional else DEFAULT_WEIGHTS)) if config.weights else ""
+        if conditional:
+            _check_conditional(config, _load(w or str(CONDITIONAL_WEIGHTS), "cpu")[0].config)
         return replace(config, refine=self.refine, weights=w)
 
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None,
@@ -225,4 +355,8 @@ class LearnedSolver:
 
 LEARNED, LEARNED_REFINE = LearnedSolver("learned", False), LearnedSolver("learned+refine", True)
 """The entry points ``learned`` and ``learned+refine`` of the ``hybridreg.solvers`` group."""
+
+LEARNED_CONDITIONAL = LearnedSolver("learned-conditional", False, ConditionalConfig)
+LEARNED_CONDITIONAL_REFINE = LearnedSolver("learned-conditional+refine", True, ConditionalConfig)
+"""The entry points ``learned-conditional`` and ``learned-conditional+refine``."""
 

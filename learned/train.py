@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -51,7 +52,8 @@ from tqdm.auto import tqdm
 from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, to_dict
 from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.metrics import common_labels, score_dice
-from hybridreg.objective import ObjectiveConfig
+from hybridreg.objective import EnergyTerms, ObjectiveConfig
+from hybridreg.priors import paint_regions
 from hybridreg.solvers import DivergenceError
 from hybridreg.spatial import warp
 from hybridreg.synthesis import SynthConfig, random_deformation, synthesize
@@ -60,9 +62,9 @@ from .loss import network_energy
 from .network import NetOutput, NetworkConfig, RegistrationNetwork
 from .weights import load_weights, predict, save_weights
 
-__all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure"]
+__all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure", "sample_condition"]
 
-LOG_COLUMNS = ["step", "lr", "total", "similarity", "regularization", "hyperprior", "lambda_smoothness"]
+LOG_COLUMNS = ["step", "lr", *EnergyTerms._fields, "w_reg", "hyper_strength", "regions"]
 VAL_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "seconds"]
 
 
@@ -99,6 +101,18 @@ class TrainConfig:
             solver also moves λ 10× slower than the velocity: ``lr_lambda`` 0.05 vs ``lr`` 0.5).
         log_every: steps between reads of the loss terms (one device sync) and writes to
             ``log.csv`` (one row per step; also before validation, checkpoints and the end).
+        region_prob: for a network with ``region_condition``, the probability that a step
+            conditions it on a random region-wise λ map (CSAIN, method §3.2): one λ_k per
+            label of the fixed image's (augmented) label map, drawn log-uniformly in
+            [``region_lambda_low``, 1], painted and smoothed with σ ``region_smoothing``
+            (voxels; CSAIN's 0.8); the energy's λ is then that map. Other steps train the
+            unconditioned path (the λ head).
+
+    A ``conditional`` network (``network.conditional``) is trained on the energy at
+    hyperparameters drawn per step: ``w_reg`` and ``hyper_strength`` log-uniformly in the
+    network's ``w_reg_range`` and ``hyper_strength_range`` (``objective.w_reg`` and
+    ``objective.hyper_strength`` then only set validation's values); the loss is
+    :func:`hybridreg.objective.evaluate` at those values, and ``log.csv`` records them.
 
     Why the warm-up: the beta hyperprior pulls λ towards 1 with strength ``a`` while the
     regularizer pulls it down only where the strain is large. A network starting from the
@@ -131,6 +145,9 @@ class TrainConfig:
     lambda_init: float = bounded(0.5, 1e-6, 1.0)
     lambda_lr_factor: float = bounded(1.0, 1e-6, 1e3)
     log_every: int = bounded(10, 1, 10_000)
+    region_prob: float = bounded(0.0, 0.0, 1.0)
+    region_lambda_low: float = bounded(0.05, 1e-6, 1.0)
+    region_smoothing: float = bounded(0.8, 0.0, 10.0)
 
     def __post_init__(self) -> None:
         for name in ("steps", "epoch_steps", "checkpoint_every", "keep_checkpoints", "deform_control", "log_every", "seed",
@@ -142,6 +159,8 @@ class TrainConfig:
         if self.network.lambda_mode == "uniform" and self.lambda_warmup_steps:
             raise ValueError("TrainConfig: `lambda_warmup_steps` must be 0 with network.lambda_mode 'uniform' (there is no λ head"
                              " to warm up; λ is network.lambda_uniform throughout)")
+        if self.region_prob > 0 and not self.network.region_condition:
+            raise ValueError("TrainConfig: `region_prob` > 0 needs network.region_condition: true")
         if self.pairing not in ("atlas", "subject", "mixed"):
             raise ValueError(f"TrainConfig: `pairing` must be 'atlas', 'subject' or 'mixed', got {self.pairing!r}")
 
@@ -153,20 +172,25 @@ def _uniform(gen: torch.Generator) -> float:
 
 
 def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: torch.Generator,
-             labels: torch.Tensor | None = None) -> torch.Tensor:
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented image and its label map (``labels`` moved with it; ``None`` stays ``None``)."""
     if labels is not None and cfg.synth_prob > 0 and _uniform(gen) < cfg.synth_prob:
-        return synthesize(labels, spacing, cfg.synth, generator=gen, dtype=img.dtype)[0]
+        return synthesize(labels, spacing, cfg.synth, generator=gen, dtype=img.dtype)
     if not is_atlas and cfg.deform_prob > 0 and _uniform(gen) < cfg.deform_prob:
+        if labels is not None:  # the same draws deform the labels: a copy of the generator's state
+            twin = torch.Generator().set_state(gen.get_state())
+            labels = random_deformation(labels, cfg.deform_std_mm, cfg.deform_control, spacing, twin, mode="nearest")
         img = random_deformation(img, cfg.deform_std_mm, cfg.deform_control, spacing, gen)
     if cfg.gamma_std > 0:
         g = float(torch.randn((), generator=gen)) * cfg.gamma_std
         img = img.clamp_min(0) ** float(np.exp(g))
-    return img
+    return img, labels
 
 
 def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: torch.Tensor | None,
                  cfg: TrainConfig, gen: torch.Generator, labels: dict[int, torch.Tensor] | None = None):
-    """A training pair; ``labels`` maps ``id(image)`` to its label map (for ``synth_prob``)."""
+    """A training pair and the fixed image's label map (or ``None``); ``labels`` maps
+    ``id(image)`` to its label map (for ``synth_prob`` and ``region_prob``)."""
     n = len(images)
     use_atlas = atlas is not None and (cfg.pairing == "atlas" or (cfg.pairing == "mixed" and _uniform(gen) < cfg.atlas_fraction))
     if use_atlas:
@@ -180,12 +204,36 @@ def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: t
         fixed, moving, f_atlas = pool[j], pool[i], (atlas is not None and j == len(pool) - 1)
     m_atlas = atlas is not None and moving is atlas
     lab = labels or {}
-    fixed = _augment(fixed, f_atlas, cfg, data.spacing, gen, lab.get(id(fixed)))
-    moving = _augment(moving, m_atlas, cfg, data.spacing, gen, lab.get(id(moving)))
+    fixed, fixed_labels = _augment(fixed, f_atlas, cfg, data.spacing, gen, lab.get(id(fixed)))
+    moving, _ = _augment(moving, m_atlas, cfg, data.spacing, gen, lab.get(id(moving)))
     dims = [k + 2 for k in range(fixed.dim() - 2) if _uniform(gen) < cfg.flip_prob]
     if dims:
         fixed, moving = fixed.flip(dims), moving.flip(dims)
-    return fixed, moving
+        fixed_labels = fixed_labels.flip(dims) if fixed_labels is not None else None
+    return fixed, moving, fixed_labels
+
+
+def _log_uniform(gen: torch.Generator, low: float, high: float, n: int = 1) -> torch.Tensor:
+    return torch.exp(math.log(low) + torch.rand(n, generator=gen, dtype=torch.float64) * (math.log(high) - math.log(low)))
+
+
+def sample_condition(cfg: TrainConfig, fixed_labels: torch.Tensor | None, gen: torch.Generator
+                     ) -> tuple[ObjectiveConfig, torch.Tensor | None, torch.Tensor | None]:
+    """One step's conditioning (:class:`TrainConfig`'s docstring): the energy's config at the
+    drawn hyperparameters, the code ``(1, 2)`` (``None`` for an unconditional network) and
+    the region-wise λ map ``(1, 1, *spatial)`` on the fixed grid (``None`` unless this step
+    conditions on regions). Draws from ``gen`` only what the network is conditioned on."""
+    net = cfg.network
+    objective, code, region = cfg.objective, None, None
+    if net.conditional:
+        w, a = float(_log_uniform(gen, *net.w_reg_range)), float(_log_uniform(gen, *net.hyper_strength_range))
+        objective = replace(objective, w_reg=w, hyper_strength=a)
+        code = torch.tensor([[w, a]])
+    if net.region_condition and fixed_labels is not None and cfg.region_prob > 0 and _uniform(gen) < cfg.region_prob:
+        ids = torch.unique(fixed_labels).tolist()
+        values = dict(zip(ids, _log_uniform(gen, cfg.region_lambda_low, 1.0, len(ids)).tolist()))
+        region = paint_regions(fixed_labels, values, smooth_sigma=cfg.region_smoothing)
+    return objective, code, region
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -326,11 +374,15 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         init_net = load_weights(init_weights)[0] if init_weights is not None and not resume else None
     if init_net is not None:
         # Weights of the same network without the full-resolution stage may start one with it
-        # (the stage's residual starts near zero): every other parameter must match.
-        grown = replace(init_net.config, full_resolution_channels=cfg.network.full_resolution_channels)
+        # (the stage's residual starts near zero), and unconditional weights may start a
+        # conditional network (the modulation starts as the identity): every other parameter must match.
+        added = ("conditional", "w_reg_range", "hyper_strength_range", "region_condition", "region_lambda", "modulation_channels")
+        plain = not (init_net.config.conditional or init_net.config.region_condition)
+        grown = replace(init_net.config, full_resolution_channels=cfg.network.full_resolution_channels,
+                        **({k: getattr(cfg.network, k) for k in added} if plain else {}))
         if grown != cfg.network or (init_net.config.full_resolution_channels not in (0, cfg.network.full_resolution_channels)):
             raise ValueError(f"train(): `init_weights` {init_weights} holds a different network config than `network`"
-                             " (only a full-resolution stage may be added)")
+                             " (only a full-resolution stage or the conditioning may be added)")
         net.load_state_dict(init_net.state_dict(), strict=init_net.config == cfg.network)
     lam_params = list(net.lambda_head.parameters()) if net.lambda_head is not None else []
     lam_ids = {id(p) for p in lam_params}
@@ -359,14 +411,15 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         for name, cols in (("log.csv", LOG_COLUMNS), ("validation.csv", VAL_COLUMNS)):
             with atomic_output(run / name) as tmp, open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerow(cols)
-    model = (torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=cfg.lambda_warmup_steps > 0)
+    unused = cfg.lambda_warmup_steps > 0 or 0 < cfg.region_prob < 1  # a step may leave the λ head or CSAIN out
+    model = (torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=unused)
              if world > 1 else net)
 
     images = [_tensor(v, dev) for v in data.train]
     atlas = _tensor(data.atlas, dev) if data.atlas is not None else None
     labels = {id(t): torch.from_numpy(v.labels.astype(np.int64))[None, None].to(dev)
               for t, v in zip(images + [atlas], data.train + [data.atlas]) if v is not None and v.labels is not None
-              } if cfg.synth_prob > 0 else None
+              } if cfg.synth_prob > 0 or cfg.region_prob > 0 else None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     info = {"data": data.name, "world_size": world, "steps": cfg.steps}
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress or rank != 0,
@@ -375,21 +428,23 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, terms) not yet read from the device
     net.train()
     for step in bar:
-        fixed, moving = _sample_pair(data, images, atlas, cfg, gen, labels)
-        out = model(fixed, moving)
-        if step < cfg.lambda_warmup_steps:
+        fixed, moving, fixed_labels = _sample_pair(data, images, atlas, cfg, gen, labels)
+        objective, code, region = sample_condition(cfg, fixed_labels, gen)
+        out = model(fixed, moving, None if code is None else code.to(dev, fixed.dtype), region)
+        if step < cfg.lambda_warmup_steps and region is None:
             out = NetOutput(out.velocity, torch.full_like(out.lam, cfg.lambda_init))
-        terms = network_energy(out, fixed, moving, cfg.objective, data.spacing).terms
+        terms = network_energy(out, fixed, moving, objective, data.spacing).terms
         opt.zero_grad(set_to_none=True)
         terms.total.backward()
         opt.step()
         sched.step()
         done = step + 1
-        pending.append((done, sched.get_last_lr()[0], torch.stack([t.detach() for t in terms])))
+        pending.append((done, sched.get_last_lr()[0], torch.stack([t.detach() for t in terms]),
+                        (objective.w_reg, objective.hyper_strength, int(region is not None))))
         validate = done % cfg.epoch_steps == 0 or done == cfg.steps
         checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if done % cfg.log_every == 0 or validate or checkpoint or done == end:  # one device sync per flush
-            rows = [[s, lr, *v] for (s, lr, _), v in zip(pending, torch.stack([t for *_, t in pending]).tolist())]
+            rows = [[s, lr, *v, *c] for (s, lr, _, c), v in zip(pending, torch.stack([t for _, _, t, _ in pending]).tolist())]
             pending = []
             epoch_losses += [r[2] for r in rows]
             if rank == 0:

@@ -15,9 +15,9 @@ from hybridreg.config import atomic_output, from_dict, to_dict
 from hybridreg.objective import Evaluation, ObjectiveConfig
 
 from .loss import network_energy
-from .network import NetOutput, NetworkConfig, RegistrationNetwork
+from .network import CODE_KEYS, NetOutput, NetworkConfig, RegistrationNetwork
 
-__all__ = ["WEIGHTS_FORMAT", "save_weights", "read_weight_file", "load_weights", "predict"]
+__all__ = ["WEIGHTS_FORMAT", "save_weights", "read_weight_file", "load_weights", "hyperparameter_code", "predict"]
 
 WEIGHTS_FORMAT = "hybridreg-learned-v1"
 
@@ -74,11 +74,21 @@ def load_weights(path: str | os.PathLike, device: torch.device | str | None = No
     return net.eval().to(device or "cpu"), objective, spacing, info
 
 
+def hyperparameter_code(objective: ObjectiveConfig, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """The code of a conditional network (:data:`learned.network.CODE_KEYS`) for ``objective``'s
+    values: ``(batch, 2)`` on ``like``'s device and dtype."""
+    values = [float(getattr(objective, k)) for k in CODE_KEYS]
+    return torch.tensor([values] * batch, dtype=like.dtype, device=like.device)
+
+
 def predict(net: RegistrationNetwork, fixed: torch.Tensor, moving: torch.Tensor, objective: ObjectiveConfig,
-            spacing: Sequence[float]) -> tuple[NetOutput, Evaluation]:
+            spacing: Sequence[float], region: torch.Tensor | None = None) -> tuple[NetOutput, Evaluation]:
     """The network's output for ``(B, 1, *spatial)`` images on its grid (voxel size
     ``spacing`` mm) and its :class:`hybridreg.objective.Evaluation` (displacement in voxels
-    on the image grid, warped image, energy terms), without gradients."""
+    on the image grid, warped image, energy terms), without gradients. A conditional network
+    is conditioned on ``objective``'s ``w_reg`` and ``hyper_strength`` (the energy evaluated),
+    and a region-conditioned one on ``region`` (a ``(B, 1, *spatial)`` λ map) when given."""
     with torch.no_grad():
-        out = net(fixed, moving)
+        code = hyperparameter_code(objective, fixed.shape[0], fixed) if net.config.conditional else None
+        out = net(fixed, moving, code, region)
         return out, network_energy(out, fixed, moving, objective, spacing)

@@ -79,8 +79,10 @@ def _config_classes():
     from hybridreg.tuning import SearchSpace
     from hybridreg.synthesis import SynthConfig
     from learned.network import NetworkConfig
+    from learned.solver import ConditionalConfig, Hyperparameters
 
-    return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SynthConfig, SearchSpace)
+    return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SynthConfig, SearchSpace, Hyperparameters,
+            ConditionalConfig)
 
 
 def test_every_numeric_setting_has_a_documented_range():

@@ -74,10 +74,10 @@ def test_training_pairs_drawn_from_label_maps_with_synth_prob(manifest):
     labels = {id(t): torch.from_numpy(v.labels.astype(np.int64))[None, None] for t, v in zip(images, ds.train)}
     atlas = torch.from_numpy(ds.atlas.image)[None, None]
     cfg = TrainConfig(pairing="subject", flip_prob=0.0, synth_prob=1.0)
-    f, m = _sample_pair(ds, images, atlas, cfg, torch.Generator().manual_seed(0), labels)
+    f, m, fl = _sample_pair(ds, images, atlas, cfg, torch.Generator().manual_seed(0), labels)
     assert not any(torch.equal(f, t) or torch.equal(m, t) for t in images + [atlas])
     assert 0.0 <= float(f.min()) and float(f.max()) <= 1.0 and f.shape == images[0].shape
-    f0, m0 = _sample_pair(ds, images, atlas, replace(cfg, synth_prob=0.0), torch.Generator().manual_seed(0), labels)
+    f0, m0, _ = _sample_pair(ds, images, atlas, replace(cfg, synth_prob=0.0), torch.Generator().manual_seed(0), labels)
     assert any(torch.equal(f0, t) for t in images + [atlas])  # off: the data's own images
 
 

@@ -321,7 +321,7 @@ def test_learned_objective_trains_a_short_run_and_scores_validation_pairs():
 def test_objectives_score_the_test_split_on_request():
     sp = tuning.space_from_dict({**SPACE, "max_pairs": 1, "base_config": {"level_spacing": [8.0], "iterations": [5]}})
     params = tuning.base_params(sp)
-    val, test = (tuning.instance_objective(sp, params, split=s) for s in ("val", "test"))
+    val, test = (tuning.solver_objective(sp, params, split=s) for s in ("val", "test"))
     assert val["dice"] != test["dice"]  # vxm <- synthseg_13 against vxm <- synthseg_16
     with pytest.raises(ValueError, match="split"):
-        tuning.instance_objective(sp, params, split="train")
+        tuning.solver_objective(sp, params, split="train")

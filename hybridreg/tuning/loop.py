@@ -9,6 +9,12 @@ outcomes; candidates maximise ``qLogNoisyExpectedImprovement`` of Dice with the 
 constraint (modelled as the log slack :func:`folding_slack`, not the raw zero-inflated
 percentage) and the SDlogJ bound if any (the slack ``sdlogj − sdlogj_max``), or in Pareto
 mode ``qLogNoisyExpectedHypervolumeImprovement`` of (Dice, −SDlogJ) under the same constraints.
+TuRBO (``method="turbo"``, for many parameters such as the conditional network's region weights):
+the same GP and acquisition, maximised only inside a trust region around the best feasible trial,
+TuRBO-1 of Eriksson et al. (NeurIPS 2019, §2): a box of side ``L`` scaled per dimension by the GP's
+lengthscales (their geometric mean kept at 1), doubled after 3 successes in a row, halved after
+``ceil(max(4/q, d/q))`` failures, restarted at 0.8 below 2⁻⁷; its state is replayed from the trial
+history (:func:`turbo_length`), so a resumed run proposes what an uninterrupted one would.
 Baselines: random search, Optuna's TPE. Draws are seeded by ``space.seed`` and the trial index (no global RNG).
 
 State: ``trials.json`` in the output folder is rewritten atomically after every finished
@@ -33,7 +39,8 @@ import torch
 from ..config import atomic_write_text, from_dict, to_dict
 from .space import SearchSpace
 
-METHODS = ("botorch", "random", "tpe")
+METHODS = ("botorch", "turbo", "random", "tpe")
+TURBO_INIT, TURBO_MIN, TURBO_MAX = 0.8, 0.5**7, 1.6  # TuRBO-1's trust-region side: start, restart below, cap
 
 
 @dataclass
@@ -118,7 +125,39 @@ def fit_gp(X: torch.Tensor, Y: torch.Tensor):
     return model
 
 
-def _propose_botorch(space: SearchSpace, done: list[dict], q: int, seed: int) -> torch.Tensor:
+def turbo_length(space: SearchSpace, trials: list[dict]) -> float:
+    """TuRBO-1's trust-region side after ``trials`` (module docstring), replayed trial by trial
+    (a batch of q counts as q trials): a trial after the initial design succeeds when its
+    feasible Dice beats the best so far by 10⁻³ of its size."""
+    d, q = len(space.parameters), space.batch_size
+    fail_tol = math.ceil(max(4 / q, d / q))
+    length, succ, fail, best = TURBO_INIT, 0, 0, -math.inf
+    for i, t in enumerate(t for t in trials if t["status"] != "pending"):
+        val = t["dice"] if t["status"] == "done" and space.feasible(t) else -math.inf
+        if i >= space.initial_trials:
+            better = val > best + 1e-3 * abs(best) if math.isfinite(best) else val > best
+            succ, fail = (succ + 1, 0) if better else (0, fail + 1)
+            if succ == 3:
+                length, succ = min(2 * length, TURBO_MAX), 0
+            elif fail == fail_tol:
+                length, fail = length / 2, 0
+            if length < TURBO_MIN:
+                length = TURBO_INIT
+        best = max(best, val)
+    return length
+
+
+def _trust_region(model, X: torch.Tensor, done: list[dict], space: SearchSpace, length: float) -> torch.Tensor:
+    """TuRBO's box ``(2, d)`` in the unit cube: centred on the best feasible trial (the best
+    Dice when none is), side ``length`` scaled by the Dice GP's lengthscales."""
+    ok = [i for i, t in enumerate(done) if space.feasible(t)] or list(range(len(done)))
+    centre = X[max(ok, key=lambda i: done[i]["dice"])]
+    ls = model.covar_module.lengthscale.detach().reshape(-1, X.shape[-1])[0].to(X)
+    w = ls / ls.log().mean().exp()
+    return torch.stack([(centre - w * length / 2).clamp(0, 1), (centre + w * length / 2).clamp(0, 1)])
+
+
+def _propose_botorch(space: SearchSpace, done: list[dict], q: int, seed: int, trust_length: float | None = None) -> torch.Tensor:
     from botorch.acquisition.logei import qLogNoisyExpectedImprovement
     from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
     from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
@@ -129,23 +168,26 @@ def _propose_botorch(space: SearchSpace, done: list[dict], q: int, seed: int) ->
     d = len(space.parameters)
     X = torch.tensor([t["x"] for t in done], dtype=torch.double)
     Y, constraints = _outcomes(space, done)
-    bounds = torch.stack([torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)])
+    model = fit_gp(X, Y)
+    bounds = (torch.stack([torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)]) if trust_length is None
+              else _trust_region(model, X, done, space, trust_length))
     # Seeded MC samplers and start points. The baseline is not pruned (BoTorch's pruning draws unseeded): a
     # pruned point is one never best in 2048 posterior samples, keeping it changes the acquisition by MC noise only.
     if space.mode == "single":
         acq = qLogNoisyExpectedImprovement(
-            fit_gp(X, Y), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([512]), seed=seed),
+            model, X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([512]), seed=seed),
             objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]), constraints=constraints,
             prune_baseline=False,
         )
     else:
         ref = Y[:, :2].min(dim=0).values - 0.1 * (Y[:, :2].max(dim=0).values - Y[:, :2].min(dim=0).values).clamp_min(1e-3)
         acq = qLogNoisyExpectedHypervolumeImprovement(
-            fit_gp(X, Y), ref_point=ref.tolist(), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([128]), seed=seed),
+            model, ref_point=ref.tolist(), X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([128]), seed=seed),
             objective=IdentityMCMultiOutputObjective(outcomes=[0, 1]), constraints=constraints,
             prune_baseline=False,
         )
-    cand, _ = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=8, batch_initial_conditions=_start_points(acq, d, q, 8, seed))
+    cand, _ = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=8,
+                            batch_initial_conditions=_start_points(acq, bounds, q, 8, seed))
     return cand.detach()
 
 
@@ -160,9 +202,12 @@ def _outcomes(space: SearchSpace, done: list[dict]) -> tuple[torch.Tensor, list[
     return Y, [lambda Z, i=i: Z[..., i] for i in range(k, Y.shape[1])]
 
 
-def _start_points(acq, d: int, q: int, n: int, seed: int, raw: int = 256, eta: float = 2.0) -> torch.Tensor:
-    """``optimize_acqf``'s default start points, seeded: ``n`` of ``raw`` Sobol q-batches drawn ∝ exp(η·z(acq)), the best kept."""
+def _start_points(acq, bounds: torch.Tensor, q: int, n: int, seed: int, raw: int = 256, eta: float = 2.0) -> torch.Tensor:
+    """``optimize_acqf``'s default start points, seeded: ``n`` of ``raw`` Sobol q-batches inside
+    ``bounds`` ``(2, d)`` drawn ∝ exp(η·z(acq)), the best kept."""
+    d = bounds.shape[-1]
     Xr = torch.quasirandom.SobolEngine(q * d, scramble=True, seed=seed).draw(raw, dtype=torch.double).view(raw, q, d)
+    Xr = bounds[0] + (bounds[1] - bounds[0]) * Xr
     with torch.no_grad():
         v = acq(Xr)
     w = torch.exp(eta * (v - v.mean()) / v.std().clamp_min(1e-9))
@@ -237,7 +282,8 @@ def run_tuning(
             module-level function when ``space.workers > 1`` (it runs in worker processes).
         n_trials: finished trials (done or failed) to reach.
         out_dir: folder of ``trials.json`` (and the caller's outputs).
-        method: ``"botorch"``, ``"random"`` or ``"tpe"`` (Optuna, optional dependency).
+        method: ``"botorch"``, ``"turbo"`` (trust-region BO), ``"random"`` or ``"tpe"``
+            (Optuna, optional dependency).
         resume: continue from ``out_dir/trials.json``: finished trials are kept, pending
             candidates are evaluated first.
         stop_after: stop once this many trials have finished (an interruption, for tests).
@@ -286,10 +332,11 @@ def run_tuning(
                 if method == "tpe":
                     tpe = tpe or _TPE(space, done)
                     xs = torch.tensor([tpe.ask(space) for _ in range(q)], dtype=torch.double)
-                elif method == "botorch" and n_prop < space.initial_trials:
+                elif method in ("botorch", "turbo") and n_prop < space.initial_trials:
                     xs = sobol[n_prop:n_prop + q]
-                elif method == "botorch" and len(done) >= 2:
-                    xs = _propose_botorch(space, done, q, space.seed + n_prop)
+                elif method in ("botorch", "turbo") and len(done) >= 2:
+                    xs = _propose_botorch(space, done, q, space.seed + n_prop,
+                                          turbo_length(space, trials) if method == "turbo" else None)
                 else:  # random search (one generator per trial index: the same draws after a resume)
                     xs = torch.stack([torch.rand(d, generator=torch.Generator().manual_seed(space.seed * 100_003 + n_prop + i),
                                                  dtype=torch.double) for i in range(q)])

@@ -39,26 +39,30 @@ def _pairs(space: SearchSpace, split: str) -> tuple[list, tuple]:
     return pairs + synth, ds.spacing
 
 
-def _score(register: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pairs: list) -> dict:
-    """Mean Dice, max %|J|≤0 and mean SDlogJ of ``register(fixed, moving) -> displacement``
-    (:func:`hybridreg.metrics.score_registration`)."""
+def _score(register: Callable[..., torch.Tensor], pairs: list) -> dict:
+    """Mean Dice, max %|J|≤0 and mean SDlogJ of ``register(fixed, moving, fixed_labels) ->
+    displacement`` (:func:`hybridreg.metrics.score_registration`)."""
     scores = [score_registration(f.labels, m.labels, register(torch.from_numpy(f.image)[None, None],
-                                                             torch.from_numpy(m.image)[None, None]), "auto")
+                                                             torch.from_numpy(m.image)[None, None],
+                                                             torch.from_numpy(f.labels.astype(np.int64))[None, None]), "auto")
               for f, m in pairs]
     return {"dice": float(np.mean([s["dice_mean"] for s in scores])),
             "folding": float(np.max([s["folding_percent"] for s in scores])),
             "sdlogj": float(np.mean([s["sdlogj"] for s in scores]))}
 
 
-def instance_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
-    """Trial of the instance solver: register every bundled pair of ``split`` (atlas ←
-    subject, ``space.resolution`` mm; ``"val"`` while tuning, ``"test"`` to check the
-    chosen configuration) with the trial's config; returns mean Dice, max %|J|≤0 and mean
-    SDlogJ."""
-    solver = get_solver("instance")
+def solver_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+    """Trial of a solver run with the trial's config (the instance solver, or the conditional
+    network at the trial's hyperparameters and region weights): register every bundled pair of
+    ``split`` (atlas ← subject, ``space.resolution`` mm; ``"val"`` while tuning, ``"test"`` to
+    check the chosen configuration), with the fixed labels as regions where the config's λ is
+    region-wise; returns mean Dice, max %|J|≤0 and mean SDlogJ."""
+    solver = get_solver(space.solver)
     cfg = replace(apply_params(space, params), progress=False)
     pairs, spacing = _pairs(space, split)
-    return _score(lambda f, m: run_solver(solver, cfg, f, m, spacing).result.displacement, pairs)
+    regions = getattr(cfg, "lambda_mode", None) == "regions"
+    return _score(lambda f, m, fl: run_solver(solver, cfg, f, m, spacing, **({"regions": fl} if regions else {}))
+                  .result.displacement, pairs)
 
 
 def learned_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
@@ -74,7 +78,7 @@ def learned_objective(space: SearchSpace, params: dict, split: str = "val") -> d
     with tempfile.TemporaryDirectory() as tmp:
         net = train(cfg, data, Path(tmp) / "run", progress=False)
     net.eval()
-    return _score(lambda f, m: predict(net, f, m, cfg.objective, spacing)[1].displacement, pairs)
+    return _score(lambda f, m, fl: predict(net, f, m, cfg.objective, spacing)[1].displacement, pairs)
 
 
-OBJECTIVES = {"instance": instance_objective, "learned": learned_objective}
+OBJECTIVES = {"instance": solver_objective, "learned": learned_objective, "learned-conditional": solver_objective}

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from ..config import bounded, check_bounds, from_dict, read_yaml, to_dict
 from ..solvers import get_solver
 
-SOLVERS = ("instance", "learned")  # the tuned config of each: :func:`_config_class`
+SOLVERS = ("instance", "learned", "learned-conditional")  # the tuned config of each: :func:`_config_class`
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class SearchSpace:
     """A tuning problem (the YAML file, :func:`load_space`).
 
     Attributes:
-        solver: ``"instance"`` or ``"learned"``.
+        solver: ``"instance"``, ``"learned"`` (each trial trains a network) or
+            ``"learned-conditional"`` (each trial is a forward pass of the conditional network at
+            the trial's ``objective.w_reg``, ``objective.hyper_strength`` and region weights
+            ``region_lambda.<label>``: test-time tuning, method §3.3).
         parameters: the tuned values.
         base_config: the solver config the parameters are set on (a mapping in the
             config's YAML form; empty = the solver's defaults).
@@ -73,7 +76,7 @@ class SearchSpace:
         train_data: the learned solver's training data (``bundled`` or a manifest/folder).
     """
 
-    solver: Literal["instance", "learned"] = "instance"
+    solver: Literal["instance", "learned", "learned-conditional"] = "instance"
     parameters: tuple[Parameter, ...] = ()
     base_config: dict = field(default_factory=dict)
     mode: Literal["single", "pareto"] = "single"
@@ -110,17 +113,46 @@ def _config_class(solver: str) -> type:
     return get_solver(solver).config_class
 
 
+def _part(d: dict, p: str) -> Any:
+    """The mapping key ``p`` names: ``p`` itself, or the integer it spells (label keys such as
+    ``region_lambda.17``)."""
+    return int(p) if p not in d and p.lstrip("-").isdigit() else p
+
+
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value
+        d = d.setdefault(_part(d, p), {})
+    d[_part(d, parts[-1])] = value
 
 
 def _get_dotted(d: dict, key: str) -> Any:
     for p in key.split("."):
-        d = d[p]
+        d = d[_part(d, p)]
     return d
+
+
+def _current(full: dict, key: str, solver: str) -> Any:
+    """The base value of ``key``; ``None`` for a new label of a label → λ mapping
+    (``region_lambda.<label>``: the labels are the data's, not the config's).
+
+    Raises:
+        ValueError: a key the solver config does not have.
+    """
+    parent, _, last = key.rpartition(".")
+    try:
+        return _get_dotted(full, key)
+    except (KeyError, TypeError):
+        if parent and last.lstrip("-").isdigit() and isinstance(_get_dotted_or_none(full, parent), dict):
+            return None
+        raise ValueError(f"search space: `{key}` is not a key of the {solver} solver's config") from None
+
+
+def _get_dotted_or_none(d: dict, key: str) -> Any:
+    try:
+        return _get_dotted(d, key)
+    except (KeyError, TypeError):
+        return None
 
 
 def _base_dict(space: SearchSpace) -> dict:
@@ -142,10 +174,7 @@ def apply_params(space: SearchSpace, params: dict[str, float]):
     full = _base_dict(space)
     for p in space.parameters:
         v = params[p.key]
-        try:
-            cur = _get_dotted(full, p.key)
-        except (KeyError, TypeError):
-            raise ValueError(f"search space: `{p.key}` is not a key of the {space.solver} solver's config") from None
+        cur = _current(full, p.key, space.solver)
         if isinstance(cur, list):
             base = cur[0] if cur and cur[0] else 1
             v = [int(round(c * v / base)) if isinstance(c, int) else c * v / base for c in cur]
@@ -160,8 +189,9 @@ def base_params(space: SearchSpace) -> dict[str, float]:
     sets ``base_config``; the first entry of a list key): the "default" trial, for which
     ``apply_params(space, base_params(space))`` is the base config itself."""
     full = _base_dict(space)
-    values = [_get_dotted(full, p.key) for p in space.parameters]
-    return {p.key: float(v[0] if isinstance(v, list) else v) for p, v in zip(space.parameters, values)}
+    values = [_current(full, p.key, space.solver) for p in space.parameters]
+    default = full.get("region_default", 1.0)  # a label the base does not list has the mapping's default
+    return {p.key: float(default if v is None else v[0] if isinstance(v, list) else v) for p, v in zip(space.parameters, values)}
 
 
 def space_from_dict(data: Any, where: str = "space") -> SearchSpace:
