@@ -310,7 +310,6 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
 
     def run(pair: AnyPair, dice_fn) -> MethodOutput:
         from hybridreg.service import run_solver, solver_and_config
-        from hybridreg.solvers import get_solver
         from learned.solver import half_grid_refine
 
         solver, cfg = solver_and_config(name, weights=str(weights or ""), progress=False, overrides=sets,
