@@ -251,12 +251,14 @@ def paint_regions(
     default: float = 1.0,
     smooth_sigma: float = 0.0,
     dtype: torch.dtype = torch.float32,
+    shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Region-wise λ map: ``values[k]`` painted over label ``k`` (method §3.2).
 
-    Labels not in ``values`` get ``default``. With ``smooth_sigma > 0`` (voxels; the
-    reference uses 0.8) the map is Gaussian-smoothed so λ changes gradually across region
-    borders. The result is a ``(B, 1, *spatial)`` λ map that :func:`hybridreg.objective.evaluate`
+    Labels not in ``values`` get ``default``. With ``smooth_sigma > 0`` (voxels of the
+    result's grid; the reference uses 0.8) the map is Gaussian-smoothed so λ changes gradually
+    across region borders. ``shape``: paint on this grid (each region's share resampled,
+    :func:`region_members`) instead of the labels'. The result is a ``(B, 1, *spatial)`` λ map that :func:`hybridreg.objective.evaluate`
     accepts like any other.
 
     Args:
@@ -270,7 +272,7 @@ def paint_regions(
         raise ValueError(f"paint_regions(): `labels` must be an integer (B, 1, *spatial) tensor, got {labels.dtype} {tuple(labels.shape)}")
     if not values or any(not (v > 0) for v in values.values()) or not default > 0:
         raise ValueError("paint_regions(): `values` must be a non-empty {label: λ > 0} mapping and `default` > 0")
-    ids, members = region_members(labels, dtype=dtype)
+    ids, members = region_members(labels, shape, dtype=dtype)
     lam_k = torch.tensor([float(values.get(k, default)) for k in ids.tolist()], dtype=dtype, device=labels.device)
     return paint_region_lambda(members, lam_k.expand(labels.shape[0], -1), smooth_sigma)
 

@@ -284,12 +284,11 @@ class FullResolutionStage(nn.Module):
         nn.init.normal_(self.velocity_head.weight, std=1e-5)
         nn.init.zeros_(self.velocity_head.bias)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor,
-                modulate: Callable[[torch.Tensor], torch.Tensor] = lambda f: f) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor, modulate: Modulate = _identity) -> torch.Tensor:
         """Velocity on the grid of ``x`` from features ``h`` and ``velocity`` on the half grid;
-        ``modulate`` conditions the stage's features (a conditional network's last stage)."""
+        ``modulate`` conditions the stage's features (as stage −1: a conditional network's last)."""
         size = tuple(x.shape[2:])
-        residual = self.velocity_head(modulate(self.block(torch.cat([resize_image(h, size), self.image(x)], dim=1))))
+        residual = self.velocity_head(modulate(-1, self.block(torch.cat([resize_image(h, size), self.image(x)], dim=1))))
         return resize_field(velocity, size) + residual
 
 
@@ -379,9 +378,8 @@ class RegistrationNetwork(nn.Module):
     def normalized_code(self, code: torch.Tensor) -> torch.Tensor:
         """The code ``(B, 2)`` (``w_reg``, ``hyper_strength``) log-scaled to [−1, 1] over the
         configured ranges (the modulation's input)."""
-        cfg = self.config
-        lo = torch.tensor([cfg.w_reg_range[0], cfg.hyper_strength_range[0]], dtype=code.dtype, device=code.device).log()
-        hi = torch.tensor([cfg.w_reg_range[1], cfg.hyper_strength_range[1]], dtype=code.dtype, device=code.device).log()
+        lo, hi = torch.tensor([getattr(self.config, f"{k}_range") for k in CODE_KEYS], dtype=code.dtype,
+                              device=code.device).log().unbind(1)
         return 2 * (code.log() - lo) / (hi - lo) - 1
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, code: torch.Tensor | None = None,
@@ -402,15 +400,14 @@ class RegistrationNetwork(nn.Module):
         x = torch.cat([fixed, moving], dim=1)
         f = cfg.resolution_factor
         xn = resize_image(x, [max(4, n // f) for n in x.shape[2:]]) if f > 1 else x
-        modulate, last = _identity, lambda h: h
+        modulate = _identity
         if self.modulation is not None:
             z = self.normalized_code(code) if code is not None else None
             modulate = lambda i, h: self.modulation[i](h, z, region)  # noqa: E731
-            last = lambda h: self.modulation[-1](h, z, region)  # noqa: E731
         h = self.backbone(xn, modulate)
         velocity = self.velocity_head(h)
         if self.full_resolution is not None:
-            velocity = self.full_resolution(h, x, velocity, last)
+            velocity = self.full_resolution(h, x, velocity, modulate)
         grid = velocity.shape[2:]
         if self.lambda_head is None:
             lam = torch.full_like(velocity[:, :1], cfg.lambda_uniform)

@@ -28,13 +28,13 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from hybridreg.config import bounded, check_bounds
 from hybridreg.objective import evaluate
-from hybridreg.priors import LAMBDA_BOUNDS, paint_region_lambda, region_members
+from hybridreg.priors import LAMBDA_BOUNDS, paint_regions
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
 from hybridreg.spatial import resize_image, warp
@@ -135,6 +135,7 @@ class LearnedConfig:
     """
 
     weights: str = ""
+    default_weights: ClassVar[Path] = DEFAULT_WEIGHTS  # the file an empty ``weights`` means
     refine: bool = False
     refine_config: InstanceOptConfig = field(default_factory=_refine_default)
     refine_objective_from_weights: bool = True
@@ -172,6 +173,7 @@ class ConditionalConfig(LearnedConfig):
             training value, CSAIN's 0.8).
     """
 
+    default_weights: ClassVar[Path] = CONDITIONAL_WEIGHTS
     objective: Hyperparameters = field(default_factory=Hyperparameters)
     region_lambda: dict = field(default_factory=dict)
     region_default: float = bounded(1.0, 1e-6, 5.0)
@@ -238,8 +240,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     dev = torch.device(device) if device is not None else fixed.device
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
     conditional = isinstance(cfg, ConditionalConfig)
-    net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights, CONDITIONAL_WEIGHTS if conditional else DEFAULT_WEIGHTS)),
-                                            str(dev))
+    net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights, cfg.default_weights)), str(dev))
     if conditional:
         _check_conditional(cfg, net.config)
         objective = replace(objective, **{k: getattr(cfg.objective, k) for k in CODE_KEYS})
@@ -263,9 +264,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         if regions is None or regions.is_floating_point() or tuple(regions.shape) != (fixed.shape[0], 1) + spatial:
             raise ValueError("`--fixed-labels` is required with `region_lambda` (an integer (B, 1, *spatial) label map on"
                              " FIXED's grid)")
-        ids, members = region_members(regions.to(dev), net_shape, fixed.dtype)  # painted on the network's grid
-        values = torch.tensor([cfg.region_lambda.get(k, cfg.region_default) for k in ids.tolist()], dtype=fixed.dtype, device=dev)
-        region = paint_region_lambda(members, values.expand(fixed.shape[0], -1), cfg.region_smoothing)
+        region = paint_regions(regions.to(dev), cfg.region_lambda, default=cfg.region_default,  # on the network's grid
+                               smooth_sigma=cfg.region_smoothing, dtype=fixed.dtype, shape=net_shape)
     with torch.no_grad():
         f_in = resize_image(fixed, net_shape) if net_shape != spatial else fixed
         m_in = resize_image(on_fixed, net_shape) if net_shape != spatial else on_fixed
@@ -341,10 +341,9 @@ class LearnedSolver:
         the key)."""
         if type(config) is not self.config_class:
             raise ValueError(f"--solver {self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
-        conditional = isinstance(config, ConditionalConfig)
-        w = str(weights_path(config.weights, CONDITIONAL_WEIGHTS if conditional else DEFAULT_WEIGHTS)) if config.weights else ""
-        if conditional:
-            _check_conditional(config, _load(w or str(CONDITIONAL_WEIGHTS), "cpu")[0].config)
+        w = str(weights_path(config.weights, config.default_weights)) if config.weights else ""
+        if isinstance(config, ConditionalConfig):
+            _check_conditional(config, _load(w or str(config.default_weights), "cpu")[0].config)
         return replace(config, refine=self.refine, weights=w)
 
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None,
