@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help="regressor weight file (default: the shipped one)")
     ap.add_argument("--out", default=str(RESULTS / "lambda_regressor"), help="output path without suffix")
     a = ap.parse_args(argv)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before the minutes of runs, not after
     r = run(a.weights)
     atomic_write_text(a.out + ".json", json.dumps(r, indent=1))
     atomic_write_text(a.out + ".md", markdown(r))

@@ -74,14 +74,22 @@ def summary(rows: list[dict]) -> list[dict]:
 def fronts(rows: list[dict]) -> dict[str, list[dict]]:
     """Each regularity sweep with a point present: ``{family: [point, ...]}``, each
     point ``{"method", "setting", "default", "sdlogj", "dice", "folding_max", "pairs"}`` (means
-    over the pairs every point of the family ran; folding: worst pair), sorted by SDlogJ."""
+    over the pairs every point of the front ran; folding: worst pair), sorted by SDlogJ.
+
+    The front's pairs are those its default setting ran on, and a point that has not run on all
+    of them is left out (a sweep point run on a few pairs does not shrink the front to those
+    pairs); without the default, or with it alone left, the pairs every point ran on."""
     by_family: dict[str, list[str]] = {}
     for m in _ordered(rows):
         if METHODS[m].setting:
             by_family.setdefault(METHODS[m].family or m, []).append(m)
     out = {}
     for fam, members in by_family.items():
-        pairs = set.intersection(*({r["pair"] for r in _by(rows, m)} for m in members))
+        ran = {m: {r["pair"] for r in _by(rows, m)} for m in members}
+        complete = [m for m in members if fam in ran and ran[m] >= ran[fam]]
+        if len(complete) > 1:
+            members = complete
+        pairs = set.intersection(*(ran[m] for m in members))
         if not pairs:
             continue
         pts = []
@@ -473,7 +481,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
                   f"{r['seconds']:.1f} |" for r in staged]
     if "fronts" in files:
         lines += ["", "## Dice against regularity (Pareto fronts)", "",
-                  "Each method swept over its own regularity setting (means over the pairs all points ran); "
+                  "Each method swept over its own regularity setting (means over the pairs its default ran on; a setting that did not run on all of them is left out of the front); "
                   "hybridreg's points against each classical tool's front, and against the uniform-λ baseline's, interpolated "
                   "at the same SDlogJ (ahead: higher Dice there and no folding; – : outside the SDlogJ range the peer's front "
                   "covers).", "",

@@ -123,6 +123,19 @@ def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path
     assert (tmp_path / files["fronts"]).stat().st_size > 1000
 
 
+def test_a_sweep_point_run_on_fewer_pairs_is_left_out_of_the_front():
+    # ANTs' default and total σ 1 ran on pairs a, b, c; flow σ 5 on a alone: the front keeps the three pairs
+    rows = [_row(p, m, 0.70 + i * 0.01, sd, 10.0) for i, p in enumerate("abc")
+            for m, sd in (("ants-syn", 0.24), ("ants-syn@total_sigma=1", 0.11))]
+    rows.append(_row("a", "ants-syn@flow_sigma=5", 0.69, 0.25, 10.0))
+    front = report.fronts(rows)["ants-syn"]
+    assert [p["method"] for p in front] == ["ants-syn@total_sigma=1", "ants-syn"]
+    assert all(p["pairs"] == ["a", "b", "c"] for p in front) and front[1]["dice"] == pytest.approx(0.685)
+    # with the default alone complete, the points every member ran on (pair a) are the front
+    rows = [r for r in rows if r["method"] != "ants-syn@total_sigma=1"]
+    assert [p["pairs"] for p in report.fronts(rows)["ants-syn"]] == [["a"], ["a"]]
+
+
 @pytest.mark.slow
 def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     out = tmp_path / "smoke"
