@@ -131,10 +131,11 @@ def main(argv=None) -> int:
                 print(f"test split: {method} trial {b['id']}", flush=True)
                 tests[method] = {"id": b["id"], **_scored(space, b["params"], "test")}
         save()
-    if "turbo" in runs and best_trial(runs["turbo"], space) is not None:
+    best_turbo = best_trial(runs["turbo"], space) if "turbo" in runs else None
+    if best_turbo is not None:
         from hybridreg.tuning import apply_params
 
-        best = apply_params(space, best_trial(runs["turbo"], space)["params"])
+        best = apply_params(space, best_turbo["params"])
         atomic_write_text(RESULTS / "region_lambda.yaml", f"default: {best.region_default:.6g}\n"
                           + "".join(f"{k}: {v:.6g}\n" for k, v in sorted(best.region_lambda.items())))
 
@@ -210,7 +211,7 @@ def report(cache: dict, space: SearchSpace, c_star: float, runs: dict, ptrials: 
                 if b is None or t is None:
                     continue
                 dv, dt = b["dice"] - u["dice"], t["dice"] - tests["uniform"]["dice"]
-                holds = dt > 0 and t["sdlogj"] <= tests["uniform"]["sdlogj"] * 1.0 + 1e-9
+                holds = dt > 0 and t["sdlogj"] <= tests["uniform"]["sdlogj"] + 1e-9
                 verdicts.append(f"- {m}: validation {dv:+.4f} Dice at SDlogJ {b['sdlogj']:.3f} ≤ {u['sdlogj']:.3f}; "
                                 f"test {dt:+.4f} Dice at SDlogJ {t['sdlogj']:.3f} vs {tests['uniform']['sdlogj']:.3f} "
                                 f"({'the gain holds' if holds else 'the gain does not hold'} on the test pairs).")

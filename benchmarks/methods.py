@@ -259,6 +259,14 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
                         voxel_map=pre.voxel_map, metrics=metrics)
 
 
+def _regions(pair: Pair, cfg: Any) -> dict:
+    """``{"regions": FIXED's label map (1, 1, *spatial)}`` for a config with ``lambda_mode``
+    ``"regions"`` (one λ per structure), else ``{}``: the solver's ``regions`` keyword."""
+    if getattr(cfg, "lambda_mode", None) != "regions":
+        return {}
+    return {"regions": torch.from_numpy(np.ascontiguousarray(pair.fixed.labels)).long()[None, None]}
+
+
 def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[str, ...] = ()):
     """The instance solver with the config at ``config_path`` (default: the defaults), its
     ``objective.w_reg`` replaced by ``w_reg`` when given and ``sets`` (``KEY=VALUE``,
@@ -289,8 +297,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
             spent[0] += time.perf_counter() - t
 
         # the time-to-accuracy trace (a Dice evaluation every `window` iterations) for the family's own entry only
-        regions = ({"regions": torch.from_numpy(np.ascontiguousarray(pair.fixed.labels)).long()[None, None]}
-                   if cfg.lambda_mode == "regions" else {})  # one λ per structure of FIXED's labels
+        regions = _regions(pair, cfg)
         res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None, **regions)
         seconds = time.perf_counter() - t0 - spent[0]
         lam = res.lam[0, 0].numpy() if res.lam.numel() > 1 else None
@@ -319,8 +326,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
         if not pair.prealigned:
             return _via_service(pair, name, cfg)
         f, m = _tensors(pair)
-        regions = ({"regions": torch.from_numpy(np.ascontiguousarray(pair.fixed.labels)).long()[None, None]}
-                   if getattr(cfg, "lambda_mode", None) == "regions" else {})  # one λ per structure of FIXED's labels
+        regions = _regions(pair, cfg)
         solved = run_solver(solver, cfg, f, m, pair.spacing, **regions)
         lam = solved.result.lam
         return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, lam[0, 0].numpy() if lam.numel() > 1 else None)

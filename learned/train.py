@@ -59,12 +59,12 @@ from hybridreg.spatial import warp
 from hybridreg.synthesis import SynthConfig, random_deformation, synthesize
 
 from .loss import network_energy
-from .network import NetOutput, NetworkConfig, RegistrationNetwork
+from .network import CODE_KEYS, NetOutput, NetworkConfig, RegistrationNetwork
 from .weights import load_weights, predict, save_weights
 
 __all__ = ["TrainConfig", "train", "latest_checkpoint", "validation_dice", "training_figure", "sample_condition"]
 
-LOG_COLUMNS = ["step", "lr", *EnergyTerms._fields, "w_reg", "hyper_strength", "regions"]
+LOG_COLUMNS = ["step", "lr", *EnergyTerms._fields, *CODE_KEYS, "regions"]
 VAL_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "seconds"]
 
 
@@ -172,10 +172,13 @@ def _uniform(gen: torch.Generator) -> float:
 
 
 def _augment(img: torch.Tensor, is_atlas: bool, cfg: TrainConfig, spacing, gen: torch.Generator,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The augmented image and its label map (``labels`` moved with it; ``None`` stays ``None``)."""
+             labels: torch.Tensor | None = None, keep_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented image and its label map (``labels`` moved with it; ``None`` when
+    ``labels`` is ``None`` or not ``keep_labels``: then the labels only feed the synthesis)."""
     if labels is not None and cfg.synth_prob > 0 and _uniform(gen) < cfg.synth_prob:
-        return synthesize(labels, spacing, cfg.synth, generator=gen, dtype=img.dtype)
+        img, labels = synthesize(labels, spacing, cfg.synth, generator=gen, dtype=img.dtype)
+        return img, labels if keep_labels else None
+    labels = labels if keep_labels else None
     if not is_atlas and cfg.deform_prob > 0 and _uniform(gen) < cfg.deform_prob:
         if labels is not None:  # the same draws deform the labels: a copy of the generator's state
             twin = torch.Generator().set_state(gen.get_state())
@@ -204,8 +207,10 @@ def _sample_pair(data: RegistrationDataset, images: list[torch.Tensor], atlas: t
         fixed, moving, f_atlas = pool[j], pool[i], (atlas is not None and j == len(pool) - 1)
     m_atlas = atlas is not None and moving is atlas
     lab = labels or {}
-    fixed, fixed_labels = _augment(fixed, f_atlas, cfg, data.spacing, gen, lab.get(id(fixed)))
-    moving, _ = _augment(moving, m_atlas, cfg, data.spacing, gen, lab.get(id(moving)))
+    # only a region-conditioned step reads the fixed labels after augmentation (sample_condition)
+    keep = cfg.network.region_condition and cfg.region_prob > 0
+    fixed, fixed_labels = _augment(fixed, f_atlas, cfg, data.spacing, gen, lab.get(id(fixed)), keep)
+    moving, _ = _augment(moving, m_atlas, cfg, data.spacing, gen, lab.get(id(moving)), keep_labels=False)
     dims = [k + 2 for k in range(fixed.dim() - 2) if _uniform(gen) < cfg.flip_prob]
     if dims:
         fixed, moving = fixed.flip(dims), moving.flip(dims)
@@ -226,9 +231,9 @@ def sample_condition(cfg: TrainConfig, fixed_labels: torch.Tensor | None, gen: t
     net = cfg.network
     objective, code, region = cfg.objective, None, None
     if net.conditional:
-        w, a = float(_log_uniform(gen, *net.w_reg_range)), float(_log_uniform(gen, *net.hyper_strength_range))
-        objective = replace(objective, w_reg=w, hyper_strength=a)
-        code = torch.tensor([[w, a]])
+        values = {k: float(_log_uniform(gen, *getattr(net, f"{k}_range"))) for k in CODE_KEYS}
+        objective = replace(objective, **values)
+        code = torch.tensor([list(values.values())])
     if net.region_condition and fixed_labels is not None and cfg.region_prob > 0 and _uniform(gen) < cfg.region_prob:
         ids = torch.unique(fixed_labels).tolist()
         values = dict(zip(ids, _log_uniform(gen, cfg.region_lambda_low, 1.0, len(ids)).tolist()))
@@ -440,7 +445,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         sched.step()
         done = step + 1
         pending.append((done, sched.get_last_lr()[0], torch.stack([t.detach() for t in terms]),
-                        (objective.w_reg, objective.hyper_strength, int(region is not None))))
+                        (*(getattr(objective, k) for k in CODE_KEYS), int(region is not None))))
         validate = done % cfg.epoch_steps == 0 or done == cfg.steps
         checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if done % cfg.log_every == 0 or validate or checkpoint or done == end:  # one device sync per flush
