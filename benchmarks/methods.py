@@ -76,7 +76,10 @@ REGIONS_CONFIG = ROOT / "configs" / "instance_regions.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
 STAGE1_WEIGHTS = NAMED_WEIGHTS["stage1"]
 """Stage 1 of the shipped weights (``--weights stage1``)."""
-FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in (1.0, 2.0, 8.0, 16.0)}
+CONDITIONAL_SWEEP = (1.0, 2.0, 4.0, 8.0, 16.0)
+"""The ``w_reg`` values at which the conditional network is compared with one network trained per
+value (4: the shipped network and the methods' own entries; the others: ``FRONTS`` points)."""
+FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in CONDITIONAL_SWEEP if w != 4.0}
 """The conditional network's fixed-value baselines: the shipped network fine-tuned at one ``w_reg``
 (``configs/learned_fixed_wreg.yaml``; ``--weights fixed-w1``, ``fixed-w2``, ``fixed-w8``, ``fixed-w16``)."""
 REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
@@ -473,7 +476,7 @@ FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)
           # one network per value (the shipped one is w_reg 4) against one conditional network at every value
           "learned": [(f"w_reg={w:g}", f"w_reg {w:g} network", _learned("learned", p)) for w, p in FIXED_WREG_WEIGHTS.items()],
           "learned-conditional": [(f"w_reg={w:g}", f"w_reg {w:g}", _learned("learned-conditional", sets=(f"objective.w_reg={w:g}",)))
-                                  for w in (1.0, 2.0, 8.0, 16.0)],
+                                  for w in CONDITIONAL_SWEEP if w != 4.0],
           "learned-conditional+refine": [(f"w_reg={w:g}", f"w_reg {w:g}",
                                           _learned("learned-conditional+refine", sets=(f"objective.w_reg={w:g}",)))
                                          for w in (2.0, 8.0)],

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import environment_markdown, save_figure
-from benchmarks.methods import METHODS
+from benchmarks.methods import CONDITIONAL_SWEEP, METHODS
 from hybridreg.config import atomic_write_text
 
 # (comparison, method, its baseline) of the paired comparisons: voxelwise against uniform λ per solver, the other
@@ -139,9 +139,6 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
                             "ahead": None if peer_dice is None else p["dice"] > peer_dice and p["folding_max"] == 0.0,
                             "pairs": len(common)})
     return out
-
-
-CONDITIONAL_SWEEP = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _entry(name: str, w: float) -> str:

@@ -199,6 +199,13 @@ def _settings(pairs: Sequence[PairEntry], options: dict) -> dict:
     return {"options": options, "pairs": [asdict(p) for p in pairs]}
 
 
+def _region_settings(cfg) -> dict | None:
+    """A conditional config's region weights as ``batch.json`` records them: every ``label: λ``
+    and the ``default`` of the labels not listed (both change the result), or None."""
+    values = getattr(cfg, "region_lambda", None)
+    return {**{str(k): v for k, v in values.items()}, "default": cfg.region_default} if values else None
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     """Record the run's settings in ``out/batch.json``, or refuse a resume with other settings."""
     path = out / "batch.json"
@@ -269,7 +276,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
                "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
                "init": init, "affine_metric": affine_metric, "outputs": outputs,
-               "region_lambda": getattr(cfg, "region_lambda", None) or None}  # not batch_size: it changes no result
+               "region_lambda": _region_settings(cfg)}  # not batch_size: it changes no result
     refused = None
     if rank == 0:
         try:

@@ -113,6 +113,21 @@ def test_dataset_json_unknown_split(layout):
         read_pairs(layout / "d2.json", "test")
 
 
+def test_a_resume_with_other_region_weights_or_default_is_refused(tmp_path):
+    from hybridreg.batch import _check_settings, _region_settings, _settings
+    from learned.solver import ConditionalConfig
+
+    def settings(**kw):
+        return _settings([], {"solver": "learned-conditional", "region_lambda": _region_settings(ConditionalConfig(**kw))})
+
+    assert _region_settings(ConditionalConfig()) is None
+    _check_settings(tmp_path, settings(region_lambda={2: 0.5}))
+    _check_settings(tmp_path, settings(region_lambda={2: 0.5}))  # the same weights: a resume
+    for other in ({"region_lambda": {2: 0.6}}, {"region_lambda": {2: 0.5}, "region_default": 2.0}):
+        with pytest.raises(ValueError, match=r"other settings \(options \['region_lambda'\]"):
+            _check_settings(tmp_path, settings(**other))
+
+
 # ----------------------------------------------------------------------------- runs
 
 @pytest.mark.slow

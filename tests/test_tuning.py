@@ -271,7 +271,7 @@ def test_bad_search_space_files(tmp_path, content, match):
 
 
 def test_tuning_pairs_add_copies_drawn_from_the_label_maps():
-    from hybridreg.tuning.objectives import _pairs
+    from hybridreg.tuning.objectives import _load_pairs, _pairs
 
     sp = tuning.space_from_dict({**SPACE, "max_pairs": 2, "synth_contrasts": 1})
     pairs, spacing = _pairs(sp, "val")
@@ -279,8 +279,10 @@ def test_tuning_pairs_add_copies_drawn_from_the_label_maps():
     (f, m), (sf, sm) = pairs[0], pairs[2]
     assert sf.subject_id == f"{f.subject_id}~synth" and sm.image.shape == m.image.shape
     assert sm.labels.shape == m.labels.shape and not np.array_equal(sm.image, m.image)
+    assert _pairs(sp, "val")[0][2][1] is sm  # loaded and drawn once per process, not once per trial
+    _load_pairs.cache_clear()
     again = _pairs(sp, "val")[0][2]
-    assert np.array_equal(again[1].image, sm.image)  # every trial scores the same images
+    assert again[1] is not sm and np.array_equal(again[1].image, sm.image)  # the same images, drawn again
     # the image is drawn from the (deformed) labels it comes with: per-label means explain it
     lab, img = sm.labels, sm.image
     fit = np.zeros_like(img)

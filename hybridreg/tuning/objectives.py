@@ -8,6 +8,7 @@ outcome constraint ``folding ≤ τ``) and ``sdlogj`` (mean SDlogJ, the second P
 
 import tempfile
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +31,20 @@ def _synthetic(v: Volume, spacing: tuple, gen: torch.Generator) -> Volume:
 def _pairs(space: SearchSpace, split: str) -> tuple[list, tuple]:
     """The bundled pairs of ``split`` (the first ``space.max_pairs``; 0 = all), then
     ``space.synth_contrasts`` copies of each with both images drawn from their label maps
-    (seeded by ``space.seed``: every trial sees the same images), and their spacing."""
-    ds = bundled(space.resolution)
-    pairs = ds.pairs(split)[: space.max_pairs or None]
-    gen = torch.Generator().manual_seed(space.seed)
+    (seeded by ``space.seed``: every trial sees the same images), and their spacing. Loaded and
+    drawn once per process and setting (:func:`_load_pairs`), not once per trial."""
+    pairs, spacing = _load_pairs(space.resolution, split, space.max_pairs, space.synth_contrasts, space.seed)
+    return list(pairs), spacing
+
+
+@lru_cache(maxsize=4)
+def _load_pairs(resolution: float, split: str, max_pairs: int, synth_contrasts: int, seed: int) -> tuple[tuple, tuple]:
+    ds = bundled(resolution)
+    pairs = ds.pairs(split)[: max_pairs or None]
+    gen = torch.Generator().manual_seed(seed)
     synth = [(_synthetic(f, ds.spacing, gen), _synthetic(m, ds.spacing, gen))
-             for _ in range(space.synth_contrasts) for f, m in pairs]
-    return pairs + synth, ds.spacing
+             for _ in range(synth_contrasts) for f, m in pairs]
+    return tuple(pairs + synth), ds.spacing
 
 
 def _score(register: Callable[..., torch.Tensor], pairs: list) -> dict:
