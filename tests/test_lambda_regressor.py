@@ -35,6 +35,33 @@ def test_map_targets_are_map_estimates_and_resume(tmp_path, monkeypatch):
     assert R.map_targets(ds, 3, QUICK_MAP, synth_prob=0.5, cache=cache, progress=False) == first
 
 
+def test_blurred_pairs_blur_one_image_each_and_extend_a_cached_run(tmp_path, monkeypatch):
+    ds = RegistrationDataset("tiny", (2.0, 2.0, 2.0), [_volume(i) for i in range(4)])
+    cache = tmp_path / "targets.json"
+    plain = R.map_targets(ds, 2, QUICK_MAP, cache=cache, progress=False)
+    calls = []
+    real = R.instance_register_pair
+    monkeypatch.setattr(R, "instance_register_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = R.map_targets(ds, 2, QUICK_MAP, blur_pairs=3, blur_mm=4.0, cache=cache, progress=False)
+    assert len(calls) == 3 and both[:2] == plain  # the plain pairs come from the cache
+    by_id = {v.subject_id: v for v in ds.train}
+    for t in both[2:]:
+        assert t["index"] >= R.BLUR_INDEX and t["lam"] > 0
+        sigma = max(t["blur"])
+        assert min(t["blur"]) == 0.0 and 1.0 <= sigma <= 4.0  # one image of each pair, U(blur_mm / 4, blur_mm) mm
+        f, m = R.target_images(t, by_id, ds.spacing)
+        unblurred = R.target_images({**t, "blur": [0.0, 0.0]}, by_id, ds.spacing)
+        i = t["blur"].index(sigma)
+        blurred, sharp = (f, m)[i], unblurred[i]
+
+        def roughness(x):
+            return float(sum((torch.diff(x, dim=a) ** 2).mean() for a in (2, 3, 4)))
+
+        assert roughness(blurred) < 0.7 * roughness(sharp)
+        assert torch.equal((f, m)[1 - i], unblurred[1 - i])
+    assert json.loads(cache.read_text()) == both
+
+
 def test_tiny_training_fits_its_targets_and_round_trips(tmp_path):
     vols = [_volume(i) for i in range(4)]
     inputs = [R.regressor_inputs(torch.from_numpy(a.image)[None, None], torch.from_numpy(b.image)[None, None],
@@ -105,3 +132,11 @@ def test_inputs_through_the_affine_map_match_the_same_grid():
     assert direct[0].shape == (1, 1, 10, 12, 8)
     for a, b in zip(direct, mapped):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("arg", [["--blur-mm", "-1"], ["--blur-pairs", "-3"], ["--pairs", "0"]])
+def test_regressor_command_refuses_bad_numbers_before_any_work(tmp_path, arg, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.main(["--out", str(tmp_path / "out"), *arg])
+    assert e.value.code == 2 and arg[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
