@@ -476,7 +476,7 @@ FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)
           # one network per value (the shipped one is w_reg 4) against one conditional network at every value
           "learned": [(f"w_reg={w:g}", f"w_reg {w:g} network", _learned("learned", p)) for w, p in FIXED_WREG_WEIGHTS.items()],
           "learned-conditional": [(f"w_reg={w:g}", f"w_reg {w:g}", _learned("learned-conditional", sets=(f"objective.w_reg={w:g}",)))
-                                  for w in CONDITIONAL_SWEEP if w != 4.0],
+                                  for w in FIXED_WREG_WEIGHTS],
           "learned-conditional+refine": [(f"w_reg={w:g}", f"w_reg {w:g}",
                                           _learned("learned-conditional+refine", sets=(f"objective.w_reg={w:g}",)))
                                          for w in (2.0, 8.0)],

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from hybridreg.config import apply_overrides, atomic_output, atomic_write_text, bounded, check_bounds, from_dict, to_dict
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import RegistrationResult, check_images
-from hybridreg.spatial import rescale_voxel_map, resize_image, warp
+from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_image, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
 
@@ -185,7 +185,6 @@ def _pair_image(vol, draw: int | None, spacing: Sequence[float], blur_mm: float 
     """A training volume's image ``(1, 1, *spatial)``, or (``draw`` = a seed) a scan-like draw
     from its label map (:func:`hybridreg.synthesis.synthesize`); blurred by a Gaussian of std
     ``blur_mm`` mm when it is positive."""
-    from hybridreg.spatial import gaussian_smooth
     from hybridreg.synthesis import synthesize
 
     if draw is None:
