@@ -27,6 +27,16 @@ PAIRED = (("instance", "instance", "instance-uniform"), ("learned", "learned-sta
 BASELINES = ("instance-uniform",)
 """Families that every other hybridreg front is read against at equal SDlogJ, besides the
 classical tools: the uniform-λ baseline (issue: every strategy against the principled baseline)."""
+AMORTIZED_PEER = "instance"
+"""The family the learned solvers' fronts are also read against: the instance solver they amortize."""
+
+
+def _peers(fam: str, families) -> list[str]:
+    """The families ``fam``'s front is read against at equal SDlogJ: the classical tools, the
+    :data:`BASELINES` and, for a learned solver, :data:`AMORTIZED_PEER`."""
+    learned = METHODS[fam].solver.startswith("learned")
+    return [f for f in families if f != fam and (METHODS[f].solver == "classical" or f in BASELINES
+                                                 or (learned and f == AMORTIZED_PEER))]
 
 
 def _label_names(rows: list[dict] = ()) -> dict[int, str]:
@@ -103,8 +113,9 @@ def fronts(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def at_equal_regularity(rows: list[dict]) -> list[dict]:
-    """Every point of hybridreg's fronts against each classical tool's front, and against the
-    uniform-λ baseline's (:data:`BASELINES`), at the same SDlogJ: the peer's Dice interpolated
+    """Every point of hybridreg's fronts against each classical tool's front, against the
+    uniform-λ baseline's (:data:`BASELINES`) and, for the learned solvers, against the instance
+    solver's (:data:`AMORTIZED_PEER`), at the same SDlogJ: the peer's Dice interpolated
     linearly along its front (``None`` outside the SDlogJ range it covers), on the pairs both
     families ran. ``ahead``: Dice above the peer's front there."""
     out = []
@@ -112,7 +123,7 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
     for fam, pts in fr.items():
         if METHODS[fam].solver == "classical":
             continue
-        for peer, _ in ((f, p) for f, p in fr.items() if (METHODS[f].solver == "classical" or f in BASELINES) and f != fam):
+        for peer in _peers(fam, fr):
             common = set(pts[0]["pairs"]) & set(fr[peer][0]["pairs"])
             sub_rows = [r for r in rows if r["pair"] in common]
             both = fronts(sub_rows)

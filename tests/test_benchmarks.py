@@ -105,10 +105,16 @@ def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path
     # instance: (SDlogJ, Dice) 0.15/0.70, 0.20/0.75 (default), 0.28/0.78; demons: 0.10/0.64, 0.18/0.70, 0.26/0.74
     points = {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
               "sitk-demons@sigma=2.5": (0.10, 0.64), "sitk-demons": (0.18, 0.70), "sitk-demons@sigma=1": (0.26, 0.74),
-              "learned": (0.12, 0.60), "ants-syn": (0.22, 0.74)}
+              "learned": (0.18, 0.66), "ants-syn": (0.22, 0.74)}
     rows = [_row(p, m, dice + 0.025, sd, 10.0) for p in ("a", "b") for m, (sd, dice) in points.items()]
     fr = report.fronts(rows)
-    assert set(fr) == {"instance", "sitk-demons", "ants-syn"}  # learned has no sweep; ANTs ran at one setting
+    assert set(fr) == {"instance", "sitk-demons", "ants-syn", "learned"}  # learned and ANTs ran at one setting
+    # the learned solver is also read against the instance solver it amortizes: 0.66 against 0.73 at SDlogJ 0.18
+    amortized = [x for x in report.at_equal_regularity(rows) if x["method"] == "learned"]
+    assert {x["peer"] for x in amortized} == {"instance", "sitk-demons", "ants-syn"}
+    inst = next(x for x in amortized if x["peer"] == "instance")
+    assert inst["peer_dice"] == pytest.approx(0.73) and inst["difference"] == pytest.approx(-0.07) and not inst["ahead"]
+    assert not any(x["peer"] == "learned" for x in report.at_equal_regularity(rows))  # no tool is read against it
     assert [p["setting"] for p in fr["instance"]] == ["w_reg 8", "w_reg 4", "w_reg 2"] and fr["instance"][1]["default"]
     eq = {x["method"]: x for x in report.at_equal_regularity(rows) if x["peer"] == "sitk-demons"}
     ants = next(x for x in report.at_equal_regularity(rows) if x["peer"] == "ants-syn")

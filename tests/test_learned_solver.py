@@ -149,9 +149,18 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     res = register_pair(ft, mt, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
     assert isinstance(res, RegistrationResult) and res.status is Status.NETWORK
     assert res.displacement.shape == (1, 3, *SHAPE) and res.lam.shape == (1, 1, 6, 7, 8)
-    (net_pass,) = res.history  # the network pass: its grid (the 2 mm training grid) and the velocity's
-    assert (net_pass.shape, net_pass.control_shape, net_pass.iterations, net_pass.terms) == (SHAPE, (6, 7, 8), 1, {})
+    (net_pass,) = res.history  # the network pass: its grid (the 2 mm training grid) and the velocity's; 2 passes
+    assert (net_pass.shape, net_pass.control_shape, net_pass.iterations, net_pass.terms) == (SHAPE, (6, 7, 8), 2, {})
     assert 0 < net_pass.seconds <= res.seconds
+    # inverse-consistent inference: the swapped pair gives exactly the negated SVF, and the SVF is the mean of
+    # the forward pass and the swapped pass's negation (each one pass, inverse_consistent off)
+    one_way = LearnedConfig(weights=str(trained / "model_final.pt"), inverse_consistent=False)
+    fwd, back = (register_pair(a, b, one_way, spacing=(2.0, 2.0, 2.0)) for a, b in ((ft, mt), (mt, ft)))
+    assert fwd.history[0].iterations == 1 and not torch.allclose(fwd.velocity, -back.velocity, atol=1e-3)
+    torch.testing.assert_close(res.velocity, 0.5 * (fwd.velocity - back.velocity))
+    swapped = register_pair(mt, ft, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
+    torch.testing.assert_close(swapped.velocity, -res.velocity)
+    torch.testing.assert_close(res.lam, fwd.lam)  # λ: the forward pass's, on FIXED's frame
     # on a 1 mm grid the network runs on its 2 mm training grid; outputs come back on the 1 mm grid
     big = torch.nn.functional.interpolate(ft, scale_factor=2, mode="trilinear")
     res1 = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(1.0, 1.0, 1.0))
@@ -230,3 +239,30 @@ def test_named_weights_resolve_to_the_shipped_files():
     assert len({p.resolve() for p in NAMED_WEIGHTS.values()}) == len(NAMED_WEIGHTS)
     with pytest.raises(FileNotFoundError, match="--weights.*stage1"):
         weights_path("stage9")
+
+
+def test_inverse_consistent_pass_carries_the_region_map_into_the_moving_frame():
+    """With a region map, the swapped pass sees it carried into MOVING's frame by exp(−v):
+    for a constant forward SVF of +2 voxels along x, the map moves by +2 voxels; the result
+    is the mean of the forward SVF and the swapped pass's negation."""
+    from types import SimpleNamespace
+
+    from learned.solver import _inverse_consistent
+
+    seen = {}
+
+    def net(fixed, moving, code, region):
+        seen.update(fixed=fixed, region=region)
+        return SimpleNamespace(velocity=torch.full((1, 3, 6, 7, 8), -1.0))
+
+    f, m = torch.rand(1, 1, 12, 14, 16), torch.rand(1, 1, 12, 14, 16)
+    region = torch.zeros(1, 1, 12, 14, 16)
+    region[:, :, :6] = 1.0
+    forward = torch.zeros(1, 3, 6, 7, 8)
+    forward[:, 0] = 1.0  # voxels of the 6x7x8 control grid: 2 voxels of the 12x14x16 grid
+    v = _inverse_consistent(net, f, m, None, region, forward, svf_steps=4)
+    assert seen["fixed"] is m  # the swapped pair
+    torch.testing.assert_close(seen["region"][:, :, :8], torch.ones(1, 1, 8, 14, 16))  # 1 up to x = 5 + 2
+    torch.testing.assert_close(seen["region"][:, :, 8:], torch.zeros(1, 1, 4, 14, 16))
+    torch.testing.assert_close(v, 0.5 * (forward + 1.0))
+    assert _inverse_consistent(net, f, m, None, None, forward, svf_steps=4) is not None and seen["region"] is None
