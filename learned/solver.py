@@ -136,11 +136,12 @@ class LearnedConfig:
         inverse_consistent: without refinement, average the network's SVF with the negated SVF
             of a second pass on the swapped pair, ``v = (v(F, M) − v(M, F)) / 2`` -- the
             log-domain symmetrisation of symmetric log-domain demons (Vercauteren et al.,
-            MICCAI 2008), since exp(−v(M, F)) estimates the inverse of exp(v(M, F)).
-            λ stays the forward pass's (FIXED's frame); a region-conditioned pass sees the
-            region map carried into MOVING's frame by exp(−v(F, M)). Costs a second network
-            pass; on the real pairs of the ``realworld`` suite it gave the same Dice at
-            SDlogJ lower by 0.02–0.03 (``docs/results.md``, "Inverse-consistent inference").
+            MICCAI 2008): exp(−v(M, F)), the inverse of the swapped pass's transform, is a
+            second estimate of exp(v(F, M)). λ stays the forward pass's (FIXED's frame); a
+            region-conditioned swapped pass sees the region map carried into MOVING's frame by
+            exp(−v(F, M)). Costs a second network
+            pass; on the real pairs of the ``realworld`` suite it gave the same Dice at an
+            SDlogJ lower by 0.01–0.03 (``docs/results.md``, "Inverse-consistent inference").
             Not used with ``refine``: the refinement reached the same Dice from either start.
     """
 
