@@ -139,10 +139,10 @@ class LearnedConfig:
             MICCAI 2008): exp(−v(M, F)), the inverse of the swapped pass's transform, is a
             second estimate of exp(v(F, M)). λ stays the forward pass's (FIXED's frame); a
             region-conditioned swapped pass sees the region map carried into MOVING's frame by
-            exp(−v(F, M)). Costs a second network
-            pass; on the real pairs of the ``realworld`` suite it gave the same Dice at an
-            SDlogJ lower by 0.01–0.03 (``docs/results.md``, "Inverse-consistent inference").
-            Not used with ``refine``: the refinement reached the same Dice from either start.
+            exp(−v(F, M)). Costs a second network pass; on the real pairs of the ``realworld``
+            suite it gave the same Dice at an SDlogJ lower by 0.01–0.03 (``docs/results.md``,
+            "Inverse-consistent inference"). Not used with ``refine``: the refinement reached
+            the same Dice from either start.
     """
 
     weights: str = ""
