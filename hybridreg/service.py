@@ -57,8 +57,8 @@ OUTPUT_SETS = {
     "metrics": ("metrics.json", "config.yaml"),
 }
 """What ``--outputs`` writes: ``all`` (``register``'s default), ``transforms`` (the forward
-transform and the metrics: ``batch``'s default, without the inverse, whose refinement is most
-of the writing time at 1 mm, nor the images and the figure), ``metrics`` (the numbers only)."""
+transform and the metrics: ``batch``'s default, without the inverse, which is most of the
+writing time, nor the images and the figure), ``metrics`` (the numbers only)."""
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_inverse_field_undoes_the_field_both_ways_better_than_exp_minus_v(d, sha
         return compose(w, fwd).norm(dim=1)[inside].mean(), compose(fwd, w).norm(dim=1)[inside].mean()
 
     fixed_point = invert_displacement(fwd, initial=start, refine_iterations=0)
-    refined = invert_displacement(fwd, initial=start)
+    refined = invert_displacement(fwd, initial=start, tolerance=0.0)  # the least-squares step always
     assert errors(fixed_point)[1] < 1e-3  # the fixed point: a right inverse at the grid points
     # least squares on both compositions: the worse of the two errors falls
     assert max(errors(refined)) < 0.7 * min(max(errors(start)), max(errors(fixed_point)))
@@ -92,7 +92,33 @@ def test_inverse_field_undoes_the_field_both_ways_better_than_exp_minus_v(d, sha
 
 def test_fixed_point_inverse_of_a_translation_is_the_opposite_translation():
     u = torch.full((1, 3, 8, 9, 10), 0.5)
-    assert torch.allclose(invert_displacement(u, iterations=1), -u)
+    assert torch.allclose(invert_displacement(u, iterations=1, relaxation=1.0), -u)
+    # relaxed by α: the error shrinks by (1 − α) per iteration
+    assert torch.allclose(invert_displacement(u, iterations=1, refine_iterations=0), -0.5 * u)
+    assert torch.allclose(invert_displacement(u, iterations=20, refine_iterations=0), -u, atol=1e-5)
+
+
+def test_relaxed_fixed_point_converges_where_the_field_stretches():
+    # 1D stretch along one axis, u(x) = s · (x − c) · g(x): ∂u/∂x from −0.65 to 1.48, so the plain
+    # iteration w ← −u ∘ (id + w) needs |∂u/∂x| < 1 and diverges; α = 0.5 contracts for −1 < ∂u/∂x < 3
+    n = 64
+    x = torch.arange(n, dtype=torch.float64)
+    bump = torch.exp(-0.5 * ((x - n / 2) / 6.0) ** 2)
+    u = torch.zeros(1, 2, n, 8, dtype=torch.float64)
+    u[:, 0] = (1.5 * (x - n / 2) * bump)[:, None]
+    assert float(jacobian_determinant(u).min()) > 0  # a diffeomorphism
+    right = lambda w: compose(u, w).norm(dim=1)[:, 4:-4].max()  # noqa: E731  φ ∘ w − id
+    plain = invert_displacement(u, iterations=60, refine_iterations=0, relaxation=1.0)
+    relaxed = invert_displacement(u, iterations=60, refine_iterations=0)
+    assert right(relaxed) < 1e-3 < 1.0 < right(plain)
+
+
+def test_least_squares_step_runs_only_above_the_tolerance():
+    v = smooth_field((12, 13, 14), 3, 1.0, seed=3)
+    fwd = resize_field(scaling_and_squaring(v, 5), (24, 26, 28))
+    fixed_point = invert_displacement(fwd, refine_iterations=0)
+    assert torch.equal(invert_displacement(fwd, tolerance=10.0), fixed_point)  # within it: skipped
+    assert not torch.equal(invert_displacement(fwd, tolerance=0.0), fixed_point)
 
 
 def test_sampling_grid_axis_order():
@@ -118,6 +144,18 @@ def test_jacobian_of_affine_map():
     u = torch.einsum("ij,j...->i...", A - torch.eye(3, dtype=torch.float64), grid)[None]
     j = jacobian_determinant(u)
     assert torch.allclose(j, torch.full_like(j, float(torch.linalg.det(A))), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (7, 8, 9)])
+def test_jacobian_matches_dense_det(shape):
+    # the cofactor expansion against torch.linalg.det of I + ∇u (torch.gradient's differences)
+    torch.manual_seed(0)
+    d = len(shape)
+    u = torch.randn(2, d, *shape, dtype=torch.float64)
+    grads = torch.gradient(u, dim=tuple(range(2, 2 + d)))
+    jac = torch.stack([torch.stack([g[:, i] for g in grads], dim=-1) for i in range(d)], dim=-2)
+    ref = torch.linalg.det(jac + torch.eye(d, dtype=torch.float64))
+    assert torch.allclose(jacobian_determinant(u), ref, atol=1e-12)
 
 
 def test_warp_gradcheck():
@@ -152,6 +190,8 @@ def test_nearest_warp_keeps_labels():
         (lambda: compose(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 5, 4, 4)), "outer"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), iterations=-1), "iterations"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), refine_iterations=1.5), "refine_iterations"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), relaxation=0.0), "relaxation"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), tolerance=-1.0), "tolerance"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 5)), "initial"),
     ],
 )
