@@ -307,7 +307,7 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
         iterations: fixed-point iterations, ``>= 0``; refine_iterations: L-BFGS iterations, ``>= 0``.
         relaxation: the fixed point's step α in (0, 1].
         tolerance: mean error (voxels, over the grid and the batch) of both compositions below
-            which the least-squares step is skipped, ``>= 0`` (0: always run it).
+            which the least-squares step is skipped, ``>= 0`` (0: run it unless the fixed point is exact).
 
     Returns:
         ``(B, d, *spatial)`` voxel-unit displacement of ``(id + disp)⁻¹``, same dtype and device,
