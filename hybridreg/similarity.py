@@ -113,7 +113,7 @@ def lncc(
     warped: torch.Tensor,
     window: int = 9,
     *,
-    eps: float = 1e-5,
+    eps: float = 1e-6,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Negative squared local normalised cross-correlation (method §1.2).
@@ -127,7 +127,8 @@ def lncc(
         fixed, warped: ``(B, C, *spatial)`` images on the same grid (intensity units are
             irrelevant: LNCC is invariant to local affine intensity changes).
         window: odd box width in voxels (reference 9).
-        eps: added to the variance product, in squared intensity units.
+        eps: added to the variance product, in squared intensity units (the energy passes
+            ``ObjectiveConfig.lncc_eps``, default 1e-6 for intensities in about [0, 1]).
         reduction: ``"none"`` → ``(B, C, *spatial)`` map, ``"mean"`` or ``"sum"``.
 
     Raises:

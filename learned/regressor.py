@@ -35,13 +35,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hybridreg.config import apply_overrides, atomic_output, atomic_write_text, bounded, check_bounds, from_dict, to_dict
+from hybridreg.objective import ObjectiveConfig
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import RegistrationResult, check_images
 from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_image, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
 
-from .weights import read_weight_file
+from .weights import LEGACY_LNCC_EPS, read_weight_file
 
 __all__ = ["RegressorConfig", "LambdaRegressor", "regressor_inputs", "map_targets", "target_images", "train_regressor", "save_regressor",
            "load_regressor", "predict_lambda", "LearnedLambdaConfig", "LearnedLambdaSolver", "LEARNED_LAMBDA",
@@ -56,8 +57,10 @@ targets next to it)."""
 def map_config() -> InstanceOptConfig:
     """The MAP estimation of a global λ whose estimates the regressor learns: the instance
     solver's defaults with ``lambda_mode: map`` and the velocity on a 4× coarser grid (the same
-    settings as ``configs/instance_map.yaml``)."""
-    return InstanceOptConfig(lambda_mode="map", control_factor=(4,))
+    settings as ``configs/instance_map.yaml``), with LNCC's ε at the 1e-5 the shipped
+    regressor's targets and the strategies suites' MAP rows were computed with
+    (:data:`learned.weights.LEGACY_LNCC_EPS`; the instance default is now 1e-6)."""
+    return InstanceOptConfig(lambda_mode="map", control_factor=(4,), objective=ObjectiveConfig(lncc_eps=LEGACY_LNCC_EPS))
 
 
 @dataclass(frozen=True)

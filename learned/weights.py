@@ -17,9 +17,13 @@ from hybridreg.objective import Evaluation, ObjectiveConfig
 from .loss import network_energy
 from .network import CODE_KEYS, NetOutput, NetworkConfig, RegistrationNetwork
 
-__all__ = ["WEIGHTS_FORMAT", "save_weights", "read_weight_file", "load_weights", "hyperparameter_code", "predict"]
+__all__ = ["WEIGHTS_FORMAT", "LEGACY_LNCC_EPS", "save_weights", "read_weight_file", "load_weights", "hyperparameter_code", "predict"]
 
 WEIGHTS_FORMAT = "hybridreg-learned-v1"
+LEGACY_LNCC_EPS = 1e-5
+"""LNCC's ε (``ObjectiveConfig.lncc_eps``) of every network trained before the setting existed
+(its default then); a weight file without the key loads with it, so that the refinement and the
+recorded energy stay the ones the network was trained on."""
 
 
 def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: ObjectiveConfig,
@@ -66,7 +70,10 @@ def load_weights(path: str | os.PathLike, device: torch.device | str | None = No
     try:
         net = RegistrationNetwork(from_dict(NetworkConfig, payload["network"], where="weights network"))
         net.load_state_dict(payload["state_dict"])
-        objective = from_dict(ObjectiveConfig, payload["objective"], where="weights objective")
+        stored = payload["objective"]
+        if isinstance(stored, dict) and "lncc_eps" not in stored:  # written before the setting existed
+            stored = {**stored, "lncc_eps": LEGACY_LNCC_EPS}
+        objective = from_dict(ObjectiveConfig, stored, where="weights objective")
         spacing, info = tuple(payload["spacing"]), payload["info"]
     except (KeyError, RuntimeError, ValueError) as e:  # a missing entry, or a state dict that does not fit
         msg = " ".join(str(e).split())[:200]

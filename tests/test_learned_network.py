@@ -280,3 +280,19 @@ def test_full_resolution_stage_starts_from_the_half_grid_output_and_fine_tunes(t
     assert load_weights(tmp_path / "ft" / "model_final.pt")[0].config == grown.network
     with pytest.raises(ValueError, match="init_weights"):
         train(replace(cfg, network=replace(cfg.network, encoder=(4, 6))), _tiny_data(), tmp_path / "bad", init_weights=tmp_path / "half.pt")
+
+
+def test_weight_files_keep_the_lncc_eps_they_were_trained_with(tmp_path):
+    """A weight file records the energy's ``lncc_eps``; one written before the setting existed
+    (no key, e.g. the shipped networks) loads with the 1e-5 it was trained with, not the new default."""
+    from learned.solver import DEFAULT_WEIGHTS
+    from learned.weights import LEGACY_LNCC_EPS, load_weights, save_weights
+
+    net = RegistrationNetwork(NetworkConfig(encoder=(4, 8), decoder=(8, 4), lambda_channels=4))
+    save_weights(tmp_path / "new.pt", net, ObjectiveConfig(lncc_eps=3e-6), (2.0, 2.0, 2.0))
+    assert load_weights(tmp_path / "new.pt")[1].lncc_eps == 3e-6
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    del payload["objective"]["lncc_eps"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_weights(tmp_path / "old.pt")[1].lncc_eps == LEGACY_LNCC_EPS == 1e-5 != ObjectiveConfig().lncc_eps
+    assert load_weights(DEFAULT_WEIGHTS)[1].lncc_eps == 1e-5

@@ -138,6 +138,26 @@ def test_lncc_properties():
     assert lncc(f, other, 5, reduction="none").shape == f.shape
 
 
+def test_energy_uses_the_configured_lncc_eps():
+    """``ObjectiveConfig.lncc_eps`` is the ε of the energy's LNCC: the similarity term equals
+    :func:`lncc` with it; on a low-contrast pair (var_f · var_w ~ 1e-6) ε = 1e-5 hides most of
+    the local correlation that a small ε sees, on a high-contrast one ε does not matter."""
+    v = torch.zeros(1, 3, 12, 14, 10, dtype=torch.float64)
+    lam = torch.full((1, 1, 1, 1, 1), 0.7, dtype=torch.float64)
+    sims = {}
+    for contrast in (0.3, 3.0):
+        torch.manual_seed(1)
+        f, m = (0.5 + contrast * torch.nn.functional.avg_pool3d(torch.rand(1, 1, 12, 14, 10, dtype=torch.float64), 3, 1, 1)
+                for _ in range(2))
+        for eps in (1e-5, 1e-9):
+            cfg = ObjectiveConfig(lncc_eps=eps)
+            sims[contrast, eps] = float(evaluate(f, m, v, lam, cfg).terms.similarity)
+            assert sims[contrast, eps] == pytest.approx(float(lncc(f, m, cfg.lncc_window, eps=eps)), rel=1e-12)
+    assert sims[0.3, 1e-9] < 5 * sims[0.3, 1e-5] < 0
+    assert sims[3.0, 1e-9] == pytest.approx(sims[3.0, 1e-5], rel=0.01)
+    assert ObjectiveConfig().lncc_eps == 1e-6
+
+
 def test_lncc_and_mse_gradcheck():
     torch.manual_seed(0)
     f = torch.rand(1, 1, 6, 5, 7, dtype=torch.float64)
@@ -225,7 +245,8 @@ def test_symmetric_energy_is_the_mid_space_match():
     assert torch.allclose(a.displacement, b.displacement, atol=1e-12)  # exp(v/2)∘exp(v/2) is S&S's last squaring
     assert torch.allclose(a.warped, b.warped, atol=1e-12) and torch.allclose(a.terms.regularization, b.terms.regularization)
     half = scaling_and_squaring(0.5 * v, sym.svf_steps - 1)
-    expected = lncc(warp(f, scaling_and_squaring(-0.5 * v, sym.svf_steps - 1)), warp(m, half), sym.lncc_window)
+    expected = lncc(warp(f, scaling_and_squaring(-0.5 * v, sym.svf_steps - 1)), warp(m, half), sym.lncc_window,
+                    eps=sym.lncc_eps)
     assert float(b.terms.similarity) == pytest.approx(float(expected), rel=1e-12)
     assert float(b.terms.similarity) != pytest.approx(float(a.terms.similarity), rel=1e-3)
     swapped = evaluate(m, f, -v, lam, sym)
