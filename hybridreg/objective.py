@@ -35,7 +35,7 @@ from torch.profiler import record_function
 from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
 from .regularization import check_spacing, diffusion_energy, diffusion_log_normalizer, reference_scale
-from .similarity import lncc, local_variance, mse, reduce_map
+from .similarity import LNCC_EPS, lncc, local_variance, mse, reduce_map
 from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
 
 __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing",
@@ -107,7 +107,7 @@ class ObjectiveConfig:
 
     similarity: Literal["lncc", "mse"] = "lncc"
     lncc_window: int = bounded(5, 1, 51)
-    lncc_eps: float = bounded(1e-6, 1e-12, 1.0)
+    lncc_eps: float = bounded(LNCC_EPS, 1e-12, 1.0)
     mse_sigma: float = bounded(0.1, 1e-4, 10.0)
     w_reg: float = bounded(4.0, 0.0, 1e4)
     hyperprior: Literal["beta", "normal", "none"] = "beta"

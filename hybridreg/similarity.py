@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["box_mean", "lncc", "local_variance", "mse", "reduce_map"]
+__all__ = ["LNCC_EPS", "box_mean", "lncc", "local_variance", "mse", "reduce_map"]
+
+LNCC_EPS = 1e-6
+"""Default ε of :func:`lncc` and of the energy (``ObjectiveConfig.lncc_eps``), in squared
+normalised intensity units (``docs/results.md``, "LNCC's ε")."""
 
 
 def reduce_map(value: torch.Tensor, reduction: str, *, fn: str) -> torch.Tensor:
@@ -113,7 +117,7 @@ def lncc(
     warped: torch.Tensor,
     window: int = 9,
     *,
-    eps: float = 1e-6,
+    eps: float = LNCC_EPS,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Negative squared local normalised cross-correlation (method §1.2).
@@ -128,7 +132,7 @@ def lncc(
             irrelevant: LNCC is invariant to local affine intensity changes).
         window: odd box width in voxels (reference 9).
         eps: added to the variance product, in squared intensity units (the energy passes
-            ``ObjectiveConfig.lncc_eps``, default 1e-6 for intensities in about [0, 1]).
+            ``ObjectiveConfig.lncc_eps``; default :data:`LNCC_EPS`, for intensities in about [0, 1]).
         reduction: ``"none"`` → ``(B, C, *spatial)`` map, ``"mean"`` or ``"sum"``.
 
     Raises:
