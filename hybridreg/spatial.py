@@ -454,6 +454,29 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
+class _AxisConv(torch.autograd.Function):
+    """Depthwise convolution of ``(B, C, *spatial)`` with a 1-D kernel along one axis ("valid":
+    the input is already padded). Its backward is the transposed convolution written as the
+    same forward convolution of the zero-padded gradient with the flipped kernel: PyTorch's
+    depthwise ``convolution_backward`` on CPU took 4x the forward (48 of 445 ms of an
+    instance iteration at 2 mm); this one costs one forward."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, axis):  # type: ignore[override]
+        ctx.save_for_backward(kernel)
+        ctx.axis = axis
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        return conv(x, kernel, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (kernel,) = ctx.saved_tensors
+        d, width = grad.dim() - 2, kernel.shape[2 + ctx.axis] - 1  # the kernel's length - 1: the full convolution's padding
+        pad = [0] * (2 * d)
+        pad[2 * (d - 1 - ctx.axis)] = pad[2 * (d - 1 - ctx.axis) + 1] = width
+        return _AxisConv.apply(F.pad(grad, pad), kernel.flip(2 + ctx.axis), ctx.axis), None, None
+
+
 def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 2.0) -> torch.Tensor:
     """Separable Gaussian smoothing of every channel (border values replicated).
 
@@ -463,14 +486,14 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
         truncate: kernel half-width in standard deviations.
 
     Returns:
-        Tensor of the same shape; linear in ``x`` (differentiable).
+        Tensor of the same shape; linear in ``x`` (differentiable, twice included: the
+        backward is the same operator).
     """
     d = x.dim() - 2
     sig = [float(sigma)] * d if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     if len(sig) != d or any(s < 0 for s in sig):
         raise ValueError(f"gaussian_smooth(): `sigma` must be >= 0, one value or {d} values, got {sigma!r}")
     c = x.shape[1]
-    conv = F.conv2d if d == 2 else F.conv3d
     out = x
     for k, s in enumerate(sig):
         if s == 0:
@@ -483,5 +506,5 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
         shape[2 + k] = 2 * r + 1
         pad = [0] * (2 * d)
         pad[2 * (d - 1 - k)] = pad[2 * (d - 1 - k) + 1] = r
-        out = conv(F.pad(out, pad, mode="replicate"), kern.view(shape).expand(c, *shape[1:]), groups=c)
+        out = _AxisConv.apply(F.pad(out, pad, mode="replicate"), kern.view(shape).expand(c, *shape[1:]).contiguous(), k)
     return out

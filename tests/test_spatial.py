@@ -7,6 +7,7 @@ import torch
 from hybridreg.spatial import (
     check_field,
     compose,
+    gaussian_smooth,
     invert_displacement,
     jacobian_determinant,
     resize_field,
@@ -163,6 +164,21 @@ def test_warp_gradcheck():
     img = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
     u = (torch.rand(1, 3, 5, 6, 4, dtype=torch.float64) * 0.6 + 0.1).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: warp(a, b), (img, u), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, sigma", [((9, 7), 1.5), ((6, 8, 5), (1.0, 0.0, 2.0))])
+def test_gaussian_smooth_matches_scipy_and_gradcheck(shape, sigma):
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *shape, dtype=torch.float64)
+    got = gaussian_smooth(x, sigma)
+    # the same truncation (radius int(2 σ + 0.5)) and border rule (replicate = scipy's "nearest")
+    want = np.stack([[gaussian_filter(c, sigma, mode="nearest", truncate=2.0) for c in b] for b in x.numpy()])
+    assert np.allclose(got.numpy(), want, atol=1e-12)
+    xg = x[:1, :2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: gaussian_smooth(t, sigma), (xg,))
+    assert torch.autograd.gradgradcheck(lambda t: gaussian_smooth(t, sigma), (xg,))
 
 
 def test_svf_gradcheck():
