@@ -24,6 +24,16 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def warm_up_torch() -> None:
+    """Load what PyTorch loads on first use, before a torch solver's clock starts (as the
+    classical tools' modules are loaded before theirs): ``torch.optim`` imports
+    ``torch._dynamo`` when the first optimizer is made (about 1.1 s, once per process, on the
+    2-core machine), which was counted in the first registration of each process."""
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def run_child(target: str, **kwargs) -> dict:
     """Call ``target`` (``"module:function"``) with the JSON-able ``kwargs`` in a fresh Python
     process (so its peak RSS and its timings belong to that call alone) and return its

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, environment_markdown, rss_mb, run_child
+from benchmarks.common import environment, environment_markdown, rss_mb, run_child, warm_up_torch
 from hybridreg.config import atomic_write_text
 
 NOT_STEPS = ("total", "shape", "control", "ops")
@@ -80,6 +80,7 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     f, m = (torch.from_numpy(normalize_intensity(s.image))[None, None] for s in (fs, ms))
     solver = get_solver("instance")
     cfg = replace(solver.default_config(), progress=False)
+    warm_up_torch()
     res = solver.register_pair(f, m, cfg, spacing=fs.spacing)
     demons_seconds = _demons_seconds(fs, f[0, 0].numpy(), m[0, 0].numpy())
     levels = [{"spacing_mm": h.spacing[0], "shape": list(h.shape), "control": list(h.control_shape), "iterations": h.iterations,

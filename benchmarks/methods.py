@@ -64,6 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from benchmarks.common import warm_up_torch
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
 from learned.regressor import REGRESSOR_WEIGHTS
@@ -241,14 +242,6 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.from_numpy(v.image)[None, None] for v in (pair.fixed, pair.moving))
 
 
-def _warm_up() -> None:
-    """Load what PyTorch loads on first use before a torch solver's clock starts, as the
-    classical tools' modules are loaded before theirs: ``torch.optim`` imports
-    ``torch._dynamo`` when the first optimizer is made (about 1.1 s, once per process, on
-    the 2-core machine), which was counted in the first registration of each process."""
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-
-
 def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     """Register a :class:`FilePair` through the stages of :func:`hybridreg.service.register_files`
     that make and score the result -- read and check the inputs, the affine stage
@@ -294,7 +287,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
         if w_reg is not None:
             cfg = replace(cfg, objective=replace(cfg.objective, w_reg=w_reg))
         cfg = apply_overrides(cfg, sets)
-        _warm_up()
+        warm_up_torch()
         if not pair.prealigned:
             return _via_service(pair, "instance", cfg)
         f, m = _tensors(pair)
@@ -335,7 +328,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
                                         region_lambda=region_lambda)  # the CLI's path: --set, --region-lambda
         if half_grid:
             cfg = replace(cfg, refine_config=half_grid_refine())
-        _warm_up()
+        warm_up_torch()
         if not pair.prealigned:
             return _via_service(pair, name, cfg)
         f, m = _tensors(pair)
