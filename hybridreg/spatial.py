@@ -454,6 +454,13 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
+def _axis_pad(d: int, axis: int, width: int) -> list[int]:
+    """``F.pad``'s list (last axis first) that pads ``axis`` of a ``d``-D field by ``width`` on both sides."""
+    pad = [0] * (2 * d)
+    pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = width
+    return pad
+
+
 class _AxisConv(torch.autograd.Function):
     """Depthwise convolution of ``(B, C, *spatial)`` with a 1-D kernel along one axis ("valid":
     the input is already padded). Its backward is the transposed convolution written as the
@@ -471,10 +478,9 @@ class _AxisConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (kernel,) = ctx.saved_tensors
-        d, width = grad.dim() - 2, kernel.shape[2 + ctx.axis] - 1  # the kernel's length - 1: the full convolution's padding
-        pad = [0] * (2 * d)
-        pad[2 * (d - 1 - ctx.axis)] = pad[2 * (d - 1 - ctx.axis) + 1] = width
-        return _AxisConv.apply(F.pad(grad, pad), kernel.flip(2 + ctx.axis), ctx.axis), None, None
+        width = kernel.shape[2 + ctx.axis] - 1  # the kernel's length - 1: the full convolution's padding
+        padded = F.pad(grad, _axis_pad(grad.dim() - 2, ctx.axis, width))
+        return _AxisConv.apply(padded, kernel.flip(2 + ctx.axis), ctx.axis), None, None
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 2.0) -> torch.Tensor:
@@ -504,7 +510,5 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
         kern = kern / kern.sum()
         shape = [1, 1] + [1] * d
         shape[2 + k] = 2 * r + 1
-        pad = [0] * (2 * d)
-        pad[2 * (d - 1 - k)] = pad[2 * (d - 1 - k) + 1] = r
-        out = _AxisConv.apply(F.pad(out, pad, mode="replicate"), kern.view(shape).expand(c, *shape[1:]).contiguous(), k)
+        out = _AxisConv.apply(F.pad(out, _axis_pad(d, k, r), mode="replicate"), kern.view(shape).expand(c, *shape[1:]).contiguous(), k)
     return out

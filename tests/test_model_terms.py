@@ -126,7 +126,7 @@ def test_box_mean_matches_brute_force():
     s = torch.nn.functional.conv3d(xp, k, groups=2)
     c = torch.nn.functional.conv3d(ones, k, groups=2)
     assert torch.allclose(got, s / c, atol=1e-12)
-    # a window wider than an axis averages that whole axis (the box truncated at both borders)
+    # a window wider than an axis (9 > 3, 2) averages that whole axis; along the 6-voxel axis the box is truncated at both borders
     narrow = torch.rand(1, 1, 3, 2, 6, dtype=torch.float64)
     want = torch.stack([narrow[..., max(0, i - 4):i + 5].mean(-1) for i in range(6)], -1).mean((2, 3), keepdim=True)
     assert torch.allclose(box_mean(narrow, 9), want.expand_as(narrow), atol=1e-12)
