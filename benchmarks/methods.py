@@ -83,6 +83,7 @@ value (4: the shipped network and the methods' own entries; the others: ``FRONTS
 FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in CONDITIONAL_SWEEP if w != 4.0}
 """The conditional network's fixed-value baselines: the shipped network fine-tuned at one ``w_reg``
 (``configs/learned_fixed_wreg.yaml``; ``--weights fixed-w1``, ``fixed-w2``, ``fixed-w8``, ``fixed-w16``)."""
+MATCHED_CONFIG = ROOT / "configs" / "conditional_matched.yaml"
 REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
 """The region weights tuned for the conditional network on the bundled validation pairs
 (``hybridreg tune --solver learned-conditional``, ``configs/tune_conditional_regions.yaml``)."""
@@ -312,9 +313,10 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
 
 
 def _learned(name: str, weights: Path | None = None, half_grid: bool = False, sets: tuple[str, ...] = (),
-             region_lambda: Path | None = None):
+             region_lambda: Path | None = None, config: Path | None = None):
     """The learned solver ``name`` (``learned``, ``learned+refine``, ``learned-lambda``,
-    ``learned-conditional[+refine]``) with ``weights`` (default: the solver's shipped ones);
+    ``learned-conditional[+refine]``) with ``config`` (a YAML file, ``--config``; default: the
+    solver's defaults) and ``weights`` (default: the solver's shipped ones);
     ``half_grid``: refine with :func:`learned.solver.half_grid_refine` (networks without a
     full-resolution stage); ``sets``: ``KEY=VALUE`` overrides (the conditional network's
     ``objective.w_reg``: a point of its front); ``region_lambda``: a ``label: λ`` YAML file
@@ -324,7 +326,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
         from hybridreg.service import run_solver, solver_and_config
         from learned.solver import half_grid_refine
 
-        solver, cfg = solver_and_config(name, weights=str(weights or ""), progress=False, overrides=sets,
+        solver, cfg = solver_and_config(name, config, weights=str(weights or ""), progress=False, overrides=sets,
                                         region_lambda=region_lambda)  # the CLI's path: --set, --region-lambda
         if half_grid:
             cfg = replace(cfg, refine_config=half_grid_refine())
@@ -443,6 +445,16 @@ METHODS: dict[str, Method] = {
                "voxelwise", "learned+refine", "the conditional network refined by 12 instance iterations at 2 mm on the"
                " energy at the same w_reg", setting="w_reg 4", requires=str(CONDITIONAL_WEIGHTS),
                why="train it: configs/learned_conditional.yaml"),
+        Method("learned-matched", "learned conditional at the instance solver's regularity",
+               _learned("learned-conditional", config=MATCHED_CONFIG), "voxelwise", "learned",
+               "the conditional network at code w_reg 1, where its SDlogJ on the real pairs is the instance default's"
+               " (`configs/conditional_matched.yaml`), two forward passes (inverse-consistent)", setting="w_reg 1",
+               requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
+        Method("learned-matched+refine", "learned conditional at the instance solver's regularity + refine",
+               _learned("learned-conditional+refine", config=MATCHED_CONFIG), "voxelwise", "learned+refine",
+               "the same network (code w_reg 1) refined by 5 instance iterations at 2 mm on the instance solver's default"
+               " energy (w_reg 4; `configs/conditional_matched.yaml`)", setting="w_reg 1, refined at w_reg 4",
+               requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
         Method("learned-conditional-regions", "learned conditional (region-wise λ, tuned)",
                _learned("learned-conditional", region_lambda=REGION_LAMBDA), "regions", "learned",
                "the conditional network at w_reg 4 conditioned on region weights tuned by TuRBO on the validation pairs"

@@ -141,11 +141,13 @@ def get_dataset(name: str) -> Dataset:
 
 
 SOLVERS = ["instance", "learned", "learned+refine"]
+# the conditional network at the instance solver's regularity, alone and refined (configs/conditional_matched.yaml)
+MATCHED = ["learned-matched", "learned-matched+refine"]
 SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
-    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + ["instance-uniform", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
+    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + MATCHED + ["instance-uniform", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
-    "realworld": {"dataset": "realworld", "methods": SOLVERS + ["instance-uniform", "sitk-demons", "ants-syn"],
+    "realworld": {"dataset": "realworld", "methods": SOLVERS + MATCHED + ["instance-uniform", "sitk-demons", "ants-syn"],
                   "scaling": False, "fronts": True},
 }
 # every regularization strategy on one energy (method §1, §3): uniform, MAP-estimated global, region-wise and

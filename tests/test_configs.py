@@ -8,13 +8,14 @@ from hybridreg.config import load_yaml
 from hybridreg.objective import ObjectiveConfig
 from hybridreg.tuning import load_space
 from instance_opt import InstanceOptConfig
+from learned.solver import LEARNED_CONDITIONAL_REFINE, ConditionalConfig
 from learned.train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def test_configs_exist():
-    assert {p.stem.split("_")[0] for p in CONFIGS} == {"instance", "learned", "tune"}
+    assert {p.stem.split("_")[0] for p in CONFIGS} == {"instance", "learned", "conditional", "tune"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -33,6 +34,11 @@ def test_config_loads(path):
                                                                                         rel=1e-4)
             else:  # the network keeps the energy it was trained on (LNCC window 9); the instance baseline moved to 5
                 assert cfg.objective.lncc_window == 9 and inst.objective.lncc_window == ObjectiveConfig().lncc_window
+    elif kind == "conditional":  # settings of --solver learned-conditional[+refine]
+        cfg = load_yaml(path, ConditionalConfig)
+        LEARNED_CONDITIONAL_REFINE.configure(cfg)  # the code lies in the shipped network's ranges
+        if not cfg.refine_objective_from_weights:  # refined on the instance solver's own energy
+            assert cfg.refine_config.objective == InstanceOptConfig().objective
     else:
         load_space(path)
 
