@@ -84,6 +84,8 @@ FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in CONDITIONAL_SWE
 """The conditional network's fixed-value baselines: the shipped network fine-tuned at one ``w_reg``
 (``configs/learned_fixed_wreg.yaml``; ``--weights fixed-w1``, ``fixed-w2``, ``fixed-w8``, ``fixed-w16``)."""
 MATCHED_CONFIG = ROOT / "configs" / "conditional_matched.yaml"
+"""The conditional network at the instance solver's regularity (code w_reg 1) and its 5-iteration
+refinement on the instance default energy: the methods ``learned-matched[+refine]``."""
 REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
 """The region weights tuned for the conditional network on the bundled validation pairs
 (``hybridreg tune --solver learned-conditional``, ``configs/tune_conditional_regions.yaml``)."""

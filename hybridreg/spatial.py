@@ -107,8 +107,8 @@ def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
         image under ``voxel_map``, normalised on ``source_shape``) under :data:`ALIGN_CORNERS`.
     """
     spatial = tuple(disp.shape[2:])
-    identity, scale = _identity_grid(spatial, disp.dtype, disp.device)
     if voxel_map is None:
+        identity, scale = _identity_grid(spatial, disp.dtype, disp.device)
         # channels-last and reversed axis order (x first) is what grid_sample reads
         return torch.addcmul(identity, disp.movedim(1, -1).flip(-1), scale)
     # one batched matrix product per pair: the axis reversal and the normalisation are folded
