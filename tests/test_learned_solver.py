@@ -146,7 +146,7 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     f, _ = _blob_volume(4)
     m, _ = _blob_volume(5)
     ft, mt = torch.from_numpy(f / 100)[None, None].float(), torch.from_numpy(m / 100)[None, None].float()
-    res = register_pair(ft, mt, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
+    res = register_pair(ft, mt, LearnedConfig(weights=str(trained / "model_final.pt"), cascade=0), spacing=(2.0, 2.0, 2.0))
     assert isinstance(res, RegistrationResult) and res.status is Status.NETWORK
     assert res.displacement.shape == (1, 3, *SHAPE) and res.lam.shape == (1, 1, 6, 7, 8)
     (net_pass,) = res.history  # the network pass: its grid (the 2 mm training grid) and the velocity's; 2 passes
@@ -154,11 +154,11 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     assert 0 < net_pass.seconds <= res.seconds
     # inverse-consistent inference: the swapped pair gives exactly the negated SVF, and the SVF is the mean of
     # the forward pass and the swapped pass's negation (each one pass, inverse_consistent off)
-    one_way = LearnedConfig(weights=str(trained / "model_final.pt"), inverse_consistent=False)
+    one_way = LearnedConfig(weights=str(trained / "model_final.pt"), inverse_consistent=False, cascade=0)
     fwd, back = (register_pair(a, b, one_way, spacing=(2.0, 2.0, 2.0)) for a, b in ((ft, mt), (mt, ft)))
     assert fwd.history[0].iterations == 1 and not torch.allclose(fwd.velocity, -back.velocity, atol=1e-3)
     torch.testing.assert_close(res.velocity, 0.5 * (fwd.velocity - back.velocity))
-    swapped = register_pair(mt, ft, LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(2.0, 2.0, 2.0))
+    swapped = register_pair(mt, ft, LearnedConfig(weights=str(trained / "model_final.pt"), cascade=0), spacing=(2.0, 2.0, 2.0))
     torch.testing.assert_close(swapped.velocity, -res.velocity)
     torch.testing.assert_close(res.lam, fwd.lam)  # λ: the forward pass's, on FIXED's frame
     # on a 1 mm grid the network runs on its 2 mm training grid; outputs come back on the 1 mm grid
@@ -177,6 +177,50 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the same energy
     with pytest.raises(ValueError, match="network is 3D"):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
+
+
+def test_cascade_adds_the_svf_of_a_pass_on_the_warped_moving_image(trained):
+    """``cascade`` (default 1): the SVF is the first (inverse-consistent) pass's plus that of a pass
+    registering FIXED to MOVING warped by exp(first); not used with refinement."""
+    from hybridreg.spatial import resize_field, scaling_and_squaring, warp
+    from instance_opt import InstanceOptConfig
+    from learned.solver import LearnedConfig, register_pair
+
+    f, _ = _blob_volume(4)
+    m, _ = _blob_volume(5)
+    ft, mt = torch.from_numpy(f / 100)[None, None].float(), torch.from_numpy(m / 100)[None, None].float()
+    w = str(trained / "model_final.pt")
+    assert LearnedConfig().cascade == 1
+    first = register_pair(ft, mt, LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
+    both = register_pair(ft, mt, LearnedConfig(weights=w), spacing=(2.0, 2.0, 2.0))
+    assert both.history[0].iterations == 4  # two inverse-consistent passes
+    warped = warp(mt, resize_field(scaling_and_squaring(first.velocity, first.svf_steps), SHAPE))
+    second = register_pair(ft, warped, LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
+    assert float(second.velocity.abs().max()) > 0
+    torch.testing.assert_close(both.velocity, first.velocity + second.velocity, rtol=1e-4, atol=1e-10)
+    assert not torch.allclose(both.velocity, first.velocity, rtol=1e-2, atol=0)
+    torch.testing.assert_close(both.lam, first.lam)  # λ: the first pass's
+    refine = InstanceOptConfig(level_spacing=(2.0,), iterations=(2,), min_iterations=2, progress=False)
+    a, b = (register_pair(ft, mt, LearnedConfig(weights=w, refine=True, progress=False, refine_config=refine, cascade=c),
+                          spacing=(2.0, 2.0, 2.0)) for c in (0, 1))
+    assert a.history[0].iterations == b.history[0].iterations == 1 and torch.equal(a.displacement, b.displacement)
+    with pytest.raises(ValueError, match="cascade"):
+        LearnedConfig(cascade=5)
+
+
+def test_one_cascade_pass_lowers_the_shipped_networks_energy_on_a_bundled_pair():
+    """The reason ``cascade`` defaults to 1 (``docs/results.md``, "A recursive pass of the learned
+    solver"): on a bundled test pair (2 mm) the shipped network's energy after the recursive pass is
+    below that of one (inverse-consistent) pass; its SDlogJ rises towards instance optimization's."""
+    from learned.solver import DEFAULT_WEIGHTS, LearnedConfig, register_pair
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.fail(f"shipped weights missing: {DEFAULT_WEIGHTS}")
+    f, m = data.load_subject("vxm", 2), data.load_subject("synthseg_17", 2)
+    ft, mt = (torch.from_numpy(s.image)[None, None] for s in (f, m))
+    terms = [register_pair(ft, mt, LearnedConfig(cascade=c), spacing=f.spacing).final_terms for c in (0, 1)]
+    assert terms[1]["total"] < terms[0]["total"]
+    assert terms[1]["similarity"] < terms[0]["similarity"] and terms[1]["regularization"] > terms[0]["regularization"]
 
 
 def test_cli_learned_bad_weights(manifest, tmp_path, capsys):
