@@ -150,12 +150,13 @@ class LearnedConfig:
             first-order Baker–Campbell–Hausdorff term of log(exp(v) ∘ exp(v_k)), so the result
             stays one SVF of the energy, method §1.1); each pass is inverse-consistent with
             ``inverse_consistent``, the sum is not exactly (|φ_MF ∘ φ_FM − id| 0.49 mm against
-            0.11 mm on the bundled test pairs; ``cascade: 0`` keeps the exact one). The network under-fits its own energy (at w_reg 4 it stops at
-            SDlogJ 0.12 on the ``realworld`` pairs where instance optimization reaches 0.17); one
-            more pass lowered that energy on each of four bundled test pairs (2 mm; a second raised
-            it) and brings the learned solver to the instance solver's regularity on real scans
-            (``docs/results.md``, "A recursive pass of the learned solver"). Not used with
-            ``refine`` (the refinement reached the same Dice from either start).
+            0.11 mm on the bundled test pairs; ``cascade: 0`` keeps the exact one). The network
+            under-fits its own energy (at w_reg 4 it stops at SDlogJ 0.12 on the ``realworld``
+            pairs where instance optimization reaches 0.17); one more pass lowered that energy on
+            each of four bundled test pairs (2 mm; a second raised it) and brings the learned
+            solver to the instance solver's regularity on real scans (``docs/results.md``, "A
+            recursive pass of the learned solver"). Not used with ``refine`` (the refinement
+            reached the same Dice from either start).
     """
 
     weights: str = ""
