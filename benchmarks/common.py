@@ -54,7 +54,8 @@ def _child(target: str, kwargs: str) -> None:
     print(json.dumps(getattr(importlib.import_module(module), name)(**json.loads(kwargs))))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` reports)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -69,7 +70,7 @@ def environment() -> dict:
     """Hardware, library versions and commit to stamp a report with."""
     import torch
 
-    env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "python": platform.python_version(), "os": platform.platform()}
     for lib in LIBRARIES:

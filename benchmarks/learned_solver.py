@@ -33,7 +33,7 @@ TRAIN_CONFIGS = ("learned_bundled_2mm.yaml", "learned_bundled_2mm_fullres.yaml",
 """The shipped weights' training stages (``configs/``): the half-grid network, the
 fine-tuning with the full-resolution velocity stage, and the second fine-tuning."""
 FIELDS = ("pair", "kind", "method", "dice_before", "dice_mean", "hd95_mean", "folding_percent", "sdlogj", "lambda_std_brain",
-          "seconds", "peak_rss_mb")
+          "seconds", "peak_rss_mb", "cpu")
 RENAMED = {"solver": "method", "dice_after": "dice_mean", "hd95_mm": "hd95_mean", "lambda_std": "lambda_std_brain",
            "seconds_per_step_median": "seconds_per_step"}
 """Field names of results written before the accuracy rows came from the harness."""
@@ -97,6 +97,7 @@ def _mean(rows, key):
 
 
 def to_markdown(res: dict) -> str:
+    from benchmarks.report import hardware_note
     from benchmarks.suite import SOLVERS
 
     env = res["environment"]
@@ -122,6 +123,7 @@ def to_markdown(res: dict) -> str:
                            f"{_mean(sr, 'hd95_mean'):.2f} | {max(r['folding_percent'] for r in sr):.4f} | {_mean(sr, 'sdlogj'):.3f} | "
                            f"{_mean(sr, 'lambda_std_brain'):.3f} | {_mean(sr, 'seconds'):.2f} | {_mean(sr, 'seconds') / t_inst:.3f} | "
                            f"{max(r['peak_rss_mb'] for r in sr):.0f} |")
+        out += hardware_note(rs)
         if per_pair:
             out += ["", "Per pair (Dice after / SDlogJ / seconds):", "", "| pair | " + " | ".join(SOLVERS) + " |",
                     "|---|" + "---|" * len(SOLVERS)]

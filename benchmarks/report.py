@@ -81,6 +81,20 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def hardware_note(rows: list[dict]) -> list[str]:
+    """Report lines naming the CPU each method's rows ran on (the rows' ``cpu``; rows from
+    before it was recorded: "not recorded"), or none when every row ran on one CPU. A suite
+    resumed on another machine mixes them, and its seconds then compare only within one CPU."""
+    cpus: dict[str, list[str]] = {}
+    for m in _ordered(rows):
+        for c in sorted({r.get("cpu") or "not recorded" for r in _by(rows, m)}):
+            cpus.setdefault(c, []).append(METHODS[m].label)
+    if len(cpus) < 2:
+        return []
+    return ["", "The rows ran on more than one CPU: seconds compare only between methods on the same one. "
+            + "; ".join(f"{c}: {', '.join(labels)}" for c, labels in cpus.items()) + "."]
+
+
 def fronts(rows: list[dict]) -> dict[str, list[dict]]:
     """Each regularity sweep with a point present: ``{family: [point, ...]}``, each
     point ``{"method", "setting", "default", "sdlogj", "dice", "folding_max", "pairs"}`` (means
@@ -468,6 +482,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         ndv = f"{s['ndv_max']:.4f}" if s["ndv_max"] is not None else "–"
         lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
                      f"{s['folding_max']:.4f} | {ndv} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
+    lines += hardware_note(rows)
     if any(s["tre_mean"] is not None for s in summ):
         lines += ["", "Target registration error of the landmark files (mm; mean over pairs of the mean over landmarks):", "",
                   "| method | TRE mm |", "|---|---|"]

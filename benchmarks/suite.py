@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import rss_mb, run_child
+from benchmarks.common import cpu_name, rss_mb, run_child
 from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
 from hybridreg.config import atomic_write_text
 
@@ -280,6 +280,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dic
         lt = _on_image_grid(out.lam, img.shape) if out.lam is not None else None
         row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
                **evaluate_pair(pair, out.displacement, lt)}
+    row["cpu"] = cpu_name()  # the seconds compare only between rows run on the same CPU (the report says so)
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:

@@ -99,6 +99,17 @@ def test_report_states_the_winners_and_the_paired_test(tmp_path):
     assert "| 16×16×16 | 4,096 | 1.600 | 160 | 30% | 60% | 10% |" in md
     for f in files.values():
         assert (tmp_path / f).stat().st_size > 1000
+    assert "more than one CPU" not in md  # no row records its CPU: nothing to tell apart
+
+
+def test_report_names_the_cpu_of_each_methods_rows_when_they_differ():
+    """A suite resumed on another machine: the report says which method's seconds ran where."""
+    rows = [_row("p0", "instance", 0.8, 0.2, 40.0) | {"cpu": "CPU A"}, _row("p0", "learned", 0.7, 0.2, 9.0) | {"cpu": "CPU B"},
+            _row("p0", "sitk-demons", 0.7, 0.2, 60.0)]
+    (line,) = [x for x in report.hardware_note(rows) if x]
+    assert "more than one CPU" in line and "CPU A: instance (voxelwise λ)" in line and "CPU B: learned (voxelwise λ)" in line
+    assert f"not recorded: {METHODS['sitk-demons'].label}" in line
+    assert report.hardware_note([r | {"cpu": "CPU A"} for r in rows]) == []
 
 
 def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path):
