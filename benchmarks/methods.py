@@ -435,7 +435,7 @@ METHODS: dict[str, Method] = {
                " optimization at that λ on the MAP energy (`configs/instance_map.yaml` with λ fixed)", requires=str(REGRESSOR_WEIGHTS),
                why="train it: python -m learned.regressor --out learned/weights/lambda_regressor"),
         Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
-               "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), two forward passes (inverse-consistent: the swapped pair's SVF negated and averaged in), then two more on MOVING warped by that estimate, SVFs added (one recursive pass)",
+               "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), two forward passes (inverse-consistent: the swapped pair's SVF negated and averaged in), then two more in its mid-space (FIXED ∘ exp(−v/2) ← MOVING ∘ exp(v/2)), SVFs added (one recursive pass, still exactly inverse-consistent)",
                setting="w_reg 4 network"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 12 instance iterations at 2 mm"),

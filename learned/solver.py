@@ -7,7 +7,7 @@ returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
 
 * ``refine=False`` (``--solver learned``): one network pass (two with
   ``inverse_consistent``, the default: the swapped pair's negated SVF averaged in), then
-  ``cascade`` recursive passes on MOVING warped by the field so far (default one). The network runs at the voxel
+  ``cascade`` recursive passes in the mid-space of the field so far (default one). The network runs at the voxel
   size it was trained at: inputs on another grid are resampled to it (cell-centred linear
   interpolation over the same extent), and the predicted SVF and λ are used as a control grid
   of the input grid -- :func:`hybridreg.objective.evaluate` integrates the SVF there by scaling
@@ -145,18 +145,20 @@ class LearnedConfig:
             "Inverse-consistent inference"). Not used with ``refine``: the refinement reached
             the same Dice from either start.
         cascade: recursive passes after the first, without refinement (a recursive cascade,
-            Zhao et al., ICCV 2019, at test time with one set of weights): pass ``k`` registers
-            FIXED to MOVING warped by exp(v) and its SVF is added, ``v ← v + v_k`` (the
-            first-order Baker–Campbell–Hausdorff term of log(exp(v) ∘ exp(v_k)), so the result
-            stays one SVF of the energy, method §1.1); each pass is inverse-consistent with
-            ``inverse_consistent``, the sum is not exactly (|φ_MF ∘ φ_FM − id| 0.49 mm against
-            0.11 mm on the bundled test pairs; ``cascade: 0`` keeps the exact one). The network
-            under-fits its own energy (at w_reg 4 it stops at SDlogJ 0.12 on the ``realworld``
-            pairs where instance optimization reaches 0.17); one more pass lowered that energy on
-            each of four bundled test pairs (2 mm; a second raised it) and brings the learned
-            solver to the instance solver's regularity on real scans (``docs/results.md``, "A
-            recursive pass of the learned solver"). Not used with ``refine`` (the refinement
-            reached the same Dice from either start).
+            Zhao et al., ICCV 2019, at test time with one set of weights), each in the mid-space
+            of the field so far: pass ``k`` registers FIXED ∘ exp(−v/2) to MOVING ∘ exp(v/2) and
+            its SVF is added, ``v ← v + v_k`` (MOVING ∘ exp(v/2) ∘ exp(v_k) ∘ exp(v/2) ≈ FIXED,
+            whose SVF is v + v_k by the first-order Baker–Campbell–Hausdorff term, so the result
+            stays one SVF of the energy, method §1.1). With ``inverse_consistent`` the swapped
+            pair sees the same images swapped, so the sum stays exactly inverse-consistent
+            (|φ_MF ∘ φ_FM − id| 0.16 mm on the bundled test pairs, the scaling and squaring's
+            discretisation; a pass on MOVING ∘ exp(v) alone gave 0.49 mm). The network under-fits
+            its own energy (at w_reg 4 it stops at SDlogJ 0.12 on the ``realworld`` pairs where
+            instance optimization reaches 0.17); one more pass lowered that energy on each of four
+            bundled test pairs (2 mm; a second raised it again) and brings the learned solver to
+            the instance solver's regularity on real scans (``docs/results.md``, "A recursive
+            pass of the learned solver"). Not used with ``refine`` (the refinement reached the
+            same Dice from either start).
     """
 
     weights: str = ""
@@ -304,8 +306,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         out = net(f_in, m_in, code, region)
         velocity, passes = _network_pass(net, f_in, m_in, code, region, out.velocity, cfg, objective.svf_steps)
         for _ in range(0 if cfg.refine else cfg.cascade):
-            warped_in = warp(m_in, resize_field(scaling_and_squaring(velocity, objective.svf_steps), net_shape))
-            step, n = _network_pass(net, f_in, warped_in, code, region, None, cfg, objective.svf_steps)
+            step, n = _midpoint_pass(net, f_in, m_in, code, region, velocity, cfg, objective.svf_steps)
             velocity, passes = velocity + step, passes + n
     velocity, lam = velocity.to(fixed.dtype), out.lam.to(fixed.dtype)
     finite = bool(torch.isfinite(velocity).all() and torch.isfinite(lam).all())  # e.g. weights holding NaN
@@ -347,6 +348,23 @@ def _network_pass(net, fixed: torch.Tensor, moving: torch.Tensor, code: torch.Te
     if cfg.inverse_consistent and not cfg.refine:
         return _inverse_consistent(net, fixed, moving, code, region, forward, svf_steps), 2
     return forward, 1
+
+
+def _midpoint_pass(net, fixed: torch.Tensor, moving: torch.Tensor, code: torch.Tensor | None,
+                   region: torch.Tensor | None, velocity: torch.Tensor, cfg: LearnedConfig,
+                   svf_steps: int) -> tuple[torch.Tensor, int]:
+    """A recursive pass in the mid-space (:attr:`LearnedConfig.cascade`): the SVF ``(B, d,
+    *control)`` of :func:`_network_pass` on FIXED ∘ exp(−v/2) ← MOVING ∘ exp(v/2) (inputs and
+    ``region`` on the network's grid; the region map carried into the mid-space with FIXED), and
+    the number of passes it took. MOVING ∘ exp(v/2) ∘ exp(w) ≈ FIXED ∘ exp(−v/2) means MOVING ∘
+    exp(v/2) ∘ exp(w) ∘ exp(v/2) ≈ FIXED, whose SVF is v + w to first order
+    (Baker–Campbell–Hausdorff); the swapped pair (−v) sees the same two images swapped, so the
+    sum stays exactly inverse-consistent when each pass is."""
+    grid = fixed.shape[2:]
+    half, back = (resize_field(scaling_and_squaring(s * velocity, svf_steps), grid) for s in (0.5, -0.5))
+    if region is not None:
+        region = warp(region, back, padding_mode="border")
+    return _network_pass(net, warp(fixed, back), warp(moving, half), code, region, None, cfg, svf_steps)
 
 
 def _inverse_consistent(net, fixed: torch.Tensor, moving: torch.Tensor, code: torch.Tensor | None,

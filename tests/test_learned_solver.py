@@ -179,9 +179,10 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
 
 
-def test_cascade_adds_the_svf_of_a_pass_on_the_warped_moving_image(trained):
-    """``cascade`` (default 1): the SVF is the first (inverse-consistent) pass's plus that of a pass
-    registering FIXED to MOVING warped by exp(first); not used with refinement."""
+def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained):
+    """``cascade`` (default 1): the SVF is the first (inverse-consistent) pass's, v, plus that of a
+    pass registering FIXED ∘ exp(−v/2) to MOVING ∘ exp(v/2); the swapped pair gives exactly the
+    negated SVF; not used with refinement."""
     from hybridreg.spatial import resize_field, scaling_and_squaring, warp
     from instance_opt import InstanceOptConfig
     from learned.solver import LearnedConfig, register_pair
@@ -194,11 +195,17 @@ def test_cascade_adds_the_svf_of_a_pass_on_the_warped_moving_image(trained):
     first = register_pair(ft, mt, LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
     both = register_pair(ft, mt, LearnedConfig(weights=w), spacing=(2.0, 2.0, 2.0))
     assert both.history[0].iterations == 4  # two inverse-consistent passes
-    warped = warp(mt, resize_field(scaling_and_squaring(first.velocity, first.svf_steps), SHAPE))
-    second = register_pair(ft, warped, LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
+    half, back = (resize_field(scaling_and_squaring(s * first.velocity, first.svf_steps), SHAPE) for s in (0.5, -0.5))
+    second = register_pair(warp(ft, back), warp(mt, half), LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
     assert float(second.velocity.abs().max()) > 0
     torch.testing.assert_close(both.velocity, first.velocity + second.velocity, rtol=1e-4, atol=1e-10)
     assert not torch.allclose(both.velocity, first.velocity, rtol=1e-2, atol=0)
+    swapped = register_pair(mt, ft, LearnedConfig(weights=w), spacing=(2.0, 2.0, 2.0))
+    assert torch.equal(swapped.velocity, -both.velocity)  # exactly inverse-consistent
+    # not stop 39's pass (FIXED ← MOVING ∘ exp(v), which the swapped pair does not mirror): the sums differ
+    plain = register_pair(ft, warp(mt, resize_field(scaling_and_squaring(first.velocity, first.svf_steps), SHAPE)),
+                          LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
+    assert not torch.allclose(both.velocity, first.velocity + plain.velocity, rtol=1e-2, atol=0)
     torch.testing.assert_close(both.lam, first.lam)  # λ: the first pass's
     refine = InstanceOptConfig(level_spacing=(2.0,), iterations=(2,), min_iterations=2, progress=False)
     a, b = (register_pair(ft, mt, LearnedConfig(weights=w, refine=True, progress=False, refine_config=refine, cascade=c),
