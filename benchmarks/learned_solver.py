@@ -103,7 +103,7 @@ def to_markdown(res: dict) -> str:
     env = res["environment"]
     rows = [{RENAMED.get(k, k): v for k, v in r.items()} for r in res["pairs"]]
     out = ["# Learned solver vs instance optimization (bundled test split)", "", environment_markdown(env).rstrip("\n"),
-           f"- Weights: `{env['weights']}`", ""]
+           f"- Weights: `{env['weights']}`", *hardware_note(rows), ""]
     groups = sorted({(r.get("kind", "atlas"), r["resolution_mm"]) for r in rows}, key=lambda g: (g[0] != "atlas", -g[1]))
     sections = [(f"{mm} mm, {'atlas ← test subject' if kind == 'atlas' else 'test subject ← next test subject'}",
                  [r for r in rows if r["resolution_mm"] == mm and r.get("kind", "atlas") == kind], True) for kind, mm in groups]
@@ -123,7 +123,6 @@ def to_markdown(res: dict) -> str:
                            f"{_mean(sr, 'hd95_mean'):.2f} | {max(r['folding_percent'] for r in sr):.4f} | {_mean(sr, 'sdlogj'):.3f} | "
                            f"{_mean(sr, 'lambda_std_brain'):.3f} | {_mean(sr, 'seconds'):.2f} | {_mean(sr, 'seconds') / t_inst:.3f} | "
                            f"{max(r['peak_rss_mb'] for r in sr):.0f} |")
-        out += hardware_note(rs)
         if per_pair:
             out += ["", "Per pair (Dice after / SDlogJ / seconds):", "", "| pair | " + " | ".join(SOLVERS) + " |",
                     "|---|" + "---|" * len(SOLVERS)]
