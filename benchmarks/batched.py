@@ -9,8 +9,12 @@ process (so that its peak memory is its own):
    instance solver's defaults, ``--outputs metrics``: per-pair Dice, SDlogJ and %|J|≤0 of both
    runs and their difference, the registration seconds per pair, pairs per minute, peak memory.
 2. The instance and the learned solver on the bundled 1 mm pair (``hybridreg register``'s
-   stages, ``--outputs metrics``): seconds per pair and peak memory (``ru_maxrss`` on CPU,
-   ``torch.cuda.max_memory_allocated`` on a GPU).
+   stages, ``--outputs metrics``): Dice, SDlogJ, %|J|≤0, seconds per stage and peak memory
+   (``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU the instance
+   solver also runs on the same machine's CPU right after, the baseline of the device ratio.
+3. With ``--realworld``, both solvers on every pair of the ``realworld`` set
+   (:func:`benchmarks.realworld.realworld_pairs`: real scans as they come, 1 mm, affine stage
+   included) on ``--device``, one process per solver.
 
 It writes ``benchmarks/results/batched.json`` and ``.md`` (``--out`` to change), stamped with
 the hardware, the GPU named when there was one, and saying so when there was none. Ratios
@@ -48,31 +52,78 @@ def child_batch(manifest: str, n: int, batch_size: int, device: str) -> dict:
     return {"wall_seconds": wall, "rows": rows, "batch_size": batch_size}
 
 
-def child_one_mm(solver: str, device: str) -> dict:
-    """``solver`` on the bundled 1 mm demo pair in this process (``--outputs metrics``)."""
-    from hybridreg import data
+def one_mm_pairs(which: str) -> list[dict]:
+    """The 1 mm pairs of the device figures, as ``register_files`` arguments with a ``name``:
+    ``demo`` (the bundled 1 mm demo pair) or ``realworld`` (every pair of that set present here,
+    :func:`benchmarks.realworld.realworld_pairs`, scored on its own labels).
+
+    Raises:
+        ValueError: another ``which``.
+    """
+    if which == "demo":
+        from hybridreg import data
+
+        fs, ms = (data.load_subject(s, 1) for s in data.demo_pair())
+        return [dict(name=f"{fs.subject_id}<-{ms.subject_id}", fixed=fs.image_path, moving=ms.image_path,
+                     fixed_labels=fs.labels_path, moving_labels=ms.labels_path, eval_labels="auto")]
+    if which == "realworld":
+        from benchmarks.realworld import realworld_pairs
+
+        return [dict(name=p.name, fixed=p.fixed_image, moving=p.moving_image, fixed_labels=p.fixed_labels,
+                     moving_labels=p.moving_labels, eval_labels=list(p.labels)) for p in realworld_pairs()]
+    raise ValueError(f"one_mm_pairs(): `which` must be 'demo' or 'realworld', got {which!r}")
+
+
+def warm_up_device(solver: str, device: str) -> None:
+    """On a GPU, run ``solver`` once on a small random pair (64³, 1 mm) before the timed runs:
+    the first registration of a process also pays for CUDA's start-up (context, libraries,
+    kernels loaded on first use: 7 s of the first 1 mm pair's 9 s on an H200), which is not the
+    cost of a pair. Nothing on a CPU (:func:`benchmarks.common.warm_up_torch` is the CPU's)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    from hybridreg.service import run_solver, solver_and_config
+
+    obj, cfg = solver_and_config(solver, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    f, m = (torch.rand(1, 1, 64, 64, 64, generator=gen) for _ in range(2))
+    run_solver(obj, cfg, f, m, (1.0, 1.0, 1.0), torch.device(device))
+
+
+def child_one_mm(solver: str, device: str, pairs: str = "demo") -> list[dict]:
+    """``solver`` on each of :func:`one_mm_pairs` ``(pairs)`` in this process (``--outputs
+    metrics``), after :func:`warm_up_device`."""
     from hybridreg.service import register_files
 
-    fs, ms = (data.load_subject(s, 1) for s in data.demo_pair())
-    with tempfile.TemporaryDirectory() as tmp:
-        m = register_files(fs.image_path, ms.image_path, Path(tmp) / "out", fixed_labels=fs.labels_path,
-                           moving_labels=ms.labels_path, solver=solver, device=device, progress=False, outputs="metrics")
-    return {"solver": solver, "grid": m["inputs"]["grid"]["size"], "dice": m["dice_after"]["mean"], "sdlogj": m["sdlogj"],
-            "folding_percent": m["folding_percent"], "seconds": m["seconds"], "peak_memory_mb": m["peak_memory_mb"],
-            "peak_memory_kind": m["peak_memory_kind"]}
+    warm_up_device(solver, device)
+    rows = []
+    for p in one_mm_pairs(pairs):
+        name = p.pop("name")
+        with tempfile.TemporaryDirectory() as tmp:
+            m = register_files(p.pop("fixed"), p.pop("moving"), Path(tmp) / "out", solver=solver, device=device,
+                               progress=False, outputs="metrics", **p)
+        rows.append({"pair": name, "solver": solver, "device": m["device"], "grid": m["inputs"]["grid"]["size"],
+                     "dice": m["dice_after"]["mean"], "sdlogj": m["sdlogj"], "folding_percent": m["folding_percent"],
+                     "seconds": m["seconds"], "peak_memory_mb": m["peak_memory_mb"],
+                     "peak_memory_kind": m["peak_memory_kind"]})
+    return rows
 
 
-def run(manifest: Path, n: int, batch_size: int, device: str, one_mm: bool) -> dict:
+def run(manifest: Path, n: int, batch_size: int, device: str, one_mm: bool, realworld: bool = False) -> dict:
     env = environment()
     out = {"environment": env, "device": device, "manifest": shown(manifest), "n": n}
     for key, b in (("one_at_a_time", 1), ("batched", batch_size)):
         print(f"batch of {n} pairs, --batch-size {b} ...", file=sys.stderr, flush=True)
         out[key] = run_child("benchmarks.batched:child_batch", manifest=str(manifest), n=n, batch_size=b, device=device)
-    if one_mm:
-        out["one_mm"] = []
-        for solver in ("instance", "learned"):
-            print(f"1 mm pair, --solver {solver} ...", file=sys.stderr, flush=True)
-            out["one_mm"].append(run_child("benchmarks.batched:child_one_mm", solver=solver, device=device))
+    runs = [("demo", s, device) for s in ("instance", "learned") if one_mm]
+    if one_mm and device != "cpu":
+        runs.append(("demo", "instance", "cpu"))  # the same machine's CPU: the baseline of the device ratio
+    runs += [("realworld", s, device) for s in ("instance", "learned") if realworld]
+    out["one_mm"] = []
+    for pairs, solver, dev in runs:
+        print(f"1 mm, {pairs} pairs, --solver {solver} --device {dev} ...", file=sys.stderr, flush=True)
+        out["one_mm"] += run_child("benchmarks.batched:child_one_mm", solver=solver, device=dev, pairs=pairs)
     return out
 
 
@@ -120,14 +171,31 @@ def markdown(r: dict) -> str:
               " The registration seconds of a batched pair are its share of the batch's (the batch's / B)."]
     if r.get("one_mm"):
         stages = ("reading", "affine", "registration", "metrics", "writing", "total")
-        lines += ["", "## The bundled 1 mm pair (`--outputs metrics`)", "",
-                  "| solver | grid | Dice | SDlogJ | %\\|J\\|≤0 | " + " | ".join(f"{k} s" for k in stages) + " | peak memory MB |",
-                  "|---|---|---|---|---|" + "---|" * len(stages) + "---|"]
+        lines += ["", "## 1 mm pairs through the register service (`--outputs metrics`)", "",
+                  "| pair | solver | device | grid | Dice | SDlogJ | %\\|J\\|≤0 | " + " | ".join(f"{k} s" for k in stages)
+                  + " | peak memory MB |", "|---|---|---|---|---|---|---|" + "---|" * len(stages) + "---|"]
         for m in r["one_mm"]:
-            lines.append(f"| {m['solver']} | {'x'.join(map(str, m['grid']))} | {m['dice']:.4f} | {m['sdlogj']:.4f} |"
+            lines.append(f"| {m.get('pair', 'demo')} | {m['solver']} | {m.get('device', r['device'])} |"
+                         f" {'x'.join(map(str, m['grid']))} | {m['dice']:.4f} | {m['sdlogj']:.4f} |"
                          f" {m['folding_percent']:.4f} | " + " | ".join(f"{m['seconds'].get(k, 0.0):.1f}" for k in stages)
                          + f" | {m['peak_memory_mb']:.0f} ({m['peak_memory_kind']}) |")
+        lines += device_ratio(r)
     return "\n".join(lines) + "\n"
+
+
+def device_ratio(r: dict) -> list[str]:
+    """The report's lines comparing the instance solver's registration seconds on the device
+    with the same machine's CPU (rows of the first pair run on both; none without both)."""
+    rows = [m for m in r.get("one_mm", []) if m["solver"] == "instance"]
+    cpu = next((m for m in rows if m.get("device") == "cpu"), None)
+    dev = next((m for m in rows if cpu and m.get("device") != "cpu" and m.get("pair") == cpu.get("pair")), None)
+    if cpu is None or dev is None:
+        return []
+    ratio = cpu["seconds"]["registration"] / dev["seconds"]["registration"]
+    return ["", f"Instance solver on {dev['pair']}, registration stage: {dev['seconds']['registration']:.1f} s on"
+            f" {dev['device']} against {cpu['seconds']['registration']:.1f} s on this machine's CPU"
+            f" ({r['environment'].get('torch_threads', '?')} torch threads) in the same invocation: **{ratio:.1f}×**;"
+            f" Dice {dev['dice']:.4f} against {cpu['dice']:.4f}, SDlogJ {dev['sdlogj']:.4f} against {cpu['sdlogj']:.4f}."]
 
 
 def main(argv=None) -> int:
@@ -139,9 +207,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimization in the batched run (default 4)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--no-1mm", dest="one_mm", action="store_false", help="skip the 1 mm pair")
+    p.add_argument("--realworld", action="store_true",
+                   help="also both solvers on the realworld pairs (fetched colin27 pairs included when present)")
     p.add_argument("--out", type=Path, default=RESULTS / "batched", help="results stem (.json and .md are written)")
     a = p.parse_args(argv)
-    r = run(a.pairs, a.n, a.batch_size, a.device, a.one_mm)
+    r = run(a.pairs, a.n, a.batch_size, a.device, a.one_mm, a.realworld)
     atomic_write_text(a.out.with_suffix(".json"), json.dumps(r, indent=2))
     atomic_write_text(a.out.with_suffix(".md"), markdown(r))
     print(f"wrote {shown(a.out.with_suffix('.md'))}")

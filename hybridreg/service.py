@@ -349,10 +349,13 @@ def run_solver_pairs(solver: Solver, config: Any, fixed: torch.Tensor, moving: t
         :class:`DivergenceError` naming why it is not a registration.
     """
     dev = torch.device(device) if device is not None else fixed.device
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # kernels run asynchronously: the clock reads after the device has finished
         torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev, **grids)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     peak, n = _peak_memory_mb(dev), result.batch_size
     out: list[Solved | DivergenceError] = []

@@ -118,8 +118,9 @@ def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
     B, d = disp.shape[:2]
     index = _index_grid(spatial, disp.dtype, disp.device)
     _, source_scale = _identity_grid(tuple(source_shape), disp.dtype, disp.device)
-    a = voxel_map[:, :, :d].to(disp.dtype).flip(1) * source_scale[:, None]
-    c = voxel_map[:, :, d].to(disp.dtype).flip(1) * source_scale - 1.0
+    voxel_map = voxel_map.to(device=disp.device, dtype=disp.dtype)  # a (B, d, d + 1) map made on the CPU follows disp
+    a = voxel_map[:, :, :d].flip(1) * source_scale[:, None]
+    c = voxel_map[:, :, d].flip(1) * source_scale - 1.0
     grid = torch.baddbmm(c[:, :, None], a, (index + disp).flatten(2))
     return grid.movedim(1, -1).reshape(B, *spatial, d)
 

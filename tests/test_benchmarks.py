@@ -299,6 +299,30 @@ def test_committed_speed_reports_still_render():
     assert "## 2 mm, all test pairs: mean over 9 pairs" in md and "| `configs/learned_bundled_2mm.yaml` |" in md
 
 
+def test_device_figures_compare_the_device_with_the_same_machines_cpu():
+    """``benchmarks batched``: the 1 mm table names each row's pair and device, the device ratio
+    is the CPU row's registration seconds over the device row's for the same pair, and the
+    committed (older) results still render."""
+    from benchmarks.batched import device_ratio, markdown, one_mm_pairs
+
+    def row(device, reg, dice):
+        return {"pair": "vxm<-synthseg_16", "solver": "instance", "device": device, "grid": [160, 192, 224], "dice": dice,
+                "sdlogj": 0.25, "folding_percent": 0.0, "seconds": {"registration": reg, "total": reg + 10},
+                "peak_memory_mb": 900.0, "peak_memory_kind": "k"}
+
+    r = {"environment": {"torch_threads": 16}, "device": "cuda",
+         "one_mm": [row("cuda:0", 2.5, 0.7191), {**row("cuda:0", 1.0, 0.68), "solver": "learned"}, row("cpu", 10.0, 0.7184)]}
+    (line,) = [x for x in device_ratio(r) if x]
+    assert "2.5 s on cuda:0 against 10.0 s" in line and "**4.0×**" in line and "Dice 0.7191 against 0.7184" in line
+    assert device_ratio({**r, "one_mm": r["one_mm"][:2]}) == []  # no CPU row: no ratio
+    committed = json.loads((ROOT / "benchmarks" / "results" / "batched.json").read_text())
+    md = markdown(committed)
+    assert "| pair | solver | device |" in md and "| demo | instance | cpu |" in md
+    assert [p["name"] for p in one_mm_pairs("demo")] == ["vxm<-synthseg_16"]
+    with pytest.raises(ValueError, match="`which`"):
+        one_mm_pairs("oasis")
+
+
 def test_profiled_iterations_of_the_real_solver_add_up():
     """The instance-speed profile splits the real solver's iterations into steps that add up to
     the iteration's wall time, and lists the costliest operators."""

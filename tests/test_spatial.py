@@ -153,6 +153,21 @@ def test_sampling_grid_through_a_voxel_map(spatial, source):
     assert torch.autograd.gradcheck(lambda w: to_sampling_grid(w, vm, source), (small,))
 
 
+def test_warp_through_a_cpu_voxel_map_follows_the_displacements_device(device):
+    """The affine stage makes its voxel map on the CPU (numpy); a displacement on the GPU warps
+    through it there, with the CPU's result (found on a GPU: the metrics of every scan pair
+    on two grids failed with a device mismatch)."""
+    from hybridreg.spatial import warp
+
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 1, 9, 8, 7, generator=gen)
+    disp = 0.5 * torch.randn(1, 3, 6, 5, 4, generator=gen)
+    vm = torch.cat([torch.eye(3) * 1.2, torch.tensor([[0.5], [0.3], [0.2]])], dim=1)[None].double()  # float64, CPU
+    want = warp(image, disp, mode="nearest", voxel_map=vm)
+    got = warp(image.to(device), disp.to(device), mode="nearest", voxel_map=vm)
+    assert got.device.type == device and torch.equal(got.cpu(), want)
+
+
 def test_resize_field_keeps_voxel_units():
     shape = (8, 10, 12)
     v = torch.zeros(1, 3, *shape)
