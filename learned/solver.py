@@ -244,7 +244,9 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
 
     Args:
         fixed, moving: ``(B, 1, *spatial)`` images on one grid, intensities about [0, 1]
-            (:func:`hybridreg.io.normalize_intensity`), 2D or 3D matching the network.
+            (:func:`hybridreg.io.normalize_intensity`), 2D or 3D matching the network; any
+            float dtype: the network runs in its weights' dtype (float32), the result (and
+            the refinement) in ``fixed``'s.
         config: :class:`LearnedConfig`.
         spacing: voxel size in mm (array-axis order); default 1 mm.
         device: where to run (default: the inputs' device).
@@ -290,6 +292,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     on_fixed = moving if moving_map is None else \
         warp(moving, fixed.new_zeros((fixed.shape[0], d, *fixed.shape[2:])), voxel_map=grids["moving_map"])
 
+    if dev.type == "cuda":  # the clock starts once the copies and the warp above have run
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     net_shape = tuple(max(4, int(round(n * hk / tk))) for n, hk, tk in zip(spatial, h, train_spacing))
     region = None
@@ -299,10 +303,12 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
                              " FIXED's grid)")
         region = paint_regions(regions.to(dev), cfg.region_lambda, default=cfg.region_default,  # on the network's grid
                                smooth_sigma=cfg.region_smoothing, dtype=fixed.dtype, shape=net_shape)
+    ndt = next(net.parameters()).dtype  # the network runs in its weights' dtype; its results return in fixed's
     with torch.no_grad():
-        f_in = resize_image(fixed, net_shape) if net_shape != spatial else fixed
-        m_in = resize_image(on_fixed, net_shape) if net_shape != spatial else on_fixed
-        code = hyperparameter_code(objective, fixed.shape[0], fixed) if conditional else None
+        f_in = (resize_image(fixed, net_shape) if net_shape != spatial else fixed).to(ndt)
+        m_in = (resize_image(on_fixed, net_shape) if net_shape != spatial else on_fixed).to(ndt)
+        code = hyperparameter_code(objective, fixed.shape[0], fixed).to(ndt) if conditional else None
+        region = None if region is None else region.to(ndt)
         out = net(f_in, m_in, code, region)
         velocity, passes = _network_pass(net, f_in, m_in, code, region, out.velocity, cfg, objective.svf_steps)
         for _ in range(0 if cfg.refine else cfg.cascade):

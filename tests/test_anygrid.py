@@ -70,6 +70,26 @@ def test_apply_inverse_maps_fixed_labels_onto_the_moving_grid(runs, tmp_path):
     assert d > after - 0.05  # the same overlap, measured on the moving grid
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("solver", ["instance", "learned+refine", "learned-lambda", "learned-conditional+refine"])
+def test_scans_on_two_grids_register_on_the_gpu_with_every_output(runs, solver, tmp_path):
+    """The whole register service on a GPU, every output file written, for a moving scan on
+    another grid: the path where the affine stage's CPU voxel map meets GPU fields (in the
+    metrics, the warped image, the figure, the inverse). A GPU found the first such fault; the
+    instance solver's Dice there is the CPU run's up to float32 summation order."""
+    from hybridreg.service import OUTPUT_FILES, register_files
+
+    f = runs["f"]
+    m = register_files(f.image_path, runs["moved"]["image"], tmp_path / "out", fixed_labels=f.labels_path,
+                       moving_labels=runs["moved"]["labels"], solver=solver, device="cuda", progress=False)
+    assert m["device"].startswith("cuda") and m["peak_memory_kind"] == "torch.cuda.max_memory_allocated"
+    assert sorted(q.name for q in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
+    assert m["folding_percent"] < 0.01 and m["dice_after"]["mean"] > m["dice_after_affine"]["mean"]
+    if solver == "instance":
+        assert m["dice_after"]["mean"] == pytest.approx(runs["metrics"]["moved"]["dice_after"]["mean"], abs=0.01)
+
+
 def test_masked_similarity_is_the_mean_over_the_mask():
     g = torch.Generator().manual_seed(0)
     f, m = torch.rand(1, 1, 8, 10, 12, generator=g), torch.rand(1, 1, 8, 10, 12, generator=g)

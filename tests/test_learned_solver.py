@@ -161,6 +161,11 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     swapped = register_pair(mt, ft, LearnedConfig(weights=str(trained / "model_final.pt"), cascade=0), spacing=(2.0, 2.0, 2.0))
     torch.testing.assert_close(swapped.velocity, -res.velocity)
     torch.testing.assert_close(res.lam, fwd.lam)  # λ: the forward pass's, on FIXED's frame
+    # float64 images: the network runs in its weights' float32, the result comes back in float64
+    res64 = register_pair(ft.double(), mt.double(), LearnedConfig(weights=str(trained / "model_final.pt"), cascade=0),
+                          spacing=(2.0, 2.0, 2.0))
+    assert res64.displacement.dtype == res64.velocity.dtype == res64.lam.dtype == torch.float64
+    torch.testing.assert_close(res64.velocity.float(), res.velocity)
     # on a 1 mm grid the network runs on its 2 mm training grid; outputs come back on the 1 mm grid
     big = torch.nn.functional.interpolate(ft, scale_factor=2, mode="trilinear")
     res1 = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(1.0, 1.0, 1.0))
