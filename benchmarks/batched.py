@@ -38,9 +38,11 @@ KEYS = ("dice", "sdlogj", "folding_percent", "seconds_registration", "seconds_to
 
 
 def child_batch(manifest: str, n: int, batch_size: int, device: str) -> dict:
-    """``hybridreg batch`` over the first ``n`` pairs of ``manifest`` in this process."""
+    """``hybridreg batch`` over the first ``n`` pairs of ``manifest`` in this process, after
+    :func:`warm_up_device`."""
     from hybridreg.batch import read_pairs, run_batch
 
+    warm_up_device("instance", device)
     pairs = read_pairs(manifest)[:n]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -142,6 +143,7 @@ def tune_command(args: argparse.Namespace) -> None:
 
     from . import tuning
 
+    dev = device_of(args.device)  # an unusable device fails here, before --out is made
     out = output_folder(args.out)
     if args.resume and not (out / "trials.json").is_file():
         raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
@@ -149,7 +151,8 @@ def tune_command(args: argparse.Namespace) -> None:
     if space.solver != args.solver:
         space = _replace(space, solver=args.solver)
         tuning.apply_params(space, {p.key: p.from_unit(0.5) for p in space.parameters})
-    result = tuning.run_tuning(space, tuning.OBJECTIVES[args.solver], args.trials, args.out, method=args.method,
+    objective = partial(tuning.OBJECTIVES[args.solver], device=str(dev))  # picklable: --workers' processes take it
+    result = tuning.run_tuning(space, objective, args.trials, args.out, method=args.method,
                                resume=args.resume, progress=not args.no_progress)
     summary = tuning.write_outputs(space, result, args.out)
     print(f"wrote {args.out}/: trials.json, summary.json, pareto.json, best_config.yaml, best_so_far.png, pareto.png, partial_dependence.png")
@@ -280,6 +283,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output folder (trials.json, best_config.yaml, figures)")
     u.add_argument("--method", default="botorch", choices=("botorch", "turbo", "random", "tpe"),
                    help="botorch (default), turbo (trust-region BO, for many parameters), random search, or Optuna TPE")
+    u.add_argument("--device", help="cpu (default), cuda, cuda:N: where each trial registers the pairs (and, with"
+                        " --solver learned, trains its network)")
     u.add_argument("--resume", action="store_true", help="continue the run in --out (finished trials are kept)")
     u.add_argument("--no-progress", action="store_true")
 

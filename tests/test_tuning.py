@@ -270,6 +270,23 @@ def test_bad_search_space_files(tmp_path, content, match):
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_tune_refuses_an_unusable_device_before_making_its_folder(tmp_path, capsys, device):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "2", "--out", str(out), "--no-progress",
+                 "--device", device]) == 2
+    assert "`--device`" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_a_trial_on_the_gpu_scores_as_on_the_cpu():
+    sp = tuning.space_from_dict({**SPACE, "max_pairs": 1, "base_config": {"level_spacing": [8.0], "iterations": [5]}})
+    params = tuning.base_params(sp)
+    cpu, gpu = (tuning.solver_objective(sp, params, device=d) for d in ("cpu", "cuda"))
+    assert gpu["dice"] == pytest.approx(cpu["dice"], abs=0.01) and gpu["sdlogj"] == pytest.approx(cpu["sdlogj"], abs=0.01)
+
+
 def test_tuning_pairs_add_copies_drawn_from_the_label_maps():
     from hybridreg.tuning.objectives import _load_pairs, _pairs
 
@@ -297,7 +314,8 @@ def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
           "base_config": {"level_spacing": [8.0], "iterations": [25], "velocity_smoothing": 1.0}}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(sp))
     out = tmp_path / "tune"
-    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
     trials = json.loads((out / "trials.json").read_text())["trials"]
     assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
     assert all(0.5 < t["dice"] < 0.9 and t["sdlogj"] > 0 for t in trials)  # real registrations of a bundled pair

@@ -17,7 +17,7 @@ import torch
 
 from ..data.sources import Volume, bundled, load_dataset
 from ..metrics import score_registration
-from ..service import run_solver
+from ..service import device_of, run_solver
 from ..solvers import get_solver
 from ..synthesis import synthesize
 from .space import SearchSpace, apply_params
@@ -59,34 +59,41 @@ def _score(register: Callable[..., torch.Tensor], pairs: list) -> dict:
             "sdlogj": float(np.mean([s["sdlogj"] for s in scores]))}
 
 
-def solver_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+def solver_objective(space: SearchSpace, params: dict, split: str = "val", device: str | None = None) -> dict:
     """Trial of a solver run with the trial's config (the instance solver, or the conditional
     network at the trial's hyperparameters and region weights): register every bundled pair of
     ``split`` (atlas ← subject, ``space.resolution`` mm; ``"val"`` while tuning, ``"test"`` to
-    check the chosen configuration), with the fixed labels as regions where the config's λ is
-    region-wise; returns mean Dice, max %|J|≤0 and mean SDlogJ."""
+    check the chosen configuration) on ``device`` (``cpu``, the default, ``cuda`` or ``cuda:N``:
+    ``hybridreg tune --device``), with the fixed labels as regions where the config's λ is
+    region-wise; returns mean Dice, max %|J|≤0 and mean SDlogJ.
+
+    Raises:
+        ValueError: an unknown ``split`` or an unusable ``device`` (:func:`hybridreg.service.device_of`).
+    """
+    dev = device_of(device)
     solver = get_solver(space.solver)
     cfg = replace(apply_params(space, params), progress=False)
     pairs, spacing = _pairs(space, split)
     regions = getattr(cfg, "lambda_mode", None) == "regions"
-    return _score(lambda f, m, fl: run_solver(solver, cfg, f, m, spacing, **({"regions": fl} if regions else {}))
+    return _score(lambda f, m, fl: run_solver(solver, cfg, f, m, spacing, dev, **({"regions": fl} if regions else {}))
                   .result.displacement, pairs)
 
 
-def learned_objective(space: SearchSpace, params: dict, split: str = "val") -> dict:
+def learned_objective(space: SearchSpace, params: dict, split: str = "val", device: str | None = None) -> dict:
     """Trial of the learned solver: train with the trial's config (its ``steps`` is the
-    per-trial training budget) on ``space.train_data``, then score the network on the
-    bundled pairs of ``split``."""
+    per-trial training budget) on ``space.train_data`` on ``device`` (as :func:`solver_objective`),
+    then score the network on the bundled pairs of ``split``."""
     from learned.train import train
     from learned.weights import predict
 
+    dev = device_of(device)
     cfg = apply_params(space, params)
     data = load_dataset(space.train_data)
     pairs, spacing = _pairs(space, split)
     with tempfile.TemporaryDirectory() as tmp:
-        net = train(cfg, data, Path(tmp) / "run", progress=False)
+        net = train(cfg, data, Path(tmp) / "run", progress=False, device=dev)
     net.eval()
-    return _score(lambda f, m, fl: predict(net, f, m, cfg.objective, spacing)[1].displacement, pairs)
+    return _score(lambda f, m, fl: predict(net, f.to(dev), m.to(dev), cfg.objective, spacing)[1].displacement, pairs)
 
 
 OBJECTIVES = {"instance": solver_objective, "learned": learned_objective, "learned-conditional": solver_objective}
