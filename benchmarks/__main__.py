@@ -91,11 +91,13 @@ def _run(a) -> int:
     from benchmarks.scaling import GRIDS, run_scaling
     from benchmarks.suite import get_dataset, get_suite, run_suite, suite_methods
     from hybridreg.config import atomic_write_text
+    from hybridreg.service import device_of
 
     if a.dataset:
         a.suite = a.dataset
     try:
         spec = get_suite(a.suite)
+        device_of(a.device)  # an unusable device fails before --fresh discards anything
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if ":" in a.suite and not a.out:
@@ -109,7 +111,7 @@ def _run(a) -> int:
     skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
     skipped += get_dataset(spec["dataset"]).notes()
     try:
-        run_suite(a.suite, out, methods, a.max_pairs)
+        run_suite(a.suite, out, methods, a.max_pairs, device=a.device)
     except (FileNotFoundError, ValueError) as e:  # a bad dataset or method: one line
         raise SystemExit(" ".join(str(e).split())) from None
     scaling = []
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", help="output folder (default benchmarks/results/<suite>)")
     r.add_argument("--methods", nargs="+", help="subset of the suite's methods")
     r.add_argument("--max-pairs", type=int, help="only the first N pairs")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N for hybridreg's solvers (the classical"
+                   " tools run on the CPU; the report names the device of each method's rows)")
     r.add_argument("--fresh", action="store_true", help="discard stored rows and start over")
     r.add_argument("--no-scaling", action="store_true")
     r.add_argument("--grids", nargs="+", help="scaling grids: 64x64x64 or mm values")

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, environment, environment_markdown, run_child, shown
+from benchmarks.common import RESULTS, ROOT, environment, environment_markdown, run_child, shown, warm_up_device
 
 PAIRS = ROOT / "benchmarks" / "data" / "bundled_test_pairs_2mm.csv"
 KEYS = ("dice", "sdlogj", "folding_percent", "seconds_registration", "seconds_total", "peak_memory_mb")
@@ -74,23 +74,6 @@ def one_mm_pairs(which: str) -> list[dict]:
         return [dict(name=p.name, fixed=p.fixed_image, moving=p.moving_image, fixed_labels=p.fixed_labels,
                      moving_labels=p.moving_labels, eval_labels=list(p.labels)) for p in realworld_pairs()]
     raise ValueError(f"one_mm_pairs(): `which` must be 'demo' or 'realworld', got {which!r}")
-
-
-def warm_up_device(solver: str, device: str) -> None:
-    """On a GPU, run ``solver`` once on a small random pair (64³, 1 mm) before the timed runs:
-    the first registration of a process also pays for CUDA's start-up (context, libraries,
-    kernels loaded on first use: 7 s of the first 1 mm pair's 9 s on an H200), which is not the
-    cost of a pair. Nothing on a CPU (:func:`benchmarks.common.warm_up_torch` is the CPU's)."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    from hybridreg.service import run_solver, solver_and_config
-
-    obj, cfg = solver_and_config(solver, progress=False)
-    gen = torch.Generator().manual_seed(0)
-    f, m = (torch.rand(1, 1, 64, 64, 64, generator=gen) for _ in range(2))
-    run_solver(obj, cfg, f, m, (1.0, 1.0, 1.0), torch.device(device))
 
 
 def child_one_mm(solver: str, device: str, pairs: str = "demo") -> list[dict]:

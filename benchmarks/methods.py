@@ -64,7 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from benchmarks.common import warm_up_torch
+from benchmarks.common import warm_up_device, warm_up_torch
 from hybridreg.data.sources import Volume
 from hybridreg.io import Geometry
 from learned.regressor import REGRESSOR_WEIGHTS
@@ -231,7 +231,7 @@ class Method:
 
     name: str
     label: str
-    run: Callable[[AnyPair, Callable[[np.ndarray], float] | None], MethodOutput]
+    run: Callable[..., MethodOutput]  # run(pair, dice_fn, device="cpu"): hybridreg's solvers on ``device``, the tools on the CPU
     lambda_kind: str  # "voxelwise", "uniform", "map", "regions" or "-" (classical tools)
     solver: str  # "instance", "learned", "learned+refine" or "classical"
     description: str = ""
@@ -245,7 +245,7 @@ def _tensors(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.from_numpy(v.image)[None, None] for v in (pair.fixed, pair.moving))
 
 
-def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
+def _via_service(pair: FilePair, solver: str, config: Any, device: str = "cpu") -> MethodOutput:
     """Register a :class:`FilePair` through the stages of :func:`hybridreg.service.register_files`
     that make and score the result -- read and check the inputs, the affine stage
     and ``solver`` with ``config`` on FIXED's grid, then the metrics
@@ -259,10 +259,10 @@ def _via_service(pair: FilePair, solver: str, config: Any) -> MethodOutput:
     inputs = service.read_inputs(pair.fixed_image, pair.moving_image, pair.fixed_labels, pair.moving_labels,
                                  list(pair.labels) or "auto", fixed_landmarks=pair.fixed_landmarks,
                                  moving_landmarks=pair.moving_landmarks)
-    pre, solved, metrics = service.align_solve_measure(inputs, get_solver(solver), config, torch.device("cpu"))
+    pre, solved, metrics = service.align_solve_measure(inputs, get_solver(solver), config, torch.device(device))
     res = solved.result
     seconds = metrics["seconds"]["registration"] + metrics["seconds"].get("affine", 0.0)
-    return MethodOutput(res.displacement[0].detach().numpy(), seconds, res.lambda_on_image_grid()[0, 0].numpy(),
+    return MethodOutput(res.displacement[0].detach().cpu().numpy(), seconds, res.lambda_on_image_grid()[0, 0].cpu().numpy(),
                         voxel_map=pre.voxel_map, metrics=metrics)
 
 
@@ -279,7 +279,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
     ``objective.w_reg`` replaced by ``w_reg`` when given and ``sets`` (``KEY=VALUE``,
     :func:`hybridreg.config.apply_overrides`) applied: a point of a Pareto front."""
 
-    def run(pair: AnyPair, dice_fn) -> MethodOutput:
+    def run(pair: AnyPair, dice_fn, device: str = "cpu") -> MethodOutput:
         from hybridreg.config import apply_overrides, load_yaml
         from hybridreg.solvers import get_solver
         from hybridreg.spatial import resize_field, scaling_and_squaring
@@ -291,8 +291,9 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
             cfg = replace(cfg, objective=replace(cfg.objective, w_reg=w_reg))
         cfg = apply_overrides(cfg, sets)
         warm_up_torch()
+        warm_up_device("instance", device)
         if not pair.prealigned:
-            return _via_service(pair, "instance", cfg)
+            return _via_service(pair, "instance", cfg, device)
         f, m = _tensors(pair)
         points: list[tuple[float, float]] = []
         spent = [0.0]
@@ -301,15 +302,16 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
         def callback(level, iteration, velocity, lam):
             t = time.perf_counter()
             disp = resize_field(scaling_and_squaring(velocity, cfg.objective.svf_steps), f.shape[2:])
-            points.append((t - t0 - spent[0], dice_fn(disp[0].numpy())))
+            points.append((t - t0 - spent[0], dice_fn(disp[0].cpu().numpy())))
             spent[0] += time.perf_counter() - t
 
         # the time-to-accuracy trace (a Dice evaluation every `window` iterations) for the family's own entry only
         regions = _regions(pair, cfg)
-        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None, **regions)
+        res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None,
+                            device=torch.device(device), **regions)
         seconds = time.perf_counter() - t0 - spent[0]
-        lam = res.lam[0, 0].numpy() if res.lam.numel() > 1 else None
-        return MethodOutput(res.displacement[0].numpy(), seconds, lam, points or None)
+        lam = res.lam[0, 0].cpu().numpy() if res.lam.numel() > 1 else None
+        return MethodOutput(res.displacement[0].cpu().numpy(), seconds, lam, points or None)
 
     return run
 
@@ -324,7 +326,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
     ``objective.w_reg``: a point of its front); ``region_lambda``: a ``label: λ`` YAML file
     (the conditional network's region weights, ``--region-lambda``)."""
 
-    def run(pair: AnyPair, dice_fn) -> MethodOutput:
+    def run(pair: AnyPair, dice_fn, device: str = "cpu") -> MethodOutput:
         from hybridreg.service import run_solver, solver_and_config
         from learned.solver import half_grid_refine
 
@@ -333,13 +335,15 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
         if half_grid:
             cfg = replace(cfg, refine_config=half_grid_refine())
         warm_up_torch()
+        warm_up_device(name, device)
         if not pair.prealigned:
-            return _via_service(pair, name, cfg)
+            return _via_service(pair, name, cfg, device)
         f, m = _tensors(pair)
         regions = _regions(pair, cfg)
-        solved = run_solver(solver, cfg, f, m, pair.spacing, **regions)
+        solved = run_solver(solver, cfg, f, m, pair.spacing, torch.device(device), **regions)
         lam = solved.result.lam
-        return MethodOutput(solved.result.displacement[0].numpy(), solved.seconds, lam[0, 0].numpy() if lam.numel() > 1 else None)
+        return MethodOutput(solved.result.displacement[0].cpu().numpy(), solved.seconds,
+                            lam[0, 0].cpu().numpy() if lam.numel() > 1 else None)
 
     return run
 
@@ -352,7 +356,7 @@ def _ants_syn(flow_sigma: float = 3.0, total_sigma: float = 0.0):
     """antspyx SyN with ``flow_sigma`` (the smoothing of the update field, voxels; ANTs' default 3) and
     ``total_sigma`` (the smoothing of the total field after each iteration, voxels; ANTs' default 0):
     SyN[grad step, flow σ, total σ] in ``antsRegistration``'s terms."""
-    return lambda pair, dice_fn: _run_ants_syn(pair, flow_sigma, total_sigma)
+    return lambda pair, dice_fn, device="cpu": _run_ants_syn(pair, flow_sigma, total_sigma)  # CPU whatever `device`
 
 
 def _run_ants_syn(pair: AnyPair, flow_sigma: float, total_sigma: float = 0.0) -> MethodOutput:
@@ -380,7 +384,7 @@ def _run_ants_syn(pair: AnyPair, flow_sigma: float, total_sigma: float = 0.0) ->
 
 def _sitk_demons(sigma: float = 1.5):
     """SimpleITK diffeomorphic demons with the displacement field smoothed by ``sigma`` voxels."""
-    return lambda pair, dice_fn: _run_sitk_demons(pair, sigma)
+    return lambda pair, dice_fn, device="cpu": _run_sitk_demons(pair, sigma)  # CPU whatever `device`
 
 
 def _run_sitk_demons(pair: AnyPair, sigma: float) -> MethodOutput:

@@ -82,17 +82,20 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def hardware_note(rows: list[dict]) -> list[str]:
-    """Report lines naming the CPU each method's rows ran on (the rows' ``cpu``; rows from
-    before it was recorded: "not recorded"), or none when every row ran on one CPU. A suite
-    resumed on another machine mixes them, and its seconds then compare only within one CPU."""
-    cpus: dict[str, list[str]] = {}
+    """Report lines naming the processor each method's rows ran on -- the GPU for rows run on
+    one (``gpu``, ``benchmarks run --device cuda``), else the CPU (``cpu``; rows from before it
+    was recorded: "not recorded") -- or none when every row ran on one. A suite resumed on
+    another machine, or with hybridreg on a GPU and the classical tools on the CPU, mixes them,
+    and its seconds then compare only within one processor."""
+    where: dict[str, list[str]] = {}
     for m in _ordered(rows):
-        for c in sorted({r.get("cpu") or "not recorded" for r in _by(rows, m)}):
-            cpus.setdefault(c, []).append(METHODS[m].label)
-    if len(cpus) < 2:
+        for c in sorted({f"GPU {r['gpu']}" if r.get("gpu") else r.get("cpu") or "not recorded" for r in _by(rows, m)}):
+            where.setdefault(c, []).append(METHODS[m].label)
+    if len(where) < 2:
         return []
-    return ["", "The rows ran on more than one CPU: seconds compare only between methods on the same one. "
-            + "; ".join(f"{c}: {', '.join(labels)}" for c, labels in cpus.items()) + "."]
+    kind = "processor" if any(c.startswith("GPU ") for c in where) else "CPU"
+    return ["", f"The rows ran on more than one {kind}: seconds compare only between methods on the same one. "
+            + "; ".join(f"{c}: {', '.join(labels)}" for c, labels in where.items()) + "."]
 
 
 def fronts(rows: list[dict]) -> dict[str, list[dict]]:

@@ -259,8 +259,10 @@ def file_pair_row(pair: FilePair, method: str, out: MethodOutput) -> dict:
     return row
 
 
-def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dict:
-    """Run one (pair, method) in this process; returns the row."""
+def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device: str = "cpu") -> dict:
+    """Run one (pair, method) in this process, hybridreg's solvers on ``device`` (the classical
+    tools on the CPU); returns the row, which records the CPU and, for a row run on a GPU, the
+    device and the GPU's name."""
     from hybridreg.metrics import score_registration
 
     pair = next(p for p in get_dataset(dataset).pairs() if p.name == pair_name)
@@ -268,19 +270,22 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None) -> dic
     if isinstance(pair, FilePair):
         from hybridreg.io import normalize_intensity, read_image
 
-        out = METHODS[method].run(pair, None)
+        out = METHODS[method].run(pair, None, device)
         row = file_pair_row(pair, method, out)
         img = normalize_intensity(read_image(pair.fixed_image, arg="FIXED")[0]) if lam_out and out.lam is not None else None
         lt = out.lam
     else:
         f, m = pair.fixed.labels, pair.moving.labels
-        out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"])
+        out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"],
+                                  device)
         peak = rss_mb()
         img = pair.fixed.image
         lt = _on_image_grid(out.lam, img.shape) if out.lam is not None else None
         row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
                **evaluate_pair(pair, out.displacement, lt)}
     row["cpu"] = cpu_name()  # the seconds compare only between rows run on the same CPU (the report says so)
+    if device != "cpu" and METHODS[method].solver != "classical":
+        row["device"], row["gpu"] = device, torch.cuda.get_device_name(torch.device(device))
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:
@@ -297,14 +302,19 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_pairs: int | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Register every pair of the suite's dataset with every available method (resumable).
+              log: Callable[[str], None] = print, device: str = "cpu") -> list[dict]:
+    """Register every pair of the suite's dataset with every available method (resumable),
+    hybridreg's solvers on ``device`` (``cpu``, ``cuda``, ``cuda:N``; the classical tools run
+    on the CPU whatever it is). Rows already stored are kept, whatever device made them.
 
     Raises:
-        ValueError: unknown suite or method.
+        ValueError: unknown suite or method, an unusable ``device``.
     """
     from tqdm.auto import tqdm
 
+    from hybridreg.service import device_of
+
+    device = str(device_of(device))  # an unusable device fails before anything runs
     spec = get_suite(suite)
     names = methods or suite_methods(suite)
     bad = [m for m in names if m not in METHODS]
@@ -332,7 +342,8 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     for p, m in tqdm(jobs, desc=f"suite {suite}", dynamic_ncols=True):
         lam_out = str(lam_dir / f"{m}.npz") if p == pairs[0] else None
         t = time.perf_counter()
-        row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out)
+        row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out,
+                        device=device)
         log(f"{p} {m}: Dice {row['dice_mean']:.3f}, SDlogJ {row['sdlogj']:.3f}, {row['seconds']:.1f} s "
             f"(process {time.perf_counter() - t:.0f} s)")
         rows.append(row)

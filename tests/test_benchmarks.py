@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import report
 from benchmarks.methods import METHODS, Pair, available
@@ -110,6 +111,11 @@ def test_report_names_the_cpu_of_each_methods_rows_when_they_differ():
     assert "more than one CPU" in line and "CPU A: instance (voxelwise λ)" in line and "CPU B: learned (voxelwise λ)" in line
     assert f"not recorded: {METHODS['sitk-demons'].label}" in line
     assert report.hardware_note([r | {"cpu": "CPU A"} for r in rows]) == []
+    # hybridreg on a GPU (`benchmarks run --device cuda`), the classical tool on the machine's CPU
+    gpu = [r | {"cpu": "CPU A"} for r in rows[1:]] + [rows[0] | {"cpu": "CPU A", "device": "cuda", "gpu": "NVIDIA H200"}]
+    (line,) = [x for x in report.hardware_note(gpu) if x]
+    assert "more than one processor" in line and "GPU NVIDIA H200: instance (voxelwise λ)" in line
+    assert f"CPU A: learned (voxelwise λ), {METHODS['sitk-demons'].label}" in line
 
 
 def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path):
@@ -180,6 +186,28 @@ def test_unknown_suite_and_method_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="--methods"):
         run_suite("smoke", tmp_path, ["instance", "elastix"])
+    for bad in ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(ValueError, match="`--device`"):
+            run_suite("smoke", tmp_path / "d", device=bad)
+        assert not (tmp_path / "d").exists()
+    (tmp_path / "rows.jsonl").write_text("kept\n")  # --fresh with an unusable device discards nothing
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(tmp_path), "--fresh",
+                        "--device", "tpu"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and "`--device`" in p.stderr and (tmp_path / "rows.jsonl").read_text() == "kept\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["instance", "learned", "sitk-demons"])
+def test_a_suite_row_on_the_gpu_matches_the_cpu_row(method):
+    """`benchmarks run --device cuda`: hybridreg's solvers on the GPU (the row names it), the
+    classical tool on the CPU; the same Dice as on the CPU up to float32 summation order."""
+    from benchmarks.suite import child, get_dataset
+
+    pair = get_dataset("bundled").pairs()[0].name
+    cpu, gpu = (child("bundled", pair, method, None, device=d) for d in ("cpu", "cuda"))
+    assert gpu.get("device") == (None if method == "sitk-demons" else "cuda") and "device" not in cpu
+    assert gpu["dice_mean"] == pytest.approx(cpu["dice_mean"], abs=0.005) and gpu["folding_percent"] < 0.01
 
 
 def test_missing_optional_tool_is_skipped_with_a_message(monkeypatch):
