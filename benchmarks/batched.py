@@ -97,7 +97,7 @@ def child_one_mm(solver: str, device: str, pairs: str = "demo") -> list[dict]:
 
 def run(manifest: Path, n: int, batch_size: int, device: str, one_mm: bool, realworld: bool = False) -> dict:
     env = environment()
-    out = {"environment": env, "device": device, "manifest": shown(manifest), "n": n}
+    out = {"environment": env, "device": device, "manifest": shown(manifest), "n": n, "realworld": realworld}
     for key, b in (("one_at_a_time", 1), ("batched", batch_size)):
         print(f"batch of {n} pairs, --batch-size {b} ...", file=sys.stderr, flush=True)
         out[key] = run_child("benchmarks.batched:child_batch", manifest=str(manifest), n=n, batch_size=b, device=device)
@@ -117,7 +117,8 @@ def markdown(r: dict) -> str:
     B, n = bat["batch_size"], r["n"]
     gpu = env.get("gpu")
     lines = ["# Batched instance optimization and device figures", "",
-             f"`python -m benchmarks batched --device {r['device']} --n {n} --batch-size {B}`"
+             f"`python -m benchmarks batched --device {r['device']} --n {n} --batch-size {B}"
+             f"{' --realworld' if r.get('realworld', len({m.get('pair') for m in r.get('one_mm', [])}) > 1) else ''}`"
              f" (manifest `{r['manifest']}`), each configuration in a fresh process.", "",
              environment_markdown(env)]
     if r["device"].startswith("cuda"):

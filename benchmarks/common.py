@@ -34,8 +34,9 @@ def warm_up_torch() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
-def warm_up_device(solver: str, device: str) -> None:
-    """On a GPU, run ``solver`` once on a small random pair (64³, 1 mm) before the timed runs:
+def warm_up_device(solver: str, device: str, config=None) -> None:
+    """On a GPU, run ``solver`` (with ``config``, default its defaults: the run's own, so that
+    its weights are loaded here) once on a small random pair (64³, 1 mm) before the timed runs:
     the first registration of a process also pays for CUDA's start-up (context, libraries,
     kernels loaded on first use: 7 s of the first 1 mm pair's 9 s on an H200), which is not the
     cost of a pair. Nothing on a CPU (:func:`warm_up_torch` is the CPU's)."""
@@ -46,6 +47,7 @@ def warm_up_device(solver: str, device: str) -> None:
     from hybridreg.service import run_solver, solver_and_config
 
     obj, cfg = solver_and_config(solver, progress=False)
+    cfg = cfg if config is None else config
     gen = torch.Generator().manual_seed(0)
     f, m = (torch.rand(1, 1, 64, 64, 64, generator=gen) for _ in range(2))
     run_solver(obj, cfg, f, m, (1.0, 1.0, 1.0), torch.device(device))
@@ -83,6 +85,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def processor(row: dict) -> str:
+    """Where a suite row's seconds were measured: ``GPU <name>`` for a row run on a GPU, else its
+    CPU (``"not recorded"`` for rows from before the CPU was recorded)."""
+    return f"GPU {row['gpu']}" if row.get("gpu") else row.get("cpu") or "not recorded"
+
+
 def environment() -> dict:
     """Hardware, library versions and commit to stamp a report with."""
     import torch
@@ -96,8 +104,8 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             env[lib] = None
     try:
-        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT, timeout=10).stdout.strip() or None
+        env["git"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                    cwd=ROOT, timeout=10).stdout.strip() or None  # "-dirty": uncommitted changes ran
     except (OSError, subprocess.SubprocessError):
         env["git"] = None
     return env

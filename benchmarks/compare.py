@@ -13,7 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.common import shown
+from benchmarks.common import processor, shown
 from benchmarks.methods import METHODS
 
 DICE_TOL = 0.005
@@ -45,13 +45,14 @@ def compare_rows(reference: list[dict], rerun: list[dict], dice_tol: float = DIC
         ds = max(abs(new[k]["sdlogj"] - ref[k]["sdlogj"]) for k in keys)
         df = max(abs(new[k]["folding_percent"] - ref[k]["folding_percent"]) for k in keys)
         ratios = [new[k]["seconds"] / ref[k]["seconds"] for k in keys if ref[k]["seconds"] > 0]
+        moved = any(processor(new[k]) != processor(ref[k]) for k in keys)  # then the time ratio compares two machines
         out.append({
             "method": m, "pairs": len(keys), "dice_ref": statistics.mean(ref[k]["dice_mean"] for k in keys),
             "dice_rerun": statistics.mean(new[k]["dice_mean"] for k in keys), "max_abs_dice_diff": dd,
             "max_abs_sdlogj_diff": ds, "max_abs_folding_diff": df,
             "time_ratio_median": statistics.median(ratios) if ratios else float("nan"),
             "time_ratio_min": min(ratios, default=float("nan")), "time_ratio_max": max(ratios, default=float("nan")),
-            "match": dd <= dice_tol and ds <= sdlogj_tol,
+            "match": dd <= dice_tol and ds <= sdlogj_tol, "other_processor": moved,
         })
     return out
 
@@ -85,7 +86,8 @@ def compare_markdown(comparison: list[dict], reference: str, rerun: str, scaling
     for c in comparison:
         lines.append(f"| {label[c['method']]} | {c['pairs']} | {c['dice_ref']:.4f} | {c['dice_rerun']:.4f} | "
                      f"{c['max_abs_dice_diff']:.4f} | {c['max_abs_sdlogj_diff']:.4f} | {c['max_abs_folding_diff']:.4f} | "
-                     f"{c['time_ratio_median']:.2f} ({c['time_ratio_min']:.2f}–{c['time_ratio_max']:.2f}) | "
+                     f"{c['time_ratio_median']:.2f} ({c['time_ratio_min']:.2f}–{c['time_ratio_max']:.2f})"
+                     f"{' (another processor)' if c.get('other_processor') else ''} | "
                      f"{'yes' if c['match'] else '**no**'} |")
     lines.append("")
     if scaling:

@@ -291,7 +291,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
             cfg = replace(cfg, objective=replace(cfg.objective, w_reg=w_reg))
         cfg = apply_overrides(cfg, sets)
         warm_up_torch()
-        warm_up_device("instance", device)
+        warm_up_device("instance", device, cfg)
         if not pair.prealigned:
             return _via_service(pair, "instance", cfg, device)
         f, m = _tensors(pair)
@@ -309,6 +309,8 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
         regions = _regions(pair, cfg)
         res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None,
                             device=torch.device(device), **regions)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(torch.device(device))
         seconds = time.perf_counter() - t0 - spent[0]
         lam = res.lam[0, 0].cpu().numpy() if res.lam.numel() > 1 else None
         return MethodOutput(res.displacement[0].cpu().numpy(), seconds, lam, points or None)
@@ -335,7 +337,7 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
         if half_grid:
             cfg = replace(cfg, refine_config=half_grid_refine())
         warm_up_torch()
-        warm_up_device(name, device)
+        warm_up_device(name, device, cfg)
         if not pair.prealigned:
             return _via_service(pair, name, cfg, device)
         f, m = _tensors(pair)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment_markdown, save_figure
+from benchmarks.common import environment_markdown, processor, save_figure
 from benchmarks.methods import CONDITIONAL_SWEEP, METHODS
 from hybridreg.config import atomic_write_text
 
@@ -89,11 +89,12 @@ def hardware_note(rows: list[dict]) -> list[str]:
     and its seconds then compare only within one processor."""
     where: dict[str, list[str]] = {}
     for m in _ordered(rows):
-        for c in sorted({f"GPU {r['gpu']}" if r.get("gpu") else r.get("cpu") or "not recorded" for r in _by(rows, m)}):
+        for c in sorted({processor(r) for r in _by(rows, m)}):
             where.setdefault(c, []).append(METHODS[m].label)
+    gpu = any(c.startswith("GPU ") for c in where)
     if len(where) < 2:
-        return []
-    kind = "processor" if any(c.startswith("GPU ") for c in where) else "CPU"
+        return ["", f"Every row ran on the {next(iter(where))}."] if gpu else []
+    kind = "processor" if gpu else "CPU"
     return ["", f"The rows ran on more than one {kind}: seconds compare only between methods on the same one. "
             + "; ".join(f"{c}: {', '.join(labels)}" for c, labels in where.items()) + "."]
 

@@ -153,7 +153,7 @@ def tune_command(args: argparse.Namespace) -> None:
         tuning.apply_params(space, {p.key: p.from_unit(0.5) for p in space.parameters})
     objective = partial(tuning.OBJECTIVES[args.solver], device=str(dev))  # picklable: --workers' processes take it
     result = tuning.run_tuning(space, objective, args.trials, args.out, method=args.method,
-                               resume=args.resume, progress=not args.no_progress)
+                               resume=args.resume, progress=not args.no_progress, device=str(dev))
     summary = tuning.write_outputs(space, result, args.out)
     print(f"wrote {args.out}/: trials.json, summary.json, pareto.json, best_config.yaml, best_so_far.png, pareto.png, partial_dependence.png")
     if result.best:

@@ -244,9 +244,9 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
 
     Args:
         fixed, moving: ``(B, 1, *spatial)`` images on one grid, intensities about [0, 1]
-            (:func:`hybridreg.io.normalize_intensity`), 2D or 3D matching the network; any
-            float dtype: the network runs in its weights' dtype (float32), the result (and
-            the refinement) in ``fixed``'s.
+            (:func:`hybridreg.io.normalize_intensity`), 2D or 3D matching the network; float32
+            or float64: the network runs in its weights' dtype (float32), the result (and the
+            refinement) in ``fixed``'s.
         config: :class:`LearnedConfig`.
         spacing: voxel size in mm (array-axis order); default 1 mm.
         device: where to run (default: the inputs' device).

@@ -116,6 +116,7 @@ def test_report_names_the_cpu_of_each_methods_rows_when_they_differ():
     (line,) = [x for x in report.hardware_note(gpu) if x]
     assert "more than one processor" in line and "GPU NVIDIA H200: instance (voxelwise λ)" in line
     assert f"CPU A: learned (voxelwise λ), {METHODS['sitk-demons'].label}" in line
+    assert report.hardware_note([gpu[-1]]) == ["", "Every row ran on the GPU NVIDIA H200."]  # one processor, a GPU: said
 
 
 def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path):
@@ -244,6 +245,9 @@ def test_rerun_comparison_flags_changed_accuracy_and_reports_time_ratios(tmp_pat
     assert cmp["instance"]["max_abs_dice_diff"] == pytest.approx(0.01)
     assert cmp["learned"]["match"] and cmp["learned"]["time_ratio_median"] == pytest.approx(2.0)
     assert compare_rows(ref, [dict(r, sdlogj=r["sdlogj"] + 0.005) for r in ref])[0]["match"]  # within the SDlogJ tolerance
+    assert not any(c["other_processor"] for c in cmp.values())
+    on_gpu = compare_rows(ref, [dict(r, gpu="NVIDIA H200") if r["method"] == "learned" else r for r in ref])
+    assert [c["other_processor"] for c in on_gpu] == [False, True]  # instance, learned: a time ratio across processors
     with pytest.raises(ValueError, match="share no"):
         compare_rows(ref, [_row("z", "instance", 0.7, 0.2, 1.0)])
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -346,6 +350,9 @@ def test_device_figures_compare_the_device_with_the_same_machines_cpu():
     committed = json.loads((ROOT / "benchmarks" / "results" / "batched.json").read_text())
     md = markdown(committed)
     assert "| pair | solver | device |" in md and "| demo | instance | cpu |" in md
+    gpu = ROOT / "benchmarks" / "results" / "batched_cuda"  # the H200 run renders to its committed report
+    md = markdown(json.loads(gpu.with_suffix(".json").read_text()))
+    assert md == gpu.with_suffix(".md").read_text() and "--device cuda --n 4 --batch-size 4 --realworld`" in md
     assert [p["name"] for p in one_mm_pairs("demo")] == ["vxm<-synthseg_16"]
     with pytest.raises(ValueError, match="`which`"):
         one_mm_pairs("oasis")

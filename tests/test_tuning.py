@@ -270,7 +270,7 @@ def test_bad_search_space_files(tmp_path, content, match):
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
-@pytest.mark.parametrize("device", ["tpu", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+@pytest.mark.parametrize("device", ["tpu", f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_tune_refuses_an_unusable_device_before_making_its_folder(tmp_path, capsys, device):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     out = tmp_path / "o"
@@ -317,7 +317,7 @@ def test_tiny_real_tuning_run_through_the_cli(tmp_path, capsys):
     assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "3", "--out", str(out), "--no-progress",
                  "--device", "cpu"]) == 0
     trials = json.loads((out / "trials.json").read_text())["trials"]
-    assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
+    assert len(trials) == 3 and all(t["status"] == "done" and t["device"] == "cpu" for t in trials)
     assert all(0.5 < t["dice"] < 0.9 and t["sdlogj"] > 0 for t in trials)  # real registrations of a bundled pair
     assert "best of 3 trials" in capsys.readouterr().out
     assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--out", str(out), "--resume",

@@ -273,13 +273,15 @@ def run_tuning(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    device: str | None = None,
 ) -> TuningResult:
     """Run (or resume) a tuning loop until ``n_trials`` trials have finished.
 
     Args:
         space: the :class:`SearchSpace`.
-        objective: ``objective(space, params) -> {"dice", "folding", "sdlogj"}``; a
-            module-level function when ``space.workers > 1`` (it runs in worker processes).
+        objective: ``objective(space, params) -> {"dice", "folding", "sdlogj"}``; picklable
+            (a module-level function or a ``functools.partial`` of one) when ``space.workers > 1``
+            (it runs in worker processes).
         n_trials: finished trials (done or failed) to reach.
         out_dir: folder of ``trials.json`` (and the caller's outputs).
         method: ``"botorch"``, ``"turbo"`` (trust-region BO), ``"random"`` or ``"tpe"``
@@ -287,6 +289,8 @@ def run_tuning(
         resume: continue from ``out_dir/trials.json``: finished trials are kept, pending
             candidates are evaluated first.
         stop_after: stop once this many trials have finished (an interruption, for tests).
+        device: where ``objective`` runs (``hybridreg tune --device``), recorded with each trial
+            this call evaluates (``trials.json``): a run resumed on another device says so per trial.
 
     Returns:
         :class:`TuningResult`.
@@ -352,7 +356,7 @@ def run_tuning(
                 futs = {pool.submit(_run_one, objective, space, t["params"]): t for t in pending}
                 results = ((futs[f], f.result()) for f in cf.as_completed(futs))
             for t, r in results:
-                t.update(r)
+                t.update(r, **({"device": device} if device else {}))
                 _save_state(state, space, method, trials)
                 if tpe is not None and t["status"] == "done":
                     tpe.tell(t)
