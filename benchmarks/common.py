@@ -40,9 +40,10 @@ def warm_up_device(solver: str, device: str, config=None) -> None:
     the first registration of a process also pays for CUDA's start-up (context, libraries,
     kernels loaded on first use: 7 s of the first 1 mm pair's 9 s on an H200), which is not the
     cost of a pair. Nothing on a CPU (:func:`warm_up_torch` is the CPU's)."""
-    if not device.startswith("cuda"):
-        return
     import torch
+
+    if torch.device(device).type == "cpu":
+        return
 
     from hybridreg.service import run_solver, solver_and_config
 

@@ -281,7 +281,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
 
     def run(pair: AnyPair, dice_fn, device: str = "cpu") -> MethodOutput:
         from hybridreg.config import apply_overrides, load_yaml
-        from hybridreg.solvers import get_solver
+        from hybridreg.solvers import get_solver, synchronize
         from hybridreg.spatial import resize_field, scaling_and_squaring
         from instance_opt import register_pair  # not the Solver interface: the trace needs its `callback`
 
@@ -309,8 +309,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
         regions = _regions(pair, cfg)
         res = register_pair(f, m, cfg, spacing=pair.spacing, callback=callback if w_reg is None and not sets else None,
                             device=torch.device(device), **regions)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(torch.device(device))
+        synchronize(device)
         seconds = time.perf_counter() - t0 - spent[0]
         lam = res.lam[0, 0].cpu().numpy() if res.lam.numel() > 1 else None
         return MethodOutput(res.displacement[0].cpu().numpy(), seconds, lam, points or None)

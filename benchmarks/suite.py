@@ -285,8 +285,10 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
                **evaluate_pair(pair, out.displacement, lt)}
     row["cpu"] = cpu_name()  # the seconds compare only between rows run on the same CPU (the report says so)
     if device != "cpu" and METHODS[method].solver != "classical":  # peak_rss_mb stays the host's
+        from hybridreg.service import peak_memory_mb
+
         dev = torch.device(device)
-        row.update(device=device, gpu=torch.cuda.get_device_name(dev), peak_gpu_mb=torch.cuda.max_memory_allocated(dev) / 2**20)
+        row.update(device=device, gpu=torch.cuda.get_device_name(dev), peak_gpu_mb=peak_memory_mb(dev))
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:

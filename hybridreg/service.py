@@ -41,10 +41,10 @@ from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, re
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
                  write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
-from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver
+from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, synchronize
 from .spatial import jacobian_determinant, warp
 
-__all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "output_folder", "check_outputs",
+__all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
            "read_inputs", "run_solver_pairs", "run_solver", "batch_key", "solve_pairs", "solve", "measure", "json_safe",
            "write_outputs", "Prepared", "prepare_pair", "finish_pair", "register_files"]
 
@@ -326,7 +326,9 @@ def prealign(inputs: Inputs, kind: str = "affine", init: str = "geometry", metri
     return Prealigned(res.transform, vmap, res)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB so far: ``torch.cuda.max_memory_allocated`` on a GPU, the process's
+    peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
@@ -349,15 +351,14 @@ def run_solver_pairs(solver: Solver, config: Any, fixed: torch.Tensor, moving: t
         :class:`DivergenceError` naming why it is not a registration.
     """
     dev = torch.device(device) if device is not None else fixed.device
-    if dev.type == "cuda":  # kernels run asynchronously: the clock reads after the device has finished
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        torch.cuda.synchronize(dev)
+    synchronize(dev)  # the clock reads once the device has finished (a GPU runs kernels asynchronously)
     t0 = time.perf_counter()
     result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev, **grids)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    synchronize(dev)
     seconds = time.perf_counter() - t0
-    peak, n = _peak_memory_mb(dev), result.batch_size
+    peak, n = peak_memory_mb(dev), result.batch_size
     out: list[Solved | DivergenceError] = []
     for b in range(n):
         pair = result.pair(b)

@@ -27,7 +27,7 @@ import torch
 from .objective import ObjectiveConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
-           "get_solver", "check_images"]
+           "get_solver", "check_images", "synchronize"]
 
 ENTRY_POINT_GROUP = "hybridreg.solvers"
 """Entry-point group under which solvers register (name → an object satisfying :class:`Solver`)."""
@@ -262,6 +262,18 @@ def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_F
     if folded > max_folding_percent:
         return f"{folded:.1f}% of the voxels fold (det J <= 0; at most {max_folding_percent:g}% is a registration): {cause}"
     return None
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the kernels queued on ``device`` have run, so that a clock read next times
+    them (a GPU runs them asynchronously); nothing on the CPU, whose operators return done.
+
+    Raises:
+        RuntimeError: ``device`` is a GPU that torch cannot reach.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def available_solvers() -> tuple[str, ...]:

@@ -38,7 +38,7 @@ from hybridreg.config import bounded, check_bounds
 from hybridreg.objective import evaluate
 from hybridreg.priors import LAMBDA_BOUNDS, paint_regions
 from hybridreg.regularization import check_spacing
-from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
+from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of, synchronize
 from hybridreg.spatial import resize_field, resize_image, scaling_and_squaring, warp
 from instance_opt import InstanceOptConfig
 from instance_opt import register_pair as instance_register_pair
@@ -292,8 +292,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     on_fixed = moving if moving_map is None else \
         warp(moving, fixed.new_zeros((fixed.shape[0], d, *fixed.shape[2:])), voxel_map=grids["moving_map"])
 
-    if dev.type == "cuda":  # the clock starts once the copies and the warp above have run
-        torch.cuda.synchronize(dev)
+    synchronize(dev)  # the clock starts once the copies and the warp above have run
     t0 = time.perf_counter()
     net_shape = tuple(max(4, int(round(n * hk / tk))) for n, hk, tk in zip(spatial, h, train_spacing))
     region = None
