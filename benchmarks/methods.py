@@ -86,6 +86,9 @@ FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in CONDITIONAL_SWE
 MATCHED_CONFIG = ROOT / "configs" / "conditional_matched.yaml"
 """The conditional network at the instance solver's regularity (code w_reg 1) and its 5-iteration
 refinement on the instance default energy: the methods ``learned-matched[+refine]``."""
+OWN_ENERGY = ("refine_objective_from_weights=true",)
+"""The ``--set`` that refines a network on the energy it was trained on (the stage-1 and uniform
+networks' refined rows; ``learned+refine`` refines the instance solver's energy by default)."""
 REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
 """The region weights tuned for the conditional network on the bundled validation pairs
 (``hybridreg tune --solver learned-conditional``, ``configs/tune_conditional_regions.yaml``)."""
@@ -443,7 +446,7 @@ METHODS: dict[str, Method] = {
                "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), two forward passes (inverse-consistent: the swapped pair's SVF negated and averaged in), then two more in its mid-space (FIXED ∘ exp(−v/2) ← MOVING ∘ exp(v/2)), SVFs added (one recursive pass, still exactly inverse-consistent)",
                setting="w_reg 4 network"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
-               "the network's velocity and λ refined by 12 instance iterations at 2 mm"),
+               "the network's velocity and λ refined by 6 instance iterations at 2 mm on the instance solver's energy"),
         Method("learned-conditional", "learned conditional (voxelwise λ)", _learned("learned-conditional"), "voxelwise",
                "learned", "one network conditioned on w_reg and the hyperprior strength (FiLM) and on a region-wise λ map"
                " (CSAIN), `learned/weights/conditional/`, at w_reg 4 (the λ head's voxelwise λ)", setting="w_reg 4",
@@ -470,11 +473,14 @@ METHODS: dict[str, Method] = {
         Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
                "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
                **_NEEDS_STAGE1_NET),
-        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True), "voxelwise",
-               "learned+refine", "stage 1 refined by 20 (4 mm) + 12 (2 mm) instance iterations", **_NEEDS_STAGE1_NET),
+        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True,
+                                                                                 sets=OWN_ENERGY), "voxelwise",
+               "learned+refine", "stage 1 refined on its own energy by 20 (4 mm) + 12 (2 mm) instance iterations",
+               **_NEEDS_STAGE1_NET),
         Method("learned-uniform", "learned (uniform λ)", _learned("learned", UNIFORM_WEIGHTS), "uniform", "learned",
                "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True,
+                                                                                           sets=OWN_ENERGY), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn(), "-", "classical",

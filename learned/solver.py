@@ -13,7 +13,9 @@ returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
   of the input grid -- :func:`hybridreg.objective.evaluate` integrates the SVF there by scaling
   and squaring and up-samples the displacement to the input grid.
 * ``refine=True`` (``--solver learned+refine``): the instance optimizer starts from the
-  network's velocity and λ and runs the short schedule ``refine_config`` (same energy).
+  network's velocity and λ and runs the short schedule ``refine_config`` on the instance
+  solver's energy (``refine_objective_from_weights`` False; the conditional solvers refine
+  their code's energy).
 
 :data:`LEARNED_CONDITIONAL` and :data:`LEARNED_CONDITIONAL_REFINE` (``--solver
 learned-conditional[+refine]``, :class:`ConditionalConfig`) run a conditional network (method
@@ -101,8 +103,8 @@ def weights_path(weights: str | os.PathLike, default: Path = DEFAULT_WEIGHTS) ->
     return p
 
 
-def _refine_default() -> InstanceOptConfig:
-    return InstanceOptConfig(level_spacing=(2.0,), iterations=(12,), tol=0.0, min_iterations=1, window=5)
+def _refine_default(iterations: int = 6) -> InstanceOptConfig:
+    return InstanceOptConfig(level_spacing=(2.0,), iterations=(iterations,), tol=0.0, min_iterations=1, window=5)
 
 
 def half_grid_refine() -> InstanceOptConfig:
@@ -110,6 +112,10 @@ def half_grid_refine() -> InstanceOptConfig:
     full-resolution stage, e.g. stage 1 of the shipped weights and the uniform-λ network):
     20 iterations on a 4 mm level, then 12 on the 2 mm level, no early stop."""
     return replace(_refine_default(), level_spacing=(4.0, 2.0), iterations=(20, 12))
+
+
+def _conditional_refine_default() -> InstanceOptConfig:
+    return _refine_default(12)
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,22 @@ class LearnedConfig:
             :data:`DEFAULT_WEIGHTS`. :meth:`LearnedSolver.configure` replaces a name by its file.
         refine: refine the network's output by instance optimization.
         refine_config: the instance optimizer's schedule for refinement (its
-            ``objective`` is replaced by the network's training energy unless
-            ``refine_objective_from_weights`` is False). Default: 12 iterations on the
-            2 mm level (the shipped network's velocity grid), no early stop; chosen for stage 2
-            of the shipped weights on the bundled validation pairs (vxm ← synthseg_13..15, 2 mm),
-            where it reached 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s for
-            :func:`half_grid_refine` (a 4 mm level first, which discards the velocity's
-            2 mm detail) and 0.771 for the full instance schedule in about 40 s.
-        refine_objective_from_weights: refine the energy the network was trained on; for a
+            ``objective`` is replaced by the network's training energy when
+            ``refine_objective_from_weights`` is True). Default: 6 Adam iterations on the
+            2 mm level (the shipped network's velocity grid), no early stop: on the four
+            ``realworld`` pairs the shipped network refined so came within 0.0073 Dice of the
+            instance solver on average (0.003-0.012 per pair) at SDlogJ 0.161 against 0.166, in
+            0.30-0.32 of its time, the affine stage included (12 iterations on the network's
+            energy: 0.0058 in 0.42-0.48; ``docs/results.md``, "learned + refine in a third of
+            the instance solver's time"). Stage 2 of the shipped weights was first refined with 12 (on the
+            bundled validation pairs, 2 mm: 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s
+            for :func:`half_grid_refine`, a 4 mm level first, which discards the velocity's 2 mm
+            detail, and 0.771 for the full instance schedule in about 40 s).
+        refine_objective_from_weights: False (default): refine the instance solver's default
+            energy (``InstanceOptConfig().objective``, or ``refine_config.objective`` as
+            given), so that learned + refine approaches the instance solver's result -- the
+            shipped network was trained on the same model with LNCC ε 1e-5 and five squarings,
+            against 1e-6 and four; True: refine the energy the network was trained on; for a
             uniform-λ network (``NetworkConfig.lambda_mode="uniform"``) that includes its
             fixed λ, so the refinement runs with ``lambda_mode="uniform"`` and
             ``lambda_init = lambda_uniform``.
@@ -165,7 +179,7 @@ class LearnedConfig:
     default_weights: ClassVar[Path] = DEFAULT_WEIGHTS  # the file an empty ``weights`` means
     refine: bool = False
     refine_config: InstanceOptConfig = field(default_factory=_refine_default)
-    refine_objective_from_weights: bool = True
+    refine_objective_from_weights: bool = False
     progress: bool = True
     inverse_consistent: bool = True
     cascade: int = bounded(1, 0, 4)
@@ -191,7 +205,10 @@ class Hyperparameters:
 @dataclass(frozen=True)
 class ConditionalConfig(LearnedConfig):
     """Settings of the conditional solvers (``learned-conditional[+refine]``): those of
-    :class:`LearnedConfig` (``weights`` empty = :data:`CONDITIONAL_WEIGHTS`) and
+    :class:`LearnedConfig` (``weights`` empty = :data:`CONDITIONAL_WEIGHTS`), except that the
+    refinement minimises the network's energy at the code's values
+    (``refine_objective_from_weights`` True) with 12 iterations on the 2 mm level (the schedule
+    of its regularity fronts), and
 
     Attributes:
         objective: the code, :class:`Hyperparameters`; the energy (and the refinement's) is the
@@ -206,6 +223,8 @@ class ConditionalConfig(LearnedConfig):
     """
 
     default_weights: ClassVar[Path] = CONDITIONAL_WEIGHTS
+    refine_config: InstanceOptConfig = field(default_factory=_conditional_refine_default)
+    refine_objective_from_weights: bool = True
     objective: Hyperparameters = field(default_factory=Hyperparameters)
     region_lambda: dict = field(default_factory=dict)
     region_default: float = bounded(1.0, 1e-6, 5.0)

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from hybridreg import data
@@ -286,6 +287,27 @@ def test_align_mutual_information_recovers_a_rotation_across_contrasts():
     assert res.to_dict()["metric"] == "mi"
 
 
+def test_align_threads_follow_torch_with_correlation_and_stay_one_with_mutual_information(monkeypatch):
+    """The default ``threads``: torch's thread count for ncc (ITK adds its per-thread sums in a
+    fixed order: the same transform run after run, and next to one thread's), one for mi."""
+    fixed = blob_image(size=(96, 88))
+    moving = sitk.Resample(fixed, fixed, sitk.Euler2DTransform([48.0, 44.0], 0.15, [2.0, -1.0]), sitk.sitkLinear, 0.0)
+    used, real = [], sitk.ProcessObject.SetGlobalDefaultNumberOfThreads
+    monkeypatch.setattr(sitk.ProcessObject, "SetGlobalDefaultNumberOfThreads",
+                        staticmethod(lambda n: (used.append(n), real(n))[1]))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    run = dict(kind="affine", levels_mm=(4.0, 2.0, 1.0))
+    threaded = [align(fixed, moving, metric="ncc", **run) for _ in range(2)]
+    assert used[0::2] == [3] * 4  # rigid and affine, twice; every other call restores ITK's default
+    assert threaded[0].matrix == threaded[1].matrix and threaded[0].translation == threaded[1].translation
+    one = align(fixed, moving, metric="ncc", threads=1, **run)
+    np.testing.assert_allclose(threaded[0].matrix, one.matrix, atol=1e-5)
+    np.testing.assert_allclose(threaded[0].translation, one.translation, atol=1e-4)
+    used.clear()
+    align(fixed, moving, metric="mi", samples=4000, **run)
+    assert used[0::2] == [1, 1]
+
+
 def test_align_none_and_bad_input():
     fixed = blob_image()
     res = align(fixed, fixed, kind="none")
@@ -350,7 +372,7 @@ def test_align_recovers_a_similarity_across_grids(subject):
         return 2 * (a & back).sum() / (a.sum() + back.sum())
 
     assert brain_dice(res.transform) > brain_dice(truth.GetInverse()) - 0.005 > 0.9
-    if subject == "vxm":  # bit-reproducible (seeded sampling, one thread)
+    if subject == "vxm":  # bit-reproducible (seeded sampling, a fixed thread count)
         again = align(fixed, moving, kind="affine")
         assert again.matrix == res.matrix and again.translation == res.translation
 

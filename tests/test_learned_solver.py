@@ -172,14 +172,25 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     assert res1.displacement.shape == (1, 3, 24, 28, 32) and res1.lam.shape == (1, 1, 6, 7, 8)
     from instance_opt import InstanceOptConfig
 
-    cfg = LearnedConfig(weights=str(trained / "model_final.pt"), refine=True, progress=False,
+    from hybridreg.objective import evaluate
+
+    cfg = LearnedConfig(weights=str(trained / "model_final.pt"), refine=True, progress=False, refine_objective_from_weights=True,
                         refine_config=InstanceOptConfig(level_spacing=(2.0,), iterations=(15,), min_iterations=15))
     ref = register_pair(ft, mt, cfg, spacing=(2.0, 2.0, 2.0))
     assert [h.status for h in ref.history] == [Status.NETWORK, Status.MAX_ITERATIONS] and ref.history[1].iterations == 15
     # the solver named learned+refine refines whatever `refine` says: the same result
     via = LEARNED_REFINE.register_pair(ft, mt, replace(cfg, refine=False), spacing=(2.0, 2.0, 2.0))
     assert torch.equal(via.displacement, ref.displacement) and len(via.history) == 2
-    assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the same energy
+    assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the network's energy
+    # by default the refinement minimises the instance solver's energy (another LNCC ε and number of squarings than
+    # the network's), from the network's one-way pass: that energy falls from the start's
+    assert not LearnedConfig().refine_objective_from_weights and LearnedConfig().refine_config.iterations == (6,)
+    inst = InstanceOptConfig().objective
+    own = replace(cfg, refine_objective_from_weights=False)
+    on_instance = register_pair(ft, mt, own, spacing=(2.0, 2.0, 2.0))
+    start = evaluate(ft, mt, fwd.velocity, fwd.lam, inst, (2.0, 2.0, 2.0)).terms.total
+    assert on_instance.final_terms["total"] < float(start)
+    assert not torch.equal(on_instance.displacement, ref.displacement)
     with pytest.raises(ValueError, match="network is 3D"):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
 
