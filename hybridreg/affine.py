@@ -39,6 +39,8 @@ class AffineResult:
         kind, init, metric: the options used. metric_value: the final metric value (negative
             Mattes MI or negative correlation: lower is better; ``None`` for ``kind="none"``).
         seconds: wall time per stage (``init``, ``rigid``, ``affine``).
+        threads: ITK's threads during the optimisation (the transform's last digits depend
+            on it with correlation; 0 for ``kind="none"``).
 
     ``matrix`` (row-major d×d), ``translation`` and ``center`` (mm, ITK order) are plain lists,
     ``T(p) = matrix·(p − center) + center + translation``; :meth:`to_dict` for metrics.json.
@@ -50,6 +52,7 @@ class AffineResult:
     metric: str
     metric_value: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    threads: int = 0
 
     @property
     def matrix(self) -> list[list[float]]:
@@ -67,7 +70,8 @@ class AffineResult:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "init": self.init, "metric": self.metric, "metric_value": self.metric_value,
                 "matrix": self.matrix, "translation": self.translation, "center": self.center,
-                "determinant": float(np.linalg.det(np.asarray(self.matrix))), "seconds": dict(self.seconds)}
+                "determinant": float(np.linalg.det(np.asarray(self.matrix))), "seconds": dict(self.seconds),
+                "threads": self.threads}
 
 
 def _linear_part(tx: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +291,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     if kind == "affine":
         value = run(result, "affine")
         _check_det(result, (f_name, m_name))
-    return AffineResult(result, kind, init, metric, value, seconds)
+    return AffineResult(result, kind, init, metric, value, seconds, n_threads)
 
 
 def write_affine(path: str | os.PathLike, transform: sitk.Transform) -> None:

@@ -299,12 +299,13 @@ def test_align_threads_follow_torch_with_correlation_and_stay_one_with_mutual_in
     run = dict(kind="affine", levels_mm=(4.0, 2.0, 1.0))
     threaded = [align(fixed, moving, metric="ncc", **run) for _ in range(2)]
     assert used[0::2] == [3] * 4  # rigid and affine, twice; every other call restores ITK's default
+    assert threaded[0].threads == 3 and threaded[0].to_dict()["threads"] == 3  # metrics.json records it
     assert threaded[0].matrix == threaded[1].matrix and threaded[0].translation == threaded[1].translation
     one = align(fixed, moving, metric="ncc", threads=1, **run)
     np.testing.assert_allclose(threaded[0].matrix, one.matrix, atol=1e-5)
     np.testing.assert_allclose(threaded[0].translation, one.translation, atol=1e-4)
     used.clear()
-    align(fixed, moving, metric="mi", samples=4000, **run)
+    assert align(fixed, moving, metric="mi", samples=4000, **run).threads == 1
     assert used[0::2] == [1, 1]
 
 
