@@ -86,9 +86,6 @@ FIXED_WREG_WEIGHTS = {w: NAMED_WEIGHTS[f"fixed-w{w:g}"] for w in CONDITIONAL_SWE
 MATCHED_CONFIG = ROOT / "configs" / "conditional_matched.yaml"
 """The conditional network at the instance solver's regularity (code w_reg 1) and its 5-iteration
 refinement on the instance default energy: the methods ``learned-matched[+refine]``."""
-OWN_ENERGY = ("refine_objective_from_weights=true",)
-"""The ``--set`` that refines a network on the energy it was trained on (the stage-1 and uniform
-networks' refined rows; ``learned+refine`` refines the instance solver's energy by default)."""
 REGION_LAMBDA = ROOT / "benchmarks" / "results" / "conditional" / "region_lambda.yaml"
 """The region weights tuned for the conditional network on the bundled validation pairs
 (``hybridreg tune --solver learned-conditional``, ``configs/tune_conditional_regions.yaml``)."""
@@ -473,14 +470,12 @@ METHODS: dict[str, Method] = {
         Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
                "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
                **_NEEDS_STAGE1_NET),
-        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True,
-                                                                                 sets=OWN_ENERGY), "voxelwise",
+        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True), "voxelwise",
                "learned+refine", "stage 1 refined on its own energy by 20 (4 mm) + 12 (2 mm) instance iterations",
                **_NEEDS_STAGE1_NET),
         Method("learned-uniform", "learned (uniform λ)", _learned("learned", UNIFORM_WEIGHTS), "uniform", "learned",
                "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True,
-                                                                                           sets=OWN_ENERGY), "uniform",
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn(), "-", "classical",

@@ -203,7 +203,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     in a fixed order (the same transform run after run for one thread count; within 3e-8 of
     one thread's parameters on the ``realworld`` pairs, in half the time on two threads), and 1
     with ``"mi"``, whose threaded joint histograms change from run to run (up to 8e-4 in the
-    parameters on two threads).
+    parameters on two threads). (Measured with ITK's default thread pool; another threader,
+    ``ITK_GLOBAL_DEFAULT_THREADER``, may split the work otherwise.)
 
     Returns:
         :class:`AffineResult`; its ``transform`` maps FIXED physical points to MOVING physical
@@ -211,7 +212,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
 
     Raises:
         ValueError, one line naming the argument (``names``: FIXED, MOVING, fixed and moving
-        mask): unknown option; images not scalar 2D/3D or of different dimensions; a mask not
+        mask): unknown option or a ``threads`` that is not a positive integer; images not scalar 2D/3D or of different dimensions; a mask not
         on its image's grid, empty, or not binary; images that do not overlap after the
         initialisation (< 10 % of FIXED's foreground, its mask or voxels above its minimum,
         maps inside MOVING) or during the optimisation; a failed affine stage (|det| of the
@@ -220,6 +221,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     for arg, value, allowed in (("kind", kind, _KINDS), ("init", init, _INITS), ("metric", metric, _METRICS)):
         if value not in allowed:
             raise ValueError(f"align(): `{arg}` must be one of {allowed}, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"align(): `threads` must be a positive integer or None, got {threads!r}")
     f_name, m_name, fm_name, mm_name = names
     d = fixed.GetDimension()
     for image, name in ((fixed, f_name), (moving, m_name)):
@@ -285,7 +288,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         seconds[stage] = time.perf_counter() - t
         return float(reg.GetMetricValue())
 
-    n_threads = threads or (max(1, torch.get_num_threads()) if metric == "ncc" else 1)
+    n_threads = threads if threads is not None else (max(1, torch.get_num_threads()) if metric == "ncc" else 1)
     value = run(rigid, "rigid")
     result = _as_affine(rigid)
     if kind == "affine":

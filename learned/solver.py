@@ -14,8 +14,9 @@ returns :class:`hybridreg.solvers.RegistrationResult`; :data:`LEARNED` and
   and squaring and up-samples the displacement to the input grid.
 * ``refine=True`` (``--solver learned+refine``): the instance optimizer starts from the
   network's velocity and λ and runs the short schedule ``refine_config`` on the instance
-  solver's energy (``refine_objective_from_weights`` False; the conditional solvers refine
-  their code's energy).
+  solver's energy when the network was trained on its model (the shipped network), else on the
+  network's own energy (``refine_objective_from_weights``; the conditional solvers refine their
+  code's energy).
 
 :data:`LEARNED_CONDITIONAL` and :data:`LEARNED_CONDITIONAL_REFINE` (``--solver
 learned-conditional[+refine]``, :class:`ConditionalConfig`) run a conditional network (method
@@ -129,7 +130,7 @@ class LearnedConfig:
         refine: refine the network's output by instance optimization.
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy when
-            ``refine_objective_from_weights`` is True). Default: 6 Adam iterations on the
+            ``refine_objective_from_weights`` says so). Default: 6 Adam iterations on the
             2 mm level (the shipped network's velocity grid), no early stop: on the four
             ``realworld`` pairs the shipped network refined so came within 0.0073 Dice of the
             instance solver on average (0.003-0.012 per pair) at SDlogJ 0.161 against 0.166, in
@@ -139,14 +140,18 @@ class LearnedConfig:
             bundled validation pairs, 2 mm: 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s
             for :func:`half_grid_refine`, a 4 mm level first, which discards the velocity's 2 mm
             detail, and 0.771 for the full instance schedule in about 40 s).
-        refine_objective_from_weights: False (default): refine the instance solver's default
-            energy (``InstanceOptConfig().objective``, or ``refine_config.objective`` as
-            given), so that learned + refine approaches the instance solver's result -- the
-            shipped network was trained on the same model with LNCC ε 1e-5 and five squarings,
-            against 1e-6 and four; True: refine the energy the network was trained on; for a
-            uniform-λ network (``NetworkConfig.lambda_mode="uniform"``) that includes its
-            fixed λ, so the refinement runs with ``lambda_mode="uniform"`` and
-            ``lambda_init = lambda_uniform``.
+        refine_objective_from_weights: ``None`` (default): the network's own energy unless
+            it was trained on the model of ``refine_config.objective`` (by default the instance
+            solver's energy, ``InstanceOptConfig().objective``), that is on the same objective
+            up to LNCC's ε and the number of squarings, with voxelwise λ -- then that energy,
+            so that learned + refine approaches the instance solver's result. The shipped
+            network is such a case (trained with ε 1e-5 and five squarings against the
+            instance default's 1e-6 and four, which also make each iteration cheaper); the
+            earlier stages (LNCC window 9), the ``fixed-w*`` networks (another w_reg) and the
+            uniform-λ network keep their own energy. ``False``: always ``refine_config``'s
+            objective; ``True``: always the network's energy -- for a uniform-λ network
+            (``NetworkConfig.lambda_mode="uniform"``) that includes its fixed λ, so the
+            refinement runs with ``lambda_mode="uniform"`` and ``lambda_init = lambda_uniform``.
         progress: tqdm bars during refinement.
         inverse_consistent: without refinement, average the network's SVF with the negated SVF
             of a second pass on the swapped pair, ``v = (v(F, M) − v(M, F)) / 2`` -- the
@@ -179,7 +184,7 @@ class LearnedConfig:
     default_weights: ClassVar[Path] = DEFAULT_WEIGHTS  # the file an empty ``weights`` means
     refine: bool = False
     refine_config: InstanceOptConfig = field(default_factory=_refine_default)
-    refine_objective_from_weights: bool = False
+    refine_objective_from_weights: bool | None = None
     progress: bool = True
     inverse_consistent: bool = True
     cascade: int = bounded(1, 0, 4)
@@ -224,7 +229,7 @@ class ConditionalConfig(LearnedConfig):
 
     default_weights: ClassVar[Path] = CONDITIONAL_WEIGHTS
     refine_config: InstanceOptConfig = field(default_factory=_conditional_refine_default)
-    refine_objective_from_weights: bool = True
+    refine_objective_from_weights: bool | None = True
     objective: Hyperparameters = field(default_factory=Hyperparameters)
     region_lambda: dict = field(default_factory=dict)
     region_default: float = bounded(1.0, 1e-6, 5.0)
@@ -345,7 +350,11 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
                                   history=[net_level], seconds=time.perf_counter() - t0, config=cfg,
                                   final_terms=final, svf_steps=objective.svf_steps, pair_final_terms=pair_final)
     rcfg = cfg.refine_config
-    if cfg.refine_objective_from_weights:
+    own = cfg.refine_objective_from_weights
+    if own is None:  # the network's energy unless it was trained on the refinement's model (numerics aside)
+        own = net.config.lambda_mode == "uniform" or \
+            replace(objective, lncc_eps=rcfg.objective.lncc_eps, svf_steps=rcfg.objective.svf_steps) != rcfg.objective
+    if own:
         rcfg = replace(rcfg, objective=objective)
         if net.config.lambda_mode == "uniform":
             rcfg = replace(rcfg, lambda_mode="uniform", lambda_init=net.config.lambda_uniform)

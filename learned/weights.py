@@ -22,8 +22,9 @@ __all__ = ["WEIGHTS_FORMAT", "LEGACY_LNCC_EPS", "save_weights", "read_weight_fil
 WEIGHTS_FORMAT = "hybridreg-learned-v1"
 LEGACY_LNCC_EPS = 1e-5
 """LNCC's ε (``ObjectiveConfig.lncc_eps``) of every network trained before the setting existed
-(its default then); a weight file without the key loads with it, so that the refinement and the
-recorded energy stay the ones the network was trained on."""
+(its default then); a weight file without the key loads with it, so that the recorded energy (and
+a refinement on the network's own energy, ``LearnedConfig.refine_objective_from_weights``) stays
+the one the network was trained on."""
 
 
 def save_weights(path: str | os.PathLike, net: RegistrationNetwork, objective: ObjectiveConfig,

@@ -322,6 +322,8 @@ def test_align_none_and_bad_input():
         align(fixed, fixed, moving_mask=mask * 2)
     with pytest.raises(ValueError, match="`kind`"):
         align(fixed, fixed, kind="bspline")
+    with pytest.raises(ValueError, match="`threads` must be a positive integer"):
+        align(fixed, fixed, threads=0)
     with pytest.raises(ValueError, match="`FIXED` and `MOVING` do not overlap"):
         align(fixed, blob_image(size=(8, 8)))  # a far smaller field of view
     with pytest.raises(ValueError, match=r"the affine stage failed \(singular matrix\)"):

@@ -184,7 +184,7 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the network's energy
     # by default the refinement minimises the instance solver's energy (another LNCC ε and number of squarings than
     # the network's), from the network's one-way pass: that energy falls from the start's
-    assert not LearnedConfig().refine_objective_from_weights and LearnedConfig().refine_config.iterations == (6,)
+    assert LearnedConfig().refine_objective_from_weights is None and LearnedConfig().refine_config.iterations == (6,)
     inst = InstanceOptConfig().objective
     own = replace(cfg, refine_objective_from_weights=False)
     on_instance = register_pair(ft, mt, own, spacing=(2.0, 2.0, 2.0))
@@ -229,6 +229,25 @@ def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained):
     assert a.history[0].iterations == b.history[0].iterations == 1 and torch.equal(a.displacement, b.displacement)
     with pytest.raises(ValueError, match="cascade"):
         LearnedConfig(cascade=5)
+
+
+def test_refinement_energy_by_default_is_the_instance_solvers_for_the_shipped_network_only():
+    """``refine_objective_from_weights=None``: the shipped network (trained on the instance
+    solver's model, LNCC ε and squarings aside) is refined on the instance solver's energy, a
+    network trained on another model (the ``fixed-w2`` network: w_reg 2) on its own; the
+    conditional solvers refine their code's energy with 12 iterations."""
+    from learned.solver import NAMED_WEIGHTS, ConditionalConfig, LearnedConfig, register_pair
+
+    assert ConditionalConfig().refine_objective_from_weights is True and ConditionalConfig().refine_config.iterations == (12,)
+    f, m = data.load_subject("vxm", 2), data.load_subject("synthseg_17", 2)
+    ft, mt = (torch.from_numpy(s.image)[None, None] for s in (f, m))
+    short = replace(LearnedConfig().refine_config, iterations=(2,), progress=False)
+    for weights, own in (("", False), (str(NAMED_WEIGHTS["fixed-w2"]), True)):
+        runs = {flag: register_pair(ft, mt, LearnedConfig(weights=weights, refine=True, progress=False, refine_config=short,
+                                                          refine_objective_from_weights=flag), spacing=f.spacing)
+                for flag in (None, False, True)}
+        assert not torch.equal(runs[False].displacement, runs[True].displacement)
+        assert torch.equal(runs[None].displacement, runs[own].displacement), weights
 
 
 def test_one_cascade_pass_lowers_the_shipped_networks_energy_on_a_bundled_pair():
