@@ -92,12 +92,23 @@ def processor(row: dict) -> str:
     return f"GPU {row['gpu']}" if row.get("gpu") else row.get("cpu") or "not recorded"
 
 
+def gpu_name(device: str | None = None) -> str | None:
+    """The name of the GPU ``device`` is (default: the first visible GPU), ``None`` for the CPU
+    or when no GPU is visible."""
+    import torch
+
+    if device is None:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+
+
 def environment() -> dict:
     """Hardware, library versions and commit to stamp a report with."""
     import torch
 
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "gpu": gpu_name(),
            "python": platform.python_version(), "os": platform.platform()}
     for lib in LIBRARIES:
         try:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name, rss_mb, run_child
+from benchmarks.common import cpu_name, gpu_name, rss_mb, run_child
 from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
 from hybridreg.config import atomic_write_text
 
@@ -284,11 +284,11 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
         row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
                **evaluate_pair(pair, out.displacement, lt)}
     row["cpu"] = cpu_name()  # the seconds compare only between rows run on the same CPU (the report says so)
-    if device != "cpu" and METHODS[method].solver != "classical":  # peak_rss_mb stays the host's
+    gpu = gpu_name(device) if METHODS[method].solver != "classical" else None
+    if gpu:  # peak_rss_mb stays the host's
         from hybridreg.service import peak_memory_mb
 
-        dev = torch.device(device)
-        row.update(device=device, gpu=torch.cuda.get_device_name(dev), peak_gpu_mb=peak_memory_mb(dev))
+        row.update(device=device, gpu=gpu, peak_gpu_mb=peak_memory_mb(torch.device(device)))
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:

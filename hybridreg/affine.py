@@ -212,8 +212,9 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
 
     Raises:
         ValueError, one line naming the argument (``names``: FIXED, MOVING, fixed and moving
-        mask): unknown option or a ``threads`` that is not a positive integer; images not scalar 2D/3D or of different dimensions; a mask not
-        on its image's grid, empty, or not binary; images that do not overlap after the
+        mask): unknown option or a ``threads`` that is not a positive integer; images not
+        scalar 2D/3D or of different dimensions; a mask not on its image's grid, empty, or not
+        binary; images that do not overlap after the
         initialisation (< 10 % of FIXED's foreground, its mask or voxels above its minimum,
         maps inside MOVING) or during the optimisation; a failed affine stage (|det| of the
         linear part outside [0.2, 5]: "singular matrix").

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -113,10 +113,6 @@ def half_grid_refine() -> InstanceOptConfig:
     full-resolution stage, e.g. stage 1 of the shipped weights and the uniform-λ network):
     20 iterations on a 4 mm level, then 12 on the 2 mm level, no early stop."""
     return replace(_refine_default(), level_spacing=(4.0, 2.0), iterations=(20, 12))
-
-
-def _conditional_refine_default() -> InstanceOptConfig:
-    return _refine_default(12)
 
 
 @dataclass(frozen=True)
@@ -228,7 +224,7 @@ class ConditionalConfig(LearnedConfig):
     """
 
     default_weights: ClassVar[Path] = CONDITIONAL_WEIGHTS
-    refine_config: InstanceOptConfig = field(default_factory=_conditional_refine_default)
+    refine_config: InstanceOptConfig = field(default_factory=partial(_refine_default, 12))
     refine_objective_from_weights: bool | None = True
     objective: Hyperparameters = field(default_factory=Hyperparameters)
     region_lambda: dict = field(default_factory=dict)
