@@ -195,7 +195,7 @@ def conditional_sweep(rows: list[dict]) -> list[dict]:
             e = {"solver": solver, "w_reg": w, "n": len(ours), "dice": mean(ours, "dice_mean"), "sdlogj": mean(ours, "sdlogj"),
                  "folding_max": max(r["folding_percent"] for r in ours)}
             fixed = [r for r in _by(rows, _entry(fixed_family, w)) if r["pair"] in pairs] if fixed_family else []
-            if fixed and len(fixed) == len(ours):
+            if len(fixed) == len(ours):
                 e["fixed"] = {"dice": mean(fixed, "dice_mean"), "sdlogj": mean(fixed, "sdlogj")}
             inst = [r for r in _by(rows, _entry("instance", w)) if r["pair"] in pairs]
             if inst:

@@ -214,16 +214,17 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         ValueError, one line naming the argument (``names``: FIXED, MOVING, fixed and moving
         mask): unknown option or a ``threads`` that is not a positive integer; images not
         scalar 2D/3D or of different dimensions; a mask not on its image's grid, empty, or not
-        binary; images that do not overlap after the
-        initialisation (< 10 % of FIXED's foreground, its mask or voxels above its minimum,
-        maps inside MOVING) or during the optimisation; a failed affine stage (|det| of the
-        linear part outside [0.2, 5]: "singular matrix").
+        binary; images that do not overlap after the initialisation (< 10 % of FIXED's
+        foreground, its mask or voxels above its minimum, maps inside MOVING) or during the
+        optimisation; a failed affine stage (|det| of the linear part outside [0.2, 5]:
+        "singular matrix").
     """
     for arg, value, allowed in (("kind", kind, _KINDS), ("init", init, _INITS), ("metric", metric, _METRICS)):
         if value not in allowed:
             raise ValueError(f"align(): `{arg}` must be one of {allowed}, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"align(): `threads` must be a positive integer or None, got {threads!r}")
+    n_threads = threads if threads is not None else (max(1, torch.get_num_threads()) if metric == "ncc" else 1)
     f_name, m_name, fm_name, mm_name = names
     d = fixed.GetDimension()
     for image, name in ((fixed, f_name), (moving, m_name)):
@@ -289,7 +290,6 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         seconds[stage] = time.perf_counter() - t
         return float(reg.GetMetricValue())
 
-    n_threads = threads if threads is not None else (max(1, torch.get_num_threads()) if metric == "ncc" else 1)
     value = run(rigid, "rigid")
     result = _as_affine(rigid)
     if kind == "affine":

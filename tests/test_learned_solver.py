@@ -186,8 +186,8 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     # the network's), from the network's one-way pass: that energy falls from the start's
     assert LearnedConfig().refine_objective_from_weights is None and LearnedConfig().refine_config.iterations == (6,)
     inst = InstanceOptConfig().objective
-    own = replace(cfg, refine_objective_from_weights=False)
-    on_instance = register_pair(ft, mt, own, spacing=(2.0, 2.0, 2.0))
+    instance_energy = replace(cfg, refine_objective_from_weights=False)
+    on_instance = register_pair(ft, mt, instance_energy, spacing=(2.0, 2.0, 2.0))
     start = evaluate(ft, mt, fwd.velocity, fwd.lam, inst, (2.0, 2.0, 2.0)).terms.total
     assert on_instance.final_terms["total"] < float(start)
     assert not torch.equal(on_instance.displacement, ref.displacement)
