@@ -63,7 +63,8 @@ def run(weights: str | None = None) -> dict:
         vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].float()
         t0 = time.perf_counter()
         lam_pred = float(predict_lambda(net, fixed, moving, inputs.geometry.array_spacing, vm,
-                                        (inputs.moving_geometry or inputs.geometry).array_spacing)[0])
+                                        (inputs.moving_geometry or inputs.geometry).array_spacing,
+                                        inputs.geometry.direction)[0])
         t_pred = time.perf_counter() - t0
         solved_ll = service.solve(inputs, get_solver("learned-lambda"), ll_cfg, dev, pre)
         ml_ = service.measure(inputs, solved_ll, "learned-lambda", pre, with_hd95=False)

@@ -341,7 +341,8 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
             return _via_service(pair, name, cfg, device)
         f, m = _tensors(pair)
         regions = _regions(pair, cfg)
-        solved = run_solver(solver, cfg, f, m, pair.spacing, torch.device(device), **regions)
+        solved = run_solver(solver, cfg, f, m, pair.spacing, torch.device(device), fixed_direction=pair.geometry.direction,
+                            **regions)
         lam = solved.result.lam
         return MethodOutput(solved.result.displacement[0].cpu().numpy(), solved.seconds,
                             lam[0, 0].cpu().numpy() if lam.numel() > 1 else None)

@@ -344,7 +344,8 @@ def run_solver_pairs(solver: Solver, config: Any, fixed: torch.Tensor, moving: t
         fixed, moving: ``(B, C, *spatial)`` images, intensities about [0, 1].
         spacing: voxel size in mm per tensor axis. device: default the inputs' device.
         grids: ``moving_map``, ``moving_spacing``, ``fixed_mask``, ``moving_mask`` for a moving
-            image on its own grid and masks (:meth:`hybridreg.solvers.Solver.register_pair`).
+            image on its own grid and masks, ``fixed_direction`` for FIXED's orientation
+            (:meth:`hybridreg.solvers.Solver.register_pair`).
 
     Returns:
         Per pair, its :class:`Solved` (:meth:`RegistrationResult.pair`), or the
@@ -392,11 +393,11 @@ def _tensor(arr: np.ndarray | None) -> torch.Tensor | None:
 
 def batch_key(inputs: Inputs, pre: Prealigned | None = None) -> tuple:
     """What pairs solved in one batch (:func:`solve_pairs`) must share: the fixed and moving
-    grids' shapes and spacings, whether MOVING is sampled through an affine map, which masks
-    are given."""
+    grids' shapes and spacings, the fixed grid's direction, whether MOVING is sampled through
+    an affine map, which masks are given."""
     moving_geo = inputs.moving_geometry or inputs.geometry
     return (inputs.fixed.shape, tuple(np.round(inputs.geometry.array_spacing, 6)),
-            inputs.moving.shape, tuple(np.round(moving_geo.array_spacing, 6)),
+            tuple(np.round(inputs.geometry.direction, 6)), inputs.moving.shape, tuple(np.round(moving_geo.array_spacing, 6)),
             pre is not None and pre.voxel_map is not None, inputs.fixed_mask is not None, inputs.moving_mask is not None)
 
 
@@ -404,8 +405,8 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
                 pre: Sequence[Prealigned | None] | None = None) -> list[Solved | DivergenceError]:
     """Normalise each pair's images (:func:`hybridreg.io.normalize_intensity`) and solve them
     together (:func:`run_solver_pairs`) on ``device`` with the fixed grid's spacing (array
-    order, mm); with ``pre``, each MOVING stays on its own grid and is sampled through its
-    ``voxel_map``; masks restrict the image match.
+    order, mm) and direction; with ``pre``, each MOVING stays on its own grid and is sampled
+    through its ``voxel_map``; masks restrict the image match.
 
     Raises:
         ValueError: pairs that cannot share a batch (:func:`batch_key` differs).
@@ -416,9 +417,9 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
         raise ValueError(f"solve_pairs(): the pairs of a batch must share their grids, affine mapping and masks,"
                          f" got {len(keys)} kinds")
     cat = lambda arrays: torch.cat([_tensor(a) for a in arrays])  # noqa: E731
-    grids = {}
+    grids: dict[str, Any] = dict(fixed_direction=inputs[0].geometry.direction)
     if pre[0] is not None and pre[0].voxel_map is not None:
-        grids = dict(moving_map=torch.stack([torch.from_numpy(p.voxel_map) for p in pre]),
+        grids.update(moving_map=torch.stack([torch.from_numpy(p.voxel_map) for p in pre]),
                      moving_spacing=inputs[0].moving_geometry.array_spacing)
     for key in ("fixed_mask", "moving_mask"):
         if getattr(inputs[0], key) is not None:

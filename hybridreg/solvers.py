@@ -191,14 +191,17 @@ class Solver(Protocol):
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: Any = None, *,
                       spacing: Sequence[float] | None = None, device: str | torch.device | None = None,
                       moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
-                      fixed_mask: torch.Tensor | None = None,
-                      moving_mask: torch.Tensor | None = None) -> RegistrationResult:
+                      fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
+                      fixed_direction: Sequence[float] | None = None) -> RegistrationResult:
         """Register ``moving`` ``(B, C, *moving_spatial)`` to ``fixed`` ``(B, C, *spatial)``
         (intensities about [0, 1]) with voxel size ``spacing`` (mm per tensor axis) on
         ``device``. Without ``moving_map`` both lie on one grid; with it, ``moving`` lies on
         its own grid (voxel size ``moving_spacing``) and ``moving_map`` ``(B, d, d + 1)`` maps
         fixed to moving voxel indices (the affine pre-alignment). ``fixed_mask`` and
-        ``moving_mask`` ``(B, 1, *grid)`` restrict the image match."""
+        ``moving_mask`` ``(B, 1, *grid)`` restrict the image match. ``fixed_direction``: FIXED's
+        direction cosines (row-major d×d in ITK's axis order, LPS; :attr:`hybridreg.io.Geometry.direction`),
+        for solvers whose networks were trained in one orientation (``learned-lambda`` puts
+        its inputs in that frame); ``None``: the tensor axes are taken to be in it already."""
 
 
 def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_grid: bool = True) -> None:

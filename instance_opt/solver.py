@@ -367,9 +367,10 @@ class InstanceSolver:
     def configure(self, config: InstanceOptConfig) -> InstanceOptConfig:
         return config
 
-    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: InstanceOptConfig | None = None,
-                      **kwargs) -> RegistrationResult:
-        """:func:`register_pair` (same arguments, shapes, units and errors)."""
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: InstanceOptConfig | None = None, *,
+                      fixed_direction: Sequence[float] | None = None, **kwargs) -> RegistrationResult:
+        """:func:`register_pair` (same arguments, shapes, units and errors); the energy does not
+        depend on the grid's orientation, so ``fixed_direction`` is not used."""
         return register_pair(fixed, moving, config, **kwargs)
 
 

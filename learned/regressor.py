@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +45,8 @@ from instance_opt import register_pair as instance_register_pair
 
 from .weights import LEGACY_LNCC_EPS, read_weight_file
 
-__all__ = ["RegressorConfig", "LambdaRegressor", "regressor_inputs", "map_targets", "target_images", "train_regressor", "save_regressor",
+__all__ = ["RegressorConfig", "LambdaRegressor", "regressor_inputs", "training_frame", "TRAINING_ORIENTATION",
+           "TRAINING_EXTENT_MM", "map_targets", "target_images", "train_regressor", "save_regressor",
            "load_regressor", "predict_lambda", "LearnedLambdaConfig", "LearnedLambdaSolver", "LEARNED_LAMBDA",
            "REGRESSOR_WEIGHTS", "map_config"]
 
@@ -126,14 +128,64 @@ class LambdaRegressor(nn.Module):
         return self.head(self.fusion(h))[:, 0]
 
 
+TRAINING_ORIENTATION = "LIA"
+"""The orientation of the regressor's training grid (the bundled data's, :mod:`hybridreg.data`),
+as SimpleITK names it (``DICOMOrientImageFilter``): tensor axes ``(z, y, x)`` point to
+Anterior, Inferior, Left."""
+
+TRAINING_EXTENT_MM = (224.0, 192.0, 160.0)
+"""The physical extent (mm, tensor axis order in :data:`TRAINING_ORIENTATION`) of the training
+grid: the field of view every training pair filled."""
+
+_OPPOSITE = dict(zip("LRAPSI", "RLPAIS"))
+
+
+def training_frame(image: torch.Tensor, spacing: Sequence[float], fixed_direction: Sequence[float]) -> torch.Tensor:
+    """``image`` ``(B, C, X, Y, Z)`` on FIXED's (resized) grid, with voxel size ``spacing`` (mm per
+    tensor axis) and FIXED's direction cosines ``fixed_direction`` (row-major 3×3 in ITK's axis
+    order, as :attr:`hybridreg.io.Geometry.direction`), put into the training frame: its axes
+    permuted and flipped to :data:`TRAINING_ORIENTATION` (the nearest, for an oblique grid, as
+    SimpleITK's ``DICOMOrientImageFilter`` names it) and its extent cut or padded with zeros about
+    the grid's centre to :data:`TRAINING_EXTENT_MM`. Whole voxels only: no interpolation, so a
+    grid already in the training frame is returned unchanged.
+
+    The regressor's prediction depends on the order of the axes (up to 5× over the six orders of
+    a bundled pair, ``docs/results.md``), which the network learned from its one training
+    orientation; the physical frame is what is common to every input.
+
+    Raises:
+        ValueError: not a 3D image, or ``fixed_direction`` not 9 numbers.
+    """
+    if image.dim() != 5 or len(spacing) != 3:
+        raise ValueError(f"training_frame(): `image` must be (B, C, X, Y, Z) with 3 spacings, got {tuple(image.shape)}")
+    if len(fixed_direction) != 9:
+        raise ValueError(f"training_frame(): `fixed_direction` must be 9 direction cosines, got {len(fixed_direction)}")
+    have = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in fixed_direction])[::-1]
+    want = TRAINING_ORIENTATION[::-1]  # tensor axis order
+    perm = [next(i for i, c in enumerate(have) if c in (w, _OPPOSITE[w])) for w in want]
+    out = image.permute(0, 1, *[i + 2 for i in perm])
+    flips = [j + 2 for j, (w, i) in enumerate(zip(want, perm)) if have[i] != w]
+    if flips:
+        out = out.flip(flips)
+    pad: list[int] = []
+    for j in reversed(range(3)):  # F.pad lists the last axis first; negative pads crop
+        n, target = out.shape[2 + j], max(1, round(TRAINING_EXTENT_MM[j] / float(spacing[perm[j]])))
+        lo = (target - n) // 2
+        pad += [lo, target - n - lo]
+    return F.pad(out, pad)
+
+
 def regressor_inputs(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], input_spacing: float,
-                     moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
+                     fixed_direction: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images on FIXED's extent at about ``input_spacing`` mm, each normalised to zero
     mean and unit variance per pair. With ``moving_map`` (the affine stage's ``(B, 3, 4)`` map
     from FIXED's to MOVING's voxel indices) MOVING lies on its own grid (voxel size
     ``moving_spacing`` mm): it is resized on that grid first and then sampled on the coarse
-    FIXED grid through the map, so a 1 mm pair costs no full-resolution interpolation."""
+    FIXED grid through the map, so a 1 mm pair costs no full-resolution interpolation. With
+    ``fixed_direction`` (FIXED's direction cosines, :attr:`hybridreg.io.Geometry.direction`) both
+    are then put into the training frame (:func:`training_frame`); without it the tensor axes
+    are taken to be in that frame already."""
     def coarse(shape, h):
         return tuple(max(8, int(round(n * hk / input_spacing))) for n, hk in zip(shape, h))
 
@@ -146,6 +198,9 @@ def regressor_inputs(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequenc
         vm = rescale_voxel_map(moving_map, (fixed.shape[2:], shape), (moving.shape[2:], m_shape))
         m = warp(resize_image(moving.mean(1, keepdim=True), m_shape),
                  torch.zeros((fixed.shape[0], len(shape)) + shape, dtype=fixed.dtype, device=fixed.device), voxel_map=vm)
+    if fixed_direction is not None:
+        h_coarse = [n * hk / c for n, hk, c in zip(fixed.shape[2:], spacing, shape)]
+        f, m = (training_frame(x, h_coarse, fixed_direction) for x in (f, m))
     return tuple((x - x.mean((1, 2, 3, 4), keepdim=True)) / x.std(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6) for x in (f, m))
 
 
@@ -174,11 +229,14 @@ def load_regressor(path: str | os.PathLike, device: torch.device | str | None = 
 
 
 def predict_lambda(net: LambdaRegressor, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
-                   moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None) -> torch.Tensor:
+                   moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
+                   fixed_direction: Sequence[float] | None = None) -> torch.Tensor:
     """The predicted global λ, ``(B,)``, for ``(B, 1, *spatial)`` images on FIXED's grid (voxel
-    size ``spacing`` mm), or MOVING on its own grid through ``moving_map`` (:func:`regressor_inputs`)."""
+    size ``spacing`` mm), or MOVING on its own grid through ``moving_map``; with FIXED's
+    ``fixed_direction`` both in the training frame (:func:`regressor_inputs`)."""
     with torch.no_grad():
-        f, m = regressor_inputs(fixed, moving, spacing, net.config.input_spacing, moving_map, moving_spacing)
+        f, m = regressor_inputs(fixed, moving, spacing, net.config.input_spacing, moving_map, moving_spacing,
+                                fixed_direction)
         return net(f.to(next(net.parameters()).dtype), m.to(next(net.parameters()).dtype)).exp().to(fixed.dtype)
 
 
@@ -357,10 +415,11 @@ class LearnedLambdaSolver:
     def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedLambdaConfig | None = None, *,
                       spacing: Sequence[float] | None = None, device: str | torch.device | None = None,
                       moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None,
-                      **kwargs) -> RegistrationResult:
-        """Predict λ (:func:`predict_lambda`), then :func:`instance_opt.register_pair` with
-        ``config.register`` at that λ. Arguments, shapes and errors as the instance solver's;
-        one pair at a time (B > 1 raises ``ValueError``: each pair has its own λ)."""
+                      fixed_direction: Sequence[float] | None = None, **kwargs) -> RegistrationResult:
+        """Predict λ (:func:`predict_lambda`, in the training frame given ``fixed_direction``),
+        then :func:`instance_opt.register_pair` with ``config.register`` at that λ. Arguments,
+        shapes and errors as the instance solver's; one pair at a time (B > 1 raises
+        ``ValueError``: each pair has its own λ)."""
         cfg = config or LearnedLambdaConfig()
         check_images(fixed, moving, fn="learned-lambda", same_grid=moving_map is None)
         if fixed.shape[0] != 1:
@@ -370,7 +429,8 @@ class LearnedLambdaSolver:
         t0 = time.perf_counter()
         net, _ = _cached_regressor(cfg.weights or str(REGRESSOR_WEIGHTS), str(dev))
         lam = float(predict_lambda(net, fixed.to(dev), moving.to(dev), h,
-                                   None if moving_map is None else moving_map.to(dev, fixed.dtype), moving_spacing)[0])
+                                   None if moving_map is None else moving_map.to(dev, fixed.dtype), moving_spacing,
+                                   fixed_direction)[0])
         lam = min(max(lam, 1e-6), 1e3)  # InstanceOptConfig.lambda_init's range
         seconds = time.perf_counter() - t0
         res = instance_register_pair(fixed, moving, replace(cfg.register, lambda_init=lam, progress=cfg.progress), spacing=h, device=dev,

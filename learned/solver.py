@@ -454,9 +454,10 @@ class LearnedSolver:
             _check_conditional(config, _load(w or str(config.default_weights), "cpu")[0].config)
         return replace(config, refine=self.refine, weights=w)
 
-    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None,
-                      **kwargs) -> RegistrationResult:
-        """:func:`register_pair` with ``config`` (default :meth:`default_config`) configured."""
+    def register_pair(self, fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConfig | None = None, *,
+                      fixed_direction: Sequence[float] | None = None, **kwargs) -> RegistrationResult:
+        """:func:`register_pair` with ``config`` (default :meth:`default_config`) configured;
+        ``fixed_direction`` is not used (the network sees the tensor axes as they are)."""
         return register_pair(fixed, moving, self.configure(config or self.default_config()), **kwargs)
 
 

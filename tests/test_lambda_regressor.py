@@ -140,3 +140,78 @@ def test_regressor_command_refuses_bad_numbers_before_any_work(tmp_path, arg, ca
         R.main(["--out", str(tmp_path / "out"), *arg])
     assert e.value.code == 2 and arg[0] in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)  # the bundled grid's direction (hybridreg.data)
+
+
+def _reoriented(arr, spacing, direction, code):
+    """``arr`` (tensor axis order, voxel size ``spacing``) as SimpleITK reorients it to ``code``:
+    ``(array, spacing, direction)`` of the same image stored in another axis order."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing([float(s) for s in reversed(spacing)])
+    img.SetDirection(direction)
+    out = sitk.DICOMOrient(img, code)
+    return sitk.GetArrayFromImage(out), tuple(reversed(out.GetSpacing())), out.GetDirection()
+
+
+def test_the_training_frame_is_the_bundled_grid_and_leaves_it_unchanged():
+    import SimpleITK as sitk
+
+    from hybridreg import data
+    from hybridreg.io import read_image
+
+    _, geo = read_image(data.load_subject(data.demo_pair()[0], 2).image_path)
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geo.direction) == R.TRAINING_ORIENTATION
+    assert tuple(n * h for n, h in zip(geo.shape, geo.array_spacing)) == R.TRAINING_EXTENT_MM
+    x = torch.rand(1, 1, 56, 48, 40)
+    assert torch.equal(R.training_frame(x, (4.0, 4.0, 4.0), geo.direction), x)
+
+
+@pytest.mark.parametrize("code", ["RAS", "PSL", "IRP"])
+def test_the_prediction_does_not_depend_on_the_order_of_the_array_axes(code):
+    """The same pair stored in another axis order (both images alike, with the direction and
+    voxel sizes that say so) gets the same λ; without the direction it does not."""
+    spacing = (2.0, 2.0, 4.0)
+    f, m = (_volume(i, (24, 20, 16)).image for i in (3, 4))
+    torch.manual_seed(0)
+    net = R.LambdaRegressor(R.RegressorConfig(channels=2, levels=2)).eval()
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None]  # noqa: E731
+    ref = R.predict_lambda(net, t(f), t(m), spacing, fixed_direction=LIA)
+    fo, spacing_o, direction_o = _reoriented(f, spacing, LIA, code)
+    mo = _reoriented(m, spacing, LIA, code)[0]
+    assert fo.shape != f.shape or not np.array_equal(fo, f)
+    assert torch.allclose(R.predict_lambda(net, t(fo), t(mo), spacing_o, fixed_direction=direction_o), ref, rtol=1e-5)
+    assert not torch.allclose(R.predict_lambda(net, t(fo), t(mo), spacing_o), ref, rtol=1e-3)
+
+
+def test_training_frame_names_a_bad_direction():
+    with pytest.raises(ValueError, match="fixed_direction"):
+        R.training_frame(torch.zeros(1, 1, 8, 8, 8), (4.0, 4.0, 4.0), (1.0, 0.0, 0.0, 1.0))
+
+
+def test_the_service_gives_the_solver_the_fixed_grids_direction(tmp_path):
+    """Scans read from files reach the solver with FIXED's direction (what ``learned-lambda``
+    puts its inputs in the training frame by)."""
+    import SimpleITK as sitk
+
+    from hybridreg import data, service
+
+    f, m = (data.load_subject(s, 2) for s in data.demo_pair())
+    ras = tmp_path / "fixed_ras.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(f.image_path)), "RAS"), str(ras))
+    inputs = service.read_inputs(ras, m.image_path)
+    seen = {}
+
+    class Capture:
+        name = "capture"
+
+        def register_pair(self, fixed, moving, config=None, **grids):
+            seen.update(grids)
+            raise RuntimeError("captured")
+
+    with pytest.raises(RuntimeError, match="captured"):
+        service.solve_pairs([inputs], Capture(), None, torch.device("cpu"), [service.prealign(inputs, kind="none")])
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(seen["fixed_direction"]) == "RAS"
