@@ -135,18 +135,22 @@ class RegistrationResult:
         """The last stage's status (``network`` when nothing ran)."""
         return self.history[-1].status if self.history else Status.NETWORK
 
-    def inverse_displacement(self) -> torch.Tensor:
+    def inverse_displacement(self, tolerance: float = 0.02) -> torch.Tensor:
         """``(B, d, *spatial)`` voxel-unit displacement of φ⁻¹ on the fixed grid: exp(−v)
         (method §1.1: the SVF gives the inverse up to integration error), resized to the image
         grid and refined against the displacement actually written
         (:func:`hybridreg.spatial.invert_displacement`: relaxed fixed point, then least squares
-        on both compositions where the fixed point leaves more than 0.02 voxel mean error), so
-        that the two written fields undo each other both ways."""
+        on both compositions where the fixed point leaves more than ``tolerance`` voxels of
+        mean error), so that the two written fields undo each other both ways.
+
+        Raises:
+            ValueError: a negative ``tolerance``.
+        """
         from .spatial import invert_displacement, resize_field, scaling_and_squaring
 
         with torch.no_grad():
             start = resize_field(scaling_and_squaring(-self.velocity, self.svf_steps), self.displacement.shape[2:])
-            return invert_displacement(self.displacement, initial=start)
+            return invert_displacement(self.displacement, initial=start, tolerance=tolerance)
 
     def lambda_on_image_grid(self) -> torch.Tensor:
         """λ resampled (linearly, cell-centred) to the image grid, ``(B, 1, *spatial)``."""

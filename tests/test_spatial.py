@@ -124,6 +124,20 @@ def test_least_squares_step_runs_only_above_the_tolerance():
     assert not torch.equal(invert_displacement(fwd, tolerance=0.0), fixed_point)
 
 
+def test_the_results_inverse_takes_the_tolerance_it_is_given():
+    """``RegistrationResult.inverse_displacement(tolerance)``: the service gives it
+    ``INVERSE_TOLERANCE_MM`` over the voxel size, so a 1 mm grid skips the least-squares step
+    where a 2 mm one runs it for the same error in mm."""
+    from hybridreg.solvers import RegistrationResult
+
+    v = smooth_field((12, 13, 14), 3, 1.0, seed=3)
+    fwd = resize_field(scaling_and_squaring(v, 5), (24, 26, 28))
+    res = RegistrationResult(fwd, v, torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 24, 26, 28), [], 0.0, None, {}, svf_steps=5)
+    start = resize_field(scaling_and_squaring(-v, 5), (24, 26, 28))
+    assert torch.equal(res.inverse_displacement(10.0), invert_displacement(fwd, initial=start, refine_iterations=0))
+    assert not torch.equal(res.inverse_displacement(0.0), res.inverse_displacement(10.0))
+
+
 def test_sampling_grid_axis_order():
     u = torch.zeros(1, 3, 5, 6, 7)
     u[:, 0] = 1.0  # one voxel along tensor axis 2 (depth) = grid_sample's z (last coord)
