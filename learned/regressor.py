@@ -418,12 +418,14 @@ class LearnedLambdaSolver:
                       fixed_direction: Sequence[float] | None = None, **kwargs) -> RegistrationResult:
         """Predict λ (:func:`predict_lambda`, in the training frame given ``fixed_direction``),
         then :func:`instance_opt.register_pair` with ``config.register`` at that λ. Arguments,
-        shapes and errors as the instance solver's; one pair at a time (B > 1 raises
-        ``ValueError``: each pair has its own λ)."""
+        shapes and errors as the instance solver's; one 3D pair at a time (B > 1 or a 2D
+        pair raises ``ValueError``: each pair has its own λ, and the network is 3D)."""
         cfg = config or LearnedLambdaConfig()
         check_images(fixed, moving, fn="learned-lambda", same_grid=moving_map is None)
         if fixed.shape[0] != 1:
             raise ValueError("learned-lambda: one pair at a time (`--batch-size 1`): each pair has its own λ")
+        if fixed.dim() != 5:
+            raise ValueError(f"learned-lambda: the λ regressor is 3D; `fixed` must be (1, C, D, H, W), got {tuple(fixed.shape)}")
         h = check_spacing(spacing, fixed.dim() - 2, fn="learned-lambda")
         dev = torch.device(device) if device is not None else fixed.device
         t0 = time.perf_counter()

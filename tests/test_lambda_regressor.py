@@ -215,3 +215,11 @@ def test_the_service_gives_the_solver_the_fixed_grids_direction(tmp_path):
     with pytest.raises(RuntimeError, match="captured"):
         service.solve_pairs([inputs], Capture(), None, torch.device("cpu"), [service.prealign(inputs, kind="none")])
     assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(seen["fixed_direction"]) == "RAS"
+
+
+def test_learned_lambda_names_a_2d_pair():
+    from hybridreg.solvers import get_solver
+
+    solver = get_solver("learned-lambda")
+    with pytest.raises(ValueError, match="3D; `fixed`"):
+        solver.register_pair(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), solver.default_config(), spacing=(1.0, 1.0))
