@@ -223,3 +223,18 @@ def test_learned_lambda_names_a_2d_pair():
     solver = get_solver("learned-lambda")
     with pytest.raises(ValueError, match="3D; `fixed`"):
         solver.register_pair(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), solver.default_config(), spacing=(1.0, 1.0))
+
+
+def test_pairs_whose_fixed_grids_differ_in_direction_are_not_batched_together(tmp_path):
+    """One batch passes one ``fixed_direction``: a fixed scan flipped left-right (same shape and
+    spacing, another direction) gets another batch key."""
+    import SimpleITK as sitk
+
+    from hybridreg import data, service
+
+    f, m = (data.load_subject(s, 2) for s in data.demo_pair())
+    flipped = tmp_path / "fixed_ria.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(f.image_path)), "RIA"), str(flipped))
+    a, b = service.read_inputs(f.image_path, m.image_path), service.read_inputs(flipped, m.image_path)
+    assert a.fixed.shape == b.fixed.shape and a.geometry.direction != b.geometry.direction
+    assert service.batch_key(a) != service.batch_key(b)
