@@ -135,13 +135,14 @@ class RegistrationResult:
         """The last stage's status (``network`` when nothing ran)."""
         return self.history[-1].status if self.history else Status.NETWORK
 
-    def inverse_displacement(self, tolerance: float = 0.02) -> torch.Tensor:
+    def inverse_displacement(self, tolerance: float) -> torch.Tensor:
         """``(B, d, *spatial)`` voxel-unit displacement of φ⁻¹ on the fixed grid: exp(−v)
         (method §1.1: the SVF gives the inverse up to integration error), resized to the image
         grid and refined against the displacement actually written
         (:func:`hybridreg.spatial.invert_displacement`: relaxed fixed point, then least squares
         on both compositions where the fixed point leaves more than ``tolerance`` voxels of
-        mean error), so that the two written fields undo each other both ways.
+        mean error; the service gives :data:`hybridreg.service.INVERSE_TOLERANCE_MM` over the
+        voxel size), so that the two written fields undo each other both ways.
 
         Raises:
             ValueError: a negative ``tolerance``.
