@@ -111,7 +111,7 @@ def _run(a) -> int:
     skipped = [msg for m in methods if m in METHODS for ok, msg in [available(METHODS[m])] if not ok]
     skipped += get_dataset(spec["dataset"]).notes()
     try:
-        run_suite(a.suite, out, methods, a.max_pairs, device=a.device)
+        run_suite(a.suite, out, methods, a.max_pairs, device=a.device, pair_names=a.pairs)
     except (FileNotFoundError, ValueError) as e:  # a bad dataset or method: one line
         raise SystemExit(" ".join(str(e).split())) from None
     scaling = []
@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", help="output folder (default benchmarks/results/<suite>)")
     r.add_argument("--methods", nargs="+", help="subset of the suite's methods")
     r.add_argument("--max-pairs", type=int, help="only the first N pairs")
+    r.add_argument("--pairs", nargs="+", metavar="FIXED<-MOVING", help="only these pairs, in this order (names as the"
+                   " report's rows give them, e.g. 'vxm<-synthseg_18')")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N for hybridreg's solvers (the classical"
                    " tools run on the CPU; the report names the device of each method's rows)")
     r.add_argument("--fresh", action="store_true", help="discard stored rows and start over")

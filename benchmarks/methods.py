@@ -74,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_CONFIG = ROOT / "configs" / "instance_uniform_matched.yaml"
 MAP_CONFIG = ROOT / "configs" / "instance_map.yaml"
 REGIONS_CONFIG = ROOT / "configs" / "instance_regions.yaml"
+FULL_RESOLUTION_CONFIG = ROOT / "configs" / "instance_full_resolution.yaml"
 UNIFORM_TRAIN_CONFIG = "configs/learned_bundled_2mm_uniform.yaml"
 STAGE1_WEIGHTS = NAMED_WEIGHTS["stage1"]
 """Stage 1 of the shipped weights (``--weights stage1``)."""
@@ -427,6 +428,9 @@ METHODS: dict[str, Method] = {
         Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
                "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤150/80/30 Adam iterations, 4 squarings, LNCC window 5 and ε 1e-6, w_reg 4, beta hyperprior",
                setting="w_reg 4"),
+        Method("instance-fullres", "instance, 1 mm velocity level", _instance(FULL_RESOLUTION_CONFIG), "voxelwise", "instance",
+               "the defaults plus a fourth level at 1 mm, velocity and λ on the image grid, 20 iterations"
+               " (`configs/instance_full_resolution.yaml`)", setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first",
                setting="λ 0.892"),

@@ -145,9 +145,9 @@ SOLVERS = ["instance", "learned", "learned+refine"]
 MATCHED = ["learned-matched", "learned-matched+refine"]
 SUITES: dict[str, dict] = {
     "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
-    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + MATCHED + ["instance-uniform", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
+    "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + MATCHED + ["instance-uniform", "instance-fullres", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
-    "realworld": {"dataset": "realworld", "methods": SOLVERS + MATCHED + ["instance-uniform", "sitk-demons", "ants-syn"],
+    "realworld": {"dataset": "realworld", "methods": SOLVERS + MATCHED + ["instance-uniform", "instance-fullres", "sitk-demons", "ants-syn"],
                   "scaling": False, "fronts": True},
 }
 # every regularization strategy on one energy (method §1, §3): uniform, MAP-estimated global, region-wise and
@@ -304,14 +304,32 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def select_pairs(every: list[str], max_pairs: int | None = None, names: list[str] | None = None) -> list[str]:
+    """The pairs a suite run registers: the first ``max_pairs`` of ``every`` (the dataset's
+    order), then, if ``names`` is given, those of them in ``names``' order (duplicates once).
+
+    Raises:
+        ValueError: a name not among the (first ``max_pairs``) pairs, naming ``--pairs``.
+    """
+    pairs = every[:max_pairs] if max_pairs else list(every)
+    if not names:
+        return pairs
+    unknown = [n for n in names if n not in pairs]
+    if unknown:
+        raise ValueError(f"--pairs: unknown {unknown}; the suite's pairs: {pairs}")
+    return list(dict.fromkeys(names))
+
+
 def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_pairs: int | None = None,
-              log: Callable[[str], None] = print, device: str = "cpu") -> list[dict]:
+              log: Callable[[str], None] = print, device: str = "cpu", pair_names: list[str] | None = None) -> list[dict]:
     """Register every pair of the suite's dataset with every available method (resumable),
     hybridreg's solvers on ``device`` (``cpu``, ``cuda``, ``cuda:N``; the classical tools run
     on the CPU whatever it is). Rows already stored are kept, whatever device made them.
+    ``pair_names`` (``FIXED<-MOVING``, as the rows name them) runs those pairs only, in that
+    order (after ``max_pairs`` has cut the list).
 
     Raises:
-        ValueError: unknown suite or method, an unusable ``device``.
+        ValueError: unknown suite, method or pair name, an unusable ``device``.
     """
     from tqdm.auto import tqdm
 
@@ -332,18 +350,17 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
             log(msg)
     for msg in get_dataset(spec["dataset"]).notes():
         log(msg)
+    every = [p.name for p in get_dataset(spec["dataset"]).pairs()]
+    pairs = select_pairs(every, max_pairs if max_pairs is not None else spec.get("max_pairs"), pair_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "rows.jsonl"
     rows = read_rows(rows_path)
     done = {(r["pair"], r["method"]) for r in rows}
-    pairs = [p.name for p in get_dataset(spec["dataset"]).pairs()]
-    limit = max_pairs if max_pairs is not None else spec.get("max_pairs")
-    pairs = pairs[:limit] if limit else pairs
     jobs = [(p, m) for p in pairs for m in runnable if (p, m) not in done]
     lam_dir = out_dir / "lambda"
     lam_dir.mkdir(exist_ok=True)
     for p, m in tqdm(jobs, desc=f"suite {suite}", dynamic_ncols=True):
-        lam_out = str(lam_dir / f"{m}.npz") if p == pairs[0] else None
+        lam_out = str(lam_dir / f"{m}.npz") if p == every[0] else None  # the λ figure's pair, whichever run
         t = time.perf_counter()
         row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out,
                         device=device)

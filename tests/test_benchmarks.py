@@ -179,6 +179,16 @@ def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     assert p.returncode == 0 and len((out / "rows.jsonl").read_text().splitlines()) == 2
 
 
+def test_select_pairs_keeps_the_order_asked_for():
+    from benchmarks.suite import select_pairs
+
+    every = ["a<-b", "a<-c", "b<-c", "c<-d"]
+    assert select_pairs(every) == every and select_pairs(every, 2) == ["a<-b", "a<-c"]
+    assert select_pairs(every, None, ["c<-d", "a<-b", "c<-d"]) == ["c<-d", "a<-b"]
+    with pytest.raises(ValueError, match="--pairs: unknown \\['c<-d'\\]"):  # cut by --max-pairs first
+        select_pairs(every, 2, ["c<-d"])
+
+
 def test_unknown_suite_and_method_are_rejected(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
@@ -187,6 +197,9 @@ def test_unknown_suite_and_method_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="--methods"):
         run_suite("smoke", tmp_path, ["instance", "elastix"])
+    with pytest.raises(ValueError, match="--pairs"):  # before anything is written
+        run_suite("smoke", tmp_path / "p", pair_names=["vxm<-nobody"])
+    assert not (tmp_path / "p").exists()
     for bad in ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
         with pytest.raises(ValueError, match="`--device`"):
             run_suite("smoke", tmp_path / "d", device=bad)

@@ -107,6 +107,26 @@ def test_callback_sees_the_optimised_velocity():
     assert torch.equal(calls[-1][2], r.velocity) and torch.equal(calls[-1][3], r.lam)
 
 
+@pytest.mark.parametrize("spacing", [1.0, 2.0])
+def test_full_resolution_config_puts_the_last_velocity_on_a_1mm_image_grid(spacing):
+    """`configs/instance_full_resolution.yaml`: the defaults plus a 1 mm level, whose velocity lies
+    on the image's own grid at 1 mm; the default's last velocity is on a 2 mm grid (half the voxels
+    per axis); a 2 mm image gets the 2 mm grid in both (no level is finer than the image)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from hybridreg.config import load_yaml
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "instance_full_resolution.yaml", InstanceOptConfig)
+    assert cfg.objective == InstanceOptConfig().objective and cfg.level_spacing[:-1] == InstanceOptConfig().level_spacing
+    f = gaussian_smooth(torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), 1.0)
+    shapes = []
+    for c in (cfg, InstanceOptConfig()):
+        c = replace(c, iterations=(2,) * len(c.level_spacing), progress=False)
+        shapes.append(tuple(register_pair(f, f.roll(1, 2), c, spacing=(spacing,) * 3).velocity.shape[2:]))
+    assert shapes == ([(16,) * 3, (8,) * 3] if spacing == 1.0 else [(16,) * 3, (16,) * 3])
+
+
 def test_init_velocity_is_used():
     f = torch.rand(1, 1, 12, 12, 12)
     v0 = torch.full((1, 3, 6, 6, 6), 0.5)
