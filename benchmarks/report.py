@@ -467,10 +467,18 @@ def _best(summ: list[dict]) -> list[str]:
             f"| lowest mean SDlogJ (max %\\|J\\|≤0 < 0.1) | {reg['label']} | {reg['sdlogj_mean']:.3f} |"]
 
 
+def _subset(n: int, total: int) -> str:
+    """`` (n of total pairs)`` where a mean covers fewer than the suite's pairs, else ``""``:
+    means over different pairs do not compare (the equal-regularity table compares on the
+    pairs both ran)."""
+    return f" ({n} of {total} pairs)" if n < total else ""
+
+
 def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: list[dict], scaling: list[dict],
              files: dict[str, str], skipped: list[str], wall_minutes: float | None) -> str:
     summ = summary(rows)
     methods = _ordered(rows)
+    n_pairs = len({r["pair"] for r in rows})
     lines = [f"# Benchmark suite `{suite}`", "",
              f"Regenerate with `python -m benchmarks run --suite {suite}`"
              + (f" (wall time of the runs that produced these rows, scaling included: {wall_minutes:.0f} minutes)."
@@ -486,7 +494,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
     for s in summ:
         lam = f"{s['lambda_std_brain']:.3f}" if s["lambda_std_brain"] is not None else "–"
         ndv = f"{s['ndv_max']:.4f}" if s["ndv_max"] is not None else "–"
-        lines.append(f"| {s['label']} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
+        lines.append(f"| {s['label']}{_subset(s['pairs'], n_pairs)} | {s['dice_before']:.3f} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['hd95_mean']:.2f} | "
                      f"{s['folding_max']:.4f} | {ndv} | {s['sdlogj_mean']:.3f} | {s['seconds_median']:.2f} | {s['peak_rss_mb_max']:.0f} | {lam} |")
     lines += hardware_note(rows)
     if any(s["tre_mean"] is not None for s in summ):
@@ -521,18 +529,18 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
                 ours = "–" if x["dice"] is None else f"{x['dice']:.3f}"
                 diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
                 ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
-                lines.append(f"| {METHODS[x['method']].label} | its front at the tool's SDlogJ | {x['sdlogj']:.3f} | {ours} | "
+                lines.append(f"| {METHODS[x['method']].label}{_subset(x['pairs'], n_pairs)} | its front at the tool's SDlogJ | {x['sdlogj']:.3f} | {ours} | "
                              f"{x['folding_max']:.4f} | {METHODS[x['peer']].label} (one setting) | {x['peer_dice']:.3f} | {diff} | {ahead} |")
                 continue
             peer = "–" if x["peer_dice"] is None else f"{x['peer_dice']:.3f}"
             diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
             ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
-            lines.append(f"| {METHODS[x['method']].label} | {x['setting'] + (' (default)' if x['default'] else '')} | "
+            lines.append(f"| {METHODS[x['method']].label}{_subset(x['pairs'], n_pairs)} | {x['setting'] + (' (default)' if x['default'] else '')} | "
                          f"{x['sdlogj']:.3f} | {x['dice']:.3f} | {x['folding_max']:.4f} | {METHODS[x['peer']].label} | "
                          f"{peer} | {diff} | {ahead} |")
         lines += ["", "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) |", "|---|---|---|---|---|"]
         for fam, pts in fronts(rows).items():
-            lines += [f"| {METHODS[fam].label} | {p['setting']} | {p['sdlogj']:.3f} | {p['dice']:.3f} | {p['folding_max']:.4f} |"
+            lines += [f"| {METHODS[fam].label}{_subset(len(p['pairs']), n_pairs)} | {p['setting']} | {p['sdlogj']:.3f} | {p['dice']:.3f} | {p['folding_max']:.4f} |"
                       for p in pts]
         lines += ["", f"![Pareto fronts]({files['fronts']})"]
     lines += [""] + _conditional_lines(rows)

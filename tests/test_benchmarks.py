@@ -160,6 +160,20 @@ def test_a_sweep_point_run_on_fewer_pairs_is_left_out_of_the_front():
     assert [p["pairs"] for p in report.fronts(rows)["ants-syn"]] == [["a"], ["a"]]
 
 
+def test_report_labels_means_over_fewer_pairs_than_the_suite(tmp_path):
+    """ANTs run on two of three pairs: its summary and front rows say so (a mean over two pairs
+    does not compare with the others' three); methods on every pair stay unlabelled."""
+    rows = [_row(p, m, 0.75, sd, 10.0) for p in "abc" for m, sd in (("instance", 0.2), ("instance@w_reg=2", 0.25))]
+    rows += [_row(p, m, 0.76, sd, 900.0) for p in "ab" for m, sd in (("ants-syn", 0.22), ("ants-syn@total_sigma=1", 0.12))]
+    md = report.markdown("bundled-1mm", "pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
+                         rows, [], [], report.figures(tmp_path, rows, []), [], None)
+    summary = [line for line in md.splitlines() if line.startswith("| ANTs SyN") and "±" in line]
+    assert len(summary) == 2 and all(line.split(" | ")[0].endswith("(2 of 3 pairs)") for line in summary)
+    assert "| instance (voxelwise λ) | 0.500 |" in md  # on all three pairs: no label
+    assert "| ANTs SyN (2 of 3 pairs) | total σ 1 | 0.120 |" in md  # its front's table
+    assert "| instance (voxelwise λ) (2 of 3 pairs) | w_reg 4 (default) | 0.200 |" in md  # read against ANTs on its 2 pairs
+
+
 @pytest.mark.slow
 def test_suite_runs_end_to_end_on_the_bundled_pair(tmp_path):
     out = tmp_path / "smoke"
