@@ -459,6 +459,10 @@ def _paired_regularity(rows: list[dict], stats: list[dict]) -> list[str]:
 
 
 def _best(summ: list[dict]) -> list[str]:
+    """The winners among the methods run on every pair of the suite (means over fewer pairs do
+    not compare; all methods where none ran on every pair)."""
+    most = max(s["pairs"] for s in summ)
+    summ = [s for s in summ if s["pairs"] == most]
     acc = max(summ, key=lambda s: s["dice_mean"])
     fast = min(summ, key=lambda s: s["seconds_median"])
     reg = min([s for s in summ if s["folding_max"] < 0.1] or summ, key=lambda s: (s["folding_max"] > 0, s["sdlogj_mean"]))

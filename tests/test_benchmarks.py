@@ -170,6 +170,7 @@ def test_report_labels_means_over_fewer_pairs_than_the_suite(tmp_path):
     summary = [line for line in md.splitlines() if line.startswith("| ANTs SyN") and "±" in line]
     assert len(summary) == 2 and all(line.split(" | ")[0].endswith("(2 of 3 pairs)") for line in summary)
     assert "| instance (voxelwise λ) | 0.500 |" in md  # on all three pairs: no label
+    assert "| highest mean Dice | instance (voxelwise λ) | 0.725 |" in md  # ANTs' higher mean is over two pairs only
     assert "| ANTs SyN (2 of 3 pairs) | total σ 1 | 0.120 |" in md  # its front's table
     assert "| instance (voxelwise λ) (2 of 3 pairs) | w_reg 4 (default) | 0.200 |" in md  # read against ANTs on its 2 pairs
 
