@@ -487,7 +487,7 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
              f"Regenerate with `python -m benchmarks run --suite {suite}`"
              + (f" (wall time of the runs that produced these rows, scaling included: {wall_minutes:.0f} minutes)."
                 if wall_minutes else "."), "How it is measured and how to read it: `docs/benchmarks.md`.", "",
-             environment_markdown(env), f"Pairs: {description} ({len({r['pair'] for r in rows})} pairs).", "",
+             environment_markdown(env), f"Pairs: {description} ({n_pairs} pairs).", "",
              "| method | what runs |", "|---|---|"] + [f"| {METHODS[m].label} | {METHODS[m].description} |" for m in methods] + [""]
     if skipped:
         lines += ["Skipped: " + "; ".join(skipped), ""]
