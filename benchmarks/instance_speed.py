@@ -75,6 +75,7 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     from hybridreg import data
     from hybridreg.io import normalize_intensity
     from hybridreg.solvers import get_solver
+    from instance_opt.solver import levels_run
 
     fs, ms = (data.load_subject(s, resolution) for s in data.demo_pair())
     f, m = (torch.from_numpy(normalize_intensity(s.image))[None, None] for s in (fs, ms))
@@ -85,13 +86,10 @@ def run_resolution(resolution: int, repeats: int) -> dict:
     demons_seconds = _demons_seconds(fs, f[0, 0].numpy(), m[0, 0].numpy())
     levels = [{"spacing_mm": h.spacing[0], "shape": list(h.shape), "control": list(h.control_shape), "iterations": h.iterations,
                "seconds": h.seconds, "seconds_per_iteration": h.seconds_per_iteration} for h in res.history]
-    runs = [(cfg, level) for level in range(len(cfg.level_spacing))]
-    if resolution == 1:  # not in the default schedule: what a full-resolution level would cost (velocity on a 2 mm grid)
-        runs.append((replace(cfg, level_spacing=(1.0,), iterations=(1,), control_factor=(2,)), 0))
-    steps = [{"voxelwise": profile_level(f, m, fs.spacing, c, level, repeats),
-              "uniform": profile_level(f, m, fs.spacing, replace(c, lambda_mode="uniform"), level, repeats)} for c, level in runs]
-    if resolution == 1:
-        steps[-1]["label"] = "1 mm level, control 2 mm (optional)"
+    # the levels that ran (on a 2 mm image the default's 1 mm level is skipped: its grids are the 2 mm level's)
+    steps = [{"voxelwise": profile_level(f, m, fs.spacing, cfg, level, repeats),
+              "uniform": profile_level(f, m, fs.spacing, replace(cfg, lambda_mode="uniform"), level, repeats)}
+             for level in levels_run(tuple(f.shape[2:]), fs.spacing, cfg)]
     return {"resolution_mm": resolution, "image_shape": list(fs.image.shape), "registration_seconds": res.seconds,
             "demons_seconds": demons_seconds,
             "levels": levels, "steps": steps, "peak_rss_mb": rss_mb(), "threads": torch.get_num_threads()}

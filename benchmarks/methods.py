@@ -426,10 +426,10 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("instance", "instance (voxelwise λ)", _instance(None), "voxelwise", "instance",
-               "`InstanceOptConfig()` defaults: 8/4/2 mm levels, ≤150/80/30 Adam iterations, 4 squarings, LNCC window 5 and ε 1e-6, w_reg 4, beta hyperprior",
+               "`InstanceOptConfig()` defaults: 8/4/2/1 mm levels, ≤150/80/30/1 Adam iterations (the 1 mm level on a 1 mm image only), 4 squarings, LNCC window 5 and ε 1e-6, w_reg 4, beta hyperprior",
                setting="w_reg 4"),
-        Method("instance-fullres", "instance, 1 mm velocity level", _instance(FULL_RESOLUTION_CONFIG), "voxelwise", "instance",
-               "the defaults plus a fourth level at 1 mm, velocity and λ on the image grid, 20 iterations"
+        Method("instance-fullres", "instance, 20 iterations at 1 mm", _instance(FULL_RESOLUTION_CONFIG), "voxelwise", "instance",
+               "the defaults with 20 iterations instead of one at the 1 mm level (velocity and λ on the image grid)"
                " (`configs/instance_full_resolution.yaml`)", setting="w_reg 4"),
         Method("instance-uniform", "instance (uniform λ)", _instance(UNIFORM_CONFIG), "uniform", "instance",
                "the same solver with one scalar λ (calibrated, no hyperprior)", requires=str(UNIFORM_CONFIG), why="run `python -m benchmarks calibrate-uniform` first",

@@ -147,7 +147,7 @@ def to_dict(obj: Any) -> Any:
 
 def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--set") -> T:
     """``obj`` (a config dataclass) with ``KEY=VALUE`` overrides applied, e.g.
-    ``objective.w_reg=2.5`` or ``iterations=[100,50,20]``: the one override syntax of every
+    ``objective.w_reg=2.5`` or ``iterations=[100,50,20,1]``: the one override syntax of every
     config key (``--set`` on the CLI). ``KEY`` is a dotted path of field names; ``VALUE`` is read
     as YAML (numbers, ``true``, ``[a, b]``, strings), then the whole config is converted and
     validated again as if read from a file.

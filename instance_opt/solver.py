@@ -29,7 +29,7 @@ from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, 
 
 from .minimize import RelativeChangeStopping, minimize
 
-__all__ = ["InstanceOptConfig", "InstanceSolver", "SOLVER", "level_grids", "register_pair"]
+__all__ = ["InstanceOptConfig", "InstanceSolver", "SOLVER", "level_grids", "levels_run", "register_pair"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,12 @@ class InstanceOptConfig:
     Attributes:
         objective: the energy's hyperparameters (default: the objective's defaults).
         level_spacing: voxel size (mm) of each pyramid level, coarse to fine. A level finer
-            than the image runs on the image grid, so the same schedule serves 1 mm and
-            2 mm inputs (the default ends at 2 mm: a 1 mm image is registered with the
-            velocity on a 2 mm grid and the displacement up-sampled; add a ``1.0`` level
-            for full resolution at about 3 s per iteration on 2 CPU cores).
+            than the image runs on the image grid, and a level whose image and control
+            grids are the previous level's is skipped (it would repeat it), so the same
+            schedule serves 1 mm and 2 mm inputs: the default's 1 mm level runs on a 1 mm
+            image only (one Adam step with the velocity and λ on the image grid, about 5 s
+            on 2 CPU cores; docs/results.md, "One step at 1 mm"), and a 2 mm image ends at
+            the 2 mm level.
         iterations: maximum Adam iterations per level (same length as ``level_spacing``).
         control_factor: velocity/λ grid = level grid / this factor, per level (1 = the
             level's own grid). A single value applies to every level.
@@ -83,8 +85,8 @@ class InstanceOptConfig:
     """
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    level_spacing: tuple[float, ...] = bounded(lambda: (8.0, 4.0, 2.0), 0.05, 100.0, factory=True)
-    iterations: tuple[int, ...] = bounded(lambda: (150, 80, 30), 0, 100_000, factory=True)
+    level_spacing: tuple[float, ...] = bounded(lambda: (8.0, 4.0, 2.0, 1.0), 0.05, 100.0, factory=True)
+    iterations: tuple[int, ...] = bounded(lambda: (150, 80, 30, 1), 0, 100_000, factory=True)
     control_factor: tuple[int, ...] = bounded(lambda: (1,), 1, 16, factory=True)
     lr: float = bounded(0.5, 1e-6, 100.0)
     lr_lambda: float = bounded(0.05, 1e-6, 10.0)
@@ -142,6 +144,20 @@ def level_grids(
     return shape, control, level_h
 
 
+def levels_run(spatial: Sequence[int], spacing: Sequence[float], config: InstanceOptConfig) -> list[int]:
+    """Indices of ``config``'s pyramid levels that run on an image of ``spatial`` voxels of
+    ``spacing`` mm: every level but one whose :func:`level_grids` (image and control grid) are
+    the previous level's, which would only repeat it (a level finer than the image, or levels
+    clamped to the 4-voxel minimum)."""
+    run, last = [], None
+    for level, (lev_mm, cf) in enumerate(zip(config.level_spacing, config.control_factors())):
+        grids = level_grids(spatial, spacing, lev_mm, cf)[:2]
+        if grids != last:
+            run.append(level)
+        last = grids
+    return run
+
+
 def register_pair(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -195,8 +211,8 @@ def register_pair(
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
-        velocity and λ on the finest control grid, warped image, one history entry per
-        level (coarse to fine), seconds, final energy terms on the image grid (for B > 1
+        velocity and λ on the finest control grid, warped image, one history entry per level run
+        (coarse to fine; a skipped level has none), seconds, final energy terms on the image grid (for B > 1
         the batch's, with each pair's in ``pair_histories`` / ``pair_final_terms``:
         :meth:`~hybridreg.solvers.RegistrationResult.pair`).
 
@@ -265,8 +281,9 @@ def register_pair(
     pair_histories: list[list[LevelHistory]] = [[] for _ in range(B)] if B > 1 else []
     t_start = time.perf_counter()
     names = EnergyTerms._fields
-    n_levels = len(cfg.level_spacing)
-    for level, (lev_mm, n_iter, cf) in enumerate(zip(cfg.level_spacing, cfg.iterations, cfg.control_factors())):
+    run_levels = levels_run(spatial, h, cfg)
+    for k_run, level in enumerate(run_levels):
+        lev_mm, n_iter, cf = cfg.level_spacing[level], cfg.iterations[level], cfg.control_factors()[level]
         shape, control, level_h = level_grids(spatial, h, lev_mm, cf)
         # MOVING on its own grid keeps its full resolution at the image-resolution level: its
         # down-sampled copy would be blurred twice (block average, then linear sampling)
@@ -325,7 +342,7 @@ def register_pair(
         def report(it: int) -> None:
             callback(level, it, smooth(v), lam_of(th))
 
-        desc = f"level {level + 1}/{n_levels} {'x'.join(map(str, shape))}"
+        desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
         with tqdm(total=n_iter, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True) as bar:
             run = minimize(closure, opt, sched, stopping, n_iter, window=cfg.window,
                            callback=report if callback is not None else None, progress_bar=bar, on_stop=on_stop)

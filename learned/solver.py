@@ -132,7 +132,8 @@ class LearnedConfig:
             instance solver on average (0.003-0.012 per pair) at SDlogJ 0.161 against 0.166, in
             0.30-0.32 of its time, the affine stage included (12 iterations on the network's
             energy: 0.0058 in 0.42-0.48; ``docs/results.md``, "learned + refine in a third of
-            the instance solver's time"). Stage 2 of the shipped weights was first refined with 12 (on the
+            the instance solver's time"; against the instance default since stop 47, which ends
+            with one step at 1 mm: 0.010 below in 0.19-0.24 of its time). Stage 2 of the shipped weights was first refined with 12 (on the
             bundled validation pairs, 2 mm: 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s
             for :func:`half_grid_refine`, a 4 mm level first, which discards the velocity's 2 mm
             detail, and 0.771 for the full instance schedule in about 40 s).

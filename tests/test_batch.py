@@ -241,8 +241,8 @@ def test_torchrun_two_ranks_equal_one_process(layout, tmp_path):
 # ----------------------------------------------------------------------------- --set
 
 def test_set_overrides_any_key_and_names_bad_ones():
-    cfg = apply_overrides(InstanceOptConfig(), ["objective.w_reg=2.5", "iterations=[10, 5, 2]", "objective.symmetric=true"])
-    assert cfg.objective.w_reg == 2.5 and cfg.iterations == (10, 5, 2) and cfg.objective.symmetric is True
+    cfg = apply_overrides(InstanceOptConfig(), ["objective.w_reg=2.5", "iterations=[10, 5, 2, 1]", "objective.symmetric=true"])
+    assert cfg.objective.w_reg == 2.5 and cfg.iterations == (10, 5, 2, 1) and cfg.objective.symmetric is True
     for bad, needle in ((["objective.wreg=1"], "objective has no key 'wreg'; valid keys are"),
                         (["w_reg"], "takes KEY=VALUE"),
                         (["objective.w_reg=-1"], "w_reg` must be in"),

@@ -108,23 +108,30 @@ def test_callback_sees_the_optimised_velocity():
 
 
 @pytest.mark.parametrize("spacing", [1.0, 2.0])
-def test_full_resolution_config_puts_the_last_velocity_on_a_1mm_image_grid(spacing):
-    """`configs/instance_full_resolution.yaml`: the defaults plus a 1 mm level, whose velocity lies
-    on the image's own grid at 1 mm; the default's last velocity is on a 2 mm grid (half the voxels
-    per axis); a 2 mm image gets the 2 mm grid in both (no level is finer than the image)."""
+def test_the_1mm_level_runs_on_a_1mm_image_only(spacing):
+    """The default ends with one step at 1 mm, velocity and λ on a 1 mm image's own grid;
+    `configs/instance_full_resolution.yaml` is the default with 20 iterations there. On a 2 mm
+    image that level's grids are the 2 mm level's: it is skipped, so the result is the 8/4/2 mm
+    schedule's exactly, with one history entry per level run."""
     from dataclasses import replace
     from pathlib import Path
 
     from hybridreg.config import load_yaml
 
+    default = InstanceOptConfig()
     cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "instance_full_resolution.yaml", InstanceOptConfig)
-    assert cfg.objective == InstanceOptConfig().objective and cfg.level_spacing[:-1] == InstanceOptConfig().level_spacing
+    assert replace(cfg, iterations=default.iterations) == default and default.level_spacing[-1] == 1.0
     f = gaussian_smooth(torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), 1.0)
-    shapes = []
-    for c in (cfg, InstanceOptConfig()):
-        c = replace(c, iterations=(2,) * len(c.level_spacing), progress=False)
-        shapes.append(tuple(register_pair(f, f.roll(1, 2), c, spacing=(spacing,) * 3).velocity.shape[2:]))
-    assert shapes == ([(16,) * 3, (8,) * 3] if spacing == 1.0 else [(16,) * 3, (16,) * 3])
+    run = lambda c: register_pair(f, f.roll(1, 2), replace(c, progress=False), spacing=(spacing,) * 3)  # noqa: E731
+    full, short = run(replace(default, iterations=(2, 2, 2, 2))), run(replace(default, level_spacing=(8.0, 4.0, 2.0), iterations=(2, 2, 2)))
+    assert tuple(full.velocity.shape[2:]) == (16,) * 3
+    if spacing == 1.0:
+        assert full.history[-1].shape == (16,) * 3 and full.history[-1].iterations == 2
+        assert tuple(short.velocity.shape[2:]) == (8,) * 3
+    else:
+        assert len(full.history) == len(short.history) and torch.equal(full.displacement, short.displacement)
+    # 16 voxels: the 8 mm and 4 mm levels both clamp to 4 voxels a side at 1 mm, and the second is skipped
+    assert len(full.history) == 3
 
 
 def test_init_velocity_is_used():

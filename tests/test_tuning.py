@@ -66,7 +66,7 @@ def test_apply_params_sets_nested_keys_and_scales_schedules():
     sp = tuning.space_from_dict({**SPACE, "parameters": {**SPACE["parameters"], "iterations": {"low": 50, "high": 400}}})
     cfg = tuning.apply_params(sp, {"objective.w_reg": 3.0, "objective.hyper_strength": 0.2, "iterations": 100})
     assert cfg.objective.w_reg == 3.0 and cfg.objective.hyper_strength == 0.2
-    assert cfg.iterations == (100, 53, 20)  # default (150, 80, 30) scaled by 100/150
+    assert cfg.iterations == (100, 53, 20, 1)  # default (150, 80, 30, 1) scaled by 100/150
 
 
 def test_base_params_are_the_base_configs_values():
