@@ -56,19 +56,14 @@ REGRESSOR_WEIGHTS = Path(__file__).parent / "weights" / "lambda_regressor" / "la
 targets next to it)."""
 
 
-MAP_LEVEL_SPACING, MAP_ITERATIONS = (8.0, 4.0, 2.0), (150, 80, 30)
-"""The MAP estimation's pyramid: the instance default's before its one step at 1 mm (stop 47), which the
-shipped regressor's targets and the strategies suites' MAP rows were computed with."""
-
-
 def map_config() -> InstanceOptConfig:
     """The MAP estimation of a global λ whose estimates the regressor learns: the instance
     solver's defaults with ``lambda_mode: map``, the velocity on a 4× coarser grid and the
-    8/4/2 mm pyramid (:data:`MAP_LEVEL_SPACING`; the same settings as
-    ``configs/instance_map.yaml``), with LNCC's ε at the 1e-5 the shipped
+    8/4/2 mm pyramid (150/80/30 iterations: the instance default's before its one step at 1 mm,
+    stop 47; the same settings as ``configs/instance_map.yaml``), with LNCC's ε at the 1e-5 the shipped
     regressor's targets and the strategies suites' MAP rows were computed with
     (:data:`learned.weights.LEGACY_LNCC_EPS`; the instance default is now 1e-6)."""
-    return InstanceOptConfig(lambda_mode="map", control_factor=(4,), level_spacing=MAP_LEVEL_SPACING, iterations=MAP_ITERATIONS,
+    return InstanceOptConfig(lambda_mode="map", control_factor=(4,), level_spacing=(8.0, 4.0, 2.0), iterations=(150, 80, 30),
                              objective=ObjectiveConfig(lncc_eps=LEGACY_LNCC_EPS))
 
 
