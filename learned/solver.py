@@ -108,6 +108,13 @@ def _refine_default(iterations: int = 6) -> InstanceOptConfig:
     return InstanceOptConfig(level_spacing=(2.0,), iterations=(iterations,), tol=0.0, min_iterations=1, window=5)
 
 
+def _refine_learned() -> InstanceOptConfig:
+    """``LearnedConfig``'s refinement: 6 Adam iterations at 2 mm, then 2 at 1.5 mm (on a 1 mm image;
+    on a 2 mm one the 1.5 mm level's grids are the 2 mm level's and it is skipped,
+    :func:`instance_opt.solver.levels_run`)."""
+    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2))
+
+
 def half_grid_refine() -> InstanceOptConfig:
     """The refinement schedule of networks whose SVF lives on the half grid (no
     full-resolution stage, e.g. stage 1 of the shipped weights and the uniform-λ network):
@@ -127,13 +134,14 @@ class LearnedConfig:
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy when
             ``refine_objective_from_weights`` says so). Default: 6 Adam iterations on the
-            2 mm level (the shipped network's velocity grid), no early stop: on the four
-            ``realworld`` pairs the shipped network refined so came within 0.0073 Dice of the
-            instance solver on average (0.003-0.012 per pair) at SDlogJ 0.161 against 0.166, in
-            0.30-0.32 of its time, the affine stage included (12 iterations on the network's
-            energy: 0.0058 in 0.42-0.48; ``docs/results.md``, "learned + refine in a third of
-            the instance solver's time"; against the instance default since stop 47, which ends
-            with one step at 1 mm: 0.010 below in 0.19-0.24 of its time). Stage 2 of the shipped weights was first refined with 12 (on the
+            2 mm level (the shipped network's velocity grid), then 2 on a 1.5 mm level, no early
+            stop; on a 2 mm image the 1.5 mm level is skipped (its grids would be the 2 mm
+            level's). On the four ``realworld`` pairs (1 mm) the shipped network refined so came
+            within 0.0063 Dice of the instance default on average (0.004-0.009 per pair) at SDlogJ
+            0.158 against 0.155, in 0.27-0.28 of its time measured in the same process, the affine
+            stage included (``docs/results.md``, "learned + refine with two steps at 1.5 mm"; the
+            2 mm level alone: 0.010 below in 0.19-0.22; one step at 1 mm instead of the 1.5 mm
+            level: 0.007 below in 0.40-0.51). Stage 2 of the shipped weights was first refined with 12 (on the
             bundled validation pairs, 2 mm: 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s
             for :func:`half_grid_refine`, a 4 mm level first, which discards the velocity's 2 mm
             detail, and 0.771 for the full instance schedule in about 40 s).
@@ -180,7 +188,7 @@ class LearnedConfig:
     weights: str = ""
     default_weights: ClassVar[Path] = DEFAULT_WEIGHTS  # the file an empty ``weights`` means
     refine: bool = False
-    refine_config: InstanceOptConfig = field(default_factory=_refine_default)
+    refine_config: InstanceOptConfig = field(default_factory=_refine_learned)
     refine_objective_from_weights: bool | None = None
     progress: bool = True
     inverse_consistent: bool = True

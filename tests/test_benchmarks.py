@@ -119,6 +119,19 @@ def test_report_names_the_cpu_of_each_methods_rows_when_they_differ():
     assert report.hardware_note([gpu[-1]]) == ["", "Every row ran on the GPU NVIDIA H200."]  # one processor, a GPU: said
 
 
+def test_cpu_name_tells_apart_parts_that_share_a_brand_name(tmp_path):
+    """A virtual machine's "AMD EPYC" names parts of different generations alike: the family and model numbers
+    (of the first processor) keep their rows apart; without /proc/cpuinfo, platform's name."""
+    from benchmarks.common import cpu_name
+
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n\n"
+    (tmp_path / "zen1").write_text(block.format(0, 23, 1) + block.format(1, 23, 1))
+    (tmp_path / "zen4").write_text(block.format(0, 25, 17))
+    assert cpu_name(tmp_path / "zen1") == "AMD EPYC (family 23, model 1)"
+    assert cpu_name(tmp_path / "zen4") == "AMD EPYC (family 25, model 17)"
+    assert cpu_name(tmp_path / "missing") and "(" not in cpu_name(tmp_path / "missing")
+
+
 def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path):
     # instance: (SDlogJ, Dice) 0.15/0.70, 0.20/0.75 (default), 0.28/0.78; demons: 0.10/0.64, 0.18/0.70, 0.26/0.74
     points = {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),

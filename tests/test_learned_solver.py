@@ -171,6 +171,7 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     res1 = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt")), spacing=(1.0, 1.0, 1.0))
     assert res1.displacement.shape == (1, 3, 24, 28, 32) and res1.lam.shape == (1, 1, 6, 7, 8)
     from instance_opt import InstanceOptConfig
+    from instance_opt.solver import level_grids, levels_run
 
     from hybridreg.objective import evaluate
 
@@ -184,7 +185,18 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     assert ref.final_terms["total"] < res.final_terms["total"]  # refinement lowers the network's energy
     # by default the refinement minimises the instance solver's energy (another LNCC ε and number of squarings than
     # the network's), from the network's one-way pass: that energy falls from the start's
-    assert LearnedConfig().refine_objective_from_weights is None and LearnedConfig().refine_config.iterations == (6,)
+    assert LearnedConfig().refine_objective_from_weights is None and LearnedConfig().refine_config.iterations == (6, 2)
+    # its 1.5 mm level runs on a 1 mm image only: on a 2 mm one its grids are the 2 mm level's, so it is skipped
+    default_refine = LearnedConfig().refine_config
+    assert levels_run((48, 56, 40), (2.0, 2.0, 2.0), default_refine) == [0]
+    assert levels_run((96, 112, 80), (1.0, 1.0, 1.0), default_refine) == [0, 1]
+    assert level_grids((96, 112, 80), (1.0, 1.0, 1.0), 1.5, 1)[0] == (64, 75, 53)
+    one_mm = register_pair(big, big.flip(2), LearnedConfig(weights=str(trained / "model_final.pt"), refine=True, progress=False,
+                                                          refine_config=replace(default_refine, iterations=(1, 1))),
+                           spacing=(1.0, 1.0, 1.0))
+    assert [h.status for h in one_mm.history] == [Status.NETWORK, Status.MAX_ITERATIONS, Status.MAX_ITERATIONS]
+    assert [tuple(h.shape) for h in one_mm.history[1:]] == [(12, 14, 16), (16, 19, 21)]
+    assert one_mm.displacement.shape == (1, 3, 24, 28, 32) and one_mm.velocity.shape == (1, 3, 16, 19, 21)
     inst = InstanceOptConfig().objective
     instance_energy = replace(cfg, refine_objective_from_weights=False)
     on_instance = register_pair(ft, mt, instance_energy, spacing=(2.0, 2.0, 2.0))
@@ -241,7 +253,7 @@ def test_refinement_energy_by_default_is_the_instance_solvers_for_the_shipped_ne
     assert ConditionalConfig().refine_objective_from_weights is True and ConditionalConfig().refine_config.iterations == (12,)
     f, m = data.load_subject("vxm", 2), data.load_subject("synthseg_17", 2)
     ft, mt = (torch.from_numpy(s.image)[None, None] for s in (f, m))
-    short = replace(LearnedConfig().refine_config, iterations=(2,), progress=False)
+    short = replace(LearnedConfig().refine_config, iterations=(2, 2), progress=False)
     for weights, own in (("", False), (str(NAMED_WEIGHTS["fixed-w2"]), True)):
         runs = {flag: register_pair(ft, mt, LearnedConfig(weights=weights, refine=True, progress=False, refine_config=short,
                                                           refine_objective_from_weights=flag), spacing=f.spacing)
