@@ -238,3 +238,18 @@ def test_pairs_whose_fixed_grids_differ_in_direction_are_not_batched_together(tm
     a, b = service.read_inputs(f.image_path, m.image_path), service.read_inputs(flipped, m.image_path)
     assert a.fixed.shape == b.fixed.shape and a.geometry.direction != b.geometry.direction
     assert service.batch_key(a) != service.batch_key(b)
+
+
+def test_regressor_benchmark_reports_the_compared_file_against_the_same_map_run(tmp_path):
+    from benchmarks import lambda_regressor as LR
+
+    row = dict(dataset="realworld", pair="a<-b", lambda_map=0.5, lambda_pred=0.55, ratio=1.1, seconds_map=5.0,
+               seconds_pred=0.05, time_fraction=0.01, dice_map=0.7, sdlogj_map=0.2, folding_map=0.0, dice_pred=0.71,
+               sdlogj_pred=0.21, folding_pred=0.0, seconds_pred_registration=5.0)
+    rows = [dict(row, lambda_compare=0.8, ratio_compare=1.6), dict(row, pair="b<-a", lambda_compare=0.45, ratio_compare=0.9)]
+    text = LR.markdown({"environment": None, "compare": "/x/candidate.pt", "rows": rows})
+    assert "within 20 % of MAP on 2 of 2 pairs" in text
+    assert "(`candidate.pt`) against the same MAP run: within 20 % on 1 of 2 pairs (ratios 1.60, 0.90)" in text
+    with pytest.raises(SystemExit) as e:
+        LR.main(["--compare", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and not list(tmp_path.iterdir())
