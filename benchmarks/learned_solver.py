@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, environment, environment_markdown, rss_mb, run_child
+from benchmarks.common import RESULTS, ROOT, environment, environment_markdown, processor, rss_mb, run_child
 from hybridreg.config import atomic_write_text
 
 TRAIN_CONFIGS = ("learned_bundled_2mm.yaml", "learned_bundled_2mm_fullres.yaml", "learned_bundled_2mm_fullres_mixed.yaml")
@@ -96,6 +96,14 @@ def _mean(rows, key):
     return statistics.mean(r[key] for r in rows) if rows else float("nan")
 
 
+def _time_ratio(rows: list[dict], inst: list[dict]) -> str:
+    """Mean seconds of ``rows`` over the instance solver's (``inst``), or "–" unless every row of
+    both ran on one CPU (:func:`~benchmarks.common.processor`; a row without one recorded
+    counts as another): seconds from two processors do not compare."""
+    where = {processor(r) for r in rows + inst}
+    return f"{_mean(rows, 'seconds') / _mean(inst, 'seconds'):.3f}" if len(where) == 1 and "not recorded" not in where else "–"
+
+
 def to_markdown(res: dict) -> str:
     from benchmarks.report import hardware_note
     from benchmarks.suite import SOLVERS
@@ -103,7 +111,8 @@ def to_markdown(res: dict) -> str:
     env = res["environment"]
     rows = [{RENAMED.get(k, k): v for k, v in r.items()} for r in res["pairs"]]
     out = ["# Learned solver vs instance optimization (bundled test split)", "", environment_markdown(env).rstrip("\n"),
-           f"- Weights: `{env['weights']}`", *hardware_note(rows), ""]
+           f"- Weights: `{env['weights']}`", *hardware_note(rows), "",
+           "time / instance: \"–\" where the solver's rows and the instance solver's did not all run on one CPU.", ""]
     groups = sorted({(r.get("kind", "atlas"), r["resolution_mm"]) for r in rows}, key=lambda g: (g[0] != "atlas", -g[1]))
     sections = [(f"{mm} mm, {'atlas ← test subject' if kind == 'atlas' else 'test subject ← next test subject'}",
                  [r for r in rows if r["resolution_mm"] == mm and r.get("kind", "atlas") == kind], True) for kind, mm in groups]
@@ -111,7 +120,7 @@ def to_markdown(res: dict) -> str:
                  for mm in sorted({mm for _, mm in groups}, reverse=True) if len({k for k, x in groups if x == mm}) > 1]
     for title, rs, per_pair in sections:
         inst = [r for r in rs if r["method"] == "instance"]
-        t_inst, d_inst = _mean(inst, "seconds"), _mean(inst, "dice_mean")
+        d_inst = _mean(inst, "dice_mean")
         out += [f"## {title}: mean over {len(inst) or len(rs)} pairs", "",
                 "| solver | Dice before | Dice after (± sd) | Δ vs instance | HD95 mm | %\\|J\\|≤0 (max) | SDlogJ | λ sd (brain) | "
                 "seconds | time / instance | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -121,7 +130,7 @@ def to_markdown(res: dict) -> str:
                 dm, dsd = _mean(sr, "dice_mean"), statistics.stdev(r["dice_mean"] for r in sr) if len(sr) > 1 else 0.0
                 out.append(f"| {s} | {_mean(sr, 'dice_before'):.3f} | {dm:.3f} ± {dsd:.3f} | {dm - d_inst:+.3f} | "
                            f"{_mean(sr, 'hd95_mean'):.2f} | {max(r['folding_percent'] for r in sr):.4f} | {_mean(sr, 'sdlogj'):.3f} | "
-                           f"{_mean(sr, 'lambda_std_brain'):.3f} | {_mean(sr, 'seconds'):.2f} | {_mean(sr, 'seconds') / t_inst:.3f} | "
+                           f"{_mean(sr, 'lambda_std_brain'):.3f} | {_mean(sr, 'seconds'):.2f} | {_time_ratio(sr, inst)} | "
                            f"{max(r['peak_rss_mb'] for r in sr):.0f} |")
         if per_pair:
             out += ["", "Per pair (Dice after / SDlogJ / seconds):", "", "| pair | " + " | ".join(SOLVERS) + " |",

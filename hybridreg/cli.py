@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .config import apply_overrides, load_yaml
 from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
-from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, register_files
+from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, parse_eval_labels, register_files
 from .solvers import available_solvers
 
 __all__ = ["main", "OUTPUT_FILES"]
@@ -36,6 +36,21 @@ class CLIError(Exception):
     """An error the CLI reports in one line (bad input, bad config)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (and its subcommands') with a usage error in one line naming the
+    argument, exit code 2, as every other bad input (argparse prints the usage block too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _eval_labels(value: str) -> str:
+    """``--eval-labels``: checked when the arguments are parsed, with or without label maps."""
+    try:
+        parse_eval_labels(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("`--eval-labels` ", "")) from None
+    return value
 
 
 def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: str | os.PathLike | None):
@@ -148,10 +163,10 @@ def tune_command(args: argparse.Namespace) -> None:
     if args.resume and not (out / "trials.json").is_file():
         raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
     space = tuning.load_space(args.space)
-    if space.solver != args.solver:
+    if args.solver is not None and space.solver != args.solver:
         space = _replace(space, solver=args.solver)
         tuning.apply_params(space, {p.key: p.from_unit(0.5) for p in space.parameters})
-    objective = partial(tuning.OBJECTIVES[args.solver], device=str(dev))  # picklable: --workers' processes take it
+    objective = partial(tuning.OBJECTIVES[space.solver], device=str(dev))  # picklable: --workers' processes take it
     result = tuning.run_tuning(space, objective, args.trials, args.out, method=args.method,
                                resume=args.resume, progress=not args.no_progress, device=str(dev))
     summary = tuning.write_outputs(space, result, args.out)
@@ -199,8 +214,9 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
                    help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short"
                         " instance optimization), learned-lambda (a network's λ, then instance optimization),"
                         " learned-conditional[+refine] (one network for every objective.w_reg / hyper_strength set by --set)")
-    p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (stage1, stage2, stage3, uniform,"
-                                     " conditional; default: the shipped bundled-data weights, or the conditional ones)")
+    p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (shipped, stage1, stage2, stage3,"
+                                     " uniform, conditional, fixed-w1, fixed-w2, fixed-w8, fixed-w16; default: the shipped"
+                                     " bundled-data weights, or the conditional ones)")
     p.add_argument("--region-lambda", metavar="FILE.yaml",
                    help="learned-conditional: one λ per structure of --fixed-labels (`label: λ` per line; others get"
                         " region_default), painted into the map the network is conditioned on (CSAIN)")
@@ -213,7 +229,7 @@ def _outputs_option(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridreg", description="Diffeomorphic registration with spatially varying regularization.")
+    p = _Parser(prog="hybridreg", description="Diffeomorphic registration with spatially varying regularization.")
     p.add_argument("--version", action="version", version=f"hybridreg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -224,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-labels")
     r.add_argument("--moving-labels")
     _solver_options(r)
-    r.add_argument("--eval-labels", default="auto", help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
+    r.add_argument("--eval-labels", default="auto", type=_eval_labels, help="auto (the 30 standard FreeSurfer structures if present, else all common), all, or 2,3,4,...")
     r.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     _outputs_option(r, "all")
     r.add_argument("--fixed-mask", help="binary mask on FIXED's grid: restricts the image match (both stages)")
@@ -243,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="batch folder: pairs/<id>/ (as register), metrics.csv, summary.json/.md")
     b.add_argument("--split", help="the dataset.json pair list (default: registration_val, registration_test, validation or test)")
     _solver_options(b)
-    b.add_argument("--eval-labels", default="auto", help="as for register")
+    b.add_argument("--eval-labels", default="auto", type=_eval_labels, help="as for register")
     _outputs_option(b, "transforms")
     b.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="solve B pairs that share their grids in one optimization (batched instance optimization;"
@@ -271,13 +287,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     t.add_argument("--init", help="fine-tune: start from this weight file (e.g. the shipped weights) instead of random weights")
     t.add_argument("--spacing", type=float, nargs="+", help="resample the data to this voxel size in mm (one value or one per axis)")
-    t.add_argument("--device", help="cpu (default) or cuda")
+    t.add_argument("--device", help="cpu (default), cuda, cuda:N")
     t.add_argument("--no-progress", action="store_true")
 
     u = sub.add_parser("tune", help="tune hyperparameters by Bayesian optimization (BoTorch) on the bundled validation pairs")
-    u.add_argument("--solver", default="instance", choices=("instance", "learned", "learned-conditional"),
-                   help="instance (default), learned (each trial trains a network), learned-conditional (each trial is a"
-                        " forward pass of the conditional network at the trial's values: seconds per trial)")
+    u.add_argument("--solver", choices=("instance", "learned", "learned-conditional"),
+                   help="the search space's `solver:` (default: instance) unless given: instance, learned (each trial trains"
+                        " a network), learned-conditional (each trial is a forward pass of the conditional network at the"
+                        " trial's values: seconds per trial)")
     u.add_argument("--space", required=True, help="search-space YAML (see configs/tune_instance.yaml)")
     u.add_argument("--trials", type=int, required=True, help="number of finished trials to reach")
     u.add_argument("--out", required=True, help="output folder (trials.json, best_config.yaml, figures)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -20,6 +21,20 @@ __all__ = ["from_dict", "to_dict", "apply_overrides", "load_yaml", "read_yaml", 
            "check_bounds", "bounds_table"]
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-6`` (an exponent without a dot) is the
+    number, not the string that PyYAML's YAML 1.1 rules make of it, so ``--set
+    objective.lncc_eps=1e-6`` and ``lncc_eps: 1e-6`` read as written."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -163,7 +178,7 @@ def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--se
         if not eq or not key:
             raise ValueError(f"`{arg}` takes KEY=VALUE (e.g. objective.w_reg=2.5), got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = _load(text)
         except yaml.YAMLError:
             raise ValueError(f"`{arg} {key}`: cannot read the value {text!r}") from None
         node, parts = data, key.split(".")
@@ -199,7 +214,7 @@ def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
     if not p.is_file():
         raise FileNotFoundError(f"`{arg}`: file not found: {p}")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return _load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ValueError(f"`{arg}`: {p} is not a UTF-8 text file (a YAML config was expected)") from None
     except yaml.YAMLError as e:

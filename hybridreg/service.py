@@ -236,6 +236,22 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
     return out
 
 
+def parse_eval_labels(value: LabelPolicy) -> LabelPolicy:
+    """The CLI's ``--eval-labels`` string as a label policy of
+    :func:`hybridreg.metrics.scored_labels`: ``"auto"`` and ``"all"`` as they are, ``"2,3,4"``
+    as ``[2, 3, 4]``; a policy that is not a string is returned unchanged.
+
+    Raises:
+        ValueError: a string that is none of these, naming ``--eval-labels``.
+    """
+    if not isinstance(value, str) or value in ("auto", "all"):
+        return value
+    try:
+        return [int(t) for t in value.split(",")]
+    except ValueError:
+        raise ValueError(f"`--eval-labels` must be 'auto', 'all' or comma-separated ints, got {value!r}") from None
+
+
 def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_labels: str | os.PathLike | None = None,
                 moving_labels: str | os.PathLike | None = None, eval_labels: LabelPolicy = "auto", *,
                 fixed_mask: str | os.PathLike | None = None, moving_mask: str | os.PathLike | None = None,
@@ -276,12 +292,8 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
             on_grid[arg] = arr
     fl, ml = on_grid.get("--fixed-labels"), on_grid.get("--moving-labels")
     labels: tuple[int, ...] = ()
+    eval_labels = parse_eval_labels(eval_labels)  # checked with or without label maps
     if fl is not None:
-        if isinstance(eval_labels, str) and eval_labels not in ("auto", "all"):
-            try:
-                eval_labels = [int(t) for t in eval_labels.split(",")]
-            except ValueError:
-                raise ValueError(f"`--eval-labels` must be 'auto', 'all' or comma-separated ints, got {eval_labels!r}") from None
         try:
             labels = scored_labels(fl, ml, eval_labels)
         except ValueError as e:

@@ -338,13 +338,14 @@ def test_tuner_comparison_states_the_criterion_from_the_trials(tmp_path):
 
 def test_learned_solver_report_pools_atlas_and_subject_pairs():
     """With both pair kinds at one grid the report adds their pooled summary: the mean over all
-    pairs (not the mean of the two group means) and its difference from instance optimization."""
+    pairs (not the mean of the two group means) and its difference from instance optimization;
+    the time ratio only where every row of both solvers ran on one CPU."""
     from benchmarks.learned_solver import to_markdown
 
     def row(method, pair, kind, dice):
         return {"method": method, "pair": pair, "kind": kind, "resolution_mm": 2, "dice_before": 0.5,
                 "dice_mean": dice, "hd95_mean": 3.0, "folding_percent": 0.0, "sdlogj": 0.2, "lambda_std_brain": 0.1,
-                "seconds": 10.0 if method == "instance" else 1.0, "peak_rss_mb": 100.0}
+                "seconds": 10.0 if method == "instance" else 1.0, "peak_rss_mb": 100.0, "cpu": "cpu A"}
 
     pairs = [row("instance", f"a{i}", "atlas", 0.80) for i in range(3)] + [row("learned", f"a{i}", "atlas", 0.78) for i in range(3)]
     pairs += [row("instance", "s0", "subject", 0.70), row("learned", "s0", "subject", 0.62)]
@@ -358,6 +359,10 @@ def test_learned_solver_report_pools_atlas_and_subject_pairs():
     assert "| 0.740 ± " in learned and "| -0.035 |" in learned and "| 0.100 |" in learned
     only_atlas = to_markdown({**res, "pairs": pairs[:6]})
     assert "all test pairs" not in only_atlas
+    for cpu in ("cpu B", None):  # one learned row on another CPU, or on one not recorded: no ratio
+        mixed = to_markdown({**res, "pairs": pairs[:5] + [{**pairs[5], "cpu": cpu}]})
+        learned = next(line for line in mixed.splitlines() if line.startswith("| learned |"))
+        assert learned.split(" | ")[9] == "–" and "| -0.020 |" in learned
 
 
 def test_committed_speed_reports_still_render():

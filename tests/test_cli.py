@@ -151,6 +151,24 @@ def test_bad_input_clear_error_and_no_output(files, tmp_path, capsys, argv, need
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]  # no staging left behind
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["register", "F.nii.gz", "M.nii.gz", "--solver", "nope"], "argument --solver: invalid choice: 'nope'"),
+    (["register", "F.nii.gz", "M.nii.gz", "--eval-labels", "bogus"],  # checked without label maps too
+     "argument --eval-labels: must be 'auto', 'all' or comma-separated ints, got 'bogus'"),
+    (["batch", "pairs.csv", "--eval-labels", "2,x"], "argument --eval-labels: must be"),
+    (["register", "F.nii.gz"], "the following arguments are required: MOVING"),
+    (["tune", "--space", "s.yaml", "--trials", "two"], "argument --trials: invalid int value: 'two'"),
+])
+def test_usage_errors_are_one_line_naming_the_argument(tmp_path, capsys, argv, needle):
+    """argparse's usage errors follow the CLI's rule for bad input: one line, exit code 2, before any work."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err and err.startswith("hybridreg "), err
+    assert not out.exists()
+
+
 def test_apply_bad_field(files, tmp_path, capsys):
     err = _fail(["apply", files["fixed"], files["moving"], "--out", str(tmp_path / "x.nii.gz")], capsys)
     assert "TRANSFORM" in err and "not a displacement field" in err

@@ -85,10 +85,10 @@ def _config_classes():
     from hybridreg.tuning import SearchSpace
     from hybridreg.synthesis import SynthConfig
     from learned.network import NetworkConfig
-    from learned.solver import ConditionalConfig, Hyperparameters
+    from learned.solver import ConditionalConfig, Hyperparameters, LearnedConfig
 
     return (ObjectiveConfig, InstanceOptConfig, NetworkConfig, TrainConfig, SynthConfig, SearchSpace, Hyperparameters,
-            ConditionalConfig)
+            LearnedConfig, ConditionalConfig)
 
 
 def test_every_numeric_setting_has_a_documented_range():
@@ -116,3 +116,17 @@ def test_out_of_range_values_are_refused_naming_the_key(cls_name, key, value):
     cls = {c.__name__: c for c in _config_classes()}[cls_name]
     with pytest.raises(ValueError, match=f"{cls_name}: `{key}` must be in"):
         cls(**{key: value})
+
+
+def test_yaml_reads_an_exponent_without_a_dot_as_a_number(tmp_path):
+    """PyYAML's YAML 1.1 rules read ``1e-6`` as a string; configs and ``--set`` read it as the
+    number (YAML 1.2), and a value that is no number is still refused naming the key."""
+    from hybridreg.config import apply_overrides
+
+    assert apply_overrides(ObjectiveConfig(), ["lncc_eps=1e-6"]).lncc_eps == 1e-6
+    p = tmp_path / "c.yaml"
+    p.write_text("objective:\n  lncc_eps: 1E-5\n  w_reg: 8\nlr: 5e-1\n")
+    cfg = load_yaml(p, InstanceOptConfig)
+    assert (cfg.objective.lncc_eps, cfg.objective.w_reg, cfg.lr) == (1e-5, 8.0, 0.5)
+    with pytest.raises(ValueError, match="w_reg"):
+        apply_overrides(ObjectiveConfig(), ["w_reg=1e"])

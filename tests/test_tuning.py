@@ -279,6 +279,26 @@ def test_tune_refuses_an_unusable_device_before_making_its_folder(tmp_path, caps
     assert "`--device`" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("space_file, solver_arg, expected", [
+    ("tune_conditional.yaml", [], "learned-conditional"),  # the file's `solver:` (it was tuned as instance)
+    ("tune_conditional.yaml", ["--solver", "learned-conditional"], "learned-conditional"),
+    ("tune_instance.yaml", [], "instance"),
+])
+def test_tune_runs_the_search_spaces_solver_unless_solver_is_given(tmp_path, monkeypatch, space_file, solver_arg, expected):
+    from pathlib import Path
+
+    seen = []
+
+    def stop(space, objective, *args, **kwargs):  # records what would run, then ends the command (exit 2)
+        seen.append((space.solver, objective.func))
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(tuning, "run_tuning", stop)
+    space = Path(__file__).resolve().parents[1] / "configs" / space_file
+    assert main(["tune", "--space", str(space), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress", *solver_arg]) == 2
+    assert seen == [(expected, tuning.OBJECTIVES[expected])]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_a_trial_on_the_gpu_scores_as_on_the_cpu():
     sp = tuning.space_from_dict({**SPACE, "max_pairs": 1, "base_config": {"level_spacing": [8.0], "iterations": [5]}})
