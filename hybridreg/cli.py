@@ -53,6 +53,13 @@ def _eval_labels(value: str) -> str:
     return value
 
 
+_NOTHING_WRITTEN = "nothing was written to --out"
+_KEPT = {"batch": "the finished pairs are kept in --out; run the same command again to resume",
+         "train": "the checkpoints written so far are kept in --out; continue with --resume",
+         "tune": "the finished trials are kept in --out; continue with --resume"}
+"""What an interrupted command leaves in ``--out`` (``register``, ``apply`` and ``demo``: nothing)."""
+
+
 def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: str | os.PathLike | None):
     """``apply``'s TRANSFORM: a ``register`` output folder, an ITK transform file, or a
     displacement field image; returns ``(sitk transform, output grid)``."""
@@ -63,7 +70,9 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
     if p.is_dir():
         name = "inverse_transform.h5" if inverse else "transform.h5"
         if not (p / name).is_file() or not (p / "metrics.json").is_file():
-            raise CLIError(f"`TRANSFORM`: {p} is not a `hybridreg register` output folder (no {name} or metrics.json)")
+            missing = " and ".join(n for n in (name, "metrics.json") if not (p / n).is_file())
+            why = " (written by --outputs all only)" if inverse and (p / "metrics.json").is_file() else ""
+            raise CLIError(f"`TRANSFORM`: {p} holds no {missing}{why}: pass a `hybridreg register` output folder that has it")
         inputs = json.loads((p / "metrics.json").read_text())["inputs"]
         return read_transform(p / name), ref or Geometry(**{k: tuple(v) for k, v in inputs["moving_grid" if inverse else "grid"].items()})
     if str(p).lower().endswith((".h5", ".hdf5", ".mat", ".txt", ".tfm")):
@@ -211,7 +220,7 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
                         " dotted for nested ones; the value is read as YAML)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N")
     p.add_argument("--solver", default="instance", choices=available_solvers() or None,
-                   help="instance (optimization, default), learned (one network pass), learned+refine (network, then a short"
+                   help="instance (optimization, default), learned (the network, inverse-consistent, with one recursive pass), learned+refine (network, then a short"
                         " instance optimization), learned-lambda (a network's λ, then instance optimization),"
                         " learned-conditional[+refine] (one network for every objective.w_reg / hyper_strength set by --set)")
     p.add_argument("--weights", help="weight file for the learned solvers, or a shipped name (shipped, stage1, stage2, stage3,"
@@ -360,10 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hybridreg {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hybridreg {args.command}: interrupted; nothing was written to --out", file=sys.stderr)
+        print(f"hybridreg {args.command}: interrupted; {_KEPT.get(args.command, _NOTHING_WRITTEN)}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"hybridreg {args.command}: terminated; nothing was written to --out", file=sys.stderr)
+        print(f"hybridreg {args.command}: terminated; {_KEPT.get(args.command, _NOTHING_WRITTEN)}", file=sys.stderr)
         return 143
     except Exception as e:  # noqa: BLE001 -- the boundary: anything else is a bug, logged in full
         log = _log_traceback(args.command)

@@ -10,7 +10,51 @@ import numpy as np
 
 from .config import atomic_output
 
-__all__ = ["registration_figure"]
+__all__ = ["display_orientation", "for_display", "registration_figure"]
+
+
+def display_orientation(direction: Sequence[float] | None, d: int) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """How to lay out a 3-D array for display: ``(perm, flips)`` such that
+    ``np.flip(vol.transpose(perm), [a for a, f in enumerate(flips) if f])`` runs superior →
+    inferior, anterior → posterior and the patient's right → left along its three axes (the
+    radiological convention: axial slices with anterior up and the patient's right on the
+    left, coronal and sagittal slices with superior up), whatever order and signs the file
+    stores its axes in.
+
+    Args:
+        direction: the grid's row-major d×d direction cosines (ITK order, LPS physical
+            space: :class:`hybridreg.io.Geometry`), or ``None``.
+        d: spatial dimension. In 2-D, without a direction, or for an oblique grid whose
+            nearest physical axes are not a permutation, the array order is kept.
+    """
+    keep = (tuple(range(d)), (False,) * d)
+    if direction is None or d != 3:
+        return keep
+    D = np.asarray(direction, dtype=float).reshape(3, 3)  # D[p, i]: physical component p of ITK index axis i
+    phys = np.abs(D).argmax(0)
+    if sorted(phys.tolist()) != [0, 1, 2]:
+        return keep
+    # array axis a is ITK axis 2 - a; display axis b shows physical axis 2 - b (z, y, x), running
+    # against LPS's z (superior up) and along its y (posterior) and x (left)
+    perm = tuple(2 - int(np.flatnonzero(phys == 2 - b)[0]) for b in range(3))
+    signs = [np.sign(D[2 - b, 2 - perm[b]]) for b in range(3)]
+    return perm, (bool(signs[0] > 0), bool(signs[1] < 0), bool(signs[2] < 0))
+
+
+def for_display(direction: Sequence[float] | None, images: Sequence[np.ndarray], displacement: np.ndarray,
+                spacing: Sequence[float]) -> tuple[list[np.ndarray], np.ndarray, list[float]]:
+    """``images`` (array order, one shape), the ``(d, *shape)`` voxel-unit ``displacement`` and
+    the mm ``spacing`` per array axis laid out by :func:`display_orientation`: the arrays
+    permuted and flipped, the displacement's channels permuted with them and negated along
+    the flipped axes, the spacing permuted."""
+    perm, flips = display_orientation(direction, displacement.shape[0])
+    flipped = [a for a, f in enumerate(flips) if f]
+
+    def shown(vol: np.ndarray) -> np.ndarray:
+        return np.flip(vol.transpose(perm), flipped)
+
+    disp = np.stack([shown(displacement[a]) * (-1.0 if flips[b] else 1.0) for b, a in enumerate(perm)])
+    return [shown(v) for v in images], disp, [float(spacing[a]) for a in perm]
 
 
 def _slices(vol: np.ndarray, idx: Sequence[int]) -> list[np.ndarray]:
@@ -31,18 +75,25 @@ def registration_figure(
     *,
     title: str = "",
     grid_step: int = 4,
+    direction: Sequence[float] | None = None,
 ) -> None:
     """Orthogonal slices through the centre: fixed, moving, warped, difference, λ, the
-    deformed grid and det J (one row per plane; one row in 2D). Written atomically as PNG.
+    deformed grid and det J (one row per plane: axial, coronal, sagittal; one row in 2D).
+    Written atomically as PNG.
 
     Args:
         fixed, moving, warped, lam, jacobian: arrays of the image shape (array order).
         displacement: ``(d, *shape)`` voxel-unit displacement.
         spacing: mm per array axis (sets the aspect ratio).
+        direction: the grid's direction cosines (:class:`hybridreg.io.Geometry`): the slices
+            are shown in the radiological convention (:func:`display_orientation`); ``None``
+            shows the array order.
     """
     from matplotlib.figure import Figure
 
     d = fixed.ndim
+    (fixed, moving, warped, lam, jacobian), displacement, spacing = for_display(
+        direction, (fixed, moving, warped, lam, jacobian), displacement, spacing)
     idx = [n // 2 for n in fixed.shape]
     planes = [(1, 2), (0, 2), (0, 1)] if d == 3 else [(0, 1)]
     cols = ["fixed", "moving", "warped", "fixed − warped", "λ", "deformed grid", "det J"]

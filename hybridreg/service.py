@@ -202,13 +202,16 @@ def output_folder(out: str | os.PathLike) -> Path:
 
 
 def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, overwrite: bool = False,
-                  names: tuple[str, ...] = OUTPUT_FILES, needed_bytes: int = 0) -> Path:
+                  needed_bytes: int = 0) -> Path:
     """Refuse, before any work, an output folder that would lose something.
+
+    Every name of :data:`OUTPUT_FILES` counts, whichever ``--outputs`` set the run writes:
+    :func:`write_outputs` replaces the set's files and removes the others of an earlier run, so
+    that ``out`` never mixes two runs' files.
 
     Args:
         out: the ``--out`` folder. inputs: ``{argument name: path}`` of every input file.
-        overwrite: allow replacing the files ``names`` of an earlier run in ``out``.
-        names: the files the command writes into ``out``.
+        overwrite: allow replacing (or removing) the files of :data:`OUTPUT_FILES` in ``out``.
         needed_bytes: a rough size of the outputs, checked against the free disk space.
 
     Returns:
@@ -220,11 +223,11 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
             enough free disk space. Each message names the argument.
     """
     out = output_folder(out)
-    targets = {(out / n).resolve() for n in names}
+    targets = {(out / n).resolve() for n in OUTPUT_FILES}
     for arg, path in inputs.items():
         if path is not None and Path(path).resolve() in targets:
             raise ValueError(f"`{arg}` is {path}, which `--out` {out} would overwrite; choose another --out")
-    earlier = [n for n in names if (out / n).exists()]
+    earlier = [n for n in OUTPUT_FILES if (out / n).exists()]
     if earlier and not overwrite:
         raise ValueError(f"`--out` {out} already holds results of an earlier run ({', '.join(earlier)});"
                          " pass --overwrite to replace them or choose a new --out")
@@ -620,7 +623,8 @@ def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: 
     if "dice_after" in metrics:
         title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
     registration_figure(path, normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
-                        normalize_intensity(warped), lam, disp_np, jac, inputs.geometry.array_spacing, title=title)
+                        normalize_intensity(warped), lam, disp_np, jac, inputs.geometry.array_spacing, title=title,
+                        direction=inputs.geometry.direction)
 
 
 def align_solve_measure(inputs: Inputs, solver: Solver, config: Any, device: torch.device, *, affine: str = "affine",
@@ -668,13 +672,13 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
     given = {"FIXED": fixed, "MOVING": moving, "--fixed-labels": fixed_labels, "--moving-labels": moving_labels,
              "--fixed-mask": fixed_mask, "--moving-mask": moving_mask, "--fixed-landmarks": fixed_landmarks,
              "--moving-landmarks": moving_landmarks, "--config": config, "--weights": weights, "--region-lambda": region_lambda}
-    check_outputs(out, given, overwrite=overwrite, names=names)
+    check_outputs(out, given, overwrite=overwrite)
     t_read = time.perf_counter()
     inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask,
                          fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks)
     t_read = time.perf_counter() - t_read
     # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
-    check_outputs(out, given, overwrite=overwrite, names=names,
+    check_outputs(out, given, overwrite=overwrite,
                   needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
     return Prepared(Path(out), names, inputs, prealign(inputs, affine, init, affine_metric), t_read)
 

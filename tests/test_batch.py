@@ -160,7 +160,7 @@ def test_batch_records_failures_goes_on_and_resumes_without_redoing(layout, tmp_
 
 
 @pytest.mark.slow
-def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp_path, monkeypatch):
+def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp_path, monkeypatch, capsys):
     import hybridreg.batch as batch
 
     manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "synthseg_16"), _pair("synthseg_16", "vxm")],
@@ -175,6 +175,7 @@ def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp
 
     monkeypatch.setattr(batch, "finish_pair", interrupted)
     assert main(_batch(manifest, out)) == 130
+    assert "interrupted; the finished pairs are kept in --out; run the same command again to resume" in capsys.readouterr().err
     assert [p.name for p in (out / "pairs").iterdir()] == ["vxm__synthseg_12"]
     assert not list(out.glob("pairs/.*partial*"))
     calls.clear()

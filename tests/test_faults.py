@@ -157,6 +157,34 @@ def test_fault_gives_one_line_exit_2_and_loses_nothing(case, files, earlier, cap
     assert sorted(p.name for p in earlier.parent.iterdir()) == parent_before  # no staging folder, no new --out
 
 
+@pytest.mark.parametrize("outputs", ["transforms", "metrics"])
+def test_a_smaller_output_set_does_not_remove_the_users_files(files, tmp_path, capsys, outputs):
+    """Files named like the outputs of another set (a run would remove them so that the folder
+    holds one run's files) are refused without --overwrite; an input among them always."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("warped.nii.gz", "jacobian.nii.gz", "figure.png"):
+        (out / name).write_bytes(b"the user's " + name.encode())
+    shutil.copy(files["moving"], out / "inverse_displacement.nii.gz")
+    before = _snapshot(out)
+    for extra, fragment in (((), "earlier run"), (("--overwrite",), "would overwrite")):
+        moving = out / "inverse_displacement.nii.gz" if extra else None
+        rc = main([str(a) for a in _register(files, out, "--outputs", outputs, *extra, moving=moving)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and fragment in err[0], err
+        assert _snapshot(out) == before
+
+
+def test_apply_inverse_says_which_file_the_folder_lacks(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_register(files, out, "--outputs", "transforms")) == 0
+    capsys.readouterr()
+    rc = main(["apply", str(out), str(files["fixed_labels"]), "--labels", "--inverse", "--out", str(tmp_path / "b.nii.gz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds no inverse_transform.h5 (written by --outputs all only)" in err[0], err
+    assert not (tmp_path / "b.nii.gz").exists()
+
+
 def test_overwrite_replaces_earlier_results(files, tmp_path):
     out = tmp_path / "out"
     assert main(_register(files, out)) == 0
