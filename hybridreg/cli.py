@@ -69,10 +69,11 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
     ref = read_image(reference, arg="--reference")[1] if reference is not None else None
     if p.is_dir():
         name = "inverse_transform.h5" if inverse else "transform.h5"
-        if not (p / name).is_file() or not (p / "metrics.json").is_file():
-            missing = " and ".join(n for n in (name, "metrics.json") if not (p / n).is_file())
-            why = " (written by --outputs all only)" if inverse and (p / "metrics.json").is_file() else ""
-            raise CLIError(f"`TRANSFORM`: {p} holds no {missing}{why}: pass a `hybridreg register` output folder that has it")
+        missing = [n for n in (name, "metrics.json") if not (p / n).is_file()]
+        if missing:
+            why = " (written by --outputs all only)" if missing == ["inverse_transform.h5"] else ""
+            raise CLIError(f"`TRANSFORM`: {p} holds no {' and '.join(missing)}{why}: pass a `hybridreg register` output folder"
+                           " that has it")
         inputs = json.loads((p / "metrics.json").read_text())["inputs"]
         return read_transform(p / name), ref or Geometry(**{k: tuple(v) for k, v in inputs["moving_grid" if inverse else "grid"].items()})
     if str(p).lower().endswith((".h5", ".hdf5", ".mat", ".txt", ".tfm")):
