@@ -66,7 +66,7 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
     import SimpleITK as sitk
 
     p = Path(transform)
-    ref = read_image(reference, arg="--reference")[1] if reference is not None else None
+    ref = read_image(reference, arg="--reference", nan="keep")[1] if reference is not None else None
     if p.is_dir():
         name = "inverse_transform.h5" if inverse else "transform.h5"
         missing = [n for n in (name, "metrics.json") if not (p / n).is_file()]
@@ -101,6 +101,8 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
     mapped onto the moving image), an ITK transform file (``.h5``, ``.mat``, ``.txt``, with
     ``reference`` giving the output grid; ``inverse`` inverts an affine), or a displacement field
     image (output on its grid). Transforms map output points to ``image`` points (LPS, mm).
+    NaN voxels of ``image`` (no data) stay NaN, and spread to the output points whose linear
+    interpolation uses them.
 
     Raises:
         FileNotFoundError, ValueError: unreadable inputs, a field with NaN/Inf, a transform of
@@ -120,7 +122,7 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
     if out.exists() and not overwrite:
         raise CLIError(f"`--out` {out} exists; pass --overwrite to replace it")
     tx, grid = _transform_and_grid(transform, inverse, reference)
-    arr, geo = read_labels(image, arg="IMAGE") if labels else read_image(image, arg="IMAGE")
+    arr, geo = read_labels(image, arg="IMAGE") if labels else read_image(image, arg="IMAGE", nan="keep")  # NaN: no data
     if geo.dim != tx.GetDimension():
         raise CLIError(f"`IMAGE` is {geo.dim}D but `TRANSFORM` is {tx.GetDimension()}D")
     try:
@@ -190,6 +192,9 @@ def tune_command(args: argparse.Namespace) -> None:
 
 def _print_summary(m: dict, out: Path) -> None:
     print(f"wrote {out}/: " + ", ".join(m.get("outputs", OUTPUT_FILES)))
+    for name, n in m["inputs"].get("nan_voxels", {}).items():
+        if n:
+            print(f"{name.upper()}: {n} NaN voxels treated as outside the image (left out of the image match)")
     if "dice_after" in m:
         print(f"mean Dice over {len(m['labels_scored'])} structures: {m['dice_before']['mean']:.3f} -> {m['dice_after']['mean']:.3f}")
     if "hd95_mm_after" in m:

@@ -113,7 +113,10 @@ class Geometry:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
 
 
-def _read(path: str | os.PathLike, arg: str) -> sitk.Image:
+def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | None]:
+    """The image at ``path`` and, for a NIfTI file, where its data hold NaN (a boolean array in
+    ``GetArrayFromImage`` order, or ``None`` if nowhere): SimpleITK's NIfTI reader returns
+    those voxels as 0. Raises ``FileNotFoundError`` / ``ValueError`` naming ``arg``."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"`{arg}`: file not found: {p}")
@@ -122,17 +125,35 @@ def _read(path: str | os.PathLike, arg: str) -> sitk.Image:
     try:
         img = sitk.ReadImage(str(p))
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise ValueError(f"`{arg}`: cannot read {p} as an image (corrupt or unsupported format): {msg}") from None
-    if p.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti(p, arg)
-    return img
+        raise ValueError(f"`{arg}`: cannot read {p} as an image (corrupt or unsupported format): {_itk_reason(e)}") from None
+    nan = _check_nifti(p, arg) if p.name.lower().endswith((".nii", ".nii.gz")) else None
+    if nan is not None:
+        nan = nan.T.reshape(-1, *sitk.GetArrayViewFromImage(img).shape[:img.GetDimension()]).any(0)  # any component
+    return img, nan
 
 
-def _check_nifti(p: Path, arg: str) -> None:
+def _itk_reason(e: RuntimeError) -> str:
+    """ITK's reason for a failed read, on one line: the text after ``ITK ERROR: <object>):`` or
+    ``sitk::ERROR:`` (ITK's messages start with the source file and line, and may span lines)."""
+    text = " ".join(str(e).split())
+    for marker in ("ITK ERROR:", "sitk::ERROR:"):
+        if marker in text:
+            reason = text.split(marker, 1)[1].strip()
+            return reason.split("): ", 1)[1] if marker == "ITK ERROR:" and "): " in reason else reason
+    return text or "unreadable"
+
+
+def _check_nifti(p: Path, arg: str) -> np.ndarray | None:
     """Read a NIfTI file's data a second time with nibabel, which SimpleITK's NIfTI reader
     cannot replace: that reader pads a truncated file with zeros and reads NaN/Inf voxels as
-    0. nibabel raises on data shorter than the header promises and keeps NaN/Inf."""
+    0. nibabel raises on data shorter than the header promises and keeps NaN/Inf.
+
+    Returns:
+        where the data are NaN (boolean, nibabel's axis order), or ``None`` if nowhere.
+
+    Raises:
+        ValueError: a truncated or corrupt file, or Inf values.
+    """
     import nibabel as nib
 
     try:
@@ -140,12 +161,21 @@ def _check_nifti(p: Path, arg: str) -> None:
     except Exception as e:  # noqa: BLE001 -- nibabel raises OSError, EOFError, zlib errors ... for damaged files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"`{arg}`: {p} is truncated or corrupt (less data than its header promises): {msg}") from None
-    if data.dtype.kind in "fc" and not np.isfinite(data).all():
-        raise ValueError(f"`{arg}`: {p} contains NaN or Inf values")
+    if data.dtype.kind not in "fc":
+        return None
+    if np.isinf(data).any():
+        raise ValueError(f"`{arg}`: {p} contains Inf values")
+    nan = np.isnan(data)
+    return nan if nan.any() else None
 
 
-def read_image(path: str | os.PathLike, *, arg: str = "image") -> tuple[np.ndarray, Geometry]:
+def read_image(path: str | os.PathLike, *, arg: str = "image", nan: str = "refuse") -> tuple[np.ndarray, Geometry]:
     """Read a scalar 2D/3D image as float32.
+
+    Args:
+        nan: what NaN voxels mean: ``"refuse"`` (an error) or ``"keep"`` (returned as NaN,
+            for the caller to treat as outside the image, as :func:`hybridreg.service.read_inputs`
+            does: SPM and other tools write NaN where there are no data).
 
     Returns:
         ``(array, geometry)``, array in ``GetArrayFromImage`` order.
@@ -153,16 +183,23 @@ def read_image(path: str | os.PathLike, *, arg: str = "image") -> tuple[np.ndarr
     Raises:
         FileNotFoundError: missing file. ValueError: corrupt or truncated file (NIfTI data
         are read a second time with nibabel to catch what SimpleITK's reader hides), vector
-        image, wrong dimension, or NaN/Inf values. Messages name ``arg``.
+        image, wrong dimension, Inf values, or NaN values with ``nan="refuse"``. Messages
+        name ``arg``.
     """
-    img = _read(path, arg)
+    if nan not in ("refuse", "keep"):
+        raise ValueError(f"read_image(): `nan` must be 'refuse' or 'keep', got {nan!r}")
+    img, nifti_nan = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"`{arg}`: expected a scalar image, {path} has {img.GetNumberOfComponentsPerPixel()} components")
     if img.GetDimension() not in (2, 3):
         raise ValueError(f"`{arg}`: expected a 2D or 3D image, {path} is {img.GetDimension()}D")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
+    if nifti_nan is not None:
+        arr[nifti_nan] = np.nan
+    if np.isinf(arr).any():
+        raise ValueError(f"`{arg}`: {path} contains Inf values")
+    if nan == "refuse" and np.isnan(arr).any():
+        raise ValueError(f"`{arg}`: {path} contains NaN values")
     return arr, Geometry.of(img)
 
 
@@ -173,10 +210,12 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
         FileNotFoundError, ValueError: as :func:`read_image`, plus non-integer values and
         labels outside ``0 .. 2**31 - 1`` (negative IDs, or uint32 IDs that would wrap).
     """
-    img = _read(path, arg)
+    img, nifti_nan = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() not in (2, 3):
         raise ValueError(f"`{arg}`: expected a scalar 2D or 3D label map: {path}")
     arr = sitk.GetArrayFromImage(img)
+    if nifti_nan is not None:
+        raise ValueError(f"`{arg}`: {path} contains NaN values")
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
@@ -317,14 +356,14 @@ def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> 
         FileNotFoundError, ValueError: missing/corrupt file, not a d-component field, or
         NaN/Inf values.
     """
-    img = _read(path, arg)
+    img, nifti_nan = _read(path, arg)
     if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
         raise ValueError(
             f"`{arg}`: {path} is not a displacement field ({img.GetNumberOfComponentsPerPixel()} components"
             f" for a {img.GetDimension()}D image)"
         )
     img = sitk.Cast(img, sitk.sitkVectorFloat64)
-    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+    if nifti_nan is not None or not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
         raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
     return img
 

@@ -217,11 +217,17 @@ def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, c
 def _warp_with_mask(image: torch.Tensor, mask: torch.Tensor | None, disp: torch.Tensor,
                     voxel_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``image`` and its optional ``(B, 1, ...)`` ``mask`` warped by ``disp`` in one sampling
-    of both (:func:`hybridreg.spatial.warp`); the mask is ``None`` when none is given."""
+    of both (:func:`hybridreg.spatial.warp`); the mask is ``None`` when none is given.
+
+    The warped mask is detached: it selects the voxels of the image match, as the masks of
+    ITK's image metrics do, and no gradient flows through it. Differentiated, it lets the
+    optimizer shrink the mask's weight over poorly matched voxels and lower the masked mean
+    by folding the mask's edge onto them (a slab of NaN voxels left out of the match by a
+    moving mask drove SDlogJ from 0.27 to 0.72, with folding, on the demo pair)."""
     if mask is None:
         return warp(image, disp, voxel_map=voxel_map), None
-    both = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map)
-    return tuple(both.split([image.shape[1], 1], 1))
+    warped, warped_mask = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map).split([image.shape[1], 1], 1)
+    return warped, warped_mask.detach()
 
 
 def evaluate(
@@ -253,8 +259,10 @@ def evaluate(
             the moving image is sampled on its own grid at ``M(x + u(x))``, one interpolation.
         fixed_mask: optional ``(B, 1, *spatial)`` weights in [0, 1] on the fixed grid;
             moving_mask: optional ``(B, 1, *moving_spatial)`` weights on the moving grid,
-            warped with the moving image. With either, the similarity is the mean of its
-            per-voxel map weighted by their product (the image match is restricted to them).
+            warped with the moving image. With either, the similarity is the sum of its
+            per-voxel map weighted by their product, divided by the number of voxels (the
+            image match is restricted to them: a voxel outside adds nothing, one inside keeps
+            its weight against the prior, so a mask does not change the balance of the two).
             With ``config.symmetric`` both images and masks are warped half-way first.
         per_pair: ``False``: each term is a 0-dim tensor, the mean over the batch.
             ``True``: each term is ``(B,)``, pair ``b``'s energy exactly as if it were
@@ -315,15 +323,20 @@ def evaluate(
                 sim = local_variance(target, config.lncc_window) * (1.0 + sim)
         else:
             sim = mse(target, matched, sigma=0.5**0.5 if profiled else config.mse_sigma, reduction="none")
-        if masked:
+        inside = 1.0  # profiled: the share of the voxels in the image match
+        if masked:  # a voxel outside adds nothing; one inside keeps its weight against the prior
             weight = (target_mask if target_mask is not None else 1.0) * (matched_mask if matched_mask is not None else 1.0)
             weight = torch.broadcast_to(weight, sim.shape)
             dims = tuple(range(1, sim.dim())) if per_pair or profiled else tuple(range(sim.dim()))
-            sim = (sim * weight).sum(dims) / weight.sum(dims).clamp_min(1.0)
+            if profiled:  # σ²'s MAP: the mean squared residual over the mask
+                inside = weight.mean(dims)
+                sim = (sim * weight).sum(dims) / weight.sum(dims).clamp_min(1e-12)
+            else:
+                sim = (sim * weight).mean(dims)
         else:
             sim = reduce_map(sim, "batch" if per_pair or profiled else "mean", fn="evaluate")
         if profiled:
-            sim = 0.5 + 0.5 * torch.log(2.0 * math.pi * sim.clamp_min(1e-12))
+            sim = inside * (0.5 + 0.5 * torch.log(2.0 * math.pi * sim.clamp_min(1e-12)))
             sim = sim if per_pair else sim.mean()
 
     if lam_grid == spatial and spatial != control:

@@ -27,7 +27,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +79,8 @@ class Inputs:
         labels: the labels scored. fixed_mask, moving_mask: binary masks or ``None``.
         paths: the input paths as given (for ``metrics.json``).
         fixed_landmarks, moving_landmarks: corresponding points ``(n, d)``, LPS mm, or ``None``.
+        nan_voxels: ``{"fixed": n, "moving": n}``, the NaN voxels of each image, treated as
+            outside it (filled with its lowest value and left out of the image match by its mask).
     """
 
     fixed: np.ndarray
@@ -93,6 +95,7 @@ class Inputs:
     moving_mask: np.ndarray | None = None
     fixed_landmarks: np.ndarray | None = None
     moving_landmarks: np.ndarray | None = None
+    nan_voxels: dict[str, int] = field(default_factory=lambda: {"fixed": 0, "moving": 0})
 
     def image(self, which: str) -> sitk.Image:
         """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
@@ -263,6 +266,11 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
     """Read and check a pair: FIXED and MOVING on any grids (own size, spacing, origin,
     direction; same dimension), each label map and mask on its own image's grid.
 
+    NaN voxels of FIXED or MOVING mean "no data" (SPM, for one, writes NaN outside the brain):
+    they are filled with the image's lowest value and left out of the image match by being
+    taken out of its mask (a mask of the other voxels where none is given), in the affine and
+    the deformable stage; ``Inputs.nan_voxels`` counts them.
+
     Args:
         eval_labels: label policy of :func:`hybridreg.metrics.scored_labels`, or the CLI's
             ``--eval-labels`` string (``auto``, ``all`` or ``2,3,...``).
@@ -273,12 +281,13 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
 
     Raises:
         FileNotFoundError, ValueError: missing or corrupt files, images of different
-            dimensions, a label map or mask not on its image's grid, NaN/Inf, labels given for
-            one image only or sharing no label, empty or non-binary masks, landmarks given for
-            one image only or in different numbers; each names its argument.
+            dimensions, a label map or mask not on its image's grid, Inf, an image with no
+            number (every voxel NaN, or every one inside its mask), labels given for one image
+            only or sharing no label, empty or non-binary masks, landmarks given for one image
+            only or in different numbers; each names its argument.
     """
-    f_arr, f_geo = read_image(fixed, arg="FIXED")
-    m_arr, m_geo = read_image(moving, arg="MOVING")
+    f_arr, f_geo = read_image(fixed, arg="FIXED", nan="keep")
+    m_arr, m_geo = read_image(moving, arg="MOVING", nan="keep")
     if f_geo.dim != m_geo.dim:
         raise ValueError(f"`MOVING` is {m_geo.dim}D but `FIXED` is {f_geo.dim}D")
     if (fixed_labels is None) != (moving_labels is None):
@@ -301,7 +310,17 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
             labels = scored_labels(fl, ml, eval_labels)
         except ValueError as e:
             raise ValueError(f"`--eval-labels` / `--fixed-labels` / `--moving-labels`: {e}") from None
-    for name, arr in (("FIXED", f_arr), ("MOVING", m_arr)):
+    nan_voxels = {}
+    for name, arr, mask_arg in (("FIXED", f_arr, "--fixed-mask"), ("MOVING", m_arr, "--moving-mask")):
+        nan = np.isnan(arr)
+        nan_voxels[name.lower()] = int(nan.sum())
+        if nan.any():
+            valid = ~nan if mask_arg not in on_grid else (on_grid[mask_arg] > 0) & ~nan
+            if not valid.any():
+                raise ValueError(f"`{name}` holds no number inside `{mask_arg}`: its voxels there are NaN (no data)"
+                                 if mask_arg in on_grid else f"`{name}` holds no number: every voxel is NaN (no data)")
+            arr[nan] = arr[~nan].min()
+            on_grid[mask_arg] = valid.astype(np.int32)
         if float(arr.max()) == float(arr.min()):
             raise ValueError(f"`{name}` is constant: there is nothing to register")
     if (fixed_landmarks is None) != (moving_landmarks is None):
@@ -319,7 +338,7 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
              "fixed_landmarks": str(fixed_landmarks) if fixed_landmarks else None,
              "moving_landmarks": str(moving_landmarks) if moving_landmarks else None}
     return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"),
-                  fp, mp)
+                  fp, mp, nan_voxels)
 
 
 @dataclass
@@ -483,7 +502,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "solver": solver_name,
         "device": str(dev),
         "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict(),
-                   "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict()},
+                   "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict(),
+                   "nan_voxels": dict(inputs.nan_voxels)},  # treated as outside the image (read_inputs)
         "jacobian_method": "central differences (torch.gradient), whole image grid",
         "lambda": {"mode": getattr(solved.config, "lambda_mode", None),  # map: "mean" is the pair's MAP estimate
                    "mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},

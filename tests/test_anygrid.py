@@ -4,6 +4,8 @@ the transforms ``register`` writes applied by SimpleITK alone."""
 
 import json
 
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -90,7 +92,10 @@ def test_scans_on_two_grids_register_on_the_gpu_with_every_output(runs, solver, 
         assert m["dice_after"]["mean"] == pytest.approx(runs["metrics"]["moved"]["dice_after"]["mean"], abs=0.01)
 
 
-def test_masked_similarity_is_the_mean_over_the_mask():
+def test_masked_similarity_leaves_out_the_voxels_outside_the_mask():
+    """Voxels outside the mask add nothing and those inside keep their unmasked weight (the
+    sum over the mask divided by all voxels), so a mask leaves the balance with the prior as it
+    is; MAP's profiled σ² is the mean squared residual over the mask."""
     g = torch.Generator().manual_seed(0)
     f, m = torch.rand(1, 1, 8, 10, 12, generator=g), torch.rand(1, 1, 8, 10, 12, generator=g)
     v, lam = torch.zeros(1, 3, 8, 10, 12), torch.ones(1, 1, 1, 1, 1)
@@ -100,8 +105,12 @@ def test_masked_similarity_is_the_mean_over_the_mask():
     full = evaluate(f, m, v, lam, cfg)
     masked = evaluate(f, m, v, lam, cfg, fixed_mask=mask)
     per_voxel = ((f - m) ** 2 / (2 * cfg.mse_sigma**2))
-    assert float(masked.terms.similarity) == pytest.approx(float(per_voxel[..., :5, :].mean()), rel=1e-5)
+    assert float(masked.terms.similarity) == pytest.approx(float(per_voxel[..., :5, :].sum()) / per_voxel.numel(), rel=1e-5)
     assert float(full.terms.similarity) == pytest.approx(float(per_voxel.mean()), rel=1e-5)
+    map_cfg = ObjectiveConfig(similarity="mse", hyperprior="none", log_det=True)
+    sigma2 = float(((f - m) ** 2)[..., :5, :].mean())  # the squared residual's mean over the mask
+    expected = (0.5 + 0.5 * math.log(2 * math.pi * sigma2)) * 0.5  # half the voxels are inside
+    assert float(evaluate(f, m, v, lam, map_cfg, fixed_mask=mask).terms.similarity) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -100,10 +100,10 @@ def files(tmp_path, bundled):
     f, m = bundled
     geo = Geometry.of(sitk.ReadImage(str(f.image_path)))
     d = {"fixed": str(f.image_path), "moving": str(m.image_path), "fl": str(f.labels_path), "ml": str(m.labels_path)}
-    nan = f.image.copy()
-    nan[10, 10, 10] = np.nan
-    write_image(tmp_path / "nan.mha", nan, geo)
-    d["nan"] = str(tmp_path / "nan.mha")
+    inf = f.image.copy()
+    inf[10, 10, 10] = np.inf
+    write_image(tmp_path / "inf.mha", inf, geo)
+    d["inf"] = str(tmp_path / "inf.mha")
     small = Geometry(tuple(n - 2 for n in geo.size), geo.spacing, geo.origin, geo.direction)
     write_image(tmp_path / "small.nii.gz", f.image[1:-1, 1:-1, 1:-1], small)
     d["small"] = str(tmp_path / "small.nii.gz")
@@ -129,7 +129,7 @@ def files(tmp_path, bundled):
     [
         (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["small_labels"], "--moving-labels", d["ml"]], "different grids"),
         (lambda d: [d["fixed"], d["2d"]], "MOVING.* is 2D but `FIXED` is 3D"),
-        (lambda d: [d["fixed"], d["nan"]], "MOVING.*NaN"),
+        (lambda d: [d["fixed"], d["inf"]], "MOVING.*Inf"),
         (lambda d: [d["fixed"], d["fixed"] + ".missing"], "MOVING.*not found"),
         (lambda d: [d["corrupt"], d["moving"]], "FIXED.*cannot read"),
         (lambda d: [d["fixed"], d["moving"], "--fixed-labels", d["frac"], "--moving-labels", d["ml"]], "--fixed-labels.*non-integer"),

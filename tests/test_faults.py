@@ -38,13 +38,19 @@ def files(tmp_path_factory):
         sitk.WriteImage(sitk.ReadImage(str(path))[sl[2], sl[1], sl[0]], str(paths[key]))
     img = sitk.ReadImage(str(paths["moving"]), sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(img)
-    for name, value in (("nan", np.nan), ("inf", np.inf)):
+    for name, value in (("nan", np.nan), ("inf", np.inf), ("all_nan", np.nan)):
         bad = arr.copy()
-        bad[5, 5, 5] = value
+        bad[(slice(None),) * 3 if name == "all_nan" else (5, 5, 5)] = value
         out = sitk.GetImageFromArray(bad)
         out.CopyInformation(img)
         paths[name] = root / f"{name}.nii.gz"
         sitk.WriteImage(out, str(paths[name]))
+    one = np.zeros(arr.shape, np.uint8)
+    one[5, 5, 5] = 1  # a moving mask over the NaN voxel alone
+    nan_mask = sitk.GetImageFromArray(one)
+    nan_mask.CopyInformation(img)
+    paths["nan_mask"] = root / "nan_mask.nii.gz"
+    sitk.WriteImage(nan_mask, str(paths["nan_mask"]))
     raw = root / "moving.nii"
     sitk.WriteImage(img, str(raw))
     blob = raw.read_bytes()
@@ -98,8 +104,10 @@ CASES = [
     ("out-is-a-file", lambda p, o: _register(p, o / "metrics.json"), 2, "not a folder"),
     ("truncated-nii", lambda p, o: _register(p, o / "new", moving=p["short_nii"]), 2, "truncated"),
     ("truncated-nii-gz", lambda p, o: _register(p, o / "new", moving=p["short_niigz"]), 2, "truncated"),
-    ("nan-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["nan"]), 2, "NaN or Inf"),
-    ("inf-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["inf"]), 2, "NaN or Inf"),
+    ("all-nan-nifti", lambda p, o: _register(p, o / "new", moving=p["all_nan"]), 2, "every voxel is NaN"),
+    ("nan-outside-moving-mask", lambda p, o: _register(p, o / "new", "--moving-mask", p["nan_mask"], moving=p["nan"]), 2,
+     "no number inside `--moving-mask`"),
+    ("inf-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["inf"]), 2, "contains Inf values"),
     ("lr-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr"]), 2, "`lr`"),
     ("lr-lambda-1e30", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr_lambda"]), 2, "`lr_lambda`"),
     ("smoothing-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_smoothing"]), 2, "`velocity_smoothing`"),
@@ -183,6 +191,35 @@ def test_apply_inverse_says_which_file_the_folder_lacks(files, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "holds no inverse_transform.h5 (written by --outputs all only)" in err[0], err
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+def test_nan_voxels_are_outside_the_image(files, tmp_path, capsys):
+    """A NaN voxel (no data: SPM writes NaN outside the brain) is filled and left out of the
+    image match; the run says so and counts it in metrics.json; the outputs hold no NaN;
+    ``apply`` keeps NaN voxels as NaN."""
+    import json
+
+    from hybridreg.io import read_image
+
+    out = tmp_path / "out"
+    assert main(_register(files, out, moving=files["nan"])) == 0
+    assert "MOVING: 1 NaN voxels treated as outside the image" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["inputs"]["nan_voxels"] == {"fixed": 0, "moving": 1} and m["folding_percent"] < 0.01
+    assert np.isfinite(read_image(out / "warped.nii.gz", nan="keep")[0]).all()
+    img = sitk.ReadImage(str(files["moving"]), sitk.sitkFloat32)
+    slab = sitk.GetArrayFromImage(img)
+    slab[14:18] = np.nan
+    nan_slab = sitk.GetImageFromArray(slab)
+    nan_slab.CopyInformation(img)
+    sitk.WriteImage(nan_slab, str(tmp_path / "slab.nii.gz"))
+    zero = sitk.Image(img.GetSize(), sitk.sitkVectorFloat64, 3)  # the identity, as a displacement field
+    zero.CopyInformation(img)
+    sitk.WriteImage(zero, str(tmp_path / "identity.nii.gz"))
+    assert main(["apply", str(tmp_path / "identity.nii.gz"), str(tmp_path / "slab.nii.gz"), "--out",
+                 str(tmp_path / "applied.nii.gz")]) == 0
+    applied = read_image(tmp_path / "applied.nii.gz", nan="keep")[0]  # SimpleITK's NIfTI reader returns NaN as 0
+    assert np.array_equal(np.isnan(applied), np.isnan(slab))  # apply keeps no data as NaN
 
 
 def test_overwrite_replaces_earlier_results(files, tmp_path):

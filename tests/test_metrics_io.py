@@ -187,8 +187,9 @@ def test_io_errors_name_the_argument(tmp_path):
     nan = np.zeros((4, 4, 4), np.float32)
     nan[1, 1, 1] = np.nan
     write_image(tmp_path / "nan.mha", nan, geo)  # NIfTI writers may zero NaNs; MetaImage keeps them
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="FIXED.*NaN"):
         read_image(tmp_path / "nan.mha", arg="FIXED")
+    assert np.isnan(read_image(tmp_path / "nan.mha", arg="FIXED", nan="keep")[0]).sum() == 1
     write_image(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 0.5, np.float32), geo)
     with pytest.raises(ValueError, match="non-integer"):
         read_labels(tmp_path / "frac.nii.gz", arg="--fixed-labels")
@@ -274,3 +275,28 @@ def test_register_reports_tre_of_a_shifted_scan(tmp_path, capsys):
     assert main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--out", str(tmp_path / "o2"),
                  "--fixed-landmarks", str(tmp_path / "points.csv")]) == 2
     assert "--fixed-landmarks` and `--moving-landmarks` must be given together" in capsys.readouterr().err
+
+
+def test_nifti_nan_voxels_are_found_where_nibabel_has_them(tmp_path):
+    """SimpleITK's NIfTI reader returns NaN voxels as 0; read_image takes their places from
+    nibabel's copy (axes reversed), on a grid whose three sizes differ, and with a trailing
+    singleton axis; Inf and NaN in label maps are refused."""
+    import nibabel as nib
+
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    data[1, 2, 3] = data[4, 0, 6] = np.nan
+    affine = np.diag([1.0, 2.0, 1.5, 1.0])
+    for name, arr in (("a.nii.gz", data), ("b.nii", data[..., None])):
+        nib.save(nib.Nifti1Image(arr, affine), tmp_path / name)
+        with pytest.raises(ValueError, match="MOVING.*NaN"):
+            read_image(tmp_path / name, arg="MOVING")
+        kept, geo = read_image(tmp_path / name, arg="MOVING", nan="keep")
+        assert kept.shape == (7, 6, 5) and geo.spacing == (1.0, 2.0, 1.5)
+        assert sorted(zip(*np.nonzero(np.isnan(kept)))) == [(3, 2, 1), (6, 0, 4)]
+        assert np.array_equal(kept[~np.isnan(kept)], data.T[~np.isnan(data.T)])
+        with pytest.raises(ValueError, match="--fixed-labels.*NaN"):
+            read_labels(tmp_path / name, arg="--fixed-labels")
+    data[1, 2, 3] = np.inf
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "inf.nii.gz")
+    with pytest.raises(ValueError, match="FIXED.*Inf"):
+        read_image(tmp_path / "inf.nii.gz", arg="FIXED", nan="keep")

@@ -267,6 +267,35 @@ def test_symmetric_energy_is_the_mid_space_match():
     assert torch.isfinite(t.total) and float(vg.grad.abs().sum()) > 0
 
 
+def test_the_warped_mask_selects_voxels_and_carries_no_gradient():
+    """The moving mask is warped with the image but not differentiated (as ITK's metric masks):
+    the similarity's gradient is that of the masked sum (over all voxels' number) with the warped
+    mask held fixed."""
+    from hybridreg.spatial import scaling_and_squaring, warp
+
+    torch.manual_seed(2)
+    shape = (6, 7, 5)
+    f, m = torch.rand(1, 1, *shape, dtype=torch.float64), torch.rand(1, 1, *shape, dtype=torch.float64)
+    mask = torch.zeros(1, 1, *shape, dtype=torch.float64)
+    mask[..., 1:5, 2:6, 1:4] = 1
+    lam = torch.ones(1, 1, *shape, dtype=torch.float64)
+    cfg = ObjectiveConfig(similarity="mse", svf_steps=2, hyperprior="none")
+    v = _smooth_field(f.shape, 0.8, 2).requires_grad_()
+    evaluate(f, m, v, lam, cfg, moving_mask=mask).terms.similarity.backward()
+    ours = v.grad.clone()
+    v.grad = None
+    disp = scaling_and_squaring(v, cfg.svf_steps)
+    with torch.no_grad():
+        held = warp(mask, disp)
+    per_voxel = (f - warp(m, disp)) ** 2 / (2 * cfg.mse_sigma**2)
+    (per_voxel * held).mean().backward()
+    assert torch.allclose(ours, v.grad, rtol=1e-10, atol=1e-12)
+    v.grad = None
+    moving_weight = warp(mask, scaling_and_squaring(v, cfg.svf_steps))  # differentiated, the mask's edge pulls on v
+    (per_voxel.detach() * moving_weight).mean().backward()
+    assert float(v.grad.abs().max()) > 1e-3
+
+
 def test_symmetric_energy_gradcheck():
     torch.manual_seed(1)
     f, m = torch.rand(1, 1, 6, 7, 5, dtype=torch.float64), torch.rand(1, 1, 6, 7, 5, dtype=torch.float64)
