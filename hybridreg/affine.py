@@ -177,6 +177,14 @@ def _coarsen(image: sitk.Image, mm: float) -> sitk.Image:
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
+def _mass(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """The intensity above the image's lowest value, inside ``mask`` if given: the mass whose
+    centre ``init="moments"`` takes (ITK's initialiser weighs raw intensities and ignores
+    masks, so a background or a no-data fill above 0 would pull the centre to the grid's)."""
+    mass = image - float(sitk.GetArrayViewFromImage(image).min())
+    return mass * sitk.Cast(mask > 0, mass.GetPixelID()) if mask is not None else mass
+
+
 def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: str = "geometry", metric: str = "ncc",
           fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
           levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0), iterations: int = 100, samples: int = 50_000,
@@ -185,7 +193,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     """Affine pre-alignment of MOVING to FIXED: scalar 2D/3D images, same dimension, any grids.
 
     ``init``: ``sitk.CenteredTransformInitializer`` by the image centres (``"geometry"``) or
-    centres of mass (``"moments"``). ``kind``: ``"none"`` (identity), ``"rigid"`` (Euler) or
+    centres of mass (``"moments"``: of the intensity above each image's lowest value, inside
+    its mask if given). ``kind``: ``"none"`` (identity), ``"rigid"`` (Euler) or
     ``"affine"`` (rigid, then affine: ANTs' default chain). Each stage runs regular-step
     gradient descent (scales and first step from physical shift, step halved when the gradient
     turns, ≤ ``iterations`` per level) over a pyramid whose voxel sizes approach ``levels_mm``
@@ -241,7 +250,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
     rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
     mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
-    rigid = type(rigid)(sitk.CenteredTransformInitializer(fixed, moving, rigid, mode))
+    rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
     f_arr = sitk.GetArrayViewFromImage(fixed)
     fg = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else f_arr > f_arr.min()
     frac = _overlap(fixed, moving, fg if fg.any() else np.ones_like(fg), rigid)

@@ -122,11 +122,14 @@ def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | N
         raise FileNotFoundError(f"`{arg}`: file not found: {p}")
     if not p.is_file():
         raise ValueError(f"`{arg}`: not a file: {p}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        img = sitk.ReadImage(str(p))
+        img = reader.Execute()
     except RuntimeError as e:
         raise ValueError(f"`{arg}`: cannot read {p} as an image (corrupt or unsupported format): {_itk_reason(e)}") from None
-    nan = _check_nifti(p, arg) if p.name.lower().endswith((".nii", ".nii.gz")) else None
+    # NIfTI by ITK's reader, not the suffix: SPM's .hdr/.img pairs too
+    nan = _check_nifti(p, arg) if reader.GetImageIOFromFileName(str(p)) == "NiftiImageIO" else None
     if nan is not None:
         nan = nan.T.reshape(-1, *sitk.GetArrayViewFromImage(img).shape[:img.GetDimension()]).any(0)  # any component
     return img, nan
@@ -136,9 +139,10 @@ def _itk_reason(e: RuntimeError) -> str:
     """ITK's reason for a failed read, on one line: the text after ``ITK ERROR: <object>):`` or
     ``sitk::ERROR:`` (ITK's messages start with the source file and line, and may span lines)."""
     text = " ".join(str(e).split())
+    text = text.replace(" Reason: No such file or directory", "")  # a stale errno: the file exists
     for marker in ("ITK ERROR:", "sitk::ERROR:"):
         if marker in text:
-            reason = text.split(marker, 1)[1].strip()
+            reason = text.split(marker, 1)[1].split("WARNING: In ", 1)[0].strip()  # ITK's warnings may follow
             return reason.split("): ", 1)[1] if marker == "ITK ERROR:" and "): " in reason else reason
     return text or "unreadable"
 

@@ -27,7 +27,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,8 +79,9 @@ class Inputs:
         labels: the labels scored. fixed_mask, moving_mask: binary masks or ``None``.
         paths: the input paths as given (for ``metrics.json``).
         fixed_landmarks, moving_landmarks: corresponding points ``(n, d)``, LPS mm, or ``None``.
-        nan_voxels: ``{"fixed": n, "moving": n}``, the NaN voxels of each image, treated as
-            outside it (filled with its lowest value and left out of the image match by its mask).
+        fixed_nan, moving_nan: where each image had NaN voxels (no data; boolean, on its grid)
+            or ``None``: filled with the image's lowest value, and left out of the deformable
+            stage's image match (:meth:`match_mask`).
     """
 
     fixed: np.ndarray
@@ -95,13 +96,29 @@ class Inputs:
     moving_mask: np.ndarray | None = None
     fixed_landmarks: np.ndarray | None = None
     moving_landmarks: np.ndarray | None = None
-    nan_voxels: dict[str, int] = field(default_factory=lambda: {"fixed": 0, "moving": 0})
+    fixed_nan: np.ndarray | None = None
+    moving_nan: np.ndarray | None = None
 
     def image(self, which: str) -> sitk.Image:
         """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
         arr = getattr(self, which)
         geo = self.geometry if which.startswith("fixed") else self.moving_geometry
         return None if arr is None else geo.apply(sitk.GetImageFromArray(arr))
+
+    def match_mask(self, which: str) -> np.ndarray | None:
+        """``"fixed"`` or ``"moving"``: the voxels of that image in the deformable stage's image
+        match, the user's mask without the NaN voxels (float32 0/1), or ``None`` for all of them.
+        (The affine stage takes the user's masks alone: its fill is flat background, and a moving
+        mask biases ITK's affine metrics.)"""
+        mask, nan = getattr(self, f"{which}_mask"), getattr(self, f"{which}_nan")
+        if nan is None:
+            return None if mask is None else mask.astype(np.float32)
+        return ((mask > 0) & ~nan if mask is not None else ~nan).astype(np.float32)
+
+    @property
+    def nan_voxels(self) -> dict[str, int]:
+        """``{"fixed": n, "moving": n}``: each image's NaN voxels (``metrics.json``'s ``inputs``)."""
+        return {k: 0 if a is None else int(a.sum()) for k, a in (("fixed", self.fixed_nan), ("moving", self.moving_nan))}
 
 
 @dataclass
@@ -267,9 +284,9 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
     direction; same dimension), each label map and mask on its own image's grid.
 
     NaN voxels of FIXED or MOVING mean "no data" (SPM, for one, writes NaN outside the brain):
-    they are filled with the image's lowest value and left out of the image match by being
-    taken out of its mask (a mask of the other voxels where none is given), in the affine and
-    the deformable stage; ``Inputs.nan_voxels`` counts them.
+    they are filled with the image's lowest value (flat background for the affine stage) and
+    left out of the deformable stage's image match (:meth:`Inputs.match_mask`);
+    ``Inputs.nan_voxels`` counts them.
 
     Args:
         eval_labels: label policy of :func:`hybridreg.metrics.scored_labels`, or the CLI's
@@ -310,17 +327,16 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
             labels = scored_labels(fl, ml, eval_labels)
         except ValueError as e:
             raise ValueError(f"`--eval-labels` / `--fixed-labels` / `--moving-labels`: {e}") from None
-    nan_voxels = {}
+    nans = {}
     for name, arr, mask_arg in (("FIXED", f_arr, "--fixed-mask"), ("MOVING", m_arr, "--moving-mask")):
         nan = np.isnan(arr)
-        nan_voxels[name.lower()] = int(nan.sum())
         if nan.any():
             valid = ~nan if mask_arg not in on_grid else (on_grid[mask_arg] > 0) & ~nan
             if not valid.any():
                 raise ValueError(f"`{name}` holds no number inside `{mask_arg}`: its voxels there are NaN (no data)"
                                  if mask_arg in on_grid else f"`{name}` holds no number: every voxel is NaN (no data)")
             arr[nan] = arr[~nan].min()
-            on_grid[mask_arg] = valid.astype(np.int32)
+            nans[name] = nan
         if float(arr.max()) == float(arr.min()):
             raise ValueError(f"`{name}` is constant: there is nothing to register")
     if (fixed_landmarks is None) != (moving_landmarks is None):
@@ -338,7 +354,7 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
              "fixed_landmarks": str(fixed_landmarks) if fixed_landmarks else None,
              "moving_landmarks": str(moving_landmarks) if moving_landmarks else None}
     return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"),
-                  fp, mp, nan_voxels)
+                  fp, mp, nans.get("FIXED"), nans.get("MOVING"))
 
 
 @dataclass
@@ -435,11 +451,11 @@ def _tensor(arr: np.ndarray | None) -> torch.Tensor | None:
 def batch_key(inputs: Inputs, pre: Prealigned | None = None) -> tuple:
     """What pairs solved in one batch (:func:`solve_pairs`) must share: the fixed and moving
     grids' shapes and spacings, the fixed grid's direction, whether MOVING is sampled through
-    an affine map, which masks are given."""
+    an affine map. (A pair without a mask is matched on a mask of ones: the same energy.)"""
     moving_geo = inputs.moving_geometry or inputs.geometry
     return (inputs.fixed.shape, tuple(np.round(inputs.geometry.array_spacing, 6)),
             tuple(np.round(inputs.geometry.direction, 6)), inputs.moving.shape, tuple(np.round(moving_geo.array_spacing, 6)),
-            pre is not None and pre.voxel_map is not None, inputs.fixed_mask is not None, inputs.moving_mask is not None)
+            pre is not None and pre.voxel_map is not None)
 
 
 def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: torch.device,
@@ -447,7 +463,7 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
     """Normalise each pair's images (:func:`hybridreg.io.normalize_intensity`) and solve them
     together (:func:`run_solver_pairs`) on ``device`` with the fixed grid's spacing (array
     order, mm) and direction; with ``pre``, each MOVING stays on its own grid and is sampled
-    through its ``voxel_map``; masks restrict the image match.
+    through its ``voxel_map``; masks (:meth:`Inputs.match_mask`) restrict the image match.
 
     Raises:
         ValueError: pairs that cannot share a batch (:func:`batch_key` differs).
@@ -455,16 +471,18 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
     pre = list(pre) if pre is not None else [None] * len(inputs)
     keys = {batch_key(i, p) for i, p in zip(inputs, pre)}
     if len(keys) != 1:
-        raise ValueError(f"solve_pairs(): the pairs of a batch must share their grids, affine mapping and masks,"
+        raise ValueError(f"solve_pairs(): the pairs of a batch must share their grids and affine mapping,"
                          f" got {len(keys)} kinds")
     cat = lambda arrays: torch.cat([_tensor(a) for a in arrays])  # noqa: E731
     grids: dict[str, Any] = dict(fixed_direction=inputs[0].geometry.direction)
     if pre[0] is not None and pre[0].voxel_map is not None:
         grids.update(moving_map=torch.stack([torch.from_numpy(p.voxel_map) for p in pre]),
                      moving_spacing=inputs[0].moving_geometry.array_spacing)
-    for key in ("fixed_mask", "moving_mask"):
-        if getattr(inputs[0], key) is not None:
-            grids[key] = cat([getattr(i, key) for i in inputs])
+    for which in ("fixed", "moving"):
+        masks = [i.match_mask(which) for i in inputs]
+        if any(m is not None for m in masks):  # a pair without one: ones, the same energy (the fields of view stay)
+            grids[f"{which}_mask"] = cat([np.ones(getattr(i, which).shape, np.float32) if m is None else m
+                                          for i, m in zip(inputs, masks)])
     if getattr(config, "lambda_mode", None) == "regions":  # one λ per structure of FIXED's labels (method §3.2)
         if any(i.fixed_labels is None for i in inputs):
             raise ValueError("`--fixed-labels` is required with lambda_mode 'regions' or `--region-lambda` (one λ per"
@@ -742,7 +760,7 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
         The metrics dictionary written to ``metrics.json``.
 
     Raises:
-        FileNotFoundError, ValueError: missing/corrupt files, NaNs, labels or masks off their
+        FileNotFoundError, ValueError: missing/corrupt files, Inf, all-NaN images, labels or masks off their
         image's grid, labels with nothing in common, invalid configs, unknown solver or
         device, a failed affine stage, an ``out`` that would lose an input or (without
         ``overwrite``) an earlier result. Nothing is written then.

@@ -287,6 +287,24 @@ def test_align_mutual_information_recovers_a_rotation_across_contrasts():
     assert res.to_dict()["metric"] == "mi"
 
 
+def test_moments_start_weighs_the_intensity_above_the_background_inside_the_masks():
+    """``init="moments"``: the centre of mass of the intensity above each image's lowest value,
+    inside its mask: a background of 30 (a no-data fill) over a large grid does not pull the
+    centre to the grid's, nor does a bright corner outside the mask."""
+    fixed = blob_image()
+    shift = sitk.TranslationTransform(2, (6.0, -4.0))
+    big = grid([120, 110], [1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [-40.0, -30.0])  # the blob off the grid's centre
+    moving = sitk.Resample(fixed, big, shift, sitk.sitkLinear, 0.0) + 30.0
+    arr = sitk.GetArrayFromImage(moving)
+    arr[:10, :10] = 500.0  # bright, and outside the mask
+    bright = sitk.GetImageFromArray(arr)
+    bright.CopyInformation(moving)
+    mask = sitk.Cast(moving > 30.05, sitk.sitkUInt8)
+    for image, options in ((moving, {}), (bright, {"moving_mask": mask})):
+        res = align(fixed, image, kind="rigid", init="moments", levels_mm=(4.0, 2.0, 1.0), iterations=0, **options)
+        assert np.allclose(res.translation, [-6.0, 4.0], atol=0.3), res.translation  # fixed points to moving ones
+
+
 def test_align_threads_follow_torch_with_correlation_and_stay_one_with_mutual_information(monkeypatch):
     """The default ``threads``: torch's thread count for ncc (ITK adds its per-thread sums in a
     fixed order: the same transform run after run, and next to one thread's), one for mi."""

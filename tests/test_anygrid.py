@@ -92,6 +92,22 @@ def test_scans_on_two_grids_register_on_the_gpu_with_every_output(runs, solver, 
         assert m["dice_after"]["mean"] == pytest.approx(runs["metrics"]["moved"]["dice_after"]["mean"], abs=0.01)
 
 
+def test_points_outside_movings_field_of_view_are_not_matched():
+    """A point mapped outside MOVING's grid meets only its zero padding: it is left out of the
+    image match (a scan of part of the head is matched where it has data)."""
+    g = torch.Generator().manual_seed(3)
+    f, m = torch.rand(1, 1, 12, 12, 12, generator=g), torch.rand(1, 1, 12, 12, 12, generator=g)
+    v = torch.zeros(1, 3, 12, 12, 12)
+    v[:, 0] = 2.5  # a translation: the points of the last three planes land outside MOVING's grid
+    lam, cfg = torch.ones(1, 1, 1, 1, 1), ObjectiveConfig(similarity="mse", hyperprior="none")
+    other = f.clone()
+    other[:, :, 9:] = torch.rand(1, 1, 3, 12, 12, generator=g)
+    a, b = evaluate(f, m, v, lam, cfg).terms.similarity, evaluate(other, m, v, lam, cfg).terms.similarity
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    per_voxel = (f - evaluate(f, m, v, lam, cfg).warped) ** 2 / (2 * cfg.mse_sigma**2)
+    assert float(a) == pytest.approx(float(per_voxel[:, :, :9].sum()) / per_voxel.numel(), rel=1e-5)
+
+
 def test_masked_similarity_leaves_out_the_voxels_outside_the_mask():
     """Voxels outside the mask add nothing and those inside keep their unmasked weight (the
     sum over the mask divided by all voxels), so a mask leaves the balance with the prior as it

@@ -105,7 +105,7 @@ CASES = [
     ("truncated-nii", lambda p, o: _register(p, o / "new", moving=p["short_nii"]), 2, "truncated"),
     ("truncated-nii-gz", lambda p, o: _register(p, o / "new", moving=p["short_niigz"]), 2, "truncated"),
     ("all-nan-nifti", lambda p, o: _register(p, o / "new", moving=p["all_nan"]), 2, "every voxel is NaN"),
-    ("nan-outside-moving-mask", lambda p, o: _register(p, o / "new", "--moving-mask", p["nan_mask"], moving=p["nan"]), 2,
+    ("moving-mask-only-on-nan", lambda p, o: _register(p, o / "new", "--moving-mask", p["nan_mask"], moving=p["nan"]), 2,
      "no number inside `--moving-mask`"),
     ("inf-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["inf"]), 2, "contains Inf values"),
     ("lr-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr"]), 2, "`lr`"),
@@ -208,6 +208,15 @@ def test_nan_voxels_are_outside_the_image(files, tmp_path, capsys):
     assert m["inputs"]["nan_voxels"] == {"fixed": 0, "moving": 1} and m["folding_percent"] < 0.01
     assert np.isfinite(read_image(out / "warped.nii.gz", nan="keep")[0]).all()
     img = sitk.ReadImage(str(files["moving"]), sitk.sitkFloat32)
+    half = sitk.GetArrayFromImage(img) * 0
+    half[:, :, :20] = 1
+    mask = sitk.GetImageFromArray(half.astype(np.uint8))
+    mask.CopyInformation(img)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    # NaN in FIXED, with a mask of FIXED's own: both leave voxels out
+    assert main(["register", str(files["nan"]), str(files["fixed"]), "--out", str(tmp_path / "f"), "--no-progress",
+                 "--config", str(files["quick"]), "--fixed-mask", str(tmp_path / "mask.nii.gz"), "--outputs", "metrics"]) == 0
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["inputs"]["nan_voxels"] == {"fixed": 1, "moving": 0}
     slab = sitk.GetArrayFromImage(img)
     slab[14:18] = np.nan
     nan_slab = sitk.GetImageFromArray(slab)

@@ -279,15 +279,15 @@ def test_register_reports_tre_of_a_shifted_scan(tmp_path, capsys):
 
 def test_nifti_nan_voxels_are_found_where_nibabel_has_them(tmp_path):
     """SimpleITK's NIfTI reader returns NaN voxels as 0; read_image takes their places from
-    nibabel's copy (axes reversed), on a grid whose three sizes differ, and with a trailing
-    singleton axis; Inf and NaN in label maps are refused."""
+    nibabel's copy (axes reversed), on a grid whose three sizes differ, with a trailing
+    singleton axis, and in a .hdr/.img pair; Inf and NaN in label maps are refused."""
     import nibabel as nib
 
     data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
     data[1, 2, 3] = data[4, 0, 6] = np.nan
     affine = np.diag([1.0, 2.0, 1.5, 1.0])
-    for name, arr in (("a.nii.gz", data), ("b.nii", data[..., None])):
-        nib.save(nib.Nifti1Image(arr, affine), tmp_path / name)
+    for name, arr in (("a.nii.gz", data), ("b.nii", data[..., None]), ("c.hdr", data)):  # c: SPM's .hdr/.img pair
+        nib.save((nib.Nifti1Pair if name.endswith(".hdr") else nib.Nifti1Image)(arr, affine), tmp_path / name)
         with pytest.raises(ValueError, match="MOVING.*NaN"):
             read_image(tmp_path / name, arg="MOVING")
         kept, geo = read_image(tmp_path / name, arg="MOVING", nan="keep")
