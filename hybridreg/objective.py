@@ -36,7 +36,7 @@ from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
 from .regularization import check_spacing, diffusion_energy, diffusion_log_normalizer, reference_scale
 from .similarity import LNCC_EPS, lncc, local_variance, mse
-from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, to_sampling_grid, warp
+from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
 
 __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing",
            "map_lambda"]
@@ -227,11 +227,10 @@ def _warp_with_mask(image: torch.Tensor, mask: torch.Tensor | None, disp: torch.
     optimizer shrink the mask's weight over poorly matched voxels and lower the masked mean
     by folding the mask's edge onto them (a slab of NaN voxels left out of the match by a
     moving mask drove SDlogJ from 0.27 to 0.72, with folding, on the demo pair)."""
-    with torch.no_grad():
-        inside = (to_sampling_grid(disp, voxel_map, image.shape[2:]).abs() <= 1.0 + 1e-6).all(-1)[:, None].to(image.dtype)
     if mask is None:
-        return warp(image, disp, voxel_map=voxel_map), inside
-    warped, warped_mask = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map).split([image.shape[1], 1], 1)
+        return warp(image, disp, voxel_map=voxel_map, field_of_view=True)
+    both, inside = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map, field_of_view=True)
+    warped, warped_mask = both.split([image.shape[1], 1], 1)
     return warped, warped_mask.detach() * inside
 
 

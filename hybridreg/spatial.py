@@ -167,7 +167,8 @@ def warp(
     mode: str = "bilinear",
     padding_mode: str = "zeros",
     voxel_map: torch.Tensor | None = None,
-) -> torch.Tensor:
+    field_of_view: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Resample ``image`` at ``x + disp(x)``: returns ``image ∘ (id + disp)``.
 
     Args:
@@ -184,8 +185,13 @@ def warp(
             ``image``'s (an affine pre-alignment between two grids,
             :func:`to_sampling_grid`): ``image ∘ M ∘ (id + disp)``, one interpolation.
 
+        field_of_view: also return, from the same sampling grid, ``(B, 1, *spatial)``: 1 where
+            the sampled point lies inside ``image``'s grid (between its first and last voxel
+            centres), 0 where it meets only the padding; detached, ``image``'s float dtype.
+
     Returns:
-        ``(B, C, *spatial)`` warped image, same dtype and device as ``image``.
+        ``(B, C, *spatial)`` warped image, same dtype and device as ``image`` (with
+        ``field_of_view``: ``(warped, inside)``).
 
     Raises:
         ValueError: mismatched dimensions or batch sizes, an unknown ``mode``, or a
@@ -212,7 +218,12 @@ def warp(
     is_int = not image.is_floating_point()
     src = image.to(disp.dtype) if is_int else image
     out = _grid_sample(src, grid, mode, padding_mode)
-    return out.round().to(image.dtype) if is_int else out
+    out = out.round().to(image.dtype) if is_int else out
+    if not field_of_view:
+        return out
+    with torch.no_grad():
+        inside = (grid.abs() <= 1.0 + 1e-6).all(-1)[:, None].to(src.dtype)
+    return out, inside
 
 
 def _grid_sample(src: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
