@@ -125,12 +125,23 @@ def environment() -> dict:
             env[lib] = importlib.metadata.version(lib)
         except importlib.metadata.PackageNotFoundError:
             env[lib] = None
-    try:
-        env["git"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                    cwd=ROOT, timeout=10).stdout.strip() or None  # "-dirty": uncommitted changes ran
-    except (OSError, subprocess.SubprocessError):
-        env["git"] = None
+    env["git"] = git_revision(ROOT)
     return env
+
+
+def git_revision(root: Path) -> str | None:
+    """The commit ``root``'s checkout is at, with ``-dirty`` when a tracked file outside
+    ``benchmarks/results`` differs from it (uncommitted code ran); the reports, rows and figures
+    that a run itself rewrites there do not count. ``None`` outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10).stdout.strip()
+
+    try:
+        commit = git("describe", "--always")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if changed else "")) if commit else None
 
 
 def environment_markdown(env: dict | None) -> str:

@@ -519,3 +519,29 @@ def test_realworld_suite_runs_on_two_grids(tmp_path, monkeypatch):
     assert "| fixed<-moving | SimpleITK diffeomorphic demons |" in md and "fetch_realworld.py" in md
     report.write_csvs(tmp_path, rows, [], [])
     assert ",1,GM," in (tmp_path / "dice_per_structure.csv").read_text()
+
+
+def test_the_commit_stamp_is_dirty_for_changed_code_not_for_rewritten_results(tmp_path):
+    """A resumed suite run rewrites its own rows and report under benchmarks/results: the stamp
+    stays the commit's; a changed code file marks it ``-dirty``."""
+    from benchmarks.common import git_revision
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    commit = git_revision(tmp_path)
+    assert commit and not commit.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n{}\n")
+    (tmp_path / "benchmarks" / "results" / "report.md").write_text("new\n")
+    for where in (tmp_path, tmp_path / "benchmarks"):  # the whole checkout counts, from any folder in it
+        assert git_revision(where) == commit
+    (tmp_path / "code.py").write_text("x = 2\n")
+    for where in (tmp_path, tmp_path / "benchmarks"):
+        assert git_revision(where) == commit + "-dirty"
