@@ -29,7 +29,7 @@ from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, 
 
 from .minimize import RelativeChangeStopping, minimize
 
-__all__ = ["InstanceOptConfig", "InstanceSolver", "SOLVER", "level_grids", "levels_run", "register_pair"]
+__all__ = ["FOREGROUND", "InstanceOptConfig", "InstanceSolver", "SOLVER", "foreground_box", "level_grids", "levels_run", "register_pair"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,15 @@ class InstanceOptConfig:
             ``window`` iterations, against the ``window`` before, is below ``tol``.
         window: iterations per window of the stopping rule (also the logging period).
         min_iterations: never stop a level before this many iterations.
+        crop: optimise on FIXED's foreground box only: the smallest box of the image grid
+            holding every voxel of ``fixed_mask`` (> 0), or without a mask every voxel brighter
+            than :data:`FOREGROUND` (normalised intensity), widened by ``crop_margin`` mm on each
+            side (:func:`foreground_box`). Outside it FIXED is background, where LNCC has no
+            signal; skull-stripped scans fill about half their grid. The result is on the whole
+            grid: the velocity and λ are extended by their values on the box's faces and
+            integrated there (a diffeomorphism everywhere). A pair whose foreground fills the grid
+            runs as without the crop.
+        crop_margin: margin of the foreground box, mm.
         progress: show tqdm progress bars.
 
     Every number has a range (:func:`hybridreg.config.bounded`; ``docs/configuration.md``),
@@ -99,6 +108,8 @@ class InstanceOptConfig:
     tol: float = bounded(1e-4, 0.0, 1.0)
     window: int = bounded(10, 1, 1000)
     min_iterations: int = bounded(20, 0, 100_000)
+    crop: bool = True
+    crop_margin: float = bounded(8.0, 0.0, 1000.0)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -158,6 +169,57 @@ def levels_run(spatial: Sequence[int], spacing: Sequence[float], config: Instanc
     return run
 
 
+#: Normalised intensity above which a voxel of FIXED counts as foreground for ``crop``
+#: (:func:`foreground_box`): 1 % of the range :func:`hybridreg.io.normalize_intensity` maps to [0, 1].
+FOREGROUND = 0.01
+
+
+def foreground_box(fixed: torch.Tensor, spacing: Sequence[float], margin: float,
+                   mask: torch.Tensor | None = None) -> tuple[slice, ...] | None:
+    """The box of the image grid that ``crop`` optimises on (:class:`InstanceOptConfig`).
+
+    Args:
+        fixed: ``(B, C, *spatial)`` normalised FIXED images (the box is their union's).
+        spacing: voxel size, mm per tensor axis. margin: mm added on each side of the box.
+        mask: optional ``(B, 1, *spatial)`` mask on FIXED's grid: its voxels > 0 are the
+            foreground (instead of the voxels brighter than :data:`FOREGROUND`).
+
+    Returns:
+        One ``slice`` per spatial axis (voxel indices, clipped to the grid), or ``None`` when
+        the box is the whole grid or nothing is foreground.
+    """
+    fg = (mask > 0) if mask is not None else (fixed > FOREGROUND)
+    fg = fg.flatten(0, 1).any(0)
+    if not bool(fg.any()):
+        return None
+    box = []
+    for k, (n, h) in enumerate(zip(fg.shape, spacing)):
+        hit = torch.nonzero(fg.movedim(k, 0).flatten(1).any(1)).flatten()
+        pad = int(-(-margin // h))  # whole voxels covering the margin
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, n)))
+    return None if all(b.start == 0 and b.stop == n for b, n in zip(box, fg.shape)) else tuple(box)
+
+
+def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor | None:
+    """``t`` (on any grid over the whole image extent ``spatial``) cut to ``box``, on the box's
+    image grid (a ``field`` in voxels); a uniform ``(B, C, 1, ...)`` tensor as it is."""
+    if t is None or all(n == 1 for n in t.shape[2:]):
+        return t
+    t = resize_field(t, spatial) if field else resize_image(t, spatial)
+    return t[(..., *box)]
+
+
+def _uncrop(t: torch.Tensor, box: tuple[slice, ...], crop_spatial: Sequence[int], spatial: Sequence[int],
+            field: bool) -> torch.Tensor:
+    """``t`` (on any grid over the box) on the whole image grid ``spatial``, extended by its
+    values on the box's faces; a uniform ``(B, C, 1, ...)`` tensor as it is."""
+    if all(n == 1 for n in t.shape[2:]):
+        return t
+    t = resize_field(t, crop_spatial) if field else resize_image(t, crop_spatial)
+    pads = [p for b, n in reversed(list(zip(box, spatial))) for p in (b.start, n - b.stop)]
+    return torch.nn.functional.pad(t, pads, mode="replicate")
+
+
 def register_pair(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -190,8 +252,8 @@ def register_pair(
         callback: optional ``callback(level, iteration, velocity, lam)``, called every
             ``config.window`` iterations (and after a level's last one) with the current
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
-            preconditioner) and λ; for time-to-accuracy curves (its run time counts in
-            ``seconds``).
+            preconditioner) and λ -- with ``config.crop``, both on the whole image grid, as the
+            result's -- for time-to-accuracy curves (its run time counts in ``seconds``).
         moving_map: optional ``(B, d, d + 1)`` map from fixed to moving voxel indices (an
             affine pre-alignment, :func:`hybridreg.affine.voxel_map`); ``moving`` then lies
             on its own grid with voxel size ``moving_spacing`` (mm per tensor axis) and is
@@ -211,8 +273,9 @@ def register_pair(
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
-        velocity and λ on the finest control grid, warped image, one history entry per level run
-        (coarse to fine; a skipped level has none), seconds, final energy terms on the image grid (for B > 1
+        velocity and λ on the finest control grid (with ``config.crop`` and a foreground box
+        smaller than the grid: on the whole image grid, extended from the box), warped image,
+        one history entry per level run (its grids the box's with ``crop``; coarse to fine; a skipped level has none), seconds, final energy terms on the image grid (for B > 1
         the batch's, with each pair's in ``pair_histories`` / ``pair_final_terms``:
         :meth:`~hybridreg.solvers.RegistrationResult.pair`).
 
@@ -247,6 +310,17 @@ def register_pair(
     for name, init in (("init_velocity", init_velocity), ("init_lambda", init_lambda)):
         if init is not None and not bool(torch.isfinite(init).all()):
             raise ValueError(f"register_pair(): `{name}` contains NaN or Inf values")
+    whole = None  # with `crop`: the inputs on the whole grid, for the result
+    box = foreground_box(fixed, h, cfg.crop_margin, fixed_mask) if cfg.crop else None
+    if box is not None:
+        whole = (fixed, moving, moving_map, fixed_mask, moving_mask, spatial)
+        if moving_map is None:  # MOVING stays whole, sampled through the box's shift
+            moving_map = torch.eye(d, d + 1, dtype=dtype, device=dev).expand(B, d, d + 1)
+        origin = torch.tensor([b.start for b in box], dtype=dtype, device=dev)
+        moving_map = torch.cat([moving_map[:, :, :d], (moving_map[:, :, d] + moving_map[:, :, :d] @ origin)[..., None]], -1)
+        fixed, fixed_mask, regions = (None if t is None else t[(..., *box)] for t in (fixed, fixed_mask, regions))
+        init_velocity, init_lambda = _crop(init_velocity, box, spatial, True), _crop(init_lambda, box, spatial, False)
+        spatial = tuple(fixed.shape[2:])
     velocity = init_velocity.detach().to(dev, dtype) if init_velocity is not None else None
     theta = None  # λ's parameter: θ with λ = sigmoid/softplus(θ) (voxelwise), log λ (map)
     if mode == "voxelwise" and init_lambda is not None:
@@ -340,7 +414,10 @@ def register_pair(
             running["inputs"] = (f_l[idx], m_l[idx], {k: None if t is None else t[idx] for k, t in grids.items()})
 
         def report(it: int) -> None:
-            callback(level, it, smooth(v), lam_of(th))
+            vel, lam = smooth(v).detach(), lam_of(th).detach()
+            if whole is not None:  # the callback sees the whole grid
+                vel, lam = _uncrop(vel, box, spatial, whole[-1], True), _uncrop(lam, box, spatial, whole[-1], False)
+            callback(level, it, vel, lam)
 
         desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
         with tqdm(total=n_iter, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True) as bar:
@@ -363,6 +440,9 @@ def register_pair(
         lam = lam_of(theta)
         if velocity is None:  # no levels ran: identity
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
+        if whole is not None:
+            velocity, lam = _uncrop(velocity, box, spatial, whole[-1], True), _uncrop(lam, box, spatial, whole[-1], False)
+            fixed, moving, moving_map, fixed_mask, moving_mask, spatial = whole
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, per_pair=True)
     final, pair_final = final_terms_of(ev.terms)

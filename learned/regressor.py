@@ -62,9 +62,10 @@ def map_config() -> InstanceOptConfig:
     8/4/2 mm pyramid (150/80/30 iterations: the instance default's before its one step at 1 mm,
     stop 47; the same settings as ``configs/instance_map.yaml``), with LNCC's ε at the 1e-5 the shipped
     regressor's targets and the strategies suites' MAP rows were computed with
-    (:data:`learned.weights.LEGACY_LNCC_EPS`; the instance default is now 1e-6)."""
+    (:data:`learned.weights.LEGACY_LNCC_EPS`; the instance default is now 1e-6), on the whole grid
+    (``crop`` off: MAP's λ depends on the domain's size through the prior's rank)."""
     return InstanceOptConfig(lambda_mode="map", control_factor=(4,), level_spacing=(8.0, 4.0, 2.0), iterations=(150, 80, 30),
-                             objective=ObjectiveConfig(lncc_eps=LEGACY_LNCC_EPS))
+                             objective=ObjectiveConfig(lncc_eps=LEGACY_LNCC_EPS), crop=False)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from hybridreg.objective import ObjectiveConfig, evaluate
 from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver
 from hybridreg.spatial import gaussian_smooth, warp
 from instance_opt import SOLVER, InstanceOptConfig, RelativeChangeStopping, minimize, register_pair
+from instance_opt.solver import foreground_box
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -140,6 +141,54 @@ def test_init_velocity_is_used():
     cfg = InstanceOptConfig(level_spacing=(1.0,), iterations=(0,), velocity_smoothing=0.0, progress=False)
     r = register_pair(f, f, cfg, init_velocity=v0)
     assert torch.allclose(r.displacement, torch.full_like(r.displacement, 1.0), atol=1e-5)  # 0.5 coarse voxels = 1 fine voxel
+
+
+def test_foreground_box_margin_in_mm():
+    img = torch.zeros(1, 1, 20, 30, 40)
+    img[0, 0, 5:8, 10:12, 20:21] = 1.0
+    # margin 2 mm: 2, 1 and 4 voxels at 1, 2 and 0.5 mm
+    assert foreground_box(img, (1.0, 2.0, 0.5), 2.0) == (slice(3, 10), slice(9, 13), slice(16, 25))
+    assert foreground_box(img, (1.0, 1.0, 1.0), 6.0) == (slice(0, 14), slice(4, 18), slice(14, 27))  # clipped at 0
+    mask = torch.zeros_like(img)
+    mask[0, 0, 19, 0, 39] = 1.0  # a mask replaces the intensities
+    assert foreground_box(img, (1.0,) * 3, 0.0, mask) == (slice(19, 20), slice(0, 1), slice(39, 40))
+    img[0, 0, 0, 29, 0] = 0.005  # under the threshold
+    assert foreground_box(img, (1.0,) * 3, 0.0) == (slice(5, 8), slice(10, 12), slice(20, 21))
+    # nothing foreground, or a box as large as the grid: no crop
+    assert foreground_box(torch.zeros_like(img), (1.0,) * 3, 2.0) is None
+    assert foreground_box(img, (1.0,) * 3, 100.0) is None
+
+
+def _blob(centre, n=40):
+    z, y, x = torch.meshgrid(*(torch.arange(float(n)),) * 3, indexing="ij")
+    return torch.exp(-((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) / 20.0)[None, None]
+
+
+def test_crop_optimises_on_the_foreground_box_and_returns_the_whole_grid():
+    f, m = _blob((14, 16, 15)), _blob((15, 16, 14))
+    cfg = InstanceOptConfig(level_spacing=(2.0, 1.0), iterations=(30, 20), tol=0.0, crop=True, crop_margin=3.0,
+                            objective=ObjectiveConfig(similarity="mse", w_reg=0.01), progress=False)
+    box = foreground_box(f, (1.0,) * 3, 3.0)
+    size = tuple(b.stop - b.start for b in box)
+    assert all(n < 30 for n in size)  # the blob's r ≈ 9.6 voxels above 1 %, plus 3
+    calls = []
+    r = register_pair(f, m, cfg, callback=lambda lev, it, v, lam: calls.append((v.shape, lam.shape)))
+    assert r.history[-1].shape == size  # optimised on the box...
+    assert r.displacement.shape == r.velocity.shape == (1, 3, 40, 40, 40) and r.warped.shape == f.shape  # ...returned whole
+    assert calls and all(v == (1, 3, 40, 40, 40) and lam == (1, 1, 40, 40, 40) for v, lam in calls)
+    lo, hi = box[0].start, box[0].stop  # outside the box: the values on its faces
+    assert torch.equal(r.velocity[:, :, :lo], r.velocity[:, :, lo:lo + 1].expand(-1, -1, lo, -1, -1))
+    assert torch.equal(r.velocity[:, :, hi:], r.velocity[:, :, hi - 1:hi].expand(-1, -1, 40 - hi, -1, -1))
+    assert torch.equal(r.lam[:, :, :, :, :box[2].start], r.lam[:, :, :, :, box[2].start:box[2].start + 1].expand(
+        -1, -1, -1, -1, box[2].start))
+    u = r.displacement[0, :, 13:16, 15:18, 14:17].mean(dim=(1, 2, 3))
+    assert torch.allclose(u, torch.tensor([1.0, 0.0, -1.0]), atol=0.3)  # the shift, as without the crop
+    assert jacobian_stats(r.displacement)["folding_percent"] == 0.0
+    # an initial velocity over the whole grid is cut to the box: 0.5 half-grid voxels = 1 voxel everywhere
+    r0 = register_pair(f, f, InstanceOptConfig(level_spacing=(1.0,), iterations=(0,), velocity_smoothing=0.0, crop=True,
+                                               progress=False), init_velocity=torch.full((1, 3, 20, 20, 20), 0.5))
+    assert torch.allclose(r0.displacement, torch.ones_like(r0.displacement), atol=1e-5)
+    assert r0.history[-1].shape == tuple(b.stop - b.start for b in foreground_box(f, (1.0,) * 3, 8.0))
 
 
 def test_relative_change_stopping():
