@@ -25,7 +25,7 @@ from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate, map_lamb
 from hybridreg.priors import lambda_from_param, paint_region_lambda, param_from_lambda, region_members
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import LevelHistory, RegistrationResult, Status, check_images, final_terms_of
-from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, resize_image
+from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_field, resize_image, warp
 
 from .minimize import RelativeChangeStopping, minimize
 
@@ -201,12 +201,21 @@ def foreground_box(fixed: torch.Tensor, spacing: Sequence[float], margin: float,
 
 
 def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor | None:
-    """``t`` (on any grid over the whole image extent ``spatial``) cut to ``box``, on the box's
-    image grid (a ``field`` in voxels); a uniform ``(B, C, 1, ...)`` tensor as it is."""
+    """``t`` (on any grid over the whole image extent ``spatial``) cut to ``box``: sampled once
+    (linear) on a grid of ``t``'s own resolution over the box, a ``field`` in voxels of that grid
+    (no round trip through the image grid, which would blur a coarse initial velocity); a
+    uniform ``(B, C, 1, ...)`` tensor as it is."""
     if t is None or all(n == 1 for n in t.shape[2:]):
         return t
-    t = resize_field(t, spatial) if field else resize_image(t, spatial)
-    return t[(..., *box)]
+    d = t.dim() - 2
+    ratio = [nt / n for nt, n in zip(t.shape[2:], spatial)]  # t's voxels per image voxel
+    size = [max(1, round((b.stop - b.start) * r)) for b, r in zip(box, ratio)]
+    step = [(b.stop - b.start) / m * r for b, m, r in zip(box, size, ratio)]  # t's voxels per voxel of the new grid
+    vm = torch.zeros(t.shape[0], d, d + 1, dtype=t.dtype, device=t.device)
+    for k, (b, m, r) in enumerate(zip(box, size, ratio)):  # new grid's index j -> t's index (cell centres)
+        vm[:, k, k], vm[:, k, d] = step[k], (b.start + 0.5 * (b.stop - b.start) / m) * r - 0.5
+    out = warp(t, t.new_zeros((t.shape[0], d, *size)), padding_mode="border", voxel_map=vm)
+    return out / torch.tensor(step, dtype=t.dtype, device=t.device).view(1, d, *(1,) * d) if field else out
 
 
 def _uncrop(t: torch.Tensor, box: tuple[slice, ...], crop_spatial: Sequence[int], spatial: Sequence[int],

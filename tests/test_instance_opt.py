@@ -13,7 +13,7 @@ from hybridreg.objective import ObjectiveConfig, evaluate
 from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver
 from hybridreg.spatial import gaussian_smooth, warp
 from instance_opt import SOLVER, InstanceOptConfig, RelativeChangeStopping, minimize, register_pair
-from instance_opt.solver import foreground_box
+from instance_opt.solver import _crop, foreground_box
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -157,6 +157,21 @@ def test_foreground_box_margin_in_mm():
     # nothing foreground, or a box as large as the grid: no crop
     assert foreground_box(torch.zeros_like(img), (1.0,) * 3, 2.0) is None
     assert foreground_box(img, (1.0,) * 3, 100.0) is None
+
+
+def test_crop_samples_an_initial_field_once_on_its_own_grid():
+    """A coarse initial field is cut to the box at its own resolution by one linear sampling:
+    exact for a linear function of position (each value: its voxel centre, in image voxels)."""
+    pos = lambda n, scale: (torch.arange(n, dtype=torch.float64) + 0.5) * scale - 0.5  # noqa: E731
+    t = pos(20, 2.0).view(1, 1, 20, 1, 1).expand(1, 1, 20, 4, 4).contiguous()  # a 2 mm grid over 40 image voxels
+    box = (slice(7, 30), slice(0, 8), slice(0, 8))
+    out = _crop(t, box, (40, 8, 8), field=False)
+    assert out.shape[2] == 12  # 23 image voxels at the field's own 2 voxels each
+    want = 7 + (torch.arange(12, dtype=torch.float64) + 0.5) * 23 / 12 - 0.5
+    assert torch.allclose(out[0, 0, :, 0, 0], want, atol=1e-9)
+    v = torch.full((1, 3, 20, 4, 4), 0.5, dtype=torch.float64)  # 0.5 of its voxels = 1 image voxel
+    out = _crop(v, box, (40, 8, 8), field=True)
+    assert torch.allclose(out[:, 0] * 23 / 12, torch.ones(1, 12, 4, 4, dtype=torch.float64))
 
 
 def _blob(centre, n=40):
