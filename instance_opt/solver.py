@@ -200,33 +200,42 @@ def foreground_box(fixed: torch.Tensor, spacing: Sequence[float], margin: float,
     return None if all(b.start == 0 and b.stop == n for b, n in zip(box, fg.shape)) else tuple(box)
 
 
-def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor | None:
-    """``t`` (on any grid over the whole image extent ``spatial``) cut to ``box``: sampled once
-    (linear) on a grid of ``t``'s own resolution over the box, a ``field`` in voxels of that grid
-    (no round trip through the image grid, which would blur a coarse initial velocity); a
-    uniform ``(B, C, 1, ...)`` tensor as it is."""
-    if t is None or all(n == 1 for n in t.shape[2:]):
+def _resample(t: torch.Tensor, src: Sequence[tuple[float, float]], dst: Sequence[tuple[float, float]],
+              size: Sequence[int], field: bool) -> torch.Tensor:
+    """``t`` ``(B, C, *grid)``, whose grid covers the extent ``src`` (``(start, stop)`` in image
+    voxels, per axis), sampled once (linear, cell centres) on a grid of ``size`` voxels over the
+    extent ``dst``; a point outside ``src`` takes the value of the nearest face (border
+    padding). A ``field`` is in voxels of its grid; a uniform ``(B, C, 1, ...)`` tensor is
+    returned as it is."""
+    if all(n == 1 for n in t.shape[2:]):
         return t
     d = t.dim() - 2
-    ratio = [nt / n for nt, n in zip(t.shape[2:], spatial)]  # t's voxels per image voxel
-    size = [max(1, round((b.stop - b.start) * r)) for b, r in zip(box, ratio)]
-    step = [(b.stop - b.start) / m * r for b, m, r in zip(box, size, ratio)]  # t's voxels per voxel of the new grid
+    scale = [(s1 - s0) / n for (s0, s1), n in zip(src, t.shape[2:])]  # image voxels per voxel of t
+    step = [(d1 - d0) / m / sc for (d0, d1), m, sc in zip(dst, size, scale)]  # t's voxels per new voxel
     vm = torch.zeros(t.shape[0], d, d + 1, dtype=t.dtype, device=t.device)
-    for k, (b, m, r) in enumerate(zip(box, size, ratio)):  # new grid's index j -> t's index (cell centres)
-        vm[:, k, k], vm[:, k, d] = step[k], (b.start + 0.5 * (b.stop - b.start) / m) * r - 0.5
+    for k, ((s0, _), (d0, d1), m, sc) in enumerate(zip(src, dst, size, scale)):  # new index j -> t's index
+        vm[:, k, k], vm[:, k, d] = step[k], (d0 + 0.5 * (d1 - d0) / m - s0) / sc - 0.5
     out = warp(t, t.new_zeros((t.shape[0], d, *size)), padding_mode="border", voxel_map=vm)
     return out / torch.tensor(step, dtype=t.dtype, device=t.device).view(1, d, *(1,) * d) if field else out
 
 
-def _uncrop(t: torch.Tensor, box: tuple[slice, ...], crop_spatial: Sequence[int], spatial: Sequence[int],
-            field: bool) -> torch.Tensor:
-    """``t`` (on any grid over the box) on the whole image grid ``spatial``, extended by its
-    values on the box's faces; a uniform ``(B, C, 1, ...)`` tensor as it is."""
-    if all(n == 1 for n in t.shape[2:]):
-        return t
-    t = resize_field(t, crop_spatial) if field else resize_image(t, crop_spatial)
-    pads = [p for b, n in reversed(list(zip(box, spatial))) for p in (b.start, n - b.stop)]
-    return torch.nn.functional.pad(t, pads, mode="replicate")
+def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor | None:
+    """``t`` (on any grid over the whole image extent ``spatial``) on a grid of its own
+    resolution over ``box`` (one sampling: a coarse initial velocity is not blurred by a round
+    trip through the image grid)."""
+    if t is None:
+        return None
+    size = [max(1, round((b.stop - b.start) * nt / n)) for b, nt, n in zip(box, t.shape[2:], spatial)]
+    return _resample(t, [(0, n) for n in spatial], [(b.start, b.stop) for b in box], size, field)
+
+
+def _uncrop(t: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], field: bool,
+            resolution: bool = False) -> torch.Tensor:
+    """``t`` (on any grid over ``box``) over the whole image extent ``spatial``, extended by its
+    values on the box's faces: on the image grid, or (``resolution``) on a grid of ``t``'s own
+    resolution."""
+    size = [max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)] if resolution else spatial
+    return _resample(t, [(b.start, b.stop) for b in box], [(0, n) for n in spatial], size, field)
 
 
 def register_pair(
@@ -261,8 +270,8 @@ def register_pair(
         callback: optional ``callback(level, iteration, velocity, lam)``, called every
             ``config.window`` iterations (and after a level's last one) with the current
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
-            preconditioner) and λ -- with ``config.crop``, both on the whole image grid, as the
-            result's -- for time-to-accuracy curves (its run time counts in ``seconds``).
+            preconditioner) and λ -- with ``config.crop``, both over the whole image extent at the
+            control grid's resolution, extended from the box -- for time-to-accuracy curves (its run time counts in ``seconds``).
         moving_map: optional ``(B, d, d + 1)`` map from fixed to moving voxel indices (an
             affine pre-alignment, :func:`hybridreg.affine.voxel_map`); ``moving`` then lies
             on its own grid with voxel size ``moving_spacing`` (mm per tensor axis) and is
@@ -424,8 +433,8 @@ def register_pair(
 
         def report(it: int) -> None:
             vel, lam = smooth(v).detach(), lam_of(th).detach()
-            if whole is not None:  # the callback sees the whole grid
-                vel, lam = _uncrop(vel, box, spatial, whole[-1], True), _uncrop(lam, box, spatial, whole[-1], False)
+            if whole is not None:  # the callback sees the whole extent, at the control grid's resolution
+                vel, lam = (_uncrop(t, box, whole[-1], f, resolution=True) for t, f in ((vel, True), (lam, False)))
             callback(level, it, vel, lam)
 
         desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
@@ -450,7 +459,7 @@ def register_pair(
         if velocity is None:  # no levels ran: identity
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
         if whole is not None:
-            velocity, lam = _uncrop(velocity, box, spatial, whole[-1], True), _uncrop(lam, box, spatial, whole[-1], False)
+            velocity, lam = _uncrop(velocity, box, whole[-1], True), _uncrop(lam, box, whole[-1], False)
             fixed, moving, moving_map, fixed_mask, moving_mask, spatial = whole
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, per_pair=True)

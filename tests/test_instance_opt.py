@@ -187,15 +187,20 @@ def test_crop_optimises_on_the_foreground_box_and_returns_the_whole_grid():
     size = tuple(b.stop - b.start for b in box)
     assert all(n < 30 for n in size)  # the blob's r ≈ 9.6 voxels above 1 %, plus 3
     calls = []
-    r = register_pair(f, m, cfg, callback=lambda lev, it, v, lam: calls.append((v.shape, lam.shape)))
+    r = register_pair(f, m, cfg, callback=lambda lev, it, v, lam: calls.append((lev, v, lam)))
     assert r.history[-1].shape == size  # optimised on the box...
     assert r.displacement.shape == r.velocity.shape == (1, 3, 40, 40, 40) and r.warped.shape == f.shape  # ...returned whole
-    assert calls and all(v == (1, 3, 40, 40, 40) and lam == (1, 1, 40, 40, 40) for v, lam in calls)
+    # the callback sees the whole extent at each level's resolution (2 mm: about 20 voxels a side), as the result
+    assert {lev for lev, _, _ in calls} == {0, 1} and all(v.shape[2:] == lam.shape[2:] for _, v, lam in calls)
+    assert all(19 <= n <= 21 for lev, v, _ in calls if lev == 0 for n in v.shape[2:])
+    assert all(v.shape == (1, 3, 40, 40, 40) for lev, v, _ in calls if lev == 1)
+    assert torch.equal(calls[-1][1], r.velocity) and torch.equal(calls[-1][2], r.lam)
     lo, hi = box[0].start, box[0].stop  # outside the box: the values on its faces
-    assert torch.equal(r.velocity[:, :, :lo], r.velocity[:, :, lo:lo + 1].expand(-1, -1, lo, -1, -1))
-    assert torch.equal(r.velocity[:, :, hi:], r.velocity[:, :, hi - 1:hi].expand(-1, -1, 40 - hi, -1, -1))
-    assert torch.equal(r.lam[:, :, :, :, :box[2].start], r.lam[:, :, :, :, box[2].start:box[2].start + 1].expand(
-        -1, -1, -1, -1, box[2].start))
+    close = lambda a, b: torch.allclose(a, b, atol=1e-5)  # noqa: E731
+    assert close(r.velocity[:, :, :lo], r.velocity[:, :, lo:lo + 1].expand(-1, -1, lo, -1, -1))
+    assert close(r.velocity[:, :, hi:], r.velocity[:, :, hi - 1:hi].expand(-1, -1, 40 - hi, -1, -1))
+    a = box[2].start
+    assert close(r.lam[..., :a], r.lam[..., a:a + 1].expand(-1, -1, -1, -1, a))
     u = r.displacement[0, :, 13:16, 15:18, 14:17].mean(dim=(1, 2, 3))
     assert torch.allclose(u, torch.tensor([1.0, 0.0, -1.0]), atol=0.3)  # the shift, as without the crop
     assert jacobian_stats(r.displacement)["folding_percent"] == 0.0
