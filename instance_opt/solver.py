@@ -234,7 +234,8 @@ def _uncrop(t: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], fie
     """``t`` (on any grid over ``box``) over the whole image extent ``spatial``, extended by its
     values on the box's faces: on the image grid, or (``resolution``) on a grid of ``t``'s own
     resolution."""
-    size = [max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)] if resolution else spatial
+    size = ([max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)] if resolution
+            else spatial)
     return _resample(t, [(b.start, b.stop) for b in box], [(0, n) for n in spatial], size, field)
 
 
@@ -271,7 +272,8 @@ def register_pair(
             ``config.window`` iterations (and after a level's last one) with the current
             detached SVF ``(B, d, *control)`` (voxels of the level's control grid, after the
             preconditioner) and λ -- with ``config.crop``, both over the whole image extent at the
-            control grid's resolution, extended from the box -- for time-to-accuracy curves (its run time counts in ``seconds``).
+            control grid's resolution, extended from the box -- for time-to-accuracy curves (its
+            run time counts in ``seconds``).
         moving_map: optional ``(B, d, d + 1)`` map from fixed to moving voxel indices (an
             affine pre-alignment, :func:`hybridreg.affine.voxel_map`); ``moving`` then lies
             on its own grid with voxel size ``moving_spacing`` (mm per tensor axis) and is
@@ -293,7 +295,8 @@ def register_pair(
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
         velocity and λ on the finest control grid (with ``config.crop`` and a foreground box
         smaller than the grid: on the whole image grid, extended from the box), warped image,
-        one history entry per level run (its grids the box's with ``crop``; coarse to fine; a skipped level has none), seconds, final energy terms on the image grid (for B > 1
+        one history entry per level run (its grids the box's with ``crop``; coarse to fine; a
+        skipped level has none), seconds, final energy terms on the image grid (for B > 1
         the batch's, with each pair's in ``pair_histories`` / ``pair_final_terms``:
         :meth:`~hybridreg.solvers.RegistrationResult.pair`).
 
