@@ -331,10 +331,10 @@ def register_pair(
     for name, init in (("init_velocity", init_velocity), ("init_lambda", init_lambda)):
         if init is not None and not bool(torch.isfinite(init).all()):
             raise ValueError(f"register_pair(): `{name}` contains NaN or Inf values")
-    whole = None  # with `crop`: the inputs on the whole grid, for the result
+    whole = None  # with `crop`: what the box replaces (FIXED's grid and MOVING's map), for the result
     box = foreground_box(fixed, h, cfg.crop_margin, fixed_mask) if cfg.crop else None
     if box is not None:
-        whole = (fixed, moving, moving_map, fixed_mask, moving_mask, spatial)
+        whole = (fixed, moving_map, fixed_mask, spatial)
         if moving_map is None:  # MOVING stays whole, sampled through the box's shift
             moving_map = torch.eye(d, d + 1, dtype=dtype, device=dev).expand(B, d, d + 1)
         origin = torch.tensor([b.start for b in box], dtype=dtype, device=dev)
@@ -437,7 +437,7 @@ def register_pair(
         def report(it: int) -> None:
             vel, lam = smooth(v).detach(), lam_of(th).detach()
             if whole is not None:  # the callback sees the whole extent, at the control grid's resolution
-                vel, lam = (_uncrop(t, box, whole[-1], f, resolution=True) for t, f in ((vel, True), (lam, False)))
+                vel, lam = (_uncrop(t, box, whole[3], f, resolution=True) for t, f in ((vel, True), (lam, False)))
             callback(level, it, vel, lam)
 
         desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
@@ -462,8 +462,8 @@ def register_pair(
         if velocity is None:  # no levels ran: identity
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
         if whole is not None:
-            velocity, lam = _uncrop(velocity, box, whole[-1], True), _uncrop(lam, box, whole[-1], False)
-            fixed, moving, moving_map, fixed_mask, moving_mask, spatial = whole
+            fixed, moving_map, fixed_mask, spatial = whole
+            velocity, lam = _uncrop(velocity, box, spatial, True), _uncrop(lam, box, spatial, False)
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, per_pair=True)
     final, pair_final = final_terms_of(ev.terms)
