@@ -294,7 +294,8 @@ def register_pair(
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
         velocity and λ on the finest control grid (with ``config.crop`` and a foreground box
-        smaller than the grid: on the whole image grid, extended from the box), warped image,
+        smaller than the grid: over the whole image extent at that grid's resolution, extended
+        from the box), warped image,
         one history entry per level run (its grids the box's with ``crop``; coarse to fine; a
         skipped level has none), seconds, final energy terms on the image grid (for B > 1
         the batch's, with each pair's in ``pair_histories`` / ``pair_final_terms``:
@@ -463,7 +464,9 @@ def register_pair(
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
         if whole is not None:
             fixed, moving_map, fixed_mask, spatial = whole
-            velocity, lam = _uncrop(velocity, box, spatial, True), _uncrop(lam, box, spatial, False)
+            # at the control grid's resolution, as without the box: the SVF is integrated on the grid
+            # it was optimised on (a finer one gives another displacement, and costs more)
+            velocity, lam = (_uncrop(t, box, spatial, f, resolution=True) for t, f in ((velocity, True), (lam, False)))
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, per_pair=True)
     final, pair_final = final_terms_of(ev.terms)

@@ -105,17 +105,17 @@ def weights_path(weights: str | os.PathLike, default: Path = DEFAULT_WEIGHTS) ->
 
 
 def _refine_default(iterations: int = 6) -> InstanceOptConfig:
-    """``iterations`` Adam iterations at 2 mm, no early stop, on the whole grid: the foreground box
-    (``crop``) saves a refinement about 1 s on the ``realworld`` pairs and cost it 0.003 Dice on
-    colin27 ← vxm (docs/results.md, "The foreground box")."""
+    """``iterations`` Adam iterations at 2 mm, no early stop, on the whole grid (the conditional
+    solvers' refinement, measured so)."""
     return InstanceOptConfig(level_spacing=(2.0,), iterations=(iterations,), tol=0.0, min_iterations=1, window=5, crop=False)
 
 
 def _refine_learned() -> InstanceOptConfig:
     """``LearnedConfig``'s refinement: 6 Adam iterations at 2 mm, then 2 at 1.5 mm (on a 1 mm image;
     on a 2 mm one the 1.5 mm level's grids are the 2 mm level's and it is skipped,
-    :func:`instance_opt.solver.levels_run`)."""
-    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2))
+    :func:`instance_opt.solver.levels_run`), on FIXED's foreground box (``crop``, as the instance
+    default) with a learning rate of 0.75 (docs/results.md, "learned + refine on the foreground box")."""
+    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2), crop=True, lr=0.75)
 
 
 def half_grid_refine() -> InstanceOptConfig:

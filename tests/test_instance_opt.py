@@ -1,5 +1,6 @@
 """Instance optimization: end to end on a bundled real-data pair, and its contracts."""
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -114,7 +115,6 @@ def test_the_1mm_level_runs_on_a_1mm_image_only(spacing):
     `configs/instance_full_resolution.yaml` is the default with 20 iterations there. On a 2 mm
     image that level's grids are the 2 mm level's: it is skipped, so the result is the 8/4/2 mm
     schedule's exactly, with one history entry per level run."""
-    from dataclasses import replace
     from pathlib import Path
 
     from hybridreg.config import load_yaml
@@ -204,6 +204,16 @@ def test_crop_optimises_on_the_foreground_box_and_returns_the_whole_grid():
     u = r.displacement[0, :, 13:16, 15:18, 14:17].mean(dim=(1, 2, 3))
     assert torch.allclose(u, torch.tensor([1.0, 0.0, -1.0]), atol=0.3)  # the shift, as without the crop
     assert jacobian_stats(r.displacement)["folding_percent"] == 0.0
+    # a schedule ending on a coarser control grid returns its SVF at that resolution over the whole extent,
+    # integrated there as without the box (not on the finer image grid, which gives another displacement)
+    calls.clear()
+    r2 = register_pair(f, m, replace(cfg, level_spacing=(2.0,), iterations=(30,)),
+                       callback=lambda lev, it, v, lam: calls.append((lev, v, lam)))
+    assert all(19 <= n <= 21 for n in r2.velocity.shape[2:]) and r2.lam.shape[2:] == r2.velocity.shape[2:]
+    assert r2.displacement.shape == (1, 3, 40, 40, 40) and torch.equal(calls[-1][1], r2.velocity)
+    assert torch.allclose(r2.displacement, evaluate(f, m, r2.velocity, r2.lam, cfg.objective, (1.0,) * 3).displacement)
+    u2 = r2.displacement[0, :, 13:16, 15:18, 14:17].mean(dim=(1, 2, 3))
+    assert torch.allclose(u2, torch.tensor([1.0, 0.0, -1.0]), atol=0.3)
     # an initial velocity over the whole grid is cut to the box: 0.5 half-grid voxels = 1 voxel everywhere
     r0 = register_pair(f, f, InstanceOptConfig(level_spacing=(1.0,), iterations=(0,), velocity_smoothing=0.0, crop=True,
                                                progress=False), init_velocity=torch.full((1, 3, 20, 20, 20), 0.5))
