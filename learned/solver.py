@@ -114,8 +114,8 @@ def _refine_learned() -> InstanceOptConfig:
     """``LearnedConfig``'s refinement: 6 Adam iterations at 2 mm, then 2 at 1.5 mm (on a 1 mm image;
     on a 2 mm one the 1.5 mm level's grids are the 2 mm level's and it is skipped,
     :func:`instance_opt.solver.levels_run`), on FIXED's foreground box (``crop``, as the instance
-    default) with a learning rate of 0.75 (docs/results.md, "learned + refine on the foreground box")."""
-    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2), crop=True, lr=0.75)
+    default; docs/results.md, "learned + refine on the foreground box")."""
+    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2), crop=True)
 
 
 def half_grid_refine() -> InstanceOptConfig:
@@ -138,16 +138,13 @@ class LearnedConfig:
             ``objective`` is replaced by the network's training energy when
             ``refine_objective_from_weights`` says so). Default: 6 Adam iterations on the
             2 mm level (the shipped network's velocity grid), then 2 on a 1.5 mm level, no early
-            stop; on a 2 mm image the 1.5 mm level is skipped (its grids would be the 2 mm
-            level's). On the four ``realworld`` pairs (1 mm) the shipped network refined so came
-            within 0.0063 Dice of the instance default on average (0.004-0.009 per pair) at SDlogJ
-            0.158 against 0.155, in 0.27-0.28 of its time measured in the same process, the affine
-            stage included (``docs/results.md``, "learned + refine with two steps at 1.5 mm"; the
-            2 mm level alone: 0.010 below in 0.19-0.22; one step at 1 mm instead of the 1.5 mm
-            level: 0.007 below in 0.40-0.51). Stage 2 of the shipped weights was first refined with 12 (on the
-            bundled validation pairs, 2 mm: 0.769 mean Dice in 10.5 s, against 0.765 in 13.3 s
-            for :func:`half_grid_refine`, a 4 mm level first, which discards the velocity's 2 mm
-            detail, and 0.771 for the full instance schedule in about 40 s).
+            stop, learning rate 0.75, on FIXED's foreground box (``crop``); on a 2 mm image the
+            1.5 mm level is skipped (its grids would be the 2 mm level's). On the four
+            ``realworld`` pairs (1 mm) the shipped network refined so came within 0.0062 Dice of
+            the instance default on average (0.002-0.010 per pair), at SDlogJ 0.169 against
+            0.157, in 0.32-0.36 of its time, the affine stage included (``docs/results.md``,
+            "learned + refine on the foreground box", which also lists the schedules tried
+            before: the whole grid at learning rate 0.5 was 0.0075 below in 0.37-0.43).
         refine_objective_from_weights: ``None`` (default): the network's own energy unless
             it was trained on the model of ``refine_config.objective`` (by default the instance
             solver's energy, ``InstanceOptConfig().objective``), that is on the same objective
