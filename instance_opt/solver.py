@@ -83,9 +83,9 @@ class InstanceOptConfig:
             than :data:`FOREGROUND` (normalised intensity), widened by ``crop_margin`` mm on each
             side (:func:`foreground_box`). Outside it FIXED is background, where LNCC has no
             signal; skull-stripped scans fill about half their grid. The result is on the whole
-            grid: the velocity and λ are extended by their values on the box's faces and
-            integrated there (a diffeomorphism everywhere). A pair whose foreground fills the grid
-            runs as without the crop.
+            grid: the velocity and λ are extended by their values on the box's faces, at the last
+            control grid's resolution, and integrated there (a diffeomorphism everywhere). A
+            pair whose foreground fills the grid runs as without the crop.
         crop_margin: margin of the foreground box, mm.
         progress: show tqdm progress bars.
 

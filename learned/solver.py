@@ -138,13 +138,13 @@ class LearnedConfig:
             ``objective`` is replaced by the network's training energy when
             ``refine_objective_from_weights`` says so). Default: 6 Adam iterations on the
             2 mm level (the shipped network's velocity grid), then 2 on a 1.5 mm level, no early
-            stop, learning rate 0.75, on FIXED's foreground box (``crop``); on a 2 mm image the
-            1.5 mm level is skipped (its grids would be the 2 mm level's). On the four
-            ``realworld`` pairs (1 mm) the shipped network refined so came within 0.0062 Dice of
-            the instance default on average (0.002-0.010 per pair), at SDlogJ 0.169 against
-            0.157, in 0.32-0.36 of its time, the affine stage included (``docs/results.md``,
-            "learned + refine on the foreground box", which also lists the schedules tried
-            before: the whole grid at learning rate 0.5 was 0.0075 below in 0.37-0.43).
+            stop, on FIXED's foreground box (``crop``); on a 2 mm image the 1.5 mm level is
+            skipped (its grids would be the 2 mm level's). On the four ``realworld`` pairs (1 mm)
+            the shipped network refined so came 0.0077 Dice below the instance default on average
+            (0.004-0.011 per pair), at SDlogJ 0.155 against 0.157, in 0.33-0.37 of its time, the
+            affine stage included (``docs/results.md``, "learned + refine on the foreground box",
+            which also lists the schedules tried before: on the whole grid 0.0075 below in
+            0.37-0.43).
         refine_objective_from_weights: ``None`` (default): the network's own energy unless
             it was trained on the model of ``refine_config.objective`` (by default the instance
             solver's energy, ``InstanceOptConfig().objective``), that is on the same objective
