@@ -288,7 +288,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
 
     Returns:
         :class:`hybridreg.solvers.RegistrationResult`: displacement (voxels, image grid),
-        velocity and λ on the network's grid (or the refinement's finest control grid),
+        velocity and λ on the network's grid (or, refined, at the refinement's last control grid's
+        resolution over the whole image extent),
         warped image, history (the network pass -- ``iterations`` counts its passes, 2 with
         ``inverse_consistent``, twice that with one ``cascade`` pass -- status ``network`` -- ``diverged`` when its
         output is not finite, and then nothing is refined -- then the refinement's levels),
