@@ -229,13 +229,11 @@ def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int]
     return _resample(t, [(0, n) for n in spatial], [(b.start, b.stop) for b in box], size, field)
 
 
-def _uncrop(t: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], field: bool,
-            resolution: bool = False) -> torch.Tensor:
-    """``t`` (on any grid over ``box``) over the whole image extent ``spatial``, extended by its
-    values on the box's faces: on the image grid, or (``resolution``) on a grid of ``t``'s own
-    resolution."""
-    size = ([max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)] if resolution
-            else spatial)
+def _uncrop(t: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor:
+    """``t`` (on any grid over ``box``) over the whole image extent ``spatial`` on a grid of its
+    own resolution (the grid it was optimised on, as without the box), extended by its values on
+    the box's faces."""
+    size = [max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)]
     return _resample(t, [(b.start, b.stop) for b in box], [(0, n) for n in spatial], size, field)
 
 
@@ -438,7 +436,7 @@ def register_pair(
         def report(it: int) -> None:
             vel, lam = smooth(v).detach(), lam_of(th).detach()
             if whole is not None:  # the callback sees the whole extent, at the control grid's resolution
-                vel, lam = (_uncrop(t, box, whole[3], f, resolution=True) for t, f in ((vel, True), (lam, False)))
+                vel, lam = _uncrop(vel, box, whole[3], True), _uncrop(lam, box, whole[3], False)
             callback(level, it, vel, lam)
 
         desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
@@ -464,9 +462,8 @@ def register_pair(
             velocity = torch.zeros((B, d) + spatial, dtype=dtype, device=dev)
         if whole is not None:
             fixed, moving_map, fixed_mask, spatial = whole
-            # at the control grid's resolution, as without the box: the SVF is integrated on the grid
-            # it was optimised on (a finer one gives another displacement, and costs more)
-            velocity, lam = (_uncrop(t, box, spatial, f, resolution=True) for t, f in ((velocity, True), (lam, False)))
+            # at the control grid's resolution: the SVF is integrated on the grid it was optimised on
+            velocity, lam = _uncrop(velocity, box, spatial, True), _uncrop(lam, box, spatial, False)
         ev = evaluate(fixed, moving, velocity, lam, obj, h, moving_map=moving_map, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, per_pair=True)
     final, pair_final = final_terms_of(ev.terms)
