@@ -448,7 +448,7 @@ METHODS: dict[str, Method] = {
                "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), two forward passes (inverse-consistent: the swapped pair's SVF negated and averaged in), then two more in its mid-space (FIXED ∘ exp(−v/2) ← MOVING ∘ exp(v/2)), SVFs added (one recursive pass, still exactly inverse-consistent)",
                setting="w_reg 4 network"),
         Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
-               "the network's velocity and λ refined by 6 instance iterations at 2 mm, then 2 at 1.5 mm (1 mm images), on the instance solver's energy, on FIXED's foreground box"),
+               "the network's velocity and λ refined by 7 instance iterations at 2 mm, then 2 at 1.75 mm (1 mm images), on the instance solver's energy, on FIXED's foreground box"),
         Method("learned-conditional", "learned conditional (voxelwise λ)", _learned("learned-conditional"), "voxelwise",
                "learned", "one network conditioned on w_reg and the hyperprior strength (FiLM) and on a region-wise λ map"
                " (CSAIN), `learned/weights/conditional/`, at w_reg 4 (the λ head's voxelwise λ)", setting="w_reg 4",

@@ -181,7 +181,7 @@ def conditional_sweep(rows: list[dict]) -> list[dict]:
     fine-tunes at 2 and 8; over the same pairs) and instance optimization at that value (over the
     pairs both ran, ``instance_n``): mean Dice and SDlogJ. The refined conditional network is
     compared with instance optimization only: ``learned+refine`` refines the instance solver's
-    energy with its own schedule (6 iterations at 2 mm, 2 at 1.5 mm), the conditional refinement its code's energy for 12."""
+    energy with its own schedule (7 iterations at 2 mm, 2 at 1.75 mm), the conditional refinement its code's energy for 12."""
     def mean(rs, key):
         return statistics.mean(r[key] for r in rs)
 

@@ -111,11 +111,11 @@ def _refine_default(iterations: int = 6) -> InstanceOptConfig:
 
 
 def _refine_learned() -> InstanceOptConfig:
-    """``LearnedConfig``'s refinement: 6 Adam iterations at 2 mm, then 2 at 1.5 mm (on a 1 mm image;
-    on a 2 mm one the 1.5 mm level's grids are the 2 mm level's and it is skipped,
+    """``LearnedConfig``'s refinement: 7 Adam iterations at 2 mm, then 2 at 1.75 mm (on a 1 mm image;
+    on a 2 mm one the 1.75 mm level's grids are the 2 mm level's and it is skipped,
     :func:`instance_opt.solver.levels_run`), on FIXED's foreground box (``crop``, as the instance
-    default; docs/results.md, "learned + refine on the foreground box")."""
-    return replace(_refine_default(), level_spacing=(2.0, 1.5), iterations=(6, 2), crop=True)
+    default; docs/results.md, "learned + refine on the foreground box" and "A 1.75 mm last level")."""
+    return replace(_refine_default(), level_spacing=(2.0, 1.75), iterations=(7, 2), crop=True)
 
 
 def half_grid_refine() -> InstanceOptConfig:
@@ -136,15 +136,15 @@ class LearnedConfig:
         refine: refine the network's output by instance optimization.
         refine_config: the instance optimizer's schedule for refinement (its
             ``objective`` is replaced by the network's training energy when
-            ``refine_objective_from_weights`` says so). Default: 6 Adam iterations on the
-            2 mm level (the shipped network's velocity grid), then 2 on a 1.5 mm level, no early
-            stop, on FIXED's foreground box (``crop``); on a 2 mm image the 1.5 mm level is
+            ``refine_objective_from_weights`` says so). Default: 7 Adam iterations on the
+            2 mm level (the shipped network's velocity grid), then 2 on a 1.75 mm level, no early
+            stop, on FIXED's foreground box (``crop``); on a 2 mm image the 1.75 mm level is
             skipped (its grids would be the 2 mm level's). On the four ``realworld`` pairs (1 mm)
-            the shipped network refined so came 0.0077 Dice below the instance default on average
-            (0.004-0.011 per pair), at SDlogJ 0.155 against 0.157, in 0.33-0.37 of its time, the
-            affine stage included (``docs/results.md``, "learned + refine on the foreground box",
-            which also lists the schedules tried before: on the whole grid 0.0075 below in
-            0.37-0.43).
+            the shipped network refined so came 0.0071 Dice below the instance default on average
+            (0.0056-0.0094 per pair), at SDlogJ 0.157 against 0.157, in 0.27-0.33 of its time
+            measured in one run, the affine stage included (``docs/results.md``, "A 1.75 mm last
+            level", which also lists the schedules tried before: 6 at 2 mm and 2 at 1.5 mm,
+            0.0077 below in 0.32-0.36).
         refine_objective_from_weights: ``None`` (default): the network's own energy unless
             it was trained on the model of ``refine_config.objective`` (by default the instance
             solver's energy, ``InstanceOptConfig().objective``), that is on the same objective
