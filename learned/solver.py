@@ -141,7 +141,7 @@ class LearnedConfig:
             stop, on FIXED's foreground box (``crop``); on a 2 mm image the 1.75 mm level is
             skipped (its grids would be the 2 mm level's). On the four ``realworld`` pairs (1 mm)
             the shipped network refined so came 0.0071 Dice below the instance default on average
-            (0.0056-0.0094 per pair), at SDlogJ 0.157 against 0.157, in 0.27-0.33 of its time
+            (0.0056-0.0094 per pair), at the same SDlogJ (0.157), in 0.27-0.33 of its time
             measured in one run, the affine stage included (``docs/results.md``, "A 1.75 mm last
             level", which also lists the schedules tried before: 6 at 2 mm and 2 at 1.5 mm,
             0.0077 below in 0.32-0.36).
