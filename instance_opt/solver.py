@@ -201,15 +201,16 @@ def foreground_box(fixed: torch.Tensor, spacing: Sequence[float], margin: float,
 
 
 def _resample(t: torch.Tensor, src: Sequence[tuple[float, float]], dst: Sequence[tuple[float, float]],
-              size: Sequence[int], field: bool) -> torch.Tensor:
+              field: bool) -> torch.Tensor:
     """``t`` ``(B, C, *grid)``, whose grid covers the extent ``src`` (``(start, stop)`` in image
-    voxels, per axis), sampled once (linear, cell centres) on a grid of ``size`` voxels over the
-    extent ``dst``; a point outside ``src`` takes the value of the nearest face (border
-    padding). A ``field`` is in voxels of its grid; a uniform ``(B, C, 1, ...)`` tensor is
-    returned as it is."""
+    voxels, per axis), sampled once (linear, cell centres) on a grid of its own resolution over the
+    extent ``dst`` (at least one voxel per axis); a point outside ``src`` takes the value of the
+    nearest face (border padding). A ``field`` is in voxels of its grid; a uniform
+    ``(B, C, 1, ...)`` tensor is returned as it is."""
     if all(n == 1 for n in t.shape[2:]):
         return t
     d = t.dim() - 2
+    size = [max(1, round((d1 - d0) * n / (s1 - s0))) for (s0, s1), (d0, d1), n in zip(src, dst, t.shape[2:])]
     scale = [(s1 - s0) / n for (s0, s1), n in zip(src, t.shape[2:])]  # image voxels per voxel of t
     step = [(d1 - d0) / m / sc for (d0, d1), m, sc in zip(dst, size, scale)]  # t's voxels per new voxel
     vm = torch.zeros(t.shape[0], d, d + 1, dtype=t.dtype, device=t.device)
@@ -225,16 +226,14 @@ def _crop(t: torch.Tensor | None, box: tuple[slice, ...], spatial: Sequence[int]
     trip through the image grid)."""
     if t is None:
         return None
-    size = [max(1, round((b.stop - b.start) * nt / n)) for b, nt, n in zip(box, t.shape[2:], spatial)]
-    return _resample(t, [(0, n) for n in spatial], [(b.start, b.stop) for b in box], size, field)
+    return _resample(t, [(0, n) for n in spatial], [(b.start, b.stop) for b in box], field)
 
 
 def _uncrop(t: torch.Tensor, box: tuple[slice, ...], spatial: Sequence[int], field: bool) -> torch.Tensor:
     """``t`` (on any grid over ``box``) over the whole image extent ``spatial`` on a grid of its
     own resolution (the grid it was optimised on, as without the box), extended by its values on
     the box's faces."""
-    size = [max(1, round(n * nt / (b.stop - b.start))) for b, nt, n in zip(box, t.shape[2:], spatial)]
-    return _resample(t, [(b.start, b.stop) for b in box], [(0, n) for n in spatial], size, field)
+    return _resample(t, [(b.start, b.stop) for b in box], [(0, n) for n in spatial], field)
 
 
 def register_pair(
