@@ -215,12 +215,15 @@ def _lambda_smoothness(lam: torch.Tensor, fixed: torch.Tensor, spacing: tuple, c
 
 
 def _warp_with_mask(image: torch.Tensor, mask: torch.Tensor | None, disp: torch.Tensor,
-                    voxel_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    voxel_map: torch.Tensor | None = None, field_of_view: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | float]:
     """``image`` and its optional ``(B, 1, ...)`` ``mask`` warped by ``disp`` in one sampling
     of both (:func:`hybridreg.spatial.warp`), the mask times the image's field of view: 1 where
     the sampled point lies inside the image's grid (between its first and last voxel centres),
     0 outside, where the warped image holds only its zero padding. A scan of part of the
-    head (a slab) is thus matched where it has data, as ITK's metrics do.
+    head (a slab) is thus matched where it has data, as ITK's metrics do. With
+    ``field_of_view`` false the field of view is left out: the warped mask alone, or ``1.0``
+    without a mask.
 
     The warped mask is detached: it selects the voxels of the image match, as the masks of
     ITK's image metrics do, and no gradient flows through it. Differentiated, it lets the
@@ -228,10 +231,11 @@ def _warp_with_mask(image: torch.Tensor, mask: torch.Tensor | None, disp: torch.
     by folding the mask's edge onto them (a slab of NaN voxels left out of the match by a
     moving mask drove SDlogJ from 0.27 to 0.72, with folding, on the demo pair)."""
     if mask is None:
-        return warp(image, disp, voxel_map=voxel_map, field_of_view=True)
+        return warp(image, disp, voxel_map=voxel_map, field_of_view=True) if field_of_view else \
+            (warp(image, disp, voxel_map=voxel_map), 1.0)
     both, inside = warp(torch.cat([image, mask.to(image.dtype)], 1), disp, voxel_map=voxel_map, field_of_view=True)
     warped, warped_mask = both.split([image.shape[1], 1], 1)
-    return warped, warped_mask.detach() * inside
+    return warped, warped_mask.detach() * (inside if field_of_view else 1.0)
 
 
 def evaluate(
@@ -270,7 +274,12 @@ def evaluate(
             keeps its weight against the prior, so a mask does not change the balance of the
             two. With ``log_det`` (σ² profiled out) the per-voxel negative log-likelihood at
             σ²'s MAP (the mean squared residual over the weighted voxels) is scaled by their
-            share of the voxels. The warped weights are held fixed in the gradient
+            share of the voxels, and the fields of view are left out (a point mapped outside
+            MOVING's grid meets its zero padding and counts as data): σ² is a mean over the
+            match's voxels, and a domain that moved with the deformation made the estimate
+            jump from one iteration to the next -- on a bundled 2 mm pair MAP's λ ran to 19
+            and the result to a 15-voxel shift (Dice 0.026; ``docs/results.md``, "MAP's λ and
+            the field of view"). The warped weights are held fixed in the gradient
             (:func:`_warp_with_mask`), so the energy's value also moves with them where its
             gradient does not: a small mismatch for the stopping rule, none for Adam's steps.
             With ``config.symmetric`` both images and masks are warped half-way first.
@@ -319,10 +328,12 @@ def evaluate(
         disp = resize_field(disp_control, spatial)
         moving_disp = disp if fixed_disp is None else resize_field(half, spatial)
     with record_function("evaluate.warp"):
-        matched, matched_mask = _warp_with_mask(moving, moving_mask, moving_disp, moving_map)
+        # with log_det the fields of view are left out: σ² is a mean over the match's voxels, which
+        # must not move with the deformation (see ``moving_mask`` in the docstring)
+        matched, matched_mask = _warp_with_mask(moving, moving_mask, moving_disp, moving_map, not config.log_det)
         warped = matched if fixed_disp is None else warp(moving, disp, voxel_map=moving_map)
         target, target_mask = ((fixed, fixed_mask) if fixed_disp is None
-                               else _warp_with_mask(fixed, fixed_mask, fixed_disp))
+                               else _warp_with_mask(fixed, fixed_mask, fixed_disp, field_of_view=not config.log_det))
     with record_function("evaluate.similarity"):
         reduction = "batch" if per_pair else "mean"
         profiled = config.log_det  # σ² profiled out: each pair's mean squared residual is its MAP
@@ -334,7 +345,8 @@ def evaluate(
             sim = mse(target, matched, sigma=0.5**0.5 if profiled else config.mse_sigma, reduction="none")
         # the voxels of the match: inside the masks and the fields of view. One outside adds nothing;
         # one inside keeps its weight against the prior (the sum is divided by all voxels)
-        weight = torch.broadcast_to((target_mask if target_mask is not None else 1.0) * matched_mask, sim.shape)
+        weight = torch.broadcast_to(torch.as_tensor((target_mask if target_mask is not None else 1.0) * matched_mask,
+                                                    dtype=sim.dtype, device=sim.device), sim.shape)
         dims = tuple(range(1, sim.dim())) if per_pair or profiled else tuple(range(sim.dim()))
         if profiled:  # σ²'s MAP: the mean squared residual over the voxels of the match
             sigma2 = (sim * weight).sum(dims) / weight.sum(dims).clamp_min(1e-12)
