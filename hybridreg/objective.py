@@ -279,7 +279,9 @@ def evaluate(
             match's voxels, and a domain that moved with the deformation made the estimate
             jump from one iteration to the next -- on a bundled 2 mm pair MAP's λ ran to 19
             and the result to a 15-voxel shift (Dice 0.026; ``docs/results.md``, "MAP's λ and
-            the field of view"). The warped weights are held fixed in the gradient
+            the field of view"). A moving mask still moves with the deformation (it is zero
+            outside MOVING's grid), so MAP with a moving mask keeps that weakness where the
+            mask reaches the grid's edge. The warped weights are held fixed in the gradient
             (:func:`_warp_with_mask`), so the energy's value also moves with them where its
             gradient does not: a small mismatch for the stopping rule, none for Adam's steps.
             With ``config.symmetric`` both images and masks are warped half-way first.
@@ -343,8 +345,8 @@ def evaluate(
                 sim = local_variance(target, config.lncc_window) * (1.0 + sim)
         else:
             sim = mse(target, matched, sigma=0.5**0.5 if profiled else config.mse_sigma, reduction="none")
-        # the voxels of the match: inside the masks and the fields of view. One outside adds nothing;
-        # one inside keeps its weight against the prior (the sum is divided by all voxels)
+        # the voxels of the match: inside the masks and (without log_det) the fields of view. One outside
+        # adds nothing; one inside keeps its weight against the prior (the sum is divided by all voxels)
         weight = torch.broadcast_to(torch.as_tensor((target_mask if target_mask is not None else 1.0) * matched_mask,
                                                     dtype=sim.dtype, device=sim.device), sim.shape)
         dims = tuple(range(1, sim.dim())) if per_pair or profiled else tuple(range(sim.dim()))
