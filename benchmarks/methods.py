@@ -282,7 +282,7 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
 
     def run(pair: AnyPair, dice_fn, device: str = "cpu") -> MethodOutput:
         from hybridreg.config import apply_overrides, load_yaml
-        from hybridreg.solvers import get_solver, synchronize
+        from hybridreg.solvers import DivergenceError, divergence, get_solver, synchronize
         from hybridreg.spatial import resize_field, scaling_and_squaring
         from instance_opt import register_pair  # not the Solver interface: the trace needs its `callback`
 
@@ -312,6 +312,9 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
                             device=torch.device(device), **regions)
         synchronize(device)
         seconds = time.perf_counter() - t0 - spent[0]
+        why = divergence(res)  # as the service refuses it: never a row
+        if why:
+            raise DivergenceError(f"{pair.name} diverged: {why}")
         lam = res.lam[0, 0].cpu().numpy() if res.lam.numel() > 1 else None
         return MethodOutput(res.displacement[0].cpu().numpy(), seconds, lam, points or None)
 

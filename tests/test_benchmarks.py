@@ -59,6 +59,18 @@ def test_lambda_strategy_methods_run_in_the_suite(name):
         assert out.lam is not None and out.lam.std() > 0
 
 
+def test_a_diverged_instance_run_is_never_a_row(monkeypatch):
+    """The suite registers prealigned pairs without the service (for the time-to-accuracy trace) and
+    refuses what the service refuses (:func:`hybridreg.solvers.divergence`)."""
+    import hybridreg.solvers as solvers
+
+    seen = []
+    monkeypatch.setattr(solvers, "divergence", lambda result: seen.append(result) or "the energy rose on a level")
+    with pytest.raises(solvers.DivergenceError, match="blob diverged: the energy rose on a level"):
+        METHODS["instance"].run(_blob_pair(), lambda d: 0.0)
+    assert len(seen) == 1 and seen[0].history
+
+
 def test_wilcoxon_and_rank_biserial():
     a = [0.80, 0.78, 0.75, 0.81, 0.79, 0.77]
     b = [0.78, 0.77, 0.76, 0.78, 0.76, 0.75]  # a − b: +.02 +.01 −.01 +.03 +.03 +.02

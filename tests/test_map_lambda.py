@@ -11,6 +11,7 @@ import torch
 
 from hybridreg.objective import ObjectiveConfig, evaluate, map_lambda
 from hybridreg.regularization import diffusion_energy, diffusion_log_normalizer, laplacian_log_pdet, reference_scale
+from hybridreg.solvers import divergence
 from hybridreg.spatial import gaussian_smooth
 from instance_opt import InstanceOptConfig, register_pair
 
@@ -170,6 +171,7 @@ def test_map_on_a_bundled_pair_stays_a_registration():
     obj = replace(map_config().objective, log_det=True)
     start = evaluate(f, m, torch.zeros_like(res.velocity), res.lam, obj, spacing=ds.spacing).terms.similarity
     assert float(res.final_terms["similarity"]) < float(start) - 0.05  # the match improved
+    assert divergence(res) is None
 
 
 # --- region-wise λ (method §3.2) -------------------------------------------------------------
