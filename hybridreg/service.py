@@ -532,7 +532,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "levels": [
             {"spacing_mm": list(h.spacing), "shape": list(h.shape), "control_shape": list(h.control_shape),
              "iterations": h.iterations, "status": h.status, "seconds": h.seconds,
-             "final_total": h.terms["total"][-1] if h.terms.get("total") else None}
+             "final_total": h.terms["total"][-1] if h.terms.get("total") else None, "kept_start": h.kept_start}
             for h in res.history
         ],
         "final_terms": res.final_terms,

@@ -58,6 +58,8 @@ class LevelHistory:
             (empty for a network pass).
         iterations: iterations run (1 for a network pass). status: a :class:`Status`.
         seconds: wall time of the stage.
+        kept_start: the level ended with a higher energy than at its start, so the optimiser
+            handed on its start instead (:data:`instance_opt.solver.KEEP_START_ITERATIONS`).
     """
 
     spacing: tuple[float, ...]
@@ -67,6 +69,7 @@ class LevelHistory:
     iterations: int
     status: Status
     seconds: float
+    kept_start: bool = False
 
     @property
     def seconds_per_iteration(self) -> float:

@@ -140,6 +140,14 @@ class InstanceOptConfig:
         return cf * len(self.level_spacing) if len(cf) == 1 else cf
 
 
+KEEP_START_ITERATIONS = 20
+"""A level of at least this many iterations that ends with a higher energy than at its start (both
+evaluated under the level's final λ) hands on its start, not its end (``LevelHistory.kept_start``):
+Adam's first steps of ``lr`` voxels can only leave an optimum it starts at (an exactly aligned pair),
+and a level that ended uphill has failed (``docs/results.md``, "A level that ends uphill keeps its
+start"). Shorter levels (a refinement's few steps, the default's one step at 1 mm) are left as they end."""
+
+
 def level_grids(
     spatial: Sequence[int], spacing: Sequence[float], level_spacing: float, control_factor: int
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
@@ -281,6 +289,9 @@ def register_pair(
         regions: ``(B, 1, *spatial)`` integer label map on FIXED's grid, required by (and
             only used with) ``lambda_mode="regions"``: one λ per label value.
 
+    A level of at least :data:`KEEP_START_ITERATIONS` iterations whose energy ends above its
+    start's (both under its final λ) hands on its start velocity (``LevelHistory.kept_start``).
+
     A batch of B > 1 pairs is B independent registrations in one optimization (batched
     instance optimization, ``hybridreg batch --batch-size``): the energy minimised is the sum
     of the pairs' energies (:func:`hybridreg.objective.evaluate` with ``per_pair``), so Adam,
@@ -407,6 +418,7 @@ def register_pair(
             th.requires_grad_(True)
             params.append({"params": [th], "lr": cfg.lr_lambda})
         opt = torch.optim.Adam(params)
+        v_start = v.detach().clone()  # kept if the level ends uphill of it (below)
         frac = cfg.lr_final_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - frac) * i / max(n_iter - 1, 1))
 
@@ -442,13 +454,23 @@ def register_pair(
         with tqdm(total=n_iter, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True) as bar:
             run = minimize(closure, opt, sched, stopping, n_iter, window=cfg.window,
                            callback=report if callback is not None else None, progress_bar=bar, on_stop=on_stop)
-        level_of = lambda terms, iterations, status: LevelHistory(  # noqa: E731
+        kept = [False] * B  # pairs whose level ended uphill of its start: the start is kept
+        if run.iterations >= KEEP_START_ITERATIONS:
+            with torch.no_grad():
+                lam = lam_of(th)
+                end, start = (evaluate(f_l, m_l, smooth(u), lam, obj, level_h, per_pair=True, **grids).terms.total
+                              for u in (v, v_start))
+                uphill = end > start
+                if bool(uphill.any()):
+                    v[uphill] = v_start[uphill]
+                    kept = uphill.tolist()
+        level_of = lambda terms, iterations, status, keep: LevelHistory(  # noqa: E731
             spacing=level_h, shape=shape, control_shape=control, terms={k: terms.get(k, []) for k in names},
-            iterations=iterations, status=status, seconds=run.seconds)
-        history.append(level_of(run.terms, run.iterations, run.status))
+            iterations=iterations, status=status, seconds=run.seconds, kept_start=keep)
+        history.append(level_of(run.terms, run.iterations, run.status, any(kept)))
         for b, pair in enumerate(pair_histories):
             if not (pair and pair[-1].status == Status.DIVERGED):  # a pair's history ends where it diverged
-                pair.append(level_of(run.pair_terms[b], run.pair_iterations[b], run.pair_status[b]))
+                pair.append(level_of(run.pair_terms[b], run.pair_iterations[b], run.pair_status[b], kept[b]))
         velocity = smooth(v).detach()
         if th is not None:
             theta = th.detach()

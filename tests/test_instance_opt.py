@@ -294,6 +294,23 @@ def test_minimize_stops_each_pair_of_a_batch_on_its_own():
     assert r.pair_iterations[1] == 5 and r.pair_iterations[0] > 5 and float(y[0].detach()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_a_level_that_ends_uphill_hands_on_its_start(pair):
+    """FIXED against itself: the identity is the optimum, and Adam's first steps of ``lr`` voxels
+    can only leave it (its normalised step turns a round-off gradient into a full one). A level of
+    >= KEEP_START_ITERATIONS ends uphill and hands on its start, exactly; a shorter one is left as
+    it ended."""
+    from instance_opt.solver import KEEP_START_ITERATIONS
+
+    f = tensor(pair[0].image)
+    n = KEEP_START_ITERATIONS
+    res = register_pair(f, f.clone(), InstanceOptConfig(level_spacing=(8.0,), iterations=(n,), progress=False),
+                        spacing=pair[0].spacing)
+    assert res.history[0].kept_start and float(res.velocity.abs().max()) == 0.0
+    short = register_pair(f, f.clone(), InstanceOptConfig(level_spacing=(8.0,), iterations=(n - 1,), progress=False),
+                          spacing=pair[0].spacing)
+    assert not short.history[0].kept_start and float(short.velocity.abs().max()) > 0.1
+
+
 def test_batched_instance_optimization_equals_one_pair_at_a_time():
     """B pairs in one optimization (the energy a sum over pairs): in float64 each pair's result,
     stopping iteration and final terms equal its one-pair run's (float32 differs by summation order only)."""

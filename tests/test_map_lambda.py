@@ -174,6 +174,27 @@ def test_map_on_a_bundled_pair_stays_a_registration():
     assert divergence(res) is None
 
 
+def test_a_coarse_level_that_fails_does_not_carry_its_failure_on(monkeypatch):
+    """The MAP fault of stop 59 replayed: with MOVING's field of view put back into the profiled
+    likelihood's domain, the 8 mm level ends uphill of its start (−0.90 → −0.08, every number
+    finite); its end used to be handed on, to λ 19 and a 15-voxel shift (Dice 0.026). Now the
+    level hands on its start, and the finer levels register."""
+    import hybridreg.objective as objective
+    from hybridreg.data.sources import bundled
+    from learned.regressor import map_config
+
+    warp_with_mask = objective._warp_with_mask
+    monkeypatch.setattr(objective, "_warp_with_mask", lambda image, mask, disp, voxel_map=None, field_of_view=True:
+                        warp_with_mask(image, mask, disp, voxel_map, True))
+    ds = bundled(2)
+    fixed, moving = ds.pairs("test")[0]
+    f, m = (torch.from_numpy(np.ascontiguousarray(s.image))[None, None].float() for s in (fixed, moving))
+    res = register_pair(f, m, replace(map_config(), progress=False), spacing=ds.spacing)
+    assert [h.kept_start for h in res.history] == [True, False, False]
+    assert 0.1 < float(res.lam) < 3.0
+    assert float(res.displacement.mean(dim=(2, 3, 4)).abs().max()) < 1.0  # no global shift (voxels)
+
+
 # --- region-wise λ (method §3.2) -------------------------------------------------------------
 
 def test_region_painting_and_smoothing_match_a_direct_computation():
