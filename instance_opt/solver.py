@@ -418,7 +418,8 @@ def register_pair(
             th.requires_grad_(True)
             params.append({"params": [th], "lr": cfg.lr_lambda})
         opt = torch.optim.Adam(params)
-        v_start = v.detach().clone()  # kept if the level ends uphill of it (below)
+        # kept if the level ends uphill of it (below); only a level that will be judged needs a copy
+        v_start = v.detach().clone() if n_iter >= KEEP_START_ITERATIONS else None
         frac = cfg.lr_final_fraction
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - (1.0 - frac) * i / max(n_iter - 1, 1))
 
@@ -455,7 +456,7 @@ def register_pair(
             run = minimize(closure, opt, sched, stopping, n_iter, window=cfg.window,
                            callback=report if callback is not None else None, progress_bar=bar, on_stop=on_stop)
         kept = [False] * B  # pairs whose level ended uphill of its start: the start is kept
-        if run.iterations >= KEEP_START_ITERATIONS:
+        if v_start is not None and run.iterations >= KEEP_START_ITERATIONS:
             with torch.no_grad():
                 lam = lam_of(th)
                 end, start = (evaluate(f_l, m_l, smooth(u), lam, obj, level_h, per_pair=True, **grids).terms.total

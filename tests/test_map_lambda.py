@@ -154,22 +154,29 @@ def test_closed_form_and_gradient_updates_agree():
 
 
 @pytest.mark.slow
+def _first_bundled_test_pair():
+    """vxm ← synthseg_16 of the bundled test split at 2 mm: FIXED, MOVING ``(1, 1, *grid)``, spacing."""
+    from hybridreg.data.sources import bundled
+
+    ds = bundled(2)
+    fixed, moving = ds.pairs("test")[0]
+    f, m = (torch.from_numpy(np.ascontiguousarray(s.image))[None, None].float() for s in (fixed, moving))
+    return f, m, ds.spacing
+
+
 def test_map_on_a_bundled_pair_stays_a_registration():
     """The shipped MAP schedule (the λ regressor's targets) on a bundled test pair at 2 mm ends
     at a finite λ with a field that registers: with MOVING's field of view in the likelihood's
     domain its coarse first steps mapped border points off the grid, σ² jumped, and the estimate
     ran to λ 19 and a 15-voxel shift (Dice 0.026)."""
-    from hybridreg.data.sources import bundled
     from learned.regressor import map_config
 
-    ds = bundled(2)
-    fixed, moving = ds.pairs("test")[0]
-    f, m = (torch.from_numpy(np.ascontiguousarray(s.image))[None, None].float() for s in (fixed, moving))
-    res = register_pair(f, m, replace(map_config(), progress=False), spacing=ds.spacing)
+    f, m, spacing = _first_bundled_test_pair()
+    res = register_pair(f, m, replace(map_config(), progress=False), spacing=spacing)
     assert 0.1 < float(res.lam) < 3.0
     assert float(res.displacement.mean(dim=(2, 3, 4)).abs().max()) < 1.0  # no global shift (voxels)
     obj = replace(map_config().objective, log_det=True)
-    start = evaluate(f, m, torch.zeros_like(res.velocity), res.lam, obj, spacing=ds.spacing).terms.similarity
+    start = evaluate(f, m, torch.zeros_like(res.velocity), res.lam, obj, spacing=spacing).terms.similarity
     assert float(res.final_terms["similarity"]) < float(start) - 0.05  # the match improved
     assert divergence(res) is None
 
@@ -180,16 +187,13 @@ def test_a_coarse_level_that_fails_does_not_carry_its_failure_on(monkeypatch):
     finite); its end used to be handed on, to λ 19 and a 15-voxel shift (Dice 0.026). Now the
     level hands on its start, and the finer levels register."""
     import hybridreg.objective as objective
-    from hybridreg.data.sources import bundled
     from learned.regressor import map_config
 
     warp_with_mask = objective._warp_with_mask
     monkeypatch.setattr(objective, "_warp_with_mask", lambda image, mask, disp, voxel_map=None, field_of_view=True:
                         warp_with_mask(image, mask, disp, voxel_map, True))
-    ds = bundled(2)
-    fixed, moving = ds.pairs("test")[0]
-    f, m = (torch.from_numpy(np.ascontiguousarray(s.image))[None, None].float() for s in (fixed, moving))
-    res = register_pair(f, m, replace(map_config(), progress=False), spacing=ds.spacing)
+    f, m, spacing = _first_bundled_test_pair()
+    res = register_pair(f, m, replace(map_config(), progress=False), spacing=spacing)
     assert [h.kept_start for h in res.history] == [True, False, False]
     assert 0.1 < float(res.lam) < 3.0
     assert float(res.displacement.mean(dim=(2, 3, 4)).abs().max()) < 1.0  # no global shift (voxels)
