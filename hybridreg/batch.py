@@ -18,10 +18,11 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   ``OUT/failed/<id>.json`` with its error and the others go on. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
   pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
   the ranks meet at a barrier (gloo / nccl) and rank 0 merges.
-* :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status and
-  error), ``OUT/dice_per_structure.csv``, ``OUT/summary.json`` and ``OUT/summary.md`` (means,
+* :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status,
+  error and warnings: :func:`hybridreg.solvers.result_warnings`, joined by `` | ``),
+  ``OUT/dice_per_structure.csv``, ``OUT/summary.json`` and ``OUT/summary.md`` (means,
   per-structure Dice, the seconds of each stage: reading, affine, registration, metrics,
-  writing).
+  writing; the pairs registered with a warning).
 
 ``OUT/batch.json`` records the run's settings (solver, config, overrides, options, the pairs); a
 re-run into the same ``OUT`` with other settings is refused, so one table never mixes settings.
@@ -359,7 +360,7 @@ STAGES = ("reading", "affine", "registration", "metrics", "writing", "total")
 COLUMNS = ("id", "status", "error", "fixed", "moving", "dice_before", "dice_affine", "dice", "hd95_mm", "tre_before_mm",
            "tre_affine_mm", "tre_mm", "folding_percent",
            "ndv_percent", "sdlogj", "jacobian_min", "lambda_mean", *(f"seconds_{s}" for s in STAGES), "peak_memory_mb",
-           "device")
+           "device", "warnings")
 
 
 def _row(pair: PairEntry, out: Path) -> dict:
@@ -373,7 +374,7 @@ def _row(pair: PairEntry, out: Path) -> dict:
                    **{f"tre_{k}mm": (m.get("tre_mm") or {}).get(s, {}).get("mean")
                       for k, s in (("before_", "before"), ("affine_", "after_affine"), ("", "after"))},
                    sdlogj=m.get("sdlogj"), jacobian_min=m.get("jacobian_min"), lambda_mean=m["lambda"]["mean"],
-                   peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"),
+                   peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"), warnings=" | ".join(m.get("warnings", [])),
                    **{f"seconds_{s}": m["seconds"].get(s) for s in STAGES})
         row["_per_label"] = (m.get("dice_after") or {}).get("per_label", {})
     elif failed_path.is_file():
@@ -413,6 +414,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     summary = {
         "pairs": len(rows), "done": len(status.done), "failed": {r["id"]: r["error"] for r in rows if r["status"] == "failed"},
         "missing": status.missing,
+        "warnings": {r["id"]: r["warnings"].split(" | ") for r in done if r["warnings"]},
         "metrics": {k: _stats([r.get(k) for r in done]) for k in ("dice_before", "dice_affine", "dice", "hd95_mm", "tre_before_mm",
                                                                    "tre_affine_mm", "tre_mm",
                                                                    "folding_percent", "ndv_percent", "sdlogj", "peak_memory_mb")},
@@ -431,6 +433,9 @@ def _markdown(s: dict) -> str:
     lines = [f"# Batch: {s['done']} of {s['pairs']} pairs registered", ""]
     if s["failed"]:
         lines += [f"Failed ({len(s['failed'])}):", ""] + [f"- `{k}`: {v}" for k, v in s["failed"].items()] + [""]
+    if s["warnings"]:
+        lines += [f"Registered with warnings ({len(s['warnings'])}), check these:", ""]
+        lines += [f"- `{k}`: {w}" for k, ws in s["warnings"].items() for w in ws] + [""]
     if s["missing"]:
         lines += [f"Not run yet ({len(s['missing'])}): re-run the same command to finish them.", ""]
     lines += ["| metric | mean ± sd (median) |", "|---|---|"]

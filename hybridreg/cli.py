@@ -190,7 +190,9 @@ def tune_command(args: argparse.Namespace) -> None:
         print(f"no feasible trial among {summary['finished']} (folding > {space.folding_max}% everywhere)")
 
 
-def _print_summary(m: dict, out: Path) -> None:
+def _print_summary(m: dict, out: Path, command: str) -> None:
+    for w in m.get("warnings", []):
+        print(f"hybridreg {command}: warning: {w}", file=sys.stderr)
     print(f"wrote {out}/: " + ", ".join(m.get("outputs", OUTPUT_FILES)))
     for name, n in m["inputs"].get("nan_voxels", {}).items():
         if n:
@@ -411,6 +413,9 @@ def batch_command(args: argparse.Namespace) -> int:
           f" wrote {args.out}/: pairs/, metrics.csv, dice_per_structure.csv, summary.json, summary.md")
     for pid in s.failed:
         print(f"  failed: {pid} ({Path(args.out) / 'failed' / (pid + '.json')})")
+    for pid, ws in json.loads(s.summary.read_text()).get("warnings", {}).items():
+        for w in ws:
+            print(f"hybridreg batch: warning: {pid}: {w}", file=sys.stderr)
     return 3 if s.failed or s.missing else 0
 
 
@@ -423,7 +428,7 @@ def _run(args: argparse.Namespace) -> int:
                            moving_mask=args.moving_mask, overrides=args.overrides, outputs=args.outputs,
                            fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                            region_lambda=args.region_lambda, **_prealign(args))
-        _print_summary(m, Path(args.out))
+        _print_summary(m, Path(args.out), args.command)
     elif args.command == "batch":
         return batch_command(args)
     elif args.command == "apply":
@@ -445,7 +450,7 @@ def _run(args: argparse.Namespace) -> int:
                            solver=args.solver, weights=args.weights, eval_labels="auto", progress=not args.no_progress,
                            overwrite=args.overwrite, overrides=args.overrides, outputs=args.outputs,
                            region_lambda=args.region_lambda, **_prealign(args))
-        _print_summary(m, Path(args.out))
+        _print_summary(m, Path(args.out), args.command)
     return 0
 
 

@@ -41,7 +41,7 @@ from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, re
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
                  write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
-from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, synchronize
+from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, result_warnings, synchronize
 from .spatial import jacobian_determinant, warp
 
 __all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
@@ -509,7 +509,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
             with_hd95: bool = True) -> dict:
     """The ``metrics.json`` dictionary: inputs and their grids, the affine stage (kind, matrix,
     translation, centre, metric, seconds), Jacobian and λ statistics, seconds per stage, peak
-    memory, every stage's history, the config, (with labels) Dice before registration,
+    memory, every stage's history, the warnings (:func:`hybridreg.solvers.result_warnings`),
+    the config, (with labels) Dice before registration,
     after the affine stage and after registration, per label, and HD95 (mm), and (with
     landmarks) the TRE (mm) at the same three points (:func:`hybridreg.metrics.tre_stages`)."""
     res, dev = solved.result, solved.device
@@ -535,6 +536,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
              "final_total": h.terms["total"][-1] if h.terms.get("total") else None, "kept_start": h.kept_start}
             for h in res.history
         ],
+        "warnings": result_warnings(res),  # levels that kept their start: what to check (the CLI prints them)
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
     }

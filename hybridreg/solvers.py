@@ -275,6 +275,20 @@ def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_F
     return None
 
 
+def result_warnings(result: RegistrationResult) -> list[str]:
+    """What to check in a result that :func:`divergence` accepts: one line per level that
+    kept its start (:attr:`LevelHistory.kept_start`), naming the level; ``[]`` when there is
+    nothing. Such a level failed to descend, and the finer levels went on from its start
+    rather than from its end. The result may still be a good registration: it is written, and
+    the CLI prints these lines on stderr (``metrics.json`` ``warnings``).
+    """
+    n = len(result.history)
+    return [f"level {k + 1}/{n} ({'x'.join(map(str, h.shape))} voxels of {'x'.join(f'{s:g}' for s in h.spacing)} mm)"
+            f" ended above the energy it started from after {h.iterations} iterations, so its start was handed on:"
+            " that level did not register; check the result (lower `lr` if it recurs)"
+            for k, h in enumerate(result.history) if h.kept_start]
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait until the kernels queued on ``device`` have run, so that a clock read next times
     them (a GPU runs them asynchronously); nothing on the CPU, whose operators return done.

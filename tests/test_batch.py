@@ -160,6 +160,27 @@ def test_batch_records_failures_goes_on_and_resumes_without_redoing(layout, tmp_
 
 
 @pytest.mark.slow
+def test_a_pair_registered_with_a_warning_is_listed(layout, tmp_path, capsys):
+    """An image against itself keeps its one level's start (the identity is the optimum; see
+    test_a_level_that_ends_uphill_hands_on_its_start): the pair is registered, and its warning is
+    in metrics.csv, summary.json, summary.md and on stderr; the other pair has none."""
+    manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("vxm", "vxm")], "with_itself.csv")
+    (tmp_path / "one_level.yaml").write_text("level_spacing: [8.0]\niterations: [20]\n")
+    out = tmp_path / "run"
+    argv = _batch(manifest, out)
+    argv[argv.index("--config") + 1] = str(tmp_path / "one_level.yaml")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    table = _table(out)
+    assert [r["status"] for r in table] == ["done", "done"] and table[0]["warnings"] == ""
+    assert table[1]["warnings"].startswith("level 1/1 (") and "did not register" in table[1]["warnings"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warnings"] == {"vxm__vxm": [table[1]["warnings"]]}
+    assert f"- `vxm__vxm`: {table[1]['warnings']}" in (out / "summary.md").read_text()
+    assert f"hybridreg batch: warning: vxm__vxm: {table[1]['warnings']}" in err.splitlines()
+
+
+@pytest.mark.slow
 def test_interrupted_batch_finishes_on_rerun_with_no_pair_done_twice(layout, tmp_path, monkeypatch, capsys):
     import hybridreg.batch as batch
 

@@ -45,6 +45,7 @@ def test_register_writes_every_output(run_dir):
     assert m["labels_scored"] == [lab for lab in data.evaluation_labels() if lab not in (24, 31, 63)]
     assert m["dice_after"]["mean"] > m["dice_before"]["mean"]
     assert m["config"]["iterations"] == [30, 20]
+    assert m["warnings"] == [] and not any(level["kept_start"] for level in m["levels"])
 
 
 @pytest.mark.slow
@@ -81,6 +82,26 @@ def test_apply_warps_labels_like_register(run_dir, bundled, tmp_path):
     m = json.loads((run_dir / "metrics.json").read_text())
     after = np.nanmean(list(dice(f.labels, warped, m["labels_scored"]).values()))
     assert after == pytest.approx(m["dice_after"]["mean"], abs=0.005)  # SimpleITK resampling vs our nearest warp
+
+
+@pytest.mark.slow
+def test_a_level_that_kept_its_start_is_written_with_a_warning(bundled, tmp_path, capsys):
+    """An image against itself with no affine stage: the identity is the optimum, so a level of
+    20 iterations (KEEP_START_ITERATIONS) ends uphill and keeps its start (see
+    test_a_level_that_ends_uphill_hands_on_its_start). The result is still written, and the
+    user is told on stderr and in metrics.json which level did not register."""
+    f, _ = bundled
+    cfg = tmp_path / "one_level.yaml"
+    cfg.write_text("level_spacing: [8]\niterations: [20]\n")
+    out = tmp_path / "out"
+    assert main(["register", str(f.image_path), str(f.image_path), "--out", str(out), "--affine", "none",
+                 "--config", str(cfg), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["levels"][0]["kept_start"] and len(m["warnings"]) == 1
+    assert m["warnings"][0].startswith("level 1/1 (") and "did not register" in m["warnings"][0]
+    assert f"hybridreg register: warning: {m['warnings'][0]}" in err.splitlines()
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
 
 
 def test_console_script_entry_point():

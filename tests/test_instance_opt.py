@@ -11,7 +11,7 @@ from hybridreg import data
 from hybridreg.config import from_dict
 from hybridreg.metrics import dice, jacobian_stats
 from hybridreg.objective import ObjectiveConfig, evaluate
-from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver
+from hybridreg.solvers import RegistrationResult, Solver, Status, get_solver, result_warnings
 from hybridreg.spatial import gaussian_smooth, warp
 from instance_opt import SOLVER, InstanceOptConfig, RelativeChangeStopping, minimize, register_pair
 from instance_opt.solver import _crop, foreground_box
@@ -309,6 +309,7 @@ def test_a_level_that_ends_uphill_hands_on_its_start(pair):
     short = register_pair(f, f.clone(), InstanceOptConfig(level_spacing=(8.0,), iterations=(n - 1,), progress=False),
                           spacing=pair[0].spacing)
     assert not short.history[0].kept_start and float(short.velocity.abs().max()) > 0.1
+    assert len(result_warnings(res)) == 1 and "level 1/1" in result_warnings(res)[0] and result_warnings(short) == []
 
 
 def test_batched_instance_optimization_equals_one_pair_at_a_time():
