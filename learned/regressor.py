@@ -460,7 +460,7 @@ LEARNED_LAMBDA = LearnedLambdaSolver()
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m learned.regressor --out DIR [--pairs N] [--blur-pairs N] [--steps S]``: MAP targets on the
+    """``python -m learned.regressor --out DIR [--pairs N] [--blur-pairs N] [--steps S] [--seed K]``: MAP targets on the
     bundled training split at 2 mm (cached in ``DIR/targets.json``, resumable), training, and
     ``DIR/lambda_regressor.pt``, ``log.csv``, ``config.yaml``."""
     from hybridreg.config import dump_yaml
@@ -473,10 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="more training pairs with one image blurred (template-like), see map_targets")
     ap.add_argument("--blur-mm", type=float, default=4.0, help="largest blur std of those pairs, mm")
     ap.add_argument("--steps", type=int, default=RegressorConfig().steps)
+    ap.add_argument("--seed", type=int, default=RegressorConfig().seed,
+                    help="seed of the weights' initialisation and the batches (the targets keep theirs)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     for name, value, ok in (("--pairs", a.pairs, a.pairs >= 1), ("--blur-pairs", a.blur_pairs, a.blur_pairs >= 0),
-                            ("--blur-mm", a.blur_mm, 0 < a.blur_mm <= 20), ("--steps", a.steps, a.steps >= 1)):
+                            ("--blur-mm", a.blur_mm, 0 < a.blur_mm <= 20), ("--steps", a.steps, a.steps >= 1),
+                            ("--seed", a.seed, 0 <= a.seed < 2**31)):
         if not ok:
             ap.error(f"`{name}` out of range, got {value}")
     out = Path(a.out)
@@ -484,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = bundled(2)
     targets = map_targets(ds, a.pairs, map_config(), blur_pairs=a.blur_pairs, blur_mm=a.blur_mm, cache=out / "targets.json",
                           progress=not a.no_progress)
-    cfg = RegressorConfig(steps=a.steps)
+    cfg = RegressorConfig(steps=a.steps, seed=a.seed)
     by_id = {v.subject_id: v for v in ds.train}
     inputs = [regressor_inputs(*target_images(t, by_id, ds.spacing), ds.spacing, cfg.input_spacing) for t in targets]
     t0 = time.perf_counter()

@@ -134,7 +134,7 @@ def test_inputs_through_the_affine_map_match_the_same_grid():
         assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("arg", [["--blur-mm", "-1"], ["--blur-pairs", "-3"], ["--pairs", "0"]])
+@pytest.mark.parametrize("arg", [["--blur-mm", "-1"], ["--blur-pairs", "-3"], ["--pairs", "0"], ["--seed", "-1"]])
 def test_regressor_command_refuses_bad_numbers_before_any_work(tmp_path, arg, capsys):
     with pytest.raises(SystemExit) as e:
         R.main(["--out", str(tmp_path / "out"), *arg])
