@@ -145,7 +145,8 @@ class RegistrationResult:
         (:func:`hybridreg.spatial.invert_displacement`: relaxed fixed point, then least squares
         on both compositions where the fixed point leaves more than ``tolerance`` voxels of
         mean error; the service gives :data:`hybridreg.service.INVERSE_TOLERANCE_MM` over the
-        voxel size), so that the two written fields undo each other both ways.
+        voxel size), so that the two written fields undo each other both ways. The fixed point
+        stops once its own error is :data:`FIXED_POINT_SHARE` of ``tolerance``.
 
         Raises:
             ValueError: a negative ``tolerance``.
@@ -154,7 +155,8 @@ class RegistrationResult:
 
         with torch.no_grad():
             start = resize_field(scaling_and_squaring(-self.velocity, self.svf_steps), self.displacement.shape[2:])
-            return invert_displacement(self.displacement, initial=start, tolerance=tolerance)
+            return invert_displacement(self.displacement, initial=start, tolerance=tolerance,
+                                       fixed_point_tolerance=FIXED_POINT_SHARE * tolerance)
 
     def lambda_on_image_grid(self) -> torch.Tensor:
         """λ resampled (linearly, cell-centred) to the image grid, ``(B, 1, *spatial)``."""
@@ -237,6 +239,14 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
 MAX_FOLDING_PERCENT = 1.0
 """A result with more folded voxels (%|J|≤0) than this has collapsed: the solvers' defaults fold
 none on every bundled and real pair (0 %, README), so 1 % is far outside any success."""
+
+FIXED_POINT_SHARE = 0.1
+""":meth:`RegistrationResult.inverse_displacement`'s fixed point stops once the mean error of
+``(id + D) ∘ (id + Dinv)`` is this share of the tolerance. On two real 1 mm pairs the fixed point
+stopped after 3 of its 10 iterations and took about half the time (3.5–3.9 s against 7.5–8.3 s on
+colin27 ← vxm). The larger mean composition error barely moved (0.0110 against 0.0105 voxels, p99
+0.098 against 0.090), and the smaller rose from 0.0002 to 0.0017 voxels, far inside the 0.05
+(``docs/results.md``, "The inverse's fixed point stops at a tenth of the tolerance")."""
 
 
 class DivergenceError(ValueError):

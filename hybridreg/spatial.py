@@ -295,7 +295,8 @@ svf_exp = scaling_and_squaring
 
 
 def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None, iterations: int = 10,
-                        refine_iterations: int = 20, relaxation: float = 0.5, tolerance: float = 0.02) -> torch.Tensor:
+                        refine_iterations: int = 20, relaxation: float = 0.5, tolerance: float = 0.02,
+                        fixed_point_tolerance: float = 0.0) -> torch.Tensor:
     """Displacement ``w`` of the inverse of ``id + disp`` on the same grid.
 
     Two steps, both on ``disp``'s device:
@@ -303,8 +304,10 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
     1. fixed point ``w ← −disp ∘ (id + w)`` (Chen et al. 2008, "A simple fixed-point approach
        to invert a deformation field", Med. Phys. 35(1), eq. 4; ITK's
        ``InvertDisplacementFieldImageFilter``), relaxed: ``w ← (1 − α) w + α (−disp ∘ (id + w))``
-       with ``α = relaxation``, ``iterations`` times, from ``initial`` (e.g. ``exp(−v)``,
-       method §1.1) or zero. The plain iteration (α = 1) converges only where ``∇disp`` has
+       with ``α = relaxation``, at most ``iterations`` times, from ``initial`` (e.g. ``exp(−v)``,
+       method §1.1) or zero, stopping early once the mean error of ``(id + disp) ∘ (id + w)``
+       before a step (the step's size over α) is at most ``fixed_point_tolerance``. The plain
+       iteration (α = 1) converges only where ``∇disp`` has
        all eigenvalues in (−1, 1); α = 0.5 also where the field stretches up to 4× (on a real
        1 mm registration, colin27 ← vxm, α = 1 left a 4.6-voxel error where α = 0.5 leaves 0.06).
        It makes ``(id + disp) ∘ (id + w) = id`` at the grid points, but
@@ -321,10 +324,12 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
     Args:
         disp: ``(B, d, *spatial)`` voxel-unit displacement to invert.
         initial: optional ``(B, d, *spatial)`` first estimate (zeros if omitted).
-        iterations: fixed-point iterations, ``>= 0``; refine_iterations: L-BFGS iterations, ``>= 0``.
+        iterations: the most fixed-point iterations, ``>= 0``; refine_iterations: L-BFGS iterations, ``>= 0``.
         relaxation: the fixed point's step α in (0, 1].
         tolerance: mean error (voxels, over the grid and the batch) of both compositions below
             which the least-squares step is skipped, ``>= 0`` (0: run it unless the fixed point is exact).
+        fixed_point_tolerance: mean error (voxels) of ``(id + disp) ∘ (id + w)`` at which the fixed
+            point stops before ``iterations``, ``>= 0`` (0, the default: it runs them all).
 
     Returns:
         ``(B, d, *spatial)`` voxel-unit displacement of ``(id + disp)⁻¹``, same dtype and device,
@@ -340,15 +345,19 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
             raise ValueError(f"invert_displacement(): `{name}` must be an integer >= 0, got {n!r}")
     if not 0.0 < relaxation <= 1.0:
         raise ValueError(f"invert_displacement(): `relaxation` must lie in (0, 1], got {relaxation!r}")
-    if not tolerance >= 0.0:
-        raise ValueError(f"invert_displacement(): `tolerance` must be >= 0, got {tolerance!r}")
+    for name, t in (("tolerance", tolerance), ("fixed_point_tolerance", fixed_point_tolerance)):
+        if not t >= 0.0:
+            raise ValueError(f"invert_displacement(): `{name}` must be >= 0, got {t!r}")
     disp = disp.detach()
     w = torch.zeros_like(disp) if initial is None else initial.detach()
     if w.shape != disp.shape:
         raise ValueError(f"invert_displacement(): `initial` {tuple(w.shape)} must match `disp` {tuple(disp.shape)}")
     with torch.no_grad():
         for _ in range(iterations):
-            w = (1.0 - relaxation) * w - relaxation * warp(disp, w, padding_mode="border")
+            step = -warp(disp, w, padding_mode="border") - w  # -(disp ∘ (id + w) + w): the first composition's error
+            w = w + relaxation * step
+            if fixed_point_tolerance > 0 and float(step.square().sum(1).sqrt().mean()) <= fixed_point_tolerance:
+                break  # the check below still judges both compositions against `tolerance`
         # |.| as sqrt(sum of squares): Tensor.norm(dim=1) took 1.4 s on a 1 mm field on CPU, this 0.03 s
         if refine_iterations == 0 or max(float(compose(w, disp).square().sum(1).sqrt().mean()),
                                          float(compose(disp, w).square().sum(1).sqrt().mean())) <= tolerance:

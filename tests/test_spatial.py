@@ -99,6 +99,10 @@ def test_fixed_point_inverse_of_a_translation_is_the_opposite_translation():
     # relaxed by α: the error shrinks by (1 − α) per iteration
     assert torch.allclose(invert_displacement(u, iterations=1, refine_iterations=0), -0.5 * u)
     assert torch.allclose(invert_displacement(u, iterations=20, refine_iterations=0), -u, atol=1e-5)
+    # with fixed_point_tolerance it stops after the step taken at an error of at most that: the
+    # error 0.866 (|u|) halves per iteration, is 0.0017 after 9 and the 10th step leaves 0.00085
+    early = invert_displacement(u, iterations=20, refine_iterations=0, fixed_point_tolerance=0.002)
+    assert float((early + u).square().sum(1).sqrt().mean()) == pytest.approx(0.75**0.5 * 0.5**10, rel=1e-4)
 
 
 def test_relaxed_fixed_point_converges_where_the_field_stretches():
@@ -134,7 +138,8 @@ def test_the_results_inverse_takes_the_tolerance_it_is_given():
     fwd = resize_field(scaling_and_squaring(v, 5), (24, 26, 28))
     res = RegistrationResult(fwd, v, torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 24, 26, 28), [], 0.0, None, {}, svf_steps=5)
     start = resize_field(scaling_and_squaring(-v, 5), (24, 26, 28))
-    assert torch.equal(res.inverse_displacement(10.0), invert_displacement(fwd, initial=start, refine_iterations=0))
+    assert torch.equal(res.inverse_displacement(10.0), invert_displacement(fwd, initial=start, refine_iterations=0,
+                                                                           fixed_point_tolerance=1.0))
     assert not torch.equal(res.inverse_displacement(0.0), res.inverse_displacement(10.0))
 
 
@@ -261,6 +266,7 @@ def test_nearest_warp_keeps_labels():
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), refine_iterations=1.5), "refine_iterations"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), relaxation=0.0), "relaxation"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), tolerance=-1.0), "tolerance"),
+        (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), fixed_point_tolerance=-1.0), "fixed_point_tolerance"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 5)), "initial"),
     ],
 )
