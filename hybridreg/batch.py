@@ -35,7 +35,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +46,7 @@ from .config import atomic_output, atomic_write_text, read_yaml
 from .io import image_stem
 from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, prepare_pair, solve_pairs, \
     solver_and_config
+from .solvers import kept_start_warning
 
 __all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
 
@@ -182,13 +183,16 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
 @dataclass
 class BatchSummary:
     """What a batch run did: ``done`` / ``failed`` / ``missing`` pair ids (``missing``: not
-    finished by any rank, e.g. a rank was killed), and the paths of the merged outputs."""
+    finished by any rank, e.g. a rank was killed), the paths of the merged outputs, and the
+    finished pairs' warnings (pair id → lines of :func:`hybridreg.solvers.result_warnings`; filled
+    by :func:`merge`)."""
 
     done: list[str]
     failed: list[str]
     missing: list[str]
     table: Path
     summary: Path
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -374,9 +378,14 @@ def _row(pair: PairEntry, out: Path) -> dict:
                    **{f"tre_{k}mm": (m.get("tre_mm") or {}).get(s, {}).get("mean")
                       for k, s in (("before_", "before"), ("affine_", "after_affine"), ("", "after"))},
                    sdlogj=m.get("sdlogj"), jacobian_min=m.get("jacobian_min"), lambda_mean=m["lambda"]["mean"],
-                   peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"), warnings=" | ".join(m.get("warnings", [])),
+                   peak_memory_mb=m.get("peak_memory_mb"), device=m.get("device"),
                    **{f"seconds_{s}": m["seconds"].get(s) for s in STAGES})
         row["_per_label"] = (m.get("dice_after") or {}).get("per_label", {})
+        levels = m.get("levels", [])  # a pair finished before metrics.json recorded warnings: from its levels
+        row["_warnings"] = m["warnings"] if "warnings" in m else [
+            kept_start_warning(k + 1, len(levels), h["shape"], h["spacing_mm"], h["iterations"])
+            for k, h in enumerate(levels) if h.get("kept_start")]
+        row["warnings"] = " | ".join(row["_warnings"])
     elif failed_path.is_file():
         row.update(status="failed", error=json.loads(failed_path.read_text())["error"])
     else:
@@ -396,7 +405,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     """Write the batch's tables from the pair folders (module docstring); safe to re-run.
 
     Returns:
-        :class:`BatchSummary` of the pairs' states.
+        :class:`BatchSummary` of the pairs' states and the finished pairs' warnings.
     """
     out = Path(out)
     rows = [_row(p, out) for p in pairs]
@@ -414,7 +423,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     summary = {
         "pairs": len(rows), "done": len(status.done), "failed": {r["id"]: r["error"] for r in rows if r["status"] == "failed"},
         "missing": status.missing,
-        "warnings": {r["id"]: r["warnings"].split(" | ") for r in done if r["warnings"]},
+        "warnings": {r["id"]: r["_warnings"] for r in done if r["_warnings"]},
         "metrics": {k: _stats([r.get(k) for r in done]) for k in ("dice_before", "dice_affine", "dice", "hd95_mm", "tre_before_mm",
                                                                    "tre_affine_mm", "tre_mm",
                                                                    "folding_percent", "ndv_percent", "sdlogj", "peak_memory_mb")},
@@ -423,7 +432,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     atomic_write_text(out / "summary.md", _markdown(summary))
-    return status
+    return replace(status, warnings=summary["warnings"])
 
 
 def _markdown(s: dict) -> str:

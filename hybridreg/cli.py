@@ -413,7 +413,7 @@ def batch_command(args: argparse.Namespace) -> int:
           f" wrote {args.out}/: pairs/, metrics.csv, dice_per_structure.csv, summary.json, summary.md")
     for pid in s.failed:
         print(f"  failed: {pid} ({Path(args.out) / 'failed' / (pid + '.json')})")
-    for pid, ws in json.loads(s.summary.read_text()).get("warnings", {}).items():
+    for pid, ws in s.warnings.items():
         for w in ws:
             print(f"hybridreg batch: warning: {pid}: {w}", file=sys.stderr)
     return 3 if s.failed or s.missing else 0

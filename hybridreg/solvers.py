@@ -27,7 +27,8 @@ import torch
 from .objective import ObjectiveConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
-           "get_solver", "check_images", "synchronize"]
+           "get_solver", "check_images", "synchronize", "divergence", "result_warnings", "kept_start_warning",
+           "FIXED_POINT_SHARE"]
 
 ENTRY_POINT_GROUP = "hybridreg.solvers"
 """Entry-point group under which solvers register (name → an object satisfying :class:`Solver`)."""
@@ -285,17 +286,25 @@ def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_F
     return None
 
 
+def kept_start_warning(stage: int, stages: int, shape: Sequence[int], spacing: Sequence[float], iterations: int) -> str:
+    """The line :func:`result_warnings` gives for stage ``stage`` (from 1) of ``stages`` (a
+    :class:`LevelHistory`'s ``shape``, ``spacing`` in mm and ``iterations``) that kept its start."""
+    return (f"stage {stage}/{stages} ({'x'.join(map(str, shape))} voxels of {'x'.join(f'{s:g}' for s in spacing)} mm)"
+            f" ended above the energy it started from after {iterations} iterations, so it handed on its start:"
+            " it did not descend and the finer levels went on from there; check the result")
+
+
 def result_warnings(result: RegistrationResult) -> list[str]:
-    """What to check in a result that :func:`divergence` accepts: one line per level that
-    kept its start (:attr:`LevelHistory.kept_start`), naming the level; ``[]`` when there is
-    nothing. Such a level failed to descend, and the finer levels went on from its start
-    rather than from its end. The result may still be a good registration: it is written, and
-    the CLI prints these lines on stderr (``metrics.json`` ``warnings``).
+    """What to check in a result that :func:`divergence` accepts: one line per stage of
+    ``result.history`` that kept its start (:attr:`LevelHistory.kept_start`), numbered as the
+    history counts its stages (learned + refine's network pass is stage 1); ``[]`` when there is
+    nothing. Such a level did not descend, and the finer levels went on from its start rather
+    than from its end. The result may still be a good registration (an image against itself
+    starts at the optimum): it is written, and the CLI prints these lines on stderr
+    (``metrics.json`` ``warnings``).
     """
     n = len(result.history)
-    return [f"level {k + 1}/{n} ({'x'.join(map(str, h.shape))} voxels of {'x'.join(f'{s:g}' for s in h.spacing)} mm)"
-            f" ended above the energy it started from after {h.iterations} iterations, so its start was handed on:"
-            " that level did not register; check the result (lower `lr` if it recurs)"
+    return [kept_start_warning(k + 1, n, h.shape, h.spacing, h.iterations)
             for k, h in enumerate(result.history) if h.kept_start]
 
 

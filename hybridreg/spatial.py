@@ -328,8 +328,9 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
         relaxation: the fixed point's step α in (0, 1].
         tolerance: mean error (voxels, over the grid and the batch) of both compositions below
             which the least-squares step is skipped, ``>= 0`` (0: run it unless the fixed point is exact).
-        fixed_point_tolerance: mean error (voxels) of ``(id + disp) ∘ (id + w)`` at which the fixed
-            point stops before ``iterations``, ``>= 0`` (0, the default: it runs them all).
+        fixed_point_tolerance: mean error (voxels, over the grid and the batch) of
+            ``(id + disp) ∘ (id + w)`` at which the fixed point stops before ``iterations``,
+            ``>= 0`` (0, the default: it runs them all).
 
     Returns:
         ``(B, d, *spatial)`` voxel-unit displacement of ``(id + disp)⁻¹``, same dtype and device,
@@ -354,7 +355,7 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
         raise ValueError(f"invert_displacement(): `initial` {tuple(w.shape)} must match `disp` {tuple(disp.shape)}")
     with torch.no_grad():
         for _ in range(iterations):
-            step = -warp(disp, w, padding_mode="border") - w  # -(disp ∘ (id + w) + w): the first composition's error
+            step = -compose(disp, w)  # minus the error of (id + disp) ∘ (id + w); w ← w + α step is the relaxed update
             w = w + relaxation * step
             if fixed_point_tolerance > 0 and float(step.square().sum(1).sqrt().mean()) <= fixed_point_tolerance:
                 break  # the check below still judges both compositions against `tolerance`

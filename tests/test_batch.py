@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from hybridreg import data
-from hybridreg.batch import read_pairs
+from hybridreg.batch import merge, read_pairs
 from hybridreg.cli import main
 from hybridreg.config import apply_overrides
 from hybridreg.service import OUTPUT_SETS
@@ -173,11 +173,15 @@ def test_a_pair_registered_with_a_warning_is_listed(layout, tmp_path, capsys):
     err = capsys.readouterr().err
     table = _table(out)
     assert [r["status"] for r in table] == ["done", "done"] and table[0]["warnings"] == ""
-    assert table[1]["warnings"].startswith("level 1/1 (") and "did not register" in table[1]["warnings"]
+    assert table[1]["warnings"].startswith("stage 1/1 (") and "did not descend" in table[1]["warnings"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["warnings"] == {"vxm__vxm": [table[1]["warnings"]]}
     assert f"- `vxm__vxm`: {table[1]['warnings']}" in (out / "summary.md").read_text()
     assert f"hybridreg batch: warning: vxm__vxm: {table[1]['warnings']}" in err.splitlines()
+    # a pair finished before metrics.json recorded warnings: the same line, from its levels
+    metrics = out / "pairs" / "vxm__vxm" / "metrics.json"
+    metrics.write_text(json.dumps({k: v for k, v in json.loads(metrics.read_text()).items() if k != "warnings"}))
+    assert merge(read_pairs(manifest), out).warnings == summary["warnings"]
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def test_a_level_that_kept_its_start_is_written_with_a_warning(bundled, tmp_path
     """An image against itself with no affine stage: the identity is the optimum, so a level of
     20 iterations (KEEP_START_ITERATIONS) ends uphill and keeps its start (see
     test_a_level_that_ends_uphill_hands_on_its_start). The result is still written, and the
-    user is told on stderr and in metrics.json which level did not register."""
+    user is told on stderr and in metrics.json which level did not descend."""
     f, _ = bundled
     cfg = tmp_path / "one_level.yaml"
     cfg.write_text("level_spacing: [8]\niterations: [20]\n")
@@ -99,7 +99,7 @@ def test_a_level_that_kept_its_start_is_written_with_a_warning(bundled, tmp_path
     err = capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["levels"][0]["kept_start"] and len(m["warnings"]) == 1
-    assert m["warnings"][0].startswith("level 1/1 (") and "did not register" in m["warnings"][0]
+    assert m["warnings"][0].startswith("stage 1/1 (") and "did not descend" in m["warnings"][0]
     assert f"hybridreg register: warning: {m['warnings'][0]}" in err.splitlines()
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
 

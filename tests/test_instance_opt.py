@@ -309,7 +309,7 @@ def test_a_level_that_ends_uphill_hands_on_its_start(pair):
     short = register_pair(f, f.clone(), InstanceOptConfig(level_spacing=(8.0,), iterations=(n - 1,), progress=False),
                           spacing=pair[0].spacing)
     assert not short.history[0].kept_start and float(short.velocity.abs().max()) > 0.1
-    assert len(result_warnings(res)) == 1 and "level 1/1" in result_warnings(res)[0] and result_warnings(short) == []
+    assert len(result_warnings(res)) == 1 and "stage 1/1" in result_warnings(res)[0] and result_warnings(short) == []
 
 
 def test_batched_instance_optimization_equals_one_pair_at_a_time():

@@ -132,14 +132,15 @@ def test_the_results_inverse_takes_the_tolerance_it_is_given():
     """``RegistrationResult.inverse_displacement(tolerance)``: the service gives it
     ``INVERSE_TOLERANCE_MM`` over the voxel size, so a 1 mm grid skips the least-squares step
     where a 2 mm one runs it for the same error in mm."""
-    from hybridreg.solvers import RegistrationResult
+    from hybridreg.solvers import FIXED_POINT_SHARE, RegistrationResult
 
     v = smooth_field((12, 13, 14), 3, 1.0, seed=3)
     fwd = resize_field(scaling_and_squaring(v, 5), (24, 26, 28))
     res = RegistrationResult(fwd, v, torch.ones(1, 1, 1, 1, 1), torch.zeros(1, 1, 24, 26, 28), [], 0.0, None, {}, svf_steps=5)
     start = resize_field(scaling_and_squaring(-v, 5), (24, 26, 28))
-    assert torch.equal(res.inverse_displacement(10.0), invert_displacement(fwd, initial=start, refine_iterations=0,
-                                                                           fixed_point_tolerance=1.0))
+    stopped = invert_displacement(fwd, initial=start, refine_iterations=0, fixed_point_tolerance=FIXED_POINT_SHARE * 10.0)
+    assert torch.equal(res.inverse_displacement(10.0), stopped)  # the fixed point stops at that share of the tolerance
+    assert not torch.equal(stopped, invert_displacement(fwd, initial=start, refine_iterations=0))
     assert not torch.equal(res.inverse_displacement(0.0), res.inverse_displacement(10.0))
 
 
