@@ -142,6 +142,27 @@ def test_regressor_command_refuses_bad_numbers_before_any_work(tmp_path, arg, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_regressor_command_trains_with_the_seed_it_is_given(tmp_path, monkeypatch):
+    """``--seed`` reaches the training's RegressorConfig and config.yaml; the targets are not
+    recomputed (their own seed is map_targets')."""
+    import yaml
+
+    ds = RegistrationDataset("tiny", (2.0, 2.0, 2.0), [_volume(i) for i in range(3)])
+    monkeypatch.setattr("hybridreg.data.sources.bundled", lambda spacing: ds)
+    targets = [{"fixed": "s0", "moving": "s1", "synth": [None, None], "index": 0, "lam": 0.5, "seconds": 1.0},
+               {"fixed": "s1", "moving": "s2", "synth": [None, None], "index": 1, "lam": 2.0, "seconds": 1.0}]
+    monkeypatch.setattr(R, "map_targets", lambda *a, **k: targets)
+    seen = []
+
+    def train(inputs, lams, config, progress=True):
+        seen.append(config)
+        return R.LambdaRegressor(config).eval(), [{"step": 50, "loss": 1.0}]
+
+    monkeypatch.setattr(R, "train_regressor", train)
+    assert R.main(["--out", str(tmp_path / "out"), "--pairs", "2", "--seed", "7", "--no-progress"]) == 0
+    assert [c.seed for c in seen] == [7] and yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["seed"] == 7
+
+
 LIA = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)  # the bundled grid's direction (hybridreg.data)
 
 
