@@ -27,6 +27,7 @@ import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -593,7 +594,9 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     folder, moved into place only when all are written (a failure leaves ``out`` as it was), with
     ``metrics.json`` moved last, so that its presence marks a finished folder; the other files of
     an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
-    (the inverse only for the ``inverse_*`` files).
+    (the inverse only for the ``inverse_*`` files). The image and transform files are written
+    in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of writing
+    against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``).
 
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
@@ -635,9 +638,16 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        for name in names:
-            if name != "metrics.json":
-                writers[name](stage / name)
+        # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
+        # parallel against 4.2 s one after the other); the figure (matplotlib) stays on this thread
+        here = {"figure.png", "config.yaml", "metrics.json"}
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            files = [pool.submit(writers[name], stage / name) for name in names if name not in here]
+            for name in names:
+                if name in here and name != "metrics.json":
+                    writers[name](stage / name)
+            for f in files:
+                f.result()  # a writer's error (e.g. a full disk) is raised here; the staging folder goes
         metrics["outputs"] = list(names)
         metrics["seconds"]["writing"] = time.perf_counter() - t0
         metrics["seconds"]["total"] = metrics["seconds"].get("total", 0.0) + time.perf_counter() - t0

@@ -247,7 +247,7 @@ FIXED_POINT_SHARE = 0.1
 stopped after 3 of its 10 iterations and took about half the time (3.5–3.9 s against 7.5–8.3 s on
 colin27 ← vxm). The larger mean composition error barely moved (0.0110 against 0.0105 voxels, p99
 0.098 against 0.090), and the smaller rose from 0.0002 to 0.0017 voxels, far inside the 0.05
-(``docs/results.md``, "The inverse's fixed point stops at a tenth of the tolerance")."""
+(``docs/results.md``, "Writing a 1 mm result")."""
 
 
 class DivergenceError(ValueError):

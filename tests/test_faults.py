@@ -369,3 +369,24 @@ def test_too_little_disk_space_is_refused_before_the_run(files, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "MB free" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_file_that_fails_to_write_leaves_nothing(files, earlier, capsys, monkeypatch):
+    """A writer that fails while the others write in parallel (the disk fills up while
+    transform.h5 is written): one line, exit 2, and the earlier results in --out untouched, with
+    no staging folder left beside it."""
+    import hybridreg.service as service
+
+    def full(path, transform):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(service, "write_transform", full)
+    before = _snapshot(earlier)
+    parent_before = sorted(p.name for p in earlier.parent.iterdir())
+    rc = main(_register(files, earlier, "--overwrite"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert _snapshot(earlier) == before
+    assert sorted(p.name for p in earlier.parent.iterdir()) == parent_before
