@@ -640,12 +640,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     try:
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
         # parallel against 4.2 s one after the other); the figure (matplotlib) stays on this thread
-        here = {"figure.png", "config.yaml", "metrics.json"}
+        here = [n for n in names if n in ("figure.png", "config.yaml")]
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            files = [pool.submit(writers[name], stage / name) for name in names if name not in here]
-            for name in names:
-                if name in here and name != "metrics.json":
-                    writers[name](stage / name)
+            files = [pool.submit(writers[n], stage / n) for n in names if n not in here and n != "metrics.json"]
+            for name in here:
+                writers[name](stage / name)
             for f in files:
                 f.result()  # a writer's error (e.g. a full disk) is raised here; the staging folder goes
         metrics["outputs"] = list(names)
