@@ -50,12 +50,59 @@ def _check_lambda(lam: torch.Tensor, like: torch.Tensor, fn: str) -> None:
             )
 
 
+class _EdgeDensity(torch.autograd.Function):
+    """:func:`edge_density` with its gradient written out: autograd's own backward of the
+    shifted differences allocates a zero-filled full-size gradient for each of the two slices
+    of every axis and another for the padding; this one scatters each edge's term into one
+    buffer. Forward and backward 2.5-2.7x faster at 2 mm and 1 mm brain grids (a 3-channel
+    field, two CPU threads; ``docs/results.md``), the same values up to rounding. The
+    backward is itself made of differentiable operations (second derivatives included)."""
+
+    @staticmethod
+    def forward(ctx, x, inv_h2, *weights):  # type: ignore[override]
+        ctx.save_for_backward(x, *weights)
+        ctx.inv_h2 = inv_h2
+        density = x.new_zeros((x.shape[0], 1, *x.shape[2:]))
+        for k, dim in _edge_axes(x):
+            n = x.shape[dim]
+            sq = (x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)).square_().sum(1, keepdim=True)
+            if weights:
+                sq.mul_(weights[k])
+            density.narrow(dim, 1, n - 1).add_(sq, alpha=0.5 * inv_h2[k])
+        return density
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, *weights = ctx.saved_tensors
+        inv_h2 = ctx.inv_h2
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_w: list[torch.Tensor | None] = [None] * len(weights)
+        for k, dim in _edge_axes(x):
+            n = x.shape[dim]
+            diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
+            g = grad.narrow(dim, 1, n - 1)
+            if weights and ctx.needs_input_grad[2 + k]:
+                grad_w[k] = (0.5 * inv_h2[k]) * g * (diff * diff).sum(1, keepdim=True)
+            if grad_x is not None:
+                # d/dx of ½ w (x(p) − x(p − e_k))² / h²: +w·diff / h² at p, −w·diff / h² at p − e_k
+                term = diff * (g * weights[k] if weights else g)
+                grad_x.narrow(dim, 1, n - 1).add_(term, alpha=inv_h2[k])
+                grad_x.narrow(dim, 0, n - 1).sub_(term, alpha=inv_h2[k])
+        return (grad_x, None, *grad_w)
+
+
+def _edge_axes(x: torch.Tensor) -> list[tuple[int, int]]:
+    """``(axis, tensor dim)`` of every spatial axis of ``x`` with at least one edge."""
+    return [(k, k + 2) for k in range(x.dim() - 2) if x.shape[k + 2] >= 2]
+
+
 def edge_density(x: torch.Tensor, spacing: Sequence[float], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """``½ Σ_k w_k(x) ‖x(p) − x(p − e_k)‖² / h_k²`` per voxel, summed over channels.
 
     The backward-edge energy density of a graph Laplacian on the face-neighbour grid: the
     edge between ``p − e_k`` and ``p`` is charged to ``p`` (the first slice of each axis has
-    no backward edge and gets 0). Its sum is ``½ xᵀ L_w x`` per channel.
+    no backward edge and gets 0). Its sum is ``½ xᵀ L_w x`` per channel. Differentiable in
+    ``x`` and ``weights`` (an analytic backward, :class:`_EdgeDensity`).
 
     Args:
         x: ``(B, C, *spatial)``. spacing: ``h`` per axis (mm).
@@ -65,21 +112,8 @@ def edge_density(x: torch.Tensor, spacing: Sequence[float], weights: Sequence[to
     Returns:
         ``(B, 1, *spatial)`` density.
     """
-    d = x.dim() - 2
-    density = x.new_zeros((x.shape[0], 1, *x.shape[2:]))
-    for k in range(d):
-        dim = k + 2
-        n = x.shape[dim]
-        if n < 2:
-            continue
-        diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
-        sq = (diff * diff).sum(dim=1, keepdim=True) / (spacing[k] * spacing[k])
-        if weights is not None:
-            sq = sq * weights[k]
-        pad_shape = list(sq.shape)
-        pad_shape[dim] = 1
-        density = density + torch.cat([sq.new_zeros(pad_shape), sq], dim=dim)
-    return 0.5 * density
+    inv_h2 = tuple(1.0 / (h * h) for h in spacing)
+    return _EdgeDensity.apply(x, inv_h2, *(weights or ()))
 
 
 def diffusion_energy(

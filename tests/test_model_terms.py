@@ -17,7 +17,7 @@ from hybridreg.priors import (
     param_from_lambda,
     paint_regions,
 )
-from hybridreg.regularization import diffusion_energy, reference_scale
+from hybridreg.regularization import diffusion_energy, edge_density, reference_scale
 from hybridreg.similarity import box_mean, lncc, mse
 
 
@@ -183,6 +183,35 @@ def test_regularizer_and_priors_gradcheck():
     theta = torch.randn(1, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: lambda_from_param(t, "beta"), (theta,))
     assert torch.autograd.gradcheck(lambda t: lambda_from_param(t, "normal"), (theta,))
+
+
+def test_edge_density_backward_matches_autograd_of_the_formula():
+    # edge_density's gradient is written out (_EdgeDensity): against autograd through the
+    # formula itself, for the field and for edge weights that require grad, on a grid with a
+    # one-voxel axis (no edges there); then its first and second derivatives numerically
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 1, 4, dtype=torch.float64, requires_grad=True)
+    w = [torch.rand(2, 1, 4, 1, 4, dtype=torch.float64, requires_grad=True), None,
+         torch.rand(2, 1, 5, 1, 3, dtype=torch.float64, requires_grad=True)]
+    h = (1.0, 2.0, 1.5)
+
+    def formula(x, w):
+        out = torch.zeros(2, 1, 5, 1, 4, dtype=torch.float64)
+        for k in (0, 2):
+            n, dim = x.shape[k + 2], k + 2
+            sq = ((x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)) ** 2).sum(1, keepdim=True) / h[k] ** 2
+            out = out + torch.cat([torch.zeros_like(sq.narrow(dim, 0, 1)), sq * w[k]], dim)
+        return 0.5 * out
+
+    weights = [w[0], torch.ones(2, 1, 5, 0, 4, dtype=torch.float64), w[2]]  # the one-voxel axis has no edges
+    g = torch.randn(2, 1, 5, 1, 4, dtype=torch.float64)
+    ours = torch.autograd.grad((edge_density(x, h, weights) * g).sum(), (x, w[0], w[2]))
+    ref = torch.autograd.grad((formula(x, w) * g).sum(), (x, w[0], w[2]))
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(edge_density(x, h, weights), formula(x, w), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, c: edge_density(a, h, [b, weights[1], c]), (x, w[0], w[2]))
+    assert torch.autograd.gradgradcheck(lambda a, b, c: edge_density(a, h, [b, weights[1], c]), (x, w[0], w[2]))
 
 
 def test_hyperpriors_match_scipy_log_densities_up_to_constants():
