@@ -45,12 +45,14 @@ from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, scor
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, result_warnings, synchronize
 from .spatial import jacobian_determinant, warp
 
-__all__ = ["OUTPUT_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
+__all__ = ["OUTPUT_FILES", "TRANSFORM_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
            "read_inputs", "run_solver_pairs", "run_solver", "batch_key", "solve_pairs", "solve", "measure", "json_safe",
            "write_outputs", "INVERSE_TOLERANCE_MM", "Prepared", "prepare_pair", "finish_pair", "register_files"]
 
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "transform.h5", "inverse_displacement.nii.gz",
                 "inverse_transform.h5", "lambda.nii.gz", "jacobian.nii.gz", "metrics.json", "figure.png", "config.yaml")
+# written by ITK's transform IO (HDF5 for .h5), which is not thread-safe: :func:`write_outputs` writes them one at a time
+TRANSFORM_FILES = ("affine.mat", "transform.h5", "inverse_transform.h5")
 
 OUTPUT_SETS = {
     "all": OUTPUT_FILES,
@@ -596,7 +598,9 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
     (the inverse only for the ``inverse_*`` files). The image and transform files are written
     in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of writing
-    against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``).
+    against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
+    the transform files (:data:`TRANSFORM_FILES`) one after the other on one of them: ITK's
+    HDF5 transform writer is not thread-safe.
 
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
@@ -639,10 +643,19 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
-        # parallel against 4.2 s one after the other); the figure (matplotlib) stays on this thread
+        # parallel against 4.2 s one after the other); the figure (matplotlib) stays on this thread.
+        # ITK's transform files go one after the other on one worker: its HDF5 writer is not
+        # thread-safe (two transform.h5 files written at once crashed the process)
         here = [n for n in names if n in ("figure.png", "config.yaml")]
+        serial = [n for n in names if n in TRANSFORM_FILES]
+        parallel = [n for n in names if n not in here and n not in serial and n != "metrics.json"]
+
+        def write_serial() -> None:
+            for name in serial:
+                writers[name](stage / name)
+
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            files = [pool.submit(writers[n], stage / n) for n in names if n not in here and n != "metrics.json"]
+            files = [pool.submit(writers[n], stage / n) for n in parallel] + ([pool.submit(write_serial)] if serial else [])
             for name in here:
                 writers[name](stage / name)
             for f in files:

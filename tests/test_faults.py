@@ -390,3 +390,39 @@ def test_a_file_that_fails_to_write_leaves_nothing(files, earlier, capsys, monke
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
     assert _snapshot(earlier) == before
     assert sorted(p.name for p in earlier.parent.iterdir()) == parent_before
+
+
+def test_transform_files_are_written_one_at_a_time(files, tmp_path, monkeypatch):
+    """ITK's HDF5 transform writer is not thread-safe: two transform.h5 files written at once
+    crashed the process (a segmentation fault in CI). The image files still go in parallel, the
+    transform files one after the other, even with more writer threads than files."""
+    import threading
+
+    import torch
+
+    import hybridreg.service as service
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "calls": 0}
+    real = service.write_transform
+
+    def watched(path, transform):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["calls"] += 1
+        time.sleep(0.3)  # long enough for a second transform writer to start if it could
+        try:
+            return real(path, transform)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(service, "write_transform", watched)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # a pool with a worker for every file
+    out = tmp_path / "out"
+    assert main(_register(files, out)) == 0
+    assert state["calls"] == 2 and state["most"] == 1, state  # transform.h5 and inverse_transform.h5
+    for name in service.OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    assert sitk.ReadTransform(str(out / "transform.h5")) is not None
+    assert sitk.ReadTransform(str(out / "inverse_transform.h5")) is not None
