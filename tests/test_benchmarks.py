@@ -384,7 +384,7 @@ def test_committed_speed_reports_still_render():
 
     results = ROOT / "benchmarks" / "results"
     md = speed(json.loads((results / "instance_speed.json").read_text()))
-    assert md.count("| level | grid | control grid |") == 2 and "| 3 (2 mm) | 112×96×80 |" in md
+    assert md.count("| level | grid | control grid |") == 2 and "| 3 (2 mm) | 100×85×80 |" in md and "| 4 (1 mm) | 199×169×160 |" in md
     md = learned(json.loads((results / "learned_solver.json").read_text()))
     assert "## 2 mm, all test pairs: mean over 9 pairs" in md and "| `configs/learned_bundled_2mm.yaml` |" in md
 

@@ -207,7 +207,7 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
 
 
-def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained):
+def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained, monkeypatch):
     """``cascade`` (default 1): the SVF is the first (inverse-consistent) pass's, v, plus that of a
     pass registering FIXED ∘ exp(−v/2) to MOVING ∘ exp(v/2); the swapped pair gives exactly the
     negated SVF; not used with refinement."""
@@ -215,11 +215,32 @@ def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained):
     from instance_opt import InstanceOptConfig
     from learned.solver import LearnedConfig, register_pair
 
+    import learned.solver as solver_module
+
     f, _ = _blob_volume(4)
     m, _ = _blob_volume(5)
     ft, mt = torch.from_numpy(f / 100)[None, None].float(), torch.from_numpy(m / 100)[None, None].float()
     w = str(trained / "model_final.pt")
     assert LearnedConfig().cascade == 1
+    # the tiny test network's SVF is at most about 3e-4 voxels, where exp(±v/2) is the identity to
+    # rounding: scaled up (linearly, so the inverse-consistent average stays exact), the mid-space pass's
+    # inputs differ from the plain pass's and the comparisons below can tell them apart
+    real_load = solver_module._load
+
+    class Louder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.config = net, net.config
+
+        def forward(self, *args):
+            out = self.net(*args)
+            return out._replace(velocity=3000.0 * out.velocity)
+
+    def louder_load(*args):
+        net, *rest = real_load(*args)
+        return (Louder(net), *rest)
+
+    monkeypatch.setattr(solver_module, "_load", louder_load)
     first = register_pair(ft, mt, LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
     both = register_pair(ft, mt, LearnedConfig(weights=w), spacing=(2.0, 2.0, 2.0))
     assert both.history[0].iterations == 4  # two inverse-consistent passes
@@ -234,6 +255,7 @@ def test_cascade_adds_the_svf_of_a_pass_in_the_mid_space(trained):
     plain = register_pair(ft, warp(mt, resize_field(scaling_and_squaring(first.velocity, first.svf_steps), SHAPE)),
                           LearnedConfig(weights=w, cascade=0), spacing=(2.0, 2.0, 2.0))
     assert not torch.allclose(both.velocity, first.velocity + plain.velocity, rtol=1e-2, atol=0)
+    assert float((second.velocity - plain.velocity).abs().max()) > 0.05 * float(plain.velocity.abs().max())
     torch.testing.assert_close(both.lam, first.lam)  # λ: the first pass's
     refine = InstanceOptConfig(level_spacing=(2.0,), iterations=(2,), min_iterations=2, progress=False)
     a, b = (register_pair(ft, mt, LearnedConfig(weights=w, refine=True, progress=False, refine_config=refine, cascade=c),
