@@ -596,11 +596,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     folder, moved into place only when all are written (a failure leaves ``out`` as it was), with
     ``metrics.json`` moved last, so that its presence marks a finished folder; the other files of
     an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
-    (the inverse only for the ``inverse_*`` files). The image and transform files are written
+    (the inverse only for the ``inverse_*`` files). The image files are written
     in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of writing
     against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
-    the transform files (:data:`TRANSFORM_FILES`) one after the other on one of them: ITK's
-    HDF5 transform writer is not thread-safe.
+    the transform files (:data:`TRANSFORM_FILES`) one after the other on the calling thread,
+    with the figure: ITK's HDF5 transform writer is not thread-safe.
 
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
@@ -643,19 +643,12 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
-        # parallel against 4.2 s one after the other); the figure (matplotlib) stays on this thread.
-        # ITK's transform files go one after the other on one worker: its HDF5 writer is not
-        # thread-safe (two transform.h5 files written at once crashed the process)
-        here = [n for n in names if n in ("figure.png", "config.yaml")]
-        serial = [n for n in names if n in TRANSFORM_FILES]
-        parallel = [n for n in names if n not in here and n not in serial and n != "metrics.json"]
-
-        def write_serial() -> None:
-            for name in serial:
-                writers[name](stage / name)
-
+        # parallel against 4.2 s one after the other); the figure (matplotlib) and ITK's transform
+        # files stay on this thread, one after the other: its HDF5 writer is not thread-safe (two
+        # transform.h5 files written at once crashed the process)
+        here = [n for n in names if n in ("figure.png", "config.yaml") or n in TRANSFORM_FILES]
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            files = [pool.submit(writers[n], stage / n) for n in parallel] + ([pool.submit(write_serial)] if serial else [])
+            files = [pool.submit(writers[n], stage / n) for n in names if n not in here and n != "metrics.json"]
             for name in here:
                 writers[name](stage / name)
             for f in files:
