@@ -224,9 +224,10 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         mask): unknown option or a ``threads`` that is not a positive integer; images not
         scalar 2D/3D or of different dimensions; a mask not on its image's grid, empty, or not
         binary; images that do not overlap after the initialisation (< 10 % of FIXED's
-        foreground, its mask or voxels above its minimum, maps inside MOVING) or during the
-        optimisation; a failed affine stage (|det| of the linear part outside [0.2, 5]:
-        "singular matrix").
+        foreground, its mask or voxels above its minimum, maps inside MOVING; with ``kind``
+        ``"none"``: none of it, as the headers place the images) or during the optimisation;
+        an image with fewer than 4 voxels along an axis (``kind`` other than ``"none"``); a
+        failed affine stage (|det| of the linear part outside [0.2, 5]: "singular matrix").
     """
     for arg, value, allowed in (("kind", kind, _KINDS), ("init", init, _INITS), ("metric", metric, _METRICS)):
         if value not in allowed:
@@ -243,17 +244,27 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         raise ValueError(f"`{m_name}` is {moving.GetDimension()}D but `{f_name}` is {d}D")
     fixed_mask = _check_mask(fixed_mask, fixed, fm_name, f_name)
     moving_mask = _check_mask(moving_mask, moving, mm_name, m_name)
+    f_arr = sitk.GetArrayViewFromImage(fixed)
+    fg = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else f_arr > f_arr.min()
+    fg = fg if fg.any() else np.ones_like(fg)
     if kind == "none":
+        if _overlap(fixed, moving, fg, sitk.AffineTransform(d)) == 0:  # the deformable stage would see no MOVING at all
+            raise ValueError(f"`{f_name}` and `{m_name}` do not overlap: none of {f_name}'s foreground lies inside"
+                             f" {m_name} as their headers place them (kind 'none', the CLI's --affine none); check their"
+                             " origins and directions, or run the affine stage")
         return AffineResult(sitk.AffineTransform(d), kind, init, metric, None, {})
+    for image, name in ((fixed, f_name), (moving, m_name)):
+        if min(image.GetSize()) < 4:  # ITK's smoothing of the metric's gradient
+            raise ValueError(f"`{name}` has fewer than 4 voxels along an axis (size {'x'.join(map(str, image.GetSize()))}):"
+                             " the affine stage needs at least 4 along every axis (kind 'none', the CLI's --affine none,"
+                             " skips it)")
 
     t0 = time.perf_counter()
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
     rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
     mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
     rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
-    f_arr = sitk.GetArrayViewFromImage(fixed)
-    fg = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else f_arr > f_arr.min()
-    frac = _overlap(fixed, moving, fg if fg.any() else np.ones_like(fg), rigid)
+    frac = _overlap(fixed, moving, fg, rigid)
     if frac < 0.1:
         raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"
                          f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"

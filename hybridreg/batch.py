@@ -123,7 +123,8 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
     Raises:
         FileNotFoundError: the manifest, or a file it lists, is missing (names the row).
         ValueError: unreadable manifest, a row without ``fixed``/``moving``, an unknown column,
-            an invalid or repeated id, no pairs. Messages name ``arg``.
+            labels or landmarks for one image of a pair only, an invalid or repeated id, no
+            pairs. Messages name ``arg``.
     """
     p = Path(path)
     if not p.is_file():
@@ -170,6 +171,12 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
             for kind, key in (("labels", f"{side}_labels"), ("masks", f"{side}_mask")):
                 if l2r and files[key] is None:
                     files[key] = _sibling(Path(files[side]), kind)
+        for a, b in (("fixed_labels", "moving_labels"), ("fixed_landmarks", "moving_landmarks")):
+            if (files[a] is None) != (files[b] is None):
+                if l2r and a == "fixed_labels":
+                    files[a] = files[b] = None  # the dataset has one image's labels: this pair is scored without Dice
+                else:
+                    raise ValueError(f"{where}: `{a}` and `{b}` must be given together")
         pid = str(row.get("id") or f"{image_stem(files['fixed'])}__{image_stem(files['moving'])}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", pid):
             raise ValueError(f"{where}: `id` {pid!r} must be a folder name of letters, digits and . _ + -")

@@ -62,7 +62,9 @@ _KEPT = {"batch": "the finished pairs are kept in --out; run the same command ag
 
 def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: str | os.PathLike | None):
     """``apply``'s TRANSFORM: a ``register`` output folder, an ITK transform file, or a
-    displacement field image; returns ``(sitk transform, output grid)``."""
+    displacement field image; returns ``(sitk transform, output grid, source grid)``: the
+    source grid, known for a ``register`` folder only (else ``None``), is the grid of the image
+    the transform was made for (MOVING's; FIXED's with ``inverse``)."""
     import SimpleITK as sitk
 
     p = Path(transform)
@@ -75,7 +77,9 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
             raise CLIError(f"`TRANSFORM`: {p} holds no {' and '.join(missing)}{why}: pass a `hybridreg register` output folder"
                            " that has it")
         inputs = json.loads((p / "metrics.json").read_text())["inputs"]
-        return read_transform(p / name), ref or Geometry(**{k: tuple(v) for k, v in inputs["moving_grid" if inverse else "grid"].items()})
+        grid_of = lambda key: Geometry(**{k: tuple(v) for k, v in inputs[key].items()})  # noqa: E731
+        target, source = ("moving_grid", "grid") if inverse else ("grid", "moving_grid")
+        return read_transform(p / name), ref or grid_of(target), grid_of(source)
     if str(p).lower().endswith((".h5", ".hdf5", ".mat", ".txt", ".tfm")):
         tx = read_transform(p)
         if inverse:
@@ -85,11 +89,11 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
                                " that register wrote, or pass the register output folder")
         if ref is None:
             raise CLIError("`--reference` is needed with a transform file: the image whose grid the output takes")
-        return tx, ref
+        return tx, ref, None
     if inverse:
         raise CLIError("`--inverse` needs a register output folder or an affine transform file, not a displacement field")
     field = read_displacement(p, arg="TRANSFORM")
-    return sitk.DisplacementFieldTransform(sitk.Image(field)), ref or Geometry.of(field)
+    return sitk.DisplacementFieldTransform(sitk.Image(field)), ref or Geometry.of(field), None
 
 
 def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False,
@@ -106,7 +110,9 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
 
     Raises:
         FileNotFoundError, ValueError: unreadable inputs, a field with NaN/Inf, a transform of
-            another dimension or one that maps the output grid outside ``image``, an ``--out``
+            another dimension than ``image`` or ``reference``, one that maps the output grid
+            outside ``image`` (not checked for an image on the grid a ``register`` folder's
+            transform was made for), an ``--out``
             that is not an image file name, that is an input, or that exists (without ``overwrite``).
     """
     import SimpleITK as sitk
@@ -121,12 +127,15 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
             raise CLIError(f"`--out` is the input `{arg}` ({path}); choose another --out")
     if out.exists() and not overwrite:
         raise CLIError(f"`--out` {out} exists; pass --overwrite to replace it")
-    tx, grid = _transform_and_grid(transform, inverse, reference)
+    tx, grid, source = _transform_and_grid(transform, inverse, reference)
+    if grid.dim != tx.GetDimension():
+        raise CLIError(f"`--reference` is {grid.dim}D but `TRANSFORM` is {tx.GetDimension()}D")
     arr, geo = read_labels(image, arg="IMAGE") if labels else read_image(image, arg="IMAGE", nan="keep")  # NaN: no data
     if geo.dim != tx.GetDimension():
         raise CLIError(f"`IMAGE` is {geo.dim}D but `TRANSFORM` is {tx.GetDimension()}D")
-    try:
-        res = resample(geo.apply(sitk.GetImageFromArray(arr)), tx, grid, labels=labels)
+    try:  # an image on the grid the transform was made for belongs to it, however little of the output it covers (a slab)
+        res = resample(geo.apply(sitk.GetImageFromArray(arr)), tx, grid, labels=labels,
+                       check_overlap=source is None or not geo.matches(source))
     except ValueError as e:
         raise CLIError(f"`IMAGE` and `TRANSFORM`: {e}") from None
     write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)

@@ -372,26 +372,30 @@ def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> 
     return img
 
 
-def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, *, labels: bool = False) -> sitk.Image:
+def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, *, labels: bool = False,
+             check_overlap: bool = True) -> sitk.Image:
     """Resample ``image`` onto ``reference`` through ``transform`` (which maps reference
     points to ``image`` points, LPS mm: ITK's convention) with SimpleITK: linear, or nearest
     neighbour for label maps; outside ``image``: 0.
 
     Raises:
-        ValueError: fewer than 10 % of the reference grid's points land inside ``image``
-            (the transform belongs to other images, or the grids do not overlap).
+        ValueError: the transform's dimension is not the image's or the reference's; with
+            ``check_overlap``, fewer than 10 % of the reference grid's points land inside
+            ``image`` (the transform belongs to other images, or the grids do not overlap: pass
+            ``check_overlap=False`` for an image known to belong to it, such as a slab).
     """
-    if transform.GetDimension() != image.GetDimension():
-        raise ValueError(f"the transform is {transform.GetDimension()}D but the image is {image.GetDimension()}D")
-    rng = np.random.default_rng(0)  # a sample of reference points is enough to judge the overlap
-    idx = np.stack([rng.uniform(-0.5, n - 0.5, 2000) for n in reference.size], axis=1)
+    if transform.GetDimension() != image.GetDimension() or reference.dim != image.GetDimension():
+        raise ValueError(f"the transform is {transform.GetDimension()}D, the image {image.GetDimension()}D and the"
+                         f" reference grid {reference.dim}D")
     ref = reference.reference()
+    rng = np.random.default_rng(0)  # a sample of reference points is enough to judge the overlap
+    idx = np.stack([rng.uniform(-0.5, n - 0.5, 2000) for n in reference.size], axis=1) if check_overlap else ()
     inside = 0
     for i in idx:
         q = image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(ref.TransformContinuousIndexToPhysicalPoint(i)))
         inside += all(-0.5 <= c <= n - 0.5 for c, n in zip(q, image.GetSize()))
-    if inside < 0.1 * len(idx):
-        raise ValueError(f"only {100 * inside / len(idx):.0f} % of the output grid maps inside the image: the transform"
+    if check_overlap and inside < 0.1 * len(idx):
+        raise ValueError(f"only {100 * inside / len(idx):.1f} % of the output grid maps inside the image: the transform"
                          " does not belong to this image (or the image to this grid)")
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     return sitk.Resample(image, ref, transform, interp, 0.0, image.GetPixelID())

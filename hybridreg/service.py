@@ -40,7 +40,7 @@ from . import __version__
 from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
-                 write_displacement, write_image)
+                 resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, result_warnings, synchronize
 from .spatial import jacobian_determinant, warp
@@ -242,8 +242,9 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
 
     Raises:
         ValueError: ``out`` empty or an existing file; an input among the outputs (always,
-            even with ``overwrite``); earlier results in ``out`` without ``overwrite``; not
-            enough free disk space. Each message names the argument.
+            even with ``overwrite``); earlier results in ``out`` without ``overwrite``; a folder
+            this process cannot write in (read-only, no permission); not enough free disk
+            space. Each message names the argument.
     """
     out = output_folder(out)
     targets = {(out / n).resolve() for n in OUTPUT_FILES}
@@ -255,6 +256,11 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
         raise ValueError(f"`--out` {out} already holds results of an earlier run ({', '.join(earlier)});"
                          " pass --overwrite to replace them or choose a new --out")
     parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    try:  # a read-only file system or folder would otherwise fail only after the registration
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"`--out` {out}: cannot write in {parent}: {e.strerror or e}") from None
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
         raise ValueError(f"`--out`: {free / 2**20:.0f} MB free on the disk of {parent}, the outputs need about"
@@ -301,15 +307,20 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
 
     Raises:
         FileNotFoundError, ValueError: missing or corrupt files, images of different
-            dimensions, a label map or mask not on its image's grid, Inf, an image with no
-            number (every voxel NaN, or every one inside its mask), labels given for one image
-            only or sharing no label, empty or non-binary masks, landmarks given for one image
-            only or in different numbers; each names its argument.
+            dimensions, an image with one voxel along an axis, a label map or mask not on its
+            image's grid, Inf, an image with no number (every voxel NaN, or every one inside
+            its mask), labels given for one image only or sharing no label, empty or non-binary
+            masks, landmarks given for one image only or in different numbers; each names its
+            argument.
     """
     f_arr, f_geo = read_image(fixed, arg="FIXED", nan="keep")
     m_arr, m_geo = read_image(moving, arg="MOVING", nan="keep")
     if f_geo.dim != m_geo.dim:
         raise ValueError(f"`MOVING` is {m_geo.dim}D but `FIXED` is {f_geo.dim}D")
+    for name, geo in (("FIXED", f_geo), ("MOVING", m_geo)):
+        if min(geo.size) < 2:  # no derivative (the prior, the Jacobian) along an axis of one voxel
+            raise ValueError(f"`{name}` has one voxel along an axis (size {'x'.join(map(str, geo.size))}): a {geo.dim}D image"
+                             f" needs at least 2 along every axis; save a single slice as a {geo.dim - 1}D image")
     if (fixed_labels is None) != (moving_labels is None):
         raise ValueError("`--fixed-labels` and `--moving-labels` must be given together")
     on_grid = {}
@@ -532,7 +543,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "seconds": {"registration": solved.seconds},
         "batch_size": solved.batch_size,
         "peak_memory_mb": solved.peak_memory_mb,
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)",
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss) up to the end of the registration (the outputs' writing not included)",
         "levels": [
             {"spacing_mm": list(h.spacing), "shape": list(h.shape), "control_shape": list(h.control_shape),
              "iterations": h.iterations, "status": h.status, "seconds": h.seconds,
@@ -592,10 +603,11 @@ def json_safe(obj: Any) -> Any:
 
 def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned,
                   names: Sequence[str] = OUTPUT_FILES) -> None:
-    """Write the files ``names`` (of :data:`OUTPUT_FILES`) into ``out``: staged in a sibling
-    folder, moved into place only when all are written (a failure leaves ``out`` as it was), with
-    ``metrics.json`` moved last, so that its presence marks a finished folder; the other files of
-    an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
+    """Write the files ``names`` (of :data:`OUTPUT_FILES`) into ``out``: staged in a hidden
+    folder inside ``out`` (or beside it when it does not exist yet: either way on the file system
+    of ``out``, a mount point included), moved into place only when all are written (a failure
+    leaves ``out`` as it was), with ``metrics.json`` moved last, so that its presence marks a
+    finished folder; the other files of an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
     (the inverse only for the ``inverse_*`` files). The image files are written
     in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of writing
     against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
@@ -604,10 +616,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
 
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
-    ``warped.nii.gz`` (MOVING resampled once, linearly, through affine ∘ (id + D) onto the
-    fixed grid), ``displacement.nii.gz`` (D: ITK displacement field, mm, on the fixed grid,
-    applied before the affine), ``affine.mat`` (ITK/ANTs), ``transform.h5`` (the whole map
-    ``p ↦ affine(p + D(p))`` as one ITK composite transform), ``inverse_displacement.nii.gz``
+    ``warped.nii.gz`` (MOVING resampled once, linearly, by SimpleITK through ``transform.h5``'s
+    affine ∘ (id + D) onto the fixed grid; 0 outside MOVING), ``displacement.nii.gz`` (D: ITK
+    displacement field, mm, on the fixed grid, applied before the affine), ``affine.mat``
+    (ITK/ANTs), ``transform.h5`` (the whole map ``p ↦ affine(p + D(p))`` as one ITK composite
+    transform), ``inverse_displacement.nii.gz``
     (Dinv from exp(−v)), ``inverse_transform.h5`` (MOVING → FIXED), ``lambda.nii.gz``,
     ``jacobian.nii.gz`` (det J of id + D), ``metrics.json``, ``figure.png``, ``config.yaml``.
 
@@ -624,7 +637,13 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         if any(n.startswith("inverse_") for n in names) else None
     vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
     moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
-    warped = warp(moving, disp, voxel_map=vm)[0, 0].cpu().numpy() if {"warped.nii.gz", "figure.png"} & set(names) else None
+    forward = (composite(pre.transform, displacement_to_itk(disp_np, geo))  # what transform.h5 holds
+               if {"transform.h5", "warped.nii.gz", "figure.png"} & set(names) else None)
+    # MOVING resampled by SimpleITK through that very transform, so that sitk.Resample / `hybridreg apply` with
+    # transform.h5 reproduce warped.nii.gz exactly, at MOVING's field-of-view edge too (the solver's own warp fades to
+    # 0 over the voxel beyond MOVING's outermost voxel centres, ITK keeps the edge value up to half a voxel)
+    warped = (sitk.GetArrayFromImage(resample(inputs.image("moving"), forward, geo, check_overlap=False))
+              if {"warped.nii.gz", "figure.png"} & set(names) else None)
     lam = res.lambda_on_image_grid()[0, 0].cpu().numpy() if {"lambda.nii.gz", "figure.png"} & set(names) else None
     jac = jacobian_determinant(disp)[0].cpu().numpy() if {"jacobian.nii.gz", "figure.png"} & set(names) else None
     writers = {
@@ -632,7 +651,7 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         "displacement.nii.gz": lambda p: write_displacement(p, disp_np, geo),
         "inverse_displacement.nii.gz": lambda p: write_displacement(p, inv_np, geo),
         "affine.mat": lambda p: write_affine(p, pre.transform),
-        "transform.h5": lambda p: write_transform(p, composite(pre.transform, displacement_to_itk(disp_np, geo))),
+        "transform.h5": lambda p: write_transform(p, forward),
         "inverse_transform.h5": lambda p: write_transform(p, inverse_composite(pre.transform, displacement_to_itk(inv_np, geo))),
         "lambda.nii.gz": lambda p: write_image(p, lam, geo),
         "jacobian.nii.gz": lambda p: write_image(p, jac, geo),
@@ -640,7 +659,9 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         "config.yaml": lambda p: dump_yaml(solved.config, p),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    # staged on the file system of ``out`` (os.replace cannot cross file systems): inside ``out``
+    # when it exists, which may be a mount point (a container's volume), else beside it
+    stage = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=f".{out.name}.partial-"))
     try:
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
         # parallel against 4.2 s one after the other); the figure (matplotlib) and ITK's transform

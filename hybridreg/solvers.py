@@ -221,14 +221,16 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
     count (a moving image on its own grid). ``fn`` names the calling function in the messages.
 
     Raises:
-        TypeError: not a floating-point tensor. ValueError: wrong rank, NaN/Inf, or
-            different shapes (the message names ``fixed`` or ``moving``).
+        TypeError: not a floating-point tensor. ValueError: wrong rank, a spatial axis of one
+            voxel, NaN/Inf, or different shapes (the message names ``fixed`` or ``moving``).
     """
     for name, t in (("fixed", fixed), ("moving", moving)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
         if t.dim() not in (4, 5):
             raise ValueError(f"{fn}(): `{name}` must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
+        if min(t.shape[2:]) < 2:
+            raise ValueError(f"{fn}(): `{name}` needs at least 2 voxels along every spatial axis, got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
     mismatch = fixed.shape != moving.shape if same_grid else (fixed.dim(), fixed.shape[:2]) != (moving.dim(), moving.shape[:2])

@@ -97,6 +97,8 @@ def test_manifests_csv_json_and_learn2reg(layout):
     ([{**_pair("vxm", "synthseg_12"), "weight": "1"}], None, ValueError, r"unknown column\(s\) \['weight'\]"),
     ([_pair("vxm", "synthseg_12"), _pair("vxm", "synthseg_12")], None, ValueError, "row 2: id .* repeats"),
     ([_pair("vxm", "synthseg_12", id="a/b")], None, ValueError, "row 1: `id` 'a/b'"),
+    ([{**_pair("vxm", "synthseg_12", labels=False), "fixed_labels": "labelsTr/vxm.nii.gz"}], None, ValueError,
+     "row 1: `fixed_labels` and `moving_labels` must be given together"),
     ([_pair("vxm", "synthseg_12")], "validation", ValueError, "--split.*dataset.json"),
     ([], None, ValueError, "lists no pairs"),
 ])

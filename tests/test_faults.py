@@ -68,6 +68,13 @@ def files(tmp_path_factory):
         sitk.WriteImage(out, str(paths[name]))
     paths["image2d"] = root / "slice2d.nii.gz"
     sitk.WriteImage(img[:, :, 16], str(paths["image2d"]))
+    for name, part in (("slice1", img[:, :, 16:17]), ("slab3", img[:, :, 15:18])):  # 3D images of one and three slices
+        paths[name] = root / f"{name}.nii.gz"
+        sitk.WriteImage(part, str(paths[name]))
+    far = sitk.Image(img)
+    far.SetOrigin([c + 1000.0 for c in img.GetOrigin()])  # the same image 1 m away: no overlap as the headers place it
+    paths["far"] = root / "far.nii.gz"
+    sitk.WriteImage(far, str(paths["far"]))
     paths["quick"] = root / "quick.yaml"
     paths["quick"].write_text(QUICK)
     for name, text in (("cfg_lr", QUICK + "lr: 1.0e+6\n"), ("cfg_lr_lambda", QUICK + "lr_lambda: 1.0e+30\n"),
@@ -127,6 +134,14 @@ CASES = [
     ("apply-out-is-input", lambda p, o: ["apply", o / "displacement.nii.gz", o / "warped.nii.gz", "--out",
                                          o / "warped.nii.gz", "--overwrite"], 2, "is the input"),
     ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "TRANSFORM"),
+    ("apply-2d-reference-3d-transform", lambda p, o: ["apply", o, p["moving"], "--reference", p["image2d"], "--out",
+                                                      o / "w.nii.gz"], 2, "`--reference` is 2D"),
+    ("moving-one-slice", lambda p, o: _register(p, o / "new", "--affine", "none", moving=p["slice1"], labels=False), 2,
+     "`MOVING` has one voxel along an axis"),
+    ("affine-three-slices", lambda p, o: _register(p, o / "new", moving=p["slab3"], labels=False), 2,
+     "`MOVING` has fewer than 4 voxels"),
+    ("no-overlap-affine-none", lambda p, o: _register(p, o / "new", "--affine", "none", moving=p["far"], labels=False), 2,
+     "do not overlap"),
     ("tune-resume-nothing", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
                                           "--trials", "1", "--out", o / "tune", "--resume"], 2, "--resume"),
     ("tune-out-below-file", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
@@ -369,6 +384,63 @@ def test_too_little_disk_space_is_refused_before_the_run(files, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "MB free" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_read_only_out_is_refused_before_the_run(files, tmp_path, capsys, monkeypatch):
+    """A folder on a read-only file system (running as root, permissions do not stop a write,
+    so the file system's refusal is simulated): one line naming --out before any work."""
+    import errno
+
+    import hybridreg.service as service
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(service.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(service, "solve", lambda *a, **k: pytest.fail("the run started"))
+    rc = main(_register(files, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "`--out`" in err[0] and "Read-only file system" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_on_another_file_system_is_written(files, tmp_path, monkeypatch):
+    """``--out`` a mount point (a container's volume, ``-v host:/out``): a file cannot be renamed
+    into it from another file system (EXDEV), so the outputs are staged inside it, and no staging
+    folder is left there."""
+    import errno
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if volume not in Path(src).parents and volume in Path(dst).parents:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(_register(files, volume)) == 0
+    assert (volume / "metrics.json").is_file() and (volume / "transform.h5").is_file()
+    assert not [q.name for q in volume.iterdir() if q.name.startswith(".")]
+
+
+def test_apply_warps_a_slab_with_the_transform_made_for_it(files, tmp_path, capsys):
+    """A moving slab that covers under 10 % of FIXED's grid registers; ``apply`` then warps that
+    same image (on the grid the folder's transform was made for) instead of refusing it as a
+    stranger, and still refuses another image that barely meets the output grid."""
+    out = tmp_path / "out"
+    assert main(_register(files, out, "--affine", "none", moving=files["slab3"], labels=False)) == 0
+    assert main(["apply", str(out), str(files["slab3"]), "--out", str(tmp_path / "w.nii.gz")]) == 0
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nii.gz")))
+    # the slab's faces cut through anatomy: warped.nii.gz is ITK's resampling, the same at the edge of its field of view
+    assert np.array_equal(warped, sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))) and warped.any()
+    capsys.readouterr()
+    other = sitk.ReadImage(str(files["slab3"]))
+    other.SetOrigin([c + 0.5 for c in other.GetOrigin()])  # another grid: judged by its overlap
+    sitk.WriteImage(other, str(tmp_path / "other.nii.gz"))
+    assert main(["apply", str(out), str(tmp_path / "other.nii.gz"), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert "maps inside the image" in capsys.readouterr().err
 
 
 @pytest.mark.slow
