@@ -208,7 +208,9 @@ def output_names(outputs: str) -> tuple[str, ...]:
 
 
 def output_folder(out: str | os.PathLike) -> Path:
-    """``--out`` as a folder path: not an empty string, not an existing file, not below one.
+    """``--out`` as a folder path: not an empty string, not an existing file, not below one, and
+    in a folder this process can write in (its nearest existing folder is tried with a temporary
+    file: a read-only file system is refused before any work).
 
     Raises:
         ValueError: naming ``--out``.
@@ -221,6 +223,12 @@ def output_folder(out: str | os.PathLike) -> Path:
     for q in out.parents:
         if q.exists() and not q.is_dir():
             raise ValueError(f"`--out` {out}: {q} is a file, not a folder")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    try:  # a read-only file system or folder would otherwise fail only once the work is done
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"`--out` {out}: cannot write in {parent}: {e.strerror or e}") from None
     return out
 
 
@@ -256,11 +264,6 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
         raise ValueError(f"`--out` {out} already holds results of an earlier run ({', '.join(earlier)});"
                          " pass --overwrite to replace them or choose a new --out")
     parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    try:  # a read-only file system or folder would otherwise fail only after the registration
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise ValueError(f"`--out` {out}: cannot write in {parent}: {e.strerror or e}") from None
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
         raise ValueError(f"`--out`: {free / 2**20:.0f} MB free on the disk of {parent}, the outputs need about"

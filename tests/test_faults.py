@@ -386,7 +386,8 @@ def test_too_little_disk_space_is_refused_before_the_run(files, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_a_read_only_out_is_refused_before_the_run(files, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["register", "train", "tune"])
+def test_a_read_only_out_is_refused_before_the_run(files, tmp_path, capsys, monkeypatch, command):
     """A folder on a read-only file system (running as root, permissions do not stop a write,
     so the file system's refusal is simulated): one line naming --out before any work."""
     import errno
@@ -398,7 +399,11 @@ def test_a_read_only_out_is_refused_before_the_run(files, tmp_path, capsys, monk
 
     monkeypatch.setattr(service.tempfile, "TemporaryFile", read_only)
     monkeypatch.setattr(service, "solve", lambda *a, **k: pytest.fail("the run started"))
-    rc = main(_register(files, tmp_path / "out"))
+    space = Path(__file__).parents[1] / "configs" / "tune_instance.yaml"
+    argv = {"register": _register(files, tmp_path / "out"),
+            "train": ["train", "--data", "bundled", "--out", str(tmp_path / "out"), "--set", "steps=1"],
+            "tune": ["tune", "--space", str(space), "--trials", "1", "--out", str(tmp_path / "out")]}[command]
+    rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "`--out`" in err[0] and "Read-only file system" in err[0], err
     assert not (tmp_path / "out").exists()
