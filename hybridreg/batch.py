@@ -251,8 +251,11 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         batch_size: pairs solved together in one optimization (batched instance optimization,
             :func:`hybridreg.service.solve_pairs`): each group of ``batch_size`` consecutive
             pairs of this rank that share their grids (:func:`hybridreg.service.batch_key`)
-            is solved at once; the results equal one-pair runs' up to floating-point order.
-            1 (default): one pair at a time. Memory grows with it.
+            is solved at once; the results equal one-pair runs' up to floating-point order,
+            except that with the instance solver's ``crop`` (default) the pairs of one
+            optimization share one foreground box, the union of theirs, so a pair whose own box
+            is smaller moves a little (``crop: false`` keeps them equal). A resume must use the
+            same ``batch_size``. 1 (default): one pair at a time. Memory grows with it.
         progress: a tqdm bar over this rank's pairs (the solver's own bars stay off).
 
     Returns:
@@ -288,7 +291,9 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     options = {"solver": solver, "config": None if config is None else read_yaml(config, arg="--config"),
                "overrides": list(overrides), "weights": weights, "eval_labels": eval_labels, "affine": affine,
                "init": init, "affine_metric": affine_metric, "outputs": outputs,
-               "region_lambda": _region_settings(cfg)}  # not batch_size: it changes no result
+               "region_lambda": _region_settings(cfg),
+               # batched pairs share one foreground box with `crop` (instance_opt.foreground_box): results move a little
+               **({"batch_size": batch_size} if batch_size > 1 else {})}
     refused = None
     if rank == 0:
         try:

@@ -243,6 +243,38 @@ def sample_condition(cfg: TrainConfig, fixed_labels: torch.Tensor | None, gen: t
 
 # ----------------------------------------------------------------------------- helpers
 
+RESUME_MAY_CHANGE = ("steps", "keep_checkpoints")
+"""Settings that a resumed run may change (train longer, keep more checkpoints); every other
+setting must equal the checkpoint's, which :func:`train` checks, since the restored weights,
+optimizer and schedule would otherwise carry the old ones on under a new config.yaml."""
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every setting that differs between two
+    :func:`hybridreg.config.to_dict` trees (a key only one of them has, a setting added or
+    removed by another version of the code, does not count)."""
+    out = []
+    for k in sorted(set(old) & set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _number(text: str) -> int | float | str | None:
+    """A CSV cell as the number it holds (``None`` for an empty cell; text that is no number stays)."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
     cks = sorted(Path(run_dir).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -330,7 +362,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         data: a :class:`hybridreg.data.sources.RegistrationDataset` (one grid; ``data.train``
             images, optional ``data.atlas``; ``data.val`` with labels for validation Dice).
         run_dir: output folder (module docstring lists its files).
-        resume: continue from the newest checkpoint in ``run_dir``, exactly.
+        resume: continue from the newest checkpoint in ``run_dir``, exactly, with the
+            checkpoint's settings (``steps`` and ``keep_checkpoints`` may change).
         stop_after: stop after this global step (an interruption, for tests).
         device: ``cpu`` (default) or ``cuda``; under torchrun each process uses
             ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
@@ -344,8 +377,9 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
 
     Raises:
         ValueError: a network/data dimension mismatch, atlas pairing without an atlas,
-            subject pairing with one subject, ``resume`` without a checkpoint, or a fresh
-            run into a folder that already holds a run.
+            subject pairing with one subject, ``resume`` without a checkpoint or with settings
+            other than the checkpoint's (but :data:`RESUME_MAY_CHANGE`), or a fresh run into a
+            folder that already holds a run.
     """
     d = len(data.shape)
     if cfg.network.ndim != d:
@@ -403,6 +437,13 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         state = torch.load(ck, map_location="cpu", weights_only=False)
         if state.get("world_size", 1) != world:
             raise ValueError(f"train(): checkpoint {ck.name} was written by {state.get('world_size', 1)} processes, now {world}")
+        changed = _changed(state.get("config") or to_dict(cfg), to_dict(cfg))
+        other = [f"{k} {a!r} -> {b!r}" for k, a, b in changed if k not in RESUME_MAY_CHANGE]
+        if other:
+            raise ValueError(f"train(): `resume`: {ck.name} was trained with other settings ({'; '.join(other)}); resume with"
+                             f" the run's own (only {' and '.join(RESUME_MAY_CHANGE)} may change) or start a new `--out`")
+        if changed and rank == 0:
+            dump_yaml(cfg, run / "config.yaml")  # steps or keep_checkpoints changed: the run's config says so
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -486,7 +527,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if done == cfg.steps and rank == 0:
             save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
             with open(run / "validation.csv", newline="") as fh:
-                hist = list(csv.DictReader(fh))
+                hist = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
             atomic_write_text(run / "history.json", json.dumps({"best_val_dice": best, "epochs": hist, **info}, indent=2))
     bar.close()
     if world > 1:

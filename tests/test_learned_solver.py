@@ -3,6 +3,7 @@ refinement through the Python API and the CLI, and the shipped weights on bundle
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -92,6 +93,21 @@ def test_cli_train_writes_logs_checkpoints_and_weights(trained):
 def test_cli_train_resume_and_errors(trained, manifest, tmp_path, capsys):
     # a finished run resumes to the same end (nothing left to do) using its own config.yaml
     assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(trained), "--resume", "--no-progress"]) == 0
+    hist = json.loads((trained / "history.json").read_text())["epochs"]
+    assert isinstance(hist[0]["step"], int) and isinstance(hist[0]["val_dice"], float)  # numbers, not the CSV's text
+    # other settings than the checkpoint's would be restored over (the optimizer keeps its lr) or fail to load: refused
+    for change, key in (("lr=0.5", "lr 0.002 -> 0.5"), ("network.lambda_channels=8", "network.lambda_channels 4 -> 8")):
+        before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+        assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(trained), "--resume", "--no-progress",
+                     "--set", change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0] and key in err[0], err
+        assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+    longer = tmp_path / "longer"  # steps may change on resume (train longer), and the run's config.yaml says so
+    shutil.copytree(trained, longer)
+    assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(longer), "--resume", "--no-progress",
+                 "--set", "steps=9"]) == 0
+    assert "steps: 9" in (longer / "config.yaml").read_text() and (longer / "checkpoint_9.pt").is_file()
     assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", "nowhere.csv", "--out", str(tmp_path / "x")]) == 2
