@@ -541,7 +541,10 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
                    "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict(),
                    "nan_voxels": dict(inputs.nan_voxels)},  # treated as outside the image (read_inputs)
         "jacobian_method": "central differences (torch.gradient), whole image grid",
-        "lambda": {"mode": getattr(solved.config, "lambda_mode", None),  # map: "mean" is the pair's MAP estimate
+        # the solver's λ strategy, or for a network's λ (learned, its refinement, learned-lambda) what the result holds;
+        # map: "mean" is the pair's MAP estimate
+        "lambda": {"mode": getattr(solved.config, "lambda_mode", None)
+                   or ("uniform" if float(np.ptp(lam)) <= 1e-6 * float(np.abs(lam).max()) else "voxelwise"),
                    "mean": float(lam.mean()), "std": float(lam.std()), "min": float(lam.min()), "max": float(lam.max())},
         "seconds": {"registration": solved.seconds},
         "batch_size": solved.batch_size,

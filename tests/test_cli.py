@@ -214,3 +214,14 @@ def test_lambda_strategies_from_the_cli(tmp_path, bundled, mode, capsys):
         assert main(args + ["--out", str(tmp_path / "none")]) == 2
         assert "--fixed-labels" in capsys.readouterr().err
         assert not (tmp_path / "none" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("solver, mode", [("learned", "voxelwise"), ("learned-lambda", "uniform")])
+def test_a_networks_lambda_mode_is_reported(tmp_path, bundled, solver, mode):
+    """The network-based solvers' configs name no λ strategy: metrics.json reports what the
+    result holds, a λ map from the network's head or the regressor's one λ (was null)."""
+    f, m = bundled
+    out = tmp_path / "out"
+    assert main(["register", str(f.image_path), str(m.image_path), "--out", str(out), "--solver", solver, "--outputs",
+                 "metrics", "--no-progress", "--affine", "none"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["lambda"]["mode"] == mode
