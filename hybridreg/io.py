@@ -244,8 +244,9 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
     columns (an id, a name) are allowed when a header names the coordinate columns.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: no points, a row that is not d numbers,
-            NaN/Inf; each names ``arg``.
+        FileNotFoundError: no such file. ValueError: no points, a row that is not d numbers
+            (without a header: exactly d columns), a header naming a third coordinate for a 2D
+            image, NaN/Inf; each names ``arg``.
     """
     import csv
 
@@ -261,16 +262,21 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
     rows = [r for r in rows if r and not r[0].startswith("#")]
     d = geometry.dim
     names = ("i", "j", "k")[:d] if rows and {"i", "j"} <= {c.lower() for c in rows[0]} else ("x", "y", "z")[:d]
-    cols = list(range(d))
+    cols, header = list(range(d)), None
     if rows and not _numbers(rows[0]):
         header = [c.lower() for c in rows.pop(0)]
         if not set(names) <= set(header):
             raise ValueError(f"`{arg}`: {path}: the header {header} must name the columns {list(names)}"
                              " (x, y, z: LPS mm; i, j, k: voxel indices)")
+        third = sorted({"z", "k"} & set(header))
+        if d == 2 and third:  # a third coordinate would be dropped: the points are not this image's
+            raise ValueError(f"`{arg}`: {path}: the header names a third coordinate ({third[0]}) but the image is 2D")
         cols = [header.index(n) for n in names]
     points = []
     for n, r in enumerate(rows, 1):
         try:
+            if header is None and len(r) != d:  # without a header every column is a coordinate: none is dropped
+                raise IndexError
             points.append([float(r[c]) for c in cols])
         except (ValueError, IndexError):
             raise ValueError(f"`{arg}`: {path}: point {n} is not {d} numbers: {r}") from None

@@ -300,7 +300,8 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
 
     Raises:
         ValueError: the maps share no non-zero label, an unknown policy string, or an
-            explicit label missing from either map (the message names ``labels``).
+            explicit list with a label missing from either map, a repeated label or the
+            background 0 (the message names ``labels``).
     """
     common = common_labels(fixed_labels, moving_labels)
     if not common:
@@ -315,6 +316,11 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         standard = evaluation_labels_in(common)
         return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD else common
     chosen = tuple(int(v) for v in policy)
+    repeated = sorted({lab for lab in chosen if chosen.count(lab) > 1})
+    if repeated:
+        raise ValueError(f"`labels`: label(s) {repeated} given more than once")
+    if 0 in chosen:
+        raise ValueError("`labels`: 0 is the background, never scored")
     missing = [lab for lab in chosen if lab not in common]
     if missing or not chosen:
         raise ValueError(f"`labels`: labels {missing or '[]'} are not present in both label maps")

@@ -220,6 +220,15 @@ def test_read_landmarks_physical_and_voxel_index_rows(tmp_path):
             read_landmarks(tmp_path / "bad.csv", geo, arg="--fixed-landmarks")
     with pytest.raises(FileNotFoundError, match="--moving-landmarks"):
         read_landmarks(tmp_path / "nope.csv", geo, arg="--moving-landmarks")
+    # a coordinate the image does not have is refused, not dropped: four numbers on a 3D image, three or a z on a 2D one
+    geo2 = Geometry(size=(10, 12), spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
+    for text, g, needle in (("1,2,3,4\n", geo, "point 1 is not 3 numbers"), ("0,60,1\n5,70,2\n", geo2, "point 1 is not 2 numbers"),
+                            ("x,y,z\n1,2,3\n", geo2, r"third coordinate \(z\)"), ("i,j,k\n1,2,3\n", geo2, r"third coordinate \(k\)")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            read_landmarks(tmp_path / "bad.csv", g, arg="--fixed-landmarks")
+    (tmp_path / "two.csv").write_text("x,y\n1,2\n")
+    assert read_landmarks(tmp_path / "two.csv", geo2).tolist() == [[1.0, 2.0]]
 
 
 def test_target_registration_error_of_a_known_transform():
@@ -300,3 +309,17 @@ def test_nifti_nan_voxels_are_found_where_nibabel_has_them(tmp_path):
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "inf.nii.gz")
     with pytest.raises(ValueError, match="FIXED.*Inf"):
         read_image(tmp_path / "inf.nii.gz", arg="FIXED", nan="keep")
+
+
+def test_an_explicit_label_list_is_scored_as_given_or_refused():
+    """``--eval-labels 2,3`` scores exactly those; a repeated label (it counted twice in the
+    console's count but once in the mean), the background 0 and a label one map lacks are refused."""
+    from hybridreg.metrics import scored_labels
+
+    f = np.array([[0, 2, 2], [3, 3, 5]])
+    m = np.array([[0, 2, 3], [3, 2, 7]])
+    assert scored_labels(f, m, [3, 2]) == (3, 2)
+    for policy, needle in (([2, 2, 3], r"label\(s\) \[2\] given more than once"), ([0, 2], "0 is the background"),
+                           ([2, 5], r"labels \[5\] are not present in both")):
+        with pytest.raises(ValueError, match=needle):
+            scored_labels(f, m, policy)
