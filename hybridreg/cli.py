@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .config import apply_overrides, load_yaml
 from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
-from .service import OUTPUT_FILES, OUTPUT_SETS, device_of, output_folder, parse_eval_labels, register_files
+from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
 from .solvers import available_solvers
 
 __all__ = ["main", "OUTPUT_FILES"]
@@ -156,15 +156,15 @@ def train_command(args: argparse.Namespace) -> None:
         raise CLIError(f"`--resume`: {out} holds no checkpoint to resume from")
     dev = device_of(args.device)
     data = load_dataset(args.data, args.spacing)
+    if args.init is not None:
+        from learned.weights import load_weights
+
+        load_weights(args.init, arg="--init")  # a missing or corrupt file fails here, before --out is made or announced
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"hybridreg train: {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test subjects,"
               f" grid {'x'.join(map(str, data.shape))} at {'x'.join(f'{s:g}' for s in data.spacing)} mm,"
               f" atlas {'yes' if data.atlas is not None else 'no'}; {cfg.steps} steps -> {out}")
-    if args.init is not None:
-        from learned.weights import load_weights
-
-        load_weights(args.init, arg="--init")  # a missing or corrupt file fails here, before --out is made
     train_mod.train(cfg, data, out, resume=args.resume, device=dev, progress=not args.no_progress, init_weights=args.init)
     if rank == 0:
         wrote = [n for n in ("model_best.pt", "model_final.pt", "log.csv", "validation.csv", "history.json", "training.png")
@@ -430,6 +430,8 @@ def batch_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "register":
+        if args.eval_labels != "auto" and args.fixed_labels is None and args.moving_labels is None:
+            raise CLIError("`--eval-labels` chooses the labels Dice is scored on: give --fixed-labels and --moving-labels")
         m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
                            moving_labels=args.moving_labels, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,
@@ -453,6 +455,7 @@ def _run(args: argparse.Namespace) -> int:
 
         fid, mid = data.demo_pair()
         fs, ms = data.load_subject(fid, args.resolution), data.load_subject(mid, args.resolution)
+        check_outputs(args.out, {}, overwrite=args.overwrite)  # a refusal comes before the banner
         print(f"hybridreg demo: registering bundled subject {mid} (moving) to {fid} (fixed, real T1) at {args.resolution} mm")
         m = register_files(fs.image_path, ms.image_path, args.out, fixed_labels=fs.labels_path,
                            moving_labels=ms.labels_path, config=args.config, device=args.device,

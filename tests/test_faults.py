@@ -140,6 +140,9 @@ CASES = [
      "`MOVING` has one voxel along an axis"),
     ("affine-three-slices", lambda p, o: _register(p, o / "new", moving=p["slab3"], labels=False), 2,
      "`MOVING` has fewer than 4 voxels"),
+    ("eval-labels-without-labels", lambda p, o: _register(p, o / "new", "--eval-labels", "2,3", labels=False), 2,
+     "`--eval-labels` chooses the labels"),
+    ("demo-out-has-results", lambda p, o: ["demo", "--out", o], 2, "earlier run"),
     ("no-overlap-affine-none", lambda p, o: _register(p, o / "new", "--affine", "none", moving=p["far"], labels=False), 2,
      "do not overlap"),
     ("tune-resume-nothing", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
@@ -173,9 +176,11 @@ def test_fault_gives_one_line_exit_2_and_loses_nothing(case, files, earlier, cap
     before = _snapshot(earlier)
     parent_before = sorted(p.name for p in earlier.parent.iterdir())
     rc = main([str(a) for a in build(files, earlier)])
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert rc == code
     assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+    assert not captured.out.strip(), captured.out  # refused before any work: nothing announced
     assert _snapshot(earlier) == before
     assert sorted(p.name for p in earlier.parent.iterdir()) == parent_before  # no staging folder, no new --out
 
