@@ -394,15 +394,16 @@ def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, 
         raise ValueError(f"the transform is {transform.GetDimension()}D, the image {image.GetDimension()}D and the"
                          f" reference grid {reference.dim}D")
     ref = reference.reference()
-    rng = np.random.default_rng(0)  # a sample of reference points is enough to judge the overlap
-    idx = np.stack([rng.uniform(-0.5, n - 0.5, 2000) for n in reference.size], axis=1) if check_overlap else ()
-    inside = 0
-    for i in idx:
-        q = image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(ref.TransformContinuousIndexToPhysicalPoint(i)))
-        inside += all(-0.5 <= c <= n - 0.5 for c, n in zip(q, image.GetSize()))
-    if check_overlap and inside < 0.1 * len(idx):
-        raise ValueError(f"only {100 * inside / len(idx):.1f} % of the output grid maps inside the image: the transform"
-                         " does not belong to this image (or the image to this grid)")
+    if check_overlap:
+        rng = np.random.default_rng(0)  # a sample of reference points is enough to judge the overlap
+        idx = np.stack([rng.uniform(-0.5, n - 0.5, 2000) for n in reference.size], axis=1)
+        inside = 0
+        for i in idx:
+            q = image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(ref.TransformContinuousIndexToPhysicalPoint(i)))
+            inside += all(-0.5 <= c <= n - 0.5 for c, n in zip(q, image.GetSize()))
+        if inside < 0.1 * len(idx):
+            raise ValueError(f"only {100 * inside / len(idx):.1f} % of the output grid maps inside the image: the"
+                             " transform does not belong to this image (or the image to this grid)")
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     return sitk.Resample(image, ref, transform, interp, 0.0, image.GetPixelID())
 

@@ -207,6 +207,11 @@ def output_names(outputs: str) -> tuple[str, ...]:
     return OUTPUT_SETS[outputs]
 
 
+def _nearest_folder(out: Path) -> Path:
+    """``out`` if it exists, else its nearest existing parent (where it will be made)."""
+    return next((p for p in (out, *out.parents) if p.exists()), Path("."))
+
+
 def output_folder(out: str | os.PathLike) -> Path:
     """``--out`` as a folder path: not an empty string, not an existing file, not below one, and
     in a folder this process can write in (its nearest existing folder is tried with a temporary
@@ -223,7 +228,7 @@ def output_folder(out: str | os.PathLike) -> Path:
     for q in out.parents:
         if q.exists() and not q.is_dir():
             raise ValueError(f"`--out` {out}: {q} is a file, not a folder")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    parent = _nearest_folder(out)
     try:  # a read-only file system or folder would otherwise fail only once the work is done
         with tempfile.TemporaryFile(dir=parent):
             pass
@@ -263,7 +268,7 @@ def check_outputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | 
     if earlier and not overwrite:
         raise ValueError(f"`--out` {out} already holds results of an earlier run ({', '.join(earlier)});"
                          " pass --overwrite to replace them or choose a new --out")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    parent = _nearest_folder(out)
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
         raise ValueError(f"`--out`: {free / 2**20:.0f} MB free on the disk of {parent}, the outputs need about"
@@ -613,10 +618,10 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     folder inside ``out`` (or beside it when it does not exist yet: either way on the file system
     of ``out``, a mount point included), moved into place only when all are written (a failure
     leaves ``out`` as it was), with ``metrics.json`` moved last, so that its presence marks a
-    finished folder; the other files of an earlier run in ``out`` (``--overwrite``) are removed. Only what the files need is computed
-    (the inverse only for the ``inverse_*`` files). The image files are written
-    in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of writing
-    against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
+    finished folder; the other files of an earlier run in ``out`` (``--overwrite``) are removed.
+    Only what the files need is computed (the inverse only for the ``inverse_*`` files). The image
+    files are written in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of
+    writing against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
     the transform files (:data:`TRANSFORM_FILES`) one after the other on the calling thread,
     with the figure: ITK's HDF5 transform writer is not thread-safe.
 
@@ -626,9 +631,9 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     affine ∘ (id + D) onto the fixed grid; 0 outside MOVING), ``displacement.nii.gz`` (D: ITK
     displacement field, mm, on the fixed grid, applied before the affine), ``affine.mat``
     (ITK/ANTs), ``transform.h5`` (the whole map ``p ↦ affine(p + D(p))`` as one ITK composite
-    transform), ``inverse_displacement.nii.gz``
-    (Dinv from exp(−v)), ``inverse_transform.h5`` (MOVING → FIXED), ``lambda.nii.gz``,
-    ``jacobian.nii.gz`` (det J of id + D), ``metrics.json``, ``figure.png``, ``config.yaml``.
+    transform), ``inverse_displacement.nii.gz`` (Dinv from exp(−v)), ``inverse_transform.h5``
+    (MOVING → FIXED), ``lambda.nii.gz``, ``jacobian.nii.gz`` (det J of id + D), ``metrics.json``,
+    ``figure.png``, ``config.yaml``.
 
     Raises:
         OSError: the file system refused (the staging folder is removed, ``out`` untouched).
