@@ -160,13 +160,19 @@ def _check_det(tx: sitk.AffineTransform, names: tuple[str, str]) -> None:
                          f" check that `{names[0]}` and `{names[1]}` show the same anatomy, or use kind='rigid'")
 
 
-def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform) -> float:
-    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING."""
+def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform,
+             region: sitk.Image | None = None) -> float:
+    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING
+    (and, with ``region``, a mask on MOVING's grid, onto one of its voxels of 1, nearest voxel)."""
     idx = np.argwhere(fg)
     idx = idx[:: max(1, len(idx) // 50_000)].T  # a regular subsample is plenty for a fraction
     m = voxel_map(Geometry.of(fixed), Geometry.of(moving), tx)
     j = m[:, :-1] @ idx + m[:, -1:]
-    return float(np.mean(np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)))
+    inside = np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)
+    if region is not None:
+        k = np.clip(np.rint(j[:, inside]).astype(np.int64), 0, np.asarray(moving.GetSize()[::-1])[:, None] - 1)
+        inside[inside] = sitk.GetArrayViewFromImage(region)[tuple(k)] > 0
+    return float(np.mean(inside))
 
 
 def _coarsen(image: sitk.Image, mm: float) -> sitk.Image:
@@ -185,9 +191,27 @@ def _mass(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     return mass * sitk.Cast(mask > 0, mass.GetPixelID()) if mask is not None else mass
 
 
+LEVELS_MM = (8.0, 4.0, 2.0)
+"""The affine stage's pyramid (voxel sizes, mm) for human anatomy; :func:`hybridreg.service.prealign`
+scales it for an image under :data:`hybridreg.service.SMALL_EXTENT_MM` across (:func:`hybridreg.service.physical_scale`)."""
+
+
+def _initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+             kind: str, init: str) -> sitk.Transform:
+    """The affine stage's starting transform: the identity for ``kind`` ``"none"``, else the rigid
+    transform of ``sitk.CenteredTransformInitializer`` (``init``: image centres or centres of mass)."""
+    d = fixed.GetDimension()
+    if kind == "none":
+        return sitk.AffineTransform(d)
+    rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
+    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
+    fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
+    return type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
+
+
 def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: str = "geometry", metric: str = "ncc",
           fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
-          levels_mm: tuple[float, ...] = (8.0, 4.0, 2.0), iterations: int = 100, samples: int = 50_000,
+          levels_mm: tuple[float, ...] = LEVELS_MM, iterations: int = 100, samples: int = 50_000,
           seed: int = 1, threads: int | None = None,
           names: tuple[str, str, str, str] = ("FIXED", "MOVING", "--fixed-mask", "--moving-mask")) -> AffineResult:
     """Affine pre-alignment of MOVING to FIXED: scalar 2D/3D images, same dimension, any grids.
@@ -223,7 +247,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         ValueError, one line naming the argument (``names``: FIXED, MOVING, fixed and moving
         mask): unknown option or a ``threads`` that is not a positive integer; images not
         scalar 2D/3D or of different dimensions; a mask not on its image's grid, empty, or not
-        binary; images that do not overlap after the initialisation (< 10 % of FIXED's
+        binary; a ``moving_mask`` onto which none of FIXED's foreground maps after the
+        initialisation (nothing left to match); images that do not overlap after the initialisation (< 10 % of FIXED's
         foreground, its mask or voxels above its minimum, maps inside MOVING; with ``kind``
         ``"none"``: none of it, as the headers place the images) or during the optimisation;
         an image with fewer than 4 voxels along an axis (``kind`` other than ``"none"``); a
@@ -247,6 +272,10 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     f_arr = sitk.GetArrayViewFromImage(fixed)
     fg = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else f_arr > f_arr.min()
     fg = fg if fg.any() else np.ones_like(fg)
+    if moving_mask is not None and _overlap(fixed, moving, fg, _initial(fixed, moving, fixed_mask, moving_mask, kind, init),
+                                            moving_mask) == 0:
+        raise ValueError(f"`{mm_name}` leaves nothing to match: none of {f_name}'s foreground maps onto its voxels of 1"
+                         f" (init={init!r}); check that it marks {m_name}'s anatomy")
     if kind == "none":
         if _overlap(fixed, moving, fg, sitk.AffineTransform(d)) == 0:  # the deformable stage would see no MOVING at all
             raise ValueError(f"`{f_name}` and `{m_name}` do not overlap: none of {f_name}'s foreground lies inside"
@@ -261,9 +290,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
 
     t0 = time.perf_counter()
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
-    rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
-    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
-    rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
+    rigid = _initial(fixed, moving, fixed_mask, moving_mask, kind, init)
     frac = _overlap(fixed, moving, fg, rigid)
     if frac < 0.1:
         raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"

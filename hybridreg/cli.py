@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .config import apply_overrides, load_yaml
 from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
-from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
+from .service import OUTPUT_FILES, OUTPUT_SETS, SMALL_EXTENT_MM, check_outputs, device_of, output_folder, parse_eval_labels, register_files
 from .solvers import available_solvers
 
 __all__ = ["main", "OUTPUT_FILES"]
@@ -152,8 +152,8 @@ def train_command(args: argparse.Namespace) -> None:
     cfg_path = args.config or (out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else None)
     cfg = load_yaml(cfg_path, train_mod.TrainConfig, arg="--config") if cfg_path else train_mod.TrainConfig()
     cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
-    if args.resume and train_mod.latest_checkpoint(out) is None:
-        raise CLIError(f"`--resume`: {out} holds no checkpoint to resume from")
+    if args.resume and train_mod.latest_checkpoint(out) is None and not (out / "config.yaml").is_file():
+        raise CLIError(f"`--resume`: {out} holds no run to resume (no checkpoint, no config.yaml)")
     dev = device_of(args.device)
     data = load_dataset(args.data, args.spacing)
     if args.init is not None:
@@ -203,6 +203,9 @@ def _print_summary(m: dict, out: Path, command: str) -> None:
     for w in m.get("warnings", []):
         print(f"hybridreg {command}: warning: {w}", file=sys.stderr)
     print(f"wrote {out}/: " + ", ".join(m.get("outputs", OUTPUT_FILES)))
+    if m.get("physical_scale", 1.0) < 1.0:
+        print(f"FIXED spans under {SMALL_EXTENT_MM:g} mm: it was registered as if {1 / m['physical_scale']:.3g} times larger"
+              " (the settings in mm are made for human anatomy); every output is in true mm")
     for name, n in m["inputs"].get("nan_voxels", {}).items():
         if n:
             print(f"{name.upper()}: {n} NaN voxels treated as outside the image (left out of the image match)")

@@ -124,7 +124,9 @@ def _num(x: float) -> str:
 
 
 def check_bounds(obj: Any) -> None:
-    """Check every :func:`bounded` field of dataclass instance ``obj``.
+    """Check every :func:`bounded` field of dataclass instance ``obj``; a list given for a
+    field whose default is a tuple (``dataclasses.replace(cfg, iterations=[30, 20])`` in Python,
+    as ``--set iterations=[30,20]`` gives on the command line) is stored as that tuple.
 
     Raises:
         ValueError: ``ClassName: `field` must be in [low, high], got value`` for a number
@@ -135,6 +137,9 @@ def check_bounds(obj: Any) -> None:
             continue
         low, high = f.metadata["range"]
         value = getattr(obj, f.name)
+        if isinstance(value, list) and f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), tuple):
+            value = tuple(value)
+            object.__setattr__(obj, f.name, value)  # frozen dataclasses too
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
                 raise ValueError(f"{type(obj).__name__}: `{f.name}` must be in [{_num(low)}, {_num(high)}], got {value!r}")

@@ -224,7 +224,8 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
         if not np.isfinite(arr).all():
             raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
         if not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"`{arg}`: {path} has non-integer values; a label map must hold integer labels")
+            raise ValueError(f"`{arg}`: {path} has non-integer values; a {'mask' if 'mask' in arg else 'label map'} must"
+                             f" hold {'0 and 1' if 'mask' in arg else 'integer labels'}")
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo < 0 or hi > np.iinfo(np.int32).max:
         raise ValueError(f"`{arg}`: {path} has labels outside 0..{np.iinfo(np.int32).max} (min {lo:g}, max {hi:g});"
@@ -246,7 +247,8 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
     Raises:
         FileNotFoundError: no such file. ValueError: no points, a row that is not d numbers
             (without a header: exactly d columns), a header naming a third coordinate for a 2D
-            image, NaN/Inf; each names ``arg``.
+            image, NaN/Inf, a point outside the image (beyond half a voxel past its outermost
+            voxel centres); each names ``arg``.
     """
     import csv
 
@@ -285,9 +287,16 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
         raise ValueError(f"`{arg}`: {path} holds no points")
     if not np.isfinite(pts).all():
         raise ValueError(f"`{arg}`: {path} holds NaN or Inf coordinates")
+    ref = geometry.apply(sitk.Image([1] * d, sitk.sitkUInt8))  # the grid's index <-> physical maps (not its size)
     if names[0] == "i":
-        ref = geometry.apply(sitk.Image([1] * d, sitk.sitkUInt8))
         pts = np.array([ref.TransformContinuousIndexToPhysicalPoint(tuple(map(float, q))) for q in pts])
+    index = np.array([ref.TransformPhysicalPointToContinuousIndex(tuple(map(float, q))) for q in pts])
+    outside = np.flatnonzero(np.any((index < -0.5 - 1e-6) | (index > np.asarray(geometry.size) - 0.5 + 1e-6), axis=1))
+    if len(outside):  # no image there to measure a registration by (typically indices of another grid, or mm given as indices)
+        n = int(outside[0])
+        raise ValueError(f"`{arg}`: {path}: point {n + 1} ({', '.join(f'{v:g}' for v in pts[n])} mm LPS, voxel index"
+                         f" {', '.join(f'{v:.1f}' for v in index[n])}) lies outside its image (size"
+                         f" {'x'.join(map(str, geometry.size))}); {len(outside)} of {len(pts)} points do")
     return pts
 
 
@@ -382,7 +391,10 @@ def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, 
              check_overlap: bool = True) -> sitk.Image:
     """Resample ``image`` onto ``reference`` through ``transform`` (which maps reference
     points to ``image`` points, LPS mm: ITK's convention) with SimpleITK: linear, or nearest
-    neighbour for label maps; outside ``image``: 0.
+    neighbour for label maps. Outside ``image``: 0 for label maps, the image's lowest value
+    (NaN voxels aside) for an intensity image, which is what the solvers see there (0 after
+    :func:`normalize_intensity`): air for CT (−1000 HU and below, where 0 HU would paint water),
+    0 for most MR. (``sitk.Resample`` with the written transform fills 0 unless told otherwise.)
 
     Raises:
         ValueError: the transform's dimension is not the image's or the reference's; with
@@ -405,7 +417,14 @@ def resample(image: sitk.Image, transform: sitk.Transform, reference: Geometry, 
             raise ValueError(f"only {100 * inside / len(idx):.1f} % of the output grid maps inside the image: the"
                              " transform does not belong to this image (or the image to this grid)")
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-    return sitk.Resample(image, ref, transform, interp, 0.0, image.GetPixelID())
+    return sitk.Resample(image, ref, transform, interp, 0.0 if labels else lowest_value(image), image.GetPixelID())
+
+
+def lowest_value(image: sitk.Image) -> float:
+    """The lowest value of a scalar image, NaN voxels aside (0 when every voxel is NaN)."""
+    arr = sitk.GetArrayViewFromImage(image)
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+    return float(finite.min()) if finite.size else 0.0
 
 
 def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:

@@ -280,7 +280,9 @@ LabelPolicy = Union[str, Sequence[int]]
 explicit sequence of label IDs."""
 
 AUTO_MIN_STANDARD = 20
-"""``"auto"`` uses the standard FreeSurfer structures when at least this many are present."""
+"""``"auto"`` uses the standard FreeSurfer structures when at least this many are present (and they
+are at least half the labels the maps share: an atlas of another numbering, such as AAL's 116
+regions, holds 20 or more of FreeSurfer's numbers by chance)."""
 
 
 def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> tuple[int, ...]:
@@ -292,7 +294,8 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         policy: ``"auto"``: the 30 standard FreeSurfer structures
             (:func:`hybridreg.data.evaluation_labels`, voxelmorph's ``labels.npz``) present in
             both maps, or every label the maps share when fewer than
-            :data:`AUTO_MIN_STANDARD` of them are present; ``"all"``: every non-zero label
+            :data:`AUTO_MIN_STANDARD` of them are present or they are fewer than half the
+            shared labels (an atlas of another numbering); ``"all"``: every non-zero label
             the maps share; a sequence of ints: exactly those, each present in both maps.
 
     Returns:
@@ -305,7 +308,7 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
     """
     common = common_labels(fixed_labels, moving_labels)
     if not common:
-        raise ValueError("`labels`: the fixed and moving label maps share no non-zero label: nothing to score")
+        raise ValueError("the fixed and moving label maps share no non-zero label: nothing to score")
     if isinstance(policy, str):
         if policy == "all":
             return common
@@ -314,7 +317,7 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         from .data import evaluation_labels_in
 
         standard = evaluation_labels_in(common)
-        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD else common
+        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(common) else common
     chosen = tuple(int(v) for v in policy)
     repeated = sorted({lab for lab in chosen if chosen.count(lab) > 1})
     if repeated:

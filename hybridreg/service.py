@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .affine import AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
+from .affine import LEVELS_MM, AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
                  resample, write_displacement, write_image)
@@ -71,6 +72,27 @@ point is within it (0.010–0.020 mm), where the step would cost 40–65 s for 0
 (``docs/results.md``, "The inverse's tolerance in mm")."""
 
 
+SMALL_EXTENT_MM = 64.0
+SCALE_EXTENT_MM = 192.0
+"""The settings given in mm (the instance solver's ``level_spacing`` and ``crop_margin``, the affine
+stage's pyramid :data:`hybridreg.affine.LEVELS_MM`, the inverse's tolerance, the networks' training
+voxel size) are made for human anatomy, whose images span 64 mm or more (a head about 200 mm). A
+FIXED grid whose largest extent ``L`` is under :data:`SMALL_EXTENT_MM` (a mouse brain at 0.1 mm,
+a micro-CT) is registered as if its voxels were ``192 / L`` times larger (:func:`physical_scale`):
+the solvers see the object at a head's size, for which their settings were made, and every written
+file and metric stays in true mm. (A colin27 pair with a known warp, scaled down 20 times to 0.1 mm
+voxels and 10.8 mm: mean Dice over the 116 AAL regions 0.351 before, 0.213 after the affine stage and
+0.442 after registration, on 4-voxel pyramid levels and an affine stage on 2 mm voxels; with the
+scale 0.972 and 0.943, against 0.975 and 0.966 for the same pair at 2 mm.)"""
+
+
+def physical_scale(geometry: Geometry) -> float:
+    """``L / SCALE_EXTENT_MM`` if ``L``, the largest extent of the grid (voxels × spacing, mm), is
+    under :data:`SMALL_EXTENT_MM`, else 1: the factor by which the settings in mm are scaled."""
+    extent = max(n * h for n, h in zip(geometry.size, geometry.spacing))
+    return extent / SCALE_EXTENT_MM if extent < SMALL_EXTENT_MM else 1.0
+
+
 @dataclass
 class Inputs:
     """A checked pair read from files, each array on its own image's grid (SimpleITK array order).
@@ -101,6 +123,11 @@ class Inputs:
     moving_landmarks: np.ndarray | None = None
     fixed_nan: np.ndarray | None = None
     moving_nan: np.ndarray | None = None
+
+    @property
+    def scale(self) -> float:
+        """:func:`physical_scale` of the fixed grid (1 for images of human size)."""
+        return physical_scale(self.geometry)
 
     def image(self, which: str) -> sitk.Image:
         """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
@@ -348,7 +375,7 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
         try:
             labels = scored_labels(fl, ml, eval_labels)
         except ValueError as e:
-            raise ValueError(f"`--eval-labels` / `--fixed-labels` / `--moving-labels`: {e}") from None
+            raise ValueError(f"`--eval-labels` / `--fixed-labels` / `--moving-labels`: {str(e).removeprefix('`labels`: ')}") from None
     nans = {}
     for name, arr, mask_arg in (("FIXED", f_arr, "--fixed-mask"), ("MOVING", m_arr, "--moving-mask")):
         nan = np.isnan(arr)
@@ -399,7 +426,8 @@ def prealign(inputs: Inputs, kind: str = "affine", init: str = "geometry", metri
         ValueError: as :func:`hybridreg.affine.align` (bad option, masks, no overlap, singular).
     """
     res = align(inputs.image("fixed"), inputs.image("moving"), kind=kind, init=init, metric=metric,
-                fixed_mask=inputs.image("fixed_mask"), moving_mask=inputs.image("moving_mask"))
+                fixed_mask=inputs.image("fixed_mask"), moving_mask=inputs.image("moving_mask"),
+                levels_mm=tuple(mm * inputs.scale for mm in LEVELS_MM))
     same = kind == "none" and inputs.geometry.matches(inputs.moving_geometry, tol=1e-6)
     vmap = None if same else voxel_map(inputs.geometry, inputs.moving_geometry, res.transform)
     return Prealigned(res.transform, vmap, res)
@@ -484,7 +512,8 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
                 pre: Sequence[Prealigned | None] | None = None) -> list[Solved | DivergenceError]:
     """Normalise each pair's images (:func:`hybridreg.io.normalize_intensity`) and solve them
     together (:func:`run_solver_pairs`) on ``device`` with the fixed grid's spacing (array
-    order, mm) and direction; with ``pre``, each MOVING stays on its own grid and is sampled
+    order, mm; over :attr:`Inputs.scale` for a small object, the histories' spacings given back
+    in true mm) and direction; with ``pre``, each MOVING stays on its own grid and is sampled
     through its ``voxel_map``; masks (:meth:`Inputs.match_mask`) restrict the image match.
 
     Raises:
@@ -496,10 +525,11 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
         raise ValueError(f"solve_pairs(): the pairs of a batch must share their grids and affine mapping,"
                          f" got {len(keys)} kinds")
     cat = lambda arrays: torch.cat([_tensor(a) for a in arrays])  # noqa: E731
+    scale = inputs[0].scale  # the pairs share their grids (batch_key)
     grids: dict[str, Any] = dict(fixed_direction=inputs[0].geometry.direction)
     if pre[0] is not None and pre[0].voxel_map is not None:
         grids.update(moving_map=torch.stack([torch.from_numpy(p.voxel_map) for p in pre]),
-                     moving_spacing=inputs[0].moving_geometry.array_spacing)
+                     moving_spacing=tuple(h / scale for h in inputs[0].moving_geometry.array_spacing))
     for which in ("fixed", "moving"):
         masks = [i.match_mask(which) for i in inputs]
         if any(m is not None for m in masks):  # a pair without one: ones, the same energy (the fields of view stay)
@@ -510,9 +540,18 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
             raise ValueError("`--fixed-labels` is required with lambda_mode 'regions' or `--region-lambda` (one λ per"
                              " labelled structure)")
         grids["regions"] = torch.cat([torch.from_numpy(np.ascontiguousarray(i.fixed_labels)).long()[None, None] for i in inputs])
-    return run_solver_pairs(solver, config, cat([normalize_intensity(i.fixed) for i in inputs]),
-                            cat([normalize_intensity(i.moving) for i in inputs]), inputs[0].geometry.array_spacing,
-                            device, **grids)
+    solved = run_solver_pairs(solver, config, cat([normalize_intensity(i.fixed) for i in inputs]),
+                              cat([normalize_intensity(i.moving) for i in inputs]),
+                              tuple(h / scale for h in inputs[0].geometry.array_spacing), device, **grids)
+    return solved if scale == 1.0 else [s if isinstance(s, DivergenceError) else _in_true_mm(s, scale) for s in solved]
+
+
+def _in_true_mm(solved: Solved, scale: float) -> Solved:
+    """``solved`` with its levels' voxel sizes in true mm (the solver saw them over ``scale``)."""
+    rescale = lambda hs: None if hs is None else [replace(h, spacing=tuple(x * scale for x in h.spacing)) for h in hs]  # noqa: E731
+    res = solved.result
+    return replace(solved, result=replace(res, history=rescale(res.history),
+                                          pair_histories=[rescale(hs) for hs in res.pair_histories] if res.pair_histories else None))
 
 
 def solve(inputs: Inputs, solver: Solver, config: Any, device: torch.device, pre: Prealigned | None = None) -> Solved:
@@ -542,6 +581,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "hybridreg_version": __version__,
         "solver": solver_name,
         "device": str(dev),
+        "physical_scale": inputs.scale,  # < 1: a small object, registered with its mm settings scaled (SCALE_EXTENT_MM)
         "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict(),
                    "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict(),
                    "nan_voxels": dict(inputs.nan_voxels)},  # treated as outside the image (read_inputs)
@@ -613,12 +653,16 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned,
-                  names: Sequence[str] = OUTPUT_FILES) -> None:
+                  names: Sequence[str] = OUTPUT_FILES, *, overwrite: bool = True) -> None:
     """Write the files ``names`` (of :data:`OUTPUT_FILES`) into ``out``: staged in a hidden
     folder inside ``out`` (or beside it when it does not exist yet: either way on the file system
     of ``out``, a mount point included), moved into place only when all are written (a failure
     leaves ``out`` as it was), with ``metrics.json`` moved last, so that its presence marks a
     finished folder; the other files of an earlier run in ``out`` (``--overwrite``) are removed.
+    Without ``overwrite``, results that appeared in ``out`` while this run worked (another run
+    given the same ``--out``, after :func:`check_outputs` had found it free) are kept and this
+    run's are not moved in. Staging folders left by a killed run (``SIGKILL``: no clean-up ran) are
+    removed once their process is gone (:func:`remove_stale_staging`).
     Only what the files need is computed (the inverse only for the ``inverse_*`` files). The image
     files are written in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of
     writing against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
@@ -628,7 +672,7 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     Files (every transform maps FIXED physical points to MOVING ones, LPS mm, ITK's and ANTs'
     convention for resampling MOVING onto FIXED; the inverses map back):
     ``warped.nii.gz`` (MOVING resampled once, linearly, by SimpleITK through ``transform.h5``'s
-    affine ∘ (id + D) onto the fixed grid; 0 outside MOVING), ``displacement.nii.gz`` (D: ITK
+    affine ∘ (id + D) onto the fixed grid; MOVING's lowest value outside it: :func:`hybridreg.io.resample`), ``displacement.nii.gz`` (D: ITK
     displacement field, mm, on the fixed grid, applied before the affine), ``affine.mat``
     (ITK/ANTs), ``transform.h5`` (the whole map ``p ↦ affine(p + D(p))`` as one ITK composite
     transform), ``inverse_displacement.nii.gz`` (Dinv from exp(−v)), ``inverse_transform.h5``
@@ -637,6 +681,8 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
 
     Raises:
         OSError: the file system refused (the staging folder is removed, ``out`` untouched).
+        ValueError: without ``overwrite``, ``out`` came to hold results while this run worked
+            (naming ``--out``; ``out`` untouched).
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -644,14 +690,14 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     res, geo = solved.result, inputs.geometry
     disp = res.displacement.detach()
     disp_np = disp[0].cpu().numpy()
-    inv_np = res.inverse_displacement(INVERSE_TOLERANCE_MM / max(geo.spacing))[0].cpu().numpy() \
+    inv_np = res.inverse_displacement(INVERSE_TOLERANCE_MM * inputs.scale / max(geo.spacing))[0].cpu().numpy() \
         if any(n.startswith("inverse_") for n in names) else None
     vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
     moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
     forward = (composite(pre.transform, displacement_to_itk(disp_np, geo))  # what transform.h5 holds
                if {"transform.h5", "warped.nii.gz", "figure.png"} & set(names) else None)
-    # MOVING resampled by SimpleITK through that very transform, so that sitk.Resample / `hybridreg apply` with
-    # transform.h5 reproduce warped.nii.gz exactly, at MOVING's field-of-view edge too (the solver's own warp fades to
+    # MOVING resampled by SimpleITK through that very transform, so that `hybridreg apply` (and sitk.Resample with
+    # MOVING's lowest value as the default) with transform.h5 reproduce warped.nii.gz exactly, at MOVING's field-of-view edge too (the solver's own warp fades to
     # 0 over the voxel beyond MOVING's outermost voxel centres, ITK keeps the edge value up to half a voxel)
     warped = (sitk.GetArrayFromImage(resample(inputs.image("moving"), forward, geo, check_overlap=False))
               if {"warped.nii.gz", "figure.png"} & set(names) else None)
@@ -672,7 +718,10 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     out.parent.mkdir(parents=True, exist_ok=True)
     # staged on the file system of ``out`` (os.replace cannot cross file systems): inside ``out``
     # when it exists, which may be a mount point (a container's volume), else beside it
-    stage = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=f".{out.name}.partial-"))
+    # (its name holds this process's id: a later run removes it if a SIGKILL left it behind)
+    remove_stale_staging(out)
+    stage = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent,
+                                  prefix=f"{_staging_prefix(out)}{os.getpid()}@{socket.gethostname()}-"))
     try:
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
         # parallel against 4.2 s one after the other); the figure (matplotlib) and ITK's transform
@@ -690,6 +739,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         metrics["seconds"]["total"] = metrics["seconds"].get("total", 0.0) + time.perf_counter() - t0
         atomic_write_text(stage / "metrics.json", json.dumps(json_safe(metrics), indent=2, allow_nan=False))
         out.mkdir(parents=True, exist_ok=True)
+        earlier = [n for n in OUTPUT_FILES if (out / n).exists()]
+        if earlier and not overwrite:  # check_outputs found none: another run wrote them since
+            raise ValueError(f"`--out` {out}: another run wrote results there while this one worked"
+                             f" ({', '.join(earlier)}); they are kept and this run's were not written: give each run"
+                             " its own --out, or pass --overwrite")
         # an earlier run's files go first (metrics.json before the others), the new metrics.json comes last:
         # a folder holding metrics.json is always one finished run's
         for name in sorted(OUTPUT_FILES, key=lambda n: n != "metrics.json"):
@@ -699,6 +753,43 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of ``out`` (:func:`write_outputs`: ``.<name>.partial-<pid>@<host>-*``,
+    inside ``out`` or beside it) whose process no longer runs on this machine: what a run killed
+    with ``SIGKILL`` (or by the out-of-memory killer) while writing leaves behind. Folders of a live
+    process, and another machine's (on a shared file system), may be another run's; they stay.
+
+    Returns:
+        The folders removed.
+    """
+    out = Path(out)
+    removed = []
+    for parent in (out, out.parent):
+        if not parent.is_dir():
+            continue
+        for q in parent.glob(f"{_staging_prefix(out)}*@*-*"):
+            pid, _, host = q.name[len(_staging_prefix(out)):].rpartition("-")[0].partition("@")
+            if not (q.is_dir() and pid.isdigit() and host == socket.gethostname()) or _process_alive(int(pid)):
+                continue
+            shutil.rmtree(q, ignore_errors=True)
+            removed.append(q)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: np.ndarray, disp_np: np.ndarray,
@@ -738,6 +829,7 @@ class Prepared:
     inputs: Inputs
     pre: Prealigned
     reading_seconds: float
+    overwrite: bool = False
 
 
 def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str | os.PathLike, *,
@@ -767,7 +859,7 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
     # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
     check_outputs(out, given, overwrite=overwrite,
                   needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
-    return Prepared(Path(out), names, inputs, prealign(inputs, affine, init, affine_metric), t_read)
+    return Prepared(Path(out), names, inputs, prealign(inputs, affine, init, affine_metric), t_read, overwrite)
 
 
 def finish_pair(prepared: Prepared, solved: Solved, solver_name: str, *, with_hd95: bool = True) -> dict:
@@ -781,7 +873,8 @@ def finish_pair(prepared: Prepared, solved: Solved, solver_name: str, *, with_hd
     metrics = measure(prepared.inputs, solved, solver_name, prepared.pre, with_hd95=with_hd95)
     metrics["seconds"]["reading"] = prepared.reading_seconds
     metrics["seconds"]["total"] = sum(metrics["seconds"].values())
-    write_outputs(prepared.out, prepared.inputs, solved, metrics, prepared.pre, prepared.names)
+    write_outputs(prepared.out, prepared.inputs, solved, metrics, prepared.pre, prepared.names,
+                  overwrite=prepared.overwrite)
     return metrics
 
 

@@ -113,6 +113,7 @@ class InstanceOptConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_bounds(self)  # lists given for the tuples become tuples here
         for name in ("iterations", "control_factor", "window", "min_iterations"):
             v = getattr(self, name)
             if any(isinstance(x, bool) or not isinstance(x, int) for x in (v if isinstance(v, tuple) else (v,))):
@@ -120,7 +121,6 @@ class InstanceOptConfig:
         for name, options in (("lambda_mode", ("voxelwise", "uniform", "map", "regions")), ("map_update", ("closed_form", "gradient"))):
             if getattr(self, name) not in options:
                 raise ValueError(f"InstanceOptConfig: `{name}` must be one of {list(options)}, got {getattr(self, name)!r}")
-        check_bounds(self)
         n = len(self.level_spacing)
         for name, sizes in (("level_spacing", (n,)), ("iterations", (n,)), ("control_factor", (1, n))):
             if not n or len(getattr(self, name)) not in sizes:

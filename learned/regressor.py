@@ -428,7 +428,9 @@ class LearnedLambdaSolver:
         if fixed.shape[0] != 1:
             raise ValueError("learned-lambda: one pair at a time (`--batch-size 1`): each pair has its own λ")
         if fixed.dim() != 5:
-            raise ValueError(f"learned-lambda: the λ regressor is 3D; `fixed` must be (1, C, D, H, W), got {tuple(fixed.shape)}")
+            raise ValueError(f"`--solver learned-lambda`: the λ regressor registers 3D images, FIXED and MOVING are"
+                             f" {fixed.dim() - 2}D (`fixed` must be (1, C, D, H, W), got {tuple(fixed.shape)}); `--solver"
+                             " instance` registers 2D and 3D images")
         h = check_spacing(spacing, fixed.dim() - 2, fn="learned-lambda")
         dev = torch.device(device) if device is not None else fixed.device
         t0 = time.perf_counter()

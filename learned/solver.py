@@ -313,7 +313,9 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         raise ValueError("`--weights`: a conditional network runs with --solver learned-conditional[+refine]")
     d = net.config.ndim
     if fixed.dim() != d + 2:
-        raise ValueError(f"register_pair(): the network is {d}D; `fixed` must be (B, 1, *{d} dims), got {tuple(fixed.shape)}")
+        raise ValueError(f"`--solver`/`--weights`: the network registers {d}D images, FIXED and MOVING are {fixed.dim() - 2}D"
+                         f" (register_pair(): `fixed` must be (B, 1, *{d} dims), got {tuple(fixed.shape)}); `--solver instance`"
+                         " registers 2D and 3D images")
     spatial = tuple(fixed.shape[2:])
     h = check_spacing(spacing, d, fn="register_pair")
     fixed, moving = fixed.to(dev), moving.to(dev)

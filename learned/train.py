@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, to_dict
+from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict
 from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.metrics import common_labels, score_dice
 from hybridreg.objective import EnergyTerms, ObjectiveConfig
@@ -363,23 +363,26 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             images, optional ``data.atlas``; ``data.val`` with labels for validation Dice).
         run_dir: output folder (module docstring lists its files).
         resume: continue from the newest checkpoint in ``run_dir``, exactly, with the
-            checkpoint's settings (``steps`` and ``keep_checkpoints`` may change).
+            checkpoint's settings (``steps`` and ``keep_checkpoints`` may change); a run
+            stopped before its first checkpoint starts over from step 0 (with the settings of
+            its ``config.yaml``, and ``init_weights`` if given).
         stop_after: stop after this global step (an interruption, for tests).
         device: ``cpu`` (default) or ``cuda``; under torchrun each process uses
             ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
         progress: show a tqdm bar (rank 0).
         init_weights: start a fresh run from this weight file (fine-tuning; the network
             configs must match, except that ``network`` may add a full-resolution stage to
-            weights without one, which then starts from their output). Ignored on resume (the checkpoint holds the weights).
+            weights without one, which then starts from their output). Ignored on resume from a
+            checkpoint (the checkpoint holds the weights).
 
     Returns:
         The trained network (unwrapped, on ``device``).
 
     Raises:
         ValueError: a network/data dimension mismatch, atlas pairing without an atlas,
-            subject pairing with one subject, ``resume`` without a checkpoint or with settings
-            other than the checkpoint's (but :data:`RESUME_MAY_CHANGE`), or a fresh run into a
-            folder that already holds a run.
+            subject pairing with one subject, ``resume`` of a folder that holds no run (no
+            checkpoint and no ``config.yaml``) or with settings other than the run's (but
+            :data:`RESUME_MAY_CHANGE`), or a fresh run into a folder that already holds a run.
     """
     d = len(data.shape)
     if cfg.network.ndim != d:
@@ -402,15 +405,24 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     run = Path(run_dir)
+    ck = latest_checkpoint(run) if resume else None
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         if not resume and (run / "log.csv").exists():
             raise ValueError(f"train(): {run} already holds a run; pass resume=True (`--resume`) or choose a new `--out`")
+    if resume and ck is None:  # stopped before its first checkpoint: it starts over, with its own settings
+        if not (run / "config.yaml").is_file():
+            raise ValueError(f"train(): `resume` was requested but {run} holds no run (no checkpoint, no config.yaml)")
+        started = to_dict(load_yaml(run / "config.yaml", TrainConfig, arg="config.yaml"))
+        other = [f"{k} {a!r} -> {b!r}" for k, a, b in _changed(started, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
+        if other:
+            raise ValueError(f"train(): `resume`: {run} was started with other settings ({'; '.join(other)}); resume with"
+                             f" the run's own (only {' and '.join(RESUME_MAY_CHANGE)} may change) or start a new `--out`")
 
     with torch.random.fork_rng(devices=[]):  # the seed sets the initial weights; torch's global RNG is left as it was
         torch.manual_seed(cfg.seed)
         net = RegistrationNetwork(cfg.network).to(dev)
-        init_net = load_weights(init_weights)[0] if init_weights is not None and not resume else None
+        init_net = load_weights(init_weights)[0] if init_weights is not None and ck is None else None
     if init_net is not None:
         # Weights of the same network without the full-resolution stage may start one with it
         # (the stage's residual starts near zero), and unconditional weights may start a
@@ -430,10 +442,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     start, best, epoch_losses = 0, -1.0, []
-    if resume:
-        ck = latest_checkpoint(run)
-        if ck is None:
-            raise ValueError(f"train(): `resume` was requested but {run} holds no checkpoint")
+    if ck is not None:
         state = torch.load(ck, map_location="cpu", weights_only=False)
         if state.get("world_size", 1) != world:
             raise ValueError(f"train(): checkpoint {ck.name} was written by {state.get('world_size', 1)} processes, now {world}")

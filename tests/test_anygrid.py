@@ -143,3 +143,40 @@ def test_transform_h5_applied_by_ants_reproduces_the_outputs(runs):
     scored = json.loads((out / "metrics.json").read_text())["labels_scored"]
     d = np.mean(list(dice(back.numpy().astype(int), ants.image_read(str(moved["labels"])).numpy().astype(int), scored).values()))
     assert d > json.loads((out / "metrics.json").read_text())["dice_after"]["mean"] - 0.05
+
+
+@pytest.mark.slow
+def test_a_small_object_registers_as_the_same_object_at_a_heads_size(tmp_path):
+    """A 2D slice of the demo pair cropped to 96×96 voxels of 2 mm (192 mm), and the same files with
+    every voxel 10 times smaller (19.2 mm across, under ``SMALL_EXTENT_MM``): the small pair is
+    registered as if 10 times larger, so the solver does the same work on it (the same levels and
+    displacement in voxels, the same Dice), and its outputs are in its own true mm."""
+    from hybridreg import data
+    from hybridreg.service import physical_scale
+    from hybridreg.io import Geometry
+
+    fid, mid = data.demo_pair()
+    f, m = data.load_subject(fid, 2), data.load_subject(mid, 2)
+    (tmp_path / "q.yaml").write_text("level_spacing: [8, 4, 2]\niterations: [30, 20, 10]\n")
+    for size, k in (("head", 1.0), ("small", 0.1)):
+        paths = []
+        for which, path in (("f", f.image_path), ("m", m.image_path), ("fl", f.labels_path), ("ml", m.labels_path)):
+            img = sitk.ReadImage(str(path))[8:104, :, 40]
+            img = sitk.Resample(img, [96, 96], sitk.Transform(), sitk.sitkNearestNeighbor, img.GetOrigin(), img.GetSpacing(),
+                                img.GetDirection(), 0, img.GetPixelID())  # 96 voxels along both axes
+            img.SetSpacing([s * k for s in img.GetSpacing()])
+            img.SetOrigin([o * k for o in img.GetOrigin()])
+            paths.append(tmp_path / f"{size}_{which}.nii.gz")
+            sitk.WriteImage(img, str(paths[-1]))
+        assert main(["register", str(paths[0]), str(paths[1]), "--out", str(tmp_path / size), "--fixed-labels", str(paths[2]),
+                     "--moving-labels", str(paths[3]), "--affine", "none", "--config", str(tmp_path / "q.yaml"),
+                     "--outputs", "transforms", "--eval-labels", "all", "--no-progress"]) == 0
+    head, small = (json.loads((tmp_path / s / "metrics.json").read_text()) for s in ("head", "small"))
+    assert head["physical_scale"] == 1.0 and small["physical_scale"] == pytest.approx(0.1)
+    assert physical_scale(Geometry.of(sitk.ReadImage(str(tmp_path / "small_f.nii.gz")))) == pytest.approx(0.1)
+    assert [lv["shape"] for lv in small["levels"]] == [lv["shape"] for lv in head["levels"]]
+    assert np.allclose([lv["spacing_mm"] for lv in small["levels"]], [[x * 0.1 for x in lv["spacing_mm"]] for lv in head["levels"]])
+    assert small["dice_after"]["mean"] == pytest.approx(head["dice_after"]["mean"], abs=2e-3) and head["dice_after"]["mean"] > head["dice_before"]["mean"] + 0.05
+    assert small["sdlogj"] == pytest.approx(head["sdlogj"], abs=2e-3)
+    d_head, d_small = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / s / "displacement.nii.gz"))) for s in ("head", "small"))
+    assert np.abs(d_small * 10 - d_head).max() < 0.05  # mm: the same displacement in voxels

@@ -130,3 +130,15 @@ def test_yaml_reads_an_exponent_without_a_dot_as_a_number(tmp_path):
     assert (cfg.objective.lncc_eps, cfg.objective.w_reg, cfg.lr) == (1e-5, 8.0, 0.5)
     with pytest.raises(ValueError, match="w_reg"):
         apply_overrides(ObjectiveConfig(), ["w_reg=1e"])
+
+
+def test_a_list_for_a_tuple_setting_is_taken_in_python_as_on_the_command_line():
+    """``dataclasses.replace(cfg, iterations=[30, 20, 10, 1])`` was refused as not holding ints,
+    though ``--set iterations=[30,20,10,1]`` works; the list is now stored as the tuple."""
+    from dataclasses import replace
+
+    cfg = replace(InstanceOptConfig(), iterations=[30, 20, 10, 1], level_spacing=[8, 4, 2, 1])
+    assert cfg.iterations == (30, 20, 10, 1) and cfg.level_spacing == (8, 4, 2, 1) and hash(cfg)
+    assert replace(TrainConfig(), steps=3).steps == 3
+    with pytest.raises(ValueError, match="`iterations` must hold ints"):
+        replace(cfg, iterations=[1.5, 2, 3, 4])

@@ -51,6 +51,13 @@ def files(tmp_path_factory):
     nan_mask.CopyInformation(img)
     paths["nan_mask"] = root / "nan_mask.nii.gz"
     sitk.WriteImage(nan_mask, str(paths["nan_mask"]))
+    for name, corner in (("corner_mask_a", (0, 0, 0)), ("corner_mask_b", (-1, -1, -1))):  # opposite corners
+        one = np.zeros(arr.shape, np.uint8)
+        one[corner] = 1
+        mask = sitk.GetImageFromArray(one)
+        mask.CopyInformation(img)
+        paths[name] = root / f"{name}.nii.gz"
+        sitk.WriteImage(mask, str(paths[name]))
     raw = root / "moving.nii"
     sitk.WriteImage(img, str(raw))
     blob = raw.read_bytes()
@@ -114,6 +121,12 @@ CASES = [
     ("all-nan-nifti", lambda p, o: _register(p, o / "new", moving=p["all_nan"]), 2, "every voxel is NaN"),
     ("moving-mask-only-on-nan", lambda p, o: _register(p, o / "new", "--moving-mask", p["nan_mask"], moving=p["nan"]), 2,
      "no number inside `--moving-mask`"),
+    ("moving-mask-off-fixed-foreground", lambda p, o: _register(p, o / "new", "--fixed-mask", p["corner_mask_a"],
+                                                                "--moving-mask", p["corner_mask_b"]), 2,
+     "`--moving-mask` leaves nothing to match"),
+    ("moving-mask-off-fixed-foreground-affine-none", lambda p, o: _register(
+        p, o / "new", "--affine", "none", "--fixed-mask", p["corner_mask_a"], "--moving-mask", p["corner_mask_b"]), 2,
+     "`--moving-mask` leaves nothing to match"),
     ("inf-voxel-nifti", lambda p, o: _register(p, o / "new", moving=p["inf"]), 2, "contains Inf values"),
     ("lr-1e6", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr"]), 2, "`lr`"),
     ("lr-lambda-1e30", lambda p, o: _register(p, o / "new", "--config", p["cfg_lr_lambda"]), 2, "`lr_lambda`"),
@@ -136,6 +149,10 @@ CASES = [
     ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "TRANSFORM"),
     ("apply-2d-reference-3d-transform", lambda p, o: ["apply", o, p["moving"], "--reference", p["image2d"], "--out",
                                                       o / "w.nii.gz"], 2, "`--reference` is 2D"),
+    ("learned-2d", lambda p, o: ["register", p["image2d"], p["image2d"], "--out", o / "new", "--solver", "learned",
+                                 "--no-progress"], 2, "`--solver`/`--weights`: the network registers 3D images, FIXED and MOVING are 2D"),
+    ("learned-lambda-2d", lambda p, o: ["register", p["image2d"], p["image2d"], "--out", o / "new", "--solver",
+                                        "learned-lambda", "--no-progress"], 2, "the λ regressor registers 3D images"),
     ("moving-one-slice", lambda p, o: _register(p, o / "new", "--affine", "none", moving=p["slice1"], labels=False), 2,
      "`MOVING` has one voxel along an axis"),
     ("affine-three-slices", lambda p, o: _register(p, o / "new", moving=p["slab3"], labels=False), 2,
@@ -451,6 +468,67 @@ def test_apply_warps_a_slab_with_the_transform_made_for_it(files, tmp_path, caps
     sitk.WriteImage(other, str(tmp_path / "other.nii.gz"))
     assert main(["apply", str(out), str(tmp_path / "other.nii.gz"), "--out", str(tmp_path / "o.nii.gz")]) == 2
     assert "maps inside the image" in capsys.readouterr().err
+
+
+def test_outside_movings_field_of_view_is_its_lowest_value(files, tmp_path):
+    """A CT-like MOVING (int16, air −1000) on a three-slice slab: ``warped.nii.gz`` and ``apply``
+    fill the fixed grid outside the slab with −1000 (air), not 0 (water), and equal SimpleITK's
+    resampling through ``transform.h5`` with that default value."""
+    slab = sitk.ReadImage(str(files["slab3"]), sitk.sitkFloat32)
+    ct = sitk.Cast(slab * 3.0 - 1000.0, sitk.sitkInt16)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    out = tmp_path / "out"
+    assert main(_register(files, out, "--affine", "none", moving=tmp_path / "ct.nii.gz", labels=False)) == 0
+    assert main(["apply", str(out), str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "w.nii.gz")]) == 0
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))).astype(np.float64)
+    applied = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nii.gz"))).astype(np.float64)
+    theirs = sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), sitk.ReadImage(str(files["fixed"])), sitk.ReadTransform(str(out / "transform.h5")),
+                           sitk.sitkLinear, -1000.0)
+    assert np.array_equal(warped, applied) and np.array_equal(warped, sitk.GetArrayFromImage(theirs).astype(np.float64))
+    assert (warped == -1000).mean() > 0.8 and not (warped == 0).any()  # the slab is 3 of 32 slices
+
+
+def test_results_another_run_wrote_meanwhile_are_kept(files, tmp_path, capsys, monkeypatch):
+    """Two runs given one new ``--out``: both find it free, and the one that finishes second
+    used to remove the first's files (no ``--overwrite`` given). It now keeps them and writes nothing."""
+    import hybridreg.service as service
+
+    out = tmp_path / "shared"
+    solve = service.solve
+
+    def other_run_finishes_first(*args, **kwargs):
+        solved = solve(*args, **kwargs)
+        out.mkdir()
+        (out / "metrics.json").write_text('{"the other run": 1}')
+        return solved
+
+    monkeypatch.setattr(service, "solve", other_run_finishes_first)
+    assert main(_register(files, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another run wrote results there while this one worked (metrics.json)" in err[0], err
+    assert _snapshot(out) == {"metrics.json": b'{"the other run": 1}'}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no staging folder left
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(files, tmp_path):
+    """SIGKILL while writing leaves the hidden staging folder (no clean-up runs); the next run into
+    that ``--out`` removes it once its process is gone, and leaves a live process's and another
+    machine's alone."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.partial-{dead.pid}@{host}-abcd1234"
+    live = tmp_path / f".out.partial-{os.getpid()}@{host}-efgh5678"
+    elsewhere = tmp_path / f".out.partial-{dead.pid}@another-host.example-ijkl9012"
+    for q in (stale, live, elsewhere):
+        q.mkdir()
+        (q / "warped.nii.gz").write_bytes(b"half")
+    assert main(_register(files, out, labels=False)) == 0
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert (out / "metrics.json").is_file()
 
 
 @pytest.mark.slow

@@ -242,7 +242,7 @@ def test_learned_lambda_names_a_2d_pair():
     from hybridreg.solvers import get_solver
 
     solver = get_solver("learned-lambda")
-    with pytest.raises(ValueError, match="3D; `fixed`"):
+    with pytest.raises(ValueError, match="registers 3D images, FIXED and MOVING are 2D"):
         solver.register_pair(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), solver.default_config(), spacing=(1.0, 1.0))
 
 

@@ -159,6 +159,29 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
         assert (tmp_path / "cut" / f).is_file(), f
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path):
+    """Interrupted before its first checkpoint, a run's folder held config.yaml and the logs only:
+    ``--resume`` said "no checkpoint" and a plain rerun "already holds a run". It now starts over,
+    to the weights of an uninterrupted run, with its own settings only."""
+    from dataclasses import replace
+
+    from learned.train import latest_checkpoint, train
+
+    data = _tiny_data()
+    full = train(_tiny_cfg(), data, tmp_path / "full", progress=False)
+    train(_tiny_cfg(), data, tmp_path / "cut", stop_after=2, progress=False)  # stopped at step 2, first checkpoint at 3
+    assert latest_checkpoint(tmp_path / "cut") is None and (tmp_path / "cut" / "config.yaml").is_file()
+    with pytest.raises(ValueError, match=r"started with other settings \(lr 0.001 -> 0.002\)"):
+        train(replace(_tiny_cfg(), lr=2e-3), data, tmp_path / "cut", resume=True, progress=False)
+    resumed = train(_tiny_cfg(), data, tmp_path / "cut", resume=True, progress=False)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    rows = (tmp_path / "cut" / "log.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 7))  # every step once
+    with pytest.raises(ValueError, match="holds no run"):
+        train(_tiny_cfg(), data, tmp_path / "never", resume=True, progress=False)
+
+
 def test_training_reduces_the_energy_and_logs_validation_dice(tmp_path):
     import csv
     from dataclasses import replace

@@ -109,7 +109,7 @@ def test_cli_train_resume_and_errors(trained, manifest, tmp_path, capsys):
                  "--set", "steps=9"]) == 0
     assert "steps: 9" in (longer / "config.yaml").read_text() and (longer / "checkpoint_9.pt").is_file()
     assert main(["train", "--data", str(manifest / "manifest.csv"), "--out", str(tmp_path / "new"), "--resume"]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "holds no run to resume" in capsys.readouterr().err
     assert main(["train", "--data", "nowhere.csv", "--out", str(tmp_path / "x")]) == 2
     assert "--data" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
@@ -219,7 +219,7 @@ def test_learned_register_pair_api_and_refinement(trained, manifest):
     start = evaluate(ft, mt, fwd.velocity, fwd.lam, inst, (2.0, 2.0, 2.0)).terms.total
     assert on_instance.final_terms["total"] < float(start)
     assert not torch.equal(on_instance.displacement, ref.displacement)
-    with pytest.raises(ValueError, match="network is 3D"):
+    with pytest.raises(ValueError, match="the network registers 3D images, FIXED and MOVING are 2D"):
         register_pair(ft[:, :, 0], mt[:, :, 0], LearnedConfig(weights=str(trained / "model_final.pt")))
 
 

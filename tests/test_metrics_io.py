@@ -227,6 +227,15 @@ def test_read_landmarks_physical_and_voxel_index_rows(tmp_path):
         (tmp_path / "bad.csv").write_text(text)
         with pytest.raises(ValueError, match=needle):
             read_landmarks(tmp_path / "bad.csv", g, arg="--fixed-landmarks")
+    # a point outside its image (beyond half a voxel past the outermost centres) is refused: indices of another grid,
+    # or mm written as indices, would give a TRE of hundreds of mm; the image's own edge is accepted
+    for text, needle in (("i,j,k\n0,0,0\n50,1,1\n", r"point 2 \(.*\) lies outside its image \(size 10x12x8\); 1 of 2"),
+                         ("x,y,z\n100,0,0\n", "point 1 .* lies outside")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match="`--moving-landmarks`: .*" + needle):
+            read_landmarks(tmp_path / "bad.csv", geo, arg="--moving-landmarks")
+    (tmp_path / "edge.csv").write_text("i,j,k\n-0.5,-0.5,-0.5\n9.5,11.5,7.5\n")
+    assert len(read_landmarks(tmp_path / "edge.csv", geo)) == 2
     (tmp_path / "two.csv").write_text("x,y\n1,2\n")
     assert read_landmarks(tmp_path / "two.csv", geo2).tolist() == [[1.0, 2.0]]
 
@@ -309,6 +318,19 @@ def test_nifti_nan_voxels_are_found_where_nibabel_has_them(tmp_path):
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "inf.nii.gz")
     with pytest.raises(ValueError, match="FIXED.*Inf"):
         read_image(tmp_path / "inf.nii.gz", arg="FIXED", nan="keep")
+
+
+def test_auto_scores_freesurfer_structures_only_on_freesurfer_maps():
+    """``"auto"``: the standard FreeSurfer structures of an aseg-like map; every shared label of an
+    atlas of another numbering (AAL's 1..116 holds 30 of FreeSurfer's numbers by chance)."""
+    from hybridreg.data import evaluation_labels
+    from hybridreg.metrics import scored_labels
+
+    aseg = np.array([list(evaluation_labels()) + [24, 77, 85]])  # a FreeSurfer map has a few more labels
+    assert scored_labels(aseg, aseg, "auto") == tuple(evaluation_labels())
+    aal = np.arange(117)[None]
+    assert len(set(evaluation_labels()) & set(range(1, 117))) >= 20
+    assert scored_labels(aal, aal, "auto") == tuple(range(1, 117)) == scored_labels(aal, aal, "all")
 
 
 def test_an_explicit_label_list_is_scored_as_given_or_refused():
