@@ -160,19 +160,35 @@ def _check_det(tx: sitk.AffineTransform, names: tuple[str, str]) -> None:
                          f" check that `{names[0]}` and `{names[1]}` show the same anatomy, or use kind='rigid'")
 
 
-def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform,
-             region: sitk.Image | None = None) -> float:
-    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING
-    (and, with ``region``, a mask on MOVING's grid, onto one of its voxels of 1, nearest voxel)."""
+def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform) -> float:
+    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING."""
     idx = np.argwhere(fg)
     idx = idx[:: max(1, len(idx) // 50_000)].T  # a regular subsample is plenty for a fraction
     m = voxel_map(Geometry.of(fixed), Geometry.of(moving), tx)
     j = m[:, :-1] @ idx + m[:, -1:]
-    inside = np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)
-    if region is not None:
-        k = np.clip(np.rint(j[:, inside]).astype(np.int64), 0, np.asarray(moving.GetSize()[::-1])[:, None] - 1)
-        inside[inside] = sitk.GetArrayViewFromImage(region)[tuple(k)] > 0
-    return float(np.mean(inside))
+    return float(np.mean(np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)))
+
+
+def _check_moving_mask(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform,
+                       moving_mask: sitk.Image | None, names: tuple[str, str, str, str], init: str) -> None:
+    """Refuse a MOVING mask onto which no FIXED foreground voxel ``fg`` maps through ``tx`` (nearest
+    voxel): the image match would have nothing to compare. Every foreground voxel is tried (a small
+    mask falls between the points of a subsample), in chunks, stopping at the first that lands on it."""
+    if moving_mask is None:
+        return
+    m = voxel_map(Geometry.of(fixed), Geometry.of(moving), tx)
+    size = np.asarray(moving.GetSize()[::-1])[:, None]
+    region = sitk.GetArrayViewFromImage(moving_mask)
+    flat = np.flatnonzero(fg)
+    for start in range(0, len(flat), 1_000_000):
+        idx = np.stack(np.unravel_index(flat[start:start + 1_000_000], fg.shape))
+        j = np.rint(m[:, :-1] @ idx + m[:, -1:]).astype(np.int64)
+        j = j[:, np.all((j >= 0) & (j < size), axis=0)]
+        if region[tuple(j)].any():
+            return
+    f_name, m_name, _, mm_name = names
+    raise ValueError(f"`{mm_name}` leaves nothing to match: none of {f_name}'s foreground maps onto its voxels of 1"
+                     f" (init={init!r}); check that it marks {m_name}'s anatomy")
 
 
 def _coarsen(image: sitk.Image, mm: float) -> sitk.Image:
@@ -193,20 +209,7 @@ def _mass(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
 
 LEVELS_MM = (8.0, 4.0, 2.0)
 """The affine stage's pyramid (voxel sizes, mm) for human anatomy; :func:`hybridreg.service.prealign`
-scales it for an image under :data:`hybridreg.service.SMALL_EXTENT_MM` across (:func:`hybridreg.service.physical_scale`)."""
-
-
-def _initial(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
-             kind: str, init: str) -> sitk.Transform:
-    """The affine stage's starting transform: the identity for ``kind`` ``"none"``, else the rigid
-    transform of ``sitk.CenteredTransformInitializer`` (``init``: image centres or centres of mass)."""
-    d = fixed.GetDimension()
-    if kind == "none":
-        return sitk.AffineTransform(d)
-    rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
-    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
-    fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
-    return type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
+scales it for an image under :data:`hybridreg.io.SMALL_EXTENT_MM` across (:func:`hybridreg.io.physical_scale`)."""
 
 
 def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: str = "geometry", metric: str = "ncc",
@@ -272,15 +275,12 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     f_arr = sitk.GetArrayViewFromImage(fixed)
     fg = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else f_arr > f_arr.min()
     fg = fg if fg.any() else np.ones_like(fg)
-    if moving_mask is not None and _overlap(fixed, moving, fg, _initial(fixed, moving, fixed_mask, moving_mask, kind, init),
-                                            moving_mask) == 0:
-        raise ValueError(f"`{mm_name}` leaves nothing to match: none of {f_name}'s foreground maps onto its voxels of 1"
-                         f" (init={init!r}); check that it marks {m_name}'s anatomy")
     if kind == "none":
         if _overlap(fixed, moving, fg, sitk.AffineTransform(d)) == 0:  # the deformable stage would see no MOVING at all
             raise ValueError(f"`{f_name}` and `{m_name}` do not overlap: none of {f_name}'s foreground lies inside"
                              f" {m_name} as their headers place them (kind 'none', the CLI's --affine none); check their"
                              " origins and directions, or run the affine stage")
+        _check_moving_mask(fixed, moving, fg, sitk.AffineTransform(d), moving_mask, names, init)
         return AffineResult(sitk.AffineTransform(d), kind, init, metric, None, {})
     for image, name in ((fixed, f_name), (moving, m_name)):
         if min(image.GetSize()) < 4:  # ITK's smoothing of the metric's gradient
@@ -290,12 +290,15 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
 
     t0 = time.perf_counter()
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
-    rigid = _initial(fixed, moving, fixed_mask, moving_mask, kind, init)
+    rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
+    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
+    rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
     frac = _overlap(fixed, moving, fg, rigid)
     if frac < 0.1:
         raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"
                          f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"
                          " view, origins and directions")
+    _check_moving_mask(fixed, moving, fg, rigid, moving_mask, names, init)
     fixed, moving = _coarsen(fixed, min(levels_mm)), _coarsen(moving, min(levels_mm))  # masks act in physical space
     seconds = {"init": time.perf_counter() - t0}
     fine, cap = min(fixed.GetSpacing()), max(1, min(fixed.GetSize()) // 16)  # a level keeps >= 16 voxels per axis

@@ -44,8 +44,8 @@ import numpy as np
 
 from .config import atomic_output, atomic_write_text, read_yaml
 from .io import image_stem
-from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, prepare_pair, solve_pairs, \
-    solver_and_config
+from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, parse_eval_labels, prepare_pair, \
+    solve_pairs, solver_and_config
 from .solvers import kept_start_warning
 
 __all__ = ["PairEntry", "read_pairs", "run_batch", "merge", "BatchSummary", "PAIR_KEYS"]
@@ -131,10 +131,10 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
         raise FileNotFoundError(f"`{arg}`: manifest not found: {p}")
     try:
         if p.suffix.lower() == ".csv":
-            with open(p, newline="", encoding="utf-8") as fh:
+            with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 rows: Any = list(csv.DictReader(fh))
         elif p.suffix.lower() == ".json":
-            rows = json.loads(p.read_text(encoding="utf-8"))
+            rows = json.loads(p.read_text(encoding="utf-8-sig"))
         else:
             raise ValueError(f"`{arg}`: a manifest must be .csv or .json, got {p.name}")
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
@@ -179,7 +179,8 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
                     raise ValueError(f"{where}: `{a}` and `{b}` must be given together")
         pid = str(row.get("id") or f"{image_stem(files['fixed'])}__{image_stem(files['moving'])}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", pid):
-            raise ValueError(f"{where}: `id` {pid!r} must be a folder name of letters, digits and . _ + -")
+            made = "" if row.get("id") else " (made from the file names: give the row an `id` column)"
+            raise ValueError(f"{where}: `id` {pid!r}{made} must be a folder name of letters, digits and . _ + -")
         if pid in seen:
             raise ValueError(f"{where}: id {pid!r} repeats an earlier row (give each pair its own `id`)")
         seen.add(pid)
@@ -271,6 +272,10 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
 
     out = output_folder(out)
     output_names(outputs)
+    unlabelled = [p.id for p in pairs if p.fixed_labels is None]
+    if parse_eval_labels(eval_labels) != "auto" and unlabelled:  # as `register`: no label maps, nothing to score
+        raise ValueError(f"`--eval-labels` {eval_labels!r} needs label maps, and {len(unlabelled)} pair(s) have none"
+                         f" ({', '.join(unlabelled[:3])}{', …' if len(unlabelled) > 3 else ''}); leave it at 'auto' or give them labels")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`--batch-size` must be an integer >= 1, got {batch_size!r}")
     rank, world = _dist_info()
@@ -449,7 +454,11 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
 
 def _markdown(s: dict) -> str:
     def fmt(st: dict | None, digits: int = 3) -> str:
-        return "–" if st is None else f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} (median {st['median']:.{digits}f})"
+        if st is None:
+            return "–"
+        if st["n"] == 1:  # no spread to report
+            return f"{st['mean']:.{digits}f} (one pair)"
+        return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f} (median {st['median']:.{digits}f})"
 
     lines = [f"# Batch: {s['done']} of {s['pairs']} pairs registered", ""]
     if s["failed"]:

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +26,9 @@ import torch
 
 from . import __version__
 from .config import apply_overrides, load_yaml
-from .io import IMAGE_SUFFIXES, Geometry, read_displacement, read_image, read_labels, read_transform, resample, write_image
-from .service import OUTPUT_FILES, OUTPUT_SETS, SMALL_EXTENT_MM, check_outputs, device_of, output_folder, parse_eval_labels, register_files
+from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, read_displacement, read_image, read_labels,
+                 read_transform, resample, write_image)
+from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
 from .solvers import available_solvers
 
 __all__ = ["main", "OUTPUT_FILES"]
@@ -156,6 +158,9 @@ def train_command(args: argparse.Namespace) -> None:
         raise CLIError(f"`--resume`: {out} holds no run to resume (no checkpoint, no config.yaml)")
     dev = device_of(args.device)
     data = load_dataset(args.data, args.spacing)
+    scale = physical_scale(data.shape, data.spacing)
+    if scale != 1.0:  # small objects: trained as `register` sees them, as if larger (the weights record that spacing)
+        data = replace(data, spacing=tuple(h / scale for h in data.spacing))
     if args.init is not None:
         from learned.weights import load_weights
 
@@ -175,8 +180,6 @@ def train_command(args: argparse.Namespace) -> None:
 def tune_command(args: argparse.Namespace) -> None:
     """``hybridreg tune``: :func:`hybridreg.tuning.run_tuning` with the solver's validation
     objective, then the outputs of :func:`hybridreg.tuning.write_outputs`."""
-    from dataclasses import replace as _replace
-
     from . import tuning
 
     dev = device_of(args.device)  # an unusable device fails here, before --out is made
@@ -185,7 +188,7 @@ def tune_command(args: argparse.Namespace) -> None:
         raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
     space = tuning.load_space(args.space)
     if args.solver is not None and space.solver != args.solver:
-        space = _replace(space, solver=args.solver)
+        space = replace(space, solver=args.solver)
         tuning.apply_params(space, {p.key: p.from_unit(0.5) for p in space.parameters})
     objective = partial(tuning.OBJECTIVES[space.solver], device=str(dev))  # picklable: --workers' processes take it
     result = tuning.run_tuning(space, objective, args.trials, args.out, method=args.method,
@@ -205,7 +208,8 @@ def _print_summary(m: dict, out: Path, command: str) -> None:
     print(f"wrote {out}/: " + ", ".join(m.get("outputs", OUTPUT_FILES)))
     if m.get("physical_scale", 1.0) < 1.0:
         print(f"FIXED spans under {SMALL_EXTENT_MM:g} mm: it was registered as if {1 / m['physical_scale']:.3g} times larger"
-              " (the settings in mm are made for human anatomy); every output is in true mm")
+              " (the settings in mm are made for human anatomy); images, transforms and metrics are in true mm,"
+              " config.yaml keeps the settings as given")
     for name, n in m["inputs"].get("nan_voxels", {}).items():
         if n:
             print(f"{name.upper()}: {n} NaN voxels treated as outside the image (left out of the image match)")

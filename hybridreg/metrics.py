@@ -281,8 +281,9 @@ explicit sequence of label IDs."""
 
 AUTO_MIN_STANDARD = 20
 """``"auto"`` uses the standard FreeSurfer structures when at least this many are present (and they
-are at least half the labels the maps share: an atlas of another numbering, such as AAL's 116
-regions, holds 20 or more of FreeSurfer's numbers by chance)."""
+are at least half the labels under 1000 the maps share: an atlas of another numbering, such as AAL's
+116 regions, holds 20 or more of FreeSurfer's numbers by chance, while FreeSurfer's aparc+aseg adds
+its cortical parcels from 1000 up)."""
 
 
 def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> tuple[int, ...]:
@@ -295,7 +296,7 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
             (:func:`hybridreg.data.evaluation_labels`, voxelmorph's ``labels.npz``) present in
             both maps, or every label the maps share when fewer than
             :data:`AUTO_MIN_STANDARD` of them are present or they are fewer than half the
-            shared labels (an atlas of another numbering); ``"all"``: every non-zero label
+            shared labels under 1000 (an atlas of another numbering); ``"all"``: every non-zero label
             the maps share; a sequence of ints: exactly those, each present in both maps.
 
     Returns:
@@ -317,7 +318,8 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         from .data import evaluation_labels_in
 
         standard = evaluation_labels_in(common)
-        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(common) else common
+        subcortical = [lab for lab in common if lab < 1000]  # FreeSurfer's cortical parcels (aparc+aseg) are 1000 and up
+        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(subcortical) else common
     chosen = tuple(int(v) for v in policy)
     repeated = sorted({lab for lab in chosen if chosen.count(lab) > 1})
     if repeated:

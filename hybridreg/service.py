@@ -21,11 +21,11 @@ optimization) and finishes each.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
 import shutil
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +40,8 @@ import torch
 from . import __version__
 from .affine import LEVELS_MM, AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict
-from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, read_image, read_labels, read_landmarks,
-                 resample, write_displacement, write_image)
+from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, read_image, read_labels,
+                 read_landmarks, resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
 from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, result_warnings, synchronize
 from .spatial import jacobian_determinant, warp
@@ -70,27 +70,6 @@ only where its relaxed fixed point leaves a larger mean composition error than t
 the largest voxel size): on 2 mm grids it does (about 0.07 mm before, 4 s), on 1 mm grids the fixed
 point is within it (0.010–0.020 mm), where the step would cost 40–65 s for 0.01 mm
 (``docs/results.md``, "The inverse's tolerance in mm")."""
-
-
-SMALL_EXTENT_MM = 64.0
-SCALE_EXTENT_MM = 192.0
-"""The settings given in mm (the instance solver's ``level_spacing`` and ``crop_margin``, the affine
-stage's pyramid :data:`hybridreg.affine.LEVELS_MM`, the inverse's tolerance, the networks' training
-voxel size) are made for human anatomy, whose images span 64 mm or more (a head about 200 mm). A
-FIXED grid whose largest extent ``L`` is under :data:`SMALL_EXTENT_MM` (a mouse brain at 0.1 mm,
-a micro-CT) is registered as if its voxels were ``192 / L`` times larger (:func:`physical_scale`):
-the solvers see the object at a head's size, for which their settings were made, and every written
-file and metric stays in true mm. (A colin27 pair with a known warp, scaled down 20 times to 0.1 mm
-voxels and 10.8 mm: mean Dice over the 116 AAL regions 0.351 before, 0.213 after the affine stage and
-0.442 after registration, on 4-voxel pyramid levels and an affine stage on 2 mm voxels; with the
-scale 0.972 and 0.943, against 0.975 and 0.966 for the same pair at 2 mm.)"""
-
-
-def physical_scale(geometry: Geometry) -> float:
-    """``L / SCALE_EXTENT_MM`` if ``L``, the largest extent of the grid (voxels × spacing, mm), is
-    under :data:`SMALL_EXTENT_MM`, else 1: the factor by which the settings in mm are scaled."""
-    extent = max(n * h for n, h in zip(geometry.size, geometry.spacing))
-    return extent / SCALE_EXTENT_MM if extent < SMALL_EXTENT_MM else 1.0
 
 
 @dataclass
@@ -126,8 +105,8 @@ class Inputs:
 
     @property
     def scale(self) -> float:
-        """:func:`physical_scale` of the fixed grid (1 for images of human size)."""
-        return physical_scale(self.geometry)
+        """:func:`hybridreg.io.physical_scale` of the fixed grid (1 for images of human size)."""
+        return physical_scale(self.geometry.size, self.geometry.spacing)
 
     def image(self, which: str) -> sitk.Image:
         """``"fixed"``, ``"moving"``, ``"fixed_mask"`` or ``"moving_mask"`` as a SimpleITK image on its grid."""
@@ -581,7 +560,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "hybridreg_version": __version__,
         "solver": solver_name,
         "device": str(dev),
-        "physical_scale": inputs.scale,  # < 1: a small object, registered with its mm settings scaled (SCALE_EXTENT_MM)
+        "physical_scale": inputs.scale,  # < 1: a small object, registered as if larger (hybridreg.io.physical_scale)
         "inputs": {**inputs.paths, "grid": inputs.geometry.to_dict(),
                    "moving_grid": (inputs.moving_geometry or inputs.geometry).to_dict(),
                    "nan_voxels": dict(inputs.nan_voxels)},  # treated as outside the image (read_inputs)
@@ -662,7 +641,7 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     Without ``overwrite``, results that appeared in ``out`` while this run worked (another run
     given the same ``--out``, after :func:`check_outputs` had found it free) are kept and this
     run's are not moved in. Staging folders left by a killed run (``SIGKILL``: no clean-up ran) are
-    removed once their process is gone (:func:`remove_stale_staging`).
+    removed once no process holds their lock (:func:`remove_stale_staging`).
     Only what the files need is computed (the inverse only for the ``inverse_*`` files). The image
     files are written in parallel, on ``torch.get_num_threads()`` threads (at 1 mm: 10.4–11.2 s of
     writing against 13.8–14.2 s on one thread, for 100–200 MB more peak memory; ``docs/results.md``),
@@ -693,7 +672,9 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     inv_np = res.inverse_displacement(INVERSE_TOLERANCE_MM * inputs.scale / max(geo.spacing))[0].cpu().numpy() \
         if any(n.startswith("inverse_") for n in names) else None
     vm = None if pre.voxel_map is None else torch.from_numpy(pre.voxel_map)[None].to(solved.device)
-    moving = torch.from_numpy(inputs.moving)[None, None].to(solved.device)
+    # the figure's MOVING after the affine stage: normalised first, so that the warp's 0 outside MOVING's field of
+    # view is its lowest value, as in warped.nii.gz (CT's air, not water)
+    moving = torch.from_numpy(normalize_intensity(inputs.moving))[None, None].to(solved.device)
     forward = (composite(pre.transform, displacement_to_itk(disp_np, geo))  # what transform.h5 holds
                if {"transform.h5", "warped.nii.gz", "figure.png"} & set(names) else None)
     # MOVING resampled by SimpleITK through that very transform, so that `hybridreg apply` (and sitk.Resample with
@@ -718,11 +699,14 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
     out.parent.mkdir(parents=True, exist_ok=True)
     # staged on the file system of ``out`` (os.replace cannot cross file systems): inside ``out``
     # when it exists, which may be a mount point (a container's volume), else beside it
-    # (its name holds this process's id: a later run removes it if a SIGKILL left it behind)
+    # (it holds a lock file this process keeps locked: a later run removes a folder whose lock it can take, one a
+    # SIGKILL left behind)
     remove_stale_staging(out)
-    stage = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent,
-                                  prefix=f"{_staging_prefix(out)}{os.getpid()}@{socket.gethostname()}-"))
+    stage = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=_staging_prefix(out)))
+    lock = None
     try:
+        lock = open(stage / STAGING_LOCK, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # SimpleITK releases the GIL while it compresses (two 1 mm displacement fields: 2.2 s in
         # parallel against 4.2 s one after the other); the figure (matplotlib) and ITK's transform
         # files stay on this thread, one after the other: its HDF5 writer is not thread-safe (two
@@ -753,17 +737,26 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            lock.close()
 
 
 def _staging_prefix(out: Path) -> str:
     return f".{out.name}.partial-"
 
 
-def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
-    """Remove the staging folders of ``out`` (:func:`write_outputs`: ``.<name>.partial-<pid>@<host>-*``,
-    inside ``out`` or beside it) whose process no longer runs on this machine: what a run killed
-    with ``SIGKILL`` (or by the out-of-memory killer) while writing leaves behind. Folders of a live
-    process, and another machine's (on a shared file system), may be another run's; they stay.
+STAGING_LOCK = ".lock"
+"""The file inside a staging folder that its run keeps locked (``fcntl.flock``) while it writes."""
+
+
+def remove_stale_staging(out: str | os.PathLike, *, min_age_s: float = 10.0) -> list[Path]:
+    """Remove the staging folders of ``out`` (:func:`write_outputs`: ``.<name>.partial-*``, inside
+    ``out`` or beside it) that no running process holds: what a run killed with ``SIGKILL`` (or by the
+    out-of-memory killer) while writing leaves behind. A run keeps its folder's :data:`STAGING_LOCK`
+    locked while it writes, and the kernel releases the lock when the process ends, whichever way
+    (and in whichever PID namespace); a folder whose lock this call can take is stale. Folders
+    without a lock file (of an earlier version) and folders younger than ``min_age_s`` (their run may
+    not have taken its lock yet) stay.
 
     Returns:
         The folders removed.
@@ -773,23 +766,18 @@ def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
     for parent in (out, out.parent):
         if not parent.is_dir():
             continue
-        for q in parent.glob(f"{_staging_prefix(out)}*@*-*"):
-            pid, _, host = q.name[len(_staging_prefix(out)):].rpartition("-")[0].partition("@")
-            if not (q.is_dir() and pid.isdigit() and host == socket.gethostname()) or _process_alive(int(pid)):
+        for q in parent.glob(f"{_staging_prefix(out)}*"):
+            lock_path = q / STAGING_LOCK
+            try:
+                if q.is_symlink() or time.time() - lock_path.stat().st_mtime < min_age_s:
+                    continue
+                with open(lock_path, "a") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its run is alive
+                    shutil.rmtree(q, ignore_errors=True)
+            except OSError:  # no lock file, a live run's lock, or removed meanwhile
                 continue
-            shutil.rmtree(q, ignore_errors=True)
             removed.append(q)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: np.ndarray, disp_np: np.ndarray,

@@ -275,6 +275,42 @@ def _number(text: str) -> int | float | str | None:
     return text
 
 
+INIT_RECORD = "init.json"
+"""The weights a fresh run started from (``init_weights``: path and SHA-256), for a resume before its
+first checkpoint."""
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The weights a run with no checkpoint starts over from: those it was started from (its
+    :data:`INIT_RECORD`), whether or not ``init_weights`` names them again.
+
+    Raises:
+        ValueError: ``init_weights`` other than the run's (or given to a run started without), or the
+            run's own weights file missing or changed.
+    """
+    record = json.loads((run / INIT_RECORD).read_text()) if (run / INIT_RECORD).is_file() else None
+    if record is None:
+        if init_weights is not None:
+            raise ValueError(f"train(): `resume`: {run} was started without `init_weights` (`--init`); resume without it"
+                             " or start a new `--out`")
+        return None
+    given = init_weights if init_weights is not None else record["path"]
+    if not Path(given).is_file() or _sha256(given) != record["sha256"]:
+        raise ValueError(f"train(): `resume`: {run} was started from the weights {record['path']}"
+                         f" (sha256 {record['sha256'][:12]}…); {given} is {'missing' if not Path(given).is_file() else 'another file'}")
+    return given
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
     cks = sorted(Path(run_dir).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -364,8 +400,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         run_dir: output folder (module docstring lists its files).
         resume: continue from the newest checkpoint in ``run_dir``, exactly, with the
             checkpoint's settings (``steps`` and ``keep_checkpoints`` may change); a run
-            stopped before its first checkpoint starts over from step 0 (with the settings of
-            its ``config.yaml``, and ``init_weights`` if given).
+            stopped before its first checkpoint starts over from step 0, with the settings of
+            its ``config.yaml`` and the weights it was started from (``init.json``).
         stop_after: stop after this global step (an interruption, for tests).
         device: ``cpu`` (default) or ``cuda``; under torchrun each process uses
             ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
@@ -418,6 +454,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if other:
             raise ValueError(f"train(): `resume`: {run} was started with other settings ({'; '.join(other)}); resume with"
                              f" the run's own (only {' and '.join(RESUME_MAY_CHANGE)} may change) or start a new `--out`")
+        init_weights = _started_from(run, init_weights)
 
     with torch.random.fork_rng(devices=[]):  # the seed sets the initial weights; torch's global RNG is left as it was
         torch.manual_seed(cfg.seed)
@@ -463,6 +500,10 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             _truncate_csv(run / "validation.csv", start, "step")
     elif rank == 0:
         dump_yaml(cfg, run / "config.yaml")
+        (run / INIT_RECORD).unlink(missing_ok=True)
+        if init_weights is not None:  # a resume before the first checkpoint starts from them again
+            atomic_write_text(run / INIT_RECORD, json.dumps({"path": str(Path(init_weights).resolve()),
+                                                             "sha256": _sha256(init_weights)}))
         for name, cols in (("log.csv", LOG_COLUMNS), ("validation.csv", VAL_COLUMNS)):
             with atomic_output(run / name) as tmp, open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerow(cols)

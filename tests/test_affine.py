@@ -415,3 +415,29 @@ def test_transform_of_voxel_map_inverts_voxel_map():
         assert np.allclose(back.TransformPoint(p), tx.TransformPoint(p), atol=1e-9)
     with pytest.raises(ValueError, match=r"\(3, 4\)"):
         transform_of_voxel_map(f, m, np.eye(3))
+
+
+def test_a_small_moving_mask_inside_the_overlap_is_accepted_and_one_outside_refused():
+    """Every FIXED foreground voxel is tried against a MOVING mask: a 3×3×3 mask anywhere inside
+    the overlap is accepted (a subsample of the foreground stepped over some positions and refused
+    them); a mask that FIXED's foreground misses is refused, after the overlap checks."""
+    rng = np.random.default_rng(0)
+    fixed = sitk.GetImageFromArray(rng.uniform(1, 2, (80, 80, 80)).astype(np.float32))
+    moving = sitk.Image(fixed)
+    for corner in rng.integers(1, 76, (40, 3)):
+        mask = np.zeros((80, 80, 80), np.uint8)
+        mask[tuple(slice(c, c + 3) for c in corner)] = 1
+        m = sitk.GetImageFromArray(mask)
+        align(fixed, moving, kind="none", moving_mask=m)  # no error
+    fg_mask = np.zeros((80, 80, 80), np.uint8)
+    fg_mask[:10, :10, :10] = 1
+    mask = np.zeros((80, 80, 80), np.uint8)
+    mask[70:, 70:, 70:] = 1
+    with pytest.raises(ValueError, match="`--moving-mask` leaves nothing to match"):
+        align(fixed, moving, kind="none", fixed_mask=sitk.GetImageFromArray(fg_mask), moving_mask=sitk.GetImageFromArray(mask))
+    far = sitk.Image(moving)
+    far.SetOrigin((1000.0, 0.0, 0.0))
+    everywhere = sitk.GetImageFromArray(np.ones((80, 80, 80), np.uint8))
+    everywhere.CopyInformation(far)
+    with pytest.raises(ValueError, match="do not overlap"):  # the overlap is named first, not the mask
+        align(fixed, far, kind="none", moving_mask=everywhere)

@@ -109,6 +109,36 @@ def test_manifest_errors_name_the_row(layout, rows, split, error, needle):
         read_pairs(path, split)
 
 
+def test_a_manifest_with_a_byte_order_mark_is_read(layout):
+    """Excel's "CSV UTF-8" (and some editors' JSON) start with a byte-order mark, which made the
+    first column read as '\\ufefffixed'; it is dropped."""
+    rows = [_pair("vxm", "synthseg_12")]
+    plain = read_pairs(_csv(layout, rows))
+    bom = layout / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (layout / "pairs.csv").read_bytes())
+    (layout / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert read_pairs(bom) == plain == read_pairs(layout / "bom.json")
+
+
+def test_a_made_up_id_says_where_it_came_from(layout, tmp_path):
+    import shutil
+
+    shutil.copy(layout / "imagesTr" / "vxm.nii.gz", layout / "imagesTr" / "vxm copy.nii.gz")
+    with pytest.raises(ValueError, match=r"`id` 'vxm__vxm copy' \(made from the file names: give the row an `id` column\)"):
+        read_pairs(_csv(layout, [_pair("vxm", "vxm copy", labels=False)], "spaces.csv"))
+    assert read_pairs(_csv(layout, [_pair("vxm", "vxm copy", labels=False, id="ok")], "spaces.csv"))[0].id == "ok"
+
+
+def test_eval_labels_with_unlabelled_pairs_is_refused_as_in_register(layout, tmp_path, capsys):
+    """`register --eval-labels 17,53` without label maps is refused; `batch` ignored it for the pairs
+    without labels and marked them done without Dice. It now refuses before any pair runs."""
+    manifest = _csv(layout, [_pair("vxm", "synthseg_12"), _pair("synthseg_12", "vxm", labels=False, id="nolabels")], "mixed.csv")
+    assert main(_batch(manifest, tmp_path / "b", "--eval-labels", "17,53")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`--eval-labels` '17,53' needs label maps, and 1 pair(s) have none (nolabels)" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 def test_dataset_json_unknown_split(layout):
     (layout / "d2.json").write_text(json.dumps({"validation": [{"fixed": "imagesTr/vxm.nii.gz", "moving": "imagesTr/vxm.nii.gz"}]}))
     with pytest.raises(ValueError, match=r"--split.*'test'.*\['validation'\]"):
@@ -338,3 +368,14 @@ def test_benchmark_suite_on_a_lumir_layout_and_a_manifest(layout, tmp_path, kind
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", "lumir:" + str(layout / "nope.json"),
                           "--out", str(out)], capture_output=True, text=True, cwd=root)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"`--dataset`: manifest not found: {layout / 'nope.json'}"]
+
+
+def test_summary_shows_no_spread_for_a_metric_of_one_pair():
+    """A metric measured on one pair only (TRE with landmarks on one pair) read "3.621 ± 0.000", a
+    spread of zero; it now says it is one pair's."""
+    from hybridreg.batch import _markdown, _stats
+
+    s = {"done": 2, "pairs": 2, "failed": {}, "warnings": {}, "missing": [], "dice_per_structure": {},
+         "metrics": {"dice_after": _stats([0.7, 0.8]), "tre_mm_after": _stats([3.621, None])}, "seconds": {}}
+    md = _markdown(s)
+    assert "| tre_mm_after | 3.621 (one pair) |" in md and "| dice_after | 0.750 ± 0.071 (median 0.750) |" in md

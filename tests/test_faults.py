@@ -512,23 +512,32 @@ def test_results_another_run_wrote_meanwhile_are_kept(files, tmp_path, capsys, m
 
 def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(files, tmp_path):
     """SIGKILL while writing leaves the hidden staging folder (no clean-up runs); the next run into
-    that ``--out`` removes it once its process is gone, and leaves a live process's and another
-    machine's alone."""
-    import socket
+    that ``--out`` removes it, as nothing holds its lock any more, and leaves alone a folder whose
+    lock a live process holds, a young one and one without a lock file."""
+    import fcntl
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = socket.gethostname()
     out = tmp_path / "out"
-    stale = tmp_path / f".out.partial-{dead.pid}@{host}-abcd1234"
-    live = tmp_path / f".out.partial-{os.getpid()}@{host}-efgh5678"
-    elsewhere = tmp_path / f".out.partial-{dead.pid}@another-host.example-ijkl9012"
-    for q in (stale, live, elsewhere):
+    stale, live, young, unknown = (tmp_path / f".out.partial-{n}" for n in ("stale", "live", "young", "unknown"))
+    for q in (stale, live, young, unknown):
         q.mkdir()
         (q / "warped.nii.gz").write_bytes(b"half")
-    assert main(_register(files, out, labels=False)) == 0
-    assert not stale.exists() and live.exists() and elsewhere.exists()
-    assert (out / "metrics.json").is_file()
+        if q is not unknown:
+            (q / ".lock").write_text("")
+    for q in (stale, live):
+        os.utime(q / ".lock", (time.time() - 60, time.time() - 60))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(live / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(_register(files, out, labels=False)) == 0
+        assert not stale.exists() and live.exists() and young.exists() and unknown.exists()
+        assert (out / "metrics.json").is_file() and not list(out.glob(".out.partial-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(live / ".lock") as fh:  # the holder's death released it: stale now
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 @pytest.mark.slow

@@ -180,6 +180,18 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_pa
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 7))  # every step once
     with pytest.raises(ValueError, match="holds no run"):
         train(_tiny_cfg(), data, tmp_path / "never", resume=True, progress=False)
+    # fine-tuning: a resume before the first checkpoint starts from the run's --init weights again, not at random
+    from learned.weights import save_weights
+
+    save_weights(tmp_path / "init.pt", full, _tiny_cfg().objective, (2.0, 2.0, 2.0))
+    tuned = train(_tiny_cfg(), data, tmp_path / "ft", init_weights=tmp_path / "init.pt", progress=False)
+    train(_tiny_cfg(), data, tmp_path / "ft_cut", init_weights=tmp_path / "init.pt", stop_after=2, progress=False)
+    again = train(_tiny_cfg(), data, tmp_path / "ft_cut", resume=True, progress=False)  # --init not repeated
+    for (k, a), (_, b) in zip(tuned.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    train(_tiny_cfg(), data, tmp_path / "plain_cut", stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="was started without `init_weights`"):
+        train(_tiny_cfg(), data, tmp_path / "plain_cut", init_weights=tmp_path / "init.pt", resume=True, progress=False)
 
 
 def test_training_reduces_the_energy_and_logs_validation_dice(tmp_path):

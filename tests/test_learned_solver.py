@@ -66,6 +66,31 @@ def trained(manifest, tmp_path_factory):
     return out
 
 
+def test_cli_train_sees_a_small_object_as_register_does(tmp_path):
+    """`hybridreg train` on images under 64 mm across with 96 voxels along an axis (12×14×96 voxels of
+    0.5 mm: 48 mm) trains as if they were 4 times larger, the spacing `register` hands the solvers
+    for them; the weights record it, so a network trained on small objects runs on them at its grid."""
+    from hybridreg.spatial import gaussian_smooth
+    from learned.weights import load_weights
+
+    small = tmp_path / "small"
+    small.mkdir()
+    geo = Geometry(size=(96, 14, 12), spacing=(0.5, 0.5, 0.5), origin=(0.0, 0.0, 0.0), direction=GEO.direction)
+    lines = ["image,labels,split"]
+    for k, split in enumerate(["atlas", "train", "train", "val", "val"]):
+        img = gaussian_smooth(torch.rand(1, 1, 12, 14, 96, generator=torch.Generator().manual_seed(k)), 1.5)[0, 0].numpy() * 100
+        lab = (img > np.median(img)).astype(np.int32) + (img > np.percentile(img, 80))
+        write_image(small / f"s{k}.nii.gz", img, geo)
+        write_image(small / f"s{k}_seg.nii.gz", lab, geo, dtype=np.int32)
+        lines.append(f"s{k}.nii.gz,s{k}_seg.nii.gz,{split}")
+    (small / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (small / "one.yaml").write_text(TINY.replace("steps: 6", "steps: 1").replace("checkpoint_every: 3", "checkpoint_every: 1")
+                                    .replace("epoch_steps: 3", "epoch_steps: 1"))
+    assert main(["train", "--data", str(small / "manifest.csv"), "--config", str(small / "one.yaml"), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    assert load_weights(tmp_path / "run" / "model_final.pt")[2] == pytest.approx((2.0, 2.0, 2.0))
+
+
 def test_training_pairs_drawn_from_label_maps_with_synth_prob(manifest):
     from hybridreg.data.sources import load_dataset
     from learned.train import TrainConfig, _sample_pair

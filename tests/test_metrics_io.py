@@ -328,6 +328,9 @@ def test_auto_scores_freesurfer_structures_only_on_freesurfer_maps():
 
     aseg = np.array([list(evaluation_labels()) + [24, 77, 85]])  # a FreeSurfer map has a few more labels
     assert scored_labels(aseg, aseg, "auto") == tuple(evaluation_labels())
+    aparc_aseg = np.array([[lab for lab in evaluation_labels() if lab not in (17, 53)] + [24, 77, 85]
+                           + list(range(1001, 1036)) + list(range(2001, 2036))])  # the cortex as 70 parcels
+    assert scored_labels(aparc_aseg, aparc_aseg, "auto") == tuple(lab for lab in evaluation_labels() if lab not in (17, 53))
     aal = np.arange(117)[None]
     assert len(set(evaluation_labels()) & set(range(1, 117))) >= 20
     assert scored_labels(aal, aal, "auto") == tuple(range(1, 117)) == scored_labels(aal, aal, "all")
