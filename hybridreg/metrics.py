@@ -318,8 +318,8 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         from .data import evaluation_labels_in
 
         standard = evaluation_labels_in(common)
-        subcortical = [lab for lab in common if lab < 1000]  # FreeSurfer's cortical parcels (aparc+aseg) are 1000 and up
-        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(subcortical) else common
+        below_1000 = [lab for lab in common if lab < 1000]  # FreeSurfer's cortical parcels (aparc+aseg) are 1000 and up
+        return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(below_1000) else common
     chosen = tuple(int(v) for v in policy)
     repeated = sorted({lab for lab in chosen if chosen.count(lab) > 1})
     if repeated:

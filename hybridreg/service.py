@@ -343,9 +343,12 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
         if path is not None:
             arr, g = read_labels(path, arg=arg)
             check_same_grid(geo, g, (name, arg))
-            if "mask" in arg and (not arr.any() or arr.max() > 1):
-                raise ValueError(f"`{arg}`: {path} must be a binary (0/1) mask with at least one voxel of 1,"
-                                 f" got values {sorted(np.unique(arr).tolist())[:5]}")
+            if "mask" in arg:
+                values = np.unique(arr)
+                if not arr.any() or len(values) > 2:  # 0 and one foreground value: 1, or 255 as image editors save it
+                    raise ValueError(f"`{arg}`: {path} must be a binary mask (0 and one other value, such as 1 or 255)"
+                                     f" with at least one voxel of it, got values {values.tolist()[:5]}")
+                arr = (arr > 0).astype(arr.dtype)
             on_grid[arg] = arr
     fl, ml = on_grid.get("--fixed-labels"), on_grid.get("--moving-labels")
     labels: tuple[int, ...] = ()

@@ -6,6 +6,7 @@ checks: the exit code, one line on stderr with the expected fragment and no trac
 """
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -486,6 +487,24 @@ def test_outside_movings_field_of_view_is_its_lowest_value(files, tmp_path):
                            sitk.sitkLinear, -1000.0)
     assert np.array_equal(warped, applied) and np.array_equal(warped, sitk.GetArrayFromImage(theirs).astype(np.float64))
     assert (warped == -1000).mean() > 0.8 and not (warped == 0).any()  # the slab is 3 of 32 slices
+
+
+def test_a_mask_of_0_and_255_is_the_mask_of_0_and_1(files, tmp_path, capsys):
+    """Image editors save masks as 0/255: such a mask was refused as not binary. A mask of 0 and one
+    other value now acts as that 0/1 mask (the same result); three values are still refused."""
+    fixed = sitk.ReadImage(str(files["fixed"]))
+    arr = (sitk.GetArrayFromImage(fixed) > 20).astype(np.uint8)
+    for name, values in (("m01", arr), ("m255", arr * 255), ("m012", arr + (arr * (np.arange(arr.shape[-1]) > 16)))):
+        img = sitk.GetImageFromArray(values.astype(np.uint8))
+        img.CopyInformation(fixed)
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+    for name in ("m01", "m255"):
+        assert main(_register(files, tmp_path / name, "--fixed-mask", tmp_path / f"{name}.nii.gz", "--outputs", "metrics")) == 0
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("m01", "m255"))
+    assert a["dice_after"] == b["dice_after"] and a["sdlogj"] == b["sdlogj"]
+    capsys.readouterr()
+    assert main(_register(files, tmp_path / "m012", "--fixed-mask", tmp_path / "m012.nii.gz")) == 2
+    assert "`--fixed-mask`: " in capsys.readouterr().err and not (tmp_path / "m012").exists()
 
 
 def test_results_another_run_wrote_meanwhile_are_kept(files, tmp_path, capsys, monkeypatch):
