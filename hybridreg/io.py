@@ -259,8 +259,7 @@ def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.nda
         if not np.isfinite(arr).all():
             raise ValueError(f"`{arg}`: {path} contains NaN or Inf values")
         if not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"`{arg}`: {path} has non-integer values; a {'mask' if 'mask' in arg else 'label map'} must"
-                             f" hold {'0 and 1' if 'mask' in arg else 'integer labels'}")
+            raise ValueError(f"`{arg}`: {path} has non-integer values; it must hold integers")
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo < 0 or hi > np.iinfo(np.int32).max:
         raise ValueError(f"`{arg}`: {path} has labels outside 0..{np.iinfo(np.int32).max} (min {lo:g}, max {hi:g});"
