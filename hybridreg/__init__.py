@@ -9,8 +9,28 @@ reverse.
 
 __version__ = "0.1.0"
 
-from .objective import EnergyTerms, Evaluation, ObjectiveConfig, RegistrationObjective, evaluate  # noqa: E402
-from .spatial import ALIGN_CORNERS, compose, jacobian_determinant, resize_field, scaling_and_squaring, warp  # noqa: E402
+# The names below are imported on first use (PEP 562), so that ``hybridreg``'s entry point
+# (:mod:`hybridreg.__main__`) starts without importing torch and can answer a Ctrl-C during
+# that import in one line.
+_OBJECTIVE = ("EnergyTerms", "Evaluation", "ObjectiveConfig", "RegistrationObjective", "evaluate")
+_SPATIAL = ("ALIGN_CORNERS", "compose", "jacobian_determinant", "resize_field", "scaling_and_squaring", "warp")
+
+
+def __getattr__(name: str):
+    if name in _OBJECTIVE:
+        from . import objective as module
+    elif name in _SPATIAL:
+        from . import spatial as module
+    else:
+        raise AttributeError(f"module 'hybridreg' has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__",

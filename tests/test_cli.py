@@ -225,3 +225,24 @@ def test_a_networks_lambda_mode_is_reported(tmp_path, bundled, solver, mode):
     assert main(["register", str(f.image_path), str(m.image_path), "--out", str(out), "--solver", solver, "--outputs",
                  "metrics", "--no-progress", "--affine", "none"]) == 0
     assert json.loads((out / "metrics.json").read_text())["lambda"]["mode"] == mode
+
+
+def test_a_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """The entry point imports torch (about a second) inside its own error boundary: a Ctrl-C
+    then ends in one line and exit code 130, as it does later, with nothing written."""
+    out = tmp_path / "out"
+    script = (
+        "import builtins, sys\n"
+        "import hybridreg.__main__ as entry\n"
+        "assert 'torch' not in sys.modules, 'the entry point imported torch outside its boundary'\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        f"sys.exit(entry.main(['demo', '--out', {str(out)!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.strip() == "hybridreg: interrupted while starting; nothing was written"
+    assert run.stdout == "" and not out.exists()
