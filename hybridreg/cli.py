@@ -216,7 +216,11 @@ def _print_summary(m: dict, out: Path, command: str) -> None:
     if "dice_after" in m:
         print(f"mean Dice over {len(m['labels_scored'])} structures: {m['dice_before']['mean']:.3f} -> {m['dice_after']['mean']:.3f}")
     if "hd95_mm_after" in m:
-        print(f"mean HD95 after: {m['hd95_mm_after']['mean']:.2f} mm")
+        h = m["hd95_mm_after"]
+        lost = h.get("lost", [])
+        over = f" over {h['structures']} of {h['structures'] + len(lost)} structures" if lost else ""
+        print(f"mean HD95 after: {h['mean']:.2f} mm{over}" + (f" (lost after registration, HD95 undefined: {', '.join(map(str, lost))})"
+                                                            if lost else ""))
     if "tre_mm" in m:
         t = m["tre_mm"]
         print(f"TRE over {t['after']['n']} landmarks: {t['before']['mean']:.2f} mm before, {t['after_affine']['mean']:.2f} mm"

@@ -228,7 +228,9 @@ def non_diffeomorphic_volume(disp: torch.Tensor) -> float:
             order, on the fixed grid.
 
     Returns:
-        ``100 · Σ folded volume / Σ cell volume`` over the batch (voxel units, so spacing cancels).
+        ``100 · Σ folded volume / number of voxels`` over the batch (voxel units, so spacing
+        cancels), the denominator of the reference implementation (Liu et al.'s
+        ``digital_diffeomorphism``, whose padded border cells fold nothing).
     """
     disp = _batched(disp)
     d = disp.shape[1]
@@ -250,8 +252,8 @@ def non_diffeomorphic_volume(disp: torch.Tensor) -> float:
             det = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1]) - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
                    + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
         folded += float(torch.clamp(-orient * det, min=0).sum(dtype=torch.float64)) / math.factorial(d)
-    cells = disp.shape[0] * math.prod(n - 1 for n in shape)
-    return float(0.5 * folded / cells * 100.0)
+    voxels = disp.shape[0] * math.prod(shape)
+    return float(0.5 * folded / voxels * 100.0)
 
 
 def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
@@ -408,8 +410,9 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
 
     Returns:
         ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean" (the maps as they
-        are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean",
-        "warped_labels", **jacobian_stats}``.
+        are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean" (over the
+        labels whose HD95 is finite), "hd95_lost" (the scored labels that the warped moving map no
+        longer holds: HD95 ``inf``, Dice 0, left out of "hd95_mean"), "warped_labels", **jacobian_stats}``.
     """
     disp = torch.as_tensor(displacement)
     disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp
@@ -423,6 +426,7 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
         out["hd95"] = hd95(fixed_labels, warped, after["labels"], spacing)
         vals = [v for v in out["hd95"].values() if np.isfinite(v)]
         out["hd95_mean"] = float(np.mean(vals)) if vals else float("nan")
+        out["hd95_lost"] = [k for k, v in out["hd95"].items() if v == float("inf")]
     return out
 
 

@@ -613,7 +613,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         metrics["dice_before"] = before
         metrics["dice_after"] = {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}}
         if with_hd95:
-            metrics["hd95_mm_after"] = {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}}
+            metrics["hd95_mm_after"] = {"mean": s["hd95_mean"], "structures": len(s["hd95"]) - len(s["hd95_lost"]),
+                                        "lost": s["hd95_lost"], "per_label": {str(k): v for k, v in s["hd95"].items()}}
     if inputs.fixed_landmarks is not None:
         affine_t = pre.transform if pre is not None else sitk.AffineTransform(inputs.geometry.dim)
         metrics["tre_mm"] = tre_stages(inputs.fixed_landmarks, inputs.moving_landmarks, affine_t, disp[0].cpu().numpy(),

@@ -1,5 +1,7 @@
 """Metrics against SimpleITK and brute force; I/O round trips; exported fields in SimpleITK."""
 
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -18,7 +20,7 @@ from hybridreg.io import (
     write_displacement,
     write_image,
 )
-from hybridreg.metrics import dice, hausdorff, hd95, jacobian_stats, non_diffeomorphic_volume
+from hybridreg.metrics import dice, hausdorff, hd95, jacobian_stats, non_diffeomorphic_volume, score_registration
 from hybridreg.spatial import scaling_and_squaring, warp
 
 
@@ -72,6 +74,23 @@ def test_hd95_matches_brute_force_surface_distances():
         assert ours[lab] == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_structure_lost_after_warping_is_named_and_left_out_of_the_hd95_mean():
+    """A label FIXED holds that the warped moving map no longer does scores Dice 0 (in the Dice
+    mean) and HD95 inf: out of the HD95 mean, and named in ``hd95_lost``."""
+    fixed = np.zeros((20, 20, 20), np.int32)
+    fixed[4:10, 4:10, 4:10] = 1
+    fixed[12:16, 12:16, 1:4] = 2
+    moving = fixed.copy()
+    disp = torch.zeros(1, 3, 20, 20, 20)
+    disp[0, 2, 10:, 10:, :5] = -8.0  # label 2's voxels sample outside MOVING's grid: it is lost
+    s = score_registration(fixed, moving, disp, [1, 2], spacing=(1.0, 1.0, 1.0), with_hd95=True)
+    assert s["dice"][2] == 0.0 and s["dice_mean"] == pytest.approx(0.5)
+    assert s["hd95"][2] == float("inf") and s["hd95_lost"] == [2]
+    assert s["hd95_mean"] == pytest.approx(s["hd95"][1]) and np.isfinite(s["hd95_mean"])
+    kept = score_registration(fixed, moving, torch.zeros_like(disp), [1, 2], with_hd95=True)
+    assert kept["hd95_lost"] == [] and kept["hd95_mean"] == 0.0
+
+
 def test_metrics_bad_input():
     a, b, _ = balls()
     with pytest.raises(ValueError, match="same shape"):
@@ -110,7 +129,7 @@ def _ndv_brute_force(disp: np.ndarray) -> float:
             moved = ref + np.array([disp[(slice(None), *map(int, p))] for p in ref])
             vol = np.linalg.det(moved[1:] - moved[0]) * np.sign(np.linalg.det(ref[1:] - ref[0])) / math.factorial(d)
             folded += max(-vol, 0.0)
-    return 0.5 * folded / math.prod(n - 1 for n in shape) * 100.0
+    return 0.5 * folded / math.prod(shape) * 100.0
 
 
 def test_non_diffeomorphic_volume_known_maps_and_brute_force():
@@ -120,10 +139,11 @@ def test_non_diffeomorphic_volume_known_maps_and_brute_force():
         zero = torch.zeros((d, *shape))
         assert non_diffeomorphic_volume(zero) == 0.0
         x0 = torch.arange(shape[0], dtype=torch.float32).view(-1, *[1] * (d - 1)).expand(shape)
-        for scale, expected in ((-2.0, 100.0), (-3.0, 200.0), (0.5, 0.0)):  # φ_0 = (1 + scale) x_0: a reflection folds everything
+        cells = math.prod(n - 1 for n in shape) / math.prod(shape)  # per voxel, as Liu et al.'s reference counts
+        for scale, expected in ((-2.0, 100.0), (-3.0, 200.0), (0.5, 0.0)):  # φ_0 = (1 + scale) x_0: a reflection folds every cell
             disp = zero.clone()
             disp[0] = scale * x0
-            assert non_diffeomorphic_volume(disp) == pytest.approx(expected, rel=1e-5)
+            assert non_diffeomorphic_volume(disp) == pytest.approx(expected * cells, rel=1e-5)
         rough = rng.normal(scale=0.6, size=(d, *shape)).astype(np.float32)
         ndv = non_diffeomorphic_volume(torch.from_numpy(rough)[None])
         assert ndv > 0.0
