@@ -64,7 +64,10 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     stats = paired_stats(rows)
     write_csvs(out, rows, stats, scaling)
     files = figures(out, rows, scaling)
-    md = markdown(suite, get_dataset(get_suite(suite)["dataset"]).description, env, rows, stats, scaling, files, skipped, wall)
+    default = f"python -m benchmarks run --suite {suite}"  # runs recorded before their commands were (stop 67)
+    commands = list(dict.fromkeys(r.get("command") or default for r in _runs(out)))
+    md = markdown(suite, get_dataset(get_suite(suite)["dataset"]).description, env, rows, stats, scaling, files, skipped, wall,
+                  commands)
     rep = out / "reproducibility.md"
     if rep.is_file():  # written by `compare`: how this run matches a reference run
         body = rep.read_text().split("\n", 1)[1]
@@ -73,17 +76,39 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     return out / "report.md"
 
 
-def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None = None) -> float | None:
+def _runs(out: Path) -> list[dict]:
+    """The ``run`` invocations since the last ``--fresh`` (``run.json``)."""
+    path = out / "run.json"
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
+def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None = None,
+                  command: str | None = None) -> float | None:
     """Total wall minutes of the ``run`` invocations since the last ``--fresh``
-    (``run.json``), after recording one more of ``add`` minutes when given."""
+    (``run.json``), after recording one more of ``add`` minutes (and its ``command``) when given."""
     from hybridreg.config import atomic_write_text
 
-    path = out / "run.json"
-    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = _runs(out)
     if add is not None:
-        runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round(add, 2), "methods": methods})
-        atomic_write_text(path, json.dumps({"runs": runs}, indent=2))
+        runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round(add, 2), "methods": methods,
+                     "command": command})
+        atomic_write_text(out / "run.json", json.dumps({"runs": runs}, indent=2))
     return sum(r["minutes"] for r in runs) if runs else None
+
+
+def _command(a) -> str:
+    """The ``python -m benchmarks run`` command line of the parsed arguments ``a`` (what the
+    report says to regenerate it with)."""
+    import shlex
+
+    parts = ["--dataset", a.dataset] if a.dataset else ["--suite", a.suite]
+    for flag, value in (("--out", a.out), ("--max-pairs", a.max_pairs), ("--device", None if a.device == "cpu" else a.device)):
+        parts += [flag, str(value)] if value is not None else []
+    for flag, values in (("--methods", a.methods), ("--pairs", a.pairs), ("--grids", a.grids)):
+        parts += [flag, *values] if values else []
+    parts += ["--repeats", str(a.repeats)] if a.repeats != 3 else []
+    parts += ["--no-scaling"] if a.no_scaling else []
+    return "python -m benchmarks run " + shlex.join(parts)
 
 
 def _run(a) -> int:
@@ -122,7 +147,7 @@ def _run(a) -> int:
         else:
             scaling = run_scaling(a.grids or GRIDS, a.repeats)
             atomic_write_text(sc_path, json.dumps(scaling, indent=2))
-    wall = _wall_minutes(out, (time.perf_counter() - t0) / 60.0, methods)
+    wall = _wall_minutes(out, (time.perf_counter() - t0) / 60.0, methods, _command(a))
     report = _render(a.suite, out, scaling, skipped, wall, stamp=True)
     print(f"wrote {report}")
     return 0
@@ -251,4 +276,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as e:  # a refusal (SystemExit with its one-line message): exit code 2, as the hybridreg CLI's
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -174,6 +174,15 @@ class FilePair:
                    Path(pair.moving_labels), tuple(int(k) for k in pair.labels),
                    {int(k): str(v) for k, v in (getattr(pair, "label_names", None) or {}).items()})
 
+    def fingerprint(self) -> list[str]:
+        """The pair's files as absolute paths (images, label maps, landmarks; symbolic links
+        kept, as ``hybridreg batch`` keeps them): what a stored suite row was made from
+        (:func:`benchmarks.suite.run_suite` refuses to continue from rows of another file list
+        under the same pair name, as ``hybridreg batch`` does)."""
+        files = (self.fixed_image, self.moving_image, self.fixed_labels, self.moving_labels, self.fixed_landmarks,
+                 self.moving_landmarks)
+        return [os.path.abspath(f) if f is not None else "" for f in files]
+
     def files(self, folder: str | os.PathLike | None = None) -> tuple[str, str]:
         """The image files as given: ``(fixed path, moving path)``."""
         return str(self.fixed_image), str(self.moving_image)

@@ -248,11 +248,12 @@ def _wilcoxon(a: list[float], b: list[float]) -> dict:
     diff = np.asarray(a) - np.asarray(b)
     nz = diff[diff != 0]
     if nz.size == 0:
-        return {"n": len(diff), "median_diff": 0.0, "p": 1.0, "r": 0.0}
+        return {"n": len(diff), "n_nonzero": 0, "median_diff": 0.0, "p": 1.0, "r": 0.0}
     ranks = rankdata(np.abs(nz))
     wp, wm = ranks[nz > 0].sum(), ranks[nz < 0].sum()
     p = float(wilcoxon(a, b, zero_method="wilcox").pvalue)
-    return {"n": len(diff), "median_diff": float(np.median(diff)), "p": p, "r": float((wp - wm) / (wp + wm))}
+    return {"n": len(diff), "n_nonzero": int(nz.size), "median_diff": float(np.median(diff)), "p": p,
+            "r": float((wp - wm) / (wp + wm))}
 
 
 def paired_stats(rows: list[dict]) -> list[dict]:
@@ -479,14 +480,18 @@ def _subset(n: int, total: int) -> str:
 
 
 def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: list[dict], scaling: list[dict],
-             files: dict[str, str], skipped: list[str], wall_minutes: float | None) -> str:
+             files: dict[str, str], skipped: list[str], wall_minutes: float | None, commands: list[str] | None = None) -> str:
+    """The report (Markdown). ``commands``: the ``run`` command lines that produced the rows
+    (``run.json``; default: the suite's own command)."""
     summ = summary(rows)
     methods = _ordered(rows)
     n_pairs = len({r["pair"] for r in rows})
+    commands = commands or [f"python -m benchmarks run --suite {suite}"]
     lines = [f"# Benchmark suite `{suite}`", "",
-             f"Regenerate with `python -m benchmarks run --suite {suite}`"
-             + (f" (wall time of the runs that produced these rows, scaling included: {wall_minutes:.0f} minutes)."
-                if wall_minutes else "."), "How it is measured and how to read it: `docs/benchmarks.md`.", "",
+             "Regenerate with " + "; then ".join(f"`{c}`" for c in commands)
+             + (f" (wall time of the runs that produced these rows{', scaling included' if scaling else ''}:"
+                f" {wall_minutes:.0f} minutes)." if wall_minutes else "."),
+             "How it is measured and how to read it: `docs/benchmarks.md`.", "",
              environment_markdown(env), f"Pairs: {description} ({n_pairs} pairs).", "",
              "| method | what runs |", "|---|---|"] + [f"| {METHODS[m].label} | {METHODS[m].description} |" for m in methods] + [""]
     if skipped:
@@ -554,14 +559,17 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         lines += ["## λ maps", "", f"![λ maps]({files['lambda']})", ""]
     lines += ["## Each λ strategy against its baseline (paired)", ""]
     if stats:
+        few = any(x.get("n_nonzero", x["n"]) < 6 for x in stats)
         lines += ["Wilcoxon signed-rank test over pairs (two-sided); r: matched-pairs rank-biserial correlation; "
-                  "q: Benjamini–Hochberg within each solver.", "",
+                  "q: Benjamini–Hochberg within each solver."
+                  + (" †: fewer than 6 pairs with a non-zero difference, where no two-sided test can reach p < 0.05:"
+                     " read the median difference, not p." if few else ""), "",
                   "| comparison | method | baseline | measure | n | median difference (method − baseline) | r | p | q (BH) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in stats:
             q = f"{x['q_bh']:.3f}" if "q_bh" in x else "–"
             lines.append(f"| {x['solver']} | {x['voxelwise']} | {x['uniform']} | {x['measure']} | {x['n']} | {x['median_diff']:+.4f} | "
-                         f"{x['r']:+.2f} | {x['p']:.4f} | {q} |")
+                         f"{x['r']:+.2f} | {x['p']:.4f}{'†' if x.get('n_nonzero', x['n']) < 6 else ''} | {q} |")
         lines += [""] + _paired_regularity(rows, stats)
     else:
         lines += ["No λ strategy has its baseline's run to compare with here.", ""]
@@ -574,5 +582,6 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
             lines.append(f"| {'×'.join(map(str, s['shape']))} | {s['voxels']:,} | {s['seconds_per_iteration']:.3f} | "
                          f"{s['memory_mb']:.0f} | {sh} |")
         lines += ["", f"![scaling]({files['scaling']})", ""]
-    lines += ["## Files", "", "`results.csv`, `dice_per_structure.csv`, `paired_stats.csv`, `scaling.csv`, `rows.jsonl`.", ""]
+    lines += ["## Files", "", f"`results.csv`, `dice_per_structure.csv`, `paired_stats.csv`, {'`scaling.csv`, ' if scaling else ''}"
+              "`rows.jsonl`.", ""]
     return "\n".join(lines)

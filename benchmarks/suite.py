@@ -221,6 +221,7 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     from hybridreg.affine import voxel_map as affine_voxel_map
     from hybridreg.io import read_labels, read_landmarks
     from hybridreg.metrics import dice_through, score_registration, scored_labels, tre_stages
+    from hybridreg.service import hd95_summary
 
     fl, f_geo = read_labels(pair.fixed_labels, arg="fixed labels")
     ml, m_geo = read_labels(pair.moving_labels, arg="moving labels")
@@ -238,7 +239,7 @@ def evaluate_files(pair: FilePair, disp: np.ndarray, voxel_map: np.ndarray | Non
     return {**tre, "labels_scored": labels, "dice_before": dice_through(fl, ml, torch.from_numpy(physical)[None], labels),
             "dice_after_affine": dice_through(fl, ml, torch.from_numpy(vm)[None], labels),
             "dice_after": {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}},
-            "hd95_mm_after": {"mean": s["hd95_mean"], "per_label": {str(k): v for k, v in s["hd95"].items()}},
+            "hd95_mm_after": hd95_summary(s),
             **{k: s[k] for k in ("folding_percent", "ndv_percent", "sdlogj", "jacobian_min", "jacobian_max")}}
 
 
@@ -328,8 +329,12 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     ``pair_names`` (``FIXED<-MOVING``, as the rows name them) runs those pairs only, in that
     order (after ``max_pairs`` has cut the list).
 
+    Rows of a dataset given as ``KIND:PATH`` record their pair's files (``pair_files``,
+    :meth:`FilePair.fingerprint`).
+
     Raises:
-        ValueError: unknown suite, method or pair name, an unusable ``device``.
+        ValueError: unknown suite, method or pair name, an unusable ``device``; ``out_dir``
+            holding rows of a selected pair made from other files than the dataset now lists.
     """
     from tqdm.auto import tqdm
 
@@ -350,11 +355,20 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
             log(msg)
     for msg in get_dataset(spec["dataset"]).notes():
         log(msg)
-    every = [p.name for p in get_dataset(spec["dataset"]).pairs()]
+    listed = get_dataset(spec["dataset"]).pairs()
+    every = [p.name for p in listed]
+    # a dataset given as KIND:PATH (the user's pairs): its rows record their files; a registry suite's files are
+    # the package's and the fetched data's, whose paths differ from machine to machine
+    files = {p.name: p.fingerprint() for p in listed if hasattr(p, "fingerprint")} if ":" in spec["dataset"] else {}
     pairs = select_pairs(every, max_pairs if max_pairs is not None else spec.get("max_pairs"), pair_names)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "rows.jsonl"
     rows = read_rows(rows_path)
+    stale = sorted({r["pair"] for r in rows if r["pair"] in pairs and "pair_files" in r
+                    and r["pair_files"] != files.get(r["pair"])})
+    if stale:
+        raise ValueError(f"--out {out_dir} holds rows of {stale} made from other files than the dataset now lists"
+                         f" ({rows_path}: pair_files); use --fresh to start over, or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
     done = {(r["pair"], r["method"]) for r in rows}
     jobs = [(p, m) for p in pairs for m in runnable if (p, m) not in done]
     lam_dir = out_dir / "lambda"
@@ -364,6 +378,8 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
         t = time.perf_counter()
         row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out,
                         device=device)
+        if p in files:
+            row["pair_files"] = files[p]
         log(f"{p} {m}: Dice {row['dice_mean']:.3f}, SDlogJ {row['sdlogj']:.3f}, {row['seconds']:.1f} s "
             f"(process {time.perf_counter() - t:.0f} s)")
         rows.append(row)

@@ -15,7 +15,9 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   pair whose folder holds ``metrics.json`` is finished (it is moved into place last) and never
   redone, so a killed run re-run with the same command goes on where it stopped; a pair that
   fails (an unreadable file, a failed affine stage, a diverged optimization) is recorded in
-  ``OUT/failed/<id>.json`` with its error and the others go on. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
+  ``OUT/failed/<id>.json`` with its error and the others go on. A label map or mask off its
+  image's grid is found from the headers when the manifest is read, and refuses the whole
+  manifest (naming the row) before any pair runs. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
   pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
   the ranks meet at a barrier (gloo / nccl) and rank 0 merges.
 * :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status,
@@ -43,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import atomic_output, atomic_write_text, read_yaml
-from .io import image_stem
+from .io import Geometry, check_same_grid, image_stem, read_geometry
 from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, parse_eval_labels, prepare_pair, \
     solve_pairs, solver_and_config
 from .solvers import kept_start_warning
@@ -123,8 +125,9 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
     Raises:
         FileNotFoundError: the manifest, or a file it lists, is missing (names the row).
         ValueError: unreadable manifest, a row without ``fixed``/``moving``, an unknown column,
-            labels or landmarks for one image of a pair only, an invalid or repeated id, no
-            pairs. Messages name ``arg``.
+            labels or landmarks for one image of a pair only, a label map or mask (listed, or a
+            Learn2Reg sibling) whose header puts it on another grid than its image's, an invalid
+            or repeated id, no pairs. Messages name ``arg``.
     """
     p = Path(path)
     if not p.is_file():
@@ -147,7 +150,7 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"`{arg}`: {p} lists no pairs")
     root = p.parent
-    pairs, seen = [], set()
+    pairs, seen, headers = [], set(), {}
     for i, row in enumerate(rows, start=1):
         where = f"`{arg}` row {i}"
         if not isinstance(row, dict):
@@ -177,6 +180,7 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
                     files[a] = files[b] = None  # the dataset has one image's labels: this pair is scored without Dice
                 else:
                     raise ValueError(f"{where}: `{a}` and `{b}` must be given together")
+        _check_row_grids(files, where, headers)
         pid = str(row.get("id") or f"{image_stem(files['fixed'])}__{image_stem(files['moving'])}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", pid):
             made = "" if row.get("id") else " (made from the file names: give the row an `id` column)"
@@ -186,6 +190,33 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
         seen.add(pid)
         pairs.append(PairEntry(pid, **files))
     return pairs
+
+
+def _check_row_grids(files: dict[str, str | None], where: str, headers: dict[str, Geometry | None]) -> None:
+    """Raise ValueError (naming the row and the columns) when a row's label map or mask is not
+    on its image's grid, from the files' headers alone, so that a bad row is found before any
+    pair runs; a header that cannot be read is left to that pair's own reading (a failed pair).
+    ``headers`` caches the grids by path across the manifest's rows."""
+    def header(path: str) -> Geometry | None:
+        if path not in headers:
+            try:
+                headers[path] = read_geometry(path)
+            except ValueError:
+                headers[path] = None
+        return headers[path]
+
+    for side in ("fixed", "moving"):
+        image = None
+        for key in (f"{side}_labels", f"{side}_mask"):
+            if files[key] is None:
+                continue
+            image = image or header(str(files[side]))
+            other = header(str(files[key]))
+            if image is not None and other is not None:
+                try:
+                    check_same_grid(image, other, (side, key))
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -321,7 +352,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
         atomic_write_text(out / "failed" / f"{pair.id}.json",
                           json.dumps({"id": pair.id, "error": error, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-        bar.write(f"pair {pair.id} failed: {error[:200]}")
+        bar.write(f"pair {pair.id} failed: {error if len(error) <= 400 else error[:400] + ' ...'} (in full: failed/{pair.id}.json)")
         bar.update()
 
     def solve_group(group: list[tuple[PairEntry, Prepared]]) -> None:

@@ -219,8 +219,9 @@ def _print_summary(m: dict, out: Path, command: str) -> None:
         h = m["hd95_mm_after"]
         lost = h.get("lost", [])
         over = f" over {h['structures']} of {h['structures'] + len(lost)} structures" if lost else ""
-        print(f"mean HD95 after: {h['mean']:.2f} mm{over}" + (f" (lost after registration, HD95 undefined: {', '.join(map(str, lost))})"
-                                                            if lost else ""))
+        mean = f"{h['mean']:.2f} mm" if h["structures"] else "undefined"
+        print(f"mean HD95 after: {mean}{over}" + (f" (lost after registration, HD95 undefined: {', '.join(map(str, lost))})"
+                                                 if lost else ""))
     if "tre_mm" in m:
         t = m["tre_mm"]
         print(f"TRE over {t['after']['n']} landmarks: {t['before']['mean']:.2f} mm before, {t['after_affine']['mean']:.2f} mm"

@@ -47,6 +47,7 @@ __all__ = [
     "write_displacement",
     "read_displacement",
     "check_same_grid",
+    "read_geometry",
     "resample",
     "resample_with_field",
     "read_transform",
@@ -105,7 +106,7 @@ class Geometry:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Geometry":
+    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> "Geometry":
         return cls(
             tuple(int(s) for s in image.GetSize()),
             tuple(float(s) for s in image.GetSpacing()),
@@ -340,6 +341,21 @@ def _numbers(row: Sequence[str]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def read_geometry(path: str | os.PathLike) -> Geometry:
+    """The grid of an image file from its header alone (no voxel is read).
+
+    Raises:
+        ValueError: a file SimpleITK cannot read as an image (naming it).
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ValueError(f"{path}: not an image file SimpleITK can read") from None
+    return Geometry.of(reader)  # the reader answers the image's geometry getters from the header
 
 
 def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float = 1e-3) -> None:

@@ -613,8 +613,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         metrics["dice_before"] = before
         metrics["dice_after"] = {"mean": s["dice_mean"], "per_label": {str(k): v for k, v in s["dice"].items()}}
         if with_hd95:
-            metrics["hd95_mm_after"] = {"mean": s["hd95_mean"], "structures": len(s["hd95"]) - len(s["hd95_lost"]),
-                                        "lost": s["hd95_lost"], "per_label": {str(k): v for k, v in s["hd95"].items()}}
+            metrics["hd95_mm_after"] = hd95_summary(s)
     if inputs.fixed_landmarks is not None:
         affine_t = pre.transform if pre is not None else sitk.AffineTransform(inputs.geometry.dim)
         metrics["tre_mm"] = tre_stages(inputs.fixed_landmarks, inputs.moving_landmarks, affine_t, disp[0].cpu().numpy(),
@@ -795,6 +794,14 @@ def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: 
     registration_figure(path, normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
                         normalize_intensity(warped), lam, disp_np, jac, inputs.geometry.array_spacing, title=title,
                         direction=inputs.geometry.direction)
+
+
+def hd95_summary(scores: dict) -> dict:
+    """``metrics.json``'s ``hd95_mm_after`` from :func:`hybridreg.metrics.score_registration`'s
+    ``scores``: ``mean`` (mm, over the structures whose HD95 is finite), ``structures`` (how many
+    that is), ``lost`` (the labels the warped moving map no longer holds) and ``per_label``."""
+    return {"mean": scores["hd95_mean"], "structures": len(scores["hd95"]) - len(scores["hd95_lost"]),
+            "lost": scores["hd95_lost"], "per_label": {str(k): v for k, v in scores["hd95"].items()}}
 
 
 def align_solve_measure(inputs: Inputs, solver: Solver, config: Any, device: torch.device, *, affine: str = "affine",

@@ -27,7 +27,7 @@ import torch
 from .objective import ObjectiveConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
-           "get_solver", "check_images", "synchronize", "divergence", "result_warnings", "kept_start_warning",
+           "get_solver", "check_images", "synchronize", "divergence", "result_warnings", "kept_start_warning", "IDENTITY_VOXELS",
            "FIXED_POINT_SHARE"]
 
 ENTRY_POINT_GROUP = "hybridreg.solvers"
@@ -297,17 +297,29 @@ def kept_start_warning(stage: int, stages: int, shape: Sequence[int], spacing: S
 
 
 def result_warnings(result: RegistrationResult) -> list[str]:
-    """What to check in a result that :func:`divergence` accepts: one line per stage of
+    """What to check in one pair's result (:meth:`RegistrationResult.pair`; a batch's is judged
+    as a whole) that :func:`divergence` accepts: one line per stage of
     ``result.history`` that kept its start (:attr:`LevelHistory.kept_start`), numbered as the
     history counts its stages (learned + refine's network pass is stage 1); ``[]`` when there is
     nothing. Such a level did not descend, and the finer levels went on from its start rather
-    than from its end. The result may still be a good registration (an image against itself
+    than from its end. Otherwise, a displacement under :data:`IDENTITY_VOXELS` everywhere is one
+    line too (e.g. a network whose training never moved it). The result may still be a good registration (an image against itself
     starts at the optimum): it is written, and the CLI prints these lines on stderr
     (``metrics.json`` ``warnings``).
     """
     n = len(result.history)
-    return [kept_start_warning(k + 1, n, h.shape, h.spacing, h.iterations)
-            for k, h in enumerate(result.history) if h.kept_start]
+    lines = [kept_start_warning(k + 1, n, h.shape, h.spacing, h.iterations)
+             for k, h in enumerate(result.history) if h.kept_start]
+    largest = float(result.displacement.detach().abs().amax()) if result.displacement.numel() else 0.0
+    if not lines and largest < IDENTITY_VOXELS:
+        lines.append(f"the displacement is the identity (largest {largest:.3f} voxels): the deformable stage did not"
+                     " move MOVING; a network that returns it may be untrained (a short or stalled training run)")
+    return lines
+
+
+IDENTITY_VOXELS = 0.05
+"""A displacement whose largest component is below this many voxels is reported as the identity
+(:func:`result_warnings`)."""
 
 
 def synchronize(device: torch.device | str) -> None:

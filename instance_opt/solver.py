@@ -41,10 +41,10 @@ class InstanceOptConfig:
         level_spacing: voxel size (mm) of each pyramid level, coarse to fine. A level finer
             than the image runs on the image grid, and a level whose image and control
             grids are the previous level's is skipped (it would repeat it), so the same
-            schedule serves 1 mm and 2 mm inputs: the default's 1 mm level runs on a 1 mm
-            image only (one Adam step with the velocity and λ on the image grid, about 6.5 s
-            on 2 CPU cores; docs/results.md, "One step at 1 mm"), and a 2 mm image ends at
-            the 2 mm level.
+            schedule serves 1 mm and 2 mm inputs: the default's 1 mm level runs on every image
+            finer than 2 mm, on the image grid (one Adam step with the velocity and λ there,
+            about 6.5 s at 1 mm on 2 CPU cores; docs/results.md, "One step at 1 mm"; it trades
+            regularity for Dice, docs/configuration.md), and a 2 mm image ends at the 2 mm level.
         iterations: maximum Adam iterations per level (same length as ``level_spacing``).
         control_factor: velocity/λ grid = level grid / this factor, per level (1 = the
             level's own grid). A single value applies to every level.

@@ -6,6 +6,7 @@ and the ``--set`` override syntax of every config key."""
 import csv
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -107,6 +108,23 @@ def test_manifest_errors_name_the_row(layout, rows, split, error, needle):
     path.write_text(json.dumps(rows))
     with pytest.raises(error, match=needle):
         read_pairs(path, split)
+
+
+def test_a_label_map_off_its_images_grid_is_refused_before_any_pair_runs(layout, tmp_path, capsys):
+    """A row whose label map (or mask) is not on its image's grid is found from the headers when
+    the manifest is read, naming the row and the columns, not when that pair's turn comes."""
+    img = sitk.ReadImage(str(layout / "labelsTr" / "synthseg_12.nii.gz"))
+    img.SetOrigin((5.0, 0.0, 0.0))
+    shifted = tmp_path / "shifted.nii.gz"
+    sitk.WriteImage(img, str(shifted))
+    rows = [_pair("vxm", "synthseg_12", id="fine"), {**_pair("vxm", "synthseg_12", id="off"), "moving_labels": str(shifted)}]
+    path = _csv(layout, rows, "offgrid.csv")
+    with pytest.raises(ValueError, match=r"row 2: `moving` and `moving_labels` are on different grids.*resample"):
+        read_pairs(path)
+    out = tmp_path / "out"
+    assert main(_batch(path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 2" in err[0] and not (out / "pairs").exists()
 
 
 def test_a_manifest_with_a_byte_order_mark_is_read(layout):
@@ -362,9 +380,20 @@ def test_benchmark_suite_on_a_lumir_layout_and_a_manifest(layout, tmp_path, kind
     assert rows[0]["dice_mean"] > rows[0]["dice_before"] and rows[0]["ndv_percent"] >= 0.0
     md = (out / "report.md").read_text()
     assert "NDV % (max)" in md and f"| {name} |" in md
+    # the report says how to regenerate it: this run's command, and no scaling it did not run
+    assert f"Regenerate with `python -m benchmarks run --dataset {shlex.quote(spec)} --out {out} --methods sitk-demons`" in md
+    assert "scaling" not in md.split("\n")[2] and "`scaling.csv`" not in md
     if kind == "manifest":  # landmark files give the TRE, in the rows and the report
         assert rows[0]["tre_before_mm"] == pytest.approx(0.0, abs=1e-9) and rows[0]["tre_mm"] > 0.0
         assert "| method | TRE mm |" in md
+        assert rows[0]["pair_files"][1] == str((layout / "imagesTr" / "vxm.nii.gz").resolve())
+        # the same id with another moving scan: the stored row is not that pair's result
+        changed = _pair('synthseg_12', 'synthseg_16', id='s12_to_vxm', fixed_landmarks="points.csv", moving_landmarks="points.csv")
+        again = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset",
+                                f"manifest:{_csv(layout, [changed], 'suite2.csv')}", "--out", str(out), "--methods", "sitk-demons"],
+                               capture_output=True, text=True, cwd=root)
+        assert again.returncode == 2 and "made from other files" in again.stderr, again.stderr[-2000:]
+        assert "--fresh" in again.stderr and len((out / "rows.jsonl").read_text().splitlines()) == len(rows)
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", "lumir:" + str(layout / "nope.json"),
                           "--out", str(out)], capture_output=True, text=True, cwd=root)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"`--dataset`: manifest not found: {layout / 'nope.json'}"]

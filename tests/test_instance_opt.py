@@ -312,6 +312,16 @@ def test_a_level_that_ends_uphill_hands_on_its_start(pair):
     assert len(result_warnings(res)) == 1 and "stage 1/1" in result_warnings(res)[0] and result_warnings(short) == []
 
 
+def test_an_identity_result_is_reported(pair):
+    """A result that did not move MOVING (here: no iteration; in practice an untrained network)
+    is one warning line; a registration that moved it is not."""
+    f, m = tensor(pair[0].image), tensor(pair[1].image)
+    idle = register_pair(f, m, InstanceOptConfig(level_spacing=(8.0,), iterations=(0,), progress=False), spacing=pair[0].spacing)
+    moved = register_pair(f, m, InstanceOptConfig(level_spacing=(8.0,), iterations=(5,), progress=False), spacing=pair[0].spacing)
+    assert [w.split(" (")[0] for w in result_warnings(idle)] == ["the displacement is the identity"]
+    assert result_warnings(moved) == []
+
+
 def test_batched_instance_optimization_equals_one_pair_at_a_time():
     """B pairs in one optimization (the energy a sum over pairs): in float64 each pair's result,
     stopping iteration and final terms equal its one-pair run's (float32 differs by summation order only)."""

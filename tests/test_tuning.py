@@ -270,6 +270,18 @@ def test_bad_search_space_files(tmp_path, content, match):
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
+def test_train_data_is_refused_unless_the_learned_solver_is_tuned(tmp_path, capsys):
+    """``train_data`` names the learned solver's training data: an instance search space with it
+    was accepted and its trials scored the bundled pairs; it is refused before any trial, and a
+    file without ``solver:`` run with ``--solver learned`` keeps it (the solver is known then)."""
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({**SPACE, "train_data": "pairs.csv"}))
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(out), "--no-progress"]) == 2
+    assert "`train_data`" in capsys.readouterr().err and not (out / "trials.json").exists()
+    assert tuning.load_space(p).train_data == "pairs.csv"  # the file itself is valid: the check is the run's
+
+
 @pytest.mark.parametrize("device", ["tpu", f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_tune_refuses_an_unusable_device_before_making_its_folder(tmp_path, capsys, device):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))

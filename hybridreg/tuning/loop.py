@@ -296,7 +296,8 @@ def run_tuning(
         :class:`TuningResult`.
 
     Raises:
-        ValueError: unknown ``method``, ``n_trials < 1``, a fresh run into a folder that
+        ValueError: unknown ``method``, ``n_trials < 1``, ``train_data`` in a space whose
+            solver is not ``learned`` (its trials score the bundled pairs), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
     """
     from tqdm.auto import tqdm
@@ -305,6 +306,9 @@ def run_tuning(
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
     if n_trials < 1:
         raise ValueError(f"`--trials` must be >= 1, got {n_trials}")
+    if space.train_data != "bundled" and space.solver != "learned":
+        raise ValueError(f"search space: `train_data` is the learned solver's training data; the {space.solver} solver's"
+                         " trials score the bundled validation pairs (`resolution`, `max_pairs`, `synth_contrasts`)")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []
