@@ -64,8 +64,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     stats = paired_stats(rows)
     write_csvs(out, rows, stats, scaling)
     files = figures(out, rows, scaling)
-    default = f"python -m benchmarks run --suite {suite}"  # runs recorded before their commands were (stop 67)
-    commands = list(dict.fromkeys(r.get("command") or default for r in _runs(out)))
+    commands = [r.get("command") for r in _runs(out)]
     md = markdown(suite, get_dataset(get_suite(suite)["dataset"]).description, env, rows, stats, scaling, files, skipped, wall,
                   commands)
     rep = out / "reproducibility.md"

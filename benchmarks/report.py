@@ -482,11 +482,12 @@ def _subset(n: int, total: int) -> str:
 def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: list[dict], scaling: list[dict],
              files: dict[str, str], skipped: list[str], wall_minutes: float | None, commands: list[str] | None = None) -> str:
     """The report (Markdown). ``commands``: the ``run`` command lines that produced the rows
-    (``run.json``; default: the suite's own command)."""
+    (``run.json``; a run recorded without one, and no run at all, count as the suite's own command)."""
     summ = summary(rows)
     methods = _ordered(rows)
     n_pairs = len({r["pair"] for r in rows})
-    commands = commands or [f"python -m benchmarks run --suite {suite}"]
+    own = f"python -m benchmarks run --suite {suite}"
+    commands = list(dict.fromkeys(c or own for c in commands or [None]))
     lines = [f"# Benchmark suite `{suite}`", "",
              "Regenerate with " + "; then ".join(f"`{c}`" for c in commands)
              + (f" (wall time of the runs that produced these rows{', scaling included' if scaling else ''}:"

@@ -387,11 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     path of the log file holding the full traceback).
     """
     args = _parser().parse_args(argv)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
         code = _run(args)
     except KNOWN_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__
