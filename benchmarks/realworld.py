@@ -27,7 +27,6 @@ image's grid into ``<root>/cache``.  This module only reads and relabels; it reg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -39,6 +38,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hybridreg.config import atomic_output
+from hybridreg.io import file_sha256
 
 __all__ = [
     "AAL_ASEG", "AAL_STANDARD_NAMES", "ASEG_GM", "ASEG_WM", "ASEG_TISSUE_EXCLUDED", "COLIN27_FILES",
@@ -306,14 +306,10 @@ def colin27_missing(root: str | os.PathLike | None = None) -> str | None:
     return f"skipped colin27 pairs: run {FETCH_COMMAND} (missing in {root}: {', '.join(missing)})"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _derived_labels(src: Path, dst: Path, rule: str, fn) -> Path:
     """``dst`` = ``fn(labels of src)`` on ``src``'s grid (uint8), rebuilt when ``src`` or the
     rule changed (recorded in ``dst``'s ``.json`` sidecar); written atomically."""
-    key = {"source": str(src), "source_sha256": _sha256(src), "rule": rule}
+    key = {"source": str(src), "source_sha256": file_sha256(src), "rule": rule}
     side = dst.with_name(dst.name.replace(".nii.gz", ".json"))
     if dst.is_file() and side.is_file():
         try:

@@ -15,6 +15,7 @@ All writes are atomic (temporary file in the same folder, then rename).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,18 @@ from .config import atomic_output
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 """The image file names the toolkit reads and writes (SimpleITK picks the format by suffix)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file at ``path`` (hex digest), read in 1 MiB blocks. Used to tie
+    recorded runs, derived files and provenance records to the exact bytes they came from.
+
+    Raises ``OSError`` if ``path`` cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def image_stem(path: str | os.PathLike) -> str:

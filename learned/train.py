@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict
 from hybridreg.data.sources import RegistrationDataset, Volume
+from hybridreg.io import file_sha256
 from hybridreg.metrics import common_labels, score_dice
 from hybridreg.objective import EnergyTerms, ObjectiveConfig
 from hybridreg.priors import paint_regions
@@ -280,16 +281,6 @@ INIT_RECORD = "init.json"
 first checkpoint."""
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os.PathLike | None:
     """The weights a run with no checkpoint starts over from: those it was started from (its
     :data:`INIT_RECORD`), whether or not ``init_weights`` names them again.
@@ -305,7 +296,7 @@ def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os
                              " or start a new `--out`")
         return None
     given = init_weights if init_weights is not None else record["path"]
-    if not Path(given).is_file() or _sha256(given) != record["sha256"]:
+    if not Path(given).is_file() or file_sha256(given) != record["sha256"]:
         raise ValueError(f"train(): `resume`: {run} was started from the weights {record['path']}"
                          f" (sha256 {record['sha256'][:12]}…); {given} is {'missing' if not Path(given).is_file() else 'another file'}")
     return given
@@ -503,7 +494,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         (run / INIT_RECORD).unlink(missing_ok=True)
         if init_weights is not None:  # a resume before the first checkpoint starts from them again
             atomic_write_text(run / INIT_RECORD, json.dumps({"path": str(Path(init_weights).resolve()),
-                                                             "sha256": _sha256(init_weights)}))
+                                                             "sha256": file_sha256(init_weights)}))
         for name, cols in (("log.csv", LOG_COLUMNS), ("validation.csv", VAL_COLUMNS)):
             with atomic_output(run / name) as tmp, open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerow(cols)

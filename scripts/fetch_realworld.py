@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -56,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hybridreg.io import file_sha256  # noqa: E402
 from benchmarks.realworld import (  # noqa: E402
     COLIN27_FILES,
     FETCH_COMMAND,
@@ -95,14 +95,6 @@ LICENCE_NOTES = """\
 def fail(msg: str) -> NoReturn:
     print(f"fetch_realworld: error: {msg}", file=sys.stderr)
     raise SystemExit(1)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- download
@@ -206,14 +198,14 @@ def up_to_date(dest: Path) -> bool:
         rec = json.loads(prov.read_text())["files"]
     except (ValueError, KeyError):
         return False
-    return all((dest / n).is_file() and rec.get(n, {}).get("sha256") == sha256(dest / n)
+    return all((dest / n).is_file() and rec.get(n, {}).get("sha256") == file_sha256(dest / n)
                for n in COLIN27_FILES)
 
 
 def provenance(deb: Path, version: str, staged: Path, checks: dict) -> tuple[dict, str]:
-    files = {n: {"sha256": sha256(staged / n), "bytes": (staged / n).stat().st_size,
+    files = {n: {"sha256": file_sha256(staged / n), "bytes": (staged / n).stat().st_size,
                  "package_path": "/" + p} for p, n in MEMBERS.items()}
-    rec = {"package": PACKAGE, "version": version, "deb": deb.name, "deb_sha256": sha256(deb),
+    rec = {"package": PACKAGE, "version": version, "deb": deb.name, "deb_sha256": file_sha256(deb),
            "fetched_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": FETCH_COMMAND, "files": files, "checks": checks}
     rows = "\n".join(f"| `{n}` | `{f['package_path']}` | {f['bytes']} | `{f['sha256']}` |"

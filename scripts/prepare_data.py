@@ -39,7 +39,6 @@ What it does (all of it deterministic: fixed seeds, single-threaded ITK):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -52,6 +51,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import SimpleITK as sitk
 
+from hybridreg.io import file_sha256
 from hybridreg.metrics import common_labels, dice
 
 # ----------------------------------------------------------------------------- constants
@@ -127,10 +127,6 @@ README_TEMPLATE = Path(__file__).resolve().parent / "bundled_data_README.md.in"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def grid_origin(size, spacing):
     """Origin such that the grid centre lies at physical (0, 0, 0)."""
@@ -371,7 +367,7 @@ def read_inputs(shared: Path) -> Inputs:
     vxm_dir, ss_dir = shared / "voxelmorph-test-scan", shared / "synthseg-label-maps"
     eval_labels = [int(v) for v in np.load(vxm_dir / "labels.npz")["labels"]]
     assert eval_labels == EXPECTED_EVAL_LABELS, eval_labels
-    checksums = {str(p.relative_to(shared)): sha256(p) for p in
+    checksums = {str(p.relative_to(shared)): file_sha256(p) for p in
                  [vxm_dir / "test_scan.npz", vxm_dir / "labels.npz", vxm_dir / "LICENSE.md",
                   ss_dir / "labels table.txt", ss_dir / "LICENSE.txt"]
                  + [ss_dir / f"training_seg_{i:02d}.nii.gz" for i in range(1, 21)]}
@@ -470,7 +466,7 @@ def apply_size_budget(subjects: list[dict], out: Path, budget: int) -> list[str]
     for e in subjects:
         e["t1_1mm_bundled"] = e["files"]["t1_1mm"] is not None
         for f in filter(None, e["files"].values()):  # None: a dropped file
-            f["sha256"] = sha256(out / f["path"])
+            f["sha256"] = file_sha256(out / f["path"])
             f["bytes"] = (out / f["path"]).stat().st_size
     return dropped
 

@@ -34,7 +34,6 @@ Deterministic (no randomness; files written with SimpleITK, gzip level 9).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -44,6 +43,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import SimpleITK as sitk
 
+from hybridreg.io import file_sha256
+
 SRC_DIR = "icbm152-2009a-sym-nilearn"
 T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
@@ -51,10 +52,6 @@ WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 NOTICES = ("COPYING.ICBM152-2009.txt", "LICENSE.nilearn-BSD3.txt")
 OUT_T1, OUT_MASK, OUT_TISSUE = "t1_brain.nii.gz", "brain_mask.nii.gz", "tissue_labels.nii.gz"
 SIZE_BUDGET = 4_000_000  # bytes for the whole output folder
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read(path: Path) -> tuple[sitk.Image, np.ndarray]:
@@ -140,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
               f"voxels more than 3 mm from any GM/WM)", file=sys.stderr)
         return 1
     prov = {
-        "inputs": {f"{SRC_DIR}/{n}": sha256(src / n) for n in inputs},
-        "outputs": {n: {"sha256": sha256(out / n), "bytes": (out / n).stat().st_size}
+        "inputs": {f"{SRC_DIR}/{n}": file_sha256(src / n) for n in inputs},
+        "outputs": {n: {"sha256": file_sha256(out / n), "bytes": (out / n).stat().st_size}
                     for n in (OUT_T1, OUT_MASK, OUT_TISSUE, *NOTICES)},
         "command": "python scripts/prepare_icbm152.py --shared ../shared/data --out benchmarks/data/icbm152",
         "tissue_rule": "inside the brain mask: argmax(255 - p_GM - p_WM, p_GM, p_WM) -> 0, 1 (GM), 2 (WM); ties to the earlier class; 0 outside",
