@@ -254,5 +254,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
-    """Write a dataclass (or plain structure) as YAML, atomically."""
+    """Write a dataclass (nested dataclasses become YAML mappings and tuples lists:
+    :func:`to_dict`) or a plain structure to ``path`` as YAML, atomically (:func:`atomic_output`:
+    a reader never sees a half-written file). Raises ``OSError`` if ``path``'s folder cannot be
+    written."""
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

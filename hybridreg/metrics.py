@@ -64,7 +64,10 @@ def as_label_array(labels, name: str = "labels") -> np.ndarray:
 
 
 def common_labels(a, b) -> tuple[int, ...]:
-    """Labels (excluding 0) present in both maps."""
+    """The labels present in both label maps, background 0 excluded, ascending.
+
+    ``a`` and ``b`` are integer label maps (numpy arrays or tensors) of any shape; they need not
+    share a shape. Raises ``ValueError`` (naming ``a`` or ``b``) if either holds non-integer values."""
     la = set(np.unique(as_label_array(a, "a")).tolist())
     lb = set(np.unique(as_label_array(b, "b")).tolist())
     return tuple(sorted((la & lb) - {0}))
