@@ -194,12 +194,12 @@ def tune_command(args: argparse.Namespace) -> None:
     result = tuning.run_tuning(space, objective, args.trials, args.out, method=args.method,
                                resume=args.resume, progress=not args.no_progress, device=str(dev))
     summary = tuning.write_outputs(space, result, args.out)
-    print(f"wrote {args.out}/: trials.json, summary.json, pareto.json, best_config.yaml, best_so_far.png, pareto.png, partial_dependence.png")
+    print(f"wrote {args.out}/: {', '.join(summary['outputs'])}")
     if result.best:
         print(f"best of {summary['finished']} trials: validation Dice {result.best['dice']:.4f} (folding {result.best['folding']:.4f}%,"
               f" SDlogJ {result.best['sdlogj']:.3f}) with {result.best['params']}")
     else:
-        print(f"no feasible trial among {summary['finished']} (folding > {space.folding_max}% everywhere)")
+        print(f"no feasible trial among {summary['finished']}: {summary['infeasible']}")
 
 
 def _print_summary(m: dict, out: Path, command: str) -> None:
@@ -442,8 +442,6 @@ def batch_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "register":
-        if args.eval_labels != "auto" and args.fixed_labels is None and args.moving_labels is None:
-            raise CLIError("`--eval-labels` chooses the labels Dice is scored on: give --fixed-labels and --moving-labels")
         m = register_files(args.fixed, args.moving, args.out, fixed_labels=args.fixed_labels,
                            moving_labels=args.moving_labels, config=args.config, device=args.device,
                            solver=args.solver, weights=args.weights, eval_labels=args.eval_labels,

@@ -82,11 +82,11 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _labels_arg(labels: Iterable[int] | None, a: np.ndarray, b: np.ndarray) -> tuple[int, ...]:
-    if labels is None:
-        labels = common_labels(a, b)
-    labels = tuple(int(x) for x in labels)
+    given = labels is not None
+    labels = tuple(int(x) for x in (labels if given else common_labels(a, b)))
     if not labels:
-        raise ValueError("`labels`: no label to score (the two maps share no non-zero label)")
+        raise ValueError("`labels` is empty: no label to score" if given else
+                         "`labels`: no label to score (the two maps share no non-zero label)")
     return labels
 
 
@@ -136,7 +136,9 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
     """Symmetric percentile Hausdorff distance (mm) between label surfaces, per label.
 
     ``max(P_q(d(∂A → ∂B)), P_q(d(∂B → ∂A)))`` with ``q = percentile``. A label missing from
-    one of the two maps scores ``inf``; missing from both, NaN.
+    one of the two maps scores ``inf``; missing from both, NaN. A structure's voxels on the
+    grid's edge are surface voxels (the grid is padded with background, as in the DeepMind
+    ``surface-distance`` package).
 
     Args:
         a, b: label maps of the same shape. labels: as in :func:`dice`.
@@ -157,13 +159,15 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
         if not ma.any() or not mb.any():
             out[lab] = float("inf")
             continue
-        # crop to the pair's bounding box (+1 voxel): every surface voxel and nearest
-        # surface point lies inside it, and the distance maps cost far less
+        # crop to the pair's bounding box plus one voxel of background on every side, padded
+        # where the box meets the grid's edge: every surface voxel and nearest surface point
+        # lies inside it, the distance maps cost far less, and a structure cut by the field of
+        # view has a surface there (as the DeepMind package, which pads by one voxel)
         box = np.argwhere(ma | mb)
-        lo = np.maximum(box.min(0) - 1, 0)
-        hi = box.max(0) + 2
-        crop = tuple(slice(a_, b_) for a_, b_ in zip(lo, hi))
-        dab, dba = _surface_distances(ma[crop], mb[crop], sp)
+        lo, hi = box.min(0) - 1, box.max(0) + 2
+        crop = tuple(slice(max(a_, 0), b_) for a_, b_ in zip(lo, hi))
+        pad = [(max(-a_, 0), max(b_ - n, 0)) for a_, b_, n in zip(lo, hi, a.shape)]
+        dab, dba = _surface_distances(np.pad(ma[crop], pad), np.pad(mb[crop], pad), sp)
         out[lab] = float(max(np.percentile(dab, percentile), np.percentile(dba, percentile)))
     return out
 
@@ -174,29 +178,46 @@ def hd95(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | N
 
 
 def _batched(disp: torch.Tensor) -> torch.Tensor:
-    # (d, *spatial) without batch: 2D (2, H, W), or 3D (3, D, H, W); a 4-dim field with a first
-    # size other than 3 is a batched 2D field (B, 2, H, W)
-    return disp.unsqueeze(0) if disp.dim() == 3 or (disp.dim() == 4 and disp.shape[0] == 3) else disp
+    """``disp`` as ``(B, d, *spatial)``: a 3-dim field is one 2D field ``(2, H, W)``; a 4-dim
+    field is a batch of 2D fields ``(B, 2, H, W)`` when its second size is 2 (so
+    ``(3, 2, H, W)`` is three 2D fields), else one 3D field ``(3, D, H, W)``. Raises
+    ``ValueError`` for any other shape."""
+    if disp.dim() == 3 and disp.shape[0] == 2:
+        return disp.unsqueeze(0)
+    if disp.dim() == 4 and disp.shape[1] != 2 and disp.shape[0] == 3:
+        return disp.unsqueeze(0)
+    if (disp.dim() == 4 and disp.shape[1] == 2) or (disp.dim() == 5 and disp.shape[1] == 3):
+        return disp
+    raise ValueError(f"`disp` must be a (B, d, *spatial) or (d, *spatial) displacement with d = 2 or 3, got shape"
+                     f" {tuple(disp.shape)}")
 
 
-def _jac(disp: torch.Tensor) -> torch.Tensor:
-    return jacobian_determinant(_batched(disp).detach())
+def _jac(disp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """det J of every voxel of every field, as ``(B, *spatial)``; with ``mask`` (the spatial
+    shape, or ``(B, *spatial)`` / ``(B, 1, *spatial)``), the masked voxels' values, flattened."""
+    j = jacobian_determinant(_batched(disp).detach())
+    if mask is None:
+        return j
+    m = torch.as_tensor(mask, device=j.device).bool()
+    spatial = j.shape[1:]
+    if tuple(m.shape[-len(spatial):]) != tuple(spatial) or m.numel() not in (math.prod(spatial), j.numel()):
+        raise ValueError(f"`mask` must have the spatial shape {tuple(spatial)} (or one per field), got {tuple(m.shape)}")
+    return j[m.reshape(-1, *spatial).expand_as(j)]
 
 
 def folding_percent(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Percentage of voxels with ``det J_φ ≤ 0`` (central differences), optionally in a mask.
-    A NaN determinant counts as folded: it is no positive volume change."""
-    j = _jac(disp)
-    if mask is not None:
-        j = j[mask.reshape(j.shape).bool()]
+    A NaN determinant counts as folded: it is no positive volume change. ``disp``, ``mask`` and
+    errors as :func:`jacobian_stats`'s."""
+    j = _jac(disp, mask)
     return float((~(j > 0)).double().mean() * 100.0)
 
 
 def sdlogj(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Standard deviation of ``log det J_φ`` with J clipped to ``[1e-9, 1e9]`` (method §4)."""
-    j = _jac(disp).double()
-    if mask is not None:
-        j = j[mask.reshape(j.shape).bool()]
+    """Standard deviation of ``log det J_φ`` with J clipped to ``[1e-9, 1e9]`` (method §4) over
+    the voxels (in ``mask``) of every field of the batch. ``disp``, ``mask`` and errors as
+    :func:`jacobian_stats`'s."""
+    j = _jac(disp, mask).double()
     return float(torch.log(j.clamp(1e-9, 1e9)).std())
 
 
@@ -264,13 +285,15 @@ def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict
     φ = id + disp (``ndv_percent``: :func:`non_diffeomorphic_volume`, whole domain).
 
     Args:
-        disp: ``(B, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement.
-        mask: optional boolean mask of the spatial shape (e.g. the fixed brain mask; not
-            applied to the NDV).
+        disp: ``(B, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement
+            (``(3, 2, H, W)`` is three 2D fields: :func:`_batched`).
+        mask: optional boolean mask of the spatial shape, applied to every field of the batch,
+            or one per field (e.g. the fixed brain mask; not applied to the NDV).
+
+    Raises:
+        ValueError: a ``disp`` that is no 2D or 3D field, or a ``mask`` off its grid.
     """
-    j = _jac(disp).double()
-    if mask is not None:
-        j = j[mask.reshape(j.shape).bool()]
+    j = _jac(disp, mask).double()
     return {
         "folding_percent": float((~(j > 0)).double().mean() * 100.0),
         "sdlogj": float(torch.log(j.clamp(1e-9, 1e9)).std()),
@@ -419,6 +442,9 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
     """
     disp = torch.as_tensor(displacement)
     disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp
+    if tuple(disp.shape[2:]) != tuple(np.shape(fixed_labels)):
+        raise ValueError(f"`displacement` must be on the fixed labels' grid {tuple(np.shape(fixed_labels))}, got shape"
+                         f" {tuple(disp.shape)}")
     warped = warp_labels(moving_labels, disp, voxel_map)
     after = score_dice(fixed_labels, warped, moving_labels, policy)
     same_grid = voxel_map is None and np.shape(fixed_labels) == np.shape(moving_labels)

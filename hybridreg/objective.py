@@ -36,7 +36,7 @@ from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
 from .regularization import check_spacing, diffusion_energy, diffusion_log_normalizer, reference_scale
 from .similarity import LNCC_EPS, lncc, local_variance, mse
-from .spatial import check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
+from .spatial import check_alike, check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
 
 __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing",
            "map_lambda"]
@@ -306,6 +306,11 @@ def evaluate(
                          " (pass `moving_map` for a moving image on its own grid)")
     if velocity.shape[0] != fixed.shape[0]:
         raise ValueError("evaluate(): `velocity` and `fixed` must have the same batch size")
+    check_alike("evaluate", velocity=velocity, fixed=fixed, moving=moving, lam=lam)
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+        if mask is not None and (mask.dim() != image.dim() or mask.shape[1] != 1 or mask.shape[2:] != image.shape[2:]):
+            raise ValueError(f"evaluate(): `{name}` must be (B, 1, {', '.join(map(str, image.shape[2:]))}) on"
+                             f" `{name[:-5]}`'s grid, got {tuple(mask.shape)}")
     spatial = tuple(fixed.shape[2:])
     control = tuple(velocity.shape[2:])
     h = check_spacing(spacing, d, fn="evaluate")

@@ -587,6 +587,12 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
     }
+    named = getattr(solved.config, "region_lambda", None)
+    if named and inputs.fixed_labels is not None:  # a label FIXED does not hold is most likely a typo
+        absent = sorted(set(int(k) for k in named) - set(np.unique(inputs.fixed_labels).tolist()))
+        if absent:
+            metrics["warnings"].append(f"`--region-lambda` names labels that FIXED's label map does not hold, whose λ was"
+                                       f" not used: {', '.join(map(str, absent))}")
     if pre is not None:
         metrics["affine"] = pre.result.to_dict()
         metrics["seconds"]["affine"] = float(sum(pre.result.seconds.values()))
@@ -902,11 +908,13 @@ def register_files(fixed: str | os.PathLike, moving: str | os.PathLike, out: str
 
     Raises:
         FileNotFoundError, ValueError: missing/corrupt files, Inf, all-NaN images, labels or masks off their
-        image's grid, labels with nothing in common, invalid configs, unknown solver or
-        device, a failed affine stage, an ``out`` that would lose an input or (without
+        image's grid, labels with nothing in common, ``eval_labels`` other than ``"auto"``
+        without label maps, invalid configs, unknown solver or device, a failed affine stage, an ``out`` that would lose an input or (without
         ``overwrite``) an earlier result. Nothing is written then.
         DivergenceError: the solver diverged (nothing is written).
     """
+    if not (isinstance(eval_labels, str) and eval_labels == "auto") and fixed_labels is None and moving_labels is None:
+        raise ValueError("`--eval-labels` chooses the labels Dice is scored on: give --fixed-labels and --moving-labels")
     solver_obj, cfg = solver_and_config(solver, config, weights, progress, overrides, region_lambda)
     dev = device_of(device)
     prepared = prepare_pair(fixed, moving, out, fixed_labels=fixed_labels, moving_labels=moving_labels,

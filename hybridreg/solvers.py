@@ -25,6 +25,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from .objective import ObjectiveConfig
+from .spatial import check_alike
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
            "get_solver", "check_images", "synchronize", "divergence", "result_warnings", "kept_start_warning", "IDENTITY_VOXELS",
@@ -215,18 +216,24 @@ class Solver(Protocol):
         its inputs in that frame); ``None``: the tensor axes are taken to be in it already."""
 
 
-def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_grid: bool = True) -> None:
+def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_grid: bool = True,
+                 fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> None:
     """Check a solver's input pair: floating-point ``(B, C, H, W)`` or ``(B, C, D, H, W)``
-    tensors, finite, of one shape (``same_grid``) or of one batch, channel and dimension
-    count (a moving image on its own grid). ``fn`` names the calling function in the messages.
+    tensors (float32 or float64, one dtype, one device), finite, of one shape (``same_grid``)
+    or of one batch, channel and dimension count (a moving image on its own grid); and the
+    masks, if given: ``(B or 1, 1, *spatial)`` on their image's grid, weights in [0, 1] (bool,
+    integer 0/1 or float). ``fn`` names the calling function in the messages.
 
     Raises:
-        TypeError: not a floating-point tensor. ValueError: wrong rank, a spatial axis of one
-            voxel, NaN/Inf, or different shapes (the message names ``fixed`` or ``moving``).
+        TypeError: not a floating-point tensor, half precision, or two dtypes or devices.
+        ValueError: wrong rank, a spatial axis of one voxel, NaN/Inf, different shapes, or a
+            mask off its image's grid or outside [0, 1] (the message names the argument).
     """
     for name, t in (("fixed", fixed), ("moving", moving)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
+    check_alike(fn, fixed=fixed, moving=moving)
+    for name, t in (("fixed", fixed), ("moving", moving)):
         if t.dim() not in (4, 5):
             raise ValueError(f"{fn}(): `{name}` must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
         if min(t.shape[2:]) < 2:
@@ -237,6 +244,22 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
     if mismatch:
         raise ValueError(f"{fn}(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} must have the"
                          " same shape (or pass a `moving_map` between their grids)")
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{fn}(): `{name}` must be a torch.Tensor")
+        if mask.dim() != image.dim() or mask.shape[0] not in (1, image.shape[0]) or mask.shape[1] != 1 \
+                or mask.shape[2:] != image.shape[2:]:
+            batch = "1" if image.shape[0] == 1 else f"{image.shape[0]} or 1"
+            raise ValueError(f"{fn}(): `{name}` must be ({batch}, 1, {', '.join(map(str, image.shape[2:]))}) on"
+                             f" `{name[:-5]}`'s grid, got {tuple(mask.shape)}")
+        values = mask.detach().to(torch.uint8) if mask.dtype == torch.bool else mask.detach()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
+        if values.min() < 0 or values.max() > 1:
+            raise ValueError(f"{fn}(): `{name}` must hold weights in [0, 1], got values from {values.min().item():g}"
+                             f" to {values.max().item():g} (a 0/255 mask: pass mask > 0)")
 
 
 MAX_FOLDING_PERCENT = 1.0

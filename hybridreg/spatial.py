@@ -24,6 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "ALIGN_CORNERS",
     "check_field",
+    "check_alike",
     "to_sampling_grid",
     "warp",
     "compose",
@@ -69,6 +70,7 @@ def check_field(field: torch.Tensor, name: str, *, fn: str, finite: bool = False
     """
     if not isinstance(field, torch.Tensor) or not field.is_floating_point():
         raise TypeError(f"{fn}(): `{name}` must be a floating-point torch.Tensor")
+    check_alike(fn, **{name: field})
     if field.dim() not in (4, 5):
         raise ValueError(
             f"{fn}(): `{name}` must have shape (B, d, *spatial) with d = 2 or 3 spatial dims,"
@@ -83,6 +85,35 @@ def check_field(field: torch.Tensor, name: str, *, fn: str, finite: bool = False
     if finite and not bool(torch.isfinite(field).all()):
         raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
     return d
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+"""The dtypes the toolkit computes in. Half precision is refused: LNCC's local variances and
+the energy's sums lose their digits there (a bfloat16 LNCC of an image with itself gave −34
+where its range is [−1, 0])."""
+
+
+def check_alike(fn: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse floating-point tensors that cannot enter one computation: a half-precision dtype
+    (not in :data:`FLOAT_DTYPES`), or a dtype or device other than the first tensor's. ``None``
+    and non-floating tensors (label maps, integer masks) are skipped.
+
+    Raises:
+        TypeError: the message names ``fn`` and the argument, e.g. ``warp(): `image` is
+            torch.float64 but `disp` is torch.float32``.
+    """
+    first = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{fn}(): `{name}` is {t.dtype}: the toolkit computes in float32 or float64"
+                            " (convert with .float())")
+        if first is None:
+            first = name, t
+        elif (t.dtype, t.device) != (first[1].dtype, first[1].device):
+            raise TypeError(f"{fn}(): `{name}` is {t.dtype} on {t.device} but `{first[0]}` is {first[1].dtype}"
+                            f" on {first[1].device}: pass them in one dtype, on one device")
 
 
 def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
@@ -198,11 +229,15 @@ def warp(
             ``voxel_map`` that is not ``(B, d, d + 1)``.
     """
     d = check_field(disp, "disp", fn="warp")
+    check_alike("warp", disp=disp, image=image)  # a voxel_map may be float64 on the CPU (the affine stage)
     if image.dim() != d + 2:
         raise ValueError(
             f"warp(): `image` must have shape (B, C, *spatial) with {d} spatial dims to match"
             f" `disp`, got {tuple(image.shape)}"
         )
+    if voxel_map is None and image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"warp(): `image` grid {tuple(image.shape[2:])} is not `disp`'s {tuple(disp.shape[2:])}:"
+                         " without `voxel_map` the displacement samples the image on its own grid")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp(): `mode` must be 'bilinear' or 'nearest', got {mode!r}")
     if voxel_map is not None and tuple(voxel_map.shape) != (disp.shape[0], d, d + 1):
@@ -258,6 +293,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     check_field(outer, "outer", fn="compose")
     check_field(inner, "inner", fn="compose")
+    check_alike("compose", outer=outer, inner=inner)
     if outer.shape != inner.shape:
         raise ValueError(
             f"compose(): `outer` {tuple(outer.shape)} and `inner` {tuple(inner.shape)} must"

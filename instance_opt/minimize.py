@@ -68,7 +68,9 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
     device; every ``window`` iterations they are read in one transfer (one device sync per
     window), then the progress bar's postfix is set, ``callback(iterations_done)`` runs
     without gradients, and each pair still running is judged on its own totals: a non-finite
-    ``total`` stops it as ``DIVERGED``, ``stopping(its totals so far)`` as ``CONVERGED``. A
+    ``total`` stops it as ``DIVERGED``, ``stopping(its totals so far)`` as ``CONVERGED``. On the
+    CPU a non-finite ``total`` is also caught before its backward, which then does not run
+    (PyTorch's CPU ``grid_sample`` backward crashes on a NaN sampling grid). A
     stopped pair's slice of every parameter is held at its value from then on; the run ends
     when every pair has stopped. After a last iteration off the window, ``callback`` runs once
     more (the stopping rule does not).
@@ -101,13 +103,21 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
     stopped: dict[int, tuple[Status, int]] = {}  # pair -> (status, iterations)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     held: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # stopped pairs' indices and their parameter values
+    # on the CPU the totals are also read before each backward: PyTorch's CPU grid_sample
+    # backward crashes the process (segfault) on a NaN sampling grid, which a diverged velocity
+    # gives; the read costs nothing there, while on a GPU it would be a sync per iteration
+    each = bool(params) and params[0].device.type == "cpu"
     for it in range(1, max_iterations + 1):
         terms = closure()
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.sum().backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        # a running pair's non-finite energy is judged below, at once, and never back-propagated
+        diverging = each and any(b not in stopped for b in
+                                 torch.nonzero(~torch.isfinite(terms.total.detach().reshape(-1))).flatten().tolist())
+        if not diverging:
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.sum().backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
         if held is not None:
             with torch.no_grad():
                 for p, value in zip(params, held[1]):
@@ -116,7 +126,7 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
         pending.append(torch.stack([t.detach().reshape(-1).expand(n_pairs) for t in terms]))
         if progress_bar is not None:
             progress_bar.update()
-        if it % window == 0:
+        if it % window == 0 or diverging:
             rows += torch.stack(pending).tolist()
             pending = []
             if progress_bar is not None:
@@ -130,7 +140,7 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
                     continue
                 if not math.isfinite(rows[-1][i_total][b]):
                     stopped[b] = (Status.DIVERGED, it)  # the energy overflowed: stop, never return it as a result
-                elif stopping([r[i_total][b] for r in rows]):
+                elif it % window == 0 and stopping([r[i_total][b] for r in rows]):
                     stopped[b] = (Status.CONVERGED, it)
             if len(stopped) == n_pairs:
                 break

@@ -303,7 +303,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
-    check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None)
+    check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None, fixed_mask=fixed_mask,
+                 moving_mask=moving_mask)
     conditional = isinstance(cfg, ConditionalConfig)
     net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights, cfg.default_weights)), str(dev))
     if conditional:

@@ -479,6 +479,9 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if other:
             raise ValueError(f"train(): `resume`: {ck.name} was trained with other settings ({'; '.join(other)}); resume with"
                              f" the run's own (only {' and '.join(RESUME_MAY_CHANGE)} may change) or start a new `--out`")
+        if cfg.steps < state["step"]:
+            raise ValueError(f"train(): `resume`: {ck.name} has trained {state['step']} steps, more than `steps` {cfg.steps}:"
+                             f" nothing would be trained; give steps > {state['step']} to train on (--set steps=N)")
         if changed and rank == 0:
             dump_yaml(cfg, run / "config.yaml")  # steps or keep_checkpoints changed: the run's config says so
         net.load_state_dict(state["model"])

@@ -195,3 +195,14 @@ def test_a_small_object_registers_as_the_same_object_at_a_heads_size(tmp_path):
     points = [ref.TransformContinuousIndexToPhysicalPoint((float(i), float(j))) for i in range(30, 70, 8) for j in range(30, 70, 8)]
     err = max(np.linalg.norm(np.subtract(inv.TransformPoint(fwd.TransformPoint(p)), p)) for p in points)
     assert err < 0.1 * 0.2  # a tenth of a voxel of 0.2 mm
+
+
+def test_register_files_refuses_eval_labels_without_label_maps(tmp_path):
+    """The CLI refused `--eval-labels 17` without label maps; `register_files` accepted it."""
+    from hybridreg import data
+    from hybridreg.service import register_files
+
+    f, m = data.load_subject("vxm"), data.load_subject("synthseg_16")
+    with pytest.raises(ValueError, match="`--eval-labels` chooses the labels Dice is scored on"):
+        register_files(f.image_path, m.image_path, tmp_path / "out", eval_labels=[17])
+    assert not (tmp_path / "out").exists()

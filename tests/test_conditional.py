@@ -3,6 +3,7 @@ CSAIN on a region-wise λ map, its training loss, the solvers ``learned-conditio
 ``--set`` / ``--region-lambda`` on the CLI, and test-time tuning (TuRBO)."""
 
 import csv
+import json
 import math
 from dataclasses import replace
 
@@ -236,6 +237,13 @@ def test_cli_register_records_the_values_and_rejects_bad_ones(tiny_weights, tmp_
                  "--region-lambda", str(tmp_path / "rl.yaml")]) == 0
     written = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert written["objective"] == {"w_reg": 2.5, "hyper_strength": 0.175} and written["region_lambda"] == {1: 0.3, 2: 0.8}
+    assert not any("region-lambda" in w for w in json.loads((tmp_path / "o" / "metrics.json").read_text())["warnings"])
+    # a label FIXED does not hold (a typo: 999) was used silently
+    (tmp_path / "typo.yaml").write_text("1: 0.3\n999: 0.5\n")
+    capsys.readouterr()
+    assert main(["register", *common, *labels, "--out", str(tmp_path / "t"), "--region-lambda", str(tmp_path / "typo.yaml")]) == 0
+    want = "`--region-lambda` names labels that FIXED's label map does not hold, whose λ was not used: 999"
+    assert want in json.loads((tmp_path / "t" / "metrics.json").read_text())["warnings"] and want in capsys.readouterr().err
     for args, match in ((["--set", "objective.w_reg=40"], "objective.w_reg"),
                         (["--set", "objective.lncc_window=3"], "lncc_window"),
                         (["--region-lambda", str(tmp_path / "rl.yaml")], "fixed-labels"),
@@ -296,7 +304,7 @@ def test_turbo_beats_random_search_on_a_12_dimensional_analytic_objective(tmp_pa
 
     keys = [f"region_lambda.{k}" for k in range(1, 13)]
     sp = tuning.space_from_dict({"solver": "learned-conditional", "initial_trials": 8, "seed": 0,
-                                 "parameters": {k: {"low": 0.0, "high": 1.0} for k in keys}})
+                                 "parameters": {k: {"low": 0.01, "high": 1.0} for k in keys}})
 
     def bowl(space, params):
         return {"dice": 0.9 - sum((params[k] - 0.3) ** 2 for k in keys) / len(keys), "folding": 0.0, "sdlogj": 0.1}

@@ -291,7 +291,8 @@ def test_minimize_stops_each_pair_of_a_batch_on_its_own():
     blow = lambda: _Terms(torch.stack([(y[0] - 1) ** 2, torch.exp(50 * y[1] ** 2)]), y.detach())  # noqa: E731
     r = minimize(blow, opt, None, rule, 100, window=5)
     assert r.pair_status == [Status.CONVERGED, Status.DIVERGED] and r.status is Status.DIVERGED
-    assert r.pair_iterations[1] == 5 and r.pair_iterations[0] > 5 and float(y[0].detach()) == pytest.approx(1.0, abs=1e-3)
+    # on the CPU the overflow is judged at its first iteration, before its backward (it was at the window's end)
+    assert r.pair_iterations[1] == 1 and r.pair_iterations[0] > 5 and float(y[0].detach()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_a_level_that_ends_uphill_hands_on_its_start(pair):
@@ -385,3 +386,81 @@ def test_bad_images_are_rejected():
         register_pair(good, torch.rand(1, 1, 8, 8, 9))
     with pytest.raises(ValueError, match="fixed"):
         register_pair(torch.rand(8, 8, 8), good)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward fails the test: stands in for PyTorch's CPU grid_sample
+    backward, which crashes the process on a NaN sampling grid."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("backward ran on a non-finite energy")
+
+
+def test_minimize_on_the_cpu_never_back_propagates_a_non_finite_energy():
+    """A total that turns NaN between two windows is judged at once, without its backward."""
+    x = torch.tensor([3.0], requires_grad=True)
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        total = ((x - 1) ** 2).sum() + (float("nan") if calls["n"] == 3 else 0.0)
+        return _Terms(_NoBackward.apply(total) if calls["n"] == 3 else total, torch.tensor(0.0))
+
+    r = minimize(closure, torch.optim.SGD([x], lr=0.25), None, RelativeChangeStopping(tol=0.0), 100, window=10)
+    assert r.status is Status.DIVERGED and r.iterations == 3 and calls["n"] == 3
+    assert float(x.detach()) == 1.5  # two steps: 3 -> 2 -> 1.5, none from the NaN energy
+
+
+def test_a_mask_with_nan_wrong_shape_or_values_outside_0_1_is_refused_naming_it():
+    """A NaN in a mask made the velocity NaN after one step, and the next backward crashed the
+    process (segfault); a mask off its grid gave a raw broadcasting error; 0/255 or negative
+    masks were taken as weights."""
+    f, m = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    cfg = InstanceOptConfig(progress=False, iterations=(2, 2, 2, 0))
+    nan = torch.ones_like(f)
+    nan[0, 0, 5, 5] = float("nan")
+    for kwargs, match in [(dict(fixed_mask=nan), "`fixed_mask` contains NaN or Inf"),
+                          (dict(moving_mask=nan.clone().fill_(float("inf"))), "`moving_mask` contains NaN or Inf"),
+                          (dict(fixed_mask=torch.ones(1, 1, 5, 5)), r"`fixed_mask` must be \(1, 1, 16, 16\)"),
+                          (dict(fixed_mask=torch.full_like(f, 255.0)), r"`fixed_mask` must hold weights in \[0, 1\]"),
+                          (dict(moving_mask=-torch.ones_like(f)), r"`moving_mask` must hold weights in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=match):
+            register_pair(f, m, cfg, spacing=(2.0, 2.0), **kwargs)
+    with pytest.raises(ValueError, match=r"`fixed_mask` must be \(B, 1, 16, 16\)"):
+        evaluate(f, m, torch.zeros(1, 2, 16, 16), torch.ones(1, 1, 1, 1), ObjectiveConfig(), fixed_mask=torch.ones(1, 1, 3, 3))
+    ok = register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=(f > 0.5), moving_mask=torch.ones(1, 1, 16, 16, dtype=torch.uint8))
+    assert torch.isfinite(ok.displacement).all()
+
+
+def test_half_precision_and_mixed_dtypes_are_refused_naming_the_argument():
+    """bfloat16 gave an LNCC of −34 (range [−1, 0]) and a garbage registration reported as a
+    result; two dtypes gave torch's "expected scalar type Double but found Float"."""
+    f, m = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    cfg = InstanceOptConfig(progress=False)
+    with pytest.raises(TypeError, match=r"register_pair\(\): `fixed` is torch.bfloat16: the toolkit computes in float32"):
+        register_pair(f.bfloat16(), m.bfloat16(), cfg, spacing=(2.0, 2.0))
+    with pytest.raises(TypeError, match=r"register_pair\(\): `moving` is torch.float64 on cpu but `fixed` is torch.float32"):
+        register_pair(f, m.double(), cfg, spacing=(2.0, 2.0))
+    with pytest.raises(TypeError, match=r"evaluate\(\): `fixed` is torch.float32 on cpu but `velocity` is torch.float64"):
+        evaluate(f, m, torch.zeros(1, 2, 16, 16, dtype=torch.float64), torch.ones(1, 1, 1, 1), ObjectiveConfig())
+    with pytest.raises(TypeError, match=r"warp\(\): `image` is torch.float64 on cpu but `disp` is torch.float32"):
+        warp(f.double(), torch.zeros(1, 2, 16, 16))
+
+
+def test_init_velocity_is_the_exact_start_and_init_lambda_must_be_positive():
+    """The velocity was parametrised as G_σ * w from w = init_velocity, so a run started from
+    G_σ * init_velocity (learned + refine lost the network's detail before its first step)."""
+    gen = torch.Generator().manual_seed(0)
+    f, m = torch.rand(1, 1, 48, 40, generator=gen), torch.rand(1, 1, 48, 40, generator=gen)
+    v0 = gaussian_smooth(3 * torch.randn(1, 2, 48, 40, generator=gen), 3.0)
+    cfg = InstanceOptConfig(level_spacing=(2.0,), iterations=(0,), crop=False, velocity_smoothing=1.5, progress=False)
+    assert (gaussian_smooth(v0, 1.5) - v0).abs().max() > 0.1  # what the old start lost
+    r = register_pair(f, m, cfg, spacing=(2.0, 2.0), init_velocity=v0)
+    torch.testing.assert_close(r.velocity, v0, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"register_pair\(\): `init_lambda` must be > 0, its smallest value is -1"):
+        register_pair(f, m, cfg, spacing=(2.0, 2.0), init_lambda=-torch.ones(1, 1, 4, 4))

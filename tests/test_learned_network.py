@@ -157,6 +157,11 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint_*.pt")) == ["checkpoint_3.pt", "checkpoint_6.pt"]
     for f in ("model_best.pt", "model_final.pt", "training.png", "history.json", "config.yaml"):
         assert (tmp_path / "cut" / f).is_file(), f
+    # a resume with fewer steps than trained trained nothing, said it had, and rewrote config.yaml
+    before = {f: (tmp_path / "cut" / f).read_bytes() for f in ("config.yaml", "model_final.pt", "history.json")}
+    with pytest.raises(ValueError, match=r"checkpoint_6.pt has trained 6 steps, more than `steps` 4"):
+        train(_tiny_cfg(steps=4), data, tmp_path / "cut", resume=True, progress=False)
+    assert {f: (tmp_path / "cut" / f).read_bytes() for f in before} == before
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path):

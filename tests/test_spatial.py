@@ -311,3 +311,16 @@ def test_warp_cut_into_slabs_for_cpu_threads_equals_one_sampler_call(batch, thre
     assert torch.equal(a, b)
     for x, y in zip(ga, gb):
         assert (x is None and y is None) or torch.allclose(x, y, atol=1e-12)
+
+
+def test_warp_and_compose_refuse_another_grid_or_dtype_naming_the_argument():
+    """An (8, 9, 9) image and a zero (8, 9, 10) displacement gave a stretched image, not the
+    identity; two dtypes gave torch's "expected scalar type" error."""
+    from hybridreg.spatial import warp
+
+    with pytest.raises(ValueError, match=r"warp\(\): `image` grid \(8, 9, 9\) is not `disp`'s \(8, 9, 10\)"):
+        warp(torch.rand(1, 1, 8, 9, 9), torch.zeros(1, 3, 8, 9, 10))
+    with pytest.raises(TypeError, match=r"compose\(\): `inner` is torch.float64 on cpu but `outer` is torch.float32"):
+        compose(torch.zeros(1, 2, 6, 6), torch.zeros(1, 2, 6, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"warp\(\): `disp` is torch.float16"):
+        warp(torch.rand(1, 1, 6, 6).half(), torch.zeros(1, 2, 6, 6).half())

@@ -377,3 +377,37 @@ def test_objectives_score_the_test_split_on_request():
     assert val["dice"] != test["dice"]  # vxm <- synthseg_13 against vxm <- synthseg_16
     with pytest.raises(ValueError, match="split"):
         tuning.solver_objective(sp, params, split="train")
+
+
+def test_a_run_without_a_feasible_trial_says_why_and_lists_only_the_files_it_wrote(tmp_path):
+    """The command listed best_config.yaml and partial_dependence.png that it had not written,
+    blamed folding when SDlogJ (or failing trials) made every trial infeasible, and wrote NaN
+    into summary.json."""
+    sp = space(sdlogj_max=0.01)
+    res = tuning.run_tuning(sp, bowl, 2, tmp_path / "sd", progress=False)
+    summary = tuning.write_outputs(sp, res, tmp_path / "sd")
+    assert res.best is None and summary["infeasible"] == (
+        "%|J|≤0 > 0.1 in 1 of 2 finished trials; SDlogJ > 0.01 in 2 of 2 finished trials")  # w_reg 0.76 and 2.9
+    assert summary["outputs"] == ["trials.json", "summary.json", "best_so_far.png", "pareto.json", "pareto.png"]
+    assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == sorted(summary["outputs"])
+
+    def strict(name):
+        raise ValueError(f"{name} in summary.json")
+
+    assert json.loads((tmp_path / "sd" / "summary.json").read_text(), parse_constant=strict)["best_so_far"] == [None, None]
+    res = tuning.run_tuning(space(), lambda s, p: failing(s, {"objective.w_reg": 8.0}), 2, tmp_path / "f", progress=False)
+    assert tuning.write_outputs(space(), res, tmp_path / "f")["infeasible"] == (
+        "2 of 2 trials failed (the first: RuntimeError: diverged)")
+
+
+def test_a_conditional_search_space_outside_the_networks_range_is_refused_before_any_trial(tmp_path, capsys):
+    """Every trial of w_reg in [20, 32] failed (the network was trained on [1, 16]) and the run
+    ended with exit 0; the instance solver's bounds were checked before any work."""
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({"solver": "learned-conditional", "initial_trials": 2,
+                                 "parameters": {"objective.w_reg": {"low": 0.5, "high": 16.0, "log": True}}}))
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "every `low` of the parameters together" in err and "`objective.w_reg` must lie in the conditional" in err
+    assert not (out / "trials.json").exists()

@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 from ..config import atomic_write_text, from_dict, to_dict
-from .space import SearchSpace
+from ..solvers import get_solver
+from .space import SearchSpace, apply_params
 
 METHODS = ("botorch", "turbo", "random", "tpe")
 TURBO_INIT, TURBO_MIN, TURBO_MAX = 0.8, 0.5**7, 1.6  # TuRBO-1's trust-region side: start, restart below, cap
@@ -297,7 +298,8 @@ def run_tuning(
 
     Raises:
         ValueError: unknown ``method``, ``n_trials < 1``, ``train_data`` in a space whose
-            solver is not ``learned`` (its trials score the bundled pairs), a fresh run into a folder that
+            solver is not ``learned`` (its trials score the bundled pairs), a space the solver refuses at
+            its lowest or highest values (a conditional network's training ranges), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
     """
     from tqdm.auto import tqdm
@@ -309,6 +311,12 @@ def run_tuning(
     if space.train_data != "bundled" and space.solver != "learned":
         raise ValueError(f"search space: `train_data` is the learned solver's training data; the {space.solver} solver's"
                          " trials score the bundled validation pairs (`resolution`, `max_pairs`, `synth_contrasts`)")
+    if space.solver != "learned":  # the solver's own checks (a conditional network's ranges) at both corners
+        for corner in ("low", "high"):
+            try:
+                get_solver(space.solver).configure(apply_params(space, {p.key: getattr(p, corner) for p in space.parameters}))
+            except ValueError as e:
+                raise ValueError(f"search space: every `{corner}` of the parameters together: {e}") from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []

@@ -2,6 +2,7 @@
 object-oriented API, no pyplot), every file written through :func:`hybridreg.config.atomic_output`."""
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -100,7 +101,10 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
     register --config`` / ``hybridreg train --config`` accept it), ``pareto.json``,
     ``summary.json`` and the figures. All are written into a staging folder inside
     ``out_dir`` first and moved into place together at the end, so an interruption leaves
-    the earlier set of files, never a mix. Returns the summary."""
+    the earlier set of files, never a mix. Returns the summary, whose ``outputs`` lists the
+    files the run's folder holds (``partial_dependence.png`` needs 3 finished trials,
+    ``best_config.yaml`` a feasible one) and ``infeasible`` says why no trial is feasible
+    (:meth:`SearchSpace.why_infeasible`; ``None`` when one is)."""
     out = Path(out_dir)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
     try:
@@ -109,9 +113,13 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
         atomic_write_text(stage / "pareto.json", json.dumps(result.pareto, indent=2))
         summary = {"finished": sum(t["status"] in ("done", "failed") for t in result.trials),
                    "failed": sum(t["status"] == "failed" for t in result.trials), "best": result.best,
-                   "best_so_far": best_so_far(result.trials, space), "pareto_size": len(result.pareto)}
-        atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
+                   # a run with no feasible trial yet has no best: null, never a NaN number
+                   "best_so_far": [v if math.isfinite(v) else None for v in best_so_far(result.trials, space)],
+                   "pareto_size": len(result.pareto),
+                   "infeasible": None if result.best is not None else space.why_infeasible(result.trials)}
         tuning_figures(space, result.trials, stage)
+        summary["outputs"] = ["trials.json", "summary.json"] + sorted(f.name for f in stage.iterdir())
+        atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
     finally:

@@ -103,6 +103,23 @@ class SearchSpace:
         %|J|≤0 ≤ ``folding_max`` and, when ``sdlogj_max`` > 0, SDlogJ ≤ ``sdlogj_max``."""
         return trial["folding"] <= self.folding_max and (self.sdlogj_max == 0 or trial["sdlogj"] <= self.sdlogj_max)
 
+    def why_infeasible(self, trials: list[dict]) -> str:
+        """Why none of ``trials`` is feasible, for a run that has no best trial: how many
+        failed (with the first error) and how many broke each bound, e.g. ``"SDlogJ > 0.01 in
+        2 of 2 finished trials"``."""
+        done = [t for t in trials if t["status"] == "done"]
+        failed = [t for t in trials if t["status"] == "failed"]
+        parts = []
+        if failed:
+            parts.append(f"{len(failed)} of {len(done) + len(failed)} trials failed (the first: {failed[0]['error']})")
+        if done:
+            folding = sum(t["folding"] > self.folding_max for t in done)
+            sdlogj = sum(self.sdlogj_max > 0 and t["sdlogj"] > self.sdlogj_max for t in done)
+            for n, bound in ((folding, f"%|J|≤0 > {self.folding_max:g}"), (sdlogj, f"SDlogJ > {self.sdlogj_max:g}")):
+                if n:
+                    parts.append(f"{bound} in {n} of {len(done)} finished trials")
+        return "; ".join(parts) or "no trial finished"
+
 
 def _config_class(solver: str) -> type:
     """The tuned config: the instance solver's own, or the learned solver's training config."""
