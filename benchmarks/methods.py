@@ -243,7 +243,7 @@ class Method:
     label: str
     run: Callable[..., MethodOutput]  # run(pair, dice_fn, device="cpu"): hybridreg's solvers on ``device``, the tools on the CPU
     lambda_kind: str  # "voxelwise", "uniform", "map", "regions" or "-" (classical tools)
-    solver: str  # "instance", "learned", "learned+refine" or "classical"
+    solver: str  # "instance", "learned", "learned+refine", "classical" or an installed plug-in's name
     description: str = ""
     requires: str | None = None
     why: str = ""
@@ -330,10 +330,11 @@ def _instance(config_path: Path | None, w_reg: float | None = None, sets: tuple[
     return run
 
 
-def _learned(name: str, weights: Path | None = None, half_grid: bool = False, sets: tuple[str, ...] = (),
+def _via_solver(name: str, weights: Path | None = None, half_grid: bool = False, sets: tuple[str, ...] = (),
              region_lambda: Path | None = None, config: Path | None = None):
-    """The learned solver ``name`` (``learned``, ``learned+refine``, ``learned-lambda``,
-    ``learned-conditional[+refine]``) with ``config`` (a YAML file, ``--config``; default: the
+    """The solver ``name`` through the service's path (the learned solvers ``learned``,
+    ``learned+refine``, ``learned-lambda``, ``learned-conditional[+refine]``, or an installed
+    plug-in: :func:`plugin_methods`) with ``config`` (a YAML file, ``--config``; default: the
     solver's defaults) and ``weights`` (default: the solver's shipped ones);
     ``half_grid``: refine with :func:`learned.solver.half_grid_refine` (networks without a
     full-resolution stage); ``sets``: ``KEY=VALUE`` overrides (the conditional network's
@@ -342,11 +343,12 @@ def _learned(name: str, weights: Path | None = None, half_grid: bool = False, se
 
     def run(pair: AnyPair, dice_fn, device: str = "cpu") -> MethodOutput:
         from hybridreg.service import run_solver, solver_and_config
-        from learned.solver import half_grid_refine
 
-        solver, cfg = solver_and_config(name, config, weights=str(weights or ""), progress=False, overrides=sets,
-                                        region_lambda=region_lambda)  # the CLI's path: --set, --region-lambda
+        solver, cfg = solver_and_config(name, config, weights=None if weights is None else str(weights), progress=False,
+                                        overrides=sets, region_lambda=region_lambda)  # the CLI's path: --set, --region-lambda
         if half_grid:
+            from learned.solver import half_grid_refine
+
             cfg = replace(cfg, refine_config=half_grid_refine())
         warm_up_torch()
         warm_up_device(name, device, cfg)
@@ -452,47 +454,47 @@ METHODS: dict[str, Method] = {
         Method("instance-regions", "instance (region-wise λ)", _instance(REGIONS_CONFIG), "regions", "instance",
                "one λ per structure of FIXED's labels, smoothed, under the hyperprior (`configs/instance_regions.yaml`)",
                setting="w_reg 4"),
-        Method("learned-lambda", "learned λ regressor (global λ)", _learned("learned-lambda"), "map", "learned",
+        Method("learned-lambda", "learned λ regressor (global λ)", _via_solver("learned-lambda"), "map", "learned",
                "λ predicted by the regressor trained on MAP estimates (`learned/weights/lambda_regressor/`), then instance"
                " optimization at that λ on the MAP energy (`configs/instance_map.yaml` with λ fixed)", requires=str(REGRESSOR_WEIGHTS),
                why="train it: python -m learned.regressor --out learned/weights/lambda_regressor"),
-        Method("learned", "learned (voxelwise λ)", _learned("learned"), "voxelwise", "learned",
+        Method("learned", "learned (voxelwise λ)", _via_solver("learned"), "voxelwise", "learned",
                "the shipped network (`learned_bundled_2mm.pt`, stage 4: half-grid U-Net + full-resolution velocity stage, trained with scan-like images), two forward passes (inverse-consistent: the swapped pair's SVF negated and averaged in), then two more in its mid-space (FIXED ∘ exp(−v/2) ← MOVING ∘ exp(v/2)), SVFs added (one recursive pass, still exactly inverse-consistent)",
                setting="w_reg 4 network"),
-        Method("learned+refine", "learned + refine", _learned("learned+refine"), "voxelwise", "learned+refine",
+        Method("learned+refine", "learned + refine", _via_solver("learned+refine"), "voxelwise", "learned+refine",
                "the network's velocity and λ refined by 7 instance iterations at 2 mm, then 2 at 1.75 mm (1 mm images), on the instance solver's energy, on FIXED's foreground box"),
-        Method("learned-conditional", "learned conditional (voxelwise λ)", _learned("learned-conditional"), "voxelwise",
+        Method("learned-conditional", "learned conditional (voxelwise λ)", _via_solver("learned-conditional"), "voxelwise",
                "learned", "one network conditioned on w_reg and the hyperprior strength (FiLM) and on a region-wise λ map"
                " (CSAIN), `learned/weights/conditional/`, at w_reg 4 (the λ head's voxelwise λ)", setting="w_reg 4",
                requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
-        Method("learned-conditional+refine", "learned conditional + refine", _learned("learned-conditional+refine"),
+        Method("learned-conditional+refine", "learned conditional + refine", _via_solver("learned-conditional+refine"),
                "voxelwise", "learned+refine", "the conditional network refined by 12 instance iterations at 2 mm on the"
                " energy at the same w_reg", setting="w_reg 4", requires=str(CONDITIONAL_WEIGHTS),
                why="train it: configs/learned_conditional.yaml"),
         Method("learned-matched", "learned conditional at the instance solver's regularity",
-               _learned("learned-conditional", config=MATCHED_CONFIG), "voxelwise", "learned",
+               _via_solver("learned-conditional", config=MATCHED_CONFIG), "voxelwise", "learned",
                "the conditional network at code w_reg 1, where its SDlogJ on the real pairs is the instance default's"
                " (`configs/conditional_matched.yaml`), two forward passes (inverse-consistent)", setting="w_reg 1",
                requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
         Method("learned-matched+refine", "learned conditional at the instance solver's regularity + refine",
-               _learned("learned-conditional+refine", config=MATCHED_CONFIG), "voxelwise", "learned+refine",
+               _via_solver("learned-conditional+refine", config=MATCHED_CONFIG), "voxelwise", "learned+refine",
                "the same network (code w_reg 1) refined by 5 instance iterations at 2 mm on the instance solver's default"
                " energy (w_reg 4; `configs/conditional_matched.yaml`)", setting="w_reg 1, refined at w_reg 4",
                requires=str(CONDITIONAL_WEIGHTS), why="train it: configs/learned_conditional.yaml"),
         Method("learned-conditional-regions", "learned conditional (region-wise λ, tuned)",
-               _learned("learned-conditional", region_lambda=REGION_LAMBDA), "regions", "learned",
+               _via_solver("learned-conditional", region_lambda=REGION_LAMBDA), "regions", "learned",
                "the conditional network at w_reg 4 conditioned on region weights tuned by TuRBO on the validation pairs"
                " (`benchmarks/results/conditional/region_lambda.yaml`); the energy's λ is the painted map",
                setting="w_reg 4", requires=str(REGION_LAMBDA), why="tune them: hybridreg tune --solver learned-conditional"),
-        Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _learned("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
+        Method("learned-stage1", "learned, stage 1 (voxelwise λ)", _via_solver("learned", STAGE1_WEIGHTS), "voxelwise", "learned",
                "stage 1 of the shipped network (half-grid U-Net, SVF on the 4 mm grid): the uniform network's pair",
                **_NEEDS_STAGE1_NET),
-        Method("learned+refine-stage1", "learned + refine, stage 1", _learned("learned+refine", STAGE1_WEIGHTS, half_grid=True), "voxelwise",
+        Method("learned+refine-stage1", "learned + refine, stage 1", _via_solver("learned+refine", STAGE1_WEIGHTS, half_grid=True), "voxelwise",
                "learned+refine", "stage 1 refined on its own energy by 20 (4 mm) + 12 (2 mm) instance iterations",
                **_NEEDS_STAGE1_NET),
-        Method("learned-uniform", "learned (uniform λ)", _learned("learned", UNIFORM_WEIGHTS), "uniform", "learned",
+        Method("learned-uniform", "learned (uniform λ)", _via_solver("learned", UNIFORM_WEIGHTS), "uniform", "learned",
                "the same U-Net without λ head, trained on the uniform energy (w_reg·λ = 3.579)", **_NEEDS_UNIFORM_NET),
-        Method("learned+refine-uniform", "learned + refine (uniform λ)", _learned("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
+        Method("learned+refine-uniform", "learned + refine (uniform λ)", _via_solver("learned+refine", UNIFORM_WEIGHTS, half_grid=True), "uniform",
                "learned+refine", "the uniform network refined on its own energy (20 + 12 iterations, λ fixed)",
                **_NEEDS_UNIFORM_NET),
         Method("ants-syn", "ANTs SyN", _ants_syn(), "-", "classical",
@@ -515,11 +517,11 @@ FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)
                             _instance(MAP_CONFIG, sets=("lambda_mode=uniform", f"lambda_init={lam:g}", "objective.log_det=true")))
                            for lam in (0.25, 0.5, 1.0, 2.0)],
           # one network per value (the shipped one is w_reg 4) against one conditional network at every value
-          "learned": [(f"w_reg={w:g}", f"w_reg {w:g} network", _learned("learned", p)) for w, p in FIXED_WREG_WEIGHTS.items()],
-          "learned-conditional": [(f"w_reg={w:g}", f"w_reg {w:g}", _learned("learned-conditional", sets=(f"objective.w_reg={w:g}",)))
+          "learned": [(f"w_reg={w:g}", f"w_reg {w:g} network", _via_solver("learned", p)) for w, p in FIXED_WREG_WEIGHTS.items()],
+          "learned-conditional": [(f"w_reg={w:g}", f"w_reg {w:g}", _via_solver("learned-conditional", sets=(f"objective.w_reg={w:g}",)))
                                   for w in FIXED_WREG_WEIGHTS],
           "learned-conditional+refine": [(f"w_reg={w:g}", f"w_reg {w:g}",
-                                          _learned("learned-conditional+refine", sets=(f"objective.w_reg={w:g}",)))
+                                          _via_solver("learned-conditional+refine", sets=(f"objective.w_reg={w:g}",)))
                                          for w in (2.0, 8.0)],
           "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (0.75, 1.0, 2.5)],
           "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]
@@ -530,6 +532,21 @@ for _family, _points in FRONTS.items():
         _name = f"{_family}@{_key}"
         METHODS[_name] = replace(_base, name=_name, label=f"{_base.label}, {_setting}", run=_run, family=_family, setting=_setting,
                                  description=f"{_base.label} with {_setting} (a point of its regularity sweep)")
+
+
+def plugin_methods() -> dict[str, Method]:
+    """A method for every installed solver (:func:`hybridreg.solvers.available_solvers`) that the
+    registry does not hold: a third-party plug-in, run with its defaults through the service's
+    path as the learned solvers are (``docs/development.md``, "Plugging in a solver")."""
+    from hybridreg.solvers import available_solvers
+
+    return {n: Method(n, f"{n} (installed solver)", _via_solver(n), "-", n,
+                      f"the installed solver `{n}` with its default config (a plug-in of the `hybridreg.solvers` group)")
+            for n in available_solvers() if n not in BUILT_IN}
+
+
+BUILT_IN = frozenset(METHODS)
+METHODS.update(plugin_methods())
 
 
 def front_methods(methods: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_name, gpu_name, rss_mb, run_child
-from benchmarks.methods import METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
+from benchmarks.methods import BUILT_IN, METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
 from hybridreg.config import atomic_write_text
 
 
@@ -144,7 +144,7 @@ SOLVERS = ["instance", "learned", "learned+refine"]
 # the conditional network at the instance solver's regularity, alone and refined (configs/conditional_matched.yaml)
 MATCHED = ["learned-matched", "learned-matched+refine"]
 SUITES: dict[str, dict] = {
-    "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if not METHODS[m].family], "scaling": True},
+    "bundled": {"dataset": "bundled", "methods": [m for m in METHODS if m in BUILT_IN and not METHODS[m].family], "scaling": True},
     "bundled-1mm": {"dataset": "bundled-1mm", "methods": SOLVERS + MATCHED + ["instance-uniform", "instance-fullres", "sitk-demons", "ants-syn"], "scaling": False, "fronts": True},
     "smoke": {"dataset": "bundled", "methods": ["learned", "sitk-demons"], "scaling": False, "max_pairs": 1},
     "realworld": {"dataset": "realworld", "methods": SOLVERS + MATCHED + ["instance-uniform", "instance-fullres", "sitk-demons", "ants-syn"],

@@ -15,7 +15,8 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   pair whose folder holds ``metrics.json`` is finished (it is moved into place last) and never
   redone, so a killed run re-run with the same command goes on where it stopped; a pair that
   fails (an unreadable file, a failed affine stage, a diverged optimization) is recorded in
-  ``OUT/failed/<id>.json`` with its error and the others go on. A label map or mask off its
+  ``OUT/failed/<id>.json`` with its error (and its traceback, for an error that is not the input's:
+  a plug-in solver's crash, say) and the others go on. A label map or mask off its
   image's grid is found from the headers when the manifest is read, and refuses the whole
   manifest (naming the row) before any pair runs. Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``W`` takes
   pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
@@ -37,6 +38,7 @@ import json
 import os
 import re
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -350,8 +352,11 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
 
     def failed(pair: PairEntry, e: Exception) -> None:
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        # the traceback for errors that are not the input's (a plug-in solver's crash, a bug): where it happened
+        trace = None if isinstance(e, (ValueError, FileNotFoundError)) else "".join(traceback.format_exception(e))[-4000:]
         atomic_write_text(out / "failed" / f"{pair.id}.json",
-                          json.dumps({"id": pair.id, "error": error, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+                          json.dumps({"id": pair.id, "error": error, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      **({"traceback": trace} if trace else {})}, indent=2))
         bar.write(f"pair {pair.id} failed: {error if len(error) <= 400 else error[:400] + ' ...'} (in full: failed/{pair.id}.json)")
         bar.update()
 

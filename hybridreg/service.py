@@ -21,6 +21,7 @@ optimization) and finishes each.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -43,7 +44,8 @@ from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, re
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, read_image, read_labels,
                  read_landmarks, resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
-from .solvers import DivergenceError, RegistrationResult, Solver, divergence, get_solver, result_warnings, synchronize
+from .solvers import (DivergenceError, RegistrationResult, Solver, check_result, divergence, get_solver, result_warnings,
+                      synchronize)
 from .spatial import jacobian_determinant, warp
 
 __all__ = ["OUTPUT_FILES", "TRANSFORM_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
@@ -153,7 +155,8 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
     (``--set``, :func:`hybridreg.config.apply_overrides`), with ``weights`` (learned solvers),
     ``region_lambda`` (a YAML file ``label: λ``, and optionally ``default: λ`` for the labels it
     does not list, for configs with a ``region_lambda`` key: the conditional network's
-    region-wise λ, method §3.2) and ``progress`` set, and the fields the solver name fixes
+    region-wise λ, method §3.2) and ``progress`` set (for a config with that field: a plug-in's
+    need not have it), and the fields the solver name fixes
     (:meth:`Solver.configure`).
 
     Raises:
@@ -179,7 +182,9 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
             cfg = replace(cfg, region_lambda=values, **default)
         except ValueError as e:
             raise ValueError(f"`--region-lambda`: {e}") from None
-    return solver, solver.configure(replace(cfg, progress=progress))
+    if any(f.name == "progress" for f in dataclasses.fields(cfg)):  # a plug-in's config need not have it
+        cfg = replace(cfg, progress=progress)
+    return solver, solver.configure(cfg)
 
 
 def device_of(device: str | None) -> torch.device:
@@ -448,6 +453,7 @@ def run_solver_pairs(solver: Solver, config: Any, fixed: torch.Tensor, moving: t
     result = solver.register_pair(fixed, moving, config, spacing=spacing, device=dev, **grids)
     synchronize(dev)
     seconds = time.perf_counter() - t0
+    check_result(result, fixed, solver.name)
     peak, n = peak_memory_mb(dev), result.batch_size
     out: list[Solved | DivergenceError] = []
     for b in range(n):

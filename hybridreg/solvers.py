@@ -8,7 +8,8 @@ entry-point group :data:`ENTRY_POINT_GROUP`, declared in their ``pyproject.toml`
     instance = "instance_opt.solver:SOLVER"
 
 :func:`get_solver` loads one by name, so the model never names a solver module and a
-plug-in solver is used by the CLI, tuning and benchmarks exactly as ours are.
+plug-in solver is used by the CLI (``register``, ``batch``), the service and the benchmarks as
+ours are (``docs/development.md``, "Plugging in a solver"; tuning runs hybridreg's own solvers).
 
 Fields and displacements follow ``docs/conventions.md``: channels-first ``(B, d, *spatial)``
 in voxel units of the grid they live on, component k along tensor axis k + 2.
@@ -28,7 +29,7 @@ from .objective import ObjectiveConfig
 from .spatial import check_alike
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
-           "get_solver", "check_images", "synchronize", "divergence", "result_warnings", "kept_start_warning", "IDENTITY_VOXELS",
+           "get_solver", "check_images", "check_result", "synchronize", "divergence", "result_warnings", "kept_start_warning", "IDENTITY_VOXELS",
            "FIXED_POINT_SHARE"]
 
 ENTRY_POINT_GROUP = "hybridreg.solvers"
@@ -262,6 +263,32 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
                              f" to {values.max().item():g} (a 0/255 mask: pass mask > 0)")
 
 
+def check_result(result: Any, fixed: torch.Tensor, solver: str) -> None:
+    """Check what a solver returned against :class:`RegistrationResult`'s contract before
+    anything uses it (a plug-in's mistakes would otherwise surface later, in a metric or a
+    figure, under another argument's name): a :class:`RegistrationResult` whose
+    ``displacement`` is ``(B, d, *spatial)`` on FIXED's grid in FIXED's dtype, and
+    whose tensors carry no autograd graph.
+
+    Raises:
+        ValueError: one line naming ``solver`` and the field.
+    """
+    where = f"--solver {solver} returned"
+    if not isinstance(result, RegistrationResult):
+        raise ValueError(f"{where} a {type(result).__name__}, not a hybridreg.solvers.RegistrationResult")
+    disp, d = result.displacement, fixed.dim() - 2
+    want = (fixed.shape[0], d, *fixed.shape[2:])
+    if not isinstance(disp, torch.Tensor) or tuple(disp.shape) != want:
+        raise ValueError(f"{where} a displacement of shape {tuple(getattr(disp, 'shape', ()))}: it must be {want}"
+                         " (B, d, *spatial) in voxels of FIXED's grid")
+    if disp.dtype != fixed.dtype:
+        raise ValueError(f"{where} a {disp.dtype} displacement for {fixed.dtype} images: it must follow the inputs' dtype")
+    for name in ("displacement", "velocity", "lam", "warped"):
+        t = getattr(result, name)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{where} `{name}` with an autograd graph: detach it (or compute it under torch.no_grad())")
+
+
 MAX_FOLDING_PERCENT = 1.0
 """A result with more folded voxels (%|J|≤0) than this has collapsed: the solvers' defaults fold
 none on every bundled and real pair (0 %, README), so 1 % is far outside any success."""
@@ -292,8 +319,10 @@ def divergence(result: RegistrationResult, *, max_folding_percent: float = MAX_F
     diverged = [h for h in result.history if h.status == Status.DIVERGED]
     network_only = all(not h.terms for h in result.history)  # a network pass has no iterations to log
     weights = (diverged and not diverged[0].terms) or (not diverged and network_only and result.history)
-    cause = "check the network weights (`--weights`)" if weights else \
-        "lower the learning rates (`lr`, `lr_lambda`) or check the hyperprior settings in --config"
+    cause = ("check the network weights (`--weights`)" if weights else
+             "lower the learning rates (`lr`, `lr_lambda`) or check the hyperprior settings in --config"
+             if hasattr(result.config, "lr_lambda") or hasattr(result.config, "refine_config")
+             else "check the solver's settings in --config")  # a plug-in's config has no learning rates of ours
     if diverged:
         h = diverged[0]
         where = "the network's output" if weights else \
@@ -367,13 +396,24 @@ def get_solver(name: str) -> Solver:
 
     Raises:
         ValueError: no installed solver has that name (the message lists those that exist),
-            or the entry point does not satisfy :class:`Solver`.
+            two installed packages register it (one would silently replace the other, e.g. a
+            plug-in named ``instance``), its entry point fails to import, or it is not an object
+            satisfying :class:`Solver` (a class instead of its instance, say). Each message
+            names the solver and the entry point.
     """
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    found = {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name}  # one per target
     if not found:
         names = ", ".join(available_solvers()) or "none: install hybridreg with pip"
         raise ValueError(f"`--solver` must be one of the installed solvers ({names}), got {name!r}")
-    solver = found[0].load()
-    if not isinstance(solver, Solver):
-        raise ValueError(f"`--solver`: entry point {found[0].value} of {name!r} is not a hybridreg.solvers.Solver")
+    if len(found) > 1:
+        raise ValueError(f"`--solver` {name!r} is registered by more than one installed package ({', '.join(sorted(found))}):"
+                         " uninstall one, or rename its entry point")
+    (ep,) = found.values()
+    try:
+        solver = ep.load()
+    except Exception as e:  # noqa: BLE001 -- a plug-in's import error, reported as its own
+        raise ValueError(f"`--solver` {name!r}: its entry point {ep.value} failed to load: {type(e).__name__}: {e}") from None
+    if isinstance(solver, type) or not isinstance(solver, Solver):
+        raise ValueError(f"`--solver` {name!r}: entry point {ep.value} is not a hybridreg.solvers.Solver"
+                         f"{' (it is a class: register an instance of it)' if isinstance(solver, type) else ''}")
     return solver

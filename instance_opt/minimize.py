@@ -69,8 +69,9 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
     window), then the progress bar's postfix is set, ``callback(iterations_done)`` runs
     without gradients, and each pair still running is judged on its own totals: a non-finite
     ``total`` stops it as ``DIVERGED``, ``stopping(its totals so far)`` as ``CONVERGED``. On the
-    CPU a non-finite ``total`` is also caught before its backward, which then does not run
-    (PyTorch's CPU ``grid_sample`` backward crashes on a NaN sampling grid). A
+    CPU a running pair's non-finite ``total`` is also caught before the backward: the pair stops
+    as ``DIVERGED`` at once (PyTorch's CPU ``grid_sample`` backward crashes on a NaN sampling
+    grid) and the others, re-evaluated without it, take the iteration's step as they would alone. A
     stopped pair's slice of every parameter is held at its value from then on; the run ends
     when every pair has stopped. After a last iteration off the window, ``callback`` runs once
     more (the stopping rule does not).
@@ -107,26 +108,40 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
     # backward crashes the process (segfault) on a NaN sampling grid, which a diverged velocity
     # gives; the read costs nothing there, while on a GPU it would be a sync per iteration
     each = bool(params) and params[0].device.type == "cpu"
+
+    def hold_stopped() -> None:  # the stopped pairs' parameters are held from now on; the closure is told
+        nonlocal held
+        index = torch.tensor(sorted(stopped), device=params[0].device if params else None)
+        held = (index, [p.detach()[index].clone() for p in params])
+        if on_stop is not None:
+            on_stop(sorted(stopped))
+
     for it in range(1, max_iterations + 1):
         terms = closure()
-        # a running pair's non-finite energy is judged below, at once, and never back-propagated
-        diverging = each and any(b not in stopped for b in
-                                 torch.nonzero(~torch.isfinite(terms.total.detach().reshape(-1))).flatten().tolist())
-        if not diverging:
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.sum().backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+        names, n_pairs = terms._fields, terms.total.numel()
+        if each:  # a running pair whose energy is not finite stops now, before any backward through it
+            bad = [b for b in torch.nonzero(~torch.isfinite(terms.total.detach().reshape(-1))).flatten().tolist()
+                   if b not in stopped]
+            if bad:
+                stopped.update({b: (Status.DIVERGED, it) for b in bad})
+                if len(stopped) == n_pairs:
+                    pending.append(torch.stack([t.detach().reshape(-1).expand(n_pairs) for t in terms]))
+                    break
+                hold_stopped()
+                terms = closure()  # the running pairs take this iteration's step as they would alone
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.sum().backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         if held is not None:
             with torch.no_grad():
                 for p, value in zip(params, held[1]):
                     p[held[0]] = value
-        names, n_pairs = terms._fields, terms.total.numel()
         pending.append(torch.stack([t.detach().reshape(-1).expand(n_pairs) for t in terms]))
         if progress_bar is not None:
             progress_bar.update()
-        if it % window == 0 or diverging:
+        if it % window == 0:
             rows += torch.stack(pending).tolist()
             pending = []
             if progress_bar is not None:
@@ -140,15 +155,12 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
                     continue
                 if not math.isfinite(rows[-1][i_total][b]):
                     stopped[b] = (Status.DIVERGED, it)  # the energy overflowed: stop, never return it as a result
-                elif it % window == 0 and stopping([r[i_total][b] for r in rows]):
+                elif stopping([r[i_total][b] for r in rows]):
                     stopped[b] = (Status.CONVERGED, it)
             if len(stopped) == n_pairs:
                 break
             if stopped and (held is None or len(held[0]) != len(stopped)):
-                index = torch.tensor(sorted(stopped), device=params[0].device if params else None)
-                held = (index, [p.detach()[index].clone() for p in params])
-                if on_stop is not None:
-                    on_stop(sorted(stopped))
+                hold_stopped()
     if pending:
         rows += torch.stack(pending).tolist()
     if callback is not None and it % window != 0:

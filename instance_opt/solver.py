@@ -328,8 +328,10 @@ def register_pair(
     dtype = fixed.dtype
     spatial, m_spatial = tuple(fixed.shape[2:]), tuple(moving.shape[2:])
     h_m = check_spacing(moving_spacing, d, fn="register_pair") if moving_map is not None else h
-    moving_map, fixed_mask, moving_mask = (None if t is None else t.to(dev, dtype) for t in (moving_map, fixed_mask, moving_mask))
     B = fixed.shape[0]
+    # a (1, 1, ...) mask serves every pair of a batch: expanded, so that the running pairs can be indexed
+    moving_map, fixed_mask, moving_mask = (None if t is None else t.to(dev, dtype) for t in (moving_map, fixed_mask, moving_mask))
+    fixed_mask, moving_mask = (None if t is None else t.expand(B, *t.shape[1:]) for t in (fixed_mask, moving_mask))
     kind = cfg.objective.hyperprior if cfg.objective.hyperprior != "none" else "normal"
     mode = cfg.lambda_mode
     obj = (cfg.objective if mode in ("voxelwise", "regions")

@@ -416,6 +416,30 @@ def test_minimize_on_the_cpu_never_back_propagates_a_non_finite_energy():
     assert float(x.detach()) == 1.5  # two steps: 3 -> 2 -> 1.5, none from the NaN energy
 
 
+def test_a_pair_that_diverges_between_windows_costs_the_others_no_step():
+    """On the CPU a running pair's non-finite energy stops it at once; the other pairs, evaluated
+    again without it, take every step they take alone (a first version skipped the whole
+    batch's step)."""
+    def run(pairs, blow_at):
+        y = torch.tensor([3.0] * pairs, requires_grad=True)
+        calls = {"n": 0}
+
+        def closure():
+            calls["n"] += 1
+            energies = [(y[0] - 1) ** 2]
+            if pairs == 2:
+                energies.append((y[1] - 1) ** 2 * (float("inf") if calls["n"] >= blow_at else 1.0))
+            return _Terms(torch.stack(energies), y.detach())
+
+        r = minimize(closure, torch.optim.SGD([y], lr=0.1), None, RelativeChangeStopping(tol=0.0), 7, window=5)
+        return r, y.detach()
+
+    alone, y_alone = run(1, None)
+    both, y_both = run(2, 3)
+    assert both.pair_status == [Status.MAX_ITERATIONS, Status.DIVERGED] and both.pair_iterations == [7, 3]
+    assert float(y_both[0]) == float(y_alone[0]) and both.pair_terms[0]["total"] == alone.pair_terms[0]["total"]
+
+
 def test_a_mask_with_nan_wrong_shape_or_values_outside_0_1_is_refused_naming_it():
     """A NaN in a mask made the velocity NaN after one step, and the next backward crashed the
     process (segfault); a mask off its grid gave a raw broadcasting error; 0/255 or negative
@@ -464,3 +488,17 @@ def test_init_velocity_is_the_exact_start_and_init_lambda_must_be_positive():
     torch.testing.assert_close(r.velocity, v0, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"register_pair\(\): `init_lambda` must be > 0, its smallest value is -1"):
         register_pair(f, m, cfg, spacing=(2.0, 2.0), init_lambda=-torch.ones(1, 1, 4, 4))
+
+
+def test_one_mask_serves_every_pair_of_a_batch_whose_pairs_stop_apart():
+    """A (1, 1, ...) mask, accepted for a batch, failed once its pairs stopped at different
+    iterations (the running pairs' index ran past the mask's one entry)."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(3, 1, 32, 32, generator=g)
+    m = torch.roll(f, 2, -1)
+    m[1] = torch.rand(1, 32, 32, generator=g)
+    cfg = InstanceOptConfig(progress=False, min_iterations=10, tol=1e-2)
+    one = register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=torch.ones(1, 1, 32, 32))
+    each = register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=torch.ones(3, 1, 32, 32))
+    assert len({tuple(h.iterations for h in p) for p in one.pair_histories}) > 1  # they stopped apart
+    torch.testing.assert_close(one.displacement, each.displacement, rtol=0, atol=0)

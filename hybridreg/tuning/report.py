@@ -102,7 +102,7 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
     ``summary.json`` and the figures. All are written into a staging folder inside
     ``out_dir`` first and moved into place together at the end, so an interruption leaves
     the earlier set of files, never a mix. Returns the summary, whose ``outputs`` lists the
-    files the run's folder holds (``partial_dependence.png`` needs 3 finished trials,
+    files the run's folder holds (``partial_dependence.png`` needs 3 completed trials,
     ``best_config.yaml`` a feasible one) and ``infeasible`` says why no trial is feasible
     (:meth:`SearchSpace.why_infeasible`; ``None`` when one is)."""
     out = Path(out_dir)
