@@ -312,9 +312,10 @@ def run_tuning(
         raise ValueError(f"search space: `train_data` is the learned solver's training data; the {space.solver} solver's"
                          " trials score the bundled validation pairs (`resolution`, `max_pairs`, `synth_contrasts`)")
     if space.solver != "learned":  # the solver's own checks (a conditional network's ranges) at both corners
+        solver = get_solver(space.solver)
         for corner, u in (("low", 0.0), ("high", 1.0)):  # the values trials can take (an integer step's last one)
             try:
-                get_solver(space.solver).configure(apply_params(space, {p.key: p.from_unit(u) for p in space.parameters}))
+                solver.configure(apply_params(space, {p.key: p.from_unit(u) for p in space.parameters}))
             except ValueError as e:
                 raise ValueError(f"search space: every `{corner}` of the parameters together: {e}") from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)

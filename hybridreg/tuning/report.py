@@ -2,7 +2,6 @@
 object-oriented API, no pyplot), every file written through :func:`hybridreg.config.atomic_output`."""
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ..config import atomic_output, atomic_write_text, dump_yaml
+from ..service import json_safe
 from .loop import TuningResult, best_so_far, fit_gp, pareto_front
 from .space import SearchSpace, apply_params
 
@@ -113,12 +113,13 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
         atomic_write_text(stage / "pareto.json", json.dumps(result.pareto, indent=2))
         summary = {"finished": sum(t["status"] in ("done", "failed") for t in result.trials),
                    "failed": sum(t["status"] == "failed" for t in result.trials), "best": result.best,
-                   # a run with no feasible trial yet has no best: null, never a NaN number
-                   "best_so_far": [v if math.isfinite(v) else None for v in best_so_far(result.trials, space)],
+                   "best_so_far": best_so_far(result.trials, space),
                    "pareto_size": len(result.pareto),
                    "infeasible": None if result.best is not None else space.why_infeasible(result.trials)}
         tuning_figures(space, result.trials, stage)
         summary["outputs"] = ["trials.json", "summary.json"] + sorted(f.name for f in stage.iterdir())
+        # a run with no feasible trial yet has no best: null, never a NaN number (as metrics.json)
+        summary = json_safe(summary)
         atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
