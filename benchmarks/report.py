@@ -407,17 +407,22 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     lam_files = sorted((out / "lambda").glob("*.npz")) if (out / "lambda").is_dir() else []
     if lam_files:
         fig = Figure(figsize=(9, 3 * len(lam_files)))
+        radiological = True
         for row_ax, p in zip(fig.subplots(len(lam_files), 3, squeeze=False), lam_files):
             z = np.load(p)
+            # the radiological layout (hybridreg.figures.centre_slices); files of earlier runs hold array order
+            radiological = radiological and "layout" in z.files
             for k, a in enumerate(row_ax):
                 im = z[f"img{k}"].astype(np.float32)
-                a.imshow(im, cmap="gray", origin="lower")
-                h = a.imshow(np.ma.masked_where(im <= 0.02, z[f"lam{k}"].astype(np.float32)), cmap="viridis", origin="lower",
+                origin = "upper" if "layout" in z.files else "lower"
+                a.imshow(im, cmap="gray", origin=origin)
+                h = a.imshow(np.ma.masked_where(im <= 0.02, z[f"lam{k}"].astype(np.float32)), cmap="viridis", origin=origin,
                              alpha=0.8, vmin=0, vmax=1)
                 a.set_axis_off()
             row_ax[0].set_title(METHODS[p.stem].label if p.stem in METHODS else p.stem, fontsize=9, loc="left")
             fig.colorbar(h, ax=row_ax[-1], fraction=0.046)
-        fig.suptitle("λ on the first pair (inside the head)")
+        if not radiological:  # the report's caption describes the radiological layout
+            fig.suptitle("λ on the first pair (inside the head), array order")
         save_figure(fig, out / "lambda_maps.png")
         files["lambda"] = "lambda_maps.png"
 
@@ -557,7 +562,8 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
     lines += ["", f"![Dice per structure]({files['boxes']})", "", f"![Dice against time]({files['scatter']})", "",
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:
-        lines += ["## λ maps", "", f"![λ maps]({files['lambda']})", ""]
+        lines += ["## λ maps", "", "λ on FIXED of the first pair, inside the head: axial, coronal and sagittal slices through the"
+                  " centre, the patient's right on the left (radiological) unless the figure's title says array order.", "", f"![λ maps]({files['lambda']})", ""]
     lines += ["## Each λ strategy against its baseline (paired)", ""]
     if stats:
         few = any(x.get("n_nonzero", x["n"]) < 6 for x in stats)

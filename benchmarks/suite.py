@@ -264,6 +264,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
     """Run one (pair, method) in this process, hybridreg's solvers on ``device`` (the classical
     tools on the CPU); returns the row, which records the CPU and, for a row run on a GPU, the
     device and the GPU's name."""
+    from hybridreg.figures import centre_slices
     from hybridreg.metrics import score_registration
 
     pair = next(p for p in get_dataset(dataset).pairs() if p.name == pair_name)
@@ -273,14 +274,16 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
 
         out = METHODS[method].run(pair, None, device)
         row = file_pair_row(pair, method, out)
-        img = normalize_intensity(read_image(pair.fixed_image, arg="FIXED")[0]) if lam_out and out.lam is not None else None
+        img, geometry = (read_image(pair.fixed_image, arg="FIXED") if lam_out and out.lam is not None
+                         else (None, None))
+        img = normalize_intensity(img) if img is not None else None
         lt = out.lam
     else:
         f, m = pair.fixed.labels, pair.moving.labels
         out = METHODS[method].run(pair, lambda disp: score_registration(f, m, torch.from_numpy(disp), "auto")["dice_mean"],
                                   device)
         peak = rss_mb()
-        img = pair.fixed.image
+        img, geometry = pair.fixed.image, pair.geometry
         lt = _on_image_grid(out.lam, img.shape) if out.lam is not None else None
         row = {"pair": pair.name, "kind": pair.kind, "method": method, "seconds": out.seconds, "peak_rss_mb": peak,
                **evaluate_pair(pair, out.displacement, lt)}
@@ -293,10 +296,11 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
     if out.trace:
         row["trace"] = out.trace
     if lam_out and lt is not None and out.lam.size > 1:
-        mid = [n // 2 for n in img.shape]
-        views = {f"lam{k}": np.take(lt, mid[k], axis=k).astype(np.float16) for k in range(3)}
-        views.update({f"img{k}": np.take(img, mid[k], axis=k).astype(np.float16) for k in range(3)})
-        np.savez_compressed(lam_out, **views)  # mid slices only: the figure's input, small enough to commit
+        # the centre slices in the radiological layout (axial, coronal, sagittal): the figure's input, small
+        # enough to commit
+        views = {f"{key}{k}": v.astype(np.float16) for key, vol in (("lam", lt), ("img", img))
+                 for k, v in enumerate(centre_slices(vol, geometry.direction))}
+        np.savez_compressed(lam_out, layout="radiological", **views)
     return row
 
 

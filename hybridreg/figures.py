@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import atomic_output
 
-__all__ = ["display_orientation", "for_display", "registration_figure"]
+__all__ = ["centre_slices", "display_orientation", "for_display", "oriented_slices", "registration_figure"]
 
 
 def display_orientation(direction: Sequence[float] | None, d: int) -> tuple[tuple[int, ...], tuple[bool, ...]]:
@@ -55,6 +55,37 @@ def for_display(direction: Sequence[float] | None, images: Sequence[np.ndarray],
 
     disp = np.stack([shown(displacement[a]) * (-1.0 if flips[b] else 1.0) for b, a in enumerate(perm)])
     return [shown(v) for v in images], disp, [float(spacing[a]) for a in perm]
+
+
+def oriented_slices(slices: Sequence[np.ndarray], direction: Sequence[float] | None) -> list[np.ndarray]:
+    """Three 2-D slices of a 3-D array, ``slices[a]`` taken across array axis ``a`` (its two
+    other axes in array order), laid out by :func:`display_orientation`: returned as
+    ``[axial, coronal, sagittal]``, rows superior → inferior or anterior → posterior and
+    columns the patient's right → left (or anterior → posterior), for ``imshow`` with its
+    default ``origin="upper"``. Without a direction (or for an oblique grid) the array
+    order is kept.
+
+    Raises:
+        ValueError: not three 2-D slices.
+    """
+    if len(slices) != 3 or any(np.ndim(s) != 2 for s in slices):
+        raise ValueError(f"slices: expected three 2-D slices of a 3-D array, got shapes {[np.shape(s) for s in slices]}")
+    perm, flips = display_orientation(direction, 3)
+    out = []
+    for b in range(3):
+        shown = [c for c in range(3) if c != b]  # the display axes this slice spans
+        others = [perm[c] for c in shown]  # their array axes, in display order
+        s = np.transpose(slices[perm[b]], np.argsort(np.argsort(others)))
+        out.append(np.flip(s, [i for i, c in enumerate(shown) if flips[c]]))
+    return out
+
+
+def centre_slices(vol: np.ndarray, direction: Sequence[float] | None) -> list[np.ndarray]:
+    """The slices through the centre voxel (index ``n // 2`` of each array axis) of a 3-D
+    array, laid out for display in the radiological convention: :func:`oriented_slices`."""
+    if np.ndim(vol) != 3:
+        raise ValueError(f"vol: expected a 3-D array, got shape {np.shape(vol)}")
+    return oriented_slices([np.take(vol, n // 2, axis=a) for a, n in enumerate(vol.shape)], direction)
 
 
 def _slices(vol: np.ndarray, idx: Sequence[int]) -> list[np.ndarray]:

@@ -525,8 +525,20 @@ def test_realworld_suite_runs_on_two_grids(tmp_path, monkeypatch):
     assert again["dice_after"]["mean"] == pytest.approx(inst["dice_mean"], abs=0.005)
     assert again["sdlogj"] == pytest.approx(inst["sdlogj"], abs=1e-3)
 
+    # the λ figure's input: the centre slices of FIXED and of λ in the radiological layout
+    from hybridreg.figures import centre_slices
+    from hybridreg.io import normalize_intensity, read_image
+
+    (tmp_path / "lambda").mkdir()
+    suite.child("realworld", real.name, "instance", str(tmp_path / "lambda" / "instance.npz"))
+    z = np.load(tmp_path / "lambda" / "instance.npz")
+    fixed, geometry = read_image(pair.fixed_image)
+    for k, want in enumerate(centre_slices(normalize_intensity(fixed), geometry.direction)):
+        np.testing.assert_allclose(z[f"img{k}"], want, atol=1e-3)  # stored as float16
+        assert z[f"lam{k}"].shape == want.shape
     rows = [demons, inst]
     files = report.figures(tmp_path, rows, [])
+    assert files["lambda"] == "lambda_maps.png" and (tmp_path / "lambda_maps.png").is_file()
     md = report.markdown("realworld", suite.DATASETS["realworld"].description, {}, rows, [], [], files, notes, None)
     assert "| fixed<-moving | SimpleITK diffeomorphic demons |" in md and "fetch_realworld.py" in md
     report.write_csvs(tmp_path, rows, [], [])

@@ -2,6 +2,7 @@
 stores its axes in (hybridreg.figures)."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from hybridreg.figures import display_orientation, for_display, registration_figure
@@ -57,3 +58,38 @@ def test_the_figure_is_written_for_a_permuted_grid(tmp_path):
 def test_a_grid_without_a_nearest_axis_permutation_keeps_the_array_order():
     direction = (0.7071, 0.7071, 0.0, 0.7071, 0.7071, 0.0, 0.0, 0.0, 1.0)
     assert display_orientation(direction, 3) == ((0, 1, 2), (False, False, False))
+
+
+def test_centre_slices_are_the_displayed_volumes_slices_through_the_centre_voxel():
+    """For every axis permutation and sign, each slice equals the displayed volume's slice through the array's
+    centre voxel (``n // 2``), and the axial one shows anterior up and the patient's right on the left."""
+    import itertools
+
+    from hybridreg.figures import centre_slices, oriented_slices
+
+    rng = np.random.default_rng(1)
+    vol = rng.random((5, 6, 7))
+    for order in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            D = np.zeros((3, 3))
+            for i, p in enumerate(order):
+                D[p, i] = signs[i]
+            perm, flips = display_orientation(D.ravel(), 3)
+            shown = np.flip(vol.transpose(perm), [a for a, f in enumerate(flips) if f])
+            got = centre_slices(vol, D.ravel())
+            for b in range(3):
+                k = vol.shape[perm[b]] // 2
+                np.testing.assert_array_equal(got[b], np.take(shown, shown.shape[b] - 1 - k if flips[b] else k, axis=b))
+    # physical LPS coordinates as values on an RAS-stored grid (x → R, y → A, z → S): the axial slice's top-left
+    # voxel is the most anterior and most right-hand one
+    img = sitk.GetImageFromArray(np.zeros((5, 6, 7), np.float32))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    arr = sitk.GetArrayFromImage(img)
+    x, y = (np.zeros_like(arr) for _ in range(2))
+    for idx in np.ndindex(arr.shape):
+        p = img.TransformIndexToPhysicalPoint(tuple(int(i) for i in reversed(idx)))
+        x[idx], y[idx] = p[0], p[1]
+    ax_x, ax_y = (centre_slices(v, img.GetDirection())[0] for v in (x, y))
+    assert ax_x[0, 0] == x.min() and ax_y[0, 0] == y.min()  # LPS: the smallest x is right, the smallest y anterior
+    with pytest.raises(ValueError, match="slices"):
+        oriented_slices([vol[0], vol[:, 0]], None)
