@@ -413,12 +413,14 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
             # the radiological layout (hybridreg.figures.centre_slices); files of earlier runs hold array order
             radiological = radiological and "layout" in z.files
             for k, a in enumerate(row_ax):
+                a.set_axis_off()
+                if f"img{k}" not in z.files:  # a 2D suite: one slice
+                    continue
                 im = z[f"img{k}"].astype(np.float32)
                 origin = "upper" if "layout" in z.files else "lower"
                 a.imshow(im, cmap="gray", origin=origin)
                 h = a.imshow(np.ma.masked_where(im <= 0.02, z[f"lam{k}"].astype(np.float32)), cmap="viridis", origin=origin,
                              alpha=0.8, vmin=0, vmax=1)
-                a.set_axis_off()
             row_ax[0].set_title(METHODS[p.stem].label if p.stem in METHODS else p.stem, fontsize=9, loc="left")
             fig.colorbar(h, ax=row_ax[-1], fraction=0.046)
         if not radiological:  # the report's caption describes the radiological layout

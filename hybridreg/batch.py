@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import atomic_output, atomic_write_text, read_yaml
+from .config import atomic_output, atomic_write_text, read_yaml, write_json
 from .io import Geometry, check_same_grid, image_stem, read_geometry
 from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, parse_eval_labels, prepare_pair, \
     solve_pairs, solver_and_config
@@ -483,7 +483,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
         "seconds": {s: _stats([r.get(f"seconds_{s}") for r in done]) for s in STAGES},
         "dice_per_structure": {str(k): _stats([r["_per_label"].get(str(k)) for r in done]) for k in labels},
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", _markdown(summary))
     return replace(status, warnings=summary["warnings"])
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import re
 import tempfile
@@ -162,7 +164,17 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):  # a copy: the caller may edit it (apply_overrides) without touching ``obj``
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def mapping_key(node: dict, part: str) -> Any:
+    """The key of ``node`` that one part of a dotted config key names: ``part`` itself, or the
+    integer it spells when ``node`` has no such string key (a label of a label → λ mapping,
+    ``region_lambda.17``; field names are never integers). The one reading of dotted keys, for
+    ``--set`` and the tuner's search spaces."""
+    return int(part) if part not in node and part.lstrip("-").isdigit() else part
 
 
 def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--set") -> T:
@@ -170,7 +182,8 @@ def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--se
     ``objective.w_reg=2.5`` or ``iterations=[100,50,20,1]``: the one override syntax of every
     config key (``--set`` on the CLI). ``KEY`` is a dotted path of field names; ``VALUE`` is read
     as YAML (numbers, ``true``, ``[a, b]``, strings), then the whole config is converted and
-    validated again as if read from a file.
+    validated again as if read from a file. A label of a mapping field is an integer part
+    (``region_lambda.17=0.3``, :func:`mapping_key`), and may be new.
 
     Raises:
         ValueError: no ``=``, an unknown key (the message lists the valid ones), or a value of
@@ -188,13 +201,16 @@ def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--se
             raise ValueError(f"`{arg} {key}`: cannot read the value {text!r}") from None
         node, parts = data, key.split(".")
         for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
+            k = mapping_key(node, part) if isinstance(node, dict) else part
+            last = i == len(parts) - 1
+            if not isinstance(node, dict) or (k not in node and not (last and isinstance(k, int))):
                 where = ".".join(parts[:i]) or "the config"
-                valid = sorted(node) if isinstance(node, dict) else []
+                valid = sorted(node, key=str) if isinstance(node, dict) else []
                 raise ValueError(f"`{arg} {key}`: {where} has no key {part!r}; valid keys are {valid}")
-            if i < len(parts) - 1:
-                node = node[part]
-        node[parts[-1]] = value
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
     return from_dict(type(obj), data, where=arg)  # the dataclasses check their own ranges
 
 
@@ -251,6 +267,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`atomic_output`)."""
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (JSON ``null``): a metric that
+    cannot be computed (e.g. HD95 of a structure missing after warping) is never a NaN number."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (a non-finite number as ``null``: :func:`json_safe`), indented,
+    atomically (:func:`atomic_output`): the one writer of the result files (``metrics.json``,
+    ``summary.json``, ``history.json``, ``pareto.json``). Raises ``OSError`` if ``path``'s folder
+    cannot be written, ``TypeError`` for an object JSON cannot hold."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
 
 
 def dump_yaml(obj: Any, path: str | os.PathLike) -> None:

@@ -372,11 +372,14 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
 
 
 def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float = 1e-3) -> None:
-    """Raise ``ValueError`` naming both arguments if the two grids differ."""
+    """Raise ``ValueError`` naming both arguments if the two grids differ: size, or spacing
+    (mm), origin (mm, LPS) or direction cosines beyond ``tol`` (:meth:`Geometry.matches`)."""
     if not a.matches(b, tol):
+        direction = "" if np.allclose(a.direction, b.direction, atol=tol, rtol=0) else \
+            f", direction {a.direction} vs {b.direction}"
         raise ValueError(
             f"`{names[0]}` and `{names[1]}` are on different grids (size {a.size} vs {b.size},"
-            f" spacing {a.spacing} vs {b.spacing}, origin {a.origin} vs {b.origin}); resample one"
+            f" spacing {a.spacing} vs {b.spacing}, origin {a.origin} vs {b.origin}{direction}); resample one"
             " onto the other's grid first"
         )
 
@@ -387,7 +390,13 @@ def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = T
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> None:
-    """Write an array on ``geometry`` (atomically). Format from the suffix (.nii.gz, .mha, .nrrd)."""
+    """Write ``array`` (array order, ``geometry.shape``: ``GetArrayFromImage``'s order) on
+    ``geometry`` as ``dtype``, atomically (:func:`hybridreg.config.atomic_output`). Format from
+    the suffix (.nii.gz, .mha, .nrrd).
+
+    Raises:
+        ValueError: ``array`` not of ``geometry.shape``. OSError: ``path`` cannot be written.
+    """
     arr = np.asarray(array)
     if tuple(arr.shape) != geometry.shape:
         raise ValueError(f"write_image(): `array` shape {arr.shape} does not match the grid {geometry.shape}")
@@ -400,11 +409,16 @@ def displacement_to_itk(disp: np.ndarray, geometry: Geometry) -> sitk.Image:
 
     Returns a float64 vector image on ``geometry`` holding ``D = Direction · diag(spacing) ·
     reverse(u)`` in mm (LPS), ready for ``sitk.DisplacementFieldTransform``.
+
+    Raises:
+        ValueError: ``disp`` not ``(d, *geometry.shape)`` (array order), or with NaN/Inf values.
     """
     u = np.asarray(disp, dtype=np.float64)
     d = geometry.dim
     if u.shape != (d, *geometry.shape):
         raise ValueError(f"displacement_to_itk(): `disp` must be {(d, *geometry.shape)}, got {u.shape}")
+    if not np.isfinite(u).all():
+        raise ValueError("displacement_to_itk(): `disp` contains NaN or Inf values")
     m = np.asarray(geometry.direction).reshape(d, d) @ np.diag(geometry.spacing)
     # channels last, components in ITK's index-axis order (x first): phys = m · reverse(u) per voxel,
     # one matrix product (np.tensordot then moveaxis took ~10x longer on a 1 mm field)
@@ -413,7 +427,13 @@ def displacement_to_itk(disp: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def displacement_from_itk(field: sitk.Image) -> tuple[np.ndarray, Geometry]:
-    """ITK displacement field (mm) → voxel-unit displacement ``(d, *shape)`` on its grid."""
+    """ITK displacement field (mm, LPS) → voxel-unit displacement ``(d, *shape)`` on its grid:
+    float64, array order (channel ``a`` along array axis ``a``), with the field's
+    :class:`Geometry`. The inverse of :func:`displacement_to_itk`.
+
+    Raises:
+        ValueError: a field without one component per spatial axis.
+    """
     g = Geometry.of(field)
     d = g.dim
     if field.GetNumberOfComponentsPerPixel() != d:
@@ -425,7 +445,14 @@ def displacement_from_itk(field: sitk.Image) -> tuple[np.ndarray, Geometry]:
 
 
 def write_displacement(path: str | os.PathLike, disp: np.ndarray, geometry: Geometry) -> None:
-    """Write a voxel-unit displacement as an ITK displacement field in mm (atomically)."""
+    """Write a voxel-unit displacement ``disp`` ``(d, *geometry.shape)`` (array order, channel
+    ``a`` along array axis ``a``) as an ITK displacement field in mm (LPS) on ``geometry``,
+    float32, atomically (:func:`displacement_to_itk`).
+
+    Raises:
+        ValueError: ``disp`` of another shape, or with NaN/Inf. OSError: ``path`` cannot be
+            written.
+    """
     img = sitk.Cast(displacement_to_itk(disp, geometry), sitk.sitkVectorFloat32)
     _atomic_write(img, path)
 
@@ -491,8 +518,10 @@ def lowest_value(image: sitk.Image) -> float:
 
 
 def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = False, reference: Geometry | None = None) -> sitk.Image:
-    """Apply an ITK displacement field to ``image`` (:func:`resample`), on ``reference``
-    (default: the field's grid)."""
+    """Apply an ITK displacement field ``field`` (mm, LPS; the transform maps ``reference``
+    points to ``image`` points) to ``image``, on ``reference`` (default: the field's grid):
+    linear, or nearest neighbour for ``labels`` (:func:`resample`, whose errors it raises).
+    Returns an image of ``image``'s pixel type on ``reference``."""
     tx = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes ownership of its copy
     return resample(image, tx, reference or Geometry.of(field), labels=labels)
 
@@ -512,11 +541,28 @@ def read_transform(path: str | os.PathLike, *, arg: str = "TRANSFORM") -> sitk.T
         raise ValueError(f"`{arg}`: {p} is not an ITK transform file SimpleITK can read") from None
 
 
-def normalize_intensity(x: np.ndarray) -> np.ndarray:
+def normalize_intensity(x: np.ndarray, *, arg: str = "x") -> np.ndarray:
     """Map intensities to [0, 1], robust to scanner ranges and outliers: ``lo`` is the 0.5th
     percentile of all voxels (the minimum, for skull-stripped images with a zero background),
     ``hi`` the 99.5th percentile of the voxels above ``lo`` (the brain); ``(x − lo) / (hi − lo)``
-    clipped to [0, 1]. Every solver and data source uses it, for both images alike."""
+    clipped to [0, 1]. Every solver and data source uses it, for both images alike.
+
+    Args:
+        x: an image array of any shape (array order), in the scanner's units.
+        arg: what the messages call ``x`` (a file, a dataset's subject).
+
+    Returns:
+        float32 array of ``x``'s shape in [0, 1].
+
+    Raises:
+        ValueError: NaN/Inf values (:func:`hybridreg.service.read_inputs` fills a file's NaN
+            voxels first) or a constant image, which holds nothing to register.
+    """
+    x = np.asarray(x)
+    if not np.isfinite(x).all():
+        raise ValueError(f"normalize_intensity(): `{arg}` contains NaN or Inf values")
+    if x.size == 0 or x.min() == x.max():
+        raise ValueError(f"normalize_intensity(): `{arg}` is constant: it holds nothing to register")
     lo = float(np.percentile(x, 0.5))
     fg = x[x > lo]
     hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0

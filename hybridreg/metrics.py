@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .spatial import jacobian_determinant
+from .regularization import check_spacing
+from .spatial import check_mask, jacobian_determinant
 
 __all__ = [
     "as_label_array",
@@ -87,6 +88,16 @@ def _labels_arg(labels: Iterable[int] | None, a: np.ndarray, b: np.ndarray) -> t
     if not labels:
         raise ValueError("`labels` is empty: no label to score" if given else
                          "`labels`: no label to score (the two maps share no non-zero label)")
+    return _check_label_list(labels)
+
+
+def _check_label_list(labels: tuple[int, ...]) -> tuple[int, ...]:
+    """A label list given to score: each label once, never the background 0."""
+    repeated = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if repeated:
+        raise ValueError(f"`labels`: label(s) {repeated} given more than once")
+    if 0 in labels:
+        raise ValueError("`labels`: 0 is the background, never scored")
     return labels
 
 
@@ -102,7 +113,8 @@ def dice(a, b, labels: Iterable[int] | None = None) -> dict[int, float]:
         ``{label: dice}``.
 
     Raises:
-        ValueError: shape mismatch, non-integer values, or no label to score.
+        ValueError: shape mismatch, non-integer values, no label to score, a label given twice,
+            or the background 0.
     """
     a, b = _pair(a, b)
     out = {}
@@ -143,13 +155,16 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
     Args:
         a, b: label maps of the same shape. labels: as in :func:`dice`.
         spacing: mm per array axis (``None`` = 1 mm). percentile: in (0, 100].
+
+    Raises:
+        ValueError: shape mismatch, non-integer values, ``labels`` as :func:`dice` refuses them,
+            a ``spacing`` that is not one positive finite number per axis, or ``percentile``
+            outside (0, 100].
     """
     a, b = _pair(a, b)
     if not 0 < percentile <= 100:
         raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}")
-    sp = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * a.ndim
-    if len(sp) != a.ndim or not all(s > 0 for s in sp):
-        raise ValueError(f"`spacing` must be {a.ndim} positive numbers, got {spacing!r}")
+    sp = check_spacing(spacing, a.ndim, fn="hausdorff")
     out = {}
     for lab in _labels_arg(labels, a, b):
         ma, mb = a == lab, b == lab
@@ -198,11 +213,13 @@ def _jac(disp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     j = jacobian_determinant(_batched(disp).detach())
     if mask is None:
         return j
-    m = torch.as_tensor(mask, device=j.device).bool()
+    m = torch.as_tensor(mask, device=j.device)
     spatial = j.shape[1:]
     if tuple(m.shape[-len(spatial):]) != tuple(spatial) or m.numel() not in (math.prod(spatial), j.numel()):
         raise ValueError(f"`mask` must have the spatial shape {tuple(spatial)} (or one per field), got {tuple(m.shape)}")
-    return j[m.reshape(-1, *spatial).expand_as(j)]
+    m = m.reshape(-1, 1, *spatial)
+    check_mask("jacobian_stats", "mask", m, (j.shape[0], 1, *spatial))  # finite, in [0, 1], not empty
+    return j[(m[:, 0] > 0).expand_as(j)]
 
 
 def folding_percent(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -286,12 +303,15 @@ def jacobian_stats(disp: torch.Tensor, mask: torch.Tensor | None = None) -> dict
 
     Args:
         disp: ``(B, d, *spatial)`` or ``(d, *spatial)`` voxel-unit displacement
-            (``(3, 2, H, W)`` is three 2D fields: :func:`_batched`).
-        mask: optional boolean mask of the spatial shape, applied to every field of the batch,
-            or one per field (e.g. the fixed brain mask; not applied to the NDV).
+            (``(3, 2, H, W)`` is three 2D fields: :func:`_batched`; a 3D field of two slices
+            is passed batched, ``(1, 3, 2, H, W)``).
+        mask: optional mask of the spatial shape, applied to every field of the batch, or one
+            per field (e.g. the fixed brain mask; not applied to the NDV): bool, or weights in
+            [0, 1] of which the voxels above 0 are taken.
 
     Raises:
-        ValueError: a ``disp`` that is no 2D or 3D field, or a ``mask`` off its grid.
+        ValueError: a ``disp`` that is no 2D or 3D field, or a ``mask`` off its grid, with NaN,
+            weights outside [0, 1], or empty.
     """
     j = _jac(disp, mask).double()
     return {
@@ -342,18 +362,13 @@ def scored_labels(fixed_labels, moving_labels, policy: LabelPolicy = "auto") -> 
         if policy == "all":
             return common
         if policy != "auto":
-            raise ValueError(f"`labels`: policy must be 'auto', 'all' or a list of label IDs, got {policy!r}")
+            raise ValueError(f"`policy` must be 'auto', 'all' or a list of label IDs, got {policy!r}")
         from .data import evaluation_labels_in
 
         standard = evaluation_labels_in(common)
         below_1000 = [lab for lab in common if lab < 1000]  # FreeSurfer's cortical parcels (aparc+aseg) are 1000 and up
         return tuple(standard) if len(standard) >= AUTO_MIN_STANDARD and 2 * len(standard) >= len(below_1000) else common
-    chosen = tuple(int(v) for v in policy)
-    repeated = sorted({lab for lab in chosen if chosen.count(lab) > 1})
-    if repeated:
-        raise ValueError(f"`labels`: label(s) {repeated} given more than once")
-    if 0 in chosen:
-        raise ValueError("`labels`: 0 is the background, never scored")
+    chosen = _check_label_list(tuple(int(v) for v in policy))
     missing = [lab for lab in chosen if lab not in common]
     if missing or not chosen:
         raise ValueError(f"`labels`: labels {missing or '[]'} are not present in both label maps")
@@ -393,7 +408,12 @@ def warp_labels(moving_labels, displacement: torch.Tensor, voxel_map: torch.Tens
         voxel_map: optional ``(1, d, d + 1)`` fixed → moving voxel-index map M.
 
     Returns:
-        The warped label map, int64, of the fixed grid's shape.
+        The warped label map, int64, of the fixed grid's shape (computed on ``displacement``'s
+        device; ``voxel_map`` follows it).
+
+    Raises:
+        ValueError: ``moving_labels`` not an integer label map (:func:`as_label_array`), or a
+            malformed ``displacement`` or ``voxel_map`` (:func:`hybridreg.spatial.warp`).
     """
     from .spatial import warp
 
@@ -412,6 +432,10 @@ def dice_through(fixed_labels, moving_labels, voxel_map: torch.Tensor, policy: L
 
     Returns:
         ``{"mean", "per_label" ({"id": dice} with string keys, as ``metrics.json`` has them)}``.
+
+    Raises:
+        ValueError: label maps or ``policy`` as :func:`score_dice` refuses them, or a malformed
+            ``voxel_map`` (:func:`warp_labels`).
     """
     zero = torch.zeros((1, len(np.shape(fixed_labels)), *np.shape(fixed_labels)))
     r = score_dice(fixed_labels, warp_labels(moving_labels, zero, voxel_map), moving_labels, policy)
@@ -434,7 +458,9 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
         voxel_map: optional ``(1, d, d + 1)`` map M from fixed to moving voxel indices
             (:func:`hybridreg.spatial.to_sampling_grid`).
 
-    Returns:
+    Raises:
+        ValueError: a batch of displacements (score pair by pair), a displacement off the fixed
+            labels' grid, labels as :func:`scored_labels` refuses them, or a bad ``spacing``.
         ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean" (the maps as they
         are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean" (over the
         labels whose HD95 is finite), "hd95_lost" (the scored labels that the warped moving map no
@@ -442,6 +468,9 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
     """
     disp = torch.as_tensor(displacement)
     disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp
+    if disp.dim() == len(np.shape(fixed_labels)) + 2 and disp.shape[0] != 1:
+        raise ValueError(f"`displacement` must be one registration (1, d, *spatial) or (d, *spatial), got a batch of"
+                         f" {disp.shape[0]} {tuple(disp.shape)}: score each pair with its own label maps")
     if tuple(disp.shape[2:]) != tuple(np.shape(fixed_labels)):
         raise ValueError(f"`displacement` must be on the fixed labels' grid {tuple(np.shape(fixed_labels))}, got shape"
                          f" {tuple(disp.shape)}")

@@ -36,7 +36,7 @@ from .config import bounded, check_bounds
 from .priors import beta_hyperprior, edge_weights, grid_smoothness, nonlocal_smoothness, normal_hyperprior
 from .regularization import check_spacing, diffusion_energy, diffusion_log_normalizer, reference_scale
 from .similarity import LNCC_EPS, lncc, local_variance, mse
-from .spatial import check_alike, check_field, compose, resize_field, resize_image, scaling_and_squaring, warp
+from .spatial import check_alike, check_field, check_mask, compose, resize_field, resize_image, scaling_and_squaring, warp
 
 __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "RegistrationObjective", "control_spacing",
            "map_lambda"]
@@ -259,13 +259,16 @@ def evaluate(
             grid ``(B, C, *moving_spatial)``.
         velocity: ``(B, d, *control)`` SVF in voxels of the control grid, which covers the
             image extent (``control`` may equal ``spatial``).
-        lam: ``(B, 1, *control)``, ``(B, 1, *spatial)`` or uniform ``(B, 1, 1, ...)`` λ.
+        lam: ``(B, 1, *control)``, ``(B, 1, *spatial)`` or uniform ``(B, 1, 1, ...)`` λ ≥ 0
+            (checked on the CPU).
         config: the :class:`ObjectiveConfig`.
         spacing: image voxel size in mm per tensor axis (``None`` = 1 mm).
         moving_map: optional ``(B, d, d + 1)`` affine map from fixed voxel indices to
             moving voxel indices (an affine pre-alignment, :func:`hybridreg.affine.voxel_map`):
             the moving image is sampled on its own grid at ``M(x + u(x))``, one interpolation.
-        fixed_mask: optional ``(B, 1, *spatial)`` weights in [0, 1] on the fixed grid;
+        fixed_mask: optional ``(B or 1, 1, *spatial)`` weights in [0, 1] on the fixed grid (not
+            empty; :func:`hybridreg.spatial.check_mask`, whose pass over the values runs on the
+            CPU only: on a GPU the solvers' entry checks them once);
             moving_mask: optional ``(B, 1, *moving_spatial)`` weights on the moving grid,
             warped with the moving image. The similarity is the sum of its per-voxel map
             weighted by the masks' product and the warped images' fields of view (a point
@@ -308,14 +311,16 @@ def evaluate(
         raise ValueError("evaluate(): `velocity` and `fixed` must have the same batch size")
     check_alike("evaluate", velocity=velocity, fixed=fixed, moving=moving, lam=lam)
     for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
-        if mask is not None and (mask.dim() != image.dim() or mask.shape[1] != 1 or mask.shape[2:] != image.shape[2:]):
-            raise ValueError(f"evaluate(): `{name}` must be (B, 1, {', '.join(map(str, image.shape[2:]))}) on"
-                             f" `{name[:-5]}`'s grid, got {tuple(mask.shape)}")
+        if mask is not None:  # the values on the CPU only: on a GPU the pass would wait for it every iteration
+            check_mask("evaluate", name, mask, image.shape, values=mask.device.type == "cpu")
     spatial = tuple(fixed.shape[2:])
     control = tuple(velocity.shape[2:])
     h = check_spacing(spacing, d, fn="evaluate")
     if not isinstance(lam, torch.Tensor) or lam.dim() != d + 2 or lam.shape[1] != 1:
         raise ValueError(f"evaluate(): `lam` must be (B, 1, *grid), got {getattr(lam, 'shape', lam)}")
+    if lam.device.type == "cpu" and bool((lam.detach() < 0).any()):  # as the masks' values: free on the CPU only
+        # (a NaN λ of a diverging run is left to the solver's divergence check)
+        raise ValueError("evaluate(): `lam` must be ≥ 0 (a negative λ rewards a rough field)")
     lam_grid = tuple(lam.shape[2:])
     if lam_grid not in (control, spatial, (1,) * d):
         raise ValueError(

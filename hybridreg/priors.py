@@ -50,7 +50,13 @@ def _check_kind(kind: str, fn: str) -> None:
 
 def lambda_from_param(theta: torch.Tensor, kind: str) -> torch.Tensor:
     """Map an unconstrained parameter θ to λ: sigmoid (beta) or softplus (normal), clamped
-    to :data:`LAMBDA_BOUNDS` (the clamp passes gradients only inside the range)."""
+    to :data:`LAMBDA_BOUNDS` (the clamp passes gradients only inside the range). Elementwise:
+    λ has θ's shape, dtype and device (``(B, 1, *grid)`` in the solvers). Source: method §2.1 (λ's
+    parametrization) and §1.4 (its support under each hyperprior).
+
+    Raises:
+        ValueError: ``kind`` not ``"beta"`` or ``"normal"``.
+    """
     _check_kind(kind, "lambda_from_param")
     lo, hi = LAMBDA_BOUNDS[kind]
     lam = torch.sigmoid(theta) if kind == "beta" else F.softplus(theta)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import os
 import resource
 import shutil
@@ -40,7 +39,7 @@ import torch
 
 from . import __version__
 from .affine import LEVELS_MM, AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
-from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict
+from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict, write_json
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, read_image, read_labels,
                  read_landmarks, resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
@@ -49,7 +48,7 @@ from .solvers import (DivergenceError, RegistrationResult, Solver, check_result,
 from .spatial import jacobian_determinant, warp
 
 __all__ = ["OUTPUT_FILES", "TRANSFORM_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
-           "read_inputs", "run_solver_pairs", "run_solver", "batch_key", "solve_pairs", "solve", "measure", "json_safe",
+           "read_inputs", "run_solver_pairs", "run_solver", "batch_key", "solve_pairs", "solve", "measure",
            "write_outputs", "INVERSE_TOLERANCE_MM", "Prepared", "prepare_pair", "finish_pair", "register_files"]
 
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "transform.h5", "inverse_displacement.nii.gz",
@@ -634,18 +633,6 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
     return metrics
 
 
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by ``None`` (JSON ``null``): a metric that
-    cannot be computed (e.g. HD95 of a structure missing after warping) is never a NaN number."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metrics: dict, pre: Prealigned,
                   names: Sequence[str] = OUTPUT_FILES, *, overwrite: bool = True) -> None:
     """Write the files ``names`` (of :data:`OUTPUT_FILES`) into ``out``: staged in a hidden
@@ -736,7 +723,7 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         metrics["outputs"] = list(names)
         metrics["seconds"]["writing"] = time.perf_counter() - t0
         metrics["seconds"]["total"] = metrics["seconds"].get("total", 0.0) + time.perf_counter() - t0
-        atomic_write_text(stage / "metrics.json", json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+        write_json(stage / "metrics.json", metrics)
         out.mkdir(parents=True, exist_ok=True)
         earlier = [n for n in OUTPUT_FILES if (out / n).exists()]
         if earlier and not overwrite:  # check_outputs found none: another run wrote them since

@@ -26,7 +26,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from .objective import ObjectiveConfig
-from .spatial import check_alike
+from .spatial import check_alike, check_mask
 
 __all__ = ["ENTRY_POINT_GROUP", "Status", "LevelHistory", "RegistrationResult", "final_terms_of", "Solver", "available_solvers",
            "get_solver", "check_images", "check_result", "synchronize", "divergence", "result_warnings", "kept_start_warning", "IDENTITY_VOXELS",
@@ -218,17 +218,22 @@ class Solver(Protocol):
 
 
 def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_grid: bool = True,
-                 fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> None:
+                 fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
+                 moving_map: torch.Tensor | None = None, moving_spacing: Sequence[float] | None = None) -> None:
     """Check a solver's input pair: floating-point ``(B, C, H, W)`` or ``(B, C, D, H, W)``
     tensors (float32 or float64, one dtype, one device), finite, of one shape (``same_grid``)
-    or of one batch, channel and dimension count (a moving image on its own grid); and the
-    masks, if given: ``(B or 1, 1, *spatial)`` on their image's grid, weights in [0, 1] (bool,
-    integer 0/1 or float). ``fn`` names the calling function in the messages.
+    or of one batch, channel and dimension count (a moving image on its own grid); a
+    ``moving_map``, if given, ``(B, d, d + 1)`` and finite, and ``moving_spacing`` only with
+    it (without it MOVING lies on FIXED's grid); and the masks, if given:
+    ``(B or 1, 1, *spatial)`` on their image's grid, weights in [0, 1] (bool, integer 0/1 or
+    float), not empty (:func:`hybridreg.spatial.check_mask`). ``fn`` names the calling
+    function in the messages.
 
     Raises:
         TypeError: not a floating-point tensor, half precision, or two dtypes or devices.
-        ValueError: wrong rank, a spatial axis of one voxel, NaN/Inf, different shapes, or a
-            mask off its image's grid or outside [0, 1] (the message names the argument).
+        ValueError: wrong rank, a spatial axis of one voxel, NaN/Inf, different shapes, a
+            malformed ``moving_map`` or a ``moving_spacing`` without it, or a mask off its
+            image's grid, outside [0, 1] or empty (the message names the argument).
     """
     for name, t in (("fixed", fixed), ("moving", moving)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -245,22 +250,19 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
     if mismatch:
         raise ValueError(f"{fn}(): `fixed` {tuple(fixed.shape)} and `moving` {tuple(moving.shape)} must have the"
                          " same shape (or pass a `moving_map` between their grids)")
+    if moving_map is not None:
+        d = fixed.dim() - 2
+        if not isinstance(moving_map, torch.Tensor) or tuple(moving_map.shape) != (fixed.shape[0], d, d + 1):
+            raise ValueError(f"{fn}(): `moving_map` must be ({fixed.shape[0]}, {d}, {d + 1}) (fixed to moving voxel indices,"
+                             f" hybridreg.affine.voxel_map), got {tuple(getattr(moving_map, 'shape', ())) or moving_map!r}")
+        if not bool(torch.isfinite(moving_map).all()):
+            raise ValueError(f"{fn}(): `moving_map` contains NaN or Inf values")
+    elif moving_spacing is not None:
+        raise ValueError(f"{fn}(): `moving_spacing` applies only with `moving_map` (without one, MOVING lies on FIXED's"
+                         " grid, whose `spacing` it takes)")
     for name, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
-        if mask is None:
-            continue
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{fn}(): `{name}` must be a torch.Tensor")
-        if mask.dim() != image.dim() or mask.shape[0] not in (1, image.shape[0]) or mask.shape[1] != 1 \
-                or mask.shape[2:] != image.shape[2:]:
-            batch = "1" if image.shape[0] == 1 else f"{image.shape[0]} or 1"
-            raise ValueError(f"{fn}(): `{name}` must be ({batch}, 1, {', '.join(map(str, image.shape[2:]))}) on"
-                             f" `{name[:-5]}`'s grid, got {tuple(mask.shape)}")
-        values = mask.detach().to(torch.uint8) if mask.dtype == torch.bool else mask.detach()
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
-        if values.min() < 0 or values.max() > 1:
-            raise ValueError(f"{fn}(): `{name}` must hold weights in [0, 1], got values from {values.min().item():g}"
-                             f" to {values.max().item():g} (a 0/255 mask: pass mask > 0)")
+        if mask is not None:
+            check_mask(fn, name, mask, image.shape)
 
 
 def check_result(result: Any, fixed: torch.Tensor, solver: str) -> None:

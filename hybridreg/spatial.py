@@ -16,7 +16,7 @@ Source: ``docs/method.md`` §1.1 (SVF, scaling and squaring, inverse ``exp(-v)``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ __all__ = [
     "ALIGN_CORNERS",
     "check_field",
     "check_alike",
+    "check_mask",
     "to_sampling_grid",
     "warp",
     "compose",
@@ -114,6 +115,39 @@ def check_alike(fn: str, **tensors: torch.Tensor | None) -> None:
         elif (t.dtype, t.device) != (first[1].dtype, first[1].device):
             raise TypeError(f"{fn}(): `{name}` is {t.dtype} on {t.device} but `{first[0]}` is {first[1].dtype}"
                             f" on {first[1].device}: pass them in one dtype, on one device")
+
+
+def check_mask(fn: str, name: str, mask: Any, image_shape: Sequence[int], *, values: bool = True) -> None:
+    """Check a mask ``(B or 1, 1, *spatial)`` of an image of shape ``image_shape``
+    ``(B, C, *spatial)``: a tensor on the image's grid and, with ``values``, finite weights in
+    [0, 1] (bool, integer 0/1 or float) that select at least one voxel of each pair. The one
+    check of every mask the toolkit takes (the solvers' images, the objective, the Jacobian
+    metrics); ``values=False`` skips the pass over the values (the objective on a GPU, where
+    it would wait for the device every iteration).
+
+    Raises:
+        TypeError: not a tensor. ValueError: off the grid, NaN/Inf, a weight outside [0, 1] (a
+            0/255 mask) or an empty mask; the message names ``fn`` and ``name``.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{fn}(): `{name}` must be a torch.Tensor")
+    b, spatial = image_shape[0], tuple(image_shape[2:])
+    if mask.dim() != len(image_shape) or mask.shape[0] not in (1, b) or mask.shape[1] != 1 \
+            or tuple(mask.shape[2:]) != spatial:
+        batch = "1" if b == 1 else f"{b} or 1"
+        image = name[:-5] if name.endswith("_mask") else "the image"
+        raise ValueError(f"{fn}(): `{name}` must be ({batch}, 1, {', '.join(map(str, spatial))}) on"
+                         f" `{image}`'s grid, got {tuple(mask.shape)}")
+    if not values:
+        return
+    v = mask.detach().to(torch.uint8) if mask.dtype == torch.bool else mask.detach()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{fn}(): `{name}` contains NaN or Inf values")
+    if v.min() < 0 or v.max() > 1:
+        raise ValueError(f"{fn}(): `{name}` must hold weights in [0, 1], got values from {v.min().item():g}"
+                         f" to {v.max().item():g} (a 0/255 mask: pass mask > 0)")
+    if not bool((v.flatten(1).amax(1) > 0).all()):
+        raise ValueError(f"{fn}(): `{name}` is empty (all zero): it selects no voxel")
 
 
 def to_sampling_grid(disp: torch.Tensor, voxel_map: torch.Tensor | None = None,
@@ -288,8 +322,13 @@ def _grid_sample(src: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode:
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Displacement of ``(id + outer) ∘ (id + inner)``, i.e. ``inner + outer ∘ (id + inner)``.
 
-    Both are ``(B, d, *spatial)`` voxel-unit displacements on the same grid. Outside the
-    grid ``outer`` is extended by its border values.
+    Both are ``(B, d, *spatial)`` voxel-unit displacements on the same grid (channel ``k``
+    along tensor axis ``k``); the result is too. Outside the grid ``outer`` is extended by its
+    border values. Source: method §1.1 (composition of transformations).
+
+    Raises:
+        TypeError: not floating-point tensors, or two dtypes or devices (:func:`check_alike`).
+        ValueError: a malformed field (:func:`check_field`) or two shapes.
     """
     check_field(outer, "outer", fn="compose")
     check_field(inner, "inner", fn="compose")
@@ -433,6 +472,10 @@ def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     Returns:
         ``(B, d, *size)`` field in voxels of the target grid.
+
+    Raises:
+        TypeError, ValueError: a malformed field (:func:`check_field`) or ``size`` not ``d``
+            positive integers.
     """
     d = check_field(field, "field", fn="resize_field")
     size = _check_size(size, d, "resize_field")
@@ -476,9 +519,19 @@ def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     linear with cell-centred grids (``align_corners=False``). Values are not rescaled.
 
     Args:
-        image: ``(B, C, *spatial)`` floating-point tensor.
-        size: target spatial size.
+        image: ``(B, C, *spatial)`` floating-point tensor (2D or 3D).
+        size: target spatial size (``d`` positive integers).
+
+    Returns:
+        ``(B, C, *size)`` tensor of ``image``'s dtype and device.
+
+    Raises:
+        TypeError: not a floating-point tensor (resample a label map by nearest neighbour:
+            :func:`warp` with ``mode="nearest"``). ValueError: not 2D or 3D, or a bad ``size``.
     """
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        raise TypeError(f"resize_image(): `image` must be a floating-point torch.Tensor, got"
+                        f" {getattr(image, 'dtype', type(image).__name__)}")
     d = image.dim() - 2
     if d not in (2, 3):
         raise ValueError(f"resize_image(): `image` must be (B, C, *spatial) in 2D or 3D, got {tuple(image.shape)}")
@@ -504,6 +557,10 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(B, *spatial)`` determinant map (dimensionless; ``<= 0`` marks folding).
+
+    Raises:
+        TypeError, ValueError: a malformed field (:func:`check_field`), e.g. an unbatched
+            ``(d, *spatial)`` one (:func:`hybridreg.metrics.jacobian_stats` takes both).
     """
     d = check_field(disp, "disp", fn="jacobian_determinant")
     grads = torch.gradient(disp, dim=tuple(range(2, 2 + d)))  # grads[j][:, i] = d u_i / d x_j

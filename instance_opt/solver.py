@@ -283,9 +283,10 @@ def register_pair(
             run time counts in ``seconds``).
         moving_map: optional ``(B, d, d + 1)`` map from fixed to moving voxel indices (an
             affine pre-alignment, :func:`hybridreg.affine.voxel_map`); ``moving`` then lies
-            on its own grid with voxel size ``moving_spacing`` (mm per tensor axis) and is
-            sampled through the map on every level (one interpolation; its pyramid is made
-            on its own grid).
+            on its own grid with voxel size ``moving_spacing`` (mm per tensor axis; ``None``:
+            ``spacing``, as every solver takes it; given without a map, it is refused) and
+            is sampled through the map on every level (one interpolation; its pyramid is
+            made on its own grid).
         fixed_mask, moving_mask: optional ``(B, 1, *grid)`` masks on each image's grid that
             restrict the image match (:func:`hybridreg.objective.evaluate`).
         regions: ``(B, 1, *spatial)`` integer label map on FIXED's grid, required by (and
@@ -320,14 +321,14 @@ def register_pair(
     """
     cfg = config or InstanceOptConfig()
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None, fixed_mask=fixed_mask,
-                 moving_mask=moving_mask)
+                 moving_mask=moving_mask, moving_map=moving_map, moving_spacing=moving_spacing)
     d = fixed.dim() - 2
     h = check_spacing(spacing, d, fn="register_pair")
     dev = torch.device(device) if device is not None else fixed.device
     fixed, moving = fixed.to(dev), moving.to(dev)
     dtype = fixed.dtype
     spatial, m_spatial = tuple(fixed.shape[2:]), tuple(moving.shape[2:])
-    h_m = check_spacing(moving_spacing, d, fn="register_pair") if moving_map is not None else h
+    h_m = check_spacing(moving_spacing, d, fn="register_pair") if moving_spacing is not None else h
     B = fixed.shape[0]
     # a (1, 1, ...) mask serves every pair of a batch: expanded, so that the running pairs can be indexed
     moving_map, fixed_mask, moving_mask = (None if t is None else t.to(dev, dtype) for t in (moving_map, fixed_mask, moving_mask))

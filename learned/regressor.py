@@ -424,9 +424,11 @@ class LearnedLambdaSolver:
         shapes and errors as the instance solver's; one 3D pair at a time (B > 1 or a 2D
         pair raises ``ValueError``: each pair has its own λ, and the network is 3D)."""
         cfg = config or LearnedLambdaConfig()
-        check_images(fixed, moving, fn="learned-lambda", same_grid=moving_map is None)
+        check_images(fixed, moving, fn="learned-lambda", same_grid=moving_map is None, moving_map=moving_map,
+                     moving_spacing=moving_spacing)
         if fixed.shape[0] != 1:
-            raise ValueError("learned-lambda: one pair at a time (`--batch-size 1`): each pair has its own λ")
+            raise ValueError(f"learned-lambda(): `fixed` must hold one pair (B = 1; `--batch-size 1` on the CLI), got"
+                             f" {fixed.shape[0]}: each pair has its own λ")
         if fixed.dim() != 5:
             raise ValueError(f"`--solver learned-lambda`: the λ regressor registers 3D images, FIXED and MOVING are"
                              f" {fixed.dim() - 2}D (`fixed` must be (1, C, D, H, W), got {tuple(fixed.shape)}); `--solver"

@@ -304,7 +304,7 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device
     check_images(fixed, moving, fn="register_pair", same_grid=moving_map is None, fixed_mask=fixed_mask,
-                 moving_mask=moving_mask)
+                 moving_mask=moving_mask, moving_map=moving_map, moving_spacing=moving_spacing)
     conditional = isinstance(cfg, ConditionalConfig)
     net, objective, train_spacing, _ = _load(str(weights_path(cfg.weights, cfg.default_weights)), str(dev))
     if conditional:
@@ -331,8 +331,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
     region = None
     if conditional and cfg.region_lambda:
         if regions is None or regions.is_floating_point() or tuple(regions.shape) != (fixed.shape[0], 1) + spatial:
-            raise ValueError("`--fixed-labels` is required with `region_lambda` (an integer (B, 1, *spatial) label map on"
-                             " FIXED's grid)")
+            raise ValueError("register_pair(): `regions` (on the CLI, `--fixed-labels`) is required with `region_lambda`:"
+                             " an integer (B, 1, *spatial) label map on FIXED's grid")
         region = paint_regions(regions.to(dev), cfg.region_lambda, default=cfg.region_default,  # on the network's grid
                                smooth_sigma=cfg.region_smoothing, dtype=fixed.dtype, shape=net_shape)
     ndt = next(net.parameters()).dtype  # the network runs in its weights' dtype; its results return in fixed's
@@ -433,12 +433,13 @@ def _check_conditional(cfg: ConditionalConfig, net_cfg) -> None:
             raise ValueError(f"`objective.{key}` must lie in the conditional network's range [{lo:g}, {hi:g}], got {v!r}")
     if cfg.region_lambda:
         if not net_cfg.region_condition:
-            raise ValueError("`--region-lambda`: the network is not conditioned on regions (network.region_condition)")
+            raise ValueError("`region_lambda` (`--region-lambda`): the network is not conditioned on regions"
+                             " (network.region_condition)")
         lo, hi = LAMBDA_BOUNDS[net_cfg.lambda_prior]
         bad = {k: v for k, v in {**cfg.region_lambda, "default": cfg.region_default}.items() if not lo <= v <= hi}
         if bad:
-            raise ValueError(f"`--region-lambda`: λ must lie in [{lo:g}, {hi:g}] under the network's {net_cfg.lambda_prior}"
-                             f" prior, got {bad}")
+            raise ValueError(f"`region_lambda` (`--region-lambda`): λ must lie in [{lo:g}, {hi:g}] under the network's"
+                             f" {net_cfg.lambda_prior} prior, got {bad}")
 
 
 @dataclass(frozen=True)

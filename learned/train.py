@@ -49,14 +49,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hybridreg.config import atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict
+from hybridreg.config import (atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict,
+                              write_json)
 from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.io import file_sha256
-from hybridreg.metrics import common_labels, score_dice
+from hybridreg.metrics import common_labels, score_dice, warp_labels
 from hybridreg.objective import EnergyTerms, ObjectiveConfig
 from hybridreg.priors import paint_regions
 from hybridreg.solvers import DivergenceError
-from hybridreg.spatial import warp
 from hybridreg.synthesis import SynthConfig, random_deformation, synthesize
 
 from .loss import network_energy
@@ -316,11 +316,11 @@ def validation_dice(net: RegistrationNetwork, data: RegistrationDataset, objecti
                     device: torch.device | str = "cpu") -> float:
     """Mean over :meth:`RegistrationDataset.validation_pairs` of their mean Dice over the labels
     each pair shares (:func:`hybridreg.metrics.score_dice`, policy ``"all"``; moving labels
-    warped by nearest neighbour); NaN without pairs."""
+    warped by nearest neighbour: :func:`hybridreg.metrics.warp_labels`); NaN without pairs."""
     scores = []
     for f, m in data.validation_pairs():
         _, ev = predict(net, _tensor(f, device), _tensor(m, device), objective, data.spacing)
-        wl = warp(torch.from_numpy(m.labels)[None, None].to(device), ev.displacement, mode="nearest")[0, 0].cpu().numpy()
+        wl = warp_labels(m.labels, ev.displacement)
         if common_labels(f.labels, m.labels):  # a pair sharing no label is not scored
             scores.append(score_dice(f.labels, wl, m.labels, policy="all")["mean"])
     return float(np.mean(scores)) if scores else float("nan")
@@ -572,7 +572,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
             with open(run / "validation.csv", newline="") as fh:
                 hist = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-            atomic_write_text(run / "history.json", json.dumps({"best_val_dice": best, "epochs": hist, **info}, indent=2))
+            # a run without validation pairs has no best: null (strict JSON, as metrics.json)
+            write_json(run / "history.json", {"best_val_dice": best if best >= 0 else None, "epochs": hist, **info})
     bar.close()
     if world > 1:
         dist.barrier()

@@ -536,6 +536,9 @@ def test_realworld_suite_runs_on_two_grids(tmp_path, monkeypatch):
     for k, want in enumerate(centre_slices(normalize_intensity(fixed), geometry.direction)):
         np.testing.assert_allclose(z[f"img{k}"], want, atol=1e-3)  # stored as float16
         assert z[f"lam{k}"].shape == want.shape
+    # a 2D suite's file holds its one slice
+    np.savez_compressed(tmp_path / "lambda" / "two_d.npz", layout="radiological", img0=np.ones((5, 6), np.float16),
+                        lam0=np.full((5, 6), 0.5, np.float16))
     rows = [demons, inst]
     files = report.figures(tmp_path, rows, [])
     assert files["lambda"] == "lambda_maps.png" and (tmp_path / "lambda_maps.png").is_file()

@@ -142,3 +142,30 @@ def test_a_list_for_a_tuple_setting_is_taken_in_python_as_on_the_command_line():
     assert replace(TrainConfig(), steps=3).steps == 3
     with pytest.raises(ValueError, match="`iterations` must hold ints"):
         replace(cfg, iterations=[1.5, 2, 3, 4])
+
+
+def test_set_reads_a_label_of_a_mapping_as_the_search_space_does_and_leaves_the_config_alone():
+    """`--set region_lambda.17=0.3` was refused ("region_lambda has no key '17'; valid keys are [17]"), which
+    the tuner's search space accepted; and a value set through the copy of to_dict reached the original config."""
+    from hybridreg.config import apply_overrides
+
+    cfg = ConditionalConfig(region_lambda={17: 0.5})
+    assert apply_overrides(cfg, ["region_lambda.17=0.3"]).region_lambda == {17: 0.3}
+    assert apply_overrides(cfg, ["region_lambda.53=0.2"]).region_lambda == {17: 0.5, 53: 0.2}
+    assert cfg.region_lambda == {17: 0.5}
+    with pytest.raises(ValueError, match="region_lambda has no key 'x'"):
+        apply_overrides(cfg, ["region_lambda.x=1"])
+    with pytest.raises(ValueError, match="unknown key"):
+        apply_overrides(cfg, ["objective.17=2"])
+
+
+def test_result_files_are_strict_json(tmp_path):
+    """history.json held a bare NaN (invalid JSON) when a run had no validation pairs."""
+    import json
+
+    from hybridreg.config import write_json
+
+    write_json(tmp_path / "x.json", {"dice": float("nan"), "per": [1.0, float("inf")], "n": 2})
+    text = (tmp_path / "x.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"dice": None, "per": [1.0, None], "n": 2}

@@ -455,8 +455,23 @@ def test_a_mask_with_nan_wrong_shape_or_values_outside_0_1_is_refused_naming_it(
                           (dict(moving_mask=-torch.ones_like(f)), r"`moving_mask` must hold weights in \[0, 1\]")]:
         with pytest.raises(ValueError, match=match):
             register_pair(f, m, cfg, spacing=(2.0, 2.0), **kwargs)
-    with pytest.raises(ValueError, match=r"`fixed_mask` must be \(B, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"`fixed_mask` must be \(1, 1, 16, 16\)"):
         evaluate(f, m, torch.zeros(1, 2, 16, 16), torch.ones(1, 1, 1, 1), ObjectiveConfig(), fixed_mask=torch.ones(1, 1, 3, 3))
+    # an empty mask returned the identity as a registration; evaluate took a 0/255 mask as weights (LNCC −140) and a
+    # NaN one gave a NaN energy; the Jacobian metrics counted NaN or 255 as inside
+    with pytest.raises(ValueError, match="`fixed_mask` is empty"):
+        register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=torch.zeros_like(f))
+    for mask, match in [(torch.full_like(f, 255.0), r"evaluate\(\): `moving_mask` must hold weights in \[0, 1\]"),
+                        (nan, r"evaluate\(\): `moving_mask` contains NaN")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(f, m, torch.zeros(1, 2, 16, 16), torch.ones(1, 1, 1, 1), ObjectiveConfig(), moving_mask=mask)
+    from hybridreg.metrics import jacobian_stats
+
+    for mask, match in [(nan[0, 0], "`mask` contains NaN"), (torch.full((16, 16), 255.0), r"\[0, 1\]"),
+                        (torch.zeros(16, 16, dtype=torch.bool), "`mask` is empty")]:
+        with pytest.raises(ValueError, match=match):
+            jacobian_stats(torch.zeros(2, 16, 16), mask)
+    assert jacobian_stats(torch.zeros(2, 16, 16), f[0, 0] > 0.5)["folding_percent"] == 0.0
     ok = register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=(f > 0.5), moving_mask=torch.ones(1, 1, 16, 16, dtype=torch.uint8))
     assert torch.isfinite(ok.displacement).all()
 
@@ -502,3 +517,31 @@ def test_one_mask_serves_every_pair_of_a_batch_whose_pairs_stop_apart():
     each = register_pair(f, m, cfg, spacing=(2.0, 2.0), fixed_mask=torch.ones(3, 1, 32, 32))
     assert len({tuple(h.iterations for h in p) for p in one.pair_histories}) > 1  # they stopped apart
     torch.testing.assert_close(one.displacement, each.displacement, rtol=0, atol=0)
+
+
+def test_a_malformed_moving_map_or_a_moving_spacing_without_one_is_refused_naming_it():
+    """A (1, 2, 2) map gave a bare IndexError, a NaN map ran to DIVERGED without naming it, and a
+    `moving_spacing` without a map was ignored (and defaulted to 1 mm in one solver, FIXED's spacing
+    in the other)."""
+    f, m = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    cfg = InstanceOptConfig(progress=False, iterations=(2, 2, 2, 0))
+    for kwargs, match in [(dict(moving_map=torch.zeros(1, 2, 2)), r"`moving_map` must be \(1, 2, 3\)"),
+                          (dict(moving_map=torch.full((1, 2, 3), float("nan"))), "`moving_map` contains NaN"),
+                          (dict(moving_spacing=(2.0, 2.0)), "`moving_spacing` applies only with `moving_map`")]:
+        with pytest.raises(ValueError, match=match):
+            register_pair(f, m, cfg, spacing=(2.0, 2.0), **kwargs)
+    # a map without `moving_spacing`: MOVING's voxel size is FIXED's, as with the spacing given
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    a = register_pair(f, m, cfg, spacing=(2.0, 2.0), moving_map=identity)
+    b = register_pair(f, m, cfg, spacing=(2.0, 2.0), moving_map=identity, moving_spacing=(2.0, 2.0))
+    assert torch.equal(a.displacement, b.displacement)
+
+
+def test_evaluate_refuses_a_negative_lambda():
+    """A negative λ gave a finite energy that rewards a rough field; a NaN λ (a diverging run's) stays the
+    divergence check's."""
+    f = torch.rand(1, 1, 16, 16)
+    v = torch.zeros(1, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"evaluate\(\): `lam` must be ≥ 0"):
+        evaluate(f, f, v, -torch.ones(1, 1, 1, 1), ObjectiveConfig())
+    assert torch.isnan(evaluate(f, f, v, torch.full((1, 1, 1, 1), float("nan")), ObjectiveConfig()).terms.total).all()

@@ -404,3 +404,41 @@ def test_hd95_counts_a_structures_voxels_on_the_grids_edge_as_surface():
         dice(a, b, [])
     with pytest.raises(ValueError, match="`displacement` must be on the fixed labels' grid"):
         score_registration(a, b, torch.zeros(1, 3, 19, 20, 20))
+
+
+def test_metrics_refuse_a_batch_a_bad_spacing_and_a_repeated_or_background_label():
+    """score_registration scored pair 0's labels but averaged the Jacobian of every pair; HD95 took an
+    infinite spacing (NaN and ITK errors); dice scored the background and silently merged repeated labels."""
+    from hybridreg.metrics import scored_labels
+
+    a = np.zeros((8, 8, 8), np.int32)
+    a[2:6, 2:6, 2:6] = 1
+    with pytest.raises(ValueError, match="`displacement` must be one registration"):
+        score_registration(a, a, torch.zeros(2, 3, 8, 8, 8), [1])
+    assert score_registration(a, a, torch.zeros(1, 3, 8, 8, 8), [1])["dice_mean"] == 1.0
+    with pytest.raises(ValueError, match=r"hausdorff\(\): `spacing` must be 3 positive finite numbers"):
+        hd95(a, a, [1], spacing=(float("inf"), 1.0, 1.0))
+    for labels, match in [([0, 1], "0 is the background"), ([1, 1], r"label\(s\) \[1\] given more than once")]:
+        with pytest.raises(ValueError, match=match):
+            dice(a, a, labels)
+    with pytest.raises(ValueError, match="`policy` must be 'auto', 'all' or a list"):
+        scored_labels(a, a, "every")
+
+
+def test_io_helpers_refuse_nan_and_constant_inputs_naming_them():
+    """normalize_intensity turned one NaN voxel into an all-NaN image and a constant image into zeros;
+    displacement_to_itk wrote a NaN field that read_displacement then refused."""
+    from hybridreg.io import displacement_to_itk, normalize_intensity
+
+    x = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+    assert normalize_intensity(x).max() == 1.0
+    x[2, 2] = np.nan
+    with pytest.raises(ValueError, match="`x` contains NaN"):
+        normalize_intensity(x)
+    with pytest.raises(ValueError, match="`scan.nii` is constant"):
+        normalize_intensity(np.full((6, 6), 3.0), arg="scan.nii")
+    geo = Geometry.of(sitk.GetImageFromArray(np.zeros((4, 5), np.float32)))
+    disp = np.zeros((2, 4, 5))
+    disp[0, 1, 1] = np.inf
+    with pytest.raises(ValueError, match="`disp` contains NaN or Inf"):
+        displacement_to_itk(disp, geo)

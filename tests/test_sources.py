@@ -81,7 +81,7 @@ def test_manifest_source(tmp_path, fmt):
 def test_manifest_errors_name_the_problem(tmp_path, content, exc, match):
     _write_subjects(tmp_path, 3)
     other = Geometry(size=(14, 12, 11), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=GEO.direction)
-    write_image(tmp_path / "odd.nii.gz", np.ones((11, 12, 14), np.float32), other)
+    write_image(tmp_path / "odd.nii.gz", np.random.default_rng(0).random((11, 12, 14)).astype(np.float32), other)
     bad = tmp_path / "bad.csv"
     bad.write_text(content)
     with pytest.raises(exc, match=match):

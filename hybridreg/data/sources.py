@@ -176,7 +176,7 @@ def _read_pair(image: Path, labels: Path | None, arg: str) -> tuple[np.ndarray, 
     if labels is not None:
         lab, lgeo = read_labels(labels, arg=f"{arg} labels")
         check_same_grid(geo, lgeo, (arg, f"{arg} labels"))
-    return normalize_intensity(img), lab, geo
+    return normalize_intensity(img, arg=f"{arg} {image}"), lab, geo
 
 
 def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = None) -> RegistrationDataset:
@@ -269,7 +269,7 @@ def _load_pkl(path: Path) -> Volume:
     lab = np.asarray(obj[1]).astype(np.int32) if len(obj) > 1 and obj[1] is not None else None
     if img.ndim not in (2, 3):
         raise ValueError(f"`--data`: {path}: image must be 2D or 3D, got shape {img.shape}")
-    return Volume(path.stem, normalize_intensity(img), lab)
+    return Volume(path.stem, normalize_intensity(img, arg=f"--data {path}"), lab)
 
 
 def ixi(root: str | os.PathLike, spacing: Sequence[float] | None = None) -> RegistrationDataset:

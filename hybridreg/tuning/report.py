@@ -1,7 +1,6 @@
 """A run's outputs: ``best_config.yaml``, ``pareto.json``, ``summary.json`` and figures (matplotlib's
 object-oriented API, no pyplot), every file written through :func:`hybridreg.config.atomic_output`."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -10,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import atomic_output, atomic_write_text, dump_yaml
-from ..service import json_safe
+from ..config import atomic_output, dump_yaml, json_safe, write_json
 from .loop import TuningResult, best_so_far, fit_gp, pareto_front
 from .space import SearchSpace, apply_params
 
@@ -110,7 +108,7 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
     try:
         if result.best is not None:
             dump_yaml(apply_params(space, result.best["params"]), stage / "best_config.yaml")
-        atomic_write_text(stage / "pareto.json", json.dumps(result.pareto, indent=2))
+        write_json(stage / "pareto.json", result.pareto)
         summary = {"finished": sum(t["status"] in ("done", "failed") for t in result.trials),
                    "failed": sum(t["status"] == "failed" for t in result.trials), "best": result.best,
                    "best_so_far": best_so_far(result.trials, space),
@@ -120,7 +118,7 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
         summary["outputs"] = ["trials.json", "summary.json"] + sorted(f.name for f in stage.iterdir())
         # a run with no feasible trial yet has no best: null, never a NaN number (as metrics.json)
         summary = json_safe(summary)
-        atomic_write_text(stage / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+        write_json(stage / "summary.json", summary)
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
     finally:

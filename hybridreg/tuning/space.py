@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..config import bounded, check_bounds, from_dict, read_yaml, to_dict
+from ..config import bounded, check_bounds, from_dict, mapping_key, read_yaml, to_dict
 from ..solvers import get_solver
 
 SOLVERS = ("instance", "learned", "learned-conditional")  # the tuned config of each: :func:`_config_class`
@@ -130,22 +130,16 @@ def _config_class(solver: str) -> type:
     return get_solver(solver).config_class
 
 
-def _part(d: dict, p: str) -> Any:
-    """The mapping key ``p`` names: ``p`` itself, or the integer it spells (label keys such as
-    ``region_lambda.17``)."""
-    return int(p) if p not in d and p.lstrip("-").isdigit() else p
-
-
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
-        d = d.setdefault(_part(d, p), {})
-    d[_part(d, parts[-1])] = value
+        d = d.setdefault(mapping_key(d, p), {})
+    d[mapping_key(d, parts[-1])] = value
 
 
 def _get_dotted(d: dict, key: str) -> Any:
     for p in key.split("."):
-        d = d[_part(d, p)]
+        d = d[mapping_key(d, p)]
     return d
 
 
