@@ -565,7 +565,9 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
               "## Time to accuracy", "", f"![time to accuracy]({files['tta']})", ""]
     if "lambda" in files:
         lines += ["## λ maps", "", "λ on FIXED of the first pair, inside the head: axial, coronal and sagittal slices through the"
-                  " centre, the patient's right on the left (radiological) unless the figure's title says array order.", "", f"![λ maps]({files['lambda']})", ""]
+                  " centre, the patient's right on the left (radiological), laid out from FIXED's direction cosines; a"
+                  " 2D grid, an oblique one and files of runs before stop 69 keep the array order (the figure's title says"
+                  " so for the last).", "", f"![λ maps]({files['lambda']})", ""]
     lines += ["## Each λ strategy against its baseline (paired)", ""]
     if stats:
         few = any(x.get("n_nonzero", x["n"]) < 6 for x in stats)

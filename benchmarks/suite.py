@@ -299,7 +299,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
         # the centre slices in the radiological layout (axial, coronal, sagittal): the figure's input, small
         # enough to commit
         views = {f"{key}{k}": v.astype(np.float16) for key, vol in (("lam", lt), ("img", img))
-                 for k, v in enumerate(centre_slices(vol, geometry.direction) if vol.ndim == 3 else [vol])}
+                 for k, v in enumerate(centre_slices(vol, getattr(geometry, "direction", None)) if vol.ndim == 3 else [vol])}
         np.savez_compressed(lam_out, layout="radiological", **views)
     return row
 

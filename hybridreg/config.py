@@ -170,11 +170,12 @@ def to_dict(obj: Any) -> Any:
 
 
 def mapping_key(node: dict, part: str) -> Any:
-    """The key of ``node`` that one part of a dotted config key names: ``part`` itself, or the
-    integer it spells when ``node`` has no such string key (a label of a label → λ mapping,
-    ``region_lambda.17``; field names are never integers). The one reading of dotted keys, for
-    ``--set`` and the tuner's search spaces."""
-    return int(part) if part not in node and part.lstrip("-").isdigit() else part
+    """The key of ``node`` that one part of a dotted config key names: the integer ``part``
+    spells when ``node`` is a label mapping (its keys all integers, or none yet: a label → λ
+    mapping such as ``region_lambda.17``; a config's fields are never integers), else ``part``
+    itself. The one reading of dotted keys, for ``--set`` and the tuner's search spaces."""
+    label = part.isascii() and part.isdigit() and all(isinstance(k, int) for k in node)
+    return int(part) if label else part
 
 
 def apply_overrides(obj: T, overrides: typing.Sequence[str], *, arg: str = "--set") -> T:

@@ -144,7 +144,8 @@ def _surface_distances(ma: np.ndarray, mb: np.ndarray, spacing: Sequence[float])
     return dist_to(cb)[ca], dist_to(ca)[cb]
 
 
-def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None, percentile: float = 95.0) -> dict[int, float]:
+def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None, percentile: float = 95.0,
+              *, fn: str = "hausdorff") -> dict[int, float]:
     """Symmetric percentile Hausdorff distance (mm) between label surfaces, per label.
 
     ``max(P_q(d(∂A → ∂B)), P_q(d(∂B → ∂A)))`` with ``q = percentile``. A label missing from
@@ -155,6 +156,7 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
     Args:
         a, b: label maps of the same shape. labels: as in :func:`dice`.
         spacing: mm per array axis (``None`` = 1 mm). percentile: in (0, 100].
+        fn: the function the messages name (:func:`hd95` passes its own).
 
     Raises:
         ValueError: shape mismatch, non-integer values, ``labels`` as :func:`dice` refuses them,
@@ -164,7 +166,7 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
     a, b = _pair(a, b)
     if not 0 < percentile <= 100:
         raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}")
-    sp = check_spacing(spacing, a.ndim, fn="hausdorff")
+    sp = check_spacing(spacing, a.ndim, fn=fn)
     out = {}
     for lab in _labels_arg(labels, a, b):
         ma, mb = a == lab, b == lab
@@ -189,7 +191,7 @@ def hausdorff(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float
 
 def hd95(a, b, labels: Iterable[int] | None = None, spacing: Sequence[float] | None = None) -> dict[int, float]:
     """95th-percentile Hausdorff distance in mm per label (see :func:`hausdorff`)."""
-    return hausdorff(a, b, labels, spacing, 95.0)
+    return hausdorff(a, b, labels, spacing, 95.0, fn="hd95")
 
 
 def _batched(disp: torch.Tensor) -> torch.Tensor:
@@ -207,7 +209,7 @@ def _batched(disp: torch.Tensor) -> torch.Tensor:
                      f" {tuple(disp.shape)}")
 
 
-def _jac(disp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _jac(disp: torch.Tensor, mask: torch.Tensor | None = None, fn: str = "jacobian_stats") -> torch.Tensor:
     """det J of every voxel of every field, as ``(B, *spatial)``; with ``mask`` (the spatial
     shape, or ``(B, *spatial)`` / ``(B, 1, *spatial)``), the masked voxels' values, flattened."""
     j = jacobian_determinant(_batched(disp).detach())
@@ -218,7 +220,7 @@ def _jac(disp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     if tuple(m.shape[-len(spatial):]) != tuple(spatial) or m.numel() not in (math.prod(spatial), j.numel()):
         raise ValueError(f"`mask` must have the spatial shape {tuple(spatial)} (or one per field), got {tuple(m.shape)}")
     m = m.reshape(-1, 1, *spatial)
-    check_mask("jacobian_stats", "mask", m, (j.shape[0], 1, *spatial))  # finite, in [0, 1], not empty
+    check_mask(fn, "mask", m, (j.shape[0], 1, *spatial))  # finite, in [0, 1], not empty
     return j[(m[:, 0] > 0).expand_as(j)]
 
 
@@ -226,7 +228,7 @@ def folding_percent(disp: torch.Tensor, mask: torch.Tensor | None = None) -> flo
     """Percentage of voxels with ``det J_φ ≤ 0`` (central differences), optionally in a mask.
     A NaN determinant counts as folded: it is no positive volume change. ``disp``, ``mask`` and
     errors as :func:`jacobian_stats`'s."""
-    j = _jac(disp, mask)
+    j = _jac(disp, mask, "folding_percent")
     return float((~(j > 0)).double().mean() * 100.0)
 
 
@@ -234,7 +236,7 @@ def sdlogj(disp: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Standard deviation of ``log det J_φ`` with J clipped to ``[1e-9, 1e9]`` (method §4) over
     the voxels (in ``mask``) of every field of the batch. ``disp``, ``mask`` and errors as
     :func:`jacobian_stats`'s."""
-    j = _jac(disp, mask).double()
+    j = _jac(disp, mask, "sdlogj").double()
     return float(torch.log(j.clamp(1e-9, 1e9)).std())
 
 
@@ -458,13 +460,15 @@ def score_registration(fixed_labels, moving_labels, displacement: torch.Tensor, 
         voxel_map: optional ``(1, d, d + 1)`` map M from fixed to moving voxel indices
             (:func:`hybridreg.spatial.to_sampling_grid`).
 
-    Raises:
-        ValueError: a batch of displacements (score pair by pair), a displacement off the fixed
-            labels' grid, labels as :func:`scored_labels` refuses them, or a bad ``spacing``.
+    Returns:
         ``{"labels", "dice" (per label), "dice_mean", "dice_before_mean" (the maps as they
         are; ``None`` on two grids), "hd95" (per label, with ``with_hd95``), "hd95_mean" (over the
         labels whose HD95 is finite), "hd95_lost" (the scored labels that the warped moving map no
         longer holds: HD95 ``inf``, Dice 0, left out of "hd95_mean"), "warped_labels", **jacobian_stats}``.
+
+    Raises:
+        ValueError: a batch of displacements (score pair by pair), a displacement off the fixed
+            labels' grid, labels as :func:`scored_labels` refuses them, or a bad ``spacing``.
     """
     disp = torch.as_tensor(displacement)
     disp = disp[None] if disp.dim() == len(np.shape(fixed_labels)) + 1 else disp

@@ -208,9 +208,10 @@ class Solver(Protocol):
                       fixed_direction: Sequence[float] | None = None) -> RegistrationResult:
         """Register ``moving`` ``(B, C, *moving_spatial)`` to ``fixed`` ``(B, C, *spatial)``
         (intensities about [0, 1]) with voxel size ``spacing`` (mm per tensor axis) on
-        ``device``. Without ``moving_map`` both lie on one grid; with it, ``moving`` lies on
-        its own grid (voxel size ``moving_spacing``) and ``moving_map`` ``(B, d, d + 1)`` maps
-        fixed to moving voxel indices (the affine pre-alignment). ``fixed_mask`` and
+        ``device``. Without ``moving_map`` both lie on one grid (and ``moving_spacing`` is
+        refused); with it, ``moving`` lies on its own grid (voxel size ``moving_spacing``;
+        ``None``: ``spacing``) and ``moving_map`` ``(B, d, d + 1)`` maps fixed to moving voxel
+        indices (the affine pre-alignment). :func:`check_images` checks all of these. ``fixed_mask`` and
         ``moving_mask`` ``(B, 1, *grid)`` restrict the image match. ``fixed_direction``: FIXED's
         direction cosines (row-major d×d in ITK's axis order, LPS; :attr:`hybridreg.io.Geometry.direction`),
         for solvers whose networks were trained in one orientation (``learned-lambda`` puts
@@ -230,7 +231,8 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
     function in the messages.
 
     Raises:
-        TypeError: not a floating-point tensor, half precision, or two dtypes or devices.
+        TypeError: not a floating-point tensor, half precision, two dtypes or devices, or a
+            mask or ``moving_map`` that is not a tensor.
         ValueError: wrong rank, a spatial axis of one voxel, NaN/Inf, different shapes, a
             malformed ``moving_map`` or a ``moving_spacing`` without it, or a mask off its
             image's grid, outside [0, 1] or empty (the message names the argument).
@@ -252,9 +254,11 @@ def check_images(fixed: torch.Tensor, moving: torch.Tensor, *, fn: str, same_gri
                          " same shape (or pass a `moving_map` between their grids)")
     if moving_map is not None:
         d = fixed.dim() - 2
-        if not isinstance(moving_map, torch.Tensor) or tuple(moving_map.shape) != (fixed.shape[0], d, d + 1):
+        if not isinstance(moving_map, torch.Tensor):
+            raise TypeError(f"{fn}(): `moving_map` must be a torch.Tensor, got {type(moving_map).__name__}")
+        if tuple(moving_map.shape) != (fixed.shape[0], d, d + 1):
             raise ValueError(f"{fn}(): `moving_map` must be ({fixed.shape[0]}, {d}, {d + 1}) (fixed to moving voxel indices,"
-                             f" hybridreg.affine.voxel_map), got {tuple(getattr(moving_map, 'shape', ())) or moving_map!r}")
+                             f" hybridreg.affine.voxel_map), got {tuple(moving_map.shape)}")
         if not bool(torch.isfinite(moving_map).all()):
             raise ValueError(f"{fn}(): `moving_map` contains NaN or Inf values")
     elif moving_spacing is not None:

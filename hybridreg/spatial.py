@@ -559,8 +559,10 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
         ``(B, *spatial)`` determinant map (dimensionless; ``<= 0`` marks folding).
 
     Raises:
-        TypeError, ValueError: a malformed field (:func:`check_field`), e.g. an unbatched
-            ``(d, *spatial)`` one (:func:`hybridreg.metrics.jacobian_stats` takes both).
+        TypeError, ValueError: a malformed field (:func:`check_field`). An unbatched
+            ``(d, *spatial)`` field is refused or, when its first spatial axis has 2 voxels,
+            read as a batch of 2D fields: pass ``(1, d, *spatial)``
+            (:func:`hybridreg.metrics.jacobian_stats` takes both forms).
     """
     d = check_field(disp, "disp", fn="jacobian_determinant")
     grads = torch.gradient(disp, dim=tuple(range(2, 2 + d)))  # grads[j][:, i] = d u_i / d x_j

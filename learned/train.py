@@ -572,7 +572,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
             with open(run / "validation.csv", newline="") as fh:
                 hist = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-            # a run without validation pairs has no best: null (strict JSON, as metrics.json)
+            # a run whose validation pairs share no label has no Dice: null, never a NaN number (strict JSON, as
+            # metrics.json)
             write_json(run / "history.json", {"best_val_dice": best if best >= 0 else None, "epochs": hist, **info})
     bar.close()
     if world > 1:

@@ -155,8 +155,9 @@ def test_set_reads_a_label_of_a_mapping_as_the_search_space_does_and_leaves_the_
     assert cfg.region_lambda == {17: 0.5}
     with pytest.raises(ValueError, match="region_lambda has no key 'x'"):
         apply_overrides(cfg, ["region_lambda.x=1"])
-    with pytest.raises(ValueError, match="unknown key"):
-        apply_overrides(cfg, ["objective.17=2"])
+    for key in ("objective.17=2", "region_lambda.-3=0.1", "region_lambda.²=0.1"):  # not a label, or not a mapping
+        with pytest.raises(ValueError, match=r"has no key '(17|-3|²)'"):
+            apply_overrides(cfg, [key])
 
 
 def test_result_files_are_strict_json(tmp_path):

@@ -416,7 +416,7 @@ def test_metrics_refuse_a_batch_a_bad_spacing_and_a_repeated_or_background_label
     with pytest.raises(ValueError, match="`displacement` must be one registration"):
         score_registration(a, a, torch.zeros(2, 3, 8, 8, 8), [1])
     assert score_registration(a, a, torch.zeros(1, 3, 8, 8, 8), [1])["dice_mean"] == 1.0
-    with pytest.raises(ValueError, match=r"hausdorff\(\): `spacing` must be 3 positive finite numbers"):
+    with pytest.raises(ValueError, match=r"hd95\(\): `spacing` must be 3 positive finite numbers"):
         hd95(a, a, [1], spacing=(float("inf"), 1.0, 1.0))
     for labels, match in [([0, 1], "0 is the background"), ([1, 1], r"label\(s\) \[1\] given more than once")]:
         with pytest.raises(ValueError, match=match):
@@ -442,3 +442,17 @@ def test_io_helpers_refuse_nan_and_constant_inputs_naming_them():
     disp[0, 1, 1] = np.inf
     with pytest.raises(ValueError, match="`disp` contains NaN or Inf"):
         displacement_to_itk(disp, geo)
+
+
+def test_resize_image_refuses_a_label_map_and_a_grid_check_names_the_direction():
+    """resize_image of an integer tensor raised torch's NotImplementedError; two grids differing only in their
+    direction printed the same size, spacing and origin twice."""
+    from hybridreg.io import check_same_grid
+    from hybridreg.spatial import resize_image
+
+    with pytest.raises(TypeError, match=r"resize_image\(\): `image` must be a floating-point"):
+        resize_image(torch.zeros(1, 1, 4, 4, dtype=torch.int64), (2, 2))
+    a = Geometry((4, 5), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    b = Geometry((4, 5), (1.0, 1.0), (0.0, 0.0), (0.0, 1.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match=r"direction \(1.0, 0.0, 0.0, 1.0\) vs \(0.0, 1.0, 1.0, 0.0\)"):
+        check_same_grid(a, b, ("FIXED", "FIXED labels"))

@@ -116,7 +116,8 @@ def write_outputs(space: SearchSpace, result: TuningResult, out_dir: str | os.Pa
                    "infeasible": None if result.best is not None else space.why_infeasible(result.trials)}
         tuning_figures(space, result.trials, stage)
         summary["outputs"] = ["trials.json", "summary.json"] + sorted(f.name for f in stage.iterdir())
-        # a run with no feasible trial yet has no best: null, never a NaN number (as metrics.json)
+        # a run with no feasible trial yet has no best: null, never a NaN number (as metrics.json), in the
+        # summary returned as in the file
         summary = json_safe(summary)
         write_json(stage / "summary.json", summary)
         for f in sorted(stage.iterdir()):
