@@ -157,7 +157,7 @@ def train_command(args: argparse.Namespace) -> None:
     if args.resume and train_mod.latest_checkpoint(out) is None and not (out / "config.yaml").is_file():
         raise CLIError(f"`--resume`: {out} holds no run to resume (no checkpoint, no config.yaml)")
     dev = device_of(args.device)
-    data = load_dataset(args.data, args.spacing)
+    data = load_dataset(args.data, args.spacing, arg="--data")
     scale = physical_scale(data.shape, data.spacing)
     if scale != 1.0:  # small objects: trained as `register` sees them, as if larger (the weights record that spacing)
         data = replace(data, spacing=tuple(h / scale for h in data.spacing))

@@ -92,8 +92,13 @@ def test_unreadable_sources(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read manifest"):
         from_manifest(tmp_path / "broken.json")
-    with pytest.raises(FileNotFoundError, match="--data"):
+    # the messages name the argument as the caller knows it: `spec` in Python, --data on the CLI, a space's train_data
+    with pytest.raises(FileNotFoundError, match="^`spec`: "):
         load_dataset(str(tmp_path / "nowhere.csv"))
+    with pytest.raises(FileNotFoundError, match="^`--data`: "):
+        load_dataset(str(tmp_path / "nowhere.csv"), arg="--data")
+    with pytest.raises(FileNotFoundError, match="^`train_data`: .* is neither"):
+        load_dataset(str(tmp_path / "broken.csv"), arg="train_data")
     with pytest.raises(ValueError, match="neither the OASIS layout"):
         load_dataset(str(tmp_path))
 

@@ -179,8 +179,9 @@ def _read_pair(image: Path, labels: Path | None, arg: str) -> tuple[np.ndarray, 
     return normalize_intensity(img, arg=f"{arg} {image}"), lab, geo
 
 
-def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = None) -> RegistrationDataset:
-    """Volumes listed in a CSV or JSON manifest (module docstring).
+def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = None, *, arg: str = "path") -> RegistrationDataset:
+    """Volumes listed in a CSV or JSON manifest (module docstring); ``arg`` names the manifest in
+    the messages.
 
     Raises:
         FileNotFoundError: the manifest or a listed file is missing.
@@ -189,7 +190,7 @@ def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = Non
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"`--data`: manifest not found: {p}")
+        raise FileNotFoundError(f"`{arg}`: manifest not found: {p}")
     try:
         if p.suffix.lower() == ".csv":
             with open(p, newline="") as fh:
@@ -198,20 +199,20 @@ def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = Non
             obj = json.loads(p.read_text())
             rows = obj["subjects"] if isinstance(obj, dict) else obj
         else:
-            raise ValueError(f"`--data`: a manifest must be .csv or .json, got {p.name}")
+            raise ValueError(f"`{arg}`: a manifest must be .csv or .json, got {p.name}")
     except (json.JSONDecodeError, KeyError, csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"`--data`: cannot read manifest {p}: {e}") from None
+        raise ValueError(f"`{arg}`: cannot read manifest {p}: {e}") from None
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"`--data`: manifest {p} lists no subjects")
+        raise ValueError(f"`{arg}`: manifest {p} lists no subjects")
     splits: dict[str, list[Volume]] = {k: [] for k in SPLIT_NAMES}
     atlas = None
     geo0: Geometry | None = None
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("image") or not row.get("split"):
-            raise ValueError(f"`--data`: manifest {p} row {i + 1} needs non-empty `image` and `split`")
+            raise ValueError(f"`{arg}`: manifest {p} row {i + 1} needs non-empty `image` and `split`")
         split = str(row["split"]).strip()
         if split not in SPLIT_NAMES + ("atlas",):
-            raise ValueError(f"`--data`: manifest {p} row {i + 1}: `split` must be train, val, test or atlas, got {split!r}")
+            raise ValueError(f"`{arg}`: manifest {p} row {i + 1}: `split` must be train, val, test or atlas, got {split!r}")
         img_p = (p.parent / str(row["image"]).strip())
         lab_p = (p.parent / str(row["labels"]).strip()) if row.get("labels") else None
         sid = str(row.get("id") or Path(str(row["image"])).name.split(".")[0])
@@ -222,7 +223,7 @@ def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = Non
         v = Volume(sid, img, lab)
         if split == "atlas":
             if atlas is not None:
-                raise ValueError(f"`--data`: manifest {p} has more than one atlas row")
+                raise ValueError(f"`{arg}`: manifest {p} has more than one atlas row")
             atlas = v
         else:
             splits[split].append(v)
@@ -237,8 +238,9 @@ def _split_sorted(items: list, fractions=(0.8, 0.1)) -> dict[str, list]:
     return {"train": items[:n_train], "val": items[n_train:n_train + n_val], "test": items[n_train + n_val:]}
 
 
-def oasis(root: str | os.PathLike, spacing: Sequence[float] | None = None) -> RegistrationDataset:
-    """The neurite-oasis / Learn2Reg layout (module docstring).
+def oasis(root: str | os.PathLike, spacing: Sequence[float] | None = None, *, arg: str = "root") -> RegistrationDataset:
+    """The neurite-oasis / Learn2Reg layout (module docstring); ``arg`` names ``root`` in the
+    messages.
 
     Raises:
         FileNotFoundError: no ``OASIS_OAS1_*_MR1`` folder with ``aligned_norm.nii.gz``.
@@ -246,7 +248,7 @@ def oasis(root: str | os.PathLike, spacing: Sequence[float] | None = None) -> Re
     root = Path(root)
     dirs = sorted(d for d in root.glob("OASIS_OAS1_*_MR1") if (d / "aligned_norm.nii.gz").is_file())
     if not dirs:
-        raise FileNotFoundError(f"`--data`: no OASIS_OAS1_*_MR1/aligned_norm.nii.gz under {root}")
+        raise FileNotFoundError(f"`{arg}`: no OASIS_OAS1_*_MR1/aligned_norm.nii.gz under {root}")
     vols, geo0 = [], None
     for d in dirs:
         seg = d / "aligned_seg35.nii.gz"
@@ -257,53 +259,55 @@ def oasis(root: str | os.PathLike, spacing: Sequence[float] | None = None) -> Re
     return _finish(f"OASIS {root}", geo0.array_spacing, _split_sorted(vols), None, geo0, spacing)
 
 
-def _load_pkl(path: Path) -> Volume:
+def _load_pkl(path: Path, arg: str) -> Volume:
     try:
         with open(path, "rb") as fh:
             obj = pickle.load(fh)  # noqa: S301 -- the user's own dataset files
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-        raise ValueError(f"`--data`: cannot unpickle {path}: {e}") from None
+        raise ValueError(f"`{arg}`: cannot unpickle {path}: {e}") from None
     if not isinstance(obj, (tuple, list)) or len(obj) < 1:
-        raise ValueError(f"`--data`: {path} must hold an (image, labels) tuple")
+        raise ValueError(f"`{arg}`: {path} must hold an (image, labels) tuple")
     img = np.asarray(obj[0], dtype=np.float32)
     lab = np.asarray(obj[1]).astype(np.int32) if len(obj) > 1 and obj[1] is not None else None
     if img.ndim not in (2, 3):
-        raise ValueError(f"`--data`: {path}: image must be 2D or 3D, got shape {img.shape}")
-    return Volume(path.stem, normalize_intensity(img, arg=f"--data {path}"), lab)
+        raise ValueError(f"`{arg}`: {path}: image must be 2D or 3D, got shape {img.shape}")
+    return Volume(path.stem, normalize_intensity(img, arg=f"{arg} {path}"), lab)
 
 
-def ixi(root: str | os.PathLike, spacing: Sequence[float] | None = None) -> RegistrationDataset:
-    """TransMorph's preprocessed IXI layout (module docstring); voxel size 1 mm.
+def ixi(root: str | os.PathLike, spacing: Sequence[float] | None = None, *, arg: str = "root") -> RegistrationDataset:
+    """TransMorph's preprocessed IXI layout (module docstring); voxel size 1 mm. ``arg`` names
+    ``root`` in the messages.
 
     Raises:
         FileNotFoundError: ``atlas.pkl`` or ``Train/`` missing.
     """
     root = Path(root)
     if not (root / "atlas.pkl").is_file() or not (root / "Train").is_dir():
-        raise FileNotFoundError(f"`--data`: {root} is not TransMorph's IXI layout (atlas.pkl, Train/, Val/, Test/)")
-    splits = {k: [_load_pkl(f) for f in sorted((root / d).glob("*.pkl"))]
+        raise FileNotFoundError(f"`{arg}`: {root} is not TransMorph's IXI layout (atlas.pkl, Train/, Val/, Test/)")
+    splits = {k: [_load_pkl(f, arg) for f in sorted((root / d).glob("*.pkl"))]
               for k, d in (("train", "Train"), ("val", "Val"), ("test", "Test"))}
-    atlas = _load_pkl(root / "atlas.pkl")
+    atlas = _load_pkl(root / "atlas.pkl", arg)
     return _finish(f"IXI {root}", (1.0,) * atlas.image.ndim, splits, atlas, None, spacing)
 
 
-def load_dataset(spec: str, spacing: Sequence[float] | None = None) -> RegistrationDataset:
+def load_dataset(spec: str, spacing: Sequence[float] | None = None, *, arg: str = "spec") -> RegistrationDataset:
     """Open a data source from a spec: ``"bundled"`` (2 mm), ``"bundled:1"``, a ``.csv`` /
     ``.json`` manifest, or a folder in the OASIS or IXI layout (detected).
 
     Raises:
         FileNotFoundError: the path does not exist. ValueError: a folder in neither layout
-        (the message names ``--data``), or the source's own errors.
+        (the message names ``arg``: ``--data`` on the CLI, ``train_data`` in a tuning space), or
+        the source's own errors.
     """
     if spec in ("bundled", "bundled:2", "bundled:1"):
         return bundled(1 if spec.endswith(":1") else 2, spacing)
     p = Path(spec)
     if not p.exists():
-        raise FileNotFoundError(f"`--data`: {spec!r} is neither 'bundled' nor an existing manifest or folder")
+        raise FileNotFoundError(f"`{arg}`: {spec!r} is neither 'bundled' nor an existing manifest or folder")
     if p.is_file():
-        return from_manifest(p, spacing)
+        return from_manifest(p, spacing, arg=arg)
     if any(p.glob("OASIS_OAS1_*_MR1")):
-        return oasis(p, spacing)
+        return oasis(p, spacing, arg=arg)
     if (p / "atlas.pkl").is_file():
-        return ixi(p, spacing)
-    raise ValueError(f"`--data`: folder {p} is in neither the OASIS layout (OASIS_OAS1_*_MR1/) nor the IXI layout (atlas.pkl, Train/)")
+        return ixi(p, spacing, arg=arg)
+    raise ValueError(f"`{arg}`: folder {p} is in neither the OASIS layout (OASIS_OAS1_*_MR1/) nor the IXI layout (atlas.pkl, Train/)")

@@ -307,7 +307,7 @@ def run_tuning(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
     if n_trials < 1:
-        raise ValueError(f"`--trials` must be >= 1, got {n_trials}")
+        raise ValueError(f"`n_trials` (`--trials`) must be >= 1, got {n_trials}")
     if space.train_data != "bundled" and space.solver != "learned":
         raise ValueError(f"search space: `train_data` is the learned solver's training data; the {space.solver} solver's"
                          " trials score the bundled validation pairs (`resolution`, `max_pairs`, `synth_contrasts`)")
@@ -325,12 +325,13 @@ def run_tuning(
         saved = json.loads(state.read_text())
         # compare as dataclasses, so that fields added later with defaults do not break a resume
         if saved["method"] != method or from_dict(SearchSpace, saved["space"], where=str(state)) != space:
-            raise ValueError(f"`--resume`: {state} was written with another method or search space")
+            raise ValueError(f"`resume` (`--resume`): {state} was written with another method or search space")
         trials = saved["trials"]
     elif resume:
-        raise ValueError(f"`--resume`: {state} does not exist")
+        raise ValueError(f"`resume` (`--resume`): {state} does not exist")
     elif state.exists():
-        raise ValueError(f"{state} exists; pass --resume to continue that run or choose a new --out")
+        raise ValueError(f"{state} exists; pass `resume` (`--resume`) to continue that run or choose a new `out_dir`"
+                         " (`--out`)")
 
     d = len(space.parameters)
     sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=space.seed).draw(space.initial_trials, dtype=torch.double)

@@ -88,7 +88,7 @@ def learned_objective(space: SearchSpace, params: dict, split: str = "val", devi
 
     dev = device_of(device)
     cfg = apply_params(space, params)
-    data = load_dataset(space.train_data)
+    data = load_dataset(space.train_data, arg="train_data")
     pairs, spacing = _pairs(space, split)
     with tempfile.TemporaryDirectory() as tmp:
         net = train(cfg, data, Path(tmp) / "run", progress=False, device=dev)
