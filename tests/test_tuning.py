@@ -280,6 +280,12 @@ def test_train_data_is_refused_unless_the_learned_solver_is_tuned(tmp_path, caps
     assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(out), "--no-progress"]) == 2
     assert "`train_data`" in capsys.readouterr().err and not (out / "trials.json").exists()
     assert tuning.load_space(p).train_data == "pairs.csv"  # the file itself is valid: the check is the run's
+    # a learned space whose train_data does not open ran every trial to failure, exit 0, blaming a `--data` flag
+    p.write_text(yaml.safe_dump({"solver": "learned", "parameters": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+                                 "train_data": str(tmp_path / "nowhere.csv")}))
+    assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "search space: `train_data`: " in err and "is neither 'bundled'" in err and not out.exists()
 
 
 @pytest.mark.parametrize("device", ["tpu", f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]))

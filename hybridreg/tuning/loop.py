@@ -298,7 +298,8 @@ def run_tuning(
 
     Raises:
         ValueError: unknown ``method``, ``n_trials < 1``, ``train_data`` in a space whose
-            solver is not ``learned`` (its trials score the bundled pairs), a space the solver refuses at
+            solver is not ``learned`` (its trials score the bundled pairs) or that does not open
+            (:func:`hybridreg.data.sources.load_dataset`), a space the solver refuses at
             its lowest or highest values (a conditional network's training ranges), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
     """
@@ -311,6 +312,13 @@ def run_tuning(
     if space.train_data != "bundled" and space.solver != "learned":
         raise ValueError(f"search space: `train_data` is the learned solver's training data; the {space.solver} solver's"
                          " trials score the bundled validation pairs (`resolution`, `max_pairs`, `synth_contrasts`)")
+    if space.train_data != "bundled":  # opened once before any trial: a bad path fails here, not in every trial
+        from ..data.sources import load_dataset
+
+        try:
+            load_dataset(space.train_data, arg="train_data")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"search space: {e}") from None
     if space.solver != "learned":  # the solver's own checks (a conditional network's ranges) at both corners
         solver = get_solver(space.solver)
         for corner, u in (("low", 0.0), ("high", 1.0)):  # the values trials can take (an integer step's last one)
