@@ -110,6 +110,18 @@ def _command(a) -> str:
     return "python -m benchmarks run " + shlex.join(parts)
 
 
+def _at_least_one(text: str) -> int:
+    """An integer ≥ 1 (``--max-pairs``, ``--repeats``): 0 read as "all pairs" and a negative number cut the list
+    from its end."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
 def _run(a) -> int:
     from benchmarks.methods import METHODS, available
     from benchmarks.scaling import GRIDS, run_scaling
@@ -118,7 +130,10 @@ def _run(a) -> int:
     from hybridreg.service import device_of
 
     if a.dataset:
-        a.suite = a.dataset
+        kind, _, rest = a.dataset.partition(":")
+        path, hashmark, split = rest.partition("#")
+        # absolute: each (pair, method) runs in a child process whose working directory is the repository's
+        a.suite = f"{kind}:{Path(path).resolve()}{hashmark}{split}" if rest else a.dataset
     try:
         spec = get_suite(a.suite)
         device_of(a.device)  # an unusable device fails before --fresh discards anything
@@ -230,7 +245,7 @@ def main(argv=None) -> int:
                                      " lumir:dataset.json[#SPLIT] or oasis:DIR (needs --out)")
     r.add_argument("--out", help="output folder (default benchmarks/results/<suite>)")
     r.add_argument("--methods", nargs="+", help="subset of the suite's methods")
-    r.add_argument("--max-pairs", type=int, help="only the first N pairs")
+    r.add_argument("--max-pairs", type=_at_least_one, help="only the first N pairs")
     r.add_argument("--pairs", nargs="+", metavar="FIXED<-MOVING", help="only these pairs, in this order (names as the"
                    " report's rows give them, e.g. 'vxm<-synthseg_18')")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N for hybridreg's solvers (the classical"
@@ -238,7 +253,7 @@ def main(argv=None) -> int:
     r.add_argument("--fresh", action="store_true", help="discard stored rows and start over")
     r.add_argument("--no-scaling", action="store_true")
     r.add_argument("--grids", nargs="+", help="scaling grids: 64x64x64 or mm values")
-    r.add_argument("--repeats", type=int, default=3, help="timed iterations per scaling grid")
+    r.add_argument("--repeats", type=_at_least_one, default=3, help="timed iterations per scaling grid")
     rep = sub.add_parser("report", help="re-render the report from stored rows")
     rep.add_argument("--suite", default="bundled")
     rep.add_argument("--out")

@@ -252,11 +252,24 @@ def _region_settings(cfg) -> dict | None:
     return {**{str(k): v for k, v in values.items()}, "default": cfg.region_default} if values else None
 
 
+BATCH_FILES = ("metrics.csv", "dice_per_structure.csv", "summary.json", "summary.md", "failed", "pairs")
+"""What a batch run writes in ``--out`` besides ``batch.json``: a fresh run (no ``batch.json`` of an
+earlier one) refuses an ``--out`` that holds any of them, which it would replace (the user's own
+files, the manifest itself among them)."""
+
+
 def _check_settings(out: Path, settings: dict) -> None:
-    """Record the run's settings in ``out/batch.json``, or refuse a resume with other settings."""
+    """Record the run's settings in ``out/batch.json``, or refuse a resume with other settings, a
+    ``batch.json`` no batch run wrote, or a fresh run into a folder holding :data:`BATCH_FILES`."""
     path = out / "batch.json"
     if path.is_file():
-        earlier = json.loads(path.read_text())
+        try:
+            earlier = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("options"), dict) or "pairs" not in earlier:
+            raise ValueError(f"`--out` {out} holds a batch.json that no batch run wrote (it would be replaced); choose a"
+                             " new --out")
         if earlier != json.loads(json.dumps(settings)):
             diff = sorted(k for k in set(earlier["options"]) | set(settings["options"])
                           if earlier["options"].get(k) != settings["options"].get(k))
@@ -264,6 +277,10 @@ def _check_settings(out: Path, settings: dict) -> None:
             raise ValueError(f"`--out` {out} holds a batch run with other settings ({what} differ); re-run it with the"
                              " same command to resume, or choose a new --out")
     else:
+        held = [name for name in BATCH_FILES if (out / name).exists()]
+        if held:
+            raise ValueError(f"`--out` {out} holds {', '.join(held)}, which a batch run writes, and no batch.json of an"
+                             " earlier run to resume: they would be replaced; choose a new --out")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(settings, indent=2))
 

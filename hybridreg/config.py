@@ -105,6 +105,10 @@ def from_dict(cls: Type[T], data: Any, where: str = "config") -> T:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    missing = sorted(f.name for f in fields.values() if f.init and f.name not in kwargs
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:  # cls(**kwargs) would raise a TypeError naming no file or key
+        raise ValueError(f"{where}: missing key(s) {missing}")
     try:
         return cls(**kwargs)
     except ValueError as e:

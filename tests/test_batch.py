@@ -157,6 +157,28 @@ def test_eval_labels_with_unlabelled_pairs_is_refused_as_in_register(layout, tmp
     assert not (tmp_path / "b").exists()
 
 
+def test_batch_never_replaces_files_it_did_not_write(layout, tmp_path, capsys):
+    """A manifest called metrics.csv in its own --out was replaced by the result table (exit 0), a user's
+    summary.md was overwritten, and a batch.json no batch run wrote crashed the run (TypeError, exit 1)."""
+    out = tmp_path / "mc"
+    out.mkdir()
+    manifest = _csv(out, [{k: str(layout / v) for k, v in _pair("vxm", "synthseg_12").items()}], "metrics.csv")
+    before = manifest.read_bytes()
+    (out / "summary.md").write_text("my notes")
+    cmd = ["--config", str(layout / "quick.yaml"), "--affine", "none", "--no-progress"]
+    assert main(["batch", str(manifest), "--out", str(out), *cmd]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds metrics.csv, summary.md, which a batch run writes" in err[0], err
+    assert manifest.read_bytes() == before and (out / "summary.md").read_text() == "my notes"
+    assert not (out / "batch.json").exists()
+    other = tmp_path / "mj"
+    other.mkdir()
+    (other / "batch.json").write_text("[1, 2]")
+    assert main(["batch", str(manifest), "--out", str(other), *cmd]) == 2
+    assert "holds a batch.json that no batch run wrote" in capsys.readouterr().err
+    assert (other / "batch.json").read_text() == "[1, 2]"
+
+
 def test_dataset_json_unknown_split(layout):
     (layout / "d2.json").write_text(json.dumps({"validation": [{"fixed": "imagesTr/vxm.nii.gz", "moving": "imagesTr/vxm.nii.gz"}]}))
     with pytest.raises(ValueError, match=r"--split.*'test'.*\['validation'\]"):

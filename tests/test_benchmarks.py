@@ -3,12 +3,14 @@ paired statistics, the report, and one tiny end-to-end suite run on the bundled 
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from benchmarks import report
@@ -248,6 +250,23 @@ def test_unknown_suite_and_method_are_rejected(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--out", str(tmp_path), "--fresh",
                         "--device", "tpu"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode != 0 and "`--device`" in p.stderr and (tmp_path / "rows.jsonl").read_text() == "kept\n"
+    # --max-pairs 0 ran every pair (the smoke suite's 1 became 9), a negative number all but the last ones
+    for n in ("0", "-1"):
+        p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "smoke", "--max-pairs", n, "--out",
+                            str(tmp_path / "m")], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2 and "--max-pairs: expected an integer >= 1" in p.stderr and not (tmp_path / "m").exists()
+    # a relative manifest path is the caller's, although each pair runs in a process started in the repository
+    # (the parent read the pairs, the child then failed with a traceback)
+    z, y, x = np.mgrid[:24, :24, :24]
+    for name, c in (("f", 11.0), ("m", 13.0)):
+        blob = np.exp(-((z - c) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) / 30.0).astype(np.float32)
+        sitk.WriteImage(sitk.GetImageFromArray(blob), str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray((blob > 0.3).astype(np.int16)), str(tmp_path / f"{name}l.nii.gz"))
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_labels,moving_labels\nf.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz\n")
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--dataset", "manifest:pairs.csv", "--methods",
+                        "sitk-demons", "--no-scaling", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and len((tmp_path / "r" / "rows.jsonl").read_text().splitlines()) == 1, p.stderr[-800:]
 
 
 @pytest.mark.slow

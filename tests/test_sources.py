@@ -68,6 +68,9 @@ def test_manifest_source(tmp_path, fmt):
     ds2 = from_manifest(man, spacing=[2.0])
     assert ds2.shape == (5, 6, 7) and ds2.spacing == (2.0, 2.0, 2.0)
     assert set(np.unique(ds2.val[0].labels)) <= {0, 2, 41, 42}
+    # a spacing that leaves one voxel along an axis gave a 1x1x1 grid, a NaN validation Dice and a useless network
+    with pytest.raises(ValueError, match="grid 1x1x1 at .* has an axis of one voxel: choose a smaller `spacing`"):
+        from_manifest(man, spacing=[50.0])
 
 
 @pytest.mark.parametrize("content,exc,match", [

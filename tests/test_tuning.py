@@ -261,6 +261,9 @@ def test_outputs_and_best_config_is_accepted_by_register(tmp_path):
     ("parameters: {a: [1,\n", "not valid YAML"),
     ("parameters: {objective.lncc_window: {low: 5, high: 13, integer: true, step: 20}}\n", "step"),
     ("parameters: {objective.lncc_window: {low: 4, high: 12, integer: true}}\n", "lncc_window"),  # even mid-range window
+    # a number or a range without `high` crashed with a TypeError (exit 1)
+    ("parameters: {objective.w_reg: 3.0}\n", r"must be a mapping \{low, high"),
+    ("parameters: {objective.w_reg: {low: 1}}\n", r"missing key\(s\) \['high'\]"),
 ])
 def test_bad_search_space_files(tmp_path, content, match):
     p = tmp_path / "space.yaml"

@@ -139,6 +139,9 @@ def _finish(name: str, spacing: Sequence[float], splits: dict[str, list[Volume]]
         atlas = rs(atlas)
         spacing, geometry = target, None
     shape = next(v for vs in splits.values() for v in vs).image.shape
+    if min(shape) < 2:  # as the solvers refuse such images (hybridreg.solvers.check_images)
+        raise ValueError(f"data source {name}: the grid {'x'.join(map(str, shape))} at {spacing} mm has an axis of one"
+                         " voxel" + (": choose a smaller `spacing`" if target is not None else ""))
     for v in [atlas] + [v for vs in splits.values() for v in vs]:
         if v is None:
             continue

@@ -221,7 +221,10 @@ def space_from_dict(data: Any, where: str = "space") -> SearchSpace:
         raise ValueError(f"{where}.parameters must be a mapping of config keys to {{low, high, log}}")
     params = []
     for key, spec in raw.items():
-        p = from_dict(Parameter, {"key": key, **(spec if isinstance(spec, dict) else {"low": spec})}, where=f"{where}.parameters.{key}")
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}.parameters.{key} must be a mapping {{low, high[, log, integer, step]}}, got {spec!r}"
+                             " (a fixed value belongs in base_config)")
+        p = from_dict(Parameter, {"key": key, **spec}, where=f"{where}.parameters.{key}")
         if not p.low < p.high:
             raise ValueError(f"{where}.parameters.{key}: `low` must be below `high`, got {p.low} and {p.high}")
         if p.step < 0 or p.step > p.high - p.low:
