@@ -291,6 +291,18 @@ def test_train_data_is_refused_unless_the_learned_solver_is_tuned(tmp_path, caps
     assert "search space: `train_data`: " in err and "is neither 'bundled'" in err and not out.exists()
 
 
+def test_an_integer_range_with_values_the_solver_refuses_is_refused_before_any_trial(tmp_path, capsys):
+    """An LNCC window from 3 to 7 without `step: 2` passed the checks at its ends and middle (all odd), and half of
+    its trials then failed on an even window, exit 0."""
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({"seed": 3, "parameters": {"objective.lncc_window": {"low": 3, "high": 7, "integer": True}}}))
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(p), "--trials", "2", "--out", str(out), "--method", "random", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "`objective.lncc_window` can take 4, which the solver refuses" in err and "must be odd" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("device", ["tpu", f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_tune_refuses_an_unusable_device_before_making_its_folder(tmp_path, capsys, device):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))

@@ -264,6 +264,11 @@ def _run_one(fn: Callable[[SearchSpace, dict], dict], space: SearchSpace, params
     return out
 
 
+MAX_INTEGER_VALUES = 64
+"""An integer parameter spanning at most this many values has each of them checked by the solver before
+any trial (:func:`run_tuning`)."""
+
+
 def run_tuning(
     space: SearchSpace,
     objective: Callable[[SearchSpace, dict], dict],
@@ -300,7 +305,8 @@ def run_tuning(
         ValueError: unknown ``method``, ``n_trials < 1``, ``train_data`` in a space whose
             solver is not ``learned`` (its trials score the bundled pairs) or that does not open
             (:func:`hybridreg.data.sources.load_dataset`), a space the solver refuses at
-            its lowest or highest values (a conditional network's training ranges), a fresh run into a folder that
+            its lowest or highest values (a conditional network's training ranges) or at any value of a short
+            integer range (:data:`MAX_INTEGER_VALUES`), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
     """
     from tqdm.auto import tqdm
@@ -326,6 +332,16 @@ def run_tuning(
                 solver.configure(apply_params(space, {p.key: p.from_unit(u) for p in space.parameters}))
             except ValueError as e:
                 raise ValueError(f"search space: every `{corner}` of the parameters together: {e}") from None
+        mid = {p.key: p.from_unit(0.5) for p in space.parameters}
+        for p in space.parameters:  # every value of a short integer range (an even LNCC window among odd ones)
+            if not p.integer or p.high - p.low > MAX_INTEGER_VALUES:
+                continue
+            for v in sorted({p.from_unit(k / (8 * MAX_INTEGER_VALUES)) for k in range(8 * MAX_INTEGER_VALUES + 1)}):
+                try:
+                    solver.configure(apply_params(space, {**mid, p.key: v}))
+                except ValueError as e:
+                    raise ValueError(f"search space: `{p.key}` can take {v:g}, which the solver refuses ({e}); narrow"
+                                     " its range or give it a `step`") from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []
