@@ -327,21 +327,21 @@ def run_tuning(
             raise ValueError(f"search space: {e}") from None
     if space.solver != "learned":  # the solver's own checks (a conditional network's ranges) at both corners
         solver = get_solver(space.solver)
-        for corner, u in (("low", 0.0), ("high", 1.0)):  # the values trials can take (an integer step's last one)
+
+        def check(params: dict, what: str) -> None:
             try:
-                solver.configure(apply_params(space, {p.key: p.from_unit(u) for p in space.parameters}))
+                solver.configure(apply_params(space, params))
             except ValueError as e:
-                raise ValueError(f"search space: every `{corner}` of the parameters together: {e}") from None
+                raise ValueError(f"search space: {what}: {e}") from None
+
+        for corner, u in (("low", 0.0), ("high", 1.0)):  # the values trials can take (an integer step's last one)
+            check({p.key: p.from_unit(u) for p in space.parameters}, f"every `{corner}` of the parameters together")
         mid = {p.key: p.from_unit(0.5) for p in space.parameters}
         for p in space.parameters:  # every value of a short integer range (an even LNCC window among odd ones)
-            if not p.integer or p.high - p.low > MAX_INTEGER_VALUES:
-                continue
-            for v in sorted({p.from_unit(k / (8 * MAX_INTEGER_VALUES)) for k in range(8 * MAX_INTEGER_VALUES + 1)}):
-                try:
-                    solver.configure(apply_params(space, {**mid, p.key: v}))
-                except ValueError as e:
-                    raise ValueError(f"search space: `{p.key}` can take {v:g}, which the solver refuses ({e}); narrow"
-                                     " its range or give it a `step`") from None
+            if p.integer and p.high - p.low <= MAX_INTEGER_VALUES:
+                for v in sorted({p.from_unit(k / (8 * MAX_INTEGER_VALUES)) for k in range(8 * MAX_INTEGER_VALUES + 1)}):
+                    check({**mid, p.key: v}, f"`{p.key}` can take {v:g}, which the solver refuses (narrow its range or"
+                          " give it a `step`)")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []
