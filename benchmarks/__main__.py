@@ -59,7 +59,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
     if not rows:
         raise SystemExit(f"{out / 'rows.jsonl'}: no finished runs to report")
     env_path = out / "environment.json"
-    env = environment() if stamp or not env_path.is_file() else json.loads(env_path.read_text())
+    env = environment() if stamp or not env_path.is_file() else json.loads(env_path.read_text(encoding="utf-8"))
     atomic_write_text(env_path, json.dumps(env, indent=2))
     stats = paired_stats(rows)
     write_csvs(out, rows, stats, scaling)
@@ -69,7 +69,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
                   commands)
     rep = out / "reproducibility.md"
     if rep.is_file():  # written by `compare`: how this run matches a reference run
-        body = rep.read_text().split("\n", 1)[1]
+        body = rep.read_text(encoding="utf-8").split("\n", 1)[1]
         md = md.rstrip("\n") + "\n\n## Reproducibility: this run against a reference run\n" + body
     atomic_write_text(out / "report.md", md)
     return out / "report.md"
@@ -78,7 +78,7 @@ def _render(suite: str, out: Path, scaling: list[dict], skipped: list[str], wall
 def _runs(out: Path) -> list[dict]:
     """The ``run`` invocations since the last ``--fresh`` (``run.json``)."""
     path = out / "run.json"
-    return json.loads(path.read_text())["runs"] if path.is_file() else []
+    return json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else []
 
 
 def _wall_minutes(out: Path, add: float | None = None, methods: list[str] | None = None,
@@ -157,7 +157,7 @@ def _run(a) -> int:
     sc_path = out / "scaling.json"
     if spec["scaling"] and not a.no_scaling:
         if sc_path.is_file():
-            scaling = json.loads(sc_path.read_text())
+            scaling = json.loads(sc_path.read_text(encoding="utf-8"))
         else:
             scaling = run_scaling(a.grids or GRIDS, a.repeats)
             atomic_write_text(sc_path, json.dumps(scaling, indent=2))
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     if a.cmd == "report":
         out = Path(a.out or RESULTS / a.suite)
         sc = out / "scaling.json"
-        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text()) if sc.is_file() else [], [], _wall_minutes(out), stamp=False)}")
+        print(f"wrote {_render(a.suite, out, json.loads(sc.read_text(encoding='utf-8')) if sc.is_file() else [], [], _wall_minutes(out), stamp=False)}")
         return 0
     if a.cmd == "compare":
         from benchmarks.compare import compare_files

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             return r.get("kind", "pair"), r["resolution_mm"], r["pair"], r.get("affine")
 
         new = {key(r) for r in rows}
-        rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in new] + rows
+        rows = [r for r in json.loads(out.read_text(encoding="utf-8"))["rows"] if key(r) not in new] + rows
     atomic_write_text(out, json.dumps({"environment": env, "rows": rows}, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown(rows, env))
     print(markdown(rows, env))

@@ -48,7 +48,7 @@ def child_batch(manifest: str, n: int, batch_size: int, device: str) -> dict:
         t0 = time.perf_counter()
         s = run_batch(pairs, Path(tmp) / "out", device=device, outputs="metrics", batch_size=batch_size, progress=False)
         wall = time.perf_counter() - t0
-        with open(s.table, newline="") as fh:
+        with open(s.table, newline="", encoding="utf-8") as fh:
             rows = [{"id": r["id"], "status": r["status"], **{k: float(r[k]) for k in KEYS if r.get(k)}}
                     for r in csv.DictReader(fh)]
     return {"wall_seconds": wall, "rows": rows, "batch_size": batch_size}

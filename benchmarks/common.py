@@ -82,7 +82,7 @@ def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     seconds compare."""
     info: dict[str, str] = {}
     try:
-        with open(cpuinfo) as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor's block ends

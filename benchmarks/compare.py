@@ -116,7 +116,7 @@ def compare_files(reference: Path, rerun: Path, out: Path | None = None) -> str:
     scaling = None
     sc_ref, sc_new = Path(reference).parent / "scaling.json", Path(rerun).parent / "scaling.json"
     if sc_ref.is_file() and sc_new.is_file():
-        scaling = compare_scaling(json.loads(sc_ref.read_text()), json.loads(sc_new.read_text()))
+        scaling = compare_scaling(json.loads(sc_ref.read_text(encoding="utf-8")), json.loads(sc_new.read_text(encoding="utf-8")))
     md = compare_markdown(compare_rows(read_rows(Path(reference)), read_rows(Path(rerun))), shown(reference), shown(rerun),
                           scaling)
     if out is not None:

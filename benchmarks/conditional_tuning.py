@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     cache_path = RESULTS / "results.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     skip = set(a.skip) | ({"regions", "test", "pareto", "instance"} if a.report_only else set())
     save = lambda: atomic_write_text(cache_path, json.dumps(cache, indent=2))  # noqa: E731
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             cache.setdefault("minutes", {})[method] = (time.perf_counter() - t0) / 60
             save()
         if (d / "trials.json").is_file():
-            runs[method] = json.loads((d / "trials.json").read_text())["trials"]
+            runs[method] = json.loads((d / "trials.json").read_text(encoding="utf-8"))["trials"]
     if runs:
         comparison_figure({m: [best_so_far(t, space)] for m, t in runs.items()}, RESULTS / "best_so_far.png", 10,
                           "Region weights of the conditional network (30 structures)")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                 print(f"instance optimization at w_reg {w:g} on the validation pairs", flush=True)
                 inst[f"{w:g}"] = _scored(ispace, {"objective.w_reg": w, "objective.hyper_strength": 0.175}, "val")
                 save()
-    ptrials = json.loads((pdir / "trials.json").read_text())["trials"] if (pdir / "trials.json").is_file() else []
+    ptrials = json.loads((pdir / "trials.json").read_text(encoding="utf-8"))["trials"] if (pdir / "trials.json").is_file() else []
     front = pareto_front(ptrials, pspace) if ptrials else []
     if front and inst:
         _pareto_figure(front, ptrials, inst, RESULTS / "pareto.png")

@@ -90,7 +90,7 @@ def read_aal_label_list(path: str | os.PathLike) -> dict[int, str]:
         ValueError: a line that does not start with an integer and a name, or a repeated index.
     """
     out: dict[int, str] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -313,7 +313,7 @@ def _derived_labels(src: Path, dst: Path, rule: str, fn) -> Path:
     side = dst.with_name(dst.name.replace(".nii.gz", ".json"))
     if dst.is_file() and side.is_file():
         try:
-            if json.loads(side.read_text()) == key:
+            if json.loads(side.read_text(encoding="utf-8")) == key:
                 return dst
         except ValueError:
             pass
@@ -324,7 +324,7 @@ def _derived_labels(src: Path, dst: Path, rule: str, fn) -> Path:
     with atomic_output(dst) as tmp:
         sitk.WriteImage(out, str(tmp), useCompression=True)
     with atomic_output(side) as tmp:
-        tmp.write_text(json.dumps(key, indent=1))
+        tmp.write_text(json.dumps(key, indent=1), encoding="utf-8")
     return dst
 
 

@@ -306,7 +306,7 @@ def child(dataset: str, pair_name: str, method: str, lam_out: str | None, device
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of ``rows.jsonl`` (rewritten atomically after every run)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
 
 
 def select_pairs(every: list[str], max_pairs: int | None = None, names: list[str] | None = None) -> list[str]:

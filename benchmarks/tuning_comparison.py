@@ -68,7 +68,7 @@ COMPARISONS = {
 
 
 def _load_trials(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "trials.json").read_text())["trials"]
+    return json.loads((run_dir / "trials.json").read_text(encoding="utf-8"))["trials"]
 
 
 def run_or_resume(space: SearchSpace, n_trials: int, out_dir: Path, method: str, outputs: bool = True) -> TuningResult:
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     cache_path = out.with_suffix(".json")
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     skip = set(a.skip) | ({"test", "compare", "pareto"} if a.report_only else set())
 
     # 1. the full-objective run, checked on the test split

@@ -160,13 +160,19 @@ def _check_det(tx: sitk.AffineTransform, names: tuple[str, str]) -> None:
                          f" check that `{names[0]}` and `{names[1]}` show the same anatomy, or use kind='rigid'")
 
 
-def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform) -> float:
-    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING."""
+def _overlap(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform,
+             moving_mask: sitk.Image | None = None) -> float:
+    """Fraction of FIXED foreground voxels ``fg`` (bool array) that ``tx`` maps inside MOVING (onto
+    ``moving_mask``'s voxels, nearest voxel, if given)."""
     idx = np.argwhere(fg)
     idx = idx[:: max(1, len(idx) // 50_000)].T  # a regular subsample is plenty for a fraction
     m = voxel_map(Geometry.of(fixed), Geometry.of(moving), tx)
     j = m[:, :-1] @ idx + m[:, -1:]
-    return float(np.mean(np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)))
+    inside = np.all((j >= -0.5) & (j <= np.asarray(moving.GetSize()[::-1])[:, None] - 0.5), axis=0)
+    if moving_mask is not None:
+        k = np.clip(np.rint(j[:, inside]).astype(np.int64), 0, np.asarray(moving.GetSize()[::-1])[:, None] - 1)
+        inside[inside] = sitk.GetArrayViewFromImage(moving_mask)[tuple(k)] > 0
+    return float(np.mean(inside))
 
 
 def _check_moving_mask(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx: sitk.Transform,
@@ -189,6 +195,18 @@ def _check_moving_mask(fixed: sitk.Image, moving: sitk.Image, fg: np.ndarray, tx
     f_name, m_name, _, mm_name = names
     raise ValueError(f"`{mm_name}` leaves nothing to match: none of {f_name}'s foreground maps onto its voxels of 1"
                      f" (init={init!r}); check that it marks {m_name}'s anatomy")
+
+
+def _box_centre(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
+    """The physical centre (LPS, mm) of ``mask``'s bounding box, or of ``image``'s grid without a mask:
+    ``init="geometry"``'s centre for a masked image, whose field of view (a head and neck, a whole
+    body) may be centred far from the masked anatomy."""
+    size = np.asarray(image.GetSize(), float)
+    lo, hi = np.zeros_like(size), size - 1
+    if mask is not None:
+        idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # ITK index order
+        lo, hi = idx.min(0).astype(float), idx.max(0).astype(float)
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(((lo + hi) / 2).tolist()))
 
 
 def _coarsen(image: sitk.Image, mm: float) -> sitk.Image:
@@ -219,7 +237,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
           names: tuple[str, str, str, str] = ("FIXED", "MOVING", "--fixed-mask", "--moving-mask")) -> AffineResult:
     """Affine pre-alignment of MOVING to FIXED: scalar 2D/3D images, same dimension, any grids.
 
-    ``init``: ``sitk.CenteredTransformInitializer`` by the image centres (``"geometry"``) or
+    ``init``: ``sitk.CenteredTransformInitializer`` by the image centres (``"geometry"``; for an
+    image with a mask, the centre of the mask's bounding box, :func:`_box_centre`) or
     centres of mass (``"moments"``: of the intensity above each image's lowest value, inside
     its mask if given). ``kind``: ``"none"`` (identity), ``"rigid"`` (Euler) or
     ``"affine"`` (rigid, then affine: ANTs' default chain). Each stage runs regular-step
@@ -255,7 +274,9 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         foreground, its mask or voxels above its minimum, maps inside MOVING; with ``kind``
         ``"none"``: none of it, as the headers place the images) or during the optimisation;
         an image with fewer than 4 voxels along an axis (``kind`` other than ``"none"``); a
-        failed affine stage (|det| of the linear part outside [0.2, 5]: "singular matrix").
+        failed affine stage (|det| of the linear part outside [0.2, 5]: "singular matrix"; or under
+        10 % of FIXED's foreground mapped inside MOVING, onto ``moving_mask`` if given, at its end,
+        and under half of what was at its start: it ran off).
     """
     for arg, value, allowed in (("kind", kind, _KINDS), ("init", init, _INITS), ("metric", metric, _METRICS)):
         if value not in allowed:
@@ -291,14 +312,21 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     t0 = time.perf_counter()
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
     rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
-    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
-    rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
+    if init == "geometry" and (fixed_mask is not None or moving_mask is not None):  # the centres of what is matched
+        centre = _box_centre(fixed, fixed_mask)
+        rigid.SetCenter(centre)
+        rigid.SetTranslation((np.asarray(_box_centre(moving, moving_mask)) - centre).tolist())
+    else:
+        mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
+        rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
     frac = _overlap(fixed, moving, fg, rigid)
     if frac < 0.1:
         raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"
                          f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"
                          " view, origins and directions")
     _check_moving_mask(fixed, moving, fg, rigid, moving_mask, names, init)
+    start = _overlap(fixed, moving, fg, rigid, moving_mask)
+    full = fixed, moving
     fixed, moving = _coarsen(fixed, min(levels_mm)), _coarsen(moving, min(levels_mm))  # masks act in physical space
     seconds = {"init": time.perf_counter() - t0}
     fine, cap = min(fixed.GetSpacing()), max(1, min(fixed.GetSize()) // 16)  # a level keeps >= 16 voxels per axis
@@ -345,6 +373,12 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     if kind == "affine":
         value = run(result, "affine")
         _check_det(result, (f_name, m_name))
+    end = _overlap(*full, fg, result, moving_mask)
+    if end < 0.1 and end < 0.5 * start:  # it ran off (a local optimum beside the anatomy, at the edge of a large field of view)
+        onto = f"onto `{mm_name}`" if moving_mask is not None else f"inside {m_name}"
+        raise ValueError(f"the affine stage failed: {100 * end:.1f} % of {f_name}'s foreground maps {onto} after it, against"
+                         f" {100 * start:.1f} % at its start (init={init!r}); check that they show the same anatomy, or try"
+                         " init='moments' (the CLI's --init moments)")
     return AffineResult(result, kind, init, metric, value, seconds, n_threads)
 
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import atomic_output, atomic_write_text, read_yaml, write_json
+from .config import atomic_output, atomic_write_text, existing_file, read_yaml, write_json
 from .io import Geometry, check_same_grid, image_stem, read_geometry
 from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, parse_eval_labels, prepare_pair, \
     solve_pairs, solver_and_config
@@ -131,9 +131,7 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
             Learn2Reg sibling) whose header puts it on another grid than its image's, an invalid
             or repeated id, no pairs. Messages name ``arg``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: manifest not found: {p}")
+    p = existing_file(path, arg, "manifest")
     try:
         if p.suffix.lower() == ".csv":
             with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
@@ -167,8 +165,8 @@ def read_pairs(path: str | os.PathLike, split: str | None = None, *, arg: str = 
                 files[key] = None
                 continue
             f = Path(os.path.abspath(root / str(value)))  # absolute, normalised (symbolic links kept)
-            if not f.is_file():
-                raise FileNotFoundError(f"{where}: `{key}` not found: {f}")
+            if not (f.is_file() or key in ("fixed", "moving") and f.is_dir()):  # an image may be a DICOM series' folder
+                raise FileNotFoundError(f"{where}: `{key}` {'is a folder' if f.is_dir() else 'not found'}: {f}")
             files[key] = str(f)
         if files["fixed"] is None or files["moving"] is None:
             raise ValueError(f"{where} needs non-empty `fixed` and `moving`")
@@ -264,7 +262,7 @@ def _check_settings(out: Path, settings: dict) -> None:
     path = out / "batch.json"
     if path.is_file():
         try:
-            earlier = json.loads(path.read_text())
+            earlier = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             earlier = None
         if not isinstance(earlier, dict) or not isinstance(earlier.get("options"), dict) or "pairs" not in earlier:
@@ -441,7 +439,7 @@ def _row(pair: PairEntry, out: Path) -> dict:
     row: dict[str, Any] = {"id": pair.id, "fixed": pair.fixed, "moving": pair.moving}
     metrics_path, failed_path = out / "pairs" / pair.id / "metrics.json", out / "failed" / f"{pair.id}.json"
     if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text())
+        m = json.loads(metrics_path.read_text(encoding="utf-8"))
         mean = lambda key: (m.get(key) or {}).get("mean")  # noqa: E731
         row.update(status="done", dice_before=mean("dice_before"), dice_affine=mean("dice_after_affine"), dice=mean("dice_after"),
                    hd95_mm=mean("hd95_mm_after"), folding_percent=m.get("folding_percent"), ndv_percent=m.get("ndv_percent"),
@@ -457,7 +455,7 @@ def _row(pair: PairEntry, out: Path) -> dict:
             for k, h in enumerate(levels) if h.get("kept_start")]
         row["warnings"] = " | ".join(row["_warnings"])
     elif failed_path.is_file():
-        row.update(status="failed", error=json.loads(failed_path.read_text())["error"])
+        row.update(status="failed", error=json.loads(failed_path.read_text(encoding="utf-8"))["error"])
     else:
         row.update(status="missing")
     return row
@@ -480,11 +478,11 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
     out = Path(out)
     rows = [_row(p, out) for p in pairs]
     labels = sorted({int(k) for r in rows for k in r.get("_per_label", {})})
-    with atomic_output(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_output(out / "metrics.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with atomic_output(out / "dice_per_structure.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_output(out / "dice_per_structure.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["id", *labels])
         w.writerows([r["id"], *(r["_per_label"].get(str(k)) for k in labels)] for r in rows if "_per_label" in r)

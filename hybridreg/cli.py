@@ -26,8 +26,8 @@ import torch
 
 from . import __version__
 from .config import apply_overrides, load_yaml
-from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, read_displacement, read_image, read_labels,
-                 read_transform, resample, write_image)
+from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, placement_warnings, read_displacement, read_image,
+                 read_labels, read_transform, resample, write_image)
 from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
 from .solvers import available_solvers
 
@@ -78,7 +78,7 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
             why = " (written by --outputs all only)" if missing == ["inverse_transform.h5"] else ""
             raise CLIError(f"`TRANSFORM`: {p} holds no {' and '.join(missing)}{why}: pass a `hybridreg register` output folder"
                            " that has it")
-        inputs = json.loads((p / "metrics.json").read_text())["inputs"]
+        inputs = json.loads((p / "metrics.json").read_text(encoding="utf-8"))["inputs"]
         grid_of = lambda key: Geometry(**{k: tuple(v) for k, v in inputs[key].items()})  # noqa: E731
         target, source = ("moving_grid", "grid") if inverse else ("grid", "moving_grid")
         return read_transform(p / name), ref or grid_of(target), grid_of(source)
@@ -99,8 +99,9 @@ def _transform_and_grid(transform: str | os.PathLike, inverse: bool, reference: 
 
 
 def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike, *, labels: bool = False,
-               overwrite: bool = False, inverse: bool = False, reference: str | os.PathLike | None = None) -> None:
-    """Resample ``image`` through a transform written by ``register`` (SimpleITK).
+               overwrite: bool = False, inverse: bool = False, reference: str | os.PathLike | None = None) -> list[str]:
+    """Resample ``image`` through a transform written by ``register`` (SimpleITK); returns the lines
+    :func:`hybridreg.io.placement_warnings` gives for ``image`` (the CLI prints them).
 
     ``transform`` is a ``register`` output folder (``transform.h5`` onto the fixed grid; with
     ``inverse``, ``inverse_transform.h5`` onto the moving grid: fixed-space images and labels
@@ -115,7 +116,8 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
             another dimension than ``image`` or ``reference``, one that maps the output grid
             outside ``image`` (not checked for an image on the grid a ``register`` folder's
             transform was made for), an ``--out``
-            that is not an image file name, that is an input, or that exists (without ``overwrite``).
+            that is not an image file name, that is an input or one of the results in the ``register``
+            output folder given as ``transform``, or that exists (without ``overwrite``).
     """
     import SimpleITK as sitk
 
@@ -127,6 +129,8 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
     for arg, path in (("TRANSFORM", transform), ("IMAGE", image), ("--reference", reference)):
         if path is not None and Path(path).resolve() == out.resolve():
             raise CLIError(f"`--out` is the input `{arg}` ({path}); choose another --out")
+    if Path(transform).is_dir() and out.name in OUTPUT_FILES and out.resolve().parent == Path(transform).resolve():
+        raise CLIError(f"`--out` {out} is one of the results in the register output folder `TRANSFORM`; choose another --out")
     if out.exists() and not overwrite:
         raise CLIError(f"`--out` {out} exists; pass --overwrite to replace it")
     tx, grid, source = _transform_and_grid(transform, inverse, reference)
@@ -141,6 +145,7 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
     except ValueError as e:
         raise CLIError(f"`IMAGE` and `TRANSFORM`: {e}") from None
     write_image(out, sitk.GetArrayFromImage(res), Geometry.of(res), dtype=np.int32 if labels else np.float32)
+    return placement_warnings(image, geo, arg="IMAGE")
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -272,8 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register MOVING to FIXED (any grids) and write all outputs to --out")
-    r.add_argument("fixed", metavar="FIXED")
-    r.add_argument("moving", metavar="MOVING")
+    r.add_argument("fixed", metavar="FIXED", help="an image file (NIfTI, MHA, NRRD, ...) or a DICOM series (its folder, or one of its files)")
+    r.add_argument("moving", metavar="MOVING", help="an image file (NIfTI, MHA, NRRD, ...) or a DICOM series (its folder, or one of its files)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--fixed-labels")
     r.add_argument("--moving-labels")
@@ -308,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="resample IMAGE through a transform written by register")
     a.add_argument("transform", metavar="TRANSFORM",
                    help="a register output folder, an ITK transform file (.h5, .mat, .txt) or a displacement field image")
-    a.add_argument("image", metavar="IMAGE")
+    a.add_argument("image", metavar="IMAGE", help="an image file (NIfTI, MHA, NRRD, ...) or a DICOM series (its folder, or one of its files)")
     a.add_argument("--out", required=True, help="output image file (.nii.gz, .mha, .nrrd)")
     a.add_argument("--labels", action="store_true", help="IMAGE is a label map: nearest-neighbour interpolation")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -373,7 +378,7 @@ def _log_traceback(command: str) -> Path:
     import traceback
 
     fd, path = tempfile.mkstemp(prefix=f"hybridreg-{command}-", suffix=".log")
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         traceback.print_exc(file=fh)
     return Path(path)
 
@@ -453,8 +458,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "batch":
         return batch_command(args)
     elif args.command == "apply":
-        apply_file(args.transform, args.image, args.out, labels=args.labels, overwrite=args.overwrite,
-                   inverse=args.inverse, reference=args.reference)
+        for w in apply_file(args.transform, args.image, args.out, labels=args.labels, overwrite=args.overwrite,
+                            inverse=args.inverse, reference=args.reference):
+            print(f"hybridreg apply: warning: {w}", file=sys.stderr)
         print(f"wrote {args.out}")
     elif args.command == "train":
         train_command(args)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Type, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "apply_overrides", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text", "bounded",
+__all__ = ["from_dict", "to_dict", "existing_file", "apply_overrides", "load_yaml", "read_yaml", "dump_yaml", "atomic_output", "atomic_write_text", "bounded",
            "check_bounds", "bounds_table"]
 
 T = TypeVar("T")
@@ -229,6 +229,21 @@ def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> 
     return from_dict(cls, read_yaml(path, arg=arg), where=arg)
 
 
+def existing_file(path: str | os.PathLike, arg: str, what: str = "file") -> Path:
+    """``path`` as a ``Path`` if it is a file (or a link to one).
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: a folder or another non-file. Both name
+            ``arg`` and say what was expected (``what``: "file", "manifest", ...).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"`{arg}`: {what} not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"`{arg}`: {p} is {'a folder' if p.is_dir() else 'not a regular file'}, not a {what}")
+    return p
+
+
 def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
     """Parse YAML file ``path``.
 
@@ -236,9 +251,7 @@ def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
         FileNotFoundError: the file does not exist. ValueError: not UTF-8 text or not valid
             YAML (one line). Messages name ``arg``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    p = existing_file(path, arg, "YAML file")
     try:
         return _load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -271,7 +284,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`atomic_output`)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # not the locale's: Windows' cp1252 and a C locale cannot hold λ
 
 
 def json_safe(obj: Any) -> Any:

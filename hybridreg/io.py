@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .config import atomic_output
+from .config import atomic_output, existing_file
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 """The image file names the toolkit reads and writes (SimpleITK picks the format by suffix)."""
@@ -61,6 +62,7 @@ __all__ = [
     "read_displacement",
     "check_same_grid",
     "read_geometry",
+    "placement_warnings",
     "resample",
     "resample_with_field",
     "read_transform",
@@ -165,14 +167,22 @@ class Geometry:
 def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | None]:
     """The image at ``path`` and, for a NIfTI file, where its data hold NaN (a boolean array in
     ``GetArrayFromImage`` order, or ``None`` if nowhere): SimpleITK's NIfTI reader returns
-    those voxels as 0. Raises ``FileNotFoundError`` / ``ValueError`` naming ``arg``."""
+    those voxels as 0. A folder, or one file of a DICOM series, is read as that series
+    (:func:`_read_dicom_series`). Raises ``FileNotFoundError`` / ``ValueError`` naming ``arg``."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
-    if not p.is_file():
-        raise ValueError(f"`{arg}`: not a file: {p}")
+    if p.is_dir():
+        return _read_dicom_series(p, arg), None
+    p = existing_file(path, arg)
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        with open(p, "rb") as fh:
+            gzipped = fh.read(2) == b"\x1f\x8b"
+        if gzipped != p.name.lower().endswith(".gz"):  # nibabel and other tools go by the name
+            raise ValueError(f"`{arg}`: {p} is {'' if gzipped else 'not '}gzip-compressed but named"
+                             f" {'.nii' if gzipped else '.nii.gz'}: rename it {p.name + '.gz' if gzipped else p.name[:-3]}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
+    if reader.GetImageIOFromFileName(str(p)) == "GDCMImageIO":
+        return _read_dicom_series(p, arg), None
     try:
         img = reader.Execute()
     except RuntimeError as e:
@@ -182,6 +192,73 @@ def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | N
     if nan is not None:
         nan = nan.T.reshape(-1, *sitk.GetArrayViewFromImage(img).shape[:img.GetDimension()]).any(0)  # any component
     return img, nan
+
+
+DICOM_SLICE_TOLERANCE = 0.01
+"""The largest departure, as a fraction of the median slice spacing, of a DICOM series' slice
+positions from a straight, evenly spaced stack along the slices' normal."""
+
+
+def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
+    """One DICOM series as one image (GDCM through ``sitk.ImageSeriesReader``, rescale slope and
+    intercept applied): the series a folder holds, or the series of the file ``p`` among the files
+    of its folder (a folder of several series is refused, naming them; pass one file of the series
+    wanted). The slices are sorted along their normal by GDCM; their positions (``ImagePositionPatient``)
+    must form one evenly spaced stack along it, as the image's geometry assumes.
+
+    Raises:
+        ValueError: no DICOM series, several series, an unreadable file, several volumes in one
+            series (repeated positions), a gantry tilt (positions off the normal), or uneven or
+            missing slices (beyond :data:`DICOM_SLICE_TOLERANCE`); each names ``arg``.
+    """
+    folder = p if p.is_dir() else p.parent
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if p.is_dir():
+        if not series:
+            raise ValueError(f"`{arg}`: {p} is a folder holding no DICOM series: give an image file"
+                             f" ({', '.join(IMAGE_SUFFIXES)}) or a folder of DICOM files")
+        if len(series) > 1:
+            counts = ", ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files)"
+                               for uid in series)
+            raise ValueError(f"`{arg}`: {p} holds {len(series)} DICOM series ({counts}): give one file of the series to"
+                             " register")
+        uid = series[0]
+    else:
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(p))
+        try:
+            header.ReadImageInformation()
+        except RuntimeError as e:
+            raise ValueError(f"`{arg}`: cannot read {p} as a DICOM image: {_itk_reason(e)}") from None
+        uid = header.GetMetaData("0020|000e").strip() if header.HasMetaDataKey("0020|000e") else ""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) if uid in series else ()
+    if p.is_file() and str(p.resolve()) not in {str(Path(f).resolve()) for f in files}:
+        files = (str(p),)  # a file GDCM does not group with others: read on its own
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise ValueError(f"`{arg}`: cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
+    if len(files) > 1 and img.GetDimension() == 3:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] if
+                              reader.HasMetaDataKey(i, "0020|0032") else [np.nan] * 3 for i in range(len(files))])
+        steps = np.diff(positions, axis=0)
+        normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
+        along = steps @ normal
+        spacing = float(np.median(along)) if np.isfinite(along).all() else np.nan
+        what = (
+            "slices without a position (ImagePositionPatient)" if not np.isfinite(positions).all() else
+            "several volumes (repeated slice positions): split them into one series each"
+            if len(np.unique(np.round(positions @ normal, 4))) < len(files) else
+            "a gantry tilt (slice positions off the slices' normal): correct it (dcm2niix does) before registering"
+            if np.abs(steps - np.outer(along, normal)).max() > DICOM_SLICE_TOLERANCE * abs(spacing) else
+            f"uneven or missing slices (spacing {np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm)"
+            if np.abs(along - spacing).max() > DICOM_SLICE_TOLERANCE * abs(spacing) else None)
+        if what:
+            raise ValueError(f"`{arg}`: the DICOM series in {folder} ({len(files)} files) has {what}")
+    return img
 
 
 def _itk_reason(e: RuntimeError) -> str:
@@ -246,7 +323,10 @@ def read_image(path: str | os.PathLike, *, arg: str = "image", nan: str = "refus
         raise ValueError(f"`{arg}`: expected a scalar image, {path} has {img.GetNumberOfComponentsPerPixel()} components")
     if img.GetDimension() not in (2, 3):
         raise ValueError(f"`{arg}`: expected a 2D or 3D image, {path} is {img.GetDimension()}D")
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr = sitk.GetArrayFromImage(img)
+    if arr.dtype == np.float64:
+        _check_float32_range(arr, path, arg)
+    arr = arr.astype(np.float32)
     if nifti_nan is not None:
         arr[nifti_nan] = np.nan
     if np.isinf(arr).any():
@@ -254,6 +334,70 @@ def read_image(path: str | os.PathLike, *, arg: str = "image", nan: str = "refus
     if nan == "refuse" and np.isnan(arr).any():
         raise ValueError(f"`{arg}`: {path} contains NaN values")
     return arr, Geometry.of(img)
+
+
+def _check_float32_range(arr: np.ndarray, path, arg: str) -> None:
+    """Refuse a float64 image whose finite values float32 cannot hold: beyond its largest value
+    (the cast would make them Inf) or all below its smallest normal one (they would become 0 or
+    lose their precision)."""
+    finite = np.abs(arr[np.isfinite(arr)])
+    big = float(finite.max()) if finite.size else 0.0
+    tiny, most = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    if big > most or 0.0 < big < tiny:
+        where = "beyond" if big > most else "below"
+        raise ValueError(f"`{arg}`: {path} holds float64 values up to {big:.3g}, {where} float32's range"
+                         f" ({tiny:.3g} to {most:.3g}), in which images are registered: rescale its intensities")
+
+
+def placement_warnings(path: str | os.PathLike, geometry: Geometry, *, arg: str = "image") -> list[str]:
+    """What other tools may place differently in a NIfTI or Analyze file read as ``geometry``
+    (SimpleITK's reading): one line each, naming ``arg``; ``[]`` for other files and DICOM series.
+
+    * **qform and sform disagree**, and ITK's rule (which ANTs, ITK-SNAP and 3D Slicer share: the
+      sform only with ``sform_code`` 1 and no shear, else the qform) picks another placement than
+      nibabel's, FSL's and SPM's (the sform whenever ``sform_code`` > 0): the line gives the largest
+      distance between the two placements of the grid's corners, in mm, when it exceeds a tenth of
+      the smallest voxel size (quaternion rounding leaves smaller ones).
+    * **no orientation** (``qform_code`` and ``sform_code`` 0): the placement is unknown.
+    * **an Analyze 7.5 file** (``.hdr``/``.img`` without NIfTI's magic): it holds no orientation.
+
+    hybridreg keeps SimpleITK's reading (its transforms are ITK's), and writes its outputs with the
+    placement it used in both the qform and the sform. Source: the NIfTI-1 header's qform/sform
+    definitions (NIfTI DFWG, nifti1.h); ITK's ``NiftiImageIO``."""
+    import nibabel as nib
+
+    p = Path(path)
+    if p.is_dir() or sitk.ImageFileReader().GetImageIOFromFileName(str(p)) != "NiftiImageIO":
+        return []
+    try:
+        img = nib.load(str(p))
+    except Exception:  # noqa: BLE001 -- a file nibabel cannot read has been refused by read_image already
+        return []
+    if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
+        return [f"`{arg}`: {p} is an Analyze 7.5 file, which holds no orientation: it was read as ITK reads it, and"
+                " SPM and nibabel assume another left-right layout; convert it to NIfTI with its orientation known"]
+    header = img.header
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode == 0 and scode == 0:
+        return [f"`{arg}`: {p} holds no orientation (its qform_code and sform_code are 0): its placement in space is"
+                " unknown, and tools differ on it; it was read as ITK reads it (direction"
+                f" {[round(v, 3) for v in geometry.direction]}, origin {[round(v, 1) for v in geometry.origin]} mm LPS)"]
+    d = geometry.dim
+    itk = np.eye(4)
+    itk[:d, :d] = np.reshape(geometry.direction, (d, d)) * np.asarray(geometry.spacing)
+    itk[:d, 3] = geometry.origin
+    itk = np.diag([-1.0, -1.0, 1.0, 1.0]) @ itk  # LPS -> RAS, nibabel's frame
+    size = list(geometry.size) + [1] * (3 - d)
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]).T
+    apart = float(np.linalg.norm((itk - img.affine) @ corners, axis=0).max())
+    tol = 0.1 * min(geometry.spacing)
+    if apart <= tol:
+        return []
+    used = "qform" if np.linalg.norm((itk - header.get_qform()) @ corners, axis=0).max() <= tol else "a mix of the two"
+    return [f"`{arg}`: {p}'s qform (code {qcode}) and sform (code {scode}) place it up to {apart:.1f} mm apart:"
+            f" it was read by the {used}, as ITK reads it (and ANTs, ITK-SNAP, 3D Slicer), while FSL, SPM and"
+            " nibabel follow the sform; the outputs' headers hold the placement used. Write the one meant into both"
+            " (nibabel: img.set_qform(img.get_sform())) if that is not it"]
 
 
 def read_labels(path: str | os.PathLike, *, arg: str = "labels") -> tuple[np.ndarray, Geometry]:
@@ -300,10 +444,8 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
     """
     import csv
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: no such file: {path}")
-    text = p.read_text(errors="replace")
+    p = existing_file(path, arg)
+    text = p.read_text(encoding="utf-8", errors="replace")
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t ")
     except csv.Error:
@@ -357,13 +499,17 @@ def _numbers(row: Sequence[str]) -> bool:
 
 
 def read_geometry(path: str | os.PathLike) -> Geometry:
-    """The grid of an image file from its header alone (no voxel is read).
+    """The grid of an image file from its header alone (no voxel is read), or of a DICOM series
+    (a folder, or one of its files: the series is read whole, :func:`_read_dicom_series`).
 
     Raises:
-        ValueError: a file SimpleITK cannot read as an image (naming it).
+        ValueError: a file SimpleITK cannot read as an image, or a DICOM series it refuses
+            (naming it).
     """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if Path(path).is_dir() or reader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
+        return Geometry.of(_read_dicom_series(Path(path), str(path)))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
@@ -384,9 +530,22 @@ def check_same_grid(a: Geometry, b: Geometry, names: tuple[str, str], tol: float
         )
 
 
+DETACHED_SUFFIXES = (".mhd", ".nhdr")
+"""Formats whose header names a separate data file (``X.zraw``, ``X.raw.gz``) after its own name."""
+
+
 def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    with atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress, 1)  # fast zlib level: outputs are written once per run
+    p = Path(path)
+    if not p.name.lower().endswith(DETACHED_SUFFIXES):
+        with atomic_output(p) as tmp:
+            sitk.WriteImage(image, str(tmp), compress, 1)  # fast zlib level: outputs are written once per run
+        return
+    # a header and its data file: both written under their final names in a hidden folder beside them, then
+    # moved, the header last (a temporary name would end up in the header, naming a data file left behind)
+    with tempfile.TemporaryDirectory(dir=p.parent, prefix=f".{p.name}.") as tmp:
+        sitk.WriteImage(image, str(Path(tmp) / p.name), compress, 1)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == p.name):
+            os.replace(f, p.parent / f.name)
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, dtype=np.float32) -> None:
@@ -532,9 +691,7 @@ def read_transform(path: str | os.PathLike, *, arg: str = "TRANSFORM") -> sitk.T
     Raises:
         FileNotFoundError, ValueError: missing file, or not a transform SimpleITK can read.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    p = existing_file(path, arg)
     try:
         return sitk.ReadTransform(str(p))
     except RuntimeError:
@@ -565,5 +722,8 @@ def normalize_intensity(x: np.ndarray, *, arg: str = "x") -> np.ndarray:
         raise ValueError(f"normalize_intensity(): `{arg}` is constant: it holds nothing to register")
     lo = float(np.percentile(x, 0.5))
     fg = x[x > lo]
-    hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
-    return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+    if fg.size:
+        hi = float(np.percentile(fg, 99.5))
+    else:  # over 99.5 % of the voxels hold the maximum: the minimum is the only contrast left
+        lo, hi = float(x.min()), float(x.max())
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

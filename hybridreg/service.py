@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,8 +40,8 @@ import torch
 from . import __version__
 from .affine import LEVELS_MM, AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict, write_json
-from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, read_image, read_labels,
-                 read_landmarks, resample, write_displacement, write_image)
+from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, placement_warnings, read_image,
+                 read_labels, read_landmarks, resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
 from .solvers import (DivergenceError, RegistrationResult, Solver, check_result, divergence, get_solver, result_warnings,
                       synchronize)
@@ -87,6 +87,8 @@ class Inputs:
         fixed_nan, moving_nan: where each image had NaN voxels (no data; boolean, on its grid)
             or ``None``: filled with the image's lowest value, and left out of the deformable
             stage's image match (:meth:`match_mask`).
+        warnings: what other tools may place differently in the images' headers
+            (:func:`hybridreg.io.placement_warnings`), one line each (``metrics.json``'s ``warnings``).
     """
 
     fixed: np.ndarray
@@ -103,6 +105,7 @@ class Inputs:
     moving_landmarks: np.ndarray | None = None
     fixed_nan: np.ndarray | None = None
     moving_nan: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
@@ -388,8 +391,9 @@ def read_inputs(fixed: str | os.PathLike, moving: str | os.PathLike, fixed_label
              "fixed_mask": str(fixed_mask) if fixed_mask else None, "moving_mask": str(moving_mask) if moving_mask else None,
              "fixed_landmarks": str(fixed_landmarks) if fixed_landmarks else None,
              "moving_landmarks": str(moving_landmarks) if moving_landmarks else None}
+    warnings = [*placement_warnings(fixed, f_geo, arg="FIXED"), *placement_warnings(moving, m_geo, arg="MOVING")]
     return Inputs(f_arr, m_arr, f_geo, fl, ml, labels, paths, m_geo, on_grid.get("--fixed-mask"), on_grid.get("--moving-mask"),
-                  fp, mp, nans.get("FIXED"), nans.get("MOVING"))
+                  fp, mp, nans.get("FIXED"), nans.get("MOVING"), warnings)
 
 
 @dataclass
@@ -588,7 +592,8 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
              "final_total": h.terms["total"][-1] if h.terms.get("total") else None, "kept_start": h.kept_start}
             for h in res.history
         ],
-        "warnings": result_warnings(res),  # levels that kept their start: what to check (the CLI prints them)
+        # the inputs' placements other tools may read otherwise, levels that kept their start: what to check (the CLI prints them)
+        "warnings": [*inputs.warnings, *result_warnings(res)],
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
     }

@@ -124,8 +124,11 @@ class InstanceOptConfig:
             if getattr(self, name) not in options:
                 raise ValueError(f"InstanceOptConfig: `{name}` must be one of {list(options)}, got {getattr(self, name)!r}")
         n = len(self.level_spacing)
+        if not n:
+            raise ValueError("InstanceOptConfig: `level_spacing` must list at least one level (its grid spacing in mm),"
+                             " got []")
         for name, sizes in (("level_spacing", (n,)), ("iterations", (n,)), ("control_factor", (1, n))):
-            if not n or len(getattr(self, name)) not in sizes:
+            if len(getattr(self, name)) not in sizes:
                 raise ValueError(f"InstanceOptConfig: `{name}` must list {' or '.join(map(str, sizes))} values (one per"
                                  f" level), got {getattr(self, name)!r}")
         if self.lambda_mode == "map" and self.objective.w_reg <= 0:

@@ -311,7 +311,7 @@ def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_p
     specs = _specs(train, n_pairs, synth_prob, torch.Generator().manual_seed(seed), 0, 0.0)
     specs += _specs(train, blur_pairs, synth_prob, torch.Generator().manual_seed(seed + 1), BLUR_INDEX, blur_mm)
     wanted = {s["index"]: s for s in specs}
-    done = json.loads(Path(cache).read_text()) if cache is not None and Path(cache).is_file() else []
+    done = json.loads(Path(cache).read_text(encoding="utf-8")) if cache is not None and Path(cache).is_file() else []
     out = [d for d in done if d["index"] in wanted and {k: d.get(k) for k in wanted[d["index"]]} == wanted[d["index"]]]
     have = {d["index"] for d in out}
     by_id = {v.subject_id: v for v in train}
@@ -500,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data": "bundled training split, 2 mm, half the images scan-like draws (hybridreg.synthesis)"
                     + (f"; {a.blur_pairs} more pairs with one image blurred by up to {a.blur_mm:g} mm" if a.blur_pairs else "")}
     save_regressor(out / "lambda_regressor.pt", net, info)
-    with atomic_output(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_output(out / "log.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=["step", "loss"])
         w.writeheader()
         w.writerows(log)

@@ -289,7 +289,7 @@ def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os
         ValueError: ``init_weights`` other than the run's (or given to a run started without), or the
             run's own weights file missing or changed.
     """
-    record = json.loads((run / INIT_RECORD).read_text()) if (run / INIT_RECORD).is_file() else None
+    record = json.loads((run / INIT_RECORD).read_text(encoding="utf-8")) if (run / INIT_RECORD).is_file() else None
     if record is None:
         if init_weights is not None:
             raise ValueError(f"train(): `resume`: {run} was started without `init_weights` (`--init`); resume without it"
@@ -332,9 +332,9 @@ def training_figure(run_dir: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
 
     run = Path(run_dir)
-    with open(run / "log.csv", newline="") as fh:
+    with open(run / "log.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    with open(run / "validation.csv", newline="") as fh:
+    with open(run / "validation.csv", newline="", encoding="utf-8") as fh:
         val = list(csv.DictReader(fh))
     fig = Figure(figsize=(10, 3.6))
     ax = fig.subplots(1, 2)
@@ -357,18 +357,18 @@ def training_figure(run_dir: str | os.PathLike) -> Path:
 
 
 def _append_rows(path: Path, rows: Sequence[Sequence]) -> None:
-    with open(path, "a", newline="") as fh:
+    with open(path, "a", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(rows)
 
 
 def _truncate_csv(path: Path, step: int, key: str) -> None:
     """Drop rows beyond ``step`` (written after the checkpoint a resume starts from)."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     head, body = rows[0], rows[1:]
     i = head.index(key)
     keep = [head] + [r for r in body if int(r[i]) <= step]
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(keep)
 
 
@@ -499,7 +499,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             atomic_write_text(run / INIT_RECORD, json.dumps({"path": str(Path(init_weights).resolve()),
                                                              "sha256": file_sha256(init_weights)}))
         for name, cols in (("log.csv", LOG_COLUMNS), ("validation.csv", VAL_COLUMNS)):
-            with atomic_output(run / name) as tmp, open(tmp, "w", newline="") as fh:
+            with atomic_output(run / name) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(cols)
     unused = cfg.lambda_warmup_steps > 0 or 0 < cfg.region_prob < 1  # a step may leave the λ head or CSAIN out
     model = (torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=unused)
@@ -570,7 +570,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
                     old.unlink(missing_ok=True)
         if done == cfg.steps and rank == 0:
             save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
-            with open(run / "validation.csv", newline="") as fh:
+            with open(run / "validation.csv", newline="", encoding="utf-8") as fh:
                 hist = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
             # a run whose validation pairs share no label has no Dice: null, never a NaN number (strict JSON, as
             # metrics.json)

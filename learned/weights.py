@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from hybridreg.config import atomic_output, from_dict, to_dict
+from hybridreg.config import atomic_output, existing_file, from_dict, to_dict
 from hybridreg.objective import Evaluation, ObjectiveConfig
 
 from .loss import network_energy
@@ -44,9 +44,7 @@ def read_weight_file(path: str | os.PathLike, fmt: str, *, arg: str = "--weights
     Raises:
         FileNotFoundError: missing file. ValueError: not a ``fmt`` weight file (both name ``arg``).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: file not found: {p}")
+    p = existing_file(path, arg, "weight file")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 -- torch raises many types (and advice about pickles) for foreign files

@@ -195,7 +195,7 @@ def up_to_date(dest: Path) -> bool:
     if not prov.is_file() or not (dest / "PROVENANCE.md").is_file():
         return False
     try:
-        rec = json.loads(prov.read_text())["files"]
+        rec = json.loads(prov.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError):
         return False
     return all((dest / n).is_file() and rec.get(n, {}).get("sha256") == file_sha256(dest / n)
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 fail(f"{PACKAGE} {version}: unexpected content: {e}")
             rec, md = provenance(deb, version, staged, checks)
-            (staged / "provenance.json").write_text(json.dumps(rec, indent=2) + "\n")
-            (staged / "PROVENANCE.md").write_text(md)
+            (staged / "provenance.json").write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+            (staged / "PROVENANCE.md").write_text(md, encoding="utf-8")
             for n in [*COLIN27_FILES, "provenance.json", "PROVENANCE.md"]:  # provenance last
                 os.replace(staged / n, dest / n)
         finally:

@@ -158,7 +158,7 @@ def write(arr_zyx, ref, path: Path):
 
 def read_synthseg_names(table: Path) -> dict[int, str]:
     """``{label: name}`` from the lines after the header of SynthSeg's ``labels table.txt``."""
-    lines = table.read_text().splitlines()
+    lines = table.read_text(encoding="utf-8").splitlines()
     start = next(i for i, l in enumerate(lines) if l.strip().startswith("labels")
                  and "structures" in l)
     parts = [l.split(None, 1) for l in lines[start + 1:] if l.strip()]
@@ -525,9 +525,9 @@ def write_provenance(src: Inputs, subjects: list[dict], dropped: list[str], out:
     shutil.copyfile(src.vxm_dir / "LICENSE.md", out / "licenses" / "voxelmorph-LICENSE.md")
     shutil.copyfile(src.ss_dir / "LICENSE.txt", out / "licenses" / "SynthSeg-LICENSE.txt")
     labels_json = labels_metadata(src, subjects)
-    (out / "labels.json").write_text(json.dumps(labels_json, indent=1) + "\n")
+    (out / "labels.json").write_text(json.dumps(labels_json, indent=1) + "\n", encoding="utf-8")
     subjects_json = subjects_metadata(subjects, dropped)
-    (out / "subjects.json").write_text(json.dumps(subjects_json, indent=1) + "\n")
+    (out / "subjects.json").write_text(json.dumps(subjects_json, indent=1) + "\n", encoding="utf-8")
     write_readme(out, src.checksums, subjects, dropped, src.eval_labels, labels_json)
 
 
@@ -623,12 +623,12 @@ def write_readme(out: Path, inputs, subjects, dropped, eval_labels, labels_json)
                    ) if absent else ""
     synth = {k: SYNTH[k] for k in ("seed_base", "texture_sigma_mm", "texture_fraction_of_std",
                                    "partial_volume_sigma_mm", "bias_control_points", "noise_sigma")}
-    text = Template(README_TEMPLATE.read_text()).substitute(
+    text = Template(README_TEMPLATE.read_text(encoding="utf-8")).substitute(
         synth, bias_amplitude_range=tuple(SYNTH["bias_amplitude_range"]),
         downsample_sigma_mm=DOWNSAMPLE_SIGMA_MM, input_rows=inp_rows, size_note=size_note,
         eval_labels=eval_labels, absent_note=absent_note, n_synthetic=len(syn),
         per_label_table=per_label_table, subject_rows="\n".join(rows))
-    (out / "README.md").write_text(text)
+    (out / "README.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

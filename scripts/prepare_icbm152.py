@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "mask_rule": "fill_holes(T1 > 0)",
         **stats,
     }
-    (out / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-    (out / "README.md").write_text(readme(prov))
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(readme(prov), encoding="utf-8")
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out}: {OUT_T1}, {OUT_MASK}, {OUT_TISSUE}, README.md, provenance.json, notices "
           f"({total / 1e6:.2f} MB)")

@@ -441,3 +441,46 @@ def test_a_small_moving_mask_inside_the_overlap_is_accepted_and_one_outside_refu
     everywhere.CopyInformation(far)
     with pytest.raises(ValueError, match="do not overlap"):  # the overlap is named first, not the mask
         align(fixed, far, kind="none", moving_mask=everywhere)
+
+
+def _head_and_neck():
+    """The bundled demo FIXED at 2 mm inside a 240×240×300 mm field of view reaching 200 mm below the
+    brain's centre, with a neck of tissue below the brain, and its brain mask (0/1) on that grid."""
+    fid, _ = data.demo_pair()
+    brain = sitk.ReadImage(str(data.load_subject(fid, 2).image_path), sitk.sitkFloat32)
+    centre = np.array(brain.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in brain.GetSize()]))
+    size = np.array([120, 120, 150])
+    origin = centre - 2.0 * (size - 1) / 2
+    origin[2] = centre[2] - 200.0
+    big = grid(size, [2.0] * 3, np.eye(3).ravel().tolist(), origin)
+    arr = sitk.GetArrayFromImage(sitk.Resample(brain, big, sitk.Transform(), sitk.sitkLinear, 0.0))
+    mask = arr > 5
+    z, y, x = np.mgrid[0:size[2], 0:size[1], 0:size[0]]
+    neck = ((x - 60) ** 2 + (y - 60) ** 2 < 22 ** 2) & (z < 60) & ~mask
+    arr[neck] = 70.0 + np.random.default_rng(0).normal(0, 3, int(neck.sum()))
+    image, m = sitk.GetImageFromArray(arr), sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(big)
+    m.CopyInformation(big)
+    return image, m, brain
+
+
+def test_a_masked_start_centres_the_masks_not_the_fields_of_view(monkeypatch):
+    """With a brain mask on a head-and-neck scan, ``init="geometry"`` started from the centre of the
+    field of view, 100 mm below the brain's: with the mask on FIXED the affine stage collapsed (det
+    0.23, exit 0), with it on MOVING it ran off (131 and 157 mm, nothing left to match). It now starts
+    from the masks' bounding boxes, and a stage that runs off is reported, not returned."""
+    import hybridreg.affine as affine
+
+    big, mask, brain = _head_and_neck()
+    _, mid = data.demo_pair()
+    other = sitk.ReadImage(str(data.load_subject(mid, 2).image_path), sitk.sitkFloat32)
+    for options, pair in (({"fixed_mask": mask}, (big, other)), ({"moving_mask": mask}, (other, big))):
+        res = align(*pair, **options)
+        det = float(np.linalg.det(np.reshape(res.transform.GetMatrix(), (3, 3))))
+        assert 0.8 < det < 1.3 and np.linalg.norm(res.transform.GetTranslation()) < 10.0, (options.keys(), det, res.translation)
+    # the start of before, from the centre of the field of view: the stage runs off, and says so
+    monkeypatch.setattr(affine, "_box_centre", lambda image, m: np.asarray(
+        image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])))
+    with pytest.raises(ValueError, match=r"the affine stage failed: .* of FIXED's foreground maps onto `--moving-mask`"
+                                         r" after it, against .* at its start \(init='geometry'\)"):
+        align(other, big, moving_mask=mask)

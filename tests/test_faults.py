@@ -147,6 +147,8 @@ CASES = [
      "--overwrite"),
     ("apply-out-is-input", lambda p, o: ["apply", o / "displacement.nii.gz", o / "warped.nii.gz", "--out",
                                          o / "warped.nii.gz", "--overwrite"], 2, "is the input"),
+    ("apply-out-a-result-of-the-folder", lambda p, o: ["apply", o, p["moving"], "--out", o / "displacement.nii.gz",
+                                                       "--overwrite"], 2, "one of the results in the register output folder"),
     ("apply-field-nan", lambda p, o: ["apply", p["nan"], p["moving"], "--out", o / "w.nii.gz"], 2, "TRANSFORM"),
     ("apply-2d-reference-3d-transform", lambda p, o: ["apply", o, p["moving"], "--reference", p["image2d"], "--out",
                                                       o / "w.nii.gz"], 2, "`--reference` is 2D"),

@@ -369,7 +369,8 @@ def test_solver_entry_points():
     [({"level_spacing": [4, 2], "iterations": [10]}, "iterations"), ({"lr": -1}, "lr"), ({"lambda_mode": "patchwise"}, "lambda_mode"),
      ({"objective": {"w_reg": "a lot"}}, "w_reg"), ({"objective": {"typo": 1}}, "typo"), ({"level_spacing": [0]}, "level_spacing"),
      ({"lambda_init": 1.5}, "lambda_init"), ({"velocity_smoothing": -1.0}, "velocity_smoothing"),
-     ({"lr_final_fraction": 0.0}, "lr_final_fraction")],
+     ({"lr_final_fraction": 0.0}, "lr_final_fraction"),
+     ({"level_spacing": [], "iterations": []}, r"`level_spacing` must list at least one level")],
 )
 def test_config_errors_name_the_key(data_, name):
     with pytest.raises(ValueError, match=name):

@@ -1,6 +1,8 @@
 """Metrics against SimpleITK and brute force; I/O round trips; exported fields in SimpleITK."""
 
+import gzip
 import math
+import re
 
 import numpy as np
 import pytest
@@ -456,3 +458,105 @@ def test_resize_image_refuses_a_label_map_and_a_grid_check_names_the_direction()
     b = Geometry((4, 5), (1.0, 1.0), (0.0, 0.0), (0.0, 1.0, 1.0, 0.0))
     with pytest.raises(ValueError, match=r"direction \(1.0, 0.0, 0.0, 1.0\) vs \(0.0, 1.0, 1.0, 0.0\)"):
         check_same_grid(a, b, ("FIXED", "FIXED labels"))
+
+
+def test_intensities_of_any_scale_normalise_alike_and_float32_limits_are_named(tmp_path):
+    """An image whose intensities spanned less than 1e-12 normalised to about 0 (and registered to the
+    identity); a float64 file near 1e300 was reported as holding Inf after the cast to float32, and one
+    near 1e-300 as constant."""
+    from hybridreg.io import normalize_intensity, read_image
+
+    x = np.random.default_rng(1).random((8, 9, 10)).astype(np.float32)
+    want = normalize_intensity(x)
+    for scale in (1e-20, 1e-13, 1e30):
+        np.testing.assert_allclose(normalize_intensity(x * np.float32(scale)), want, atol=1e-5)
+    almost = np.ones((40, 50), np.float32)  # over 99.5 % at the maximum: its few dark voxels are the contrast
+    almost[0, :5] = 0.0
+    assert normalize_intensity(almost).min() == 0.0 and normalize_intensity(almost).max() == 1.0
+    geo = Geometry.of(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)))
+    for value, where in ((1e300, "beyond"), (1e-300, "below")):
+        path = tmp_path / f"{where}.nii.gz"
+        img = sitk.GetImageFromArray(np.random.default_rng(2).random((4, 5, 6)) * value)
+        sitk.WriteImage(geo.apply(img), str(path))
+        with pytest.raises(ValueError, match=rf"`MOVING`: .*{where}.nii.gz holds float64 values up to .*{where} float32's range"):
+            read_image(path, arg="MOVING")
+    sitk.WriteImage(geo.apply(sitk.GetImageFromArray(np.random.default_rng(2).random((4, 5, 6)) * 1e30)), str(tmp_path / "ok.nrrd"))
+    assert np.isfinite(read_image(tmp_path / "ok.nrrd")[0]).all()
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder(tmp_path):
+    """A manifest, config or weight file given as a folder was reported as "not found"."""
+    from hybridreg.batch import read_pairs
+    from hybridreg.config import read_yaml
+    from hybridreg.data.sources import from_manifest
+    from hybridreg.io import read_image
+    from learned.weights import read_weight_file
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for read, what in ((lambda: read_pairs(folder, arg="MANIFEST"), "manifest"), (lambda: from_manifest(folder, arg="--data"), "manifest"),
+                       (lambda: read_yaml(folder, arg="--config"), "YAML file"),
+                       (lambda: read_weight_file(folder, "network"), "weight file")):
+        with pytest.raises(ValueError, match=rf"`.*`: {folder} is a folder, not a {what}$"):
+            read()
+    with pytest.raises(ValueError, match=rf"`FIXED`: {folder} is a folder holding no DICOM series: give an image file"):
+        read_image(folder, arg="FIXED")  # an image may be a DICOM series' folder
+    with pytest.raises(FileNotFoundError, match=r"`MANIFEST`: manifest not found: .*nope.csv"):
+        read_pairs(folder / "nope.csv", arg="MANIFEST")
+
+
+@pytest.mark.parametrize("name,data_file", [("w.mhd", "w.zraw"), ("w.nhdr", "w.raw.gz")])
+def test_an_image_with_a_detached_header_names_its_own_data_file(tmp_path, name, data_file):
+    """``.mhd`` and ``.nhdr`` outputs wrote their data under the staging name (a hidden ``.w.<random>.zraw``) and
+    named it in the header; each overwrite left the previous data file behind."""
+    from hybridreg.io import write_image
+
+    geo = Geometry.of(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)))
+    for k in range(2):  # the second write replaces the first
+        arr = np.random.default_rng(k).random((4, 5, 6)).astype(np.float32)
+        write_image(tmp_path / name, arr, geo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, data_file])
+    assert data_file in (tmp_path / name).read_bytes().decode("latin-1")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))), arr)
+
+
+def test_placements_other_tools_read_otherwise_are_warned_and_misnamed_gzip_refused(tmp_path):
+    """A NIfTI file whose qform and sform disagree was read by ITK's rule without a word (FSL, SPM and nibabel
+    follow the sform: a warped image 30 mm off in their viewers); so were a file without orientation and an
+    Analyze file. A .nii.gz that is not compressed (or a compressed .nii) was "truncated or corrupt"."""
+    import nibabel as nib
+
+    from hybridreg.io import placement_warnings, read_image
+    from hybridreg.service import read_inputs
+
+    data = np.random.default_rng(0).random((10, 11, 12)).astype(np.float32) + 1.0
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (-10.0, -12.0, -8.0)
+    off = affine.copy()
+    off[0, 3] += 30.0
+
+    def save(name, qform=(affine, 1), sform=(affine, 1), kind=nib.Nifti1Image):
+        img = kind(data, affine)
+        if kind is not nib.AnalyzeImage:
+            img.set_qform(*qform)
+            img.set_sform(*sform)
+        nib.save(img, str(tmp_path / name))
+        return tmp_path / name
+
+    plain = save("plain.nii.gz")
+    cases = {save("qs.nii.gz", qform=(off, 1), sform=(affine, 2)): r"qform \(code 1\) and sform \(code 2\) place it up to 30.0 mm"
+                                                                    r" apart: it was read by the qform",
+             save("none.nii.gz", qform=(affine, 0), sform=(affine, 0)): "holds no orientation",
+             save("old.img", kind=nib.AnalyzeImage): "is an Analyze 7.5 file"}
+    assert placement_warnings(plain, read_image(plain)[1], arg="FIXED") == []
+    for path, needle in cases.items():
+        (line,) = placement_warnings(path, read_image(path)[1], arg="MOVING")
+        assert line.startswith("`MOVING`: ") and re.search(needle, line), line
+    warned = read_inputs(plain, tmp_path / "qs.nii.gz")
+    assert len(warned.warnings) == 1 and warned.warnings[0].startswith("`MOVING`: ")
+    (tmp_path / "raw.nii.gz").write_bytes(gzip.decompress(plain.read_bytes()))
+    (tmp_path / "packed.nii").write_bytes(plain.read_bytes())
+    for name, needle in (("raw.nii.gz", "is not gzip-compressed but named .nii.gz: rename it raw.nii$"),
+                         ("packed.nii", "is gzip-compressed but named .nii: rename it packed.nii.gz$")):
+        with pytest.raises(ValueError, match=rf"`FIXED`: .*{needle}"):
+            read_image(tmp_path / name, arg="FIXED")

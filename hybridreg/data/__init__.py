@@ -125,7 +125,7 @@ def _read_json(name: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"bundled data index {path} is missing: hybridreg was installed without its "
             f"package data (hybridreg/data/bundled/*); regenerate it with `{_REGENERATE}`")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _subjects() -> dict[str, dict[str, Any]]:

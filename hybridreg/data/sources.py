@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..config import existing_file
 from ..io import Geometry, check_same_grid, normalize_intensity, read_image, read_labels
 
 __all__ = ["Volume", "RegistrationDataset", "load_dataset", "bundled", "from_manifest", "oasis", "ixi"]
@@ -191,15 +192,13 @@ def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = Non
         ValueError: unreadable manifest, missing ``image``/``split`` keys, an unknown split,
             more than one atlas, images on different grids.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"`{arg}`: manifest not found: {p}")
+    p = existing_file(path, arg, "manifest")
     try:
         if p.suffix.lower() == ".csv":
-            with open(p, newline="") as fh:
+            with open(p, newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
         elif p.suffix.lower() == ".json":
-            obj = json.loads(p.read_text())
+            obj = json.loads(p.read_text(encoding="utf-8"))
             rows = obj["subjects"] if isinstance(obj, dict) else obj
         else:
             raise ValueError(f"`{arg}`: a manifest must be .csv or .json, got {p.name}")

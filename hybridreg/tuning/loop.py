@@ -346,7 +346,7 @@ def run_tuning(
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []
     if resume and state.is_file():
-        saved = json.loads(state.read_text())
+        saved = json.loads(state.read_text(encoding="utf-8"))
         # compare as dataclasses, so that fields added later with defaults do not break a resume
         if saved["method"] != method or from_dict(SearchSpace, saved["space"], where=str(state)) != space:
             raise ValueError(f"`resume` (`--resume`): {state} was written with another method or search space")
