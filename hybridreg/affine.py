@@ -13,6 +13,7 @@ initialisation (``sitk.CenteredTransformInitializer``).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -237,8 +238,9 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
           names: tuple[str, str, str, str] = ("FIXED", "MOVING", "--fixed-mask", "--moving-mask")) -> AffineResult:
     """Affine pre-alignment of MOVING to FIXED: scalar 2D/3D images, same dimension, any grids.
 
-    ``init``: ``sitk.CenteredTransformInitializer`` by the image centres (``"geometry"``; for an
-    image with a mask, the centre of the mask's bounding box, :func:`_box_centre`) or
+    ``init``: ``sitk.CenteredTransformInitializer`` by the image centres (``"geometry"``; with a
+    mask, also the start from the centres of the masks' bounding boxes, :func:`_box_centre`, and
+    the one of the two whose metric is better on the finest level is kept) or
     centres of mass (``"moments"``: of the intensity above each image's lowest value, inside
     its mask if given). ``kind``: ``"none"`` (identity), ``"rigid"`` (Euler) or
     ``"affine"`` (rigid, then affine: ANTs' default chain). Each stage runs regular-step
@@ -276,7 +278,7 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         an image with fewer than 4 voxels along an axis (``kind`` other than ``"none"``); a
         failed affine stage (|det| of the linear part outside [0.2, 5]: "singular matrix"; or under
         10 % of FIXED's foreground mapped inside MOVING, onto ``moving_mask`` if given, at its end,
-        and under half of what was at its start: it ran off).
+        under half of what was at its start, and a metric no better than the start's: it ran off).
     """
     for arg, value, allowed in (("kind", kind, _KINDS), ("init", init, _INITS), ("metric", metric, _METRICS)):
         if value not in allowed:
@@ -311,42 +313,65 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
 
     t0 = time.perf_counter()
     fixed, moving = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
+    mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
     rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
-    if init == "geometry" and (fixed_mask is not None or moving_mask is not None):  # the centres of what is matched
-        centre = _box_centre(fixed, fixed_mask)
-        rigid.SetCenter(centre)
-        rigid.SetTranslation((np.asarray(_box_centre(moving, moving_mask)) - centre).tolist())
-    else:
-        mode = getattr(sitk.CenteredTransformInitializerFilter, init.upper())
-        rigid = type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))
-    frac = _overlap(fixed, moving, fg, rigid)
-    if frac < 0.1:
-        raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"
-                         f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"
-                         " view, origins and directions")
-    _check_moving_mask(fixed, moving, fg, rigid, moving_mask, names, init)
-    start = _overlap(fixed, moving, fg, rigid, moving_mask)
+    starts = [type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))]
+    if init == "geometry" and (fixed_mask is not None or moving_mask is not None):  # also: the centres of what is matched
+        box = type(rigid)()
+        box.SetCenter(_box_centre(fixed, fixed_mask).tolist())
+        box.SetTranslation((_box_centre(moving, moving_mask) - _box_centre(fixed, fixed_mask)).tolist())
+        starts.append(box)
     full = fixed, moving
     fixed, moving = _coarsen(fixed, min(levels_mm)), _coarsen(moving, min(levels_mm))  # masks act in physical space
-    seconds = {"init": time.perf_counter() - t0}
     fine, cap = min(fixed.GetSpacing()), max(1, min(fixed.GetSize()) // 16)  # a level keeps >= 16 voxels per axis
     shrinks = [int(min(cap, max(1, round(mm / fine)))) for mm in levels_mm]
     inside = float(np.mean(fg)) if fixed_mask is not None else 1.0  # samples outside the mask are dropped
     percent = [float(min(1.0, samples / (inside * np.prod([-(-n // s) for n in fixed.GetSize()])))) for s in shrinks]
 
-    def run(tx: sitk.Transform, stage: str) -> float:
+    def method() -> sitk.ImageRegistrationMethod:
         reg = sitk.ImageRegistrationMethod()
         if metric == "mi":
             reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         else:
             reg.SetMetricAsCorrelation()
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentagePerLevel(percent, seed)
         if fixed_mask is not None:
             reg.SetMetricFixedMask(fixed_mask)
         if moving_mask is not None:
             reg.SetMetricMovingMask(moving_mask)
         reg.SetInterpolator(sitk.sitkLinear)
+        return reg
+
+    def threaded(call):
+        default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        try:  # reg.SetNumberOfThreads(1) misses some of the filters' threads
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads)
+            return call()
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
+
+    def evaluate(tx: sitk.Transform) -> float:
+        """The metric of ``tx`` on every voxel of the finest level (+inf where it cannot be evaluated)."""
+        reg = method()
+        reg.SetInitialTransform(tx, inPlace=False)
+        try:
+            return float(threaded(lambda: reg.MetricEvaluate(fixed, moving)))
+        except RuntimeError:  # no sample maps inside MOVING
+            return math.inf
+
+    rigid = starts[int(np.argmin([evaluate(tx) for tx in starts]))] if len(starts) > 1 else starts[0]  # lower: better
+    frac = _overlap(*full, fg, rigid)
+    if frac < 0.1:
+        raise ValueError(f"`{f_name}` and `{m_name}` do not overlap after the initial alignment (init={init!r}):"
+                         f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"
+                         " view, origins and directions")
+    _check_moving_mask(*full, fg, rigid, moving_mask, names, init)
+    start_overlap, start_tx = _overlap(*full, fg, rigid, moving_mask), type(rigid)(rigid)  # run() moves rigid itself
+    seconds = {"init": time.perf_counter() - t0}
+
+    def run(tx: sitk.Transform, stage: str) -> float:
+        reg = method()
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentagePerLevel(percent, seed)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=3e-3, numberOfIterations=iterations,
                                                      relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8,
                                                      estimateLearningRate=reg.Once)
@@ -355,16 +380,13 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
         reg.SetSmoothingSigmasPerLevel([0.5 * s * fine if s > 1 else 0.0 for s in shrinks])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         reg.SetInitialTransform(tx, inPlace=True)
-        t, default_threads = time.perf_counter(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        try:  # reg.SetNumberOfThreads(1) misses some of the filters' threads
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads)
-            reg.Execute(fixed, moving)
+        t = time.perf_counter()
+        try:
+            threaded(lambda: reg.Execute(fixed, moving))
         except RuntimeError as e:
             msg = (str(e).strip().splitlines() or ["failed"])[-1].strip()
             raise ValueError(f"the {stage} stage failed: `{f_name}` and `{m_name}` may not overlap"
                              f" or show the same anatomy ({msg})") from None
-        finally:
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
         seconds[stage] = time.perf_counter() - t
         return float(reg.GetMetricValue())
 
@@ -373,12 +395,14 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     if kind == "affine":
         value = run(result, "affine")
         _check_det(result, (f_name, m_name))
-    end = _overlap(*full, fg, result, moving_mask)
-    if end < 0.1 and end < 0.5 * start:  # it ran off (a local optimum beside the anatomy, at the edge of a large field of view)
+    end_overlap = _overlap(*full, fg, result, moving_mask)
+    # it ran off (a local optimum beside the anatomy, at the edge of a large field of view): little overlap left, and a
+    # metric no better than its start's (a slab's true place may overlap little, but it matches better)
+    if end_overlap < 0.1 and end_overlap < 0.5 * start_overlap and not evaluate(result) < evaluate(start_tx):
         onto = f"onto `{mm_name}`" if moving_mask is not None else f"inside {m_name}"
-        raise ValueError(f"the affine stage failed: {100 * end:.1f} % of {f_name}'s foreground maps {onto} after it, against"
-                         f" {100 * start:.1f} % at its start (init={init!r}); check that they show the same anatomy, or try"
-                         " init='moments' (the CLI's --init moments)")
+        raise ValueError(f"the affine stage failed: {100 * end_overlap:.1f} % of {f_name}'s foreground maps {onto} after it,"
+                         f" against {100 * start_overlap:.1f} % at its start (init={init!r}), and it matches no better; check"
+                         " that they show the same anatomy, or try init='moments' (the CLI's --init moments)")
     return AffineResult(result, kind, init, metric, value, seconds, n_threads)
 
 

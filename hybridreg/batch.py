@@ -22,7 +22,8 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   pairs ``r, r + W, ...`` (on ``cuda:LOCAL_RANK`` for a CUDA device, as CPU processes otherwise);
   the ranks meet at a barrier (gloo / nccl) and rank 0 merges.
 * :func:`merge` -- ``OUT/metrics.csv`` (one row per pair, manifest order, with its status,
-  error and warnings: :func:`hybridreg.solvers.result_warnings`, joined by `` | ``),
+  error and warnings: ``metrics.json``'s, :func:`hybridreg.io.placement_warnings` and
+  :func:`hybridreg.solvers.result_warnings`, joined by `` | ``),
   ``OUT/dice_per_structure.csv``, ``OUT/summary.json`` and ``OUT/summary.md`` (means,
   per-structure Dice, the seconds of each stage: reading, affine, registration, metrics,
   writing; the pairs registered with a warning).
@@ -223,8 +224,9 @@ def _check_row_grids(files: dict[str, str | None], where: str, headers: dict[str
 class BatchSummary:
     """What a batch run did: ``done`` / ``failed`` / ``missing`` pair ids (``missing``: not
     finished by any rank, e.g. a rank was killed), the paths of the merged outputs, and the
-    finished pairs' warnings (pair id → lines of :func:`hybridreg.solvers.result_warnings`; filled
-    by :func:`merge`)."""
+    finished pairs' warnings (pair id → the lines of their ``metrics.json``: headers other tools
+    place otherwise, :func:`hybridreg.io.placement_warnings`, and
+    :func:`hybridreg.solvers.result_warnings`; filled by :func:`merge`)."""
 
     done: list[str]
     failed: list[str]
@@ -361,7 +363,6 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         raise ValueError(refused)
     dev = device_of(device)  # after torchrun's rank picked its GPU
     mine = [p for p in list(pairs)[rank::world] if not (out / "pairs" / p.id / "metrics.json").is_file()]
-    (out / "failed").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
                disable=not progress, dynamic_ncols=True)
 
@@ -369,6 +370,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
         # the traceback for errors that are not the input's (a plug-in solver's crash, a bug): where it happened
         trace = None if isinstance(e, (ValueError, FileNotFoundError)) else "".join(traceback.format_exception(e))[-4000:]
+        (out / "failed").mkdir(parents=True, exist_ok=True)  # only when a pair fails
         atomic_write_text(out / "failed" / f"{pair.id}.json",
                           json.dumps({"id": pair.id, "error": error, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                       **({"traceback": trace} if trace else {})}, indent=2))

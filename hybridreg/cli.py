@@ -122,8 +122,8 @@ def apply_file(transform: str | os.PathLike, image: str | os.PathLike, out: str 
     import SimpleITK as sitk
 
     out = Path(out)
-    if not str(out).lower().endswith(IMAGE_SUFFIXES):
-        raise CLIError(f"`--out` must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {str(out)!r}")
+    if not str(out).endswith(IMAGE_SUFFIXES):  # lowercase: SimpleITK picks the format by it (w.MHA was written empty)
+        raise CLIError(f"`--out` must be an image file name ending in {', '.join(IMAGE_SUFFIXES)} (lowercase), got {str(out)!r}")
     if not out.parent.is_dir():
         raise CLIError(f"`--out`: folder does not exist: {out.parent}")
     for arg, path in (("TRANSFORM", transform), ("IMAGE", image), ("--reference", reference)):

@@ -265,8 +265,9 @@ def read_yaml(path: str | os.PathLike, *, arg: str = "config") -> Any:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffixes, so writers that pick the
     format from the name still work); on success it is renamed onto ``path``, on any error
-    it is removed. Every file the toolkit writes goes through here, so a failed or killed
-    run never leaves a half-written file under the final name."""
+    it is removed. Every file the toolkit writes goes through here (an image with a detached
+    header, ``.mhd``/``.nhdr``, through a hidden folder: :func:`hybridreg.io.write_image`), so a
+    failed or killed run never leaves a half-written file under the final name."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix="".join(p.suffixes) or ".tmp")
     os.close(fd)

@@ -63,6 +63,8 @@ __all__ = [
     "check_same_grid",
     "read_geometry",
     "placement_warnings",
+    "DICOM_SLICE_TOLERANCE",
+    "DETACHED_SUFFIXES",
     "resample",
     "resample_with_field",
     "read_transform",
@@ -170,19 +172,18 @@ def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | N
     those voxels as 0. A folder, or one file of a DICOM series, is read as that series
     (:func:`_read_dicom_series`). Raises ``FileNotFoundError`` / ``ValueError`` naming ``arg``."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or existing_file(path, arg) and _is_dicom(p):
         return _read_dicom_series(p, arg), None
-    p = existing_file(path, arg)
     if p.name.lower().endswith((".nii", ".nii.gz")):
         with open(p, "rb") as fh:
-            gzipped = fh.read(2) == b"\x1f\x8b"
-        if gzipped != p.name.lower().endswith(".gz"):  # nibabel and other tools go by the name
+            head = fh.read(4)
+        gzipped = head[:2] == b"\x1f\x8b"
+        nifti = len(head) == 4 and (int.from_bytes(head, "little") in (348, 540) or int.from_bytes(head, "big") in (348, 540))
+        if (gzipped or nifti) and gzipped != p.name.lower().endswith(".gz"):  # nibabel and other tools go by the name
             raise ValueError(f"`{arg}`: {p} is {'' if gzipped else 'not '}gzip-compressed but named"
                              f" {'.nii' if gzipped else '.nii.gz'}: rename it {p.name + '.gz' if gzipped else p.name[:-3]}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
-    if reader.GetImageIOFromFileName(str(p)) == "GDCMImageIO":
-        return _read_dicom_series(p, arg), None
     try:
         img = reader.Execute()
     except RuntimeError as e:
@@ -194,22 +195,43 @@ def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | N
     return img, nan
 
 
-DICOM_SLICE_TOLERANCE = 0.01
-"""The largest departure, as a fraction of the median slice spacing, of a DICOM series' slice
-positions from a straight, evenly spaced stack along the slices' normal."""
+DICOM_SLICE_TOLERANCE = 0.1
+"""The largest distance, as a fraction of the slice spacing, of a DICOM series' slice positions from
+one straight, evenly spaced stack along the slices' normal (fitted to all of them): a tenth of a voxel."""
+
+
+def _is_dicom(p: Path) -> bool:
+    """``p`` names a DICOM series: a folder, or a file SimpleITK reads with GDCM."""
+    return p.is_dir() or sitk.ImageFileReader().GetImageIOFromFileName(str(p)) == "GDCMImageIO"
+
+
+def _series_label(folder: Path, uid: str) -> str:
+    """A series of ``folder`` as a user recognises it: number, description, files, one file's name."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    header = sitk.ImageFileReader()
+    header.SetFileName(files[0])
+    try:
+        header.ReadImageInformation()
+        tags = [header.GetMetaData(k).strip() if header.HasMetaDataKey(k) else "" for k in ("0020|0011", "0008|103e")]
+    except RuntimeError:
+        tags = ["", ""]
+    number = f"series {tags[0]} " if tags[0] else ""
+    described = f"'{tags[1]}', " if tags[1] else ""
+    return f"{number}({described}{len(files)} files, e.g. {Path(files[0]).name})"
 
 
 def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
-    """One DICOM series as one image (GDCM through ``sitk.ImageSeriesReader``, rescale slope and
-    intercept applied): the series a folder holds, or the series of the file ``p`` among the files
-    of its folder (a folder of several series is refused, naming them; pass one file of the series
-    wanted). The slices are sorted along their normal by GDCM; their positions (``ImagePositionPatient``)
-    must form one evenly spaced stack along it, as the image's geometry assumes.
+    """One DICOM series as one image (GDCM through SimpleITK, rescale slope and intercept applied):
+    the series a folder holds, or the series of the file ``p`` among the files of its folder (a
+    folder of several series is refused, naming them; pass one file of the series wanted); a file
+    that holds the whole volume (multi-frame) is read on its own. The slices are sorted along their
+    normal by GDCM; their positions (``ImagePositionPatient``) must lie on one straight, evenly spaced
+    stack along it, as the image's grid assumes (within :data:`DICOM_SLICE_TOLERANCE`).
 
     Raises:
-        ValueError: no DICOM series, several series, an unreadable file, several volumes in one
-            series (repeated positions), a gantry tilt (positions off the normal), or uneven or
-            missing slices (beyond :data:`DICOM_SLICE_TOLERANCE`); each names ``arg``.
+        ValueError: no DICOM series, several series, an unreadable file, images of different sizes
+            in one series (a localizer), several volumes or a repeated slice (repeated positions), a
+            gantry tilt (positions off the normal), or uneven or missing slices; each names ``arg``.
     """
     folder = p if p.is_dir() else p.parent
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -218,10 +240,8 @@ def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
             raise ValueError(f"`{arg}`: {p} is a folder holding no DICOM series: give an image file"
                              f" ({', '.join(IMAGE_SUFFIXES)}) or a folder of DICOM files")
         if len(series) > 1:
-            counts = ", ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files)"
-                               for uid in series)
-            raise ValueError(f"`{arg}`: {p} holds {len(series)} DICOM series ({counts}): give one file of the series to"
-                             " register")
+            raise ValueError(f"`{arg}`: {p} holds {len(series)} DICOM series: "
+                             f"{'; '.join(_series_label(folder, uid) for uid in series)}; give one file of the series wanted")
         uid = series[0]
     else:
         header = sitk.ImageFileReader()
@@ -234,31 +254,47 @@ def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) if uid in series else ()
     if p.is_file() and str(p.resolve()) not in {str(Path(f).resolve()) for f in files}:
         files = (str(p),)  # a file GDCM does not group with others: read on its own
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
+    if len(files) == 1:  # one slice, or a multi-frame file holding the whole volume
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+    else:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
     try:
         img = reader.Execute()
     except RuntimeError as e:
-        raise ValueError(f"`{arg}`: cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
+        reason = _itk_reason(e)
+        if "does not fully contain the requested region" in reason:
+            reason = "its files hold images of different sizes (a localizer in the series?): move them out"
+        raise ValueError(f"`{arg}`: cannot read the DICOM series in {folder}: {reason}") from None
     if len(files) > 1 and img.GetDimension() == 3:
-        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] if
-                              reader.HasMetaDataKey(i, "0020|0032") else [np.nan] * 3 for i in range(len(files))])
-        steps = np.diff(positions, axis=0)
-        normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
-        along = steps @ normal
-        spacing = float(np.median(along)) if np.isfinite(along).all() else np.nan
-        what = (
-            "slices without a position (ImagePositionPatient)" if not np.isfinite(positions).all() else
-            "several volumes (repeated slice positions): split them into one series each"
-            if len(np.unique(np.round(positions @ normal, 4))) < len(files) else
-            "a gantry tilt (slice positions off the slices' normal): correct it (dcm2niix does) before registering"
-            if np.abs(steps - np.outer(along, normal)).max() > DICOM_SLICE_TOLERANCE * abs(spacing) else
-            f"uneven or missing slices (spacing {np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm)"
-            if np.abs(along - spacing).max() > DICOM_SLICE_TOLERANCE * abs(spacing) else None)
-        if what:
-            raise ValueError(f"`{arg}`: the DICOM series in {folder} ({len(files)} files) has {what}")
+        _check_stack(reader, img, len(files), f"`{arg}`: the DICOM series in {folder} ({len(files)} files)")
     return img
+
+
+def _check_stack(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int, what: str) -> None:
+    """Refuse slice positions off one straight, evenly spaced stack along the slices' normal: the
+    line ``p0 + k·h·normal`` fitted to all ``n`` positions by least squares (a drift along a tall
+    stack adds up where neighbouring slices would not show it), tolerance a tenth of ``h``."""
+    positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                          if reader.HasMetaDataKey(i, "0020|0032") else [np.nan] * 3 for i in range(n)])
+    if not np.isfinite(positions).all():
+        raise ValueError(f"{what} has slices without a position (ImagePositionPatient)")
+    normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
+    along = positions @ normal
+    if len(np.unique(np.round(along, 3))) < n:
+        raise ValueError(f"{what} repeats slice positions (several volumes, or a slice twice): keep one volume per series")
+    k = np.arange(n)
+    h, p0 = np.polyfit(k, along, 1)
+    tol = DICOM_SLICE_TOLERANCE * abs(h)
+    across = positions - np.outer(along, normal)  # the in-plane offset of each slice: one point for a straight stack
+    if np.linalg.norm(across - across.mean(0), axis=1).max() > tol:
+        raise ValueError(f"{what} has a gantry tilt (slice positions off the slices' normal by up to"
+                         f" {np.linalg.norm(across - across[0], axis=1).max():.3g} mm): correct it (dcm2niix does)")
+    if np.abs(along - (p0 + h * k)).max() > tol:
+        steps = np.abs(np.diff(along))
+        raise ValueError(f"{what} has uneven or missing slices (spacing {steps.min():.3g} to {steps.max():.3g} mm)")
 
 
 def _itk_reason(e: RuntimeError) -> str:
@@ -362,8 +398,11 @@ def placement_warnings(path: str | os.PathLike, geometry: Geometry, *, arg: str 
     * **an Analyze 7.5 file** (``.hdr``/``.img`` without NIfTI's magic): it holds no orientation.
 
     hybridreg keeps SimpleITK's reading (its transforms are ITK's), and writes its outputs with the
-    placement it used in both the qform and the sform. Source: the NIfTI-1 header's qform/sform
-    definitions (NIfTI DFWG, nifti1.h); ITK's ``NiftiImageIO``."""
+    placement it used in both the qform and the sform. A 2D image's placement is not compared (ITK
+    drops its out-of-plane part). Source: the NIfTI-1 header's qform/sform definitions (NIfTI DFWG,
+    nifti1.h); ITK's ``NiftiImageIO``.
+
+    Raises nothing: a file nibabel cannot read gives ``[]`` (:func:`read_image` refuses it)."""
     import nibabel as nib
 
     p = Path(path)
@@ -383,19 +422,22 @@ def placement_warnings(path: str | os.PathLike, geometry: Geometry, *, arg: str 
                 " unknown, and tools differ on it; it was read as ITK reads it (direction"
                 f" {[round(v, 3) for v in geometry.direction]}, origin {[round(v, 1) for v in geometry.origin]} mm LPS)"]
     d = geometry.dim
+    if d != 3:  # ITK drops a 2D image's out-of-plane placement, which nibabel's affine keeps
+        return []
     itk = np.eye(4)
     itk[:d, :d] = np.reshape(geometry.direction, (d, d)) * np.asarray(geometry.spacing)
     itk[:d, 3] = geometry.origin
     itk = np.diag([-1.0, -1.0, 1.0, 1.0]) @ itk  # LPS -> RAS, nibabel's frame
-    size = list(geometry.size) + [1] * (3 - d)
+    size = list(geometry.size)
     corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]).T
     apart = float(np.linalg.norm((itk - img.affine) @ corners, axis=0).max())
     tol = 0.1 * min(geometry.spacing)
     if apart <= tol:
         return []
-    used = "qform" if np.linalg.norm((itk - header.get_qform()) @ corners, axis=0).max() <= tol else "a mix of the two"
+    used = "the qform" if qcode and np.linalg.norm((itk - header.get_qform()) @ corners, axis=0).max() <= tol else \
+        "neither header's placement exactly"
     return [f"`{arg}`: {p}'s qform (code {qcode}) and sform (code {scode}) place it up to {apart:.1f} mm apart:"
-            f" it was read by the {used}, as ITK reads it (and ANTs, ITK-SNAP, 3D Slicer), while FSL, SPM and"
+            f" it was read by {used}, as ITK reads it (and ANTs, ITK-SNAP, 3D Slicer), while FSL, SPM and"
             " nibabel follow the sform; the outputs' headers hold the placement used. Write the one meant into both"
             " (nibabel: img.set_qform(img.get_sform())) if that is not it"]
 
@@ -445,7 +487,7 @@ def read_landmarks(path: str | os.PathLike, geometry: Geometry, *, arg: str = "l
     import csv
 
     p = existing_file(path, arg)
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = p.read_text(encoding="utf-8-sig", errors="replace")
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t ")
     except csv.Error:
@@ -506,10 +548,10 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         ValueError: a file SimpleITK cannot read as an image, or a DICOM series it refuses
             (naming it).
     """
+    if _is_dicom(Path(path)):
+        return Geometry.of(_read_dicom_series(Path(path), "path"))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    if Path(path).is_dir() or reader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
-        return Geometry.of(_read_dicom_series(Path(path), str(path)))
     try:
         reader.ReadImageInformation()
     except RuntimeError:

@@ -467,8 +467,10 @@ def _head_and_neck():
 def test_a_masked_start_centres_the_masks_not_the_fields_of_view(monkeypatch):
     """With a brain mask on a head-and-neck scan, ``init="geometry"`` started from the centre of the
     field of view, 100 mm below the brain's: with the mask on FIXED the affine stage collapsed (det
-    0.23, exit 0), with it on MOVING it ran off (131 and 157 mm, nothing left to match). It now starts
-    from the masks' bounding boxes, and a stage that runs off is reported, not returned."""
+    0.23, exit 0), with it on MOVING it ran off (131 and 157 mm, nothing left to match). The start from
+    the masks' bounding boxes is now tried too, and kept where it matches better; an ROI mask on one of
+    two scans of the same field of view keeps the start from the images' centres (the box start alone
+    moved it 40 mm); and a stage that runs off is reported, not returned."""
     import hybridreg.affine as affine
 
     big, mask, brain = _head_and_neck()
@@ -478,6 +480,15 @@ def test_a_masked_start_centres_the_masks_not_the_fields_of_view(monkeypatch):
         res = align(*pair, **options)
         det = float(np.linalg.det(np.reshape(res.transform.GetMatrix(), (3, 3))))
         assert 0.8 < det < 1.3 and np.linalg.norm(res.transform.GetTranslation()) < 10.0, (options.keys(), det, res.translation)
+    fixed = sitk.ReadImage(str(data.load_subject(data.demo_pair()[0], 2).image_path), sitk.sitkFloat32)
+    for corner, side in (((40, 40, 30), "fixed_mask"), ((70, 20, 30), "fixed_mask"), ((40, 40, 30), "moving_mask")):
+        roi = np.zeros(fixed.GetSize()[::-1], np.uint8)
+        roi[tuple(slice(c, c + 12) for c in corner)] = 1  # a 24 mm cube off the brain's centre, on one scan
+        roi_mask = sitk.GetImageFromArray(roi)
+        roi_mask.CopyInformation(fixed)
+        pair = (fixed, other) if side == "fixed_mask" else (other, fixed)
+        res = align(*pair, kind="rigid", levels_mm=(8.0, 4.0), **{side: roi_mask})
+        assert np.linalg.norm(res.transform.GetTranslation()) < 10.0, (corner, side, res.translation)
     # the start of before, from the centre of the field of view: the stage runs off, and says so
     monkeypatch.setattr(affine, "_box_centre", lambda image, m: np.asarray(
         image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])))

@@ -19,11 +19,12 @@ from hybridreg.io import Geometry, read_geometry, read_image
 STUDY = "1.2.826.0.1.3680043.2.1125.70"
 
 
-def write_series(image: sitk.Image, folder: Path, number: int, *, shift=None, positions=None) -> str:
+def write_series(image: sitk.Image, folder: Path, number: int, *, shift=None, positions=None, decimals=6) -> str:
     """``image`` (3D) as a DICOM series of int16 slices, as a scanner's export writes it: one file per
     slice with the series' UID, the slices' orientation and each slice's position. ``shift(i)`` moves
     slice ``i`` in physical space (a gantry tilt, a gap); ``positions`` replaces the slice indices whose
-    positions are written (repeated positions: two volumes in one series). Returns the series UID."""
+    positions are written (repeated positions: two volumes in one series); ``decimals``: the positions'
+    rounding, in mm. Returns the series UID."""
     folder.mkdir(parents=True, exist_ok=True)
     uid = f"{STUDY}.{number}"
     d = image.GetDirection()
@@ -36,8 +37,8 @@ def write_series(image: sitk.Image, folder: Path, number: int, *, shift=None, po
         k = i if positions is None else positions[i]
         point = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + (0 if shift is None else shift(i))
         for tag, value in (("0008|0060", "MR"), ("0020|000d", STUDY), ("0020|000e", uid), ("0008|103e", f"series {number}"),
-                           ("0020|0037", orientation), ("0020|0032", "\\".join(f"{v:.6f}" for v in point)),
-                           ("0020|0013", str(i + 1)), ("0008|0018", f"{uid}.{i + 1}")):
+                           ("0020|0037", orientation), ("0020|0032", "\\".join(f"{v:.{decimals}f}" for v in point)),
+                           ("0020|0013", str(i + 1)), ("0008|0018", f"{uid}.{i + 1}"), ("0020|0011", str(number))):
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"s{number}_{i:04d}.dcm"))
         writer.Execute(s)
@@ -84,11 +85,23 @@ def test_a_series_folder_or_one_of_its_files_reads_as_the_scan(scans, tmp_path):
     image = sitk.ReadImage(str(scans["fixed"]))
     write_series(image, study, 1)
     write_series(sitk.Flip(image, [True, False, False], flipAboutOrigin=False), study, 2)
-    with pytest.raises(ValueError, match=rf"`MOVING`: {study} holds 2 DICOM series \({STUDY}.1 \(64 files\), {STUDY}.2 "
-                                         r"\(64 files\)\): give one file of the series to register$"):
+    with pytest.raises(ValueError, match=rf"`MOVING`: {study} holds 2 DICOM series: series 1 \('series 1', 64 files, e.g."
+                                         r" s1_\d+.dcm\); series 2 \('series 2', 64 files, e.g. s2_\d+.dcm\); give one file of the"
+                                         r" series wanted$"):
         read_image(study, arg="MOVING")
     first, second = read_image(study / "s1_0003.dcm")[0], read_image(study / "s2_0003.dcm")[0]
     assert np.array_equal(first, read_image(scans["fixed_dicom"])[0]) and not np.array_equal(first, second)
+    # a multi-frame file holding the whole volume is read on its own, as the volume it is (it was stacked into 4D)
+    volume = sitk.ReadImage(str(scans["fixed"]), sitk.sitkUInt16)
+    volume.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))  # right-handed: GDCM's writer drops a flip
+    sitk.WriteImage(volume, str(tmp_path / "volume.dcm"))
+    _same_physical_image(*read_image(tmp_path / "volume.dcm"), sitk.GetArrayFromImage(volume).astype(np.float32),
+                         Geometry.of(volume))
+    # positions rounded to 0.01 mm on thin slices are one stack (ITK places them within 0.005 mm)
+    thin = sitk.ReadImage(str(scans["fixed"]))
+    thin.SetSpacing((0.5, 0.5, 0.625))
+    write_series(thin, tmp_path / "thin", 4, decimals=2)
+    assert read_geometry(tmp_path / "thin").spacing[2] == pytest.approx(0.625, abs=1e-3)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=r"`FIXED`: .*empty is a folder holding no DICOM series"):
@@ -98,21 +111,22 @@ def test_a_series_folder_or_one_of_its_files_reads_as_the_scan(scans, tmp_path):
 @pytest.mark.parametrize("fault,needle", [
     ("gap", r"uneven or missing slices \(spacing 2 to 4 mm\)"),
     ("tilt", "a gantry tilt"),
-    ("two-volumes", r"several volumes \(repeated slice positions\)"),
+    ("drift", r"a gantry tilt \(slice positions off the slices' normal by up to 1.26 mm\)"),
+    ("two-volumes", r"repeats slice positions \(several volumes, or a slice twice\)"),
 ])
 def test_a_series_the_grid_cannot_describe_is_refused(scans, tmp_path, fault, needle):
     """ITK reads such a series with one spacing and a warning (which the CLI silences): the image
     would sit in the wrong place, so it is refused."""
     image = sitk.ReadImage(str(scans["fixed"]))
     folder = tmp_path / fault
-    if fault == "tilt":  # each slice 0.5 mm further along the first axis: a sheared stack
-        write_series(image, folder, 3, shift=lambda i: np.array([0.5 * i, 0.0, 0.0]))
+    if fault in ("tilt", "drift"):  # each slice 0.5 mm (0.02 mm: 1 % of a slice, 1.26 mm over the stack) further along x
+        write_series(image, folder, 3, shift=lambda i: np.array([(0.5 if fault == "tilt" else 0.02) * i, 0.0, 0.0]))
     elif fault == "two-volumes":
         write_series(image, folder, 3, positions=[i % 32 for i in range(image.GetDepth())])
     else:
         write_series(image, folder, 3)
         os.remove(folder / "s3_0030.dcm")
-    with pytest.raises(ValueError, match=rf"`FIXED`: the DICOM series in {folder} \(\d+ files\) has {needle}"):
+    with pytest.raises(ValueError, match=rf"`FIXED`: the DICOM series in {folder} \(\d+ files\) (has )?{needle}"):
         read_image(folder, arg="FIXED")
 
 

@@ -195,10 +195,10 @@ def from_manifest(path: str | os.PathLike, spacing: Sequence[float] | None = Non
     p = existing_file(path, arg, "manifest")
     try:
         if p.suffix.lower() == ".csv":
-            with open(p, newline="", encoding="utf-8") as fh:
+            with open(p, newline="", encoding="utf-8-sig") as fh:
                 rows = list(csv.DictReader(fh))
         elif p.suffix.lower() == ".json":
-            obj = json.loads(p.read_text(encoding="utf-8"))
+            obj = json.loads(p.read_text(encoding="utf-8-sig"))
             rows = obj["subjects"] if isinstance(obj, dict) else obj
         else:
             raise ValueError(f"`{arg}`: a manifest must be .csv or .json, got {p.name}")
