@@ -169,4 +169,5 @@ def test_register_and_batch_take_a_dicom_series(scans, tmp_path):
     finally:
         locale.setlocale(locale.LC_CTYPE, ctype)
     assert (tmp_path / "batch" / "pairs" / "series" / "metrics.json").is_file()
+    assert not (tmp_path / "batch" / "failed").exists()  # made for the first failure only
     assert "±" in (tmp_path / "batch" / "summary.md").read_text(encoding="utf-8")

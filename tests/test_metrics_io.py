@@ -552,11 +552,17 @@ def test_placements_other_tools_read_otherwise_are_warned_and_misnamed_gzip_refu
     for path, needle in cases.items():
         (line,) = placement_warnings(path, read_image(path)[1], arg="MOVING")
         assert line.startswith("`MOVING`: ") and re.search(needle, line), line
+    flat = nib.Nifti1Image(data[:, :, 0], off)  # 2D: ITK drops the out-of-plane placement nibabel keeps (35 mm here)
+    flat.set_sform(off, 2)
+    nib.save(flat, str(tmp_path / "flat.nii.gz"))
+    assert placement_warnings(tmp_path / "flat.nii.gz", read_image(tmp_path / "flat.nii.gz")[1]) == []
     warned = read_inputs(plain, tmp_path / "qs.nii.gz")
     assert len(warned.warnings) == 1 and warned.warnings[0].startswith("`MOVING`: ")
     (tmp_path / "raw.nii.gz").write_bytes(gzip.decompress(plain.read_bytes()))
     (tmp_path / "packed.nii").write_bytes(plain.read_bytes())
-    for name, needle in (("raw.nii.gz", "is not gzip-compressed but named .nii.gz: rename it raw.nii$"),
+    (tmp_path / "empty.nii.gz").write_bytes(b"")  # no NIfTI header: not a naming problem
+    for name, needle in (("empty.nii.gz", "cannot read .*empty.nii.gz as an image"),
+                         ("raw.nii.gz", "is not gzip-compressed but named .nii.gz: rename it raw.nii$"),
                          ("packed.nii", "is gzip-compressed but named .nii: rename it packed.nii.gz$")):
         with pytest.raises(ValueError, match=rf"`FIXED`: .*{needle}"):
             read_image(tmp_path / name, arg="FIXED")
