@@ -317,9 +317,9 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
     rigid = sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
     starts = [type(rigid)(sitk.CenteredTransformInitializer(_mass(fixed, fixed_mask), _mass(moving, moving_mask), rigid, mode))]
     if init == "geometry" and (fixed_mask is not None or moving_mask is not None):  # also: the centres of what is matched
-        box = type(rigid)()
-        box.SetCenter(_box_centre(fixed, fixed_mask).tolist())
-        box.SetTranslation((_box_centre(moving, moving_mask) - _box_centre(fixed, fixed_mask)).tolist())
+        box, centre = type(rigid)(), _box_centre(fixed, fixed_mask)
+        box.SetCenter(centre.tolist())
+        box.SetTranslation((_box_centre(moving, moving_mask) - centre).tolist())
         starts.append(box)
     full = fixed, moving
     fixed, moving = _coarsen(fixed, min(levels_mm)), _coarsen(moving, min(levels_mm))  # masks act in physical space
@@ -365,7 +365,8 @@ def align(fixed: sitk.Image, moving: sitk.Image, *, kind: str = "affine", init: 
                          f" {100 * frac:.1f} % of {f_name}'s foreground maps inside {m_name}; check their fields of"
                          " view, origins and directions")
     _check_moving_mask(*full, fg, rigid, moving_mask, names, init)
-    start_overlap, start_tx = _overlap(*full, fg, rigid, moving_mask), type(rigid)(rigid)  # run() moves rigid itself
+    start_overlap = frac if moving_mask is None else _overlap(*full, fg, rigid, moving_mask)
+    start_tx = type(rigid)(rigid)  # run() moves rigid itself
     seconds = {"init": time.perf_counter() - t0}
 
     def run(tx: sitk.Transform, stage: str) -> float:
