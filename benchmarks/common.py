@@ -1,22 +1,22 @@
 """What every benchmark shares: the one child-process protocol (:func:`run_child`), the one
-environment stamp (:func:`environment`), the one figure writer (:func:`save_figure`) and peak
+environment stamp (:func:`environment`, from :mod:`hybridreg.provenance`), the one figure writer (:func:`save_figure`) and peak
 memory."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+from hybridreg import provenance
+from hybridreg.provenance import LIBRARIES, git_revision
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LIBRARIES = ("torch", "numpy", "SimpleITK", "botorch", "gpytorch", "optuna", "pykeops", "monai", "antspyx")
 
 
 def rss_mb() -> float:
@@ -74,74 +74,16 @@ def _child(target: str, kwargs: str) -> None:
     print(json.dumps(getattr(importlib.import_module(module), name)(**json.loads(kwargs))))
 
 
-def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-    """The CPU's model name with its family and model numbers (the first processor of ``cpuinfo``;
-    else what :mod:`platform` reports). A virtual machine may name only the brand: "AMD EPYC" was a
-    Zen 1 part (family 23, model 1) at stop 49 and a faster one before, on which the same
-    registration took a third of the time, so the name alone does not tell whether two rows'
-    seconds compare."""
-    info: dict[str, str] = {}
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block ends
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    if not info.get("model name"):
-        return platform.processor() or platform.machine()
-    numbers = [f"{label} {info[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if info.get(key)]
-    return info["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
-
-
 def processor(row: dict) -> str:
     """Where a suite row's seconds were measured: ``GPU <name>`` for a row run on a GPU, else its
     CPU (``"not recorded"`` for rows from before the CPU was recorded)."""
     return f"GPU {row['gpu']}" if row.get("gpu") else row.get("cpu") or "not recorded"
 
 
-def gpu_name(device: str | None = None) -> str | None:
-    """The name of the GPU ``device`` is (default: the first visible GPU), ``None`` for the CPU
-    or when no GPU is visible."""
-    import torch
-
-    if device is None:
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    dev = torch.device(device)
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-
-
 def environment() -> dict:
-    """Hardware, library versions and commit to stamp a report with."""
-    import torch
-
-    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "gpu": gpu_name(),
-           "python": platform.python_version(), "os": platform.platform()}
-    for lib in LIBRARIES:
-        try:
-            env[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            env[lib] = None
-    env["git"] = git_revision(ROOT)
-    return env
-
-
-def git_revision(root: Path) -> str | None:
-    """The commit ``root``'s checkout is at, with ``-dirty`` when a tracked file outside
-    ``benchmarks/results`` differs from it (uncommitted code ran); the reports, rows and figures
-    that a run itself rewrites there do not count. ``None`` outside a git checkout."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10).stdout.strip()
-
-    try:
-        commit = git("describe", "--always")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("-dirty" if changed else "")) if commit else None
+    """Hardware, library versions and commit to stamp a report with
+    (:func:`hybridreg.provenance.environment`, the commit of this checkout)."""
+    return {**provenance.environment(), "git": git_revision(ROOT)}
 
 
 def environment_markdown(env: dict | None) -> str:

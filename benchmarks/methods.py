@@ -525,7 +525,7 @@ FRONTS = {"instance": [(f"w_reg={w:g}", f"w_reg {w:g}", _instance(None, w_reg=w)
                                          for w in (2.0, 8.0)],
           "sitk-demons": [(f"sigma={s:g}", f"σ {s:g}", _sitk_demons(s)) for s in (0.75, 1.0, 2.5)],
           "ants-syn": [(f"flow_sigma={s:g}", f"flow σ {s:g}", _ants_syn(s)) for s in (2.0, 5.0)]
-          + [(f"total_sigma={s:g}", f"total σ {s:g}", _ants_syn(3.0, s)) for s in (1.0, 2.0)]}
+          + [(f"total_sigma={s:g}", f"total σ {s:g}", _ants_syn(3.0, s)) for s in (0.5, 1.0, 2.0)]}
 for _family, _points in FRONTS.items():
     _base = METHODS[_family]
     for _key, _setting, _run in _points:

@@ -29,6 +29,20 @@ BASELINES = ("instance-uniform",)
 classical tools: the uniform-λ baseline (issue: every strategy against the principled baseline)."""
 AMORTIZED_PEER = "instance"
 """The family the learned solvers' fronts are also read against: the instance solver they amortize."""
+LEVEL = 0.0005
+"""Dice difference (absolute) under which a point and a peer's front are *level*: below the
+report's printed precision (three decimals), where neither is ahead."""
+
+
+def verdict(difference: float | None, folding: float) -> str | None:
+    """A point against a peer's front at the same SDlogJ: ``"yes"`` (ahead: at least
+    :data:`LEVEL` more Dice and no folding), ``"level"`` (within :data:`LEVEL`, no folding),
+    ``"no"`` (behind, or any folding), ``None`` (outside the SDlogJ range the front covers)."""
+    if difference is None:
+        return None
+    if folding > 0.0 or difference <= -LEVEL:
+        return "no"
+    return "yes" if difference >= LEVEL else "level"
 
 
 def _peers(fam: str, families) -> list[str]:
@@ -135,7 +149,9 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
     uniform-λ baseline's (:data:`BASELINES`) and, for the learned solvers, against the instance
     solver's (:data:`AMORTIZED_PEER`), at the same SDlogJ: the peer's Dice interpolated
     linearly along its front (``None`` outside the SDlogJ range it covers), on the pairs both
-    families ran. ``ahead``: Dice above the peer's front there."""
+    families ran. ``verdict``: :func:`verdict` of the difference and our points' folding (for a
+    peer at one setting, the folding of the two points of ours read at its SDlogJ); ``ahead``:
+    whether it is ``"yes"``."""
     out = []
     fr = fronts(rows)
     for fam, pts in fr.items():
@@ -154,20 +170,54 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
                 t = theirs[0]
                 inside = len(ours) > 1 and ox[0] <= t["sdlogj"] <= ox[-1]
                 ours_dice = float(np.interp(t["sdlogj"], ox, oy)) if inside else None
+                i = int(np.clip(np.searchsorted(ox, t["sdlogj"]), 1, len(ours) - 1)) if len(ours) > 1 else 0
+                folding = max(p["folding_max"] for p in ours[max(i - 1, 0):i + 1])  # the two points read
+                diff = None if ours_dice is None else ours_dice - t["dice"]
+                v = verdict(diff, folding)
                 out.append({"method": fam, "setting": "front", "default": False, "peer": peer, "sdlogj": t["sdlogj"],
-                            "dice": ours_dice, "folding_max": max(p["folding_max"] for p in ours), "peer_dice": t["dice"],
-                            "difference": None if ours_dice is None else ours_dice - t["dice"],
-                            "ahead": None if ours_dice is None else ours_dice > t["dice"], "pairs": len(common)})
+                            "dice": ours_dice, "folding_max": folding, "peer_dice": t["dice"], "difference": diff,
+                            "verdict": v, "ahead": None if v is None else v == "yes", "pairs": len(common)})
                 continue
             for p in ours:
                 inside = xs[0] <= p["sdlogj"] <= xs[-1]
                 peer_dice = float(np.interp(p["sdlogj"], xs, ys)) if inside else None
+                diff = None if peer_dice is None else p["dice"] - peer_dice
+                v = verdict(diff, p["folding_max"])
                 out.append({"method": p["method"], "setting": p["setting"], "default": p["default"], "peer": peer,
                             "sdlogj": p["sdlogj"], "dice": p["dice"], "folding_max": p["folding_max"], "peer_dice": peer_dice,
-                            "difference": None if peer_dice is None else p["dice"] - peer_dice,
-                            "ahead": None if peer_dice is None else p["dice"] > peer_dice and p["folding_max"] == 0.0,
+                            "difference": diff, "verdict": v, "ahead": None if v is None else v == "yes",
                             "pairs": len(common)})
     return out
+
+
+def per_pair_at_equal_regularity(rows: list[dict]) -> list[dict]:
+    """Each hybridreg family's default against each classical tool's front, pair by pair (issue
+    17's criterion is per pair): :func:`at_equal_regularity` on one pair's rows at a time, each
+    entry with its ``pair`` added; a peer at one setting on a pair is left out."""
+    out = []
+    for pair in sorted({r["pair"] for r in rows}):
+        out += [x | {"pair": pair} for x in at_equal_regularity([r for r in rows if r["pair"] == pair])
+                if x["default"] and METHODS[x["peer"]].solver == "classical"]
+    return out
+
+
+def _per_pair_front_lines(rows: list[dict]) -> list[str]:
+    """The report's per-pair table of :func:`per_pair_at_equal_regularity`: one line per
+    (default, tool), each pair's difference and verdict, and how many pairs are ahead."""
+    per = per_pair_at_equal_regularity(rows)
+    if not per:
+        return []
+    pairs = sorted({x["pair"] for x in per})
+    lines = ["", "Per pair: each hybridreg default against each classical tool's front on that pair alone (difference "
+             "in Dice at the default's SDlogJ, verdict as above):", "",
+             "| method | peer | " + " | ".join(pairs) + " | ahead on |", "|---|---|" + "---|" * len(pairs) + "---|"]
+    for key in dict.fromkeys((x["method"], x["peer"]) for x in per):
+        got = {x["pair"]: x for x in per if (x["method"], x["peer"]) == key}
+        cells = ["–" if p not in got or got[p]["verdict"] is None else f"{got[p]['difference']:+.3f} {got[p]['verdict']}"
+                 for p in pairs]
+        ahead = sum(got[p]["verdict"] == "yes" for p in got)
+        lines.append(f"| {METHODS[key[0]].label} | {METHODS[key[1]].label} | " + " | ".join(cells) + f" | {ahead} of {len(got)} |")
+    return lines
 
 
 def _entry(name: str, w: float) -> str:
@@ -537,24 +587,27 @@ def markdown(suite: str, description: str, env: dict, rows: list[dict], stats: l
         lines += ["", "## Dice against regularity (Pareto fronts)", "",
                   "Each method swept over its own regularity setting (means over the pairs its default ran on; a setting that did not run on all of them is left out of the front); "
                   "hybridreg's points against each classical tool's front, and against the uniform-λ baseline's, interpolated "
-                  "at the same SDlogJ (ahead: higher Dice there and no folding; – : outside the SDlogJ range the peer's front "
-                  "covers).", "",
+                  f"at the same SDlogJ (ahead: yes, at least {LEVEL} more Dice there and no folding; level: within {LEVEL}, "
+                  "below the printed precision; – : outside the SDlogJ range the peer's front covers). A front is read "
+                  "linearly between its points: where a front bends (they are concave), a straight line between two "
+                  "settings lies below it, so a peer needs a setting on each side of the point read, close to it.", "",
                   "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) | peer | peer's front at this SDlogJ | difference | ahead |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in at_equal_regularity(rows):
             if x["setting"] == "front":  # a tool at one setting against our front at its SDlogJ
                 ours = "–" if x["dice"] is None else f"{x['dice']:.3f}"
                 diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
-                ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
+                ahead = x["verdict"] or "–"
                 lines.append(f"| {METHODS[x['method']].label}{_subset(x['pairs'], n_pairs)} | its front at the tool's SDlogJ | {x['sdlogj']:.3f} | {ours} | "
                              f"{x['folding_max']:.4f} | {METHODS[x['peer']].label} (one setting) | {x['peer_dice']:.3f} | {diff} | {ahead} |")
                 continue
             peer = "–" if x["peer_dice"] is None else f"{x['peer_dice']:.3f}"
             diff = "–" if x["difference"] is None else f"{x['difference']:+.3f}"
-            ahead = "–" if x["ahead"] is None else ("yes" if x["ahead"] else "no")
+            ahead = x["verdict"] or "–"
             lines.append(f"| {METHODS[x['method']].label}{_subset(x['pairs'], n_pairs)} | {x['setting'] + (' (default)' if x['default'] else '')} | "
                          f"{x['sdlogj']:.3f} | {x['dice']:.3f} | {x['folding_max']:.4f} | {METHODS[x['peer']].label} | "
                          f"{peer} | {diff} | {ahead} |")
+        lines += _per_pair_front_lines(rows)
         lines += ["", "| method | setting | SDlogJ | Dice | %\\|J\\|≤0 (max) |", "|---|---|---|---|---|"]
         for fam, pts in fronts(rows).items():
             lines += [f"| {METHODS[fam].label}{_subset(len(p['pairs']), n_pairs)} | {p['setting']} | {p['sdlogj']:.3f} | {p['dice']:.3f} | {p['folding_max']:.4f} |"

@@ -27,9 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name, gpu_name, rss_mb, run_child
+from benchmarks.common import rss_mb, run_child
 from benchmarks.methods import BUILT_IN, METHODS, AnyPair, FilePair, MethodOutput, Pair, available, front_methods
 from hybridreg.config import atomic_write_text
+from hybridreg.provenance import cpu_name, gpu_name
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
         ValueError: unknown suite, method or pair name, an unusable ``device``; ``out_dir``
             holding rows of a selected pair made from other files than the dataset now lists.
     """
-    from tqdm.auto import tqdm
+    from hybridreg.progress import bar as progress_bar
 
     from hybridreg.service import device_of
 
@@ -377,7 +378,7 @@ def run_suite(suite: str, out_dir: Path, methods: list[str] | None = None, max_p
     jobs = [(p, m) for p in pairs for m in runnable if (p, m) not in done]
     lam_dir = out_dir / "lambda"
     lam_dir.mkdir(exist_ok=True)
-    for p, m in tqdm(jobs, desc=f"suite {suite}", dynamic_ncols=True):
+    for p, m in progress_bar(jobs, desc=f"suite {suite}", dynamic_ncols=True):
         lam_out = str(lam_dir / f"{m}.npz") if p == every[0] else None  # the λ figure's pair, whichever run
         t = time.perf_counter()
         row = run_child("benchmarks.suite:child", dataset=spec["dataset"], pair_name=p, method=m, lam_out=lam_out,

@@ -49,6 +49,7 @@ import numpy as np
 
 from .config import atomic_output, atomic_write_text, existing_file, read_yaml, write_json
 from .io import Geometry, check_same_grid, image_stem, read_geometry
+from .progress import bar as progress_bar, log
 from .service import Prepared, batch_key, device_of, finish_pair, output_folder, output_names, parse_eval_labels, prepare_pair, \
     solve_pairs, solver_and_config
 from .solvers import kept_start_warning
@@ -318,8 +319,6 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         KeyboardInterrupt: passed on (finished pairs stay finished; the running one leaves
             nothing behind).
     """
-    from tqdm.auto import tqdm
-
     out = output_folder(out)
     output_names(outputs)
     unlabelled = [p.id for p in pairs if p.fixed_labels is None]
@@ -363,8 +362,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
         raise ValueError(refused)
     dev = device_of(device)  # after torchrun's rank picked its GPU
     mine = [p for p in list(pairs)[rank::world] if not (out / "pairs" / p.id / "metrics.json").is_file()]
-    bar = tqdm(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
+                       enabled=progress, dynamic_ncols=True)
 
     def failed(pair: PairEntry, e: Exception) -> None:
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
@@ -394,6 +393,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             bar.update()
             if "dice_after" in m:
                 bar.set_postfix(dice=f"{m['dice_after']['mean']:.3f}", sdlogj=f"{m['sdlogj']:.3f}")
+            log(f"pair {pair.id} done ({bar.n} of {len(mine)})" + (f": Dice {m['dice_after']['mean']:.3f}, SDlogJ"
+                f" {m['sdlogj']:.3f}" if "dice_after" in m else ""), enabled=progress)
 
     waiting: dict[tuple, list[tuple[PairEntry, Prepared]]] = {}  # pairs read and aligned, by the grids they share
     for pair in mine:

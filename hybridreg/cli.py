@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, provenance
 from .config import apply_overrides, load_yaml
 from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, placement_warnings, read_displacement, read_image,
                  read_labels, read_transform, resample, write_image)
@@ -396,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    command = provenance.COMMAND.set(("hybridreg", *(sys.argv[1:] if argv is None else argv)))  # metrics.json's record
     try:
         code = _run(args)
     except KNOWN_ERRORS as e:
@@ -414,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f" (full traceback in {log})", file=sys.stderr)
         return 1
     finally:
+        provenance.COMMAND.reset(command)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code

@@ -308,9 +308,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
 
 
-def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
+def dump_yaml(obj: Any, path: str | os.PathLike, header: str = "") -> None:
     """Write a dataclass (nested dataclasses become YAML mappings and tuples lists:
     :func:`to_dict`) or a plain structure to ``path`` as YAML, atomically (:func:`atomic_output`:
-    a reader never sees a half-written file). Raises ``OSError`` if ``path``'s folder cannot be
-    written."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+    a reader never sees a half-written file), after ``header``'s lines as YAML comments. Raises
+    ``OSError`` if ``path``'s folder cannot be written."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    atomic_write_text(path, comments + yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -10,35 +10,50 @@ import numpy as np
 
 from .config import atomic_output
 
-__all__ = ["centre_slices", "display_orientation", "for_display", "oriented_slices", "registration_figure"]
+__all__ = ["centre_slices", "display_orientation", "for_display", "layout_note", "oriented_slices", "registration_figure"]
 
 
 def display_orientation(direction: Sequence[float] | None, d: int) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """How to lay out a 3-D array for display: ``(perm, flips)`` such that
+    """How to lay out an array for display: ``(perm, flips)`` such that
     ``np.flip(vol.transpose(perm), [a for a, f in enumerate(flips) if f])`` runs superior →
     inferior, anterior → posterior and the patient's right → left along its three axes (the
     radiological convention: axial slices with anterior up and the patient's right on the
     left, coronal and sagittal slices with superior up), whatever order and signs the file
-    stores its axes in.
+    stores its axes in. A 2-D image is shown as an axial slice: anterior → posterior down its
+    rows (physical y, LPS) and right → left along them (x); an image with the identity
+    direction (a PNG, most 2-D files) keeps its array order.
 
     Args:
         direction: the grid's row-major d×d direction cosines (ITK order, LPS physical
             space: :class:`hybridreg.io.Geometry`), or ``None``.
-        d: spatial dimension. In 2-D, without a direction, or for an oblique grid whose
+        d: spatial dimension (2 or 3). Without a direction, or for an oblique grid whose
             nearest physical axes are not a permutation, the array order is kept.
     """
     keep = (tuple(range(d)), (False,) * d)
-    if direction is None or d != 3:
+    if direction is None or d not in (2, 3):
         return keep
-    D = np.asarray(direction, dtype=float).reshape(3, 3)  # D[p, i]: physical component p of ITK index axis i
+    D = np.asarray(direction, dtype=float).reshape(d, d)  # D[p, i]: physical component p of ITK index axis i
     phys = np.abs(D).argmax(0)
-    if sorted(phys.tolist()) != [0, 1, 2]:
+    if sorted(phys.tolist()) != list(range(d)):
         return keep
-    # array axis a is ITK axis 2 - a; display axis b shows physical axis 2 - b (z, y, x), running
+    # array axis a is ITK axis d-1-a; display axis b shows physical axis d-1-b ((z,) y, x), running
     # against LPS's z (superior up) and along its y (posterior) and x (left)
-    perm = tuple(2 - int(np.flatnonzero(phys == 2 - b)[0]) for b in range(3))
-    signs = [np.sign(D[2 - b, 2 - perm[b]]) for b in range(3)]
-    return perm, (bool(signs[0] > 0), bool(signs[1] < 0), bool(signs[2] < 0))
+    perm = tuple(d - 1 - int(np.flatnonzero(phys == d - 1 - b)[0]) for b in range(d))
+    signs = [np.sign(D[d - 1 - b, d - 1 - perm[b]]) for b in range(d)]
+    return perm, tuple(bool(s > 0) if d - 1 - b == 2 else bool(s < 0) for b, s in enumerate(signs))
+
+
+def layout_note(direction: Sequence[float] | None, d: int) -> str:
+    """The line a figure states its layout in (:func:`display_orientation`): the radiological
+    convention, 2-D as an axial slice, or the array order (no direction, an oblique grid)."""
+    if direction is None:
+        return "array order"
+    D = np.abs(np.asarray(direction, dtype=float).reshape(d, d))
+    if sorted(D.argmax(0).tolist()) != list(range(d)):
+        return "array order (an oblique grid)"
+    if d == 2:
+        return "as an axial slice: anterior up, the patient's right on the left"
+    return "radiological: the patient's right on the left; axial anterior up, coronal and sagittal superior up"
 
 
 def for_display(direction: Sequence[float] | None, images: Sequence[np.ndarray], displacement: np.ndarray,
@@ -107,10 +122,12 @@ def registration_figure(
     title: str = "",
     grid_step: int = 4,
     direction: Sequence[float] | None = None,
+    moving_title: str = "moving",
 ) -> None:
     """Orthogonal slices through the centre: fixed, moving, warped, difference, λ, the
-    deformed grid and det J (one row per plane: axial, coronal, sagittal; one row in 2D).
-    Written atomically as PNG.
+    deformed grid and det J (one row per plane: axial, coronal, sagittal; one row in 2D),
+    with the layout stated under the title (:func:`layout_note`), colour bars for the
+    difference, λ and det J (arrows where det J runs past 0–2). Written atomically as PNG.
 
     Args:
         fixed, moving, warped, lam, jacobian: arrays of the image shape (array order).
@@ -119,22 +136,25 @@ def registration_figure(
         direction: the grid's direction cosines (:class:`hybridreg.io.Geometry`): the slices
             are shown in the radiological convention (:func:`display_orientation`); ``None``
             shows the array order.
+        moving_title: the moving column's title (the service's: "moving, affine only" after an
+            affine stage, as the column shows MOVING through it).
     """
     from matplotlib.figure import Figure
 
     d = fixed.ndim
+    note = layout_note(direction, d)
     (fixed, moving, warped, lam, jacobian), displacement, spacing = for_display(
         direction, (fixed, moving, warped, lam, jacobian), displacement, spacing)
     idx = [n // 2 for n in fixed.shape]
     planes = [(1, 2), (0, 2), (0, 1)] if d == 3 else [(0, 1)]
-    cols = ["fixed", "moving", "warped", "fixed − warped", "λ", "deformed grid", "det J"]
+    cols = ["fixed", moving_title, "warped", "fixed − warped", "λ", "deformed grid", "det J"]
     fig = Figure(figsize=(2.3 * len(cols), 2.4 * len(planes)))
     axes = fig.subplots(len(planes), len(cols), squeeze=False)
     vmax = float(np.percentile(fixed, 99.5)) or 1.0
     lam_max = float(np.max(lam)) if np.max(lam) > 0 else 1.0
     data = {
         "fixed": (_slices(fixed, idx), dict(cmap="gray", vmin=0, vmax=vmax)),
-        "moving": (_slices(moving, idx), dict(cmap="gray", vmin=0, vmax=vmax)),
+        moving_title: (_slices(moving, idx), dict(cmap="gray", vmin=0, vmax=vmax)),
         "warped": (_slices(warped, idx), dict(cmap="gray", vmin=0, vmax=vmax)),
         "fixed − warped": (_slices(fixed - warped, idx), dict(cmap="RdBu_r", vmin=-vmax / 2, vmax=vmax / 2)),
         "λ": (_slices(lam, idx), dict(cmap="viridis", vmin=0, vmax=lam_max)),
@@ -164,10 +184,13 @@ def registration_figure(
                 continue
             sl, kw = data[name]
             im = ax.imshow(sl[r], aspect=aspect, **kw)
-            if name in ("λ", "det J") and r == len(planes) - 1:
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title, fontsize=10)
+            if name in ("fixed − warped", "λ", "det J") and r == len(planes) - 1:
+                extend = "neither"
+                if name == "det J":  # the colour scale is 0–2: say where the values run past it
+                    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+                              (True, True): "both"}[(bool(np.min(jacobian) < 0), bool(np.max(jacobian) > 2))]
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, extend=extend)
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=10 if title else 8)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -37,14 +37,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__
+from . import __version__, provenance
 from .affine import LEVELS_MM, AffineResult, align, composite, inverse_composite, voxel_map, write_affine, write_transform
 from .config import apply_overrides, atomic_write_text, dump_yaml, load_yaml, read_yaml, to_dict, write_json
 from .io import (Geometry, check_same_grid, displacement_to_itk, normalize_intensity, physical_scale, placement_warnings, read_image,
                  read_labels, read_landmarks, resample, write_displacement, write_image)
 from .metrics import LabelPolicy, dice_through, jacobian_stats, score_dice, score_registration, scored_labels, tre_stages
-from .solvers import (DivergenceError, RegistrationResult, Solver, check_result, divergence, get_solver, result_warnings,
-                      synchronize)
+from .solvers import (DivergenceError, RegistrationResult, Solver, available_solvers, check_result, divergence, get_solver,
+                      result_warnings, synchronize)
 from .spatial import jacobian_determinant, warp
 
 __all__ = ["OUTPUT_FILES", "TRANSFORM_FILES", "OUTPUT_SETS", "output_names", "Inputs", "Solved", "solver_and_config", "device_of", "peak_memory_mb", "output_folder", "check_outputs",
@@ -167,7 +167,10 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
         FileNotFoundError: a missing ``config``, ``weights`` or ``region_lambda`` file.
     """
     solver = get_solver(name)
-    cfg = load_yaml(config, solver.config_class, arg="--config") if config else solver.default_config()
+    try:
+        cfg = load_yaml(config, solver.config_class, arg="--config") if config else solver.default_config()
+    except ValueError as e:
+        raise ValueError(f"{e}{_solver_of_config(config, name)}") from None
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
     if weights is not None:
         if not hasattr(cfg, "weights"):
@@ -187,6 +190,23 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
     if any(f.name == "progress" for f in dataclasses.fields(cfg)):  # a plug-in's config need not have it
         cfg = replace(cfg, progress=progress)
     return solver, solver.configure(cfg)
+
+
+def _solver_of_config(config: str | os.PathLike | None, name: str) -> str:
+    """For a ``--config`` that ``--solver name`` refuses: the solvers whose config it is (a
+    ``config.yaml`` written by another solver), as a hint to append to the message; else ``""``."""
+    if not config:
+        return ""
+    fits = []
+    for other in available_solvers():
+        if other == name:
+            continue
+        try:
+            load_yaml(config, get_solver(other).config_class, arg="--config")
+        except Exception:  # noqa: BLE001 -- not this one's (or a plug-in that fails to load): no hint from it
+            continue
+        fits.append(other)
+    return f" (it is a config of --solver {' or '.join(fits)}: give --solver with it)" if fits else ""
 
 
 def device_of(device: str | None) -> torch.device:
@@ -596,6 +616,9 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "warnings": [*inputs.warnings, *result_warnings(res)],
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
+        # the command, versions, machine and the inputs' (and a network's weights') bytes: what a rerun needs to repeat it
+        "provenance": provenance.record({**inputs.paths, "weights": getattr(solved.config, "weights", None)
+                                         or getattr(solved.config, "default_weights", None)}, str(dev)),
     }
     named = getattr(solved.config, "region_lambda", None)
     if named and inputs.fixed_labels is not None:  # a label FIXED does not hold is most likely a typo
@@ -701,7 +724,11 @@ def write_outputs(out: str | os.PathLike, inputs: Inputs, solved: Solved, metric
         "lambda.nii.gz": lambda p: write_image(p, lam, geo),
         "jacobian.nii.gz": lambda p: write_image(p, jac, geo),
         "figure.png": lambda p: _figure(p, inputs, metrics, warped, lam, disp_np, jac, moving, disp, vm),
-        "config.yaml": lambda p: dump_yaml(solved.config, p),
+        "config.yaml": lambda p: dump_yaml(solved.config, p, header=(
+            f"The configuration of --solver {metrics['solver']} in this run (hybridreg {__version__}). Repeat the run with\n"
+            f"  hybridreg register FIXED MOVING --solver {metrics['solver']} --config config.yaml [options]\n"
+            "where the options (the affine stage, masks, label maps, --eval-labels, landmarks) are the run's own:"
+            " metrics.json's\nprovenance.command holds its command line.")),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     # staged on the file system of ``out`` (os.replace cannot cross file systems): inside ``out``
@@ -797,7 +824,7 @@ def _figure(path: Path, inputs: Inputs, metrics: dict, warped: np.ndarray, lam: 
         title += f"   Dice {metrics['dice_before']['mean']:.3f} → {metrics['dice_after']['mean']:.3f}"
     registration_figure(path, normalize_intensity(inputs.fixed), normalize_intensity(affine_only),
                         normalize_intensity(warped), lam, disp_np, jac, inputs.geometry.array_spacing, title=title,
-                        direction=inputs.geometry.direction)
+                        direction=inputs.geometry.direction, moving_title="moving" if vm is None else "moving, affine only")
 
 
 def hd95_summary(scores: dict) -> dict:

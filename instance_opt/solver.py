@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from hybridreg import progress
 from hybridreg.config import bounded, check_bounds
 from hybridreg.objective import EnergyTerms, ObjectiveConfig, evaluate, map_lambda
 from hybridreg.priors import lambda_from_param, paint_region_lambda, param_from_lambda, region_members
@@ -477,9 +477,11 @@ def register_pair(
             callback(level, it, vel, lam)
 
         desc = f"level {k_run + 1}/{len(run_levels)} {'x'.join(map(str, shape))}"
-        with tqdm(total=n_iter, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True) as bar:
+        with progress.bar(total=n_iter, desc=desc, enabled=cfg.progress, leave=False, dynamic_ncols=True) as bar:
             run = minimize(closure, opt, sched, stopping, n_iter, window=cfg.window,
                            callback=report if callback is not None else None, progress_bar=bar, on_stop=on_stop)
+        progress.log(f"{desc}: {run.iterations} iterations, {run.seconds:.1f} s, {run.status.value}"
+                     + "".join(f", {k} {v[-1]:.4f}" for k, v in run.terms.items() if v), enabled=cfg.progress)
         kept = [False] * B  # pairs whose level ended uphill of its start: the start is kept
         if run.iterations >= KEEP_START_ITERATIONS:
             with torch.no_grad():

@@ -33,10 +33,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from hybridreg.config import apply_overrides, atomic_output, atomic_write_text, bounded, check_bounds, from_dict, to_dict
 from hybridreg.objective import ObjectiveConfig
+from hybridreg.progress import bar as progress_bar
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import RegistrationResult, check_images
 from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_image, warp
@@ -316,7 +316,7 @@ def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_p
     have = {d["index"] for d in out}
     by_id = {v.subject_id: v for v in train}
 
-    for spec in tqdm([s for s in specs if s["index"] not in have], desc="MAP λ of training pairs", disable=not progress):
+    for spec in progress_bar([s for s in specs if s["index"] not in have], desc="MAP λ of training pairs", enabled=progress):
         f, m = target_images(spec, by_id, dataset.spacing)
         res = instance_register_pair(f, m, replace(map_config, progress=False), spacing=dataset.spacing)
         out.append({**spec, "lam": float(res.lam.reshape(-1)[0]), "seconds": res.seconds})
@@ -348,7 +348,7 @@ def train_regressor(inputs: list[tuple[torch.Tensor, torch.Tensor]], targets: Se
     mx = torch.cat([m for _, m in inputs])
     y = torch.tensor([math.log(t) for t in targets], dtype=fx.dtype)
     log, running = [], []
-    for step in tqdm(range(1, config.steps + 1), desc="λ regressor", disable=not progress):
+    for step in progress_bar(range(1, config.steps + 1), desc="λ regressor", enabled=progress):
         idx = torch.randint(0, len(inputs), (config.batch_size,), generator=gen)
         f, m = fx[idx], mx[idx]
         flips = [a + 2 for a in range(3) if float(torch.rand((), generator=gen)) < 0.5]

@@ -460,9 +460,13 @@ class LearnedSolver:
         """``config`` with ``refine`` set by the solver's name and a weights name replaced by
         its file (:func:`weights_path`; raises FileNotFoundError for a missing one); for a
         conditional config, the network and the code's ranges are checked (ValueError naming
-        the key)."""
+        the key). A config with ``refine: true`` (a ``+refine`` solver's ``config.yaml``) given to
+        a solver that does not refine is refused (ValueError), not run without its refinement."""
         if type(config) is not self.config_class:
             raise ValueError(f"--solver {self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.refine and not self.refine:
+            raise ValueError(f"`--config` has refine: true, the setting of --solver {self.name}+refine: give that solver, or"
+                             " refine: false for the network alone")
         w = str(weights_path(config.weights, config.default_weights)) if config.weights else ""
         if isinstance(config, ConditionalConfig):
             _check_conditional(config, _load(w or str(config.default_weights), "cpu")[0].config)

@@ -47,7 +47,6 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from hybridreg.config import (atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict,
                               write_json)
@@ -55,6 +54,7 @@ from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.io import file_sha256
 from hybridreg.metrics import common_labels, score_dice, warp_labels
 from hybridreg.objective import EnergyTerms, ObjectiveConfig
+from hybridreg.progress import bar as progress_bar
 from hybridreg.priors import paint_regions
 from hybridreg.solvers import DivergenceError
 from hybridreg.synthesis import SynthConfig, random_deformation, synthesize
@@ -512,8 +512,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
               } if cfg.synth_prob > 0 or cfg.region_prob > 0 else None
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     info = {"data": data.name, "world_size": world, "steps": cfg.steps}
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="train", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    bar = progress_bar(range(start, end), initial=start, total=cfg.steps, desc="train", enabled=progress and rank == 0,
+                       dynamic_ncols=True)
     t_epoch = time.perf_counter()
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, terms) not yet read from the device
     net.train()

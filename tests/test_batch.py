@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+import torch
 
 from hybridreg import data
 from hybridreg.batch import merge, read_pairs
 from hybridreg.cli import main
 from hybridreg.config import apply_overrides
+from hybridreg.io import file_sha256
 from hybridreg.service import OUTPUT_SETS
 from instance_opt.solver import InstanceOptConfig
 
@@ -365,6 +367,15 @@ def test_register_set_and_outputs(layout, tmp_path, capsys):
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["objective"]["w_reg"] == 2.5 and written["iterations"] == [4]
     assert len(list(out.iterdir())) == 11
+    # what the result came from: the header says how to feed config.yaml back; metrics.json has the command, the
+    # versions and the inputs' bytes
+    assert (out / "config.yaml").read_text().startswith("# The configuration of --solver instance in this run")
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert prov["command"][:4] == ["hybridreg", "register", str(d / "vxm.nii.gz"), str(d / "synthseg_12.nii.gz")]
+    assert prov["command"][prov["command"].index("--affine") + 1] == "none" and prov["torch"] == torch.__version__
+    assert prov["torch_threads"] == torch.get_num_threads() and set(prov["files"]) == {"fixed", "moving"}
+    assert prov["files"]["moving"] == {"path": str((d / "synthseg_12.nii.gz").resolve()),
+                                       "sha256": file_sha256(d / "synthseg_12.nii.gz")}
     # a smaller output set over an earlier run: its other files go, so the folder is one run's
     assert main(["register", str(d / "vxm.nii.gz"), str(d / "synthseg_12.nii.gz"), "--out", str(out), "--config",
                  str(layout / "quick.yaml"), "--affine", "none", "--outputs", "metrics", "--overwrite", "--no-progress"]) == 0

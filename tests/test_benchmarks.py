@@ -136,7 +136,7 @@ def test_report_names_the_cpu_of_each_methods_rows_when_they_differ():
 def test_cpu_name_tells_apart_parts_that_share_a_brand_name(tmp_path):
     """A virtual machine's "AMD EPYC" names parts of different generations alike: the family and model numbers
     (of the first processor) keep their rows apart; without /proc/cpuinfo, platform's name."""
-    from benchmarks.common import cpu_name
+    from hybridreg.provenance import cpu_name
 
     block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n\n"
     (tmp_path / "zen1").write_text(block.format(0, 23, 1) + block.format(1, 23, 1))
@@ -172,6 +172,37 @@ def test_report_compares_methods_at_equal_regularity_along_their_fronts(tmp_path
                          rows, [], [], files, [], None)
     assert "| instance (voxelwise λ) | w_reg 4 (default) | 0.200 | 0.750 | 0.0000 | SimpleITK diffeomorphic demons | 0.710 | +0.040 | yes |" in md
     assert (tmp_path / files["fronts"]).stat().st_size > 1000
+
+
+def test_equal_regularity_verdicts_level_folding_and_per_pair(tmp_path):
+    """A difference under the printed precision is level, not ahead; folding rules a point out, for a peer at one
+    setting only through the two points of ours read at its SDlogJ; and the defaults are judged pair by pair."""
+    assert report.verdict(0.0004, 0.0) == "level" and report.verdict(-0.0004, 0.0) == "level"
+    assert report.verdict(0.0006, 0.0) == "yes" and report.verdict(-0.0006, 0.0) == "no"
+    assert report.verdict(0.05, 0.001) == "no" and report.verdict(None, 0.0) is None
+    # instance: 0.15/0.70, 0.20/0.75 (default), 0.28/0.78 with folding at w_reg 2 only; uniform λ at one setting, SDlogJ 0.18
+    rows = [_row("a", m, dice + 0.025, sd, 10.0) for m, (sd, dice) in
+            {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
+             "instance-uniform": (0.18, 0.7302)}.items()]
+    rows[2]["folding_percent"] = 0.01
+    (one,) = [x for x in report.at_equal_regularity(rows) if x["peer"] == "instance-uniform"]
+    assert one["dice"] == pytest.approx(0.73) and one["folding_max"] == 0.0 and one["verdict"] == "level"
+    # ANTs ahead on pair a, behind on pair b, at the default's SDlogJ; demons level on a
+    rows = []
+    for pair, ants_dice in (("a", 0.74), ("b", 0.76)):
+        rows += [_row(pair, m, dice + 0.025, sd, 10.0) for m, (sd, dice) in
+                 {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
+                  "ants-syn@total_sigma=1": (0.10, ants_dice - 0.02), "ants-syn": (0.30, ants_dice + 0.02),
+                  "sitk-demons@sigma=2.5": (0.10, 0.70), "sitk-demons": (0.30, 0.80 if pair == "a" else 0.70)}.items()]
+    per = {(x["pair"], x["peer"]): x for x in report.per_pair_at_equal_regularity(rows)}
+    assert {x["method"] for x in per.values()} == {"instance"}  # defaults only, against the tools
+    assert per["a", "ants-syn"]["difference"] == pytest.approx(0.01) and per["a", "ants-syn"]["verdict"] == "yes"
+    assert per["b", "ants-syn"]["difference"] == pytest.approx(-0.01) and per["b", "ants-syn"]["verdict"] == "no"
+    assert per["a", "sitk-demons"]["verdict"] == "level" and per["b", "sitk-demons"]["verdict"] == "yes"
+    md = report.markdown("realworld", "pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
+                         rows, [], [], report.figures(tmp_path, rows, []), [], None)
+    assert "| instance (voxelwise λ) | ANTs SyN | +0.010 yes | -0.010 no | 1 of 2 |" in md
+    assert "| instance (voxelwise λ) | SimpleITK diffeomorphic demons | +0.000 level | +0.050 yes | 1 of 2 |" in md
 
 
 def test_a_sweep_point_run_on_fewer_pairs_is_left_out_of_the_front():
@@ -570,7 +601,7 @@ def test_realworld_suite_runs_on_two_grids(tmp_path, monkeypatch):
 def test_the_commit_stamp_is_dirty_for_changed_code_not_for_rewritten_results(tmp_path):
     """A resumed suite run rewrites its own rows and report under benchmarks/results: the stamp
     stays the commit's; a changed code file marks it ``-dirty``."""
-    from benchmarks.common import git_revision
+    from hybridreg.provenance import git_revision
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

@@ -93,3 +93,31 @@ def test_centre_slices_are_the_displayed_volumes_slices_through_the_centre_voxel
     assert ax_x[0, 0] == x.min() and ax_y[0, 0] == y.min()  # LPS: the smallest x is right, the smallest y anterior
     with pytest.raises(ValueError, match="slices"):
         oriented_slices([vol[0], vol[:, 0]], None)
+
+
+def test_a_2d_image_is_shown_as_an_axial_slice_whatever_its_storage_order(tmp_path):
+    """A 2D slice stored with its rows running posterior → anterior (direction (1, 0, 0, -1)) was shown upside
+    down against the 3D figure's axial row: every storage order now gives the same picture, anterior up and the
+    patient's right on the left; the identity direction (a PNG) keeps the array order."""
+    from hybridreg.figures import layout_note
+
+    rng = np.random.default_rng(2)
+    ref = sitk.GetImageFromArray(rng.random((6, 7)).astype(np.float32))
+    variants = [ref] + [sitk.Flip(sitk.PermuteAxes(ref, order), flip, flipAboutOrigin=False)
+                        for order, flip in (([0, 1], [False, True]), ([1, 0], [False, False]), ([1, 0], [True, True]))]
+    shown = []
+    for img in variants:
+        geo = Geometry.of(img)
+        (vol,), _, spacing = for_display(geo.direction, [sitk.GetArrayFromImage(img)], np.zeros((2, *img.GetSize()[::-1])),
+                                         geo.array_spacing)
+        shown.append(vol)
+    for vol in shown[1:]:
+        np.testing.assert_array_equal(vol, shown[0])
+    assert display_orientation((1.0, 0.0, 0.0, -1.0), 2) == ((0, 1), (True, False))
+    assert layout_note((1.0, 0.0, 0.0, -1.0), 2).startswith("as an axial slice: anterior up")
+    assert layout_note((0.7071, 0.7071, 0.7071, -0.7071), 2) == "array order (an oblique grid)"
+    assert layout_note(None, 3) == "array order" and layout_note(np.eye(3).ravel(), 3).startswith("radiological")
+    arr = shown[0]
+    registration_figure(tmp_path / "f.png", arr, arr, arr, np.ones_like(arr), np.zeros((2,) + arr.shape),
+                        np.full_like(arr, 3.0), (1.0, 1.0), direction=(1.0, 0.0, 0.0, -1.0), moving_title="moving, affine only")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -427,3 +427,19 @@ def test_inverse_consistent_pass_carries_the_region_map_into_the_moving_frame():
     torch.testing.assert_close(seen["region"][:, :, 8:], torch.zeros(1, 1, 4, 14, 16))
     torch.testing.assert_close(v, 0.5 * (forward + 1.0))
     assert _inverse_consistent(net, f, m, None, None, forward, svf_steps=4) is not None and seen["region"] is None
+
+
+def test_a_config_written_by_one_solver_is_refused_by_another_in_one_line_naming_its_solver(tmp_path):
+    """``config.yaml`` of ``learned+refine`` fed to ``--solver learned`` ran the network alone without a word (its
+    ``refine: true`` overridden by the name); fed to the instance solver it was "unknown keys" without saying whose."""
+    from hybridreg.config import dump_yaml
+    from hybridreg.service import solver_and_config
+
+    _, cfg = solver_and_config("learned+refine", progress=False)
+    dump_yaml(cfg, tmp_path / "config.yaml", header="written by learned+refine")
+    assert (tmp_path / "config.yaml").read_text().startswith("# written by learned+refine\n")
+    with pytest.raises(ValueError, match=r"refine: true, the setting of --solver learned\+refine"):
+        solver_and_config("learned", tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match=r"unknown key.*\(it is a config of --solver learned\b.*learned\+refine"):
+        solver_and_config("instance", tmp_path / "config.yaml")
+    assert solver_and_config("learned+refine", tmp_path / "config.yaml")[1].refine

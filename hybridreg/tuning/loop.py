@@ -309,7 +309,7 @@ def run_tuning(
             integer range (:data:`MAX_INTEGER_VALUES`), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar, log
 
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
@@ -362,7 +362,7 @@ def run_tuning(
     tpe = None
     limit = n_trials if stop_after is None else min(n_trials, stop_after)
     finished = lambda: sum(t["status"] != "pending" for t in trials)  # noqa: E731
-    bar = tqdm(total=n_trials, initial=finished(), desc=f"tune ({method})", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_trials, initial=finished(), desc=f"tune ({method})", enabled=progress, dynamic_ncols=True)
     pool = cf.ProcessPoolExecutor(space.workers, mp_context=mp.get_context("spawn")) if space.workers > 1 else None
     try:
         while finished() < limit:
@@ -401,6 +401,8 @@ def run_tuning(
                 bar.update(1)
                 b = best_trial(trials, space)
                 bar.set_postfix(best=f"{b['dice']:.4f}" if b else "-", refresh=False)
+                log(f"trial {t['id']} {t['status']} ({finished()} of {n_trials})"
+                    + (f", best Dice {b['dice']:.4f}" if b else ""), enabled=progress)
                 if finished() >= limit:
                     break
     finally:
