@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hybridreg import provenance
-from hybridreg.provenance import LIBRARIES, git_revision
+from hybridreg.provenance import LIBRARIES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,7 +83,7 @@ def processor(row: dict) -> str:
 def environment() -> dict:
     """Hardware, library versions and commit to stamp a report with
     (:func:`hybridreg.provenance.environment`, the commit of this checkout)."""
-    return {**provenance.environment(), "git": git_revision(ROOT)}
+    return provenance.environment(root=ROOT)
 
 
 def environment_markdown(env: dict | None) -> str:

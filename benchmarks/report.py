@@ -171,7 +171,9 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
                 inside = len(ours) > 1 and ox[0] <= t["sdlogj"] <= ox[-1]
                 ours_dice = float(np.interp(t["sdlogj"], ox, oy)) if inside else None
                 i = int(np.clip(np.searchsorted(ox, t["sdlogj"]), 1, len(ours) - 1)) if len(ours) > 1 else 0
-                folding = max(p["folding_max"] for p in ours[max(i - 1, 0):i + 1])  # the two points read
+                read = [p for p in ours[max(i - 1, 0):i + 1] if len(ours) == 1 or p["sdlogj"] == t["sdlogj"]] \
+                    or ours[max(i - 1, 0):i + 1]  # the point at the tool's SDlogJ, else the two on either side
+                folding = max(p["folding_max"] for p in read)
                 diff = None if ours_dice is None else ours_dice - t["dice"]
                 v = verdict(diff, folding)
                 out.append({"method": fam, "setting": "front", "default": False, "peer": peer, "sdlogj": t["sdlogj"],
@@ -209,14 +211,16 @@ def _per_pair_front_lines(rows: list[dict]) -> list[str]:
         return []
     pairs = sorted({x["pair"] for x in per})
     lines = ["", "Per pair: each hybridreg default against each classical tool's front on that pair alone (difference "
-             "in Dice at the default's SDlogJ, verdict as above):", "",
+             "in Dice at the default's SDlogJ, verdict as above; – : the tool did not run on the pair, or its front "
+             "does not reach the default's SDlogJ there; ahead on: of the pairs where it does):", "",
              "| method | peer | " + " | ".join(pairs) + " | ahead on |", "|---|---|" + "---|" * len(pairs) + "---|"]
     for key in dict.fromkeys((x["method"], x["peer"]) for x in per):
         got = {x["pair"]: x for x in per if (x["method"], x["peer"]) == key}
         cells = ["–" if p not in got or got[p]["verdict"] is None else f"{got[p]['difference']:+.3f} {got[p]['verdict']}"
                  for p in pairs]
         ahead = sum(got[p]["verdict"] == "yes" for p in got)
-        lines.append(f"| {METHODS[key[0]].label} | {METHODS[key[1]].label} | " + " | ".join(cells) + f" | {ahead} of {len(got)} |")
+        read = sum(got[p]["verdict"] is not None for p in got)  # pairs where the tool's front covers the default
+        lines.append(f"| {METHODS[key[0]].label} | {METHODS[key[1]].label} | " + " | ".join(cells) + f" | {ahead} of {read} |")
     return lines
 
 

@@ -364,6 +364,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     mine = [p for p in list(pairs)[rank::world] if not (out / "pairs" / p.id / "metrics.json").is_file()]
     bar = progress_bar(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
                        enabled=progress, dynamic_ncols=True)
+    ended = [0]  # pairs finished or failed, for the log lines (a bar that is not drawn does not count)
+    where = f" on rank {rank}/{world}" if world > 1 else ""
 
     def failed(pair: PairEntry, e: Exception) -> None:
         error = f"{type(e).__name__}: {' '.join(str(e).split())}"
@@ -375,6 +377,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
                                       **({"traceback": trace} if trace else {})}, indent=2))
         bar.write(f"pair {pair.id} failed: {error if len(error) <= 400 else error[:400] + ' ...'} (in full: failed/{pair.id}.json)")
         bar.update()
+        ended[0] += 1
 
     def solve_group(group: list[tuple[PairEntry, Prepared]]) -> None:
         try:
@@ -393,7 +396,8 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
             bar.update()
             if "dice_after" in m:
                 bar.set_postfix(dice=f"{m['dice_after']['mean']:.3f}", sdlogj=f"{m['sdlogj']:.3f}")
-            log(f"pair {pair.id} done ({bar.n} of {len(mine)})" + (f": Dice {m['dice_after']['mean']:.3f}, SDlogJ"
+            ended[0] += 1
+            log(f"pair {pair.id} done ({ended[0]} of {len(mine)}{where})" + (f": Dice {m['dice_after']['mean']:.3f}, SDlogJ"
                 f" {m['sdlogj']:.3f}" if "dice_after" in m else ""), enabled=progress)
 
     waiting: dict[tuple, list[tuple[PairEntry, Prepared]]] = {}  # pairs read and aligned, by the grids they share

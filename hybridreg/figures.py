@@ -30,12 +30,10 @@ def display_orientation(direction: Sequence[float] | None, d: int) -> tuple[tupl
             nearest physical axes are not a permutation, the array order is kept.
     """
     keep = (tuple(range(d)), (False,) * d)
-    if direction is None or d not in (2, 3):
+    phys = _nearest_axes(direction, d)
+    if phys is None:
         return keep
     D = np.asarray(direction, dtype=float).reshape(d, d)  # D[p, i]: physical component p of ITK index axis i
-    phys = np.abs(D).argmax(0)
-    if sorted(phys.tolist()) != list(range(d)):
-        return keep
     # array axis a is ITK axis d-1-a; display axis b shows physical axis d-1-b ((z,) y, x), running
     # against LPS's z (superior up) and along its y (posterior) and x (left)
     perm = tuple(d - 1 - int(np.flatnonzero(phys == d - 1 - b)[0]) for b in range(d))
@@ -43,13 +41,21 @@ def display_orientation(direction: Sequence[float] | None, d: int) -> tuple[tupl
     return perm, tuple(bool(s > 0) if d - 1 - b == 2 else bool(s < 0) for b, s in enumerate(signs))
 
 
+def _nearest_axes(direction: Sequence[float] | None, d: int) -> np.ndarray | None:
+    """The physical axis nearest each ITK index axis, where they are a permutation (2-D or 3-D
+    with a direction); ``None`` otherwise (no direction, an oblique grid)."""
+    if direction is None or d not in (2, 3):
+        return None
+    phys = np.abs(np.asarray(direction, dtype=float).reshape(d, d)).argmax(0)
+    return phys if sorted(phys.tolist()) == list(range(d)) else None
+
+
 def layout_note(direction: Sequence[float] | None, d: int) -> str:
     """The line a figure states its layout in (:func:`display_orientation`): the radiological
     convention, 2-D as an axial slice, or the array order (no direction, an oblique grid)."""
     if direction is None:
         return "array order"
-    D = np.abs(np.asarray(direction, dtype=float).reshape(d, d))
-    if sorted(D.argmax(0).tolist()) != list(range(d)):
+    if _nearest_axes(direction, d) is None:
         return "array order (an oblique grid)"
     if d == 2:
         return "as an axial slice: anterior up, the patient's right on the left"

@@ -53,6 +53,8 @@ __all__ = [
     "image_stem",
     "Geometry",
     "read_image",
+    "dicom_series_files",
+    "is_dicom",
     "read_labels",
     "read_landmarks",
     "write_image",
@@ -172,7 +174,7 @@ def _read(path: str | os.PathLike, arg: str) -> tuple[sitk.Image, np.ndarray | N
     those voxels as 0. A folder, or one file of a DICOM series, is read as that series
     (:func:`_read_dicom_series`). Raises ``FileNotFoundError`` / ``ValueError`` naming ``arg``."""
     p = Path(path)
-    if p.is_dir() or existing_file(path, arg) and _is_dicom(p):
+    if p.is_dir() or existing_file(path, arg) and is_dicom(p):
         return _read_dicom_series(p, arg), None
     if p.name.lower().endswith((".nii", ".nii.gz")):
         with open(p, "rb") as fh:
@@ -200,7 +202,7 @@ DICOM_SLICE_TOLERANCE = 0.1
 one straight, evenly spaced stack along the slices' normal (fitted to all of them): a tenth of a voxel."""
 
 
-def _is_dicom(p: Path) -> bool:
+def is_dicom(p: Path) -> bool:
     """``p`` names a DICOM series: a folder, or a file SimpleITK reads with GDCM."""
     return p.is_dir() or sitk.ImageFileReader().GetImageIOFromFileName(str(p)) == "GDCMImageIO"
 
@@ -220,19 +222,16 @@ def _series_label(folder: Path, uid: str) -> str:
     return f"{number}({described}{len(files)} files, e.g. {Path(files[0]).name})"
 
 
-def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
-    """One DICOM series as one image (GDCM through SimpleITK, rescale slope and intercept applied):
-    the series a folder holds, or the series of the file ``p`` among the files of its folder (a
-    folder of several series is refused, naming them; pass one file of the series wanted); a file
-    that holds the whole volume (multi-frame) is read on its own. The slices are sorted along their
-    normal by GDCM; their positions (``ImagePositionPatient``) must lie on one straight, evenly spaced
-    stack along it, as the image's grid assumes (within :data:`DICOM_SLICE_TOLERANCE`).
+def dicom_series_files(p: str | os.PathLike, arg: str = "image") -> tuple[str, ...]:
+    """The files of the DICOM series that ``p`` names, as :func:`read_image` reads them (sorted
+    along the slices' normal by GDCM): the series a folder holds, or the series of the file ``p``
+    among the files of its folder; a file GDCM groups with no other (a multi-frame file) alone.
 
     Raises:
-        ValueError: no DICOM series, several series, an unreadable file, images of different sizes
-            in one series (a localizer), several volumes or a repeated slice (repeated positions), a
-            gantry tilt (positions off the normal), or uneven or missing slices; each names ``arg``.
+        ValueError: a folder holding no series or several (naming them), an unreadable file; each
+            names ``arg``.
     """
+    p = Path(p)
     folder = p if p.is_dir() else p.parent
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if p.is_dir():
@@ -254,6 +253,24 @@ def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) if uid in series else ()
     if p.is_file() and str(p.resolve()) not in {str(Path(f).resolve()) for f in files}:
         files = (str(p),)  # a file GDCM does not group with others: read on its own
+    return tuple(files)
+
+
+def _read_dicom_series(p: Path, arg: str) -> sitk.Image:
+    """One DICOM series as one image (GDCM through SimpleITK, rescale slope and intercept applied):
+    the files of :func:`dicom_series_files` (a folder of several series is refused, naming them;
+    pass one file of the series wanted); a file that holds the whole volume (multi-frame) is read on
+    its own. The slices are sorted along their normal by GDCM; their positions
+    (``ImagePositionPatient``) must lie on one straight, evenly spaced stack along it, as the
+    image's grid assumes (within :data:`DICOM_SLICE_TOLERANCE`).
+
+    Raises:
+        ValueError: no DICOM series, several series, an unreadable file, images of different sizes
+            in one series (a localizer), several volumes or a repeated slice (repeated positions), a
+            gantry tilt (positions off the normal), or uneven or missing slices; each names ``arg``.
+    """
+    files = dicom_series_files(p, arg)
+    folder = p if p.is_dir() else p.parent
     if len(files) == 1:  # one slice, or a multi-frame file holding the whole volume
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
@@ -548,7 +565,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         ValueError: a file SimpleITK cannot read as an image, or a DICOM series it refuses
             (naming it).
     """
-    if _is_dicom(Path(path)):
+    if is_dicom(Path(path)):
         return Geometry.of(_read_dicom_series(Path(path), "path"))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

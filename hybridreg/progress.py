@@ -17,18 +17,24 @@ __all__ = ["bar", "log", "on_terminal"]
 
 
 def on_terminal() -> bool:
-    """Whether a bar can redraw in place: stderr is a terminal, or tqdm draws a notebook's widget."""
-    return sys.stderr.isatty() or "notebook" in tqdm.__module__
+    """Whether a bar can redraw in place: stderr is a terminal, or tqdm draws a notebook's widget
+    (``False`` where the process has no stderr, as under ``pythonw``)."""
+    try:
+        tty = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        tty = False
+    return bool(tty) or any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto's class in Jupyter
 
 
 def bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
     """A tqdm bar over ``iterable`` (tqdm's keyword arguments as given), drawn when ``enabled``
-    and :func:`on_terminal`; otherwise a disabled bar, which still iterates and counts."""
+    and :func:`on_terminal`; otherwise a disabled bar, which still iterates but does not count
+    (its ``n`` stays 0: a caller that logs a count keeps its own)."""
     return tqdm(iterable, disable=not enabled or not on_terminal(), **kwargs)
 
 
 def log(line: str, *, enabled: bool = True) -> None:
     """Write ``line`` to stderr where progress is ``enabled`` and no bar is drawn (not
     :func:`on_terminal`): the line that stands for a finished level, pair, trial or epoch."""
-    if enabled and not on_terminal():
+    if enabled and not on_terminal() and sys.stderr is not None:
         print(line, file=sys.stderr, flush=True)

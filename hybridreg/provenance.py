@@ -15,7 +15,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["COMMAND", "LIBRARIES", "cpu_name", "environment", "files_record", "git_revision", "gpu_name", "record"]
+__all__ = ["COMMAND", "LIBRARIES", "cpu_name", "environment", "files_record", "git_revision", "gpu_name", "record",
+           "weights_file"]
 
 LIBRARIES = ("torch", "numpy", "SimpleITK", "botorch", "gpytorch", "optuna", "pykeops", "monai", "antspyx")
 """The libraries whose versions a stamp records (``None`` for one not installed)."""
@@ -75,10 +76,11 @@ def git_revision(root: str | os.PathLike) -> str | None:
     return (commit + ("-dirty" if changed else "")) if commit else None
 
 
-def environment(device: str | None = None) -> dict:
+def environment(device: str | None = None, root: str | os.PathLike = SOURCE) -> dict:
     """Hardware, library versions and commit: ``{"cpu", "cores", "torch_threads", "gpu", "python",
     "os", <each of LIBRARIES>, "hybridreg", "git"}``; ``gpu``: ``device``'s (default the first
-    visible one)."""
+    visible one); ``git``: :func:`git_revision` of ``root`` where it is the top of a checkout
+    (default hybridreg's own folder: an editable install's checkout)."""
     import torch
 
     from . import __version__
@@ -93,25 +95,41 @@ def environment(device: str | None = None) -> dict:
     env["hybridreg"] = __version__
     # the commit of hybridreg's own checkout (an editable install); an installed package is its version, not the
     # commit of whatever repository its site-packages lie in (a venv inside a project)
-    env["git"] = git_revision(SOURCE) if (SOURCE / ".git").exists() else None
+    env["git"] = git_revision(root) if (Path(root) / ".git").exists() else None
     return env
 
 
 def files_record(paths: dict[str, str | os.PathLike | None]) -> dict[str, dict]:
     """``{role: {"path": absolute path, "sha256": hex digest}}`` of each file given (``None``
-    skipped); a folder (a DICOM series) gives its path and ``"files"``, the number of files in it.
+    skipped). A DICOM series (a folder, or one file of a series: :func:`hybridreg.io.dicom_series_files`,
+    the files that were read) adds ``"files"``, their number, and its ``sha256`` is that of their
+    digests in the order read.
 
     Raises ``OSError`` if a file cannot be read."""
-    from .io import file_sha256
+    import hashlib
+
+    from .io import IMAGE_SUFFIXES, dicom_series_files, file_sha256, is_dicom
 
     out = {}
     for role, p in paths.items():
         if p is None or p == "":
             continue
         p = Path(p).resolve()
-        out[role] = {"path": str(p), "files": sum(1 for q in p.iterdir() if q.is_file())} if p.is_dir() \
-            else {"path": str(p), "sha256": file_sha256(p)}
+        if p.is_dir() or (not p.name.lower().endswith(IMAGE_SUFFIXES) and is_dicom(p)):
+            files = dicom_series_files(p, role)
+            digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+            out[role] = {"path": str(p), "files": len(files), "sha256": digest}
+        else:
+            out[role] = {"path": str(p), "sha256": file_sha256(p)}
     return out
+
+
+def weights_file(config) -> str | None:
+    """The weights file a solver config runs with: its ``weights``, else its class's
+    ``default_weights`` (the shipped file an empty ``weights`` means); ``None`` for a config
+    without weights (the instance solver's)."""
+    w = getattr(config, "weights", None) or getattr(config, "default_weights", None)
+    return None if w is None else str(w)
 
 
 def record(paths: dict[str, str | os.PathLike | None], device: str | None = None) -> dict:

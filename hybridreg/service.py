@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -193,16 +194,25 @@ def solver_and_config(name: str, config: str | os.PathLike | None = None, weight
 
 
 def _solver_of_config(config: str | os.PathLike | None, name: str) -> str:
-    """For a ``--config`` that ``--solver name`` refuses: the solvers whose config it is (a
-    ``config.yaml`` written by another solver), as a hint to append to the message; else ``""``."""
+    """For a ``--config`` that ``--solver name`` refuses: the solvers whose config it is, as a hint
+    to append to the message (else ``""``): the one a ``config.yaml``'s first line names (written
+    by a run, :func:`write_outputs`), or those that read and accept it."""
     if not config:
         return ""
+    try:
+        with open(config, encoding="utf-8-sig") as fh:
+            written = re.match(r"# The configuration of --solver (\S+) ", fh.readline())
+    except (OSError, UnicodeDecodeError):
+        written = None
+    if written and written.group(1) != name:
+        return f" (it is the config of a --solver {written.group(1)} run: give --solver {written.group(1)} with it)"
     fits = []
     for other in available_solvers():
         if other == name:
             continue
         try:
-            load_yaml(config, get_solver(other).config_class, arg="--config")
+            solver = get_solver(other)
+            solver.configure(load_yaml(config, solver.config_class, arg="--config"))  # read, and accepted by it
         except Exception:  # noqa: BLE001 -- not this one's (or a plug-in that fails to load): no hint from it
             continue
         fits.append(other)
@@ -617,8 +627,7 @@ def measure(inputs: Inputs, solved: Solved, solver_name: str, pre: Prealigned | 
         "final_terms": res.final_terms,
         "config": to_dict(solved.config),
         # the command, versions, machine and the inputs' (and a network's weights') bytes: what a rerun needs to repeat it
-        "provenance": provenance.record({**inputs.paths, "weights": getattr(solved.config, "weights", None)
-                                         or getattr(solved.config, "default_weights", None)}, str(dev)),
+        "provenance": provenance.record({**inputs.paths, "weights": provenance.weights_file(solved.config)}, str(dev)),
     }
     named = getattr(solved.config, "region_lambda", None)
     if named and inputs.fixed_labels is not None:  # a label FIXED does not hold is most likely a typo

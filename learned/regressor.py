@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import SimpleITK as sitk
 import torch
@@ -36,7 +36,7 @@ from torch import nn
 
 from hybridreg.config import apply_overrides, atomic_output, atomic_write_text, bounded, check_bounds, from_dict, to_dict
 from hybridreg.objective import ObjectiveConfig
-from hybridreg.progress import bar as progress_bar
+from hybridreg.progress import bar as progress_bar, log as log_line
 from hybridreg.regularization import check_spacing
 from hybridreg.solvers import RegistrationResult, check_images
 from hybridreg.spatial import gaussian_smooth, rescale_voxel_map, resize_image, warp
@@ -320,6 +320,8 @@ def map_targets(dataset, n_pairs: int, map_config: InstanceOptConfig, *, synth_p
         f, m = target_images(spec, by_id, dataset.spacing)
         res = instance_register_pair(f, m, replace(map_config, progress=False), spacing=dataset.spacing)
         out.append({**spec, "lam": float(res.lam.reshape(-1)[0]), "seconds": res.seconds})
+        log_line(f"MAP λ of training pair {spec['index']}: {out[-1]['lam']:.4g} ({res.seconds:.1f} s; {len(out)} of {len(specs)})",
+                 enabled=progress)
         if cache is not None:
             atomic_write_text(cache, json.dumps(sorted(out, key=lambda d: d["index"]), indent=1))
     return sorted(out, key=lambda d: d["index"])
@@ -363,6 +365,8 @@ def train_regressor(inputs: list[tuple[torch.Tensor, torch.Tensor]], targets: Se
         if step % 50 == 0:
             log.append({"step": step, "loss": sum(running) / len(running)})
             running = []
+            if step % max(50, config.steps // 10 // 50 * 50) == 0:  # about ten lines in a log file
+                log_line(f"λ regressor step {step} of {config.steps}: loss {log[-1]['loss']:.4f}", enabled=progress)
     return net.eval(), log
 
 
@@ -389,6 +393,7 @@ class LearnedLambdaConfig:
 
     weights: str | None = None
     register: InstanceOptConfig = field(default_factory=_default_register)
+    default_weights: ClassVar[Path] = REGRESSOR_WEIGHTS  # the file ``None`` means (metrics.json's provenance)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -209,9 +209,13 @@ def test_batch_records_failures_goes_on_and_resumes_without_redoing(layout, tmp_
     rows = [_pair("vxm", "synthseg_12"), _pair("vxm", "broken", labels=False), _pair("synthseg_16", "vxm")]
     manifest = _csv(layout, rows, "with_broken.csv")
     out = tmp_path / "run"
-    assert main(_batch(manifest, out)) == 3  # finished, but a pair failed
-    printed = capsys.readouterr().out
+    assert main([a for a in _batch(manifest, out) if a != "--no-progress"]) == 3  # finished, but a pair failed
+    printed, err = capsys.readouterr()
     assert "2 of 3 pairs registered, 1 failed" in printed
+    # progress where stderr is not a terminal (a log file): one line per pair, counted, no bar
+    done = [line for line in err.splitlines() if line.startswith("pair ") and " done " in line]
+    assert done[0].startswith("pair vxm__synthseg_12 done (1 of 3): Dice") and "\r" not in err
+    assert done[1].startswith("pair synthseg_16__vxm done (3 of 3): Dice") and len(done) == 2
     table = _table(out)
     assert [r["status"] for r in table] == ["done", "failed", "done"]
     assert "MOVING" in table[1]["error"] and "cannot read" in table[1]["error"]

@@ -187,6 +187,9 @@ def test_equal_regularity_verdicts_level_folding_and_per_pair(tmp_path):
     rows[2]["folding_percent"] = 0.01
     (one,) = [x for x in report.at_equal_regularity(rows) if x["peer"] == "instance-uniform"]
     assert one["dice"] == pytest.approx(0.73) and one["folding_max"] == 0.0 and one["verdict"] == "level"
+    rows[-1]["sdlogj"], rows[0]["folding_percent"] = 0.20, 0.5  # at our default's SDlogJ: that point alone is read
+    (one,) = [x for x in report.at_equal_regularity(rows) if x["peer"] == "instance-uniform"]
+    assert one["dice"] == pytest.approx(0.75) and one["folding_max"] == 0.0 and one["verdict"] == "yes"
     # ANTs ahead on pair a, behind on pair b, at the default's SDlogJ; demons level on a
     rows = []
     for pair, ants_dice in (("a", 0.74), ("b", 0.76)):
@@ -203,6 +206,14 @@ def test_equal_regularity_verdicts_level_folding_and_per_pair(tmp_path):
                          rows, [], [], report.figures(tmp_path, rows, []), [], None)
     assert "| instance (voxelwise λ) | ANTs SyN | +0.010 yes | -0.010 no | 1 of 2 |" in md
     assert "| instance (voxelwise λ) | SimpleITK diffeomorphic demons | +0.000 level | +0.050 yes | 1 of 2 |" in md
+    # a pair where ANTs did not run and one where its front ends below the default's SDlogJ: "–", counted apart
+    rows = [r for r in rows if not (r["pair"] == "b" and r["method"].startswith("ants"))]
+    rows += [_row("c", m, dice + 0.025, sd, 10.0) for m, (sd, dice) in
+             {"instance@w_reg=8": (0.15, 0.70), "instance": (0.20, 0.75), "instance@w_reg=2": (0.28, 0.78),
+              "ants-syn@total_sigma=1": (0.10, 0.70), "ants-syn": (0.18, 0.74)}.items()]
+    md = report.markdown("realworld", "pairs", {"cpu": "x", "cores": 2, "torch_threads": 2, "python": "3.11", "os": "linux"},
+                         rows, [], [], report.figures(tmp_path, rows, []), [], None)
+    assert "| instance (voxelwise λ) | ANTs SyN | +0.010 yes | – | – | 1 of 1 |" in md
 
 
 def test_a_sweep_point_run_on_fewer_pairs_is_left_out_of_the_front():

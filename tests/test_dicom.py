@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from hybridreg import data
 from hybridreg.batch import read_pairs
 from hybridreg.cli import main
-from hybridreg.io import Geometry, read_geometry, read_image
+from hybridreg.io import Geometry, file_sha256, read_geometry, read_image
 
 STUDY = "1.2.826.0.1.3680043.2.1125.70"
 
@@ -106,6 +106,15 @@ def test_a_series_folder_or_one_of_its_files_reads_as_the_scan(scans, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"`FIXED`: .*empty is a folder holding no DICOM series"):
         read_image(empty, arg="FIXED")
+    # metrics.json's provenance identifies the series read, not one file of it (nor a README beside the slices)
+    from hybridreg.provenance import files_record
+
+    (study / "README.txt").write_text("notes")
+    rec = files_record({"folder": scans["fixed_dicom"], "file": scans["fixed_dicom"] / "s1_0010.dcm",
+                        "other": study / "s2_0003.dcm", "nifti": scans["fixed"]})
+    assert rec["folder"]["files"] == rec["file"]["files"] == rec["other"]["files"] == 64
+    assert rec["folder"]["sha256"] == rec["file"]["sha256"] != rec["other"]["sha256"]
+    assert "files" not in rec["nifti"] and rec["nifti"]["sha256"] == file_sha256(scans["fixed"])
 
 
 @pytest.mark.parametrize("fault,needle", [

@@ -274,3 +274,15 @@ def test_regressor_benchmark_reports_the_compared_file_against_the_same_map_run(
     with pytest.raises(SystemExit) as e:
         LR.main(["--compare", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and not list(tmp_path.iterdir())
+
+
+def test_every_solver_config_names_the_weights_it_runs_with():
+    """metrics.json's provenance records a network's weights: learned-lambda's shipped regressor was left out
+    (its ``weights`` is ``None`` and it named no default)."""
+    from hybridreg.provenance import weights_file
+    from instance_opt.solver import InstanceOptConfig
+    from learned.solver import DEFAULT_WEIGHTS, LearnedConfig
+
+    assert weights_file(R.LearnedLambdaConfig()) == str(R.REGRESSOR_WEIGHTS) and R.REGRESSOR_WEIGHTS.is_file()
+    assert weights_file(R.LearnedLambdaConfig(weights="mine.pt")) == "mine.pt"
+    assert weights_file(LearnedConfig()) == str(DEFAULT_WEIGHTS) and weights_file(InstanceOptConfig()) is None

@@ -436,10 +436,17 @@ def test_a_config_written_by_one_solver_is_refused_by_another_in_one_line_naming
     from hybridreg.service import solver_and_config
 
     _, cfg = solver_and_config("learned+refine", progress=False)
-    dump_yaml(cfg, tmp_path / "config.yaml", header="written by learned+refine")
-    assert (tmp_path / "config.yaml").read_text().startswith("# written by learned+refine\n")
+    dump_yaml(cfg, tmp_path / "plain.yaml", header="written by hand")
+    assert (tmp_path / "plain.yaml").read_text().startswith("# written by hand\n")
     with pytest.raises(ValueError, match=r"refine: true, the setting of --solver learned\+refine"):
-        solver_and_config("learned", tmp_path / "config.yaml")
-    with pytest.raises(ValueError, match=r"unknown key.*\(it is a config of --solver learned\b.*learned\+refine"):
+        solver_and_config("learned", tmp_path / "plain.yaml")
+    # without a run's header: the solvers that read and accept it (not learned, which refuses refine: true)
+    with pytest.raises(ValueError, match=r"unknown key.*\(it is a config of --solver learned\+refine or "
+                                         r"learned-conditional\+refine: give --solver with it\)"):
+        solver_and_config("instance", tmp_path / "plain.yaml")
+    assert solver_and_config("learned+refine", tmp_path / "plain.yaml")[1].refine
+    # a run's config.yaml names its solver in its first line
+    dump_yaml(cfg, tmp_path / "config.yaml", header="The configuration of --solver learned+refine in this run (...)")
+    with pytest.raises(ValueError, match=r"\(it is the config of a --solver learned\+refine run: give --solver "
+                                         r"learned\+refine with it\)"):
         solver_and_config("instance", tmp_path / "config.yaml")
-    assert solver_and_config("learned+refine", tmp_path / "config.yaml")[1].refine

@@ -36,3 +36,21 @@ def test_log_and_bar_follow_the_terminal(capsys, monkeypatch):
     assert not progress.bar(range(3)).disable and progress.bar(range(3), enabled=False).disable
     progress.log("pair c done")
     assert "pair c done" not in capsys.readouterr().err
+
+
+def test_a_process_without_stderr_draws_no_bar_and_logs_nothing(monkeypatch, capsys):
+    """Under pythonw or a daemon sys.stderr is None (or closed): no bar, no line, no AttributeError."""
+    monkeypatch.setattr("sys.stderr", None)
+    assert not progress.on_terminal()
+    progress.log("pair a done")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_notebook_draws_its_widget_whatever_stderr_is(monkeypatch):
+    """In Jupyter tqdm.auto's class derives from tqdm.notebook's (its own module is tqdm.auto): bars stay on."""
+    import types
+
+    widget = types.new_class("tqdm_notebook")
+    widget.__module__ = "tqdm.notebook"
+    monkeypatch.setattr(progress, "tqdm", types.new_class("tqdm", (widget,)))
+    assert progress.on_terminal()
