@@ -356,7 +356,8 @@ def test_solver_entry_points():
     assert inst.configure(inst.default_config()) == InstanceOptConfig()
     assert refine.name == "learned+refine" and refine.default_config().refine
     assert refine.configure(refine.config_class(refine=False)).refine
-    assert not get_solver("learned").configure(refine.config_class(refine=True)).refine
+    with pytest.raises(ValueError, match="refine: true, the setting of --solver learned\\+refine"):
+        get_solver("learned").configure(refine.config_class(refine=True))  # not run without its refinement
     with pytest.raises(ValueError, match="--solver.*instance.*'nope'"):
         get_solver("nope")
     f = torch.rand(1, 1, 8, 8, 8)
