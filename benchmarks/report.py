@@ -171,8 +171,8 @@ def at_equal_regularity(rows: list[dict]) -> list[dict]:
                 inside = len(ours) > 1 and ox[0] <= t["sdlogj"] <= ox[-1]
                 ours_dice = float(np.interp(t["sdlogj"], ox, oy)) if inside else None
                 i = int(np.clip(np.searchsorted(ox, t["sdlogj"]), 1, len(ours) - 1)) if len(ours) > 1 else 0
-                read = [p for p in ours[max(i - 1, 0):i + 1] if len(ours) == 1 or p["sdlogj"] == t["sdlogj"]] \
-                    or ours[max(i - 1, 0):i + 1]  # the point at the tool's SDlogJ, else the two on either side
+                near = ours[max(i - 1, 0):i + 1]
+                read = [p for p in near if p["sdlogj"] == t["sdlogj"]] or near  # the point at its SDlogJ, else both
                 folding = max(p["folding_max"] for p in read)
                 diff = None if ours_dice is None else ours_dice - t["dice"]
                 v = verdict(diff, folding)

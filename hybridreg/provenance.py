@@ -9,6 +9,7 @@ results can be told apart and a result can be repeated.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.metadata
 import os
 import platform
@@ -80,12 +81,18 @@ def environment(device: str | None = None, root: str | os.PathLike = SOURCE) -> 
     """Hardware, library versions and commit: ``{"cpu", "cores", "torch_threads", "gpu", "python",
     "os", <each of LIBRARIES>, "hybridreg", "git"}``; ``gpu``: ``device``'s (default the first
     visible one); ``git``: :func:`git_revision` of ``root`` where it is the top of a checkout
-    (default hybridreg's own folder: an editable install's checkout)."""
+    (default hybridreg's own folder: an editable install's checkout). Gathered once per process
+    for each (device, root, thread count): a batch's pairs do not read /proc and run git each."""
     import torch
 
+    return dict(_environment(device, str(root), torch.get_num_threads()))
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(device: str | None, root: str, threads: int) -> dict:
     from . import __version__
 
-    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": threads,
            "gpu": gpu_name(device), "python": platform.python_version(), "os": platform.platform()}
     for lib in LIBRARIES:
         try:
