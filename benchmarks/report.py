@@ -376,6 +376,42 @@ def _step_names(scaling: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for s in scaling for k in s["steps"]))
 
 
+# offsets (points) and alignments tried in turn for a point's label: right-above first, then around the point
+_LABEL_PLACES = ((4, 3, "left", "bottom"), (4, -3, "left", "top"), (-4, 3, "right", "bottom"), (-4, -3, "right", "top"),
+                 (0, 6, "center", "bottom"), (0, -6, "center", "top"), (8, 0, "left", "center"), (-8, 0, "right", "center"))
+
+
+def _place_labels(fig, ax, labels) -> None:
+    """Annotate points so that no label covers another one or another point's marker.
+
+    ``labels``: ``[((x, y), text, color), …]`` in data coordinates. Each label takes the first place of
+    :data:`_LABEL_PLACES` whose box lies inside the axes and meets no label placed before it and no
+    other point; where every place is taken, the one that meets the fewest. Labels take their series'
+    colour.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    points = [ax.transData.transform(xy) for xy, _, _ in labels]
+    frame, placed = ax.get_window_extent(renderer), []
+    for i, (xy, text, color) in enumerate(labels):
+        best = None
+        for dx, dy, ha, va in _LABEL_PLACES:
+            t = ax.annotate(text, xy, fontsize=6, color=color, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va)
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            hits = (sum(box.overlaps(b) for b in placed) + sum(box.contains(*q) for j, q in enumerate(points) if j != i)
+                    + 2 * (not frame.contains(box.x0, box.y0) or not frame.contains(box.x1, box.y1)))
+            if best is None or hits < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (hits, t, box)
+            else:
+                t.remove()
+            if hits == 0:
+                break
+        placed.append(best[2])
+
+
 def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     """Write the report's figures; returns {name: file name}."""
     from matplotlib.figure import Figure
@@ -421,17 +457,20 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
     # Dice against regularity: the Pareto fronts of the regularity sweeps
     fr = fronts(rows)
     if fr:
-        ax = (fig := Figure(figsize=(6.5, 4.5))).subplots()
+        ax = (fig := Figure(figsize=(7.5, 6.5))).subplots()
+        labels = []
         for fam, pts in fr.items():
             ax.plot([p["sdlogj"] for p in pts], [p["dice"] for p in pts], "o-" if len(pts) > 1 else "D", color=colors[fam],
                     label=METHODS[fam].label + ("" if len(pts) > 1 else " (one setting)"))
             for p in pts:
-                ax.annotate(p["setting"], (p["sdlogj"], p["dice"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                labels.append(((p["sdlogj"], p["dice"]), p["setting"], colors[fam]))
                 if p["default"]:
                     ax.scatter([p["sdlogj"]], [p["dice"]], s=90, facecolor="none", edgecolor="k", zorder=3)
         ax.set(xlabel="mean SDlogJ (lower: smoother)", ylabel="mean Dice",
                title="Dice against regularity (circled: defaults)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+        fig.tight_layout()
+        _place_labels(fig, ax, labels)
         save_figure(fig, out / "pareto_fronts.png")
         files["fronts"] = "pareto_fronts.png"
 

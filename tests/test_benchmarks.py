@@ -633,3 +633,23 @@ def test_the_commit_stamp_is_dirty_for_changed_code_not_for_rewritten_results(tm
     (tmp_path / "code.py").write_text("x = 2\n")
     for where in (tmp_path, tmp_path / "benchmarks"):
         assert git_revision(where) == commit + "-dirty"
+
+
+def test_front_labels_do_not_cover_each_other_or_leave_the_axes():
+    """Crowded points (the fronts' settings meet near the defaults) each get a label of their own place."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    xy = [(0.150, 0.750), (0.151, 0.7502), (0.152, 0.7498), (0.150, 0.7501), (0.30, 0.70)]
+    ax.plot(*zip(*xy), "o")
+    ax.set(xlim=(0.1, 0.3), ylim=(0.69, 0.76))  # the last point sits in the corner: its label must turn inwards
+    fig.tight_layout()
+    report._place_labels(fig, ax, [(p, f"w_reg {i}", "C0") for i, p in enumerate(xy)])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == [f"w_reg {i}" for i in range(len(xy))]
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
