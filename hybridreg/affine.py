@@ -441,6 +441,11 @@ def inverse_composite(affine: sitk.Transform, inverse_field: sitk.Image) -> sitk
 
 def write_transform(path: str | os.PathLike, transform: sitk.Transform) -> None:
     """Write any ITK transform, composites included, atomically (``.h5``: ITK's HDF5 format,
-    read by ``sitk.ReadTransform``, ANTs' antsApplyTransforms and 3D Slicer)."""
+    read by ``sitk.ReadTransform``, ANTs' antsApplyTransforms and 3D Slicer). The file keeps
+    ITK's direction: the transform maps FIXED's physical points to MOVING's (LPS, mm).
+
+    Raises:
+        OSError: ``path`` cannot be written (nothing is left at ``path``).
+    """
     with atomic_output(path) as tmp:
         sitk.WriteTransform(transform, str(tmp))

@@ -677,7 +677,8 @@ def write_displacement(path: str | os.PathLike, disp: np.ndarray, geometry: Geom
 
 def read_displacement(path: str | os.PathLike, *, arg: str = "displacement") -> sitk.Image:
     """Read an ITK displacement field (vector image, mm) as float64, ready for
-    ``sitk.DisplacementFieldTransform``.
+    ``sitk.DisplacementFieldTransform``: at each point ``x`` of its grid (FIXED's physical space,
+    LPS, mm) it holds ``φ(x) − x``, where ``φ(x)`` is the matching point of MOVING's space.
 
     Raises:
         FileNotFoundError, ValueError: missing/corrupt file, not a d-component field, or
@@ -746,6 +747,9 @@ def resample_with_field(image: sitk.Image, field: sitk.Image, *, labels: bool = 
 
 def read_transform(path: str | os.PathLike, *, arg: str = "TRANSFORM") -> sitk.Transform:
     """Read an ITK transform file (``.h5`` composite, ``.mat`` / ``.txt`` / ``.tfm``).
+
+    Like every ITK transform, it maps points of the FIXED (output) image's physical space to the
+    MOVING image's (LPS, mm): resampling MOVING through it puts MOVING on FIXED's grid.
 
     Raises:
         FileNotFoundError, ValueError: missing file, or not a transform SimpleITK can read.

@@ -46,7 +46,7 @@ __all__ = ["ObjectiveConfig", "EnergyTerms", "Evaluation", "evaluate", "Registra
 class ObjectiveConfig:
     """Hyperparameters of the energy (method §1.2–1.6). All weights are dimensionless; every
     number has a range (:func:`hybridreg.config.bounded`, listed in ``docs/configuration.md``)
-    checked on construction.
+    checked on construction (``ValueError`` naming the field).
 
     Attributes:
         similarity: ``"lncc"`` or ``"mse"``.
@@ -174,7 +174,18 @@ class Evaluation:
 
 
 def control_spacing(image_spacing: Sequence[float], image_size: Sequence[int], grid_size: Sequence[int]) -> tuple[float, ...]:
-    """Spacing (mm) of a grid of ``grid_size`` covering the same extent as the image grid."""
+    """Spacing (mm) of a grid of ``grid_size`` covering the same extent as the image grid.
+
+    All three are in array (tensor-axis) order, one value per spatial axis: ``image_spacing`` in
+    mm, the sizes in voxels. The extent is ``spacing × size`` (cell-centred grids, as
+    :func:`hybridreg.spatial.resize_field`).
+
+    Raises:
+        ValueError: the three of different lengths, or a size below 1.
+    """
+    if not len(image_spacing) == len(image_size) == len(grid_size) or min(*image_size, *grid_size, 1) < 1:
+        raise ValueError(f"control_spacing(): `image_spacing`, `image_size` and `grid_size` must give one value per axis"
+                         f" (sizes >= 1), got {tuple(image_spacing)}, {tuple(image_size)}, {tuple(grid_size)}")
     return tuple(float(h) * n / m for h, n, m in zip(image_spacing, image_size, grid_size))
 
 
@@ -298,7 +309,12 @@ def evaluate(
         warped moving image. Nothing is stored on any object.
 
     Raises:
-        TypeError, ValueError: shapes that do not fit together, naming the argument.
+        TypeError: tensors that are not floating-point, half precision, or of mixed dtypes or
+            devices (:func:`hybridreg.spatial.check_alike`).
+        ValueError: shapes that do not fit together, a negative λ (checked on the CPU), a
+            non-uniform λ with ``config.log_det``, a bad ``spacing``
+            (:func:`hybridreg.regularization.check_spacing`), or a mask with values outside
+            [0, 1], NaN or no voxel (:func:`hybridreg.spatial.check_mask`); each names the argument.
     """
     d = check_field(velocity, "velocity", fn="evaluate")
     for name, t in (("fixed", fixed), ("moving", moving)):
@@ -417,7 +433,12 @@ def map_lambda(lam: torch.Tensor, terms: EnergyTerms, image_shape: Sequence[int]
 class RegistrationObjective(torch.nn.Module):
     """Thin module around :func:`evaluate` that holds an :class:`ObjectiveConfig`.
 
-    ``forward(fixed, moving, velocity, lam, spacing=None) -> Evaluation``.
+    ``forward(fixed, moving, velocity, lam, spacing=None) -> Evaluation``: ``fixed``, ``moving``
+    ``(B, C, *spatial)`` on one grid, ``velocity`` ``(B, d, *control)`` SVF in control-grid
+    voxels, ``lam`` ``(B, 1, *grid)``, ``spacing`` the image voxel size in mm (array order;
+    ``None``: 1 mm). It is :func:`evaluate` with its defaults for everything else (no masks, no
+    ``moving_map``, one energy for the batch); call :func:`evaluate` for those. Method §1.2–1.6;
+    errors as :func:`evaluate`'s.
     """
 
     def __init__(self, config: ObjectiveConfig | None = None) -> None:

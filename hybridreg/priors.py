@@ -64,7 +64,9 @@ def lambda_from_param(theta: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def param_from_lambda(lam: torch.Tensor | float, kind: str) -> torch.Tensor:
-    """Inverse of :func:`lambda_from_param` (λ is first clipped into the open support).
+    """Inverse of :func:`lambda_from_param` within :data:`LAMBDA_BOUNDS` (λ is first clipped
+    into the open support: below 1 under ``"beta"``; under ``"normal"`` a λ above the clamp of 5
+    is kept, so ``lambda_from_param`` of the result gives 5, not λ).
 
     Raises:
         ValueError: unknown ``kind`` or non-finite / non-positive λ.
@@ -91,7 +93,10 @@ def normal_hyperprior(
     Args:
         lam: ``(B, 1, *spatial)`` λ map (any shape works).
         mean, sigma: μ and σ > 0 (dimensionless).
-        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        reduction: ``"none"`` (``lam``'s shape), ``"mean"``, ``"sum"`` or ``"batch"`` (``(B,)``).
+
+    Raises:
+        ValueError: ``sigma`` ≤ 0, or an unknown ``reduction``.
     """
     if not sigma > 0:
         raise ValueError(f"normal_hyperprior(): `sigma` must be > 0, got {sigma!r}")
@@ -110,6 +115,11 @@ def beta_hyperprior(
         lam: λ map with values in (0, 1] (clamped to ``[1e-6, 1 - 1e-6]`` inside the logs
             whose coefficient is non-zero).
         alpha, beta: shape parameters > 0.
+        reduction: ``"none"`` (``lam``'s shape, e.g. ``(B, 1, *spatial)``), ``"mean"``, ``"sum"`` or
+            ``"batch"`` (``(B,)``).
+
+    Raises:
+        ValueError: ``alpha`` or ``beta`` ≤ 0, or an unknown ``reduction``.
     """
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"beta_hyperprior(): `alpha` and `beta` must be > 0, got {alpha!r}, {beta!r}")
@@ -132,6 +142,9 @@ def edge_weights(image: torch.Tensor, sigma_intensity: float) -> list[torch.Tens
     Returns:
         One tensor per axis ``k``, shape ``(B, 1, *spatial)`` with size ``n_k − 1`` along
         axis ``k``: the weight of the edge between ``x − e_k`` and ``x``.
+
+    Raises:
+        ValueError: ``sigma_intensity`` ≤ 0.
     """
     if not sigma_intensity > 0:
         raise ValueError(f"edge_weights(): `sigma_intensity` must be > 0, got {sigma_intensity!r}")
@@ -160,7 +173,11 @@ def grid_smoothness(
         lam: ``(B, 1, *spatial)`` λ map.
         weights: per-axis edge weights from :func:`edge_weights` (``None`` = all ones).
         spacing: voxel size in mm per axis.
-        reduction: ``"none"`` → ``(B, 1, *spatial)``, ``"sum"`` or ``"mean"``.
+        reduction: ``"none"`` → ``(B, 1, *spatial)``, ``"sum"``, ``"mean"`` or ``"batch"`` (``(B,)``).
+
+    Raises:
+        ValueError: ``lam`` not ``(B, 1, *spatial)``, ``weights`` not one per axis, a bad
+            ``spacing`` or ``reduction``.
     """
     d = lam.dim() - 2
     h = check_spacing(spacing, d, fn="grid_smoothness")
@@ -321,6 +338,10 @@ def paint_region_lambda(members: torch.Tensor, values: torch.Tensor, smooth_sigm
 
     Returns:
         ``(B, 1, *spatial)`` λ map.
+
+    Raises:
+        ValueError: ``values`` not ``(B, K)`` for ``members``' ``B`` and ``K``, or a negative
+            ``smooth_sigma`` (:func:`hybridreg.spatial.gaussian_smooth`).
     """
     if values.shape[:2] != members.shape[:2]:
         raise ValueError(f"paint_region_lambda(): `values` {tuple(values.shape)} must be (B, K) for members {tuple(members.shape)}")

@@ -22,7 +22,14 @@ __all__ = ["diffusion_energy", "reference_scale", "check_spacing", "edge_density
 
 
 def check_spacing(spacing: Sequence[float] | None, d: int, *, fn: str) -> tuple[float, ...]:
-    """Validate a voxel spacing (mm, one value per spatial axis in tensor order)."""
+    """Validate a voxel spacing (mm, one value per spatial axis in tensor order); ``None`` is 1 mm.
+
+    Returns:
+        ``d`` floats.
+
+    Raises:
+        ValueError: not ``d`` positive finite numbers (the message names ``fn``).
+    """
     if spacing is None:
         return (1.0,) * d
     try:
@@ -138,7 +145,8 @@ def diffusion_energy(
             ``(B, 1, 1, ..)`` tensor for a uniform λ; ``None`` means λ ≡ 1.
         spacing: voxel size in mm per tensor axis (``None`` = 1 mm).
         reduction: ``"none"`` → ``(B, 1, *spatial)`` density map; ``"sum"`` → ``½ uᵀ L_λ u``
-            (summed over the batch); ``"mean"`` → mean density.
+            (summed over the batch); ``"mean"`` → mean density; ``"batch"`` → each pair's mean
+            density, ``(B,)`` (batched instance optimization).
 
     Raises:
         TypeError, ValueError: malformed ``disp``, ``lam`` or ``spacing``.
@@ -201,6 +209,9 @@ def diffusion_log_normalizer(scale: torch.Tensor, shape: Sequence[int], spacing:
 
     Returns:
         A tensor shaped like ``scale`` (nats), differentiable in ``scale``.
+
+    Raises:
+        ValueError: a grid of fewer than 2 nodes (:func:`laplacian_log_pdet`).
     """
     n = math.prod(shape)
     const = channels * (0.5 * (n - 1) * math.log(2.0 * math.pi) - 0.5 * laplacian_log_pdet(tuple(shape), tuple(float(x) for x in spacing)))

@@ -538,7 +538,8 @@ def solve_pairs(inputs: Sequence[Inputs], solver: Solver, config: Any, device: t
     through its ``voxel_map``; masks (:meth:`Inputs.match_mask`) restrict the image match.
 
     Raises:
-        ValueError: pairs that cannot share a batch (:func:`batch_key` differs).
+        ValueError: pairs that cannot share a batch (:func:`batch_key` differs), or
+            ``lambda_mode: regions`` for a pair without FIXED's labels.
     """
     pre = list(pre) if pre is not None else [None] * len(inputs)
     keys = {batch_key(i, p) for i, p in zip(inputs, pre)}

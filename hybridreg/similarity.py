@@ -1,9 +1,10 @@
 """Image match terms D(f, m∘φ) (method §1.2), as per-voxel maps.
 
 Every function takes ``(B, C, *spatial)`` images on the same grid and a ``reduction``:
-``"none"`` returns the per-voxel map ``(B, 1, *spatial)`` (so a λ map or mask can weight
-it), ``"mean"`` its mean over voxels and batch (a scalar tensor), ``"batch"`` each pair's
-mean over its voxels (``(B,)``: batched instance optimization, one energy per pair).
+``"none"`` returns the per-voxel map ``(B, C, *spatial)`` (so a λ map or mask can weight
+it), ``"mean"`` its mean over voxels, channels and batch (a scalar tensor), ``"sum"`` their
+sum, ``"batch"`` each pair's mean over its voxels and channels (``(B,)``: batched instance
+optimization, one energy per pair).
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
 
     Args:
         x: ``(B, C, *spatial)`` tensor.
-        window: odd positive int.
+        window: odd positive int, in voxels.
+
+    Returns:
+        ``(B, C, *spatial)``, like ``x``.
+
+    Raises:
+        ValueError: ``window`` not an odd positive int.
     """
     if not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"box_mean(): `window` must be an odd positive int, got {window!r}")
@@ -137,10 +144,11 @@ def lncc(
         window: odd box width in voxels (reference 9).
         eps: added to the variance product, in squared intensity units (the energy passes
             ``ObjectiveConfig.lncc_eps``; default :data:`LNCC_EPS`, for intensities in about [0, 1]).
-        reduction: ``"none"`` → ``(B, C, *spatial)`` map, ``"mean"`` or ``"sum"``.
+        reduction: ``"none"`` → ``(B, C, *spatial)`` map, ``"mean"``, ``"sum"`` or ``"batch"``
+            (``(B,)``; module docstring).
 
     Raises:
-        TypeError, ValueError: non-tensor input, mismatched shapes, bad ``window``.
+        TypeError, ValueError: non-tensor input, mismatched shapes, bad ``window`` or ``reduction``.
     """
     _check_pair(fixed, warped, "lncc")
     if not isinstance(window, int) or window < 1 or window % 2 == 0:
@@ -170,7 +178,11 @@ def mse(
     Args:
         fixed, warped: ``(B, C, *spatial)`` images on the same grid.
         sigma: noise standard deviation in intensity units (> 0).
-        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        reduction: ``"none"`` → ``(B, C, *spatial)`` map, ``"mean"``, ``"sum"`` or ``"batch"``
+            (``(B,)``; module docstring).
+
+    Raises:
+        TypeError, ValueError: non-tensor input, mismatched shapes, ``sigma`` ≤ 0, bad ``reduction``.
     """
     _check_pair(fixed, warped, "mse")
     if not sigma > 0:

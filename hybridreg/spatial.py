@@ -259,8 +259,10 @@ def warp(
         ``field_of_view``: ``(warped, inside)``).
 
     Raises:
-        ValueError: mismatched dimensions or batch sizes, an unknown ``mode``, or a
-            ``voxel_map`` that is not ``(B, d, d + 1)``.
+        TypeError: ``disp`` not a floating-point tensor, half precision, or a floating ``image``
+            of another dtype or device (:func:`check_field`, :func:`check_alike`).
+        ValueError: mismatched dimensions or batch sizes, an unknown ``mode`` or
+            ``padding_mode``, or a ``voxel_map`` that is not ``(B, d, d + 1)``.
     """
     d = check_field(disp, "disp", fn="warp")
     check_alike("warp", disp=disp, image=image)  # a voxel_map may be float64 on the CPU (the affine stage)
@@ -274,6 +276,8 @@ def warp(
                          " without `voxel_map` the displacement samples the image on its own grid")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp(): `mode` must be 'bilinear' or 'nearest', got {mode!r}")
+    if padding_mode not in ("zeros", "border"):
+        raise ValueError(f"warp(): `padding_mode` must be 'zeros' or 'border', got {padding_mode!r}")
     if voxel_map is not None and tuple(voxel_map.shape) != (disp.shape[0], d, d + 1):
         raise ValueError(f"warp(): `voxel_map` must be (B={disp.shape[0]}, {d}, {d + 1}), got {tuple(voxel_map.shape)}")
     if image.shape[0] != disp.shape[0]:
@@ -323,7 +327,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Displacement of ``(id + outer) ∘ (id + inner)``, i.e. ``inner + outer ∘ (id + inner)``.
 
     Both are ``(B, d, *spatial)`` voxel-unit displacements on the same grid (channel ``k``
-    along tensor axis ``k``); the result is too. Outside the grid ``outer`` is extended by its
+    along tensor axis ``k + 2``); the result is too. Outside the grid ``outer`` is extended by its
     border values. Source: method §1.1 (composition of transformations).
 
     Raises:
@@ -355,6 +359,7 @@ def scaling_and_squaring(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor
         ``(B, d, *spatial)`` displacement in voxels, differentiable in ``velocity``.
 
     Raises:
+        TypeError: ``velocity`` not a floating-point tensor, or half precision (:func:`check_field`).
         ValueError: bad field shape or ``steps`` negative / not an integer.
     """
     check_field(velocity, "velocity", fn="scaling_and_squaring")
@@ -412,6 +417,8 @@ def invert_displacement(disp: torch.Tensor, initial: torch.Tensor | None = None,
         without gradient.
 
     Raises:
+        TypeError: ``disp`` or ``initial`` not a floating-point tensor, half precision, or the two
+            in other dtypes or devices (:func:`check_field`, :func:`check_alike`).
         ValueError: bad field shapes, a negative iteration count, ``relaxation`` outside (0, 1]
             or a negative ``tolerance``.
     """
@@ -616,6 +623,9 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
     Returns:
         Tensor of the same shape; linear in ``x`` (differentiable, twice included: the
         backward is the same operator).
+
+    Raises:
+        ValueError: ``sigma`` negative, or not one value or one per spatial axis.
     """
     d = x.dim() - 2
     sig = [float(sigma)] * d if isinstance(sigma, (int, float)) else [float(s) for s in sigma]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -96,7 +97,13 @@ def minimize(closure: Callable[[], NamedTuple], optimizer: torch.optim.Optimizer
             evaluate the running pairs only (and return the stopped ones' last terms).
 
     Returns: :class:`MinimizeResult`.
+
+    Raises:
+        ValueError: ``window`` not an integer >= 1, or ``max_iterations`` negative.
     """
+    for name, n, low in (("window", window, 1), ("max_iterations", max_iterations, 0)):
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < low:
+            raise ValueError(f"minimize(): `{name}` must be an integer >= {low}, got {n!r}")
     t0 = time.perf_counter()
     it, names, n_pairs = 0, (), 1
     pending: list[torch.Tensor] = []

@@ -67,7 +67,9 @@ class InstanceOptConfig:
             ``lr_lambda`` together with the velocity. Both minimise the same energy.
         region_smoothing: σ (control-grid voxels) of the Gaussian that smooths the painted
             region-wise λ (CSAIN: 0.8, a 5-voxel window); 0 keeps sharp region borders.
-        lambda_init: initial λ (voxelwise, map) or the fixed λ (uniform).
+        lambda_init: initial λ (voxelwise, map; each region's under ``regions``) or the fixed λ
+            (uniform). With a λ map (voxelwise, regions) at most 5 under the normal hyperprior
+            (λ = softplus(θ) is clamped to 5) and below 1 under the beta one (λ = sigmoid(θ)).
         velocity_smoothing: σ (control-grid voxels) of a Gaussian that parametrises the
             velocity, ``v = v₀ + G_σ * w``, with Adam on ``w`` from 0 and ``v₀`` the level's start
             (``init_velocity`` exactly; on a finer level the coarser level's result, smoothed
@@ -93,6 +95,10 @@ class InstanceOptConfig:
 
     Every number has a range (:func:`hybridreg.config.bounded`; ``docs/configuration.md``),
     checked on construction.
+
+    Raises:
+        ValueError: on construction, a value outside its range or of the wrong type, an unknown
+            mode, per-level lists of the wrong length, or a ``lambda_init`` the λ map cannot hold.
     """
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -27,6 +27,14 @@ def network_energy(
     Args:
         output: the network's :class:`NetOutput`.
         fixed, moving: ``(B, 1, *spatial)`` images on the image grid.
-        config: the energy's hyperparameters. spacing: image voxel size in mm.
+        config: the energy's hyperparameters. spacing: image voxel size in mm, array order
+            (``None``: 1 mm).
+
+    Returns:
+        :class:`hybridreg.objective.Evaluation` (method §2.2: the amortized solver minimises the
+        instance solver's energy, §1.2–1.6, over the training pairs).
+
+    Raises:
+        TypeError, ValueError: as :func:`hybridreg.objective.evaluate`.
     """
     return evaluate(fixed, moving, output.velocity, output.lam, config, spacing)

@@ -107,6 +107,7 @@ class NetworkConfig:
     swin_window: int = bounded(5, 1, 32)
 
     def __post_init__(self) -> None:
+        """Check the fields (``ValueError`` naming the field: out of range, wrong type, unknown key or mode)."""
         if self.ndim not in (2, 3):
             raise ValueError(f"NetworkConfig: `ndim` must be 2 or 3, got {self.ndim!r}")
         if self.backbone not in BACKBONES:
@@ -189,8 +190,10 @@ def _decode(h: torch.Tensor, skips: list[torch.Tensor], ups: nn.ModuleList, out:
 
 
 class UNetBackbone(nn.Module):
-    """VoxelMorph-like U-Net: strided-conv encoder, up-sampling decoder with skip
-    connections, full-resolution output features of ``decoder[-1]`` channels."""
+    """VoxelMorph-like U-Net (Balakrishnan et al., IEEE TMI 2019): strided-conv encoder,
+    up-sampling decoder with skip connections. ``forward(x)``: ``(B, in_channels, *grid)`` →
+    ``(B, decoder[-1], *grid)`` features on the input grid (each grid size divisible by
+    ``2^(len(encoder) − 1)``, as the network's resizing ensures)."""
 
     def __init__(self, cfg: NetworkConfig, in_channels: int = 2):
         super().__init__()
@@ -256,8 +259,11 @@ BACKBONES = {"unet": UNetBackbone, "swin": SwinBackbone}
 
 
 class LambdaHead(nn.Module):
-    """λ head of the reference (method §2.2): conv3 C→48, conv3 48→48 + norm + LeakyReLU,
-    conv3 48→1, then sigmoid (beta) or softplus (normal), clamped."""
+    """λ head of the reference (method §2.2): conv3 C→hidden, conv3 hidden→hidden + norm +
+    LeakyReLU, conv3 hidden→1, then sigmoid (beta) or softplus (normal), clamped to
+    :data:`hybridreg.priors.LAMBDA_BOUNDS` (the reference's hidden width is 48,
+    ``NetworkConfig.lambda_channels``). ``forward(h)``: features ``(B, cin, *grid)`` →
+    λ ``(B, 1, *grid)``."""
 
     def __init__(self, ndim: int, cin: int, hidden: int, prior: str):
         super().__init__()
@@ -274,7 +280,10 @@ class FullResolutionStage(nn.Module):
     """Full-resolution velocity stage (``NetworkConfig.full_resolution_channels``): the
     coarse velocity resampled to the input grid plus a residual predicted from the up-sampled
     backbone features and a conv block of the input images. The residual head starts near
-    zero, so a network fine-tuned from half-grid weights starts from their output."""
+    zero, so a network fine-tuned from half-grid weights starts from their output.
+    ``forward(h, x, velocity)``: features ``(B, features, *half)``, images ``(B, in_channels,
+    *grid)``, velocity ``(B, d, *half)`` in half-grid voxels → ``(B, d, *grid)`` in voxels of
+    ``x``'s grid."""
 
     def __init__(self, ndim: int, features: int, channels: int, in_channels: int = 2):
         super().__init__()
@@ -353,7 +362,8 @@ class RegistrationNetwork(nn.Module):
 
     Raises:
         ValueError: images of different shapes or the wrong number of dimensions, a code
-            missing or unexpected, a region map on a network without region conditioning.
+            missing or unexpected, not ``(B, 2)`` or not positive, a region map on a network
+            without region conditioning or not ``(B, 1, *spatial)``.
     """
 
     def __init__(self, config: NetworkConfig | None = None):

@@ -125,7 +125,7 @@ class LambdaRegressor(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if fixed.dim() != 5 or fixed.shape != moving.shape or fixed.shape[1] != 1:
-            raise ValueError(f"LambdaRegressor: `fixed` and `moving` must be (B, 1, X, Y, Z) on one grid, got"
+            raise ValueError(f"LambdaRegressor: `fixed` and `moving` must be (B, 1, *spatial) 3D images on one grid, got"
                              f" {tuple(fixed.shape)} and {tuple(moving.shape)}")
         h = torch.cat([self.fixed_stream(fixed), self.moving_stream(moving)], 1)
         return self.head(self.fusion(h))[:, 0]
@@ -144,9 +144,9 @@ _OPPOSITE = dict(zip("LRAPSI", "RLPAIS"))
 
 
 def training_frame(image: torch.Tensor, spacing: Sequence[float], fixed_direction: Sequence[float]) -> torch.Tensor:
-    """``image`` ``(B, C, X, Y, Z)`` on FIXED's (resized) grid, with voxel size ``spacing`` (mm per
-    tensor axis) and FIXED's direction cosines ``fixed_direction`` (row-major 3×3 in ITK's axis
-    order, as :attr:`hybridreg.io.Geometry.direction`), put into the training frame: its axes
+    """``image`` ``(B, C, *spatial)`` (3D, tensor axes in array order ``(z, y, x)``) on FIXED's
+    (resized) grid, with voxel size ``spacing`` (mm per tensor axis) and FIXED's direction
+    cosines ``fixed_direction`` (row-major 3×3 in ITK's axis order, as :attr:`hybridreg.io.Geometry.direction`), put into the training frame: its axes
     permuted and flipped to :data:`TRAINING_ORIENTATION` (the nearest, for an oblique grid, as
     SimpleITK's ``DICOMOrientImageFilter`` names it) and its extent cut or padded with zeros about
     the grid's centre to :data:`TRAINING_EXTENT_MM`. Whole voxels only: no interpolation, so a
@@ -160,7 +160,7 @@ def training_frame(image: torch.Tensor, spacing: Sequence[float], fixed_directio
         ValueError: not a 3D image, or ``fixed_direction`` not 9 numbers.
     """
     if image.dim() != 5 or len(spacing) != 3:
-        raise ValueError(f"training_frame(): `image` must be (B, C, X, Y, Z) with 3 spacings, got {tuple(image.shape)}")
+        raise ValueError(f"training_frame(): `image` must be (B, C, *spatial) 3D with 3 spacings, got {tuple(image.shape)}")
     if len(fixed_direction) != 9:
         raise ValueError(f"training_frame(): `fixed_direction` must be 9 direction cosines, got {len(fixed_direction)}")
     have = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in fixed_direction])[::-1]
@@ -188,7 +188,12 @@ def regressor_inputs(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequenc
     FIXED grid through the map, so a 1 mm pair costs no full-resolution interpolation. With
     ``fixed_direction`` (FIXED's direction cosines, :attr:`hybridreg.io.Geometry.direction`) both
     are then put into the training frame (:func:`training_frame`); without it the tensor axes
-    are taken to be in that frame already."""
+    are taken to be in that frame already.
+
+    Returns:
+        ``(fixed, moving)``, each ``(B, 1, *grid)`` on the coarse grid (in the training frame with
+        ``fixed_direction``: extent :data:`TRAINING_EXTENT_MM`).
+    """
     def coarse(shape, h):
         return tuple(max(8, int(round(n * hk / input_spacing))) for n, hk in zip(shape, h))
 
@@ -236,7 +241,12 @@ def predict_lambda(net: LambdaRegressor, fixed: torch.Tensor, moving: torch.Tens
                    fixed_direction: Sequence[float] | None = None) -> torch.Tensor:
     """The predicted global λ, ``(B,)``, for ``(B, 1, *spatial)`` images on FIXED's grid (voxel
     size ``spacing`` mm), or MOVING on its own grid through ``moving_map``; with FIXED's
-    ``fixed_direction`` both in the training frame (:func:`regressor_inputs`)."""
+    ``fixed_direction`` both in the training frame (:func:`regressor_inputs`).
+
+    Raises:
+        ValueError: images that are not 3D ``(B, 1, *spatial)``, or a ``fixed_direction`` that is
+            not 9 numbers (:func:`training_frame`).
+    """
     with torch.no_grad():
         f, m = regressor_inputs(fixed, moving, spacing, net.config.input_spacing, moving_map, moving_spacing,
                                 fixed_direction)
@@ -338,9 +348,14 @@ def train_regressor(inputs: list[tuple[torch.Tensor, torch.Tensor]], targets: Se
 
     Returns:
         ``(network in eval mode, log)``: the log has one row per 50 steps (``step``, ``loss``).
+
+    Raises:
+        ValueError: ``inputs`` empty or of another length than ``targets``, or a target ≤ 0.
     """
     if len(inputs) != len(targets) or not inputs:
         raise ValueError("train_regressor(): `inputs` and `targets` must be non-empty and of equal length")
+    if not all(t > 0 for t in targets):
+        raise ValueError("train_regressor(): `targets` must be λ values > 0")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     net = LambdaRegressor(config).train()

@@ -299,7 +299,8 @@ def register_pair(fixed: torch.Tensor, moving: torch.Tensor, config: LearnedConf
         FileNotFoundError: missing weights. ValueError: a corrupt weight file, images of
             the wrong dimension for the network, mismatched shapes, NaNs; for a
             :class:`ConditionalConfig`: weights of a network that is not conditional, a value
-            outside its range, ``region_lambda`` without ``regions``.
+            outside its range, ``region_lambda`` without ``regions``; for a plain
+            :class:`LearnedConfig`: the weights of a conditional network.
     """
     cfg = config or LearnedConfig()
     dev = torch.device(device) if device is not None else fixed.device

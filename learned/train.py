@@ -151,6 +151,7 @@ class TrainConfig:
     region_smoothing: float = bounded(0.8, 0.0, 10.0)
 
     def __post_init__(self) -> None:
+        """Check the fields (``ValueError`` naming the field: out of range, wrong type, a setting that needs another)."""
         for name in ("steps", "epoch_steps", "checkpoint_every", "keep_checkpoints", "deform_control", "log_every", "seed",
                      "lambda_warmup_steps"):
             v = getattr(self, name)
@@ -406,10 +407,15 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         The trained network (unwrapped, on ``device``).
 
     Raises:
-        ValueError: a network/data dimension mismatch, atlas pairing without an atlas,
-            subject pairing with one subject, ``resume`` of a folder that holds no run (no
-            checkpoint and no ``config.yaml``) or with settings other than the run's (but
-            :data:`RESUME_MAY_CHANGE`), or a fresh run into a folder that already holds a run.
+        ValueError: a network/data dimension mismatch, a data source without training subjects
+            or without a validation pair, atlas pairing without an atlas, subject pairing with
+            one subject, ``init_weights`` of another network config, ``resume`` of a folder
+            that holds no run (no checkpoint and no ``config.yaml``), with settings other than
+            the run's (but :data:`RESUME_MAY_CHANGE`), with another ``init_weights`` than the
+            run was started from, with another number of processes than wrote the checkpoint,
+            or with fewer ``steps`` than the checkpoint has trained; or a fresh run into a
+            folder that already holds a run.
+        DivergenceError: the energy stopped being finite (the last checkpoint stays as it was).
     """
     d = len(data.shape)
     if cfg.network.ndim != d:

@@ -259,6 +259,11 @@ def test_minimize_stops_at_the_iteration_budget():
     assert opt.param_groups[0]["lr"] == 0.25 * 0.5**7  # the scheduler stepped after every iteration
     r = minimize(closure, opt, None, RelativeChangeStopping(), 0, window=5, callback=calls.append)
     assert (r.status, r.iterations, r.terms, calls) == (Status.MAX_ITERATIONS, 0, {}, [5, 7])
+    assert minimize(closure, opt, None, RelativeChangeStopping(), np.int64(2), window=np.int64(1)).iterations == 2
+    for kwargs, name in (({"window": 0}, "window"), ({"window": 2.5}, "window"), ({"max_iterations": -1}, "max_iterations")):
+        # window 0 had failed with ZeroDivisionError at the first iteration
+        with pytest.raises(ValueError, match=f"minimize.*`{name}`"):
+            minimize(closure, opt, None, RelativeChangeStopping(), **{"max_iterations": 3, "window": 5, **kwargs})
 
 
 def test_minimize_stops_each_pair_of_a_batch_on_its_own():

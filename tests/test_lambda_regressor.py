@@ -78,6 +78,8 @@ def test_tiny_training_fits_its_targets_and_round_trips(tmp_path):
         return float(((pred - torch.tensor(targets).log()) ** 2).mean())
 
     assert err(net) < 0.5 * err(untrained)
+    with pytest.raises(ValueError, match="train_regressor.*`targets`"):  # had failed inside math.log
+        R.train_regressor(inputs, [0.2, 0.5, 0.0, 3.0], cfg, progress=False)
     path = tmp_path / "reg.pt"
     R.save_regressor(path, net, {"pairs": 4})
     back, info = R.load_regressor(path)

@@ -389,3 +389,14 @@ def test_per_pair_terms_are_each_pair_evaluated_alone(smoothness, masked):
         whole = evaluate(f, m, v, lam, cfg, (1.0, 1.5, 2.0)).terms
         for name, t in zip(whole._fields, whole):
             assert float(getattr(batch, name).mean()) == pytest.approx(float(t), rel=1e-10, abs=1e-12), name
+
+
+def test_control_spacing_refuses_lists_of_other_lengths():
+    """``zip`` would have cut the longer list silently: a 3D spacing with a 2D grid gave 2 values."""
+    from hybridreg.objective import control_spacing
+
+    assert control_spacing((2.0, 1.0, 1.0), (10, 20, 30), (5, 10, 10)) == (4.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="control_spacing.*one value per axis"):
+        control_spacing((1.0, 1.0, 1.0), (10, 20), (5, 10))
+    with pytest.raises(ValueError, match="control_spacing"):
+        control_spacing((1.0, 1.0), (10, 20), (0, 10))

@@ -262,6 +262,7 @@ def test_nearest_warp_keeps_labels():
         (lambda: scaling_and_squaring(torch.zeros(1, 3, 4, 4, 4), steps=-1), "steps"),
         (lambda: warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4, 4)), "image"),
         (lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), mode="cubic"), "mode"),
+        (lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), padding_mode="reflect"), "warp.*padding_mode"),
         (lambda: compose(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 5, 4, 4)), "outer"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), iterations=-1), "iterations"),
         (lambda: invert_displacement(torch.zeros(1, 3, 4, 4, 4), refine_iterations=1.5), "refine_iterations"),

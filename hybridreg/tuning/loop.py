@@ -297,6 +297,8 @@ def run_tuning(
         stop_after: stop once this many trials have finished (an interruption, for tests).
         device: where ``objective`` runs (``hybridreg tune --device``), recorded with each trial
             this call evaluates (``trials.json``): a run resumed on another device says so per trial.
+        progress: show a bar of the finished trials (a terminal) or log one line per trial
+            (:mod:`hybridreg.progress`).
 
     Returns:
         :class:`TuningResult`.
@@ -308,6 +310,7 @@ def run_tuning(
             its lowest or highest values (a conditional network's training ranges) or at any value of a short
             integer range (:data:`MAX_INTEGER_VALUES`), a fresh run into a folder that
             already holds ``trials.json``, or a resume whose saved space or method differs.
+        ImportError: ``method="tpe"`` without Optuna installed.
     """
     from ..progress import bar as progress_bar, log
 
