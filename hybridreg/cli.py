@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, provenance
-from .config import apply_overrides, load_yaml
+from .config import apply_overrides, load_yaml, shipped_config
 from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, placement_warnings, read_displacement, read_image,
                  read_labels, read_transform, resample, write_image)
 from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
@@ -397,6 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     command = provenance.COMMAND.set(("hybridreg", *(sys.argv[1:] if argv is None else argv)))  # metrics.json's record
+    for name in ("config", "space"):  # the README's configs/NAME.yaml from any folder (a pip install has none)
+        if getattr(args, name, None) and (copy := shipped_config(getattr(args, name))) is not None:
+            print(f"hybridreg {args.command}: `--{name}` {getattr(args, name)} is not in this folder: reading the copy"
+                  f" shipped with hybridreg, {copy}", file=sys.stderr)
+            setattr(args, name, str(copy))
     try:
         code = _run(args)
     except KNOWN_ERRORS as e:

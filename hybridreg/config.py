@@ -229,6 +229,25 @@ def load_yaml(path: str | os.PathLike, cls: Type[T], *, arg: str = "config") -> 
     return from_dict(cls, read_yaml(path, arg=arg), where=arg)
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The example configs shipped with hybridreg (in the wheel; the repository's ``configs/`` links here)."""
+
+
+def shipped_config(path: str | os.PathLike) -> Path | None:
+    """The shipped copy of a config that ``path`` names but that is not there, else ``None``.
+
+    A relative ``NAME.yaml`` or ``configs/NAME.yaml`` that does not exist, where ``NAME.yaml`` is
+    one of :data:`SHIPPED_CONFIGS`, names that copy: the README's and the docs' commands
+    (``--config configs/instance_map.yaml``) then run the same from any folder after a ``pip``
+    install, where no ``configs/`` folder is at hand. A path that exists is always the user's file.
+    """
+    p = Path(path)
+    if p.exists() or p.is_absolute() or p.parent not in (Path("."), Path("configs")) or p.suffix not in (".yaml", ".yml"):
+        return None
+    copy = SHIPPED_CONFIGS / p.name
+    return copy if copy.is_file() else None
+
+
 def existing_file(path: str | os.PathLike, arg: str, what: str = "file") -> Path:
     """``path`` as a ``Path`` if it is a file (or a link to one).
 

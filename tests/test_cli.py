@@ -246,3 +246,23 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     assert run.returncode == 130, run.stderr
     assert run.stderr.strip() == "hybridreg: interrupted while starting; nothing was written"
     assert run.stdout == "" and not out.exists()
+
+
+def test_the_docs_configs_run_from_any_folder(tmp_path, bundled, monkeypatch, capsys):
+    """`--config configs/NAME.yaml`, as the README writes it, reads the copy shipped in the package
+    where the folder has no such file (a pip install has no configs/ folder); a file of the user's
+    at that path is always theirs; a name that is not shipped is still refused."""
+    f, m = bundled
+    monkeypatch.chdir(tmp_path)
+    args = ["register", str(f.image_path), str(m.image_path), "--set", "level_spacing=[8]", "--set", "iterations=[5]",
+            "--set", "control_factor=[2]", "--outputs", "metrics", "--no-progress", "--affine", "none"]
+    assert main(args + ["--out", "shipped", "--config", "configs/instance_map.yaml"]) == 0
+    assert "reading the copy shipped with hybridreg" in capsys.readouterr().err
+    assert json.loads((tmp_path / "shipped" / "metrics.json").read_text())["lambda"]["mode"] == "map"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "instance_map.yaml").write_text("lambda_mode: uniform\n")
+    assert main(args + ["--out", "own", "--config", "configs/instance_map.yaml"]) == 0
+    assert "shipped" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "own" / "metrics.json").read_text())["lambda"]["mode"] == "uniform"
+    assert main(args + ["--out", "none", "--config", "configs/not_shipped.yaml"]) == 2
+    assert "`--config`: YAML file not found: configs/not_shipped.yaml" in capsys.readouterr().err
