@@ -269,8 +269,8 @@ def _check_settings(out: Path, settings: dict) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError):
             earlier = None
         if not isinstance(earlier, dict) or not isinstance(earlier.get("options"), dict) or "pairs" not in earlier:
-            raise ValueError(f"`--out` {out} holds a batch.json that no batch run wrote (it would be replaced); choose a"
-                             " new --out")
+            raise ValueError(f"`--out` {out} holds a batch.json that cannot be read as a batch run's settings (damaged, or"
+                             " another program's; it would be replaced); choose a new --out")
         if earlier != json.loads(json.dumps(settings)):
             diff = sorted(k for k in set(earlier["options"]) | set(settings["options"])
                           if earlier["options"].get(k) != settings["options"].get(k))
@@ -361,7 +361,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     if refused:
         raise ValueError(refused)
     dev = device_of(device)  # after torchrun's rank picked its GPU
-    mine = [p for p in list(pairs)[rank::world] if not (out / "pairs" / p.id / "metrics.json").is_file()]
+    mine = [p for p in list(pairs)[rank::world] if _finished(out, p.id) is None]
     bar = progress_bar(total=len(mine), desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="pair",
                        enabled=progress, dynamic_ncols=True)
     ended = [0]  # pairs finished or failed, for the log lines (a bar that is not drawn does not count)
@@ -426,8 +426,18 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     return summary
 
 
+def _finished(out: Path, pair_id: str) -> dict | None:
+    """A finished pair's ``metrics.json``, or ``None`` where the pair has none that can be read (a
+    damaged file counts as not finished: the pair runs again and replaces it)."""
+    try:
+        m = json.loads((out / "pairs" / pair_id / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("lambda"), dict) and isinstance(m.get("seconds"), dict) else None
+
+
 def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:
-    done = [p.id for p in pairs if (out / "pairs" / p.id / "metrics.json").is_file()]
+    done = [p.id for p in pairs if _finished(out, p.id) is not None]
     failed = [p.id for p in pairs if p.id not in done and (out / "failed" / f"{p.id}.json").is_file()]
     missing = [p.id for p in pairs if p.id not in done and p.id not in failed]
     return BatchSummary(done, failed, missing, out / "metrics.csv", out / "summary.json")
@@ -444,9 +454,8 @@ COLUMNS = ("id", "status", "error", "fixed", "moving", "dice_before", "dice_affi
 
 def _row(pair: PairEntry, out: Path) -> dict:
     row: dict[str, Any] = {"id": pair.id, "fixed": pair.fixed, "moving": pair.moving}
-    metrics_path, failed_path = out / "pairs" / pair.id / "metrics.json", out / "failed" / f"{pair.id}.json"
-    if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text(encoding="utf-8"))
+    failed_path = out / "failed" / f"{pair.id}.json"
+    if (m := _finished(out, pair.id)) is not None:
         mean = lambda key: (m.get(key) or {}).get("mean")  # noqa: E731
         row.update(status="done", dice_before=mean("dice_before"), dice_affine=mean("dice_after_affine"), dice=mean("dice_after"),
                    hd95_mm=mean("hd95_mm_after"), folding_percent=m.get("folding_percent"), ndv_percent=m.get("ndv_percent"),
@@ -462,7 +471,11 @@ def _row(pair: PairEntry, out: Path) -> dict:
             for k, h in enumerate(levels) if h.get("kept_start")]
         row["warnings"] = " | ".join(row["_warnings"])
     elif failed_path.is_file():
-        row.update(status="failed", error=json.loads(failed_path.read_text(encoding="utf-8"))["error"])
+        try:
+            error = json.loads(failed_path.read_text(encoding="utf-8"))["error"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+            error = f"(its record {failed_path} cannot be read)"
+        row.update(status="failed", error=error)
     else:
         row.update(status="missing")
     return row

@@ -191,6 +191,9 @@ def tune_command(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     if args.resume and not (out / "trials.json").is_file():
         raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
+    if Path(args.space).resolve().parent == out.resolve() and Path(args.space).name in tuning.RUN_FILES:
+        raise CLIError(f"`--space` {args.space} is a file this run writes in `--out` {out}; copy it elsewhere or choose"
+                       " another --out")
     space = tuning.load_space(args.space)
     if args.solver is not None and space.solver != args.solver:
         space = replace(space, solver=args.solver)

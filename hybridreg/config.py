@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import typing
 from pathlib import Path
@@ -286,7 +288,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     format from the name still work); on success it is renamed onto ``path``, on any error
     it is removed. Every file the toolkit writes goes through here (an image with a detached
     header, ``.mhd``/``.nhdr``, through a hidden folder: :func:`hybridreg.io.write_image`), so a
-    failed or killed run never leaves a half-written file under the final name."""
+    failed or killed run never leaves a half-written file under the final name.
+
+    Raises:
+        OSError: ``ENOSPC`` naming ``path`` where the disk is full, whatever the writer raised
+            (HDF5 and ``torch.save`` raise ``RuntimeError``); the writer's own error otherwise.
+    """
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix="".join(p.suffixes) or ".tmp")
     os.close(fd)
@@ -296,9 +303,25 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        full = isinstance(e, Exception) and (getattr(e, "errno", None) in _DISK_FULL or disk_full(p.parent))
+        Path(tmp).unlink(missing_ok=True)  # after the check: the cut file holds the space that is missing
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the device: cannot write {p}") from e
         raise
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_BELOW_BYTES = 1 << 20
+
+
+def disk_full(folder: str | os.PathLike) -> bool:
+    """Whether the file system of ``folder`` has less than 1 MiB left for this user (a write
+    that failed there failed for want of space, whatever its writer raised)."""
+    try:
+        return shutil.disk_usage(folder).free < _FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,9 +15,13 @@ All writes are atomic (temporary file in the same folder, then rename).
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import os
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -593,11 +597,41 @@ DETACHED_SUFFIXES = (".mhd", ".nhdr")
 """Formats whose header names a separate data file (``X.zraw``, ``X.raw.gz``) after its own name."""
 
 
+def _check_nifti_written(path: Path, image: sitk.Image, final: Path) -> None:
+    """Raise ``OSError`` if the NIfTI file ``path`` that SimpleITK just wrote is shorter than
+    ``image`` needs. Its NIfTI writer reports a full disk on stderr only and returns (its MetaImage
+    and NRRD writers raise): the header's ``vox_offset`` plus the pixel bytes must be the file's
+    size (``.nii``) or the size a ``.nii.gz`` stream's gzip trailer records (RFC 1952: ISIZE, the
+    uncompressed size modulo 2³²), which a cut stream lacks. Reads at most the first block.
+    ``final``: the name the message gives (``path`` is its temporary)."""
+    gz = path.name.lower().endswith(".gz")
+    need = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(540)
+        size = int.from_bytes(head[:4], "little")
+        order = "<" if size in (348, 540) else ">"
+        two = struct.unpack(order + "i", head[:4])[0] == 540  # NIfTI-2: vox_offset is an int64 at byte 168
+        offset = struct.unpack(order + "q", head[168:176])[0] if two else int(struct.unpack(order + "f", head[108:112])[0])
+        if gz:
+            with open(path, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                ok = int.from_bytes(fh.read(4), "little") == (offset + need) % 2**32
+        else:
+            ok = path.stat().st_size == offset + need
+    except (OSError, EOFError, struct.error, zlib.error):
+        ok = False
+    if not ok:
+        raise OSError(errno.EIO, f"SimpleITK wrote {final} incompletely (a full disk?)")
+
+
 def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     p = Path(path)
     if not p.name.lower().endswith(DETACHED_SUFFIXES):
         with atomic_output(p) as tmp:
             sitk.WriteImage(image, str(tmp), compress, 1)  # fast zlib level: outputs are written once per run
+            if p.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_written(tmp, image, p)
         return
     # a header and its data file: both written under their final names in a hidden folder beside them, then
     # moved, the header last (a temporary name would end up in the header, naming a data file left behind)

@@ -239,6 +239,22 @@ def device_of(device: str | None) -> torch.device:
     return dev
 
 
+# bytes per voxel (per component for a field) of the large output files, uncompressed
+_BYTES_PER_VOXEL = {"warped.nii.gz": (4, False), "lambda.nii.gz": (4, False), "jacobian.nii.gz": (4, False),
+                    "displacement.nii.gz": (4, True), "inverse_displacement.nii.gz": (4, True), "transform.h5": (8, True),
+                    "inverse_transform.h5": (8, True)}
+
+
+def output_bytes(names: Sequence[str], voxels: int, d: int) -> int:
+    """An upper bound of the disk space the output files ``names`` take for a FIXED grid of
+    ``voxels`` voxels in ``d`` dimensions, as they would be uncompressed: float32 images, float32
+    displacements of ``d`` components, and the ITK transforms holding their field in float64; the
+    small files (metrics, figure, affine, config) count 1 MB together. The staging folder lies in
+    ``--out``, so moving the files into place takes no more."""
+    per_voxel = sum(b * (d if field else 1) for n, (b, field) in _BYTES_PER_VOXEL.items() if n in names)
+    return per_voxel * voxels + 2**20
+
+
 def output_names(outputs: str) -> tuple[str, ...]:
     """The files of the output set ``outputs`` (:data:`OUTPUT_SETS`).
 
@@ -896,9 +912,7 @@ def prepare_pair(fixed: str | os.PathLike, moving: str | os.PathLike, out: str |
     inputs = read_inputs(fixed, moving, fixed_labels, moving_labels, eval_labels, fixed_mask=fixed_mask, moving_mask=moving_mask,
                          fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks)
     t_read = time.perf_counter() - t_read
-    # warped, λ, det J (float32) and two displacements (d float32 each), twice for the staging copy
-    check_outputs(out, given, overwrite=overwrite,
-                  needed_bytes=2 * 4 * (3 + 2 * inputs.fixed.ndim) * inputs.fixed.size)
+    check_outputs(out, given, overwrite=overwrite, needed_bytes=output_bytes(names, inputs.fixed.size, inputs.fixed.ndim))
     return Prepared(Path(out), names, inputs, prealign(inputs, affine, init, affine_metric), t_read, overwrite)
 
 

@@ -36,9 +36,11 @@ is the number of processes.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -281,6 +283,17 @@ INIT_RECORD = "init.json"
 """The weights a fresh run started from (``init_weights``: path and SHA-256), for a resume before its
 first checkpoint."""
 
+RUN_FILES = ("config.yaml", INIT_RECORD, "log.csv", "validation.csv", "history.json", "training.png", "model_best.pt",
+             "model_final.pt", "checkpoint_*.pt")
+"""The files :func:`train` writes in its run folder (patterns): a fresh run refuses a folder that
+holds one, and no input may be one of them."""
+
+
+def run_file(run_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (or would be) one of :data:`RUN_FILES` in ``run_dir``."""
+    p = Path(path)
+    return p.resolve().parent == Path(run_dir).resolve() and any(fnmatch.fnmatchcase(p.name, n) for n in RUN_FILES)
+
 
 def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os.PathLike | None:
     """The weights a run with no checkpoint starts over from: those it was started from (its
@@ -307,6 +320,34 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
     cks = sorted(Path(run_dir).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     return cks[-1] if cks else None
+
+
+def _readable_checkpoint(run: Path, report: bool) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of ``run`` that can be read, and its state; ``(None, None)`` where
+    there is none. A newer one that cannot be read (cut short by a full disk, or damaged) is
+    skipped with a line on stderr (``report``) and left in place: training rewrites it when it
+    reaches that step again.
+
+    Raises:
+        ValueError: ``run`` holds checkpoints and none can be read (naming the newest).
+    """
+    cks = sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    skipped = []
+    for ck in reversed(cks):
+        try:
+            state = torch.load(ck, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 -- torch raises many types for a cut or damaged file
+            skipped.append(f"{ck.name} ({type(e).__name__}: {' '.join(str(e).split())[:80]})")
+            continue
+        if not isinstance(state, dict) or "step" not in state or "model" not in state:
+            skipped.append(f"{ck.name} (not a training checkpoint)")
+            continue
+        if skipped and report:
+            print(f"train(): warning: cannot read {', '.join(skipped)}: resuming from {ck.name}", file=sys.stderr)
+        return ck, state
+    if cks:
+        raise ValueError(f"train(): `resume`: no checkpoint in {run} can be read ({', '.join(skipped)})")
+    return None, None
 
 
 def _tensor(v: Volume, dev) -> torch.Tensor:
@@ -413,8 +454,8 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
             that holds no run (no checkpoint and no ``config.yaml``), with settings other than
             the run's (but :data:`RESUME_MAY_CHANGE`), with another ``init_weights`` than the
             run was started from, with another number of processes than wrote the checkpoint,
-            or with fewer ``steps`` than the checkpoint has trained; or a fresh run into a
-            folder that already holds a run.
+            or with fewer ``steps`` than the checkpoint has trained; a fresh run into a folder
+            that holds any of :data:`RUN_FILES`; or ``init_weights`` that is one of them.
         DivergenceError: the energy stopped being finite (the last checkpoint stays as it was).
     """
     d = len(data.shape)
@@ -438,11 +479,16 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     run = Path(run_dir)
-    ck = latest_checkpoint(run) if resume else None
+    if init_weights is not None and run_file(run, init_weights):
+        raise ValueError(f"train(): `init_weights` (`--init`) {init_weights} is a file this run writes in {run}; copy it"
+                         " elsewhere or choose another `--out`")
+    ck, state = _readable_checkpoint(run, rank == 0) if resume else (None, None)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        if not resume and (run / "log.csv").exists():
-            raise ValueError(f"train(): {run} already holds a run; pass resume=True (`--resume`) or choose a new `--out`")
+        held = sorted(f.name for f in run.iterdir() if run_file(run, f)) if not resume else []
+        if held:
+            raise ValueError(f"train(): {run} already holds a training run's files ({', '.join(held)}); pass resume=True"
+                             " (`--resume`) to continue it or choose a new `--out`")
     if resume and ck is None:  # stopped before its first checkpoint: it starts over, with its own settings
         if not (run / "config.yaml").is_file():
             raise ValueError(f"train(): `resume` was requested but {run} holds no run (no checkpoint, no config.yaml)")
@@ -477,7 +523,6 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     start, best, epoch_losses = 0, -1.0, []
     if ck is not None:
-        state = torch.load(ck, map_location="cpu", weights_only=False)
         if state.get("world_size", 1) != world:
             raise ValueError(f"train(): checkpoint {ck.name} was written by {state.get('world_size', 1)} processes, now {world}")
         changed = _changed(state.get("config") or to_dict(cfg), to_dict(cfg))

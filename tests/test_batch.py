@@ -177,7 +177,7 @@ def test_batch_never_replaces_files_it_did_not_write(layout, tmp_path, capsys):
     other.mkdir()
     (other / "batch.json").write_text("[1, 2]")
     assert main(["batch", str(manifest), "--out", str(other), *cmd]) == 2
-    assert "holds a batch.json that no batch run wrote" in capsys.readouterr().err
+    assert "holds a batch.json that cannot be read as a batch run's settings" in capsys.readouterr().err
     assert (other / "batch.json").read_text() == "[1, 2]"
 
 
@@ -232,6 +232,13 @@ def test_batch_records_failures_goes_on_and_resumes_without_redoing(layout, tmp_
     stamps = {p: (out / "pairs" / p / "metrics.json").stat().st_mtime_ns for p in ("vxm__synthseg_12", "synthseg_16__vxm")}
     assert main(_batch(manifest, out)) == 3
     assert {p: (out / "pairs" / p / "metrics.json").stat().st_mtime_ns for p in stamps} == stamps
+    # a damaged metrics.json (it had ended the merge with a JSON error naming no file): the pair runs again
+    damaged = out / "pairs" / "synthseg_16__vxm" / "metrics.json"
+    damaged.write_text(damaged.read_text()[:100])
+    assert main(_batch(manifest, out)) == 3
+    assert json.loads(damaged.read_text())["sdlogj"] > 0.0 and [r["status"] for r in _table(out)] == ["done", "failed", "done"]
+    assert (out / "pairs" / "vxm__synthseg_12" / "metrics.json").stat().st_mtime_ns == stamps["vxm__synthseg_12"]
+    capsys.readouterr()
     # the same folder with other settings is refused in one line, before any work
     assert main(_batch(manifest, out, "--set", "objective.w_reg=2")) == 2
     assert "other settings" in capsys.readouterr().err

@@ -619,3 +619,76 @@ def test_transform_files_are_written_one_at_a_time(files, tmp_path, monkeypatch)
         assert (out / name).is_file(), name
     assert sitk.ReadTransform(str(out / "transform.h5")) is not None
     assert sitk.ReadTransform(str(out / "inverse_transform.h5")) is not None
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_no_cut_image_is_kept(tmp_path, monkeypatch):
+    """SimpleITK's NIfTI writer reports a full disk on stderr only: `apply` exited 0 with a cut
+    `.nii.gz` under the final name. HDF5 and torch.save raise RuntimeError there, which the CLI
+    took for a bug (exit 1). Both are now OSError ENOSPC naming the file, and nothing is left."""
+    import collections
+    import errno
+
+    import hybridreg.config as config
+    from hybridreg.io import Geometry, write_image
+
+    geo = Geometry.of(sitk.Image(12, 10, 8, sitk.sitkFloat32))
+    arr = np.random.default_rng(0).random((8, 10, 12)).astype(np.float32)
+    real = sitk.WriteImage
+
+    def cut_short(image, path, *args):  # what the NIfTI writer leaves on a full disk, without raising
+        real(image, path, *args)
+        Path(path).write_bytes(Path(path).read_bytes()[:-40])
+
+    for name in ("cut.nii.gz", "cut.nii"):
+        monkeypatch.setattr(sitk, "WriteImage", cut_short)
+        with pytest.raises(OSError, match=f"wrote .*{name} incompletely"):
+            write_image(tmp_path / name, arr, geo)
+        monkeypatch.setattr(sitk, "WriteImage", real)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "a cut file or its temporary was left"
+        write_image(tmp_path / name, arr, geo)  # written whole, it passes the check
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))), arr)
+        (tmp_path / name).unlink()
+
+    def hdf5_fails(path):
+        Path(path).write_bytes(b"\0" * 100)
+        raise RuntimeError("H5Dwrite failed")
+
+    usage = collections.namedtuple("usage", "total used free")
+    with pytest.raises(RuntimeError, match="H5Dwrite"):  # with space left, the writer's own error
+        with config.atomic_output(tmp_path / "transform.h5") as tmp:
+            hdf5_fails(tmp)
+    monkeypatch.setattr(config.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"no space left on the device: cannot write .*transform.h5") as e:
+        with config.atomic_output(tmp_path / "transform.h5") as tmp:
+            hdf5_fails(tmp)
+    assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_the_disk_space_check_counts_the_outputs_asked_for(files, tmp_path, capsys, monkeypatch):
+    """`--outputs metrics` (a few kB) was refused on a disk with 3 MB free: "the outputs need about 59 MB"."""
+    import collections
+
+    import hybridreg.service as service
+
+    assert service.output_bytes(service.OUTPUT_SETS["metrics"], 10**6, 3) == 2**20
+    assert service.output_bytes(service.OUTPUT_SETS["all"], 10**6, 3) == (3 * 4 + 2 * 12 + 2 * 24) * 10**6 + 2**20
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(service.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 3 * 2**20, 3 * 2**20))
+    monkeypatch.setattr(service, "solve", lambda *a, **k: pytest.fail("the run started"))
+    assert main(_register(files, tmp_path / "all")) == 2
+    assert "MB free" in capsys.readouterr().err
+    with pytest.raises(pytest.fail.Exception, match="the run started"):  # past the check: the run starts
+        main(_register(files, tmp_path / "metrics") + ["--outputs", "metrics"])
+
+
+def test_a_search_space_in_the_tuning_folder_under_an_output_name_is_refused(tmp_path, capsys):
+    """`tune --space out/best_config.yaml --out out` replaced the user's search space with the run's result."""
+    out = tmp_path / "tuned"
+    out.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "configs" / "tune_instance.yaml", out / "best_config.yaml")
+    before = _snapshot(out)
+    for extra, fragment in (((), "is a file this run writes in `--out`"), (("--resume",), "no trials.json to resume")):
+        assert main(["tune", "--space", str(out / "best_config.yaml"), "--trials", "1", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+    assert _snapshot(out) == before

@@ -272,7 +272,7 @@ def test_train_bad_input(tmp_path):
     with pytest.raises(ValueError, match="deform_prob"):
         TrainConfig(deform_prob=1.5)
     train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds a training run.s files"):
         train(_tiny_cfg(steps=1), _tiny_data(), tmp_path / "c", progress=False)
 
 
@@ -336,3 +336,40 @@ def test_weight_files_keep_the_lncc_eps_they_were_trained_with(tmp_path):
     torch.save(payload, tmp_path / "old.pt")
     assert load_weights(tmp_path / "old.pt")[1].lncc_eps == LEGACY_LNCC_EPS == 1e-5 != ObjectiveConfig().lncc_eps
     assert load_weights(DEFAULT_WEIGHTS)[1].lncc_eps == 1e-5
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    """A checkpoint cut short (a full disk, a copy) made `--resume` fail with `[Errno 22]` or
+    `EOFError` although the one before was intact; a fresh run replaced an earlier run's weights
+    when its folder held no log.csv; `init_weights` in the run folder was overwritten."""
+    import shutil
+
+    from learned.train import train
+
+    data = _tiny_data()
+    full = train(_tiny_cfg(), data, tmp_path / "full", progress=False)
+    train(_tiny_cfg(), data, tmp_path / "cut", stop_after=6, progress=False)  # checkpoints at 3 and 6
+    shutil.copy(tmp_path / "cut" / "checkpoint_3.pt", tmp_path / "keep3.pt")
+    (tmp_path / "cut" / "checkpoint_3.pt").write_bytes(b"")  # then: only a damaged one left ...
+    ck6 = (tmp_path / "cut" / "checkpoint_6.pt").read_bytes()
+    (tmp_path / "cut" / "checkpoint_6.pt").write_bytes(ck6[: len(ck6) // 2])
+    with pytest.raises(ValueError, match=r"no checkpoint in .*cut can be read \(checkpoint_6.pt .*checkpoint_3.pt"):
+        train(_tiny_cfg(), data, tmp_path / "cut", resume=True, progress=False)
+    shutil.copy(tmp_path / "keep3.pt", tmp_path / "cut" / "checkpoint_3.pt")  # ... and with the one before intact
+    capsys.readouterr()
+    resumed = train(_tiny_cfg(), data, tmp_path / "cut", resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint_6.pt" in err and "resuming from checkpoint_3.pt" in err, err
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert torch.load(tmp_path / "cut" / "checkpoint_6.pt", weights_only=False)["step"] == 6  # rewritten whole
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model_best.pt").write_bytes(b"the user's weights")
+    with pytest.raises(ValueError, match=r"already holds a training run's files \(model_best.pt\)"):
+        train(_tiny_cfg(), data, lone, progress=False)
+    assert (lone / "model_best.pt").read_bytes() == b"the user's weights"
+    with pytest.raises(ValueError, match=r"`init_weights` .*is a file this run writes"):
+        train(_tiny_cfg(), data, tmp_path / "full", resume=True, init_weights=tmp_path / "full" / "model_best.pt",
+              progress=False)

@@ -214,6 +214,23 @@ def test_killed_run_resumes_without_losing_trials(tmp_path):
         tuning.run_tuning(sp, bowl, 9, tmp_path / "cut", progress=False)
 
 
+def test_a_fresh_run_keeps_an_earlier_runs_files_and_a_damaged_state_is_named(tmp_path):
+    """A fresh run refused a folder only for its trials.json: summary.json and pareto.json of an
+    earlier run were replaced. A cut trials.json gave a bare JSON error naming no file."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a tuning run's files \(summary.json\)"):
+        tuning.run_tuning(space(), bowl, 2, tmp_path / "old", progress=False)
+    assert (tmp_path / "old" / "summary.json").read_text() == "{}"
+    tuning.run_tuning(space(), bowl, 2, tmp_path / "cut", progress=False)
+    state = tmp_path / "cut" / "trials.json"
+    text = state.read_text()
+    state.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"trials.json cannot be read as a tuning run's state"):
+        tuning.run_tuning(space(), bowl, 3, tmp_path / "cut", progress=False, resume=True)
+    assert state.read_text() == text[: len(text) // 2]  # left as it was
+
+
 def test_resume_accepts_a_state_file_written_before_a_field_was_added(tmp_path):
     sp = space()
     tuning.run_tuning(sp, bowl, 3, tmp_path, progress=False)

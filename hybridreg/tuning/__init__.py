@@ -10,11 +10,11 @@ runs solvers); each module imports only those listed before it:
 BoTorch, GPyTorch and Optuna are imported only inside the functions that use them.
 """
 
-from .loop import METHODS, TuningResult, best_so_far, best_trial, pareto_front, run_tuning
+from .loop import METHODS, RUN_FILES, TuningResult, best_so_far, best_trial, pareto_front, run_tuning
 from .objectives import OBJECTIVES, solver_objective, learned_objective
 from .report import partial_dependence, tuning_figures, write_outputs
 from .space import Parameter, SearchSpace, apply_params, base_params, load_space, space_from_dict
 
 __all__ = ["Parameter", "SearchSpace", "load_space", "space_from_dict", "apply_params", "base_params", "run_tuning",
-           "TuningResult", "best_trial", "pareto_front", "best_so_far", "METHODS", "OBJECTIVES", "solver_objective",
+           "TuningResult", "best_trial", "pareto_front", "best_so_far", "METHODS", "RUN_FILES", "OBJECTIVES", "solver_objective",
            "learned_objective", "partial_dependence", "tuning_figures", "write_outputs"]

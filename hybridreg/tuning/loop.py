@@ -41,6 +41,11 @@ from ..solvers import get_solver
 from .space import SearchSpace, apply_params
 
 METHODS = ("botorch", "turbo", "random", "tpe")
+
+RUN_FILES = ("trials.json", "summary.json", "pareto.json", "best_config.yaml", "best_so_far.png", "pareto.png",
+             "partial_dependence.png")
+"""The files a tuning run writes in its folder (:func:`run_tuning`, :func:`hybridreg.tuning.write_outputs`):
+a fresh run refuses a folder that holds one."""
 TURBO_INIT, TURBO_MIN, TURBO_MAX = 0.8, 0.5**7, 1.6  # TuRBO-1's trust-region side: start, restart below, cap
 
 
@@ -309,7 +314,7 @@ def run_tuning(
             (:func:`hybridreg.data.sources.load_dataset`), a space the solver refuses at
             its lowest or highest values (a conditional network's training ranges) or at any value of a short
             integer range (:data:`MAX_INTEGER_VALUES`), a fresh run into a folder that
-            already holds ``trials.json``, or a resume whose saved space or method differs.
+            already holds one of :data:`RUN_FILES`, or a resume whose saved space or method differs.
         ImportError: ``method="tpe"`` without Optuna installed.
     """
     from ..progress import bar as progress_bar, log
@@ -349,16 +354,21 @@ def run_tuning(
     state = Path(out_dir) / "trials.json"
     trials: list[dict] = []
     if resume and state.is_file():
-        saved = json.loads(state.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(state.read_text(encoding="utf-8"))
+            saved["method"], saved["space"], saved["trials"]  # noqa: B018 -- the keys a resume reads
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"`resume` (`--resume`): {state} cannot be read as a tuning run's state ({type(e).__name__});"
+                             " it is left as it is: restore it, or start a new run in another `out_dir` (`--out`)") from None
         # compare as dataclasses, so that fields added later with defaults do not break a resume
         if saved["method"] != method or from_dict(SearchSpace, saved["space"], where=str(state)) != space:
             raise ValueError(f"`resume` (`--resume`): {state} was written with another method or search space")
         trials = saved["trials"]
     elif resume:
         raise ValueError(f"`resume` (`--resume`): {state} does not exist")
-    elif state.exists():
-        raise ValueError(f"{state} exists; pass `resume` (`--resume`) to continue that run or choose a new `out_dir`"
-                         " (`--out`)")
+    elif held := sorted(n for n in RUN_FILES if (Path(out_dir) / n).exists()):
+        raise ValueError(f"{out_dir} already holds a tuning run's files ({', '.join(held)}); pass `resume` (`--resume`) to"
+                         " continue that run or choose a new `out_dir` (`--out`)")
 
     d = len(space.parameters)
     sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=space.seed).draw(space.initial_trials, dtype=torch.double)
