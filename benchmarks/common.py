@@ -104,10 +104,13 @@ def shown(path: str | os.PathLike) -> str:
     return str(path)
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Write a :class:`matplotlib.figure.Figure` atomically (the format follows the suffix)."""
+def save_figure(fig, path: str | os.PathLike, *, layout: bool = True) -> None:
+    """Write a :class:`matplotlib.figure.Figure` atomically (the format follows the suffix), laid
+    out by ``tight_layout`` first unless ``layout`` is false (a figure whose annotations were
+    placed on its final layout)."""
     from hybridreg.config import atomic_output
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -376,30 +376,36 @@ def _step_names(scaling: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for s in scaling for k in s["steps"]))
 
 
-# offsets (points) and alignments tried in turn for a point's label: right-above first, then around the point
-_LABEL_PLACES = ((4, 3, "left", "bottom"), (4, -3, "left", "top"), (-4, 3, "right", "bottom"), (-4, -3, "right", "top"),
-                 (0, 6, "center", "bottom"), (0, -6, "center", "top"), (8, 0, "left", "center"), (-8, 0, "right", "center"))
+# offsets (points) and alignments tried in turn for a point's label: right-above first, then around the point,
+# then the same twice as far out
+_NEAR = ((5, 4, "left", "bottom"), (5, -4, "left", "top"), (-5, 4, "right", "bottom"), (-5, -4, "right", "top"),
+         (0, 7, "center", "bottom"), (0, -7, "center", "top"), (8, 0, "left", "center"), (-8, 0, "right", "center"))
+_LABEL_PLACES = _NEAR + tuple((2 * dx, 2 * dy, ha, va) for dx, dy, ha, va in _NEAR)
+_MARKER_PT = 5.0  # half the side of the box a point's marker (and a default's ring) covers, in points
 
 
 def _place_labels(fig, ax, labels) -> None:
-    """Annotate points so that no label covers another one or another point's marker.
+    """Annotate points so that, where the space allows, no label covers another one or a point's
+    marker, on the figure's current layout (save it without another ``tight_layout``).
 
     ``labels``: ``[((x, y), text, color), …]`` in data coordinates. Each label takes the first place of
     :data:`_LABEL_PLACES` whose box lies inside the axes and meets no label placed before it and no
-    other point; where every place is taken, the one that meets the fewest. Labels take their series'
-    colour.
+    marker (a box of :data:`_MARKER_PT` about each point, its own included); where every place meets
+    something, the one that meets the fewest. Labels take their series' colour.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
 
     renderer = FigureCanvasAgg(fig).get_renderer()
-    points = [ax.transData.transform(xy) for xy, _, _ in labels]
+    r = _MARKER_PT * fig.dpi / 72.0
+    markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in (ax.transData.transform(xy) for xy, _, _ in labels)]
     frame, placed = ax.get_window_extent(renderer), []
-    for i, (xy, text, color) in enumerate(labels):
+    for xy, text, color in labels:
         best = None
         for dx, dy, ha, va in _LABEL_PLACES:
             t = ax.annotate(text, xy, fontsize=6, color=color, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va)
             box = t.get_window_extent(renderer).expanded(1.05, 1.1)
-            hits = (sum(box.overlaps(b) for b in placed) + sum(box.contains(*q) for j, q in enumerate(points) if j != i)
+            hits = (sum(box.overlaps(b) for b in placed) + sum(box.overlaps(m) for m in markers)
                     + 2 * (not frame.contains(box.x0, box.y0) or not frame.contains(box.x1, box.y1)))
             if best is None or hits < best[0]:
                 if best is not None:
@@ -471,7 +477,7 @@ def figures(out: Path, rows: list[dict], scaling: list[dict]) -> dict[str, str]:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
         fig.tight_layout()
         _place_labels(fig, ax, labels)
-        save_figure(fig, out / "pareto_fronts.png")
+        save_figure(fig, out / "pareto_fronts.png", layout=False)  # the labels were placed on this layout
         files["fronts"] = "pareto_fronts.png"
 
     # time-to-accuracy

@@ -5,8 +5,9 @@ squaring, an image match (LNCC, MSE), a λ-weighted graph-Laplacian prior on the
 displacement, a normal or beta hyperprior on λ and an optional smoothness prior on λ.
 Solvers live in separate packages (``instance_opt``, ``learned``) and import this one. The model's
 modules never import a solver; the application modules (``hybridreg.cli``, ``service``, ``tuning``,
-``batch``) find the solvers through their entry points and import them only when one is asked for
-(the import contracts in ``pyproject.toml``).
+``batch``) import them only where one is used: the solvers through their entry points
+(:mod:`hybridreg.solvers`), ``learned``'s training inside the functions that train (the import
+contracts in ``pyproject.toml``).
 """
 
 __version__ = "0.1.0"

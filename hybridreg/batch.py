@@ -13,7 +13,8 @@ run per pair, resumable, failures recorded, sharded over ``torchrun`` ranks, one
   into ``OUT/pairs/<id>/`` (the same files as ``hybridreg register``); with ``--batch-size B``
   the solver takes B pairs that share their grids at once (batched instance optimization). A
   pair whose folder holds ``metrics.json`` is finished (it is moved into place last) and never
-  redone, so a killed run re-run with the same command goes on where it stopped; a pair that
+  redone, so a killed run re-run with the same command goes on where it stopped (a
+  ``metrics.json`` that does not read, damaged, counts as not finished: the pair runs again); a pair that
   fails (an unreadable file, a failed affine stage, a diverged optimization) is recorded in
   ``OUT/failed/<id>.json`` with its error (and its traceback, for an error that is not the input's:
   a plug-in solver's crash, say) and the others go on. A label map or mask off its
@@ -433,7 +434,9 @@ def _finished(out: Path, pair_id: str) -> dict | None:
         m = json.loads((out / "pairs" / pair_id / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return m if isinstance(m, dict) and isinstance(m.get("lambda"), dict) and isinstance(m.get("seconds"), dict) else None
+    complete = isinstance(m, dict) and isinstance(m.get("lambda"), dict) and "mean" in m["lambda"] and isinstance(
+        m.get("seconds"), dict)
+    return m if complete else None
 
 
 def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:

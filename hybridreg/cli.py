@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, provenance
-from .config import apply_overrides, load_yaml, shipped_config
+from .config import among_outputs, apply_overrides, load_yaml, shipped_config
 from .io import (IMAGE_SUFFIXES, SMALL_EXTENT_MM, Geometry, physical_scale, placement_warnings, read_displacement, read_image,
                  read_labels, read_transform, resample, write_image)
 from .service import OUTPUT_FILES, OUTPUT_SETS, check_outputs, device_of, output_folder, parse_eval_labels, register_files
@@ -156,6 +156,9 @@ def train_command(args: argparse.Namespace) -> None:
     from .data.sources import load_dataset
 
     out = output_folder(args.out)
+    if args.config and not args.resume and among_outputs(args.config, out, train_mod.RUN_FILES):
+        raise CLIError(f"`--config` {args.config} is a file this run writes in `--out` {out}; copy it elsewhere or choose"
+                       " another --out")
     cfg_path = args.config or (out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else None)
     cfg = load_yaml(cfg_path, train_mod.TrainConfig, arg="--config") if cfg_path else train_mod.TrainConfig()
     cfg = apply_overrides(cfg, args.overrides) if args.overrides else cfg
@@ -191,7 +194,7 @@ def tune_command(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     if args.resume and not (out / "trials.json").is_file():
         raise CLIError(f"`--resume`: {out} holds no trials.json to resume from")
-    if Path(args.space).resolve().parent == out.resolve() and Path(args.space).name in tuning.RUN_FILES:
+    if among_outputs(args.space, out, tuning.RUN_FILES):
         raise CLIError(f"`--space` {args.space} is a file this run writes in `--out` {out}; copy it elsewhere or choose"
                        " another --out")
     space = tuning.load_space(args.space)
@@ -400,12 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's C++ warnings would bypass the one-line errors
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     command = provenance.COMMAND.set(("hybridreg", *(sys.argv[1:] if argv is None else argv)))  # metrics.json's record
-    for name in ("config", "space"):  # the README's configs/NAME.yaml from any folder (a pip install has none)
-        if getattr(args, name, None) and (copy := shipped_config(getattr(args, name))) is not None:
-            print(f"hybridreg {args.command}: `--{name}` {getattr(args, name)} is not in this folder: reading the copy"
-                  f" shipped with hybridreg, {copy}", file=sys.stderr)
-            setattr(args, name, str(copy))
     try:
+        for name in ("config", "space"):  # the README's configs/NAME.yaml from any folder (a pip install has none)
+            if getattr(args, name, None) and (copy := shipped_config(getattr(args, name))) is not None:
+                print(f"hybridreg {args.command}: `--{name}` {getattr(args, name)} is not in this folder: reading the copy"
+                      f" shipped with hybridreg, {copy}", file=sys.stderr)
+                setattr(args, name, str(copy))
         code = _run(args)
     except KNOWN_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__

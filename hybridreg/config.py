@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import json
 import math
 import os
@@ -244,10 +245,28 @@ def shipped_config(path: str | os.PathLike) -> Path | None:
     install, where no ``configs/`` folder is at hand. A path that exists is always the user's file.
     """
     p = Path(path)
-    if p.exists() or p.is_absolute() or p.parent not in (Path("."), Path("configs")) or p.suffix not in (".yaml", ".yml"):
+    if p.is_absolute() or p.parent not in (Path("."), Path("configs")) or p.suffix not in (".yaml", ".yml"):
+        return None
+    try:
+        if p.exists():
+            return None
+    except OSError:  # a name too long, a folder that cannot be read: the reader reports it
         return None
     copy = SHIPPED_CONFIGS / p.name
     return copy if copy.is_file() else None
+
+
+def among_outputs(path: str | os.PathLike, folder: str | os.PathLike, names: typing.Iterable[str]) -> bool:
+    """Whether ``path`` is one of the files ``names`` (``fnmatch`` patterns, e.g.
+    ``checkpoint_*.pt``) that a run writes in ``folder``: by its own name there, or by the file it
+    links to (a run would replace the link, or write through it)."""
+    p, folder = Path(path), Path(folder).resolve()
+    names = tuple(names)
+
+    def named(q: Path) -> bool:
+        return q.parent == folder and any(fnmatch.fnmatchcase(q.name, n) for n in names)
+
+    return named(p.absolute().parent.resolve() / p.name) or named(p.resolve())
 
 
 def existing_file(path: str | os.PathLike, arg: str, what: str = "file") -> Path:
@@ -298,16 +317,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name.split('.')[0]}.", suffix="".join(p.suffixes) or ".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, p)
-    except BaseException as e:
-        full = isinstance(e, Exception) and (getattr(e, "errno", None) in _DISK_FULL or disk_full(p.parent))
-        Path(tmp).unlink(missing_ok=True)  # after the check: the cut file holds the space that is missing
-        if full:
-            raise OSError(errno.ENOSPC, f"no space left on the device: cannot write {p}") from e
+        with full_disk_named(p):  # judged while the cut file still holds the space that is missing
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+            os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -315,9 +332,28 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_BELOW_BYTES = 1 << 20
 
 
+@contextlib.contextmanager
+def full_disk_named(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an error raised while writing ``path`` into ``OSError`` ENOSPC naming ``path`` where
+    the disk is full: the error's own errno says so (ENOSPC, EDQUOT: a quota), or the file system
+    has under 1 MiB left for unprivileged users (HDF5 and ``torch.save`` raise ``RuntimeError``
+    there). Other errors pass unchanged.
+
+    Raises:
+        OSError: ``ENOSPC``, from the writer's error.
+    """
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "errno", None) in _DISK_FULL or disk_full(Path(path).parent):
+            raise OSError(errno.ENOSPC, f"no space left on the device: cannot write {path}") from e
+        raise
+
+
 def disk_full(folder: str | os.PathLike) -> bool:
-    """Whether the file system of ``folder`` has less than 1 MiB left for this user (a write
-    that failed there failed for want of space, whatever its writer raised)."""
+    """Whether the file system of ``folder`` has under 1 MiB left for unprivileged users
+    (``shutil.disk_usage().free``; a per-user quota is recognised by its errno instead,
+    :func:`full_disk_named`)."""
     try:
         return shutil.disk_usage(folder).free < _FULL_BELOW_BYTES
     except OSError:

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .config import atomic_output, existing_file
+from .config import atomic_output, existing_file, full_disk_named
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 """The image file names the toolkit reads and writes (SimpleITK picks the format by suffix)."""
@@ -635,7 +635,7 @@ def _atomic_write(image: sitk.Image, path: str | os.PathLike, compress: bool = T
         return
     # a header and its data file: both written under their final names in a hidden folder beside them, then
     # moved, the header last (a temporary name would end up in the header, naming a data file left behind)
-    with tempfile.TemporaryDirectory(dir=p.parent, prefix=f".{p.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=p.parent, prefix=f".{p.name}.") as tmp, full_disk_named(p):
         sitk.WriteImage(image, str(Path(tmp) / p.name), compress, 1)
         for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == p.name):
             os.replace(f, p.parent / f.name)

@@ -245,7 +245,8 @@ def warp(
         mode: ``"bilinear"`` (linear / trilinear) for images and fields, ``"nearest"`` for
             label maps.
         padding_mode: ``"zeros"`` for images with a zero background, ``"border"`` for
-            fields (used by scaling and squaring and :func:`compose`).
+            fields (used by scaling and squaring and :func:`compose`), or ``"reflection"``
+            (``F.grid_sample``'s modes).
         voxel_map: optional ``(B, d, d + 1)`` map from ``disp``'s voxel indices to
             ``image``'s (an affine pre-alignment between two grids,
             :func:`to_sampling_grid`): ``image ∘ M ∘ (id + disp)``, one interpolation.
@@ -276,8 +277,8 @@ def warp(
                          " without `voxel_map` the displacement samples the image on its own grid")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp(): `mode` must be 'bilinear' or 'nearest', got {mode!r}")
-    if padding_mode not in ("zeros", "border"):
-        raise ValueError(f"warp(): `padding_mode` must be 'zeros' or 'border', got {padding_mode!r}")
+    if padding_mode not in ("zeros", "border", "reflection"):
+        raise ValueError(f"warp(): `padding_mode` must be 'zeros', 'border' or 'reflection', got {padding_mode!r}")
     if voxel_map is not None and tuple(voxel_map.shape) != (disp.shape[0], d, d + 1):
         raise ValueError(f"warp(): `voxel_map` must be (B={disp.shape[0]}, {d}, {d + 1}), got {tuple(voxel_map.shape)}")
     if image.shape[0] != disp.shape[0]:

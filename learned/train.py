@@ -36,7 +36,6 @@ is the number of processes.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import json
 import math
 import os
@@ -50,8 +49,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hybridreg.config import (atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml, to_dict,
-                              write_json)
+from hybridreg.config import (among_outputs, atomic_output, atomic_write_text, bounded, check_bounds, dump_yaml, load_yaml,
+                              to_dict, write_json)
 from hybridreg.data.sources import RegistrationDataset, Volume
 from hybridreg.io import file_sha256
 from hybridreg.metrics import common_labels, score_dice, warp_labels
@@ -290,9 +289,9 @@ holds one, and no input may be one of them."""
 
 
 def run_file(run_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Whether ``path`` is (or would be) one of :data:`RUN_FILES` in ``run_dir``."""
-    p = Path(path)
-    return p.resolve().parent == Path(run_dir).resolve() and any(fnmatch.fnmatchcase(p.name, n) for n in RUN_FILES)
+    """Whether ``path`` is (or would be) one of :data:`RUN_FILES` in ``run_dir``
+    (:func:`hybridreg.config.among_outputs`)."""
+    return among_outputs(path, run_dir, RUN_FILES)
 
 
 def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os.PathLike | None:

@@ -639,6 +639,7 @@ def test_front_labels_do_not_cover_each_other_or_leave_the_axes():
     """Crowded points (the fronts' settings meet near the defaults) each get a label of their own place."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -653,3 +654,6 @@ def test_front_labels_do_not_cover_each_other_or_leave_the_axes():
     frame = ax.get_window_extent(renderer)
     assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    r = report._MARKER_PT * fig.dpi / 72.0  # nor a marker: the points' own included
+    for x, y in (ax.transData.transform(p) for p in xy):
+        assert not any(b.overlaps(Bbox.from_extents(x - r, y - r, x + r, y + r)) for b in boxes)

@@ -172,6 +172,8 @@ CASES = [
                                           "--trials", "1", "--out", o / "tune", "--resume"], 2, "--resume"),
     ("tune-out-below-file", lambda p, o: ["tune", "--space", Path(__file__).parents[1] / "configs" / "tune_instance.yaml",
                                           "--trials", "1", "--out", o / "metrics.json" / "t"], 2, "is a file"),
+    ("space-name-too-long", lambda p, o: ["tune", "--space", "x" * 300 + ".yaml", "--trials", "1", "--out", o / "tune"], 2,
+     "File name too long"),
     ("train-init-corrupt", lambda p, o: ["train", "--data", "bundled", "--out", o / "run", "--init", p["fixed"]], 2, "--init"),
     ("train-out-is-file", lambda p, o: ["train", "--data", "bundled", "--out", o / "metrics.json"], 2, "not a folder"),
 ]
@@ -663,6 +665,15 @@ def test_a_full_disk_is_one_error_naming_the_file_and_no_cut_image_is_kept(tmp_p
             hdf5_fails(tmp)
     assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
 
+    def itk_fails(image, path, *args):  # a header and its data file go through a hidden folder, not atomic_output
+        Path(path).with_suffix(".zraw").write_bytes(b"\0" * 100)
+        raise RuntimeError("MetaImage: M_WriteElementsData: file stream is fail after write")
+
+    monkeypatch.setattr(sitk, "WriteImage", itk_fails)
+    with pytest.raises(OSError, match=r"no space left on the device: cannot write .*cut.mhd"):
+        write_image(tmp_path / "cut.mhd", arr, geo)
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_the_disk_space_check_counts_the_outputs_asked_for(files, tmp_path, capsys, monkeypatch):
     """`--outputs metrics` (a few kB) was refused on a disk with 3 MB free: "the outputs need about 59 MB"."""
@@ -692,3 +703,25 @@ def test_a_search_space_in_the_tuning_folder_under_an_output_name_is_refused(tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
     assert _snapshot(out) == before
+
+
+def test_a_training_config_in_the_run_folder_under_an_output_name_is_named(tmp_path, capsys):
+    """`train --config OUT/config.yaml --out OUT` (a fresh run) was refused as "already holds a training run"."""
+    from hybridreg.config import among_outputs
+    from learned.train import RUN_FILES
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 1\n")
+    assert main(["train", "--data", "bundled", "--out", str(run), "--config", str(run / "config.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`--config`" in err[0] and "is a file this run writes in `--out`" in err[0], err
+    assert (run / "config.yaml").read_text() == "steps: 1\n" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    # by its name in the folder or by the file it links to, through a linked folder too
+    (tmp_path / "elsewhere.pt").write_bytes(b"w")
+    (run / "model_best.pt").symlink_to(tmp_path / "elsewhere.pt")
+    (tmp_path / "mine.pt").symlink_to(run / "config.yaml")
+    (tmp_path / "via").symlink_to(run)
+    assert among_outputs(run / "model_best.pt", run, RUN_FILES) and among_outputs(tmp_path / "mine.pt", run, RUN_FILES)
+    assert among_outputs(tmp_path / "via" / "checkpoint_4.pt", run, RUN_FILES)
+    assert not among_outputs(tmp_path / "elsewhere.pt", run, RUN_FILES) and not among_outputs(run / "notes.pt", run, RUN_FILES)
