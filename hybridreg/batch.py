@@ -421,7 +421,7 @@ def run_batch(pairs: Sequence[PairEntry], out: str | os.PathLike, *, solver: str
     bar.close()
     if world > 1:
         dist.barrier()
-    summary = merge(pairs, out) if rank == 0 else _status(pairs, out)
+    summary = merge(pairs, out) if rank == 0 else _status([_row(p, out) for p in pairs], out)
     if own_group:
         dist.destroy_process_group()
     return summary
@@ -439,11 +439,10 @@ def _finished(out: Path, pair_id: str) -> dict | None:
     return m if complete else None
 
 
-def _status(pairs: Sequence[PairEntry], out: Path) -> BatchSummary:
-    done = [p.id for p in pairs if _finished(out, p.id) is not None]
-    failed = [p.id for p in pairs if p.id not in done and (out / "failed" / f"{p.id}.json").is_file()]
-    missing = [p.id for p in pairs if p.id not in done and p.id not in failed]
-    return BatchSummary(done, failed, missing, out / "metrics.csv", out / "summary.json")
+def _status(rows: Sequence[dict], out: Path) -> BatchSummary:
+    """The pairs' states from their :func:`_row` (each pair's files read once)."""
+    ids = {state: [r["id"] for r in rows if r["status"] == state] for state in ("done", "failed", "missing")}
+    return BatchSummary(ids["done"], ids["failed"], ids["missing"], out / "metrics.csv", out / "summary.json")
 
 
 STAGES = ("reading", "affine", "registration", "metrics", "writing", "total")
@@ -509,7 +508,7 @@ def merge(pairs: Sequence[PairEntry], out: str | os.PathLike) -> BatchSummary:
         w = csv.writer(fh)
         w.writerow(["id", *labels])
         w.writerows([r["id"], *(r["_per_label"].get(str(k)) for k in labels)] for r in rows if "_per_label" in r)
-    status = _status(pairs, out)
+    status = _status(rows, out)
     done = [r for r in rows if r["status"] == "done"]
     summary = {
         "pairs": len(rows), "done": len(status.done), "failed": {r["id"]: r["error"] for r in rows if r["status"] == "failed"},

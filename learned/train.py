@@ -288,12 +288,6 @@ RUN_FILES = ("config.yaml", INIT_RECORD, "log.csv", "validation.csv", "history.j
 holds one, and no input may be one of them."""
 
 
-def run_file(run_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Whether ``path`` is (or would be) one of :data:`RUN_FILES` in ``run_dir``
-    (:func:`hybridreg.config.among_outputs`)."""
-    return among_outputs(path, run_dir, RUN_FILES)
-
-
 def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os.PathLike | None:
     """The weights a run with no checkpoint starts over from: those it was started from (its
     :data:`INIT_RECORD`), whether or not ``init_weights`` names them again.
@@ -317,8 +311,13 @@ def _started_from(run: Path, init_weights: str | os.PathLike | None) -> str | os
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint_*.pt`` in ``run_dir`` (by step), or ``None``."""
-    cks = sorted(Path(run_dir).glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    cks = _checkpoints(Path(run_dir))
     return cks[-1] if cks else None
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    """``run``'s ``checkpoint_*.pt``, oldest step first."""
+    return sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
 def _readable_checkpoint(run: Path, report: bool) -> tuple[Path | None, dict | None]:
@@ -330,7 +329,7 @@ def _readable_checkpoint(run: Path, report: bool) -> tuple[Path | None, dict | N
     Raises:
         ValueError: ``run`` holds checkpoints and none can be read (naming the newest).
     """
-    cks = sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    cks = _checkpoints(run)
     skipped = []
     for ck in reversed(cks):
         try:
@@ -478,13 +477,13 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     run = Path(run_dir)
-    if init_weights is not None and run_file(run, init_weights):
+    if init_weights is not None and among_outputs(init_weights, run, RUN_FILES):
         raise ValueError(f"train(): `init_weights` (`--init`) {init_weights} is a file this run writes in {run}; copy it"
                          " elsewhere or choose another `--out`")
     ck, state = _readable_checkpoint(run, rank == 0) if resume else (None, None)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        held = sorted(f.name for f in run.iterdir() if run_file(run, f)) if not resume else []
+        held = sorted(f.name for f in run.iterdir() if among_outputs(f, run, RUN_FILES)) if not resume else []
         if held:
             raise ValueError(f"train(): {run} already holds a training run's files ({', '.join(held)}); pass resume=True"
                              " (`--resume`) to continue it or choose a new `--out`")
@@ -616,7 +615,7 @@ def train(cfg: TrainConfig, data: RegistrationDataset, run_dir: str | os.PathLik
                     torch.save({"step": done, "model": net.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "generators": gens,
                                 "world_size": world, "best_val_dice": best, "epoch_losses": epoch_losses, "config": to_dict(cfg)}, tmp)
-                for old in sorted(run.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg.keep_checkpoints]:
+                for old in _checkpoints(run)[:-cfg.keep_checkpoints]:
                     old.unlink(missing_ok=True)
         if done == cfg.steps and rank == 0:
             save_weights(run / "model_final.pt", net, cfg.objective, data.spacing, {**info, "step": done})
